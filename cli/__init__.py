@@ -1,0 +1,1 @@
+"""curvkit's command line (``curvkit``), installed as ``curvkit.cli``."""

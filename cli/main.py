@@ -1,0 +1,68 @@
+"""The ``curvkit`` command: a thin Typer app over the library.
+
+Each command parses its options, calls a library function that returns a
+result, and prints a summary. Library errors (:class:`curvkit.CurvkitError`)
+become one line on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import curvkit
+
+app = typer.Typer(
+    name="curvkit",
+    help="Curvature analysis (Hessian, Gauss-Newton, Fisher) of PyTorch models.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import torch
+
+        typer.echo(f"curvkit {curvkit.__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Curvature analysis (Hessian, Gauss-Newton, Fisher) of PyTorch models."""
+
+
+@app.command("plugins")
+def plugins_command() -> None:
+    """List every registered estimator with its plugin, version, description and flags."""
+    specs = curvkit.estimators()
+    versions = {p.name: p.version for p in curvkit.loaded_plugins()}
+    table = Table(title="curvkit estimators")
+    for column in ("estimator", "plugin", "version", "flags", "description"):
+        table.add_column(column, overflow="fold")
+    for spec in specs:
+        flags = ", ".join(k for k, v in spec.flags.items() if v) or "-"
+        table.add_row(spec.name, spec.plugin, versions.get(spec.plugin, ""), flags, spec.description)
+    Console(width=max(Console().width, 120)).print(table)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning curvkit errors into one line."""
+    try:
+        app()
+    except curvkit.CurvkitError as exc:
+        typer.echo(f"curvkit: error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

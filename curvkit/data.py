@@ -1,0 +1,132 @@
+"""Turning the user's data into a re-iterable stream of ``(inputs, targets)`` batches.
+
+Accepted forms: an ``(inputs, targets)`` pair of tensors (split into batches of
+``batch_size``), a :class:`torch.utils.data.Dataset`, a
+:class:`torch.utils.data.DataLoader`, or any re-iterable of ``(inputs, targets)``
+batches. Inputs are tensors or dicts of tensors (the model is then called as
+``model(**inputs)``). A one-shot iterator (a generator) is refused, since every
+curvature product makes a full pass over the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from curvkit.errors import DataError
+
+__all__ = ["BatchSource", "batch_size_of", "slice_batch", "to_device"]
+
+Inputs = Tensor | Mapping[str, Tensor]
+
+
+def batch_size_of(inputs: Inputs, targets: Tensor) -> int:
+    """Number of samples in a batch: the first dimension of the targets."""
+    if not isinstance(targets, Tensor) or targets.dim() == 0:
+        raise DataError("targets must be a tensor with a batch dimension first")
+    return targets.shape[0]
+
+
+def slice_batch(inputs: Inputs, targets: Tensor, stop: int) -> tuple[Inputs, Tensor]:
+    """The first ``stop`` samples of a batch."""
+    if isinstance(inputs, Mapping):
+        return {k: v[:stop] for k, v in inputs.items()}, targets[:stop]
+    return inputs[:stop], targets[:stop]
+
+
+def to_device(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Move a tensor or dict of tensors; floating tensors are also cast to ``dtype``."""
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device, dtype) for k, v in x.items()}
+    if not isinstance(x, Tensor):
+        raise DataError(f"batch entries must be tensors or dicts of tensors, got {type(x).__name__}")
+    if dtype is not None and x.is_floating_point():
+        return x.to(device=device, dtype=dtype)
+    return x.to(device=device)
+
+
+class _TensorPairBatches:
+    """Batches of an in-memory ``(inputs, targets)`` pair, in order."""
+
+    def __init__(self, inputs: Inputs, targets: Tensor, batch_size: int):
+        n = batch_size_of(inputs, targets)
+        sizes = (
+            {k: v.shape[0] for k, v in inputs.items()}
+            if isinstance(inputs, Mapping)
+            else {"inputs": inputs.shape[0]}
+        )
+        bad = {k: s for k, s in sizes.items() if s != n}
+        if bad:
+            raise DataError(f"inputs and targets disagree on the number of samples: {bad} vs {n}")
+        self.inputs, self.targets, self.batch_size, self.n = inputs, targets, batch_size, n
+
+    def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
+        for start in range(0, self.n, self.batch_size):
+            stop = min(start + self.batch_size, self.n)
+            if isinstance(self.inputs, Mapping):
+                yield {k: v[start:stop] for k, v in self.inputs.items()}, self.targets[start:stop]
+            else:
+                yield self.inputs[start:stop], self.targets[start:stop]
+
+
+class BatchSource:
+    """A re-iterable source of ``(inputs, targets)`` batches.
+
+    Args:
+        data: The data, in any accepted form (see the module docstring).
+        batch_size: Batch size used when splitting a tensor pair or a Dataset.
+        max_samples: Stop after this many samples (the last batch is cut).
+    """
+
+    def __init__(self, data: Any, batch_size: int = 1024, max_samples: int | None = None):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        if max_samples is not None and max_samples < 1:
+            raise DataError(f"max_samples must be positive, got {max_samples}")
+        self.max_samples = max_samples
+        if (
+            isinstance(data, tuple | list)
+            and len(data) == 2
+            and isinstance(data[1], Tensor)
+            and (isinstance(data[0], Tensor | Mapping))
+        ):
+            self._source: Iterable = _TensorPairBatches(data[0], data[1], batch_size)
+        elif isinstance(data, DataLoader):
+            self._source = data
+        elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+            self._source = DataLoader(data, batch_size=batch_size, shuffle=False)
+        elif isinstance(data, Iterable):
+            if iter(data) is data:
+                raise DataError(
+                    "data is a one-shot iterator (a generator?); pass a list of batches, "
+                    "a Dataset or a DataLoader, which can be iterated more than once"
+                )
+            self._source = data
+        else:
+            raise DataError(
+                "data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader "
+                f"or a re-iterable of (inputs, targets) batches; got {type(data).__name__}"
+            )
+
+    def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
+        seen = 0
+        for batch in self._source:
+            if not isinstance(batch, tuple | list) or len(batch) != 2:
+                raise DataError(
+                    f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
+                )
+            inputs, targets = batch
+            n = batch_size_of(inputs, targets)
+            if self.max_samples is not None and seen + n > self.max_samples:
+                inputs, targets = slice_batch(inputs, targets, self.max_samples - seen)
+                n = self.max_samples - seen
+            if n > 0:
+                yield inputs, targets
+            seen += n
+            if self.max_samples is not None and seen >= self.max_samples:
+                return

@@ -1,0 +1,64 @@
+"""The exceptions curvkit raises.
+
+Every error curvkit raises on purpose is a :class:`CurvkitError`. Its message is
+one line that says what went wrong and what to do about it, so that the command
+line can print it as it is, without a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CurvkitError",
+    "DataError",
+    "DenseTooLargeError",
+    "DuplicateEstimatorError",
+    "NonDeterministicError",
+    "ParameterSelectionError",
+    "PluginError",
+    "ShapeMismatchError",
+    "UnknownEstimatorError",
+    "UnknownLossError",
+]
+
+
+class CurvkitError(Exception):
+    """Base class of every error curvkit raises on purpose."""
+
+
+class PluginError(CurvkitError):
+    """A plugin is malformed or could not be loaded."""
+
+
+class DuplicateEstimatorError(PluginError):
+    """Two plugins register an estimator under the same name."""
+
+
+class UnknownEstimatorError(CurvkitError, KeyError):
+    """No registered estimator has the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownLossError(CurvkitError, ValueError):
+    """The loss is neither a known name, a loss module nor a callable."""
+
+
+class ParameterSelectionError(CurvkitError, ValueError):
+    """The parameter selection is empty or names no parameter of the model."""
+
+
+class DataError(CurvkitError, ValueError):
+    """The data cannot be used: wrong type, empty, or not fitting the model."""
+
+
+class ShapeMismatchError(CurvkitError, ValueError):
+    """Operands of an operator product or sum have incompatible shapes."""
+
+
+class DenseTooLargeError(CurvkitError, MemoryError):
+    """A dense matrix was requested for an operator above the size limit."""
+
+
+class NonDeterministicError(CurvkitError, RuntimeError):
+    """Two passes over the same data gave different losses or gradients."""

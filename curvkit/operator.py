@@ -1,0 +1,430 @@
+"""The operator contract every curvature estimator implements.
+
+A :class:`CurvatureOperator` is a linear map on the flat parameter space of a
+:class:`~curvkit.Problem` (length ``P``, laid out by a
+:class:`~curvkit.layout.ParameterLayout`). A subclass implements one method,
+``_matmat(M) -> A @ M`` for a ``[P, K]`` tensor ``M``, and sets the class flags;
+everything else is derived here:
+
+* ``A @ v`` for a flat ``[P]`` vector, a ``[P, K]`` matrix, or a list of
+  per-parameter tensors (each of the parameter's shape, optionally with one
+  trailing ``K`` dimension), returning the same form;
+* ``matvec`` / ``matmat``, ``to_dense`` (refused above a size limit), ``to_scipy``;
+* algebra: ``2.0 * A``, ``A + B``, ``A - B``, ``-A``, ``A.damped(lam)`` (``A + lam I``);
+* ``restrict(params)``: the diagonal block of a subset of parameters.
+
+Flags (class attributes, overridable per instance):
+
+* ``SYMMETRIC``: ``v.A w == w.A v``;
+* ``PSD``: positive semi-definite;
+* ``EXACT``: the product is the exact quantity, not an approximation;
+* ``STOCHASTIC``: products involve random sampling (Monte-Carlo).
+
+Counters ``matvecs`` (columns multiplied) and ``data_passes`` record the work done.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit.errors import DenseTooLargeError, ShapeMismatchError
+from curvkit.layout import ParameterLayout
+
+__all__ = [
+    "CurvatureOperator",
+    "DenseOperator",
+    "IdentityOperator",
+    "RestrictedOperator",
+    "ScaledOperator",
+    "SumOperator",
+    "default_max_dense_dim",
+]
+
+FLAGS = ("SYMMETRIC", "PSD", "EXACT", "STOCHASTIC")
+
+
+def default_max_dense_dim() -> int:
+    """The largest ``P`` for which :meth:`CurvatureOperator.to_dense` runs by default.
+
+    10,000 unless the environment variable ``CURVKIT_MAX_DENSE_DIM`` says otherwise.
+    """
+    return int(os.environ.get("CURVKIT_MAX_DENSE_DIM", "10000"))
+
+
+class CurvatureOperator:
+    """A ``P x P`` linear operator on flattened parameters.
+
+    Args:
+        layout: The parameters behind the flat vectors.
+        dtype: Dtype of the products.
+        device: Device of the products.
+    """
+
+    SYMMETRIC: bool = True
+    PSD: bool = False
+    EXACT: bool = True
+    STOCHASTIC: bool = False
+
+    def __init__(self, layout: ParameterLayout, *, dtype: torch.dtype, device: torch.device | str):
+        self.layout = layout
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.matvecs = 0
+        self.data_passes = 0
+
+    # ---------------------------------------------------------------- contract
+    def _matmat(self, M: Tensor) -> Tensor:
+        """``A @ M`` for ``M`` of shape ``[P, K]`` (dtype and device already matched)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _matmat")
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        """``A^T @ M``; only non-symmetric operators need to implement it."""
+        if self.SYMMETRIC:
+            return self._matmat(M)
+        raise NotImplementedError(f"{type(self).__name__} does not implement _rmatmat")
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(P, P)``."""
+        return (self.layout.dim, self.layout.dim)
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        """The four flags of this operator, by lower-case name."""
+        return {f.lower(): bool(getattr(self, f)) for f in FLAGS}
+
+    def matmat(self, M: Tensor) -> Tensor:
+        """``A @ M`` for a ``[P, K]`` tensor: all K columns in one pass over the data."""
+        M = self._check_flat(M, ndim=2)
+        self.matvecs += M.shape[1]
+        return self._matmat(M)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A @ v`` for a flat ``[P]`` vector."""
+        v = self._check_flat(v, ndim=1)
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def rmatmat(self, M: Tensor) -> Tensor:
+        """``A^T @ M`` for a ``[P, K]`` tensor."""
+        M = self._check_flat(M, ndim=2)
+        self.matvecs += M.shape[1]
+        return self._rmatmat(M)
+
+    def __matmul__(self, x: Tensor | Sequence[Tensor]) -> Any:
+        if isinstance(x, Tensor):
+            if x.dim() == 1:
+                return self.matvec(x)
+            if x.dim() == 2:
+                return self.matmat(x)
+            raise ShapeMismatchError(f"operator @ tensor needs 1 or 2 dimensions, got {x.dim()}")
+        if isinstance(x, list | tuple):
+            if len(x) and all(t.shape == s for t, s in zip(x, self.layout.shapes)):
+                flat = self.layout.flatten(list(x), batch_dims=0)
+                return self.layout.unflatten(self.matvec(flat))
+            flat = self.layout.flatten(list(x), batch_dims=1)
+            return self.layout.unflatten(self.matmat(flat))
+        return NotImplemented
+
+    def _check_flat(self, x: Tensor, ndim: int) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise ShapeMismatchError(f"expected a tensor, got {type(x).__name__}")
+        if x.dim() != ndim or x.shape[0] != self.shape[1]:
+            want = "[P]" if ndim == 1 else "[P, K]"
+            raise ShapeMismatchError(
+                f"operator of shape {self.shape} cannot multiply a tensor of shape "
+                f"{tuple(x.shape)}; expected {want} with P = {self.shape[1]}"
+            )
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def to_dense(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        """The dense ``[P, P]`` matrix, built from products with blocks of basis vectors.
+
+        Args:
+            max_dim: Refuse when ``P`` exceeds this (default
+                :func:`default_max_dense_dim`).
+            block_size: Number of basis vectors per product (bounds peak memory).
+
+        Raises:
+            DenseTooLargeError: ``P`` is above the limit.
+        """
+        self._check_dense_size(max_dim)
+        P = self.shape[0]
+        cols = []
+        for start in range(0, P, block_size):
+            stop = min(start + block_size, P)
+            E = torch.zeros(P, stop - start, dtype=self.dtype, device=self.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            cols.append(self.matmat(E))
+        return torch.cat(cols, dim=1)
+
+    def _check_dense_size(self, max_dim: int | None) -> None:
+        limit = default_max_dense_dim() if max_dim is None else max_dim
+        P = self.shape[0]
+        if P > limit:
+            size_gb = P * P * torch.finfo(self.dtype).bits / 8 / 1e9
+            raise DenseTooLargeError(
+                f"a dense {P} x {P} matrix ({size_gb:.1f} GB) exceeds the limit of dimension "
+                f"{limit}; restrict to fewer parameters with .restrict([...]) or raise the "
+                "limit with to_dense(max_dim=...) or CURVKIT_MAX_DENSE_DIM"
+            )
+
+    def to_scipy(self, dtype: Any = None) -> Any:
+        """A :class:`scipy.sparse.linalg.LinearOperator` over NumPy arrays.
+
+        Args:
+            dtype: NumPy dtype of the SciPy operator (default float64).
+        """
+        import numpy as np
+
+        try:
+            from scipy.sparse.linalg import LinearOperator
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            from curvkit.errors import CurvkitError
+
+            raise CurvkitError("to_scipy() needs SciPy: pip install scipy") from exc
+        np_dtype = np.dtype(dtype or np.float64)
+
+        def apply(fn: Any, x: Any) -> Any:
+            x = np.asarray(x)
+            M = torch.as_tensor(x.reshape(self.shape[1], -1).astype(np_dtype, copy=False))
+            out = fn(M.to(device=self.device, dtype=self.dtype))
+            out = out.detach().cpu().numpy().astype(np_dtype, copy=False)
+            return out.reshape(x.shape) if x.ndim == 1 else out
+
+        return LinearOperator(
+            shape=self.shape,
+            dtype=np_dtype,
+            matvec=lambda x: apply(self.matmat, x),
+            matmat=lambda x: apply(self.matmat, x),
+            rmatvec=lambda x: apply(self.rmatmat, x),
+            rmatmat=lambda x: apply(self.rmatmat, x),
+        )
+
+    def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
+        """The diagonal block ``A[S, S]`` for a subset ``S`` of the parameters.
+
+        Args:
+            params: Parameter names (exact names of this operator's layout, or
+                module prefixes such as ``"0"`` for ``"0.weight"``, ``"0.bias"``).
+
+        The generic version embeds the block's vectors in the full space and keeps
+        the block's rows of the full product; data-backed operators override it to
+        differentiate only the block's parameters.
+        """
+        return RestrictedOperator(self, _resolve_names(self.layout, params))
+
+    @property
+    def T(self) -> CurvatureOperator:  # noqa: N802 - mirrors torch/numpy
+        """The transpose (the operator itself when symmetric)."""
+        return self if self.SYMMETRIC else _TransposedOperator(self)
+
+    # ----------------------------------------------------------------- algebra
+    def __mul__(self, alpha: float) -> CurvatureOperator:
+        if isinstance(alpha, Tensor) and alpha.numel() == 1:
+            alpha = alpha.item()
+        if not isinstance(alpha, int | float):
+            return NotImplemented
+        return ScaledOperator(self, float(alpha))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, alpha: float) -> CurvatureOperator:
+        return self * (1.0 / alpha)
+
+    def __neg__(self) -> CurvatureOperator:
+        return self * -1.0
+
+    def __add__(self, other: CurvatureOperator) -> CurvatureOperator:
+        if not isinstance(other, CurvatureOperator):
+            return NotImplemented
+        return SumOperator([self, other])
+
+    def __sub__(self, other: CurvatureOperator) -> CurvatureOperator:
+        if not isinstance(other, CurvatureOperator):
+            return NotImplemented
+        return SumOperator([self, -other])
+
+    def damped(self, damping: float) -> CurvatureOperator:
+        """``A + damping * I``."""
+        return self + IdentityOperator(self.layout, scale=damping, dtype=self.dtype, device=self.device)
+
+    def __repr__(self) -> str:
+        on = [k for k, v in self.flags.items() if v]
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, flags={on})"
+
+
+def _resolve_names(layout: ParameterLayout, params: str | Sequence[str]) -> list[str]:
+    wanted = [params] if isinstance(params, str) else list(params)
+    names = []
+    for w in wanted:
+        hits = [n for n in layout.names if n == w or n.startswith(w + ".")]
+        if not hits:
+            from curvkit.errors import ParameterSelectionError
+
+            raise ParameterSelectionError(
+                f"{w!r} names no parameter of this operator; available: {list(layout.names)}"
+            )
+        names += hits
+    return names
+
+
+class _TransposedOperator(CurvatureOperator):
+    def __init__(self, op: CurvatureOperator):
+        super().__init__(op.layout, dtype=op.dtype, device=op.device)
+        self.op = op
+        for f in FLAGS:
+            setattr(self, f, getattr(op, f))
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.op._rmatmat(M)
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.op._matmat(M)
+
+
+class ScaledOperator(CurvatureOperator):
+    """``alpha * A``."""
+
+    def __init__(self, op: CurvatureOperator, alpha: float):
+        super().__init__(op.layout, dtype=op.dtype, device=op.device)
+        self.op, self.alpha = op, alpha
+        self.SYMMETRIC, self.EXACT, self.STOCHASTIC = op.SYMMETRIC, op.EXACT, op.STOCHASTIC
+        self.PSD = op.PSD and alpha >= 0
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.alpha * self.op.matmat(M)
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.alpha * self.op.rmatmat(M)
+
+
+class SumOperator(CurvatureOperator):
+    """``A_1 + ... + A_n`` over the same parameter layout."""
+
+    def __init__(self, ops: Sequence[CurvatureOperator]):
+        first = ops[0]
+        for op in ops[1:]:
+            if op.layout != first.layout:
+                raise ShapeMismatchError(
+                    f"cannot add operators over different parameters: {first.shape} "
+                    f"{list(first.layout.names)[:4]}... vs {op.shape} {list(op.layout.names)[:4]}..."
+                )
+        dtype = first.dtype
+        for op in ops[1:]:
+            dtype = torch.promote_types(dtype, op.dtype)
+        super().__init__(first.layout, dtype=dtype, device=first.device)
+        flat: list[CurvatureOperator] = []
+        for op in ops:
+            flat += op.ops if isinstance(op, SumOperator) else [op]
+        self.ops = flat
+        self.SYMMETRIC = all(o.SYMMETRIC for o in flat)
+        self.PSD = all(o.PSD for o in flat)
+        self.EXACT = all(o.EXACT for o in flat)
+        self.STOCHASTIC = any(o.STOCHASTIC for o in flat)
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return sum(op.matmat(M.to(op.dtype)).to(self.dtype) for op in self.ops)
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return sum(op.rmatmat(M.to(op.dtype)).to(self.dtype) for op in self.ops)
+
+    def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
+        return SumOperator([op.restrict(params) for op in self.ops])
+
+
+class IdentityOperator(CurvatureOperator):
+    """``scale * I``."""
+
+    def __init__(self, layout: ParameterLayout, scale: float = 1.0, *, dtype: torch.dtype, device: Any):
+        super().__init__(layout, dtype=dtype, device=device)
+        self.scale = float(scale)
+        self.PSD = self.scale >= 0
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.scale * M
+
+    def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
+        sub = self.layout.sub_layout(_resolve_names(self.layout, params))
+        return IdentityOperator(sub, self.scale, dtype=self.dtype, device=self.device)
+
+
+class DenseOperator(CurvatureOperator):
+    """An operator backed by an explicit ``[P, P]`` matrix.
+
+    Args:
+        matrix: The matrix.
+        layout: Its parameter layout (default: one parameter named ``"x"``).
+        symmetric, psd, exact: Flags of the matrix (``symmetric`` is checked
+            against the matrix when ``None``).
+    """
+
+    def __init__(
+        self,
+        matrix: Tensor,
+        layout: ParameterLayout | None = None,
+        *,
+        symmetric: bool | None = None,
+        psd: bool = False,
+        exact: bool = True,
+    ):
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ShapeMismatchError(f"a curvature matrix must be square, got {tuple(matrix.shape)}")
+        layout = layout or ParameterLayout(("x",), (torch.Size([matrix.shape[0]]),))
+        if layout.dim != matrix.shape[0]:
+            raise ShapeMismatchError(f"layout of dimension {layout.dim} for a {tuple(matrix.shape)} matrix")
+        super().__init__(layout, dtype=matrix.dtype, device=matrix.device)
+        self.matrix = matrix
+        if symmetric is None:
+            tol = 100 * torch.finfo(matrix.dtype).eps * max(matrix.abs().max().item(), 1e-30)
+            symmetric = bool((matrix - matrix.T).abs().max() <= tol)
+        self.SYMMETRIC, self.PSD, self.EXACT = symmetric, psd, exact
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.matrix @ M
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.matrix.T @ M
+
+    def to_dense(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        self._check_dense_size(max_dim)
+        return self.matrix.clone()
+
+    def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
+        names = _resolve_names(self.layout, params)
+        idx = self.layout.indices(names).to(self.matrix.device)
+        return DenseOperator(
+            self.matrix[idx][:, idx],
+            self.layout.sub_layout(names),
+            symmetric=self.SYMMETRIC,
+            psd=self.PSD,
+            exact=self.EXACT,
+        )
+
+
+class RestrictedOperator(CurvatureOperator):
+    """The diagonal block ``A[S, S]`` of an operator, by embedding (generic fallback)."""
+
+    def __init__(self, op: CurvatureOperator, names: Sequence[str]):
+        sub = op.layout.sub_layout(names)
+        super().__init__(sub, dtype=op.dtype, device=op.device)
+        self.op = op
+        self.index = op.layout.indices(sub.names).to(op.device)
+        for f in FLAGS:
+            setattr(self, f, getattr(op, f))
+
+    def _embed(self, M: Tensor) -> Tensor:
+        full = torch.zeros(self.op.shape[1], M.shape[1], dtype=M.dtype, device=M.device)
+        full[self.index] = M
+        return full
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.op.matmat(self._embed(M))[self.index]
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.op.rmatmat(self._embed(M))[self.index]

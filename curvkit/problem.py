@@ -1,0 +1,297 @@
+"""The :class:`Problem`: a model, a loss and data, evaluated functionally.
+
+Every curvature in curvkit is that of the full-dataset loss
+
+.. math:: L(\\theta) = \\frac{1}{C} \\sum_{b} S_b(\\theta), \\qquad C = \\sum_b c_b,
+
+where batch ``b`` contributes the sum ``S_b`` of its loss terms and their count
+``c_b`` (see :mod:`curvkit.losses`); with ``reduction="sum"``, ``C = 1``. So the
+same problem split into batches of 7 or of 64 has the same curvature, up to
+rounding.
+
+The model is run with :func:`torch.func.functional_call`, with the selected
+parameters substituted by the tensors being differentiated, and in evaluation
+mode by default (BatchNorm uses its running statistics, dropout is off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from curvkit.data import BatchSource, batch_size_of, to_device
+from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
+from curvkit.layout import ParameterLayout, select_parameters
+from curvkit.losses import BatchLoss, resolve_loss
+
+__all__ = ["Problem"]
+
+
+def _outputs_tensor(out: Any) -> Any:
+    """Model outputs as given, or their ``logits`` entry for dict-like outputs."""
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    return getattr(out, "logits", out) if not isinstance(out, Tensor) else out
+
+
+class Problem:
+    """A model, a loss and data: the function whose curvature curvkit computes.
+
+    Args:
+        model: The network. Its parameters' device and dtype are the problem's.
+        loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``, ``"nll"``, a
+            ``torch.nn`` loss module, or a callable ``(outputs, targets) -> scalar``
+            that returns the mean over the batch's samples.
+        data: An ``(inputs, targets)`` pair of tensors, a Dataset, a DataLoader, or
+            any re-iterable of ``(inputs, targets)`` batches. Inputs may be tensors
+            or dicts of tensors (the model is then called as ``model(**inputs)``).
+        params: Parameters to differentiate: ``None`` for all that require grad,
+            or names / glob patterns / module prefixes (see
+            :func:`curvkit.layout.select_parameters`). The flat order is that of
+            ``model.named_parameters()``, each tensor flattened row-major.
+        batch_size: Batch size used to split a tensor pair or a Dataset.
+        max_samples: Use only the first ``max_samples`` samples.
+        reduction: ``"mean"`` (default) or ``"sum"`` over the dataset's loss terms.
+        eval_mode: Run the model in evaluation mode (default). With ``False`` the
+            model's own mode is kept.
+        check_deterministic: Before the first product, evaluate loss and
+            gradient twice and raise :class:`~curvkit.errors.NonDeterministicError`
+            if they differ (train-mode dropout, random augmentation).
+
+    Example:
+        >>> import torch, curvkit
+        >>> model = torch.nn.Linear(3, 1, bias=False)
+        >>> X, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> problem = curvkit.Problem(model, "mse", (X, y))
+        >>> problem.dim
+        3
+
+    To check accuracy in double precision, use ``problem.to(torch.float64)``,
+    which runs a copy of the model in float64 and casts floating-point data.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | nn.Module | Callable[[Any, Tensor], Tensor],
+        data: Any,
+        *,
+        params: str | Sequence[str] | None = None,
+        batch_size: int = 1024,
+        max_samples: int | None = None,
+        reduction: str | None = None,
+        eval_mode: bool = True,
+        check_deterministic: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise DataError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss: BatchLoss = resolve_loss(loss, reduction)
+        self._loss_arg, self._data_arg = loss, data
+        self._selection = params
+        self.batch_size, self.max_samples = batch_size, max_samples
+        self.eval_mode = eval_mode
+        self.check_deterministic = check_deterministic
+        self.data = BatchSource(data, batch_size=batch_size, max_samples=max_samples)
+        selected = select_parameters(model, params)
+        self.param_names: tuple[str, ...] = tuple(n for n, _ in selected)
+        self.layout = ParameterLayout(self.param_names, tuple(p.shape for _, p in selected))
+        first = selected[0][1]
+        self.device: torch.device = first.device
+        self.dtype: torch.dtype = first.dtype
+        self._determinism_token: tuple | None = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def dim(self) -> int:
+        """``P``, the number of selected scalar parameters."""
+        return self.layout.dim
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        """The selected parameters (live tensors of the model), in flat order."""
+        named = dict(self.model.named_parameters())
+        return tuple(named[n] for n in self.param_names)
+
+    def flat_params(self) -> Tensor:
+        """The selected parameters as one detached flat vector."""
+        return self.layout.flatten([p.detach() for p in self.params])
+
+    def state_token(self) -> tuple:
+        """Changes whenever a parameter or buffer is modified (in place or replaced).
+
+        Operators that cache work (gradient graphs, dense matrices) compare tokens
+        to know when the cache is stale.
+        """
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    def with_params(self, params: str | Sequence[str] | None) -> Problem:
+        """The same model, loss and data, differentiated w.r.t. other parameters."""
+        other = self._replace(model=self.model, params=params)
+        other._determinism_token = self._determinism_token  # same model, same data
+        return other
+
+    def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Problem:
+        """A problem on a copy of the model cast to ``dtype`` and/or moved to ``device``.
+
+        Floating-point data are cast to the new dtype as batches are drawn.
+        """
+        model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
+        return self._replace(model=model, params=self._selection)
+
+    def _replace(self, model: nn.Module, params: Any) -> Problem:
+        return Problem(
+            model,
+            self._loss_arg,
+            self._data_arg,
+            params=params,
+            batch_size=self.batch_size,
+            max_samples=self.max_samples,
+            reduction=self.loss.reduction,
+            eval_mode=self.eval_mode,
+            check_deterministic=self.check_deterministic,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Problem(model={type(self.model).__name__}, loss={self.loss.name!r}, "
+            f"reduction={self.loss.reduction!r}, P={self.dim}, dtype={self.dtype}, "
+            f"device={self.device})"
+        )
+
+    # -------------------------------------------------------------- evaluation
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Put the model in evaluation mode (if ``eval_mode``) and restore it after."""
+        if not self.eval_mode:
+            yield
+            return
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def batches(self) -> Iterator[tuple[Any, Tensor]]:
+        """The data's batches, moved to the problem's device and dtype."""
+        empty = True
+        for inputs, targets in self.data:
+            empty = False
+            yield to_device(inputs, self.device, self.dtype), to_device(targets, self.device, self.dtype)
+        if empty:
+            raise DataError("the data yielded no batch")
+
+    def forward(self, params: Sequence[Tensor], inputs: Any) -> Any:
+        """Model outputs with the selected parameters replaced by ``params``."""
+        values: dict[str, Tensor] = dict(zip(self.param_names, params))
+        for name, p in self.model.named_parameters():
+            if name not in values and p.requires_grad:
+                values[name] = p.detach()
+        if isinstance(inputs, Mapping):
+            out = functional_call(self.model, values, args=(), kwargs=dict(inputs))
+        else:
+            out = functional_call(self.model, values, (inputs,))
+        return _outputs_tensor(out)
+
+    def loss_terms(self, params: Sequence[Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, int]:
+        """``(S_b, c_b)``: the sum of a batch's loss terms and their count.
+
+        Raises:
+            DataError: The model cannot be applied to the inputs, or its outputs do
+                not fit the targets and the loss.
+        """
+        try:
+            outputs = self.forward(params, inputs)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise DataError(
+                f"the model cannot be applied to a batch of inputs {_describe(inputs)}: {_first_line(exc)}"
+            ) from exc
+        try:
+            return self.loss.sum_and_count(outputs, targets)
+        except UnknownLossError as exc:
+            raise DataError(str(exc)) from exc
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise DataError(
+                f"loss {self.loss.name!r} cannot compare outputs {_describe(outputs)} with "
+                f"targets {_describe(targets)}: {_first_line(exc)}"
+            ) from exc
+
+    def normalizer(self, total_count: int) -> float:
+        """``1 / C``: the factor turning summed terms into the problem's loss."""
+        if self.loss.reduction == "sum":
+            return 1.0
+        if total_count == 0:
+            raise DataError("the data hold no loss term (all targets ignored?)")
+        return 1.0 / total_count
+
+    def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
+        """Full-dataset loss and its flat gradient, in one pass over the data."""
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        total_loss = torch.zeros((), device=self.device, dtype=self.dtype)
+        total_grad = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        count = 0
+        with self.evaluation():
+            for inputs, targets in self.batches():
+                s, c = self.loss_terms(leaves, inputs, targets)
+                grads = torch.autograd.grad(s, leaves, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+                total_loss += s.detach()
+                total_grad += self.layout.flatten(grads)
+                count += c
+        scale = self.normalizer(count)
+        return total_loss * scale, total_grad * scale
+
+    def num_samples(self) -> int:
+        """Number of samples in the data (one pass over the data, nothing computed)."""
+        return sum(batch_size_of(i, t) for i, t in self.data)
+
+    def ensure_deterministic(self) -> None:
+        """Raise if two passes over the data disagree (once per parameter state).
+
+        Does nothing when the problem was built with ``check_deterministic=False``.
+
+        Raises:
+            NonDeterministicError: Loss or gradient differ between two passes.
+        """
+        if not self.check_deterministic:
+            return
+        token = self.state_token()
+        if self._determinism_token == token:
+            return
+        loss1, grad1 = self.loss_and_gradient()
+        loss2, grad2 = self.loss_and_gradient()
+        rtol = 1e-10 if self.dtype == torch.float64 else 1e-4
+        scale = max(grad1.abs().max().item(), 1e-30)
+        if not torch.isfinite(loss1) or not torch.isfinite(grad1).all():
+            raise DataError("the loss or its gradient is not finite (NaN/Inf in weights or data?)")
+        same_loss = torch.allclose(loss1, loss2, rtol=rtol, atol=rtol * 1e-3)
+        same_grad = torch.allclose(grad1, grad2, rtol=rtol, atol=rtol * scale)
+        if not (same_loss and same_grad):
+            raise NonDeterministicError(
+                "two passes over the data gave different losses or gradients (train-mode "
+                "dropout, random augmentation or shuffled, randomly transformed data?); "
+                "make the data and model deterministic or pass check_deterministic=False"
+            )
+        self._determinism_token = token
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"of shape {tuple(x.shape)} ({x.dtype})"
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in x.items()) + "}"
+    return type(x).__name__

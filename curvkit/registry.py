@@ -1,0 +1,251 @@
+"""The plugin manager and the estimator registry.
+
+Built-in estimators live in the ``curvkit.plugins`` package and are registered
+by module name from :data:`BUILTIN_PLUGINS`, on the same hooks a third-party
+plugin uses (:mod:`curvkit.hookspecs`). Third-party plugins come from the
+``curvkit`` entry-point group. The core never imports the built-ins directly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from curvkit import hookspecs
+from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError
+from curvkit.operator import FLAGS, CurvatureOperator
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "EstimatorSpec",
+    "PluginInfo",
+    "curvature",
+    "estimators",
+    "get_estimator",
+    "plugin_manager",
+    "loaded_plugins",
+    "register_plugin",
+    "unregister_plugin",
+]
+
+BUILTIN_PLUGINS: tuple[str, ...] = ("curvkit.plugins.hessian",)
+ENTRY_POINT_GROUP = "curvkit"
+
+
+@dataclass
+class EstimatorSpec:
+    """A registered curvature estimator.
+
+    Attributes:
+        name: The name users pass to :func:`curvkit.curvature` (e.g. ``"hessian"``).
+        factory: ``factory(problem, **options) -> CurvatureOperator``; typically
+            a :class:`~curvkit.CurvatureOperator` subclass.
+        description: One line shown by ``curvkit plugins``.
+        flags: ``symmetric``, ``psd``, ``exact``, ``stochastic``. Read from the
+            factory's class attributes when it is an operator class and this is
+            left empty.
+        reference: What the estimator computes exactly or approximates, for the
+            conformance battery: a name known to :mod:`curvkit.testing`
+            (``"hessian"``) or a callable ``problem -> dense [P, P] tensor``.
+        plugin: Name of the plugin that registered it (filled in by the registry).
+    """
+
+    name: str
+    factory: Callable[..., CurvatureOperator]
+    description: str = ""
+    flags: dict[str, bool] = field(default_factory=dict)
+    reference: str | Callable[..., Any] | None = None
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.flags and isinstance(self.factory, type) and issubclass(self.factory, CurvatureOperator):
+            self.flags = {f.lower(): bool(getattr(self.factory, f)) for f in FLAGS}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A loaded plugin: its name, distribution version and estimator names."""
+
+    name: str
+    version: str
+    builtin: bool
+    estimators: tuple[str, ...]
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        for module_name in BUILTIN_PLUGINS:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise PluginError(
+                    f"built-in plugin {module_name} cannot be imported ({exc}); reinstall curvkit"
+                ) from exc
+            self.pm.register(module, name=module_name)
+        if not os.environ.get("CURVKIT_DISABLE_PLUGIN_AUTOLOAD"):
+            try:
+                self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            except Exception as exc:  # a broken third-party plugin
+                raise PluginError(f"a curvkit plugin failed to load: {type(exc).__name__}: {exc}") from exc
+        if os.environ.get("CURVKIT_TRACE_PLUGINS"):
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
+        self._check()
+        self._specs: dict[str, EstimatorSpec] | None = None
+
+    def _check(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{exc}; hooks are listed in curvkit.hookspecs") from exc
+
+    def specs(self) -> dict[str, EstimatorSpec]:
+        if self._specs is None:
+            specs: dict[str, EstimatorSpec] = {}
+            hook = self.pm.hook.curvkit_register_estimators
+            for impl in hook.get_hookimpls():  # registration order
+                for spec in impl.function() or []:
+                    if not isinstance(spec, EstimatorSpec):
+                        raise PluginError(
+                            f"plugin {impl.plugin_name} returned {type(spec).__name__} from "
+                            "curvkit_register_estimators; return curvkit.EstimatorSpec objects"
+                        )
+                    spec.plugin = impl.plugin_name
+                    if spec.name in specs:
+                        raise DuplicateEstimatorError(
+                            f"estimator {spec.name!r} is registered by both plugin "
+                            f"{specs[spec.name].plugin!r} and plugin {spec.plugin!r}; "
+                            "uninstall or rename one"
+                        )
+                    specs[spec.name] = spec
+            self._specs = specs
+        return self._specs
+
+    def plugin_infos(self) -> list[PluginInfo]:
+        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
+        from curvkit._version import __version__
+
+        by_plugin: dict[str, list[str]] = {}
+        for spec in self.specs().values():
+            by_plugin.setdefault(spec.plugin, []).append(spec.name)
+        infos = []
+        for name, plugin in self.pm.list_name_plugin():
+            builtin = name in BUILTIN_PLUGINS
+            dist = dists.get(id(plugin))
+            version = __version__ if builtin else (dist.version if dist is not None else "")
+            infos.append(PluginInfo(name, version, builtin, tuple(by_plugin.get(name, ()))))
+        return infos
+
+
+_REGISTRY: _Registry | None = None
+
+
+def _registry() -> _Registry:
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _Registry()
+    return _REGISTRY
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The :class:`pluggy.PluginManager` behind curvkit (built on first use)."""
+    return _registry().pm
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object or module at run time; returns its name.
+
+    Useful in scripts and tests; installed packages use the ``curvkit``
+    entry-point group instead.
+
+    Raises:
+        PluginError: The plugin implements an unknown hook.
+        DuplicateEstimatorError: It registers an estimator name already taken.
+    """
+    reg = _registry()
+    try:
+        plugin_name = reg.pm.register(plugin, name=name)
+    except ValueError as exc:
+        raise PluginError(str(exc)) from exc
+    try:
+        reg._check()
+        reg._specs = None
+        reg.specs()
+    except Exception:
+        reg.pm.unregister(plugin)
+        reg._specs = None
+        raise
+    return plugin_name or ""
+
+
+def unregister_plugin(plugin: object | None = None, name: str | None = None) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    reg = _registry()
+    reg.pm.unregister(plugin, name=name)
+    reg._specs = None
+
+
+def estimators() -> list[EstimatorSpec]:
+    """Every registered estimator, sorted by name."""
+    return sorted(_registry().specs().values(), key=lambda s: s.name)
+
+
+def loaded_plugins() -> list[PluginInfo]:
+    """Every loaded plugin with its version and the estimators it registers."""
+    return _registry().plugin_infos()
+
+
+def get_estimator(name: str) -> EstimatorSpec:
+    """The spec of the estimator called ``name``.
+
+    Raises:
+        UnknownEstimatorError: No estimator has that name (the message lists them).
+    """
+    specs = _registry().specs()
+    if name not in specs:
+        close = difflib.get_close_matches(name, list(specs), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownEstimatorError(
+            f"unknown estimator {name!r}; {hint}available: {', '.join(sorted(specs))}"
+        )
+    return specs[name]
+
+
+def curvature(name: str, problem: Any, **options: Any) -> CurvatureOperator:
+    """The curvature operator of a registered estimator for a problem.
+
+    Args:
+        name: A registered estimator name (see :func:`estimators`).
+        problem: The :class:`~curvkit.Problem`.
+        **options: Passed to the estimator's factory.
+
+    Example:
+        >>> import torch, curvkit
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]]); y = torch.zeros(2, 1)
+        >>> H = curvkit.curvature("hessian", curvkit.Problem(model, "mse", (X, y)))
+        >>> H @ torch.tensor([1.0, 1.0])   # H = 2/N X^T X = diag(1, 4)
+        tensor([1., 4.])
+    """
+    spec = get_estimator(name)
+    try:
+        op = spec.factory(problem, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise PluginError(f"estimator {name!r}: {exc}") from exc
+        raise
+    if not isinstance(op, CurvatureOperator):
+        raise PluginError(
+            f"estimator {name!r} of plugin {spec.plugin!r} returned {type(op).__name__}, "
+            "not a curvkit.CurvatureOperator"
+        )
+    return op

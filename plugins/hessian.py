@@ -1,0 +1,119 @@
+"""The Hessian of the full-dataset loss: matrix-free (``hessian``) and dense (``exact-hessian``).
+
+Products use Pearlmutter's trick (B. A. Pearlmutter, "Fast exact multiplication
+by the Hessian", Neural Computation 6(1), 1994) through
+:class:`curvkit.autodiff.HessianVectorProduct`, which picks reverse-over-reverse
+with gradient-graph reuse by default (see ``benchmarks/RESULTS.md``).
+
+The dense matrix is assembled from products with blocks of basis vectors,
+never with ``torch.func.hessian``, which is wrong in torch 2.13 when LayerNorm
+parameters are differentiated.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+import curvkit
+from curvkit.autodiff import HessianVectorProduct
+
+
+class HessianOperator(curvkit.ProblemOperator):
+    """Matrix-free Hessian ``H = nabla^2 L(theta)`` of the full-dataset loss.
+
+    Args:
+        problem: The problem.
+        strategy: ``"auto"``, ``"reverse"``, ``"batched-reverse"`` or
+            ``"forward-over-reverse"`` (see :mod:`curvkit.autodiff`).
+        cache_graph: Keep gradient graphs between products (``"auto"``: when they
+            fit in ``graph_cache_bytes``).
+        graph_cache_bytes: Memory budget for kept graphs.
+
+    ``matmat`` computes all K products in one pass over the data.
+    """
+
+    SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, True, False
+
+    def __init__(
+        self,
+        problem: curvkit.Problem,
+        strategy: str = "auto",
+        cache_graph: bool | str = "auto",
+        graph_cache_bytes: int | None = None,
+    ):
+        super().__init__(
+            problem, strategy=strategy, cache_graph=cache_graph, graph_cache_bytes=graph_cache_bytes
+        )
+        self.engine = HessianVectorProduct(problem, strategy, cache_graph, graph_cache_bytes)
+
+    def _problem_matmat(self, M: Tensor) -> Tensor:
+        before = self.engine.data_passes
+        out = self.engine(M)
+        self.data_passes += self.engine.data_passes - before
+        return out
+
+    def clear_cache(self) -> None:
+        """Free the kept gradient graphs."""
+        self.engine.clear_cache()
+
+
+class ExactHessianOperator(curvkit.ProblemOperator):
+    """The dense Hessian, assembled from Hessian-vector products with basis vectors.
+
+    Columns are computed ``block_size`` at a time (one pass over the data per
+    block), so peak memory is the ``P x P`` result plus one block. The matrix is
+    built on first use and rebuilt when the model's parameters change; it is
+    symmetrised as ``(H + H^T) / 2`` to remove rounding asymmetry.
+
+    Args:
+        problem: The problem.
+        block_size: Basis vectors per pass over the data.
+        max_dim: Refuse problems with more parameters than this (default
+            :func:`curvkit.operator.default_max_dense_dim`).
+    """
+
+    SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, True, False
+
+    def __init__(self, problem: curvkit.Problem, block_size: int = 64, max_dim: int | None = None):
+        super().__init__(problem, block_size=block_size, max_dim=max_dim)
+        self._check_dense_size(max_dim)
+        self.block_size = block_size
+        self._hessian = HessianOperator(problem, cache_graph=False)
+        self._matrix: Tensor | None = None
+        self._token: tuple | None = None
+
+    @property
+    def matrix(self) -> Tensor:
+        """The dense ``[P, P]`` Hessian (built or rebuilt on demand)."""
+        token = self.problem.state_token()
+        if self._matrix is None or self._token != token:
+            H = self._hessian.to_dense(max_dim=self.shape[0], block_size=self.block_size)
+            self.data_passes += self._hessian.data_passes
+            self._hessian.data_passes = 0
+            self._matrix, self._token = (H + H.T) / 2, token
+        return self._matrix
+
+    def _problem_matmat(self, M: Tensor) -> Tensor:
+        return self.matrix @ M
+
+    def to_dense(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        self._check_dense_size(max_dim)
+        return self.matrix.clone()
+
+
+@curvkit.hookimpl
+def curvkit_register_estimators() -> list[curvkit.EstimatorSpec]:
+    return [
+        curvkit.EstimatorSpec(
+            name="hessian",
+            factory=HessianOperator,
+            description="Matrix-free Hessian of the full-dataset loss (Hessian-vector products).",
+            reference="hessian",
+        ),
+        curvkit.EstimatorSpec(
+            name="exact-hessian",
+            factory=ExactHessianOperator,
+            description="Dense Hessian built block by block from HVPs with basis vectors (small models).",
+            reference="hessian",
+        ),
+    ]
