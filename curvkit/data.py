@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from curvkit.errors import DataError
 
-__all__ = ["BatchSource", "batch_size_of", "slice_batch", "to_device"]
+__all__ = ["BatchSource", "batch_size_of", "rebatchable_types", "slice_batch", "to_device"]
 
 Inputs = Tensor | Mapping[str, Tensor]
 
@@ -73,6 +73,15 @@ class _TensorPairBatches:
                 yield self.inputs[start:stop], self.targets[start:stop]
 
 
+def rebatchable_types() -> tuple[type, ...]:
+    """Batch sources whose batch size curvkit chooses (and so can change)."""
+    return (_TensorPairBatches, _DatasetBatches)
+
+
+class _DatasetBatches(DataLoader):
+    """A Dataset split in order into batches of ``batch_size`` by curvkit."""
+
+
 class BatchSource:
     """A re-iterable source of ``(inputs, targets)`` batches.
 
@@ -98,7 +107,7 @@ class BatchSource:
         elif isinstance(data, DataLoader):
             self._source = data
         elif isinstance(data, Dataset) and hasattr(data, "__len__"):
-            self._source = DataLoader(data, batch_size=batch_size, shuffle=False)
+            self._source = _DatasetBatches(data, batch_size=batch_size, shuffle=False)
         elif isinstance(data, Iterable):
             if iter(data) is data:
                 raise DataError(

@@ -25,12 +25,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvkit.data import BatchSource, batch_size_of, to_device
+from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_device
 from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
 from curvkit.layout import ParameterLayout, select_parameters
 from curvkit.losses import BatchLoss, resolve_loss
 
 __all__ = ["Problem"]
+
+_REBATCHABLE = rebatchable_types()
 
 
 def _outputs_tensor(out: Any) -> Any:
@@ -138,6 +140,24 @@ class Problem:
         other._determinism_token = self._determinism_token  # same model, same data
         return other
 
+    def rebatched(self, batch_size: int) -> Problem:
+        """The same problem with the data split into batches of ``batch_size``.
+
+        Its curvature is the same, up to rounding. Only for data given as a tensor
+        pair or a Dataset (a DataLoader or a list of batches fixes its own batches).
+
+        Raises:
+            DataError: The data's batching is fixed by the user.
+        """
+        if not isinstance(self.data._source, _REBATCHABLE):
+            raise DataError(
+                "this problem's data come in batches fixed by the user (a DataLoader or a "
+                "list of batches); pass a tensor pair or a Dataset to change the batch size"
+            )
+        other = self._replace(model=self.model, params=self._selection, batch_size=batch_size)
+        other._determinism_token = self._determinism_token
+        return other
+
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Problem:
         """A problem on a copy of the model cast to ``dtype`` and/or moved to ``device``.
 
@@ -146,13 +166,13 @@ class Problem:
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
         return self._replace(model=model, params=self._selection)
 
-    def _replace(self, model: nn.Module, params: Any) -> Problem:
+    def _replace(self, model: nn.Module, params: Any, batch_size: int | None = None) -> Problem:
         return Problem(
             model,
             self._loss_arg,
             self._data_arg,
             params=params,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             max_samples=self.max_samples,
             reduction=self.loss.reduction,
             eval_mode=self.eval_mode,
@@ -239,7 +259,7 @@ class Problem:
         total_loss = torch.zeros((), device=self.device, dtype=self.dtype)
         total_grad = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
         count = 0
-        with self.evaluation():
+        with torch.enable_grad(), self.evaluation():
             for inputs, targets in self.batches():
                 s, c = self.loss_terms(leaves, inputs, targets)
                 grads = torch.autograd.grad(s, leaves, allow_unused=True)

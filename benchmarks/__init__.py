@@ -1,0 +1,15 @@
+"""curvkit's benchmark suite: curvkit beside raw PyTorch and the peer libraries.
+
+Run from the repository root with ``python -m benchmarks`` (see
+:mod:`benchmarks.__main__`); results go to ``benchmarks/RESULTS.md`` and
+``benchmarks/results.json``. The suite is not part of the tests.
+
+Modules:
+
+* :mod:`benchmarks.problems`: the models and data, defined once.
+* :mod:`benchmarks.timing`: medians of repeated calls, thread settings, machine facts.
+* :mod:`benchmarks.methods`: Hessian-vector products with curvkit and raw PyTorch.
+* :mod:`benchmarks.peers`: the same product through each peer library.
+* :mod:`benchmarks.hvp`: the rows (gradient, HVP, matmat) and their goals.
+* :mod:`benchmarks.report`: ``RESULTS.md`` and ``results.json``.
+"""
