@@ -109,7 +109,7 @@ class BatchSource:
         elif isinstance(data, Dataset) and hasattr(data, "__len__"):
             self._source = _DatasetBatches(data, batch_size=batch_size, shuffle=False)
         elif isinstance(data, Iterable):
-            if iter(data) is data:
+            if isinstance(data, Iterator):
                 raise DataError(
                     "data is a one-shot iterator (a generator?); pass a list of batches, "
                     "a Dataset or a DataLoader, which can be iterated more than once"
