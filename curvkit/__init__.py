@@ -34,7 +34,7 @@ from curvkit.operator import (
     ScaledOperator,
     SumOperator,
 )
-from curvkit.problem import Problem
+from curvkit.problem import ModelSnapshot, Problem
 from curvkit.problem_operator import ProblemOperator
 from curvkit.registry import (
     EstimatorSpec,
@@ -57,6 +57,7 @@ __all__ = [
     "DuplicateEstimatorError",
     "EstimatorSpec",
     "IdentityOperator",
+    "ModelSnapshot",
     "NonDeterministicError",
     "ParameterLayout",
     "ParameterSelectionError",

@@ -22,7 +22,7 @@ looped and the batched backward once on the first product and keeps the faster.
 batches fit in ``graph_cache_bytes`` (measured with saved-tensor hooks while they
 are built), :class:`HessianVectorProduct` keeps them and later products only run
 the second backward pass. The cache is dropped as soon as a parameter or buffer
-of the model changes (see :meth:`~curvkit.Problem.state_token`).
+of the model changes (see :meth:`~curvkit.Problem.snapshot`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
 from curvkit.errors import CurvkitError
-from curvkit.problem import Problem
+from curvkit.problem import ModelSnapshot, Problem
 
 __all__ = ["HVP_STRATEGIES", "HessianVectorProduct", "default_graph_cache_bytes", "make_batch_hvp"]
 
@@ -98,8 +98,8 @@ def make_batch_hvp(
 class _Graph:
     """Gradient graph of the full loss w.r.t. leaf copies of the parameters."""
 
-    def __init__(self, leaves: list[Tensor], grads: list[Tensor | None], count: int, token: tuple):
-        self.leaves, self.grads, self.count, self.token = leaves, grads, count, token
+    def __init__(self, leaves: list[Tensor], grads: list[Tensor | None], count: int, snapshot: ModelSnapshot):
+        self.leaves, self.grads, self.count, self.snapshot = leaves, grads, count, snapshot
 
 
 class _SavedBytes:
@@ -172,7 +172,7 @@ class HessianVectorProduct:
             if self.strategy == "forward-over-reverse":
                 return self._forward_over_reverse(V)
             graph = self._graph
-            if graph is not None and graph.token == problem.state_token():
+            if graph is not None and graph.snapshot.is_current():
                 return self._apply(graph.grads, graph.leaves, V) * problem.normalizer(graph.count)
             self._graph = None
             return self._build_and_apply(V)
@@ -180,7 +180,7 @@ class HessianVectorProduct:
     # --------------------------------------------------------------- reverse
     def _build_and_apply(self, V: list[Tensor]) -> Tensor:
         problem = self.problem
-        token = problem.state_token()
+        snapshot = problem.snapshot()
         leaves = [p.detach().requires_grad_(True) for p in problem.params]
         keep = self.cache_graph is not False
         budget = float("inf") if self.cache_graph is True else self.graph_cache_bytes
@@ -206,7 +206,7 @@ class HessianVectorProduct:
         if pending is not None:
             out = _acc(out, self._apply(pending, leaves, V))
             if keep:
-                self._graph = _Graph(leaves, pending, count, token)
+                self._graph = _Graph(leaves, pending, count, snapshot)
         return out * problem.normalizer(count)
 
     def _apply(self, grads: list[Tensor | None], leaves: list[Tensor], V: list[Tensor]) -> Tensor:

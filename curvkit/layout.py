@@ -80,6 +80,11 @@ class ParameterLayout:
                     f"expected {tuple(shape)} plus {batch_dims} trailing dimension(s)"
                 )
             flat.append(t.reshape(numel, *t.shape[t.dim() - batch_dims :]))
+        trailing = {tuple(f.shape[1:]) for f in flat}
+        if len(trailing) > 1:
+            raise ShapeMismatchError(
+                f"per-parameter tensors disagree on their trailing dimension(s): {sorted(trailing)}"
+            )
         return torch.cat(flat, dim=0)
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:

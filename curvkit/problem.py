@@ -30,7 +30,7 @@ from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
 from curvkit.layout import ParameterLayout, select_parameters
 from curvkit.losses import BatchLoss, resolve_loss
 
-__all__ = ["Problem"]
+__all__ = ["ModelSnapshot", "Problem"]
 
 _REBATCHABLE = rebatchable_types()
 
@@ -40,6 +40,39 @@ def _outputs_tensor(out: Any) -> Any:
     if isinstance(out, Mapping) and "logits" in out:
         return out["logits"]
     return getattr(out, "logits", out) if not isinstance(out, Tensor) else out
+
+
+class ModelSnapshot:
+    """The state of a model's parameters and buffers at one moment.
+
+    :meth:`is_current` is true while no parameter or buffer has been replaced or
+    changed. It compares version counters first (cheap), then contents, so that
+    edits through ``.data`` (which bypass version counters) are noticed too. The
+    copy costs one parameter-sized buffer; the comparison is O(P), negligible
+    next to a pass over the data.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tensors = self._tensors()
+        self.keys = [self._key(t) for t in self.tensors]
+        self.values = [t.detach().clone() for t in self.tensors]
+
+    def _tensors(self) -> list[Tensor]:
+        return list(self.model.parameters()) + list(self.model.buffers())
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple:
+        return (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+
+    def is_current(self) -> bool:
+        """Whether the model still has exactly these parameters and buffers."""
+        tensors = self._tensors()
+        if len(tensors) != len(self.tensors) or any(
+            a is not b or self._key(a) != k for a, b, k in zip(tensors, self.tensors, self.keys)
+        ):
+            return False
+        return all(torch.equal(t.detach(), v) for t, v in zip(tensors, self.values))
 
 
 class Problem:
@@ -61,7 +94,9 @@ class Problem:
         max_samples: Use only the first ``max_samples`` samples.
         reduction: ``"mean"`` (default) or ``"sum"`` over the dataset's loss terms.
         eval_mode: Run the model in evaluation mode (default). With ``False`` the
-            model's own mode is kept.
+            model's own mode is kept (train-mode BatchNorm then normalises with
+            batch statistics, so the curvature depends on the batching; its
+            running statistics are not updated).
         check_deterministic: Before the first product, evaluate loss and
             gradient twice and raise :class:`~curvkit.errors.NonDeterministicError`
             if they differ (train-mode dropout, random augmentation).
@@ -107,7 +142,7 @@ class Problem:
         first = selected[0][1]
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
-        self._determinism_token: tuple | None = None
+        self._determinism_snapshot: ModelSnapshot | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -125,19 +160,18 @@ class Problem:
         """The selected parameters as one detached flat vector."""
         return self.layout.flatten([p.detach() for p in self.params])
 
-    def state_token(self) -> tuple:
-        """Changes whenever a parameter or buffer is modified (in place or replaced).
+    def snapshot(self) -> ModelSnapshot:
+        """A record of the model's parameters and buffers, to detect later changes.
 
-        Operators that cache work (gradient graphs, dense matrices) compare tokens
-        to know when the cache is stale.
+        Operators that cache work (gradient graphs, dense matrices, the determinism
+        probe) keep a snapshot and redo the work when it is no longer current.
         """
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        return ModelSnapshot(self.model)
 
     def with_params(self, params: str | Sequence[str] | None) -> Problem:
         """The same model, loss and data, differentiated w.r.t. other parameters."""
         other = self._replace(model=self.model, params=params)
-        other._determinism_token = self._determinism_token  # same model, same data
+        other._determinism_snapshot = self._determinism_snapshot  # same model, same data
         return other
 
     def rebatched(self, batch_size: int) -> Problem:
@@ -155,7 +189,7 @@ class Problem:
                 "list of batches); pass a tensor pair or a Dataset to change the batch size"
             )
         other = self._replace(model=self.model, params=self._selection, batch_size=batch_size)
-        other._determinism_token = self._determinism_token
+        other._determinism_snapshot = self._determinism_snapshot
         return other
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Problem:
@@ -216,6 +250,9 @@ class Problem:
         for name, p in self.model.named_parameters():
             if name not in values and p.requires_grad:
                 values[name] = p.detach()
+        if not self.eval_mode:  # train-mode BatchNorm must not update the model's statistics
+            for name, b in self.model.named_buffers():
+                values[name] = b.clone()
         if isinstance(inputs, Mapping):
             out = functional_call(self.model, values, args=(), kwargs=dict(inputs))
         else:
@@ -284,9 +321,9 @@ class Problem:
         """
         if not self.check_deterministic:
             return
-        token = self.state_token()
-        if self._determinism_token == token:
+        if self._determinism_snapshot is not None and self._determinism_snapshot.is_current():
             return
+        snapshot = self.snapshot()
         loss1, grad1 = self.loss_and_gradient()
         loss2, grad2 = self.loss_and_gradient()
         rtol = 1e-10 if self.dtype == torch.float64 else 1e-4
@@ -301,7 +338,7 @@ class Problem:
                 "dropout, random augmentation or shuffled, randomly transformed data?); "
                 "make the data and model deterministic or pass check_deterministic=False"
             )
-        self._determinism_token = token
+        self._determinism_snapshot = snapshot
 
 
 def _first_line(exc: BaseException) -> str:

@@ -95,7 +95,8 @@ class _Registry:
             try:
                 self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
             except Exception as exc:  # a broken third-party plugin
-                raise PluginError(f"a curvkit plugin failed to load: {type(exc).__name__}: {exc}") from exc
+                detail = " ".join(str(exc).split())  # one line, for the command line
+                raise PluginError(f"a curvkit plugin failed to load: {type(exc).__name__}: {detail}") from exc
         if os.environ.get("CURVKIT_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
@@ -174,8 +175,8 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     reg = _registry()
     try:
         plugin_name = reg.pm.register(plugin, name=name)
-    except ValueError as exc:
-        raise PluginError(str(exc)) from exc
+    except (ValueError, pluggy.PluginValidationError) as exc:  # already registered / bad signature
+        raise PluginError(" ".join(str(exc).split())) from exc
     try:
         reg._check()
         reg._specs = None

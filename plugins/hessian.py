@@ -80,17 +80,17 @@ class ExactHessianOperator(curvkit.ProblemOperator):
         self.block_size = block_size
         self._hessian = HessianOperator(problem, cache_graph=False)
         self._matrix: Tensor | None = None
-        self._token: tuple | None = None
+        self._snapshot: curvkit.ModelSnapshot | None = None
 
     @property
     def matrix(self) -> Tensor:
         """The dense ``[P, P]`` Hessian (built or rebuilt on demand)."""
-        token = self.problem.state_token()
-        if self._matrix is None or self._token != token:
+        if self._matrix is None or self._snapshot is None or not self._snapshot.is_current():
+            snapshot = self.problem.snapshot()
             H = self._hessian.to_dense(max_dim=self.shape[0], block_size=self.block_size)
             self.data_passes += self._hessian.data_passes
             self._hessian.data_passes = 0
-            self._matrix, self._token = (H + H.T) / 2, token
+            self._matrix, self._snapshot = (H + H.T) / 2, snapshot
         return self._matrix
 
     def _problem_matmat(self, M: Tensor) -> Tensor:

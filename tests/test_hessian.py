@@ -143,3 +143,27 @@ def test_restrict_differentiates_only_the_block():
     idx = problem.layout.indices(["norm.weight", "norm.bias"])
     truth = dense_hessian_reference(problem)[idx][:, idx]
     assert rel(block.to_dense(), truth) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["hessian", "exact-hessian"])
+def test_edits_through_data_are_noticed(name):
+    problem = get_case("tanh-mlp-ce").problem()
+    H = curvkit.curvature(name, problem)
+    v = torch.randn(problem.dim, dtype=torch.float64)
+    H @ v
+    problem.params[0].data.mul_(1.5)  # bypasses the version counter
+    assert rel(H @ v, dense_hessian_reference(problem) @ v) < 1e-12
+
+
+def test_train_mode_batchnorm_keeps_running_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().train()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+    problem = curvkit.Problem(model, "cross_entropy", (X, y), eval_mode=False, batch_size=5)
+    stats = model[1].running_mean.clone()
+    H = curvkit.curvature("hessian", problem)
+    v = torch.randn(problem.dim, dtype=torch.float64)
+    first = H @ v
+    assert torch.equal(model[1].running_mean, stats) and model[1].num_batches_tracked == 0
+    assert H.engine.graph_cached
+    assert rel(H @ v, first) < 1e-14

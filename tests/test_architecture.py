@@ -1,0 +1,160 @@
+"""Architecture rules: a light core, plugins on the public API, exports, docstrings, doctests."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import curvkit
+import curvkit.hookspecs
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = REPO / "curvkit"
+PLUGINS = REPO / "plugins"
+HEAVY = ("typer", "h5py", "matplotlib")
+
+
+def _imports(path: Path, package: str) -> list[tuple[str, tuple[str, ...]]]:
+    """``(module, imported names)`` for every import statement of a source file.
+
+    Relative imports are resolved against ``package``.
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, ()) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            found.append((module, tuple(alias.name for alias in node.names)))
+    return found
+
+
+def _package_of(path: Path, root: Path, name: str) -> str:
+    """The package a source file belongs to (itself, for an ``__init__.py``)."""
+    return ".".join([name, *path.relative_to(root).parts[:-1]])
+
+
+def _core_files() -> list[Path]:
+    return sorted(CORE.rglob("*.py"))
+
+
+def test_import_curvkit_stays_light():
+    code = (
+        "import json, sys, curvkit; "
+        "print(json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('typer', 'h5py', 'matplotlib') "
+        "or m.startswith('curvkit.cli'))))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY or m.startswith("curvkit.cli")], loaded
+
+
+def test_the_import_scanner_sees_imports():
+    # guard against a scanner that finds nothing and so passes everything
+    found = _imports(CORE / "problem.py", "curvkit")
+    assert ("curvkit.data", ("BatchSource", "batch_size_of", "rebatchable_types", "to_device")) in found
+    assert ("torch", ()) in found
+    assert len(_core_files()) >= 10
+    assert (CORE / "testing" / "conformance.py") in _core_files()
+
+
+@pytest.mark.parametrize("path", _core_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_core_does_not_import_cli_plugins_or_heavy_optional_packages(path):
+    package = _package_of(path, CORE, "curvkit")
+    for module, names in _imports(path, package):
+        top = module.split(".")[0]
+        assert not module.startswith(("curvkit.cli", "curvkit.plugins")), f"{path.name} imports {module}"
+        assert top not in ("cli", "plugins"), f"{path.name} imports {module}"
+        assert top not in HEAVY, f"{path.name} imports {module}"
+        if module == "curvkit":
+            assert not {"cli", "plugins"} & set(names), f"{path.name} imports {names} from curvkit"
+
+
+@pytest.mark.parametrize("path", sorted(PLUGINS.rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_plugins_use_only_public_curvkit_modules(path):
+    package = _package_of(path, PLUGINS, "curvkit.plugins")
+    for module, names in _imports(path, package):
+        parts = module.split(".")
+        assert parts[0] not in ("cli", "plugins"), f"{path.name} imports {module}"
+        if parts[0] != "curvkit":
+            continue
+        assert not module.startswith("curvkit.cli"), f"{path.name} imports {module}"
+        private = [p for p in parts if p.startswith("_")] + [n for n in names if n.startswith("_")]
+        assert not private, f"{path.name} imports private {module} {names}"
+        if not module.startswith("curvkit.plugins"):
+            importlib.import_module(module)  # exists
+
+
+def test_plugins_are_found_by_the_scan():
+    assert (PLUGINS / "hessian.py") in sorted(PLUGINS.rglob("*.py"))
+
+
+def test_everything_in_all_exists_and_is_documented():
+    assert len(curvkit.__all__) == len(set(curvkit.__all__))
+    for name in curvkit.__all__:
+        assert hasattr(curvkit, name), name
+        obj = getattr(curvkit, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert (obj.__doc__ or "").strip(), f"curvkit.{name} has no docstring"
+    # the public classes and functions defined in the core are exported
+    for module_name in ("curvkit.errors", "curvkit.operator", "curvkit.registry"):
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module_name}.{name}"
+
+
+def _curvkit_modules() -> list[str]:
+    names = []
+    for path in _core_files():
+        parts = path.relative_to(REPO).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(parts))
+    return [*names, "curvkit.plugins.hessian", "curvkit.cli.main"]
+
+
+@pytest.mark.parametrize("module_name", _curvkit_modules())
+def test_doctests(module_name):
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} doctest(s) of {module_name} failed"
+    if module_name in ("curvkit.registry", "curvkit.autodiff", "curvkit.problem"):
+        assert result.attempted > 0, f"{module_name} lost its examples"
+
+
+def test_every_hook_is_documented():
+    hooks = {
+        name: fn
+        for name, fn in vars(curvkit.hookspecs).items()
+        if callable(fn) and hasattr(fn, f"{curvkit.hookspecs.PROJECT_NAME}_spec")
+    }
+    assert "curvkit_register_estimators" in hooks
+    pm = curvkit.plugin_manager()
+    registered = {
+        name
+        for name in dir(pm.hook)
+        if not name.startswith("_") and getattr(pm.hook, name).spec is not None  # not a rejected typo
+    }
+    assert registered == set(hooks)
+    for name, fn in hooks.items():
+        assert name.startswith("curvkit_"), name
+        doc = inspect.getdoc(fn) or ""
+        assert len(doc.splitlines()) >= 3, f"hook {name} needs a docstring"
+        assert "Returns" in doc or "return" in doc.lower(), f"hook {name} does not say what it returns"

@@ -1,0 +1,168 @@
+"""The ``curvkit`` command line: in process with Typer's CliRunner, and as the installed script."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from curvkit.cli import main as cli_main
+from curvkit.cli.main import app
+from typer.testing import CliRunner
+
+import curvkit
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "250"}
+
+
+def _commands(group, prefix: tuple[str, ...] = ()):
+    """Every command of the app (a click-like group), with its path, sub-groups included."""
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name), command
+        if hasattr(command, "commands"):  # a sub-group (typer vendors its own click)
+            yield from _commands(command, (*prefix, name))
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert f"curvkit {curvkit.__version__}" in result.output
+    assert torch.__version__ in result.output
+
+
+def test_plugins_lists_the_builtins():
+    result = runner.invoke(app, ["plugins"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for name in ("hessian", "exact-hessian"):
+        row = next(line for line in lines if f" {name} " in line)
+        assert "curvkit.plugins.hessian" in row and curvkit.__version__ in row
+        assert "symmetric" in row and "exact" in row and "psd" not in row
+        assert curvkit.get_estimator(name).description[:30] in row
+
+
+def test_plugins_shows_a_run_time_plugin():
+    module = type(sys)("cli_test_plugin")
+
+    @curvkit.hookimpl
+    def curvkit_register_estimators():
+        return [
+            curvkit.EstimatorSpec(
+                "cli-identity",
+                lambda p: curvkit.IdentityOperator(p.layout, dtype=p.dtype, device=p.device),
+                description="Identity for the CLI test.",
+                flags={"psd": True},
+            )
+        ]
+
+    module.curvkit_register_estimators = curvkit_register_estimators
+    curvkit.register_plugin(module, name="cli-test")
+    try:
+        result = runner.invoke(app, ["plugins"], env=WIDE)
+    finally:
+        curvkit.unregister_plugin(module)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "cli-identity" in line)
+    assert "cli-test" in row and "psd" in row and "Identity for the CLI test." in row
+
+
+def test_every_command_has_help_text():
+    root = typer.main.get_command(app)
+    commands = list(_commands(root))
+    assert [path for path, _ in commands if path == ("plugins",)]
+    top = runner.invoke(app, ["--help"], env=WIDE)
+    assert top.exit_code == 0 and "Curvature analysis" in top.output
+    for param in root.params:
+        if param.param_type_name == "option":
+            assert (param.help or "").strip(), f"option {param.name} of curvkit has no help"
+    for path, command in commands:
+        assert (command.help or "").strip(), f"{' '.join(path)} has no help text"
+        result = runner.invoke(app, [*path, "--help"], env=WIDE)
+        assert result.exit_code == 0, result.output
+        assert command.help.strip().splitlines()[0][:40] in " ".join(result.output.split())
+        if len(path) == 1:
+            assert path[0] in top.output
+        for param in command.params:
+            if param.param_type_name == "option" and not getattr(param, "hidden", False):
+                assert (param.help or "").strip(), f"option {param.name} of {' '.join(path)} has no help"
+
+
+def test_library_errors_become_one_line_and_exit_status_2(monkeypatch, capsys):
+    def broken():
+        raise curvkit.DataError("the data yielded no batch")
+
+    monkeypatch.setattr(curvkit, "estimators", broken)
+    monkeypatch.setattr(sys, "argv", ["curvkit", "plugins"])
+    with pytest.raises(SystemExit) as info:
+        cli_main.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "curvkit: error: the data yielded no batch\n"
+
+
+# --------------------------------------------------------------------------- installed script
+BROKEN_PLUGINS = {
+    "duplicate": (
+        """
+        import curvkit
+
+        @curvkit.hookimpl
+        def curvkit_register_estimators():
+            return [curvkit.EstimatorSpec("hessian", lambda problem: None)]
+        """,
+        ["estimator 'hessian'", "'curvkit.plugins.hessian'", "'broken'"],
+    ),
+    "import-error": (
+        """
+        raise ImportError("this plugin needs a package\\nthat is not installed")
+        """,
+        ["failed to load", "this plugin needs a package that is not installed"],
+    ),
+    "unknown-hook": (
+        """
+        import curvkit
+
+        @curvkit.hookimpl
+        def curvkit_typo():
+            return []
+        """,
+        ["curvkit_typo"],
+    ),
+}
+
+
+def _install_broken(root: Path, source: str) -> None:
+    (root / "broken_curvkit_plugin.py").write_text(textwrap.dedent(source))
+    info = root / "broken_curvkit_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken_curvkit_plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[curvkit]\nbroken = broken_curvkit_plugin\n")
+
+
+def _script() -> list[str]:
+    script = shutil.which("curvkit", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "curvkit.cli.main"]
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_PLUGINS))
+def test_installed_script_reports_a_broken_plugin_in_one_line(tmp_path, kind):
+    source, fragments = BROKEN_PLUGINS[kind]
+    _install_broken(tmp_path, source)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
+    env.update(PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.run([*_script(), "plugins"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("curvkit: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert proc.stdout == ""
