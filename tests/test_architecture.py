@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,14 @@ def test_import_curvkit_stays_light():
         "or m.startswith('curvkit.cli'))))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(  # cwd away from the checkout, so the installed curvkit is imported
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tempfile.gettempdir(),
+    )
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not [m for m in loaded if m.split(".")[0] in HEAVY or m.startswith("curvkit.cli")], loaded

@@ -124,7 +124,11 @@ def curvkit_command() -> list[str]:
 
 
 def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # cwd away from the checkout, so the installed curvkit (not the source folder) is imported
+    cwd = env["PYTHONPATH"]
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 def _result(proc: subprocess.CompletedProcess) -> dict:
