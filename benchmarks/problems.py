@@ -115,18 +115,50 @@ def make_cnn(seed: int = 0) -> BenchProblem:
     targets = _teacher_labels(inputs, gen)
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(8, 16, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * 8 * 8, NUM_CLASSES),
+        nn.Linear(16 * 8 * 8, NUM_CLASSES),
     )
     return BenchProblem(
-        "cnn", "CNN 3x32x32, 2x(Conv2d+ReLU+MaxPool2d) + Linear, 256 samples", model.eval(), inputs, targets
+        "cnn",
+        "CNN 3x32x32, Conv2d(3->8)+ReLU+MaxPool2d, Conv2d(8->16)+ReLU+MaxPool2d, Linear, 256 samples",
+        model.eval(),
+        inputs,
+        targets,
     )
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written out with matmuls and softmax.
+
+    ``nn.MultiheadAttention`` dispatches to ``scaled_dot_product_attention``, whose
+    CPU flash kernel has no double backward in torch 2.13 (``derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented``), so no reverse-over-reverse Hessian product could run on it.
+
+    Args:
+        width: Model width.
+        heads: Number of heads (dividing ``width``).
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attention outputs ``[N, T, width]`` for ``x`` of the same shape."""
+        n, t, width = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) / (width // self.heads) ** 0.5
+        mixed = scores.softmax(dim=-1) @ v  # [N, heads, T, width / heads]
+        return self.out(mixed.transpose(1, 2).reshape(n, t, width))
 
 
 class TransformerClassifier(nn.Module):
@@ -144,7 +176,7 @@ class TransformerClassifier(nn.Module):
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Parameter(0.02 * torch.randn(seq_len, width))
         self.norm1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = SelfAttention(width, heads)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.head = nn.Linear(width, NUM_CLASSES)
@@ -152,8 +184,7 @@ class TransformerClassifier(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Class logits ``[N, classes]`` for tokens ``[N, seq_len]``."""
         x = self.embed(tokens) + self.position
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return self.head(x.mean(dim=1))
 

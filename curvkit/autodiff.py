@@ -22,7 +22,7 @@ looped and the batched backward once on the first product and keeps the faster.
 batches fit in ``graph_cache_bytes`` (measured with saved-tensor hooks while they
 are built), :class:`HessianVectorProduct` keeps them and later products only run
 the second backward pass. The cache is dropped as soon as a parameter or buffer
-of the model changes (see :meth:`~curvkit.Problem.snapshot`).
+of the model changes (see :meth:`~curvkit.Problem.current_snapshot`).
 """
 
 from __future__ import annotations
@@ -165,22 +165,29 @@ class HessianVectorProduct:
         """Whether gradient graphs are currently kept."""
         return self._graph is not None
 
-    def __call__(self, M: Tensor) -> Tensor:
+    def __call__(self, M: Tensor, snapshot: ModelSnapshot | None = None) -> Tensor:
+        """``H @ M`` for ``M`` of shape ``[P, K]``.
+
+        Args:
+            M: The K directions, flat.
+            snapshot: The model state verified for this product (from
+                :meth:`~curvkit.Problem.current_snapshot`); looked up when omitted.
+        """
         problem = self.problem
+        snapshot = snapshot if snapshot is not None else problem.current_snapshot()
         V = [v.movedim(-1, 0) for v in problem.layout.unflatten(M)]  # [K, *shape] each
         with torch.enable_grad():
             if self.strategy == "forward-over-reverse":
                 return self._forward_over_reverse(V)
             graph = self._graph
-            if graph is not None and graph.snapshot.is_current():
-                return self._apply(graph.grads, graph.leaves, V) * problem.normalizer(graph.count)
+            if graph is not None and graph.snapshot is snapshot:
+                return self._apply(graph.grads, graph.leaves, V).mul_(problem.normalizer(graph.count))
             self._graph = None
-            return self._build_and_apply(V)
+            return self._build_and_apply(V, snapshot)
 
     # --------------------------------------------------------------- reverse
-    def _build_and_apply(self, V: list[Tensor]) -> Tensor:
+    def _build_and_apply(self, V: list[Tensor], snapshot: ModelSnapshot) -> Tensor:
         problem = self.problem
-        snapshot = problem.snapshot()
         leaves = [p.detach().requires_grad_(True) for p in problem.params]
         keep = self.cache_graph is not False
         budget = float("inf") if self.cache_graph is True else self.graph_cache_bytes
@@ -207,54 +214,72 @@ class HessianVectorProduct:
             out = _acc(out, self._apply(pending, leaves, V))
             if keep:
                 self._graph = _Graph(leaves, pending, count, snapshot)
-        return out * problem.normalizer(count)
+        return out.mul_(problem.normalizer(count))
 
     def _apply(self, grads: list[Tensor | None], leaves: list[Tensor], V: list[Tensor]) -> Tensor:
-        """Second backward pass: ``d/dtheta <g, v>`` for each of the K vectors."""
+        """Second backward pass: ``d/dtheta <g, v>`` for each of the K vectors, as ``[P, K]``."""
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         K = V[0].shape[0]
-        layout = self.problem.layout
         if not used:
-            return torch.zeros(layout.dim, K, dtype=V[0].dtype, device=V[0].device)
-        outputs = [grads[i] for i in used]
+            return torch.zeros(self.problem.layout.dim, K, dtype=V[0].dtype, device=V[0].device)
+        args = ([grads[i] for i in used], [leaves[i] for i in used], [V[i] for i in used], used)
         if K == 1 or self.strategy == "reverse":
-            return self._looped(outputs, leaves, [V[i] for i in used])
+            return self._looped(*args)
         if self.strategy == "batched-reverse":
-            return self._batched(outputs, leaves, [V[i] for i in used])
-        if K not in self._batched_wins:  # "auto": measure once per K
-            t0 = time.perf_counter()
-            looped = self._looped(outputs, leaves, [V[i] for i in used])
-            t1 = time.perf_counter()
-            try:
-                self._batched(outputs, leaves, [V[i] for i in used])
-                self._batched_wins[K] = time.perf_counter() - t1 < t1 - t0
-            except RuntimeError:
-                self._batched_wins[K] = False
-            return looped
-        if self._batched_wins[K]:
-            return self._batched(outputs, leaves, [V[i] for i in used])
-        return self._looped(outputs, leaves, [V[i] for i in used])
+            return self._batched(*args)
+        if K not in self._batched_wins:
+            self._batched_wins[K] = self._batched_is_faster(*args)
+        return self._batched(*args) if self._batched_wins[K] else self._looped(*args)
 
-    def _looped(self, outputs: list[Tensor], leaves: list[Tensor], V: list[Tensor]) -> Tensor:
-        cols = []
+    def _batched_is_faster(self, *args: object) -> bool:
+        """``"auto"``: time looped and batched backward passes, alternately, twice each.
+
+        The first of each pair also warms up what the other left cold; the
+        minimum of two runs is robust to a single slow run. A batched pass that
+        fails (an operator without a batching rule) loses.
+        """
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(2):
+            for batched in (False, True):
+                start = time.perf_counter()
+                try:
+                    (self._batched if batched else self._looped)(*args)
+                except RuntimeError:
+                    return False
+                best[batched] = min(best[batched], time.perf_counter() - start)
+        return best[True] < best[False]
+
+    def _looped(
+        self, outputs: list[Tensor], leaves: list[Tensor], V: list[Tensor], used: list[int]
+    ) -> Tensor:
+        """One backward pass per vector through the kept graph."""
+        columns = []
         for k in range(V[0].shape[0]):
             hv = torch.autograd.grad(outputs, leaves, [v[k] for v in V], retain_graph=True, allow_unused=True)
-            cols.append(self._flat(hv, leaves, batched=False))
-        return torch.stack(cols, dim=1)
+            columns.append([_flat_or_zeros(h, p, 1) for h, p in zip(hv, leaves)])
+        if len(columns) == 1:
+            return self._assemble(columns[0], used)
+        return self._assemble([torch.cat(parts, dim=1) for parts in zip(*columns)], used)
 
-    def _batched(self, outputs: list[Tensor], leaves: list[Tensor], V: list[Tensor]) -> Tensor:
+    def _batched(
+        self, outputs: list[Tensor], leaves: list[Tensor], V: list[Tensor], used: list[int]
+    ) -> Tensor:
+        """All vectors in one vectorised backward pass (``is_grads_batched``)."""
         hv = torch.autograd.grad(
             outputs, leaves, V, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
-        return self._flat(hv, leaves, batched=True, K=V[0].shape[0])
+        K = V[0].shape[0]
+        return self._assemble([_flat_or_zeros(h, p, K) for h, p in zip(hv, leaves)], used)
 
-    def _flat(self, hv: Sequence[Tensor | None], leaves: list[Tensor], batched: bool, K: int = 1) -> Tensor:
-        parts = []
-        for h, p in zip(hv, leaves):
-            if h is None:
-                h = torch.zeros((K, *p.shape) if batched else p.shape, dtype=p.dtype, device=p.device)
-            parts.append(h.detach().reshape(K, -1).T if batched else h.detach().reshape(-1))
-        return torch.cat(parts, dim=0)
+    def _assemble(self, parts: list[Tensor], used: list[int]) -> Tensor:
+        """Stack per-parameter ``[numel, K]`` blocks of the ``used`` parameters into ``[P, K]``."""
+        layout = self.problem.layout
+        if len(used) == len(layout.numels):
+            return torch.cat(parts, dim=0)
+        out = parts[0].new_zeros(layout.dim, parts[0].shape[1])
+        for part, i in zip(parts, used):
+            out[layout.offsets[i] : layout.offsets[i] + layout.numels[i]] = part
+        return out
 
     # ---------------------------------------------------- forward-over-reverse
     def _forward_over_reverse(self, V: list[Tensor]) -> Tensor:
@@ -276,6 +301,13 @@ class HessianVectorProduct:
                 flat = torch.cat([h.reshape(h.shape[0], -1) for h in hv], dim=1).T
                 out = _acc(out, flat)
         return out * problem.normalizer(count)
+
+
+def _flat_or_zeros(h: Tensor | None, like: Tensor, K: int) -> Tensor:
+    """A parameter's products as ``[numel, K]``: from ``[*shape]`` (K = 1) or ``[K, *shape]``."""
+    if h is None:
+        return like.new_zeros(like.numel(), K)
+    return h.reshape(-1, 1) if K == 1 and h.shape == like.shape else h.reshape(K, -1).T
 
 
 def _add(a: list[Tensor | None], b: list[Tensor | None]) -> list[Tensor | None]:

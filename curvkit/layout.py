@@ -10,6 +10,7 @@ vector is the first element of parameter ``names[i]``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,12 +34,12 @@ class ParameterLayout:
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
 
-    @property
+    @functools.cached_property
     def numels(self) -> tuple[int, ...]:
         """Number of elements of each parameter."""
         return tuple(math.prod(s) for s in self.shapes)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
         """Start of each parameter in the flat vector."""
         out, acc = [], 0
@@ -47,7 +48,7 @@ class ParameterLayout:
             acc += n
         return tuple(out)
 
-    @property
+    @functools.cached_property
     def dim(self) -> int:
         """``P``, the length of the flat vector."""
         return sum(self.numels)

@@ -142,6 +142,7 @@ class Problem:
         first = selected[0][1]
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
+        self._snapshot: ModelSnapshot | None = None
         self._determinism_snapshot: ModelSnapshot | None = None
 
     # ------------------------------------------------------------------ basics
@@ -160,18 +161,23 @@ class Problem:
         """The selected parameters as one detached flat vector."""
         return self.layout.flatten([p.detach() for p in self.params])
 
-    def snapshot(self) -> ModelSnapshot:
+    def current_snapshot(self) -> ModelSnapshot:
         """A record of the model's parameters and buffers, to detect later changes.
 
-        Operators that cache work (gradient graphs, dense matrices, the determinism
-        probe) keep a snapshot and redo the work when it is no longer current.
+        Returns the last snapshot taken if it is still current, otherwise a new
+        one. Operators that cache work (gradient graphs, dense matrices, the
+        determinism probe) keep the snapshot they computed under; the work stays
+        valid while this returns the very same object (compare with ``is``), so
+        one check per product serves every cache.
         """
-        return ModelSnapshot(self.model)
+        if self._snapshot is None or not self._snapshot.is_current():
+            self._snapshot = ModelSnapshot(self.model)
+        return self._snapshot
 
     def with_params(self, params: str | Sequence[str] | None) -> Problem:
         """The same model, loss and data, differentiated w.r.t. other parameters."""
         other = self._replace(model=self.model, params=params)
-        other._determinism_snapshot = self._determinism_snapshot  # same model, same data
+        other._snapshot, other._determinism_snapshot = self._snapshot, self._determinism_snapshot
         return other
 
     def rebatched(self, batch_size: int) -> Problem:
@@ -189,7 +195,7 @@ class Problem:
                 "list of batches); pass a tensor pair or a Dataset to change the batch size"
             )
         other = self._replace(model=self.model, params=self._selection, batch_size=batch_size)
-        other._determinism_snapshot = self._determinism_snapshot
+        other._snapshot, other._determinism_snapshot = self._snapshot, self._determinism_snapshot
         return other
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Problem:
@@ -311,19 +317,23 @@ class Problem:
         """Number of samples in the data (one pass over the data, nothing computed)."""
         return sum(batch_size_of(i, t) for i, t in self.data)
 
-    def ensure_deterministic(self) -> None:
-        """Raise if two passes over the data disagree (once per parameter state).
+    def ensure_deterministic(self, snapshot: ModelSnapshot | None = None) -> None:
+        """Raise if two passes over the data disagree (once per model state).
 
         Does nothing when the problem was built with ``check_deterministic=False``.
+
+        Args:
+            snapshot: The current model state, if the caller already has it (see
+                :meth:`current_snapshot`).
 
         Raises:
             NonDeterministicError: Loss or gradient differ between two passes.
         """
         if not self.check_deterministic:
             return
-        if self._determinism_snapshot is not None and self._determinism_snapshot.is_current():
+        snapshot = snapshot if snapshot is not None else self.current_snapshot()
+        if self._determinism_snapshot is snapshot:
             return
-        snapshot = self.snapshot()
         loss1, grad1 = self.loss_and_gradient()
         loss2, grad2 = self.loss_and_gradient()
         rtol = 1e-10 if self.dtype == torch.float64 else 1e-4

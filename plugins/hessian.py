@@ -48,7 +48,7 @@ class HessianOperator(curvkit.ProblemOperator):
 
     def _problem_matmat(self, M: Tensor) -> Tensor:
         before = self.engine.data_passes
-        out = self.engine(M)
+        out = self.engine(M, self.state)
         self.data_passes += self.engine.data_passes - before
         return out
 
@@ -85,8 +85,8 @@ class ExactHessianOperator(curvkit.ProblemOperator):
     @property
     def matrix(self) -> Tensor:
         """The dense ``[P, P]`` Hessian (built or rebuilt on demand)."""
-        if self._matrix is None or self._snapshot is None or not self._snapshot.is_current():
-            snapshot = self.problem.snapshot()
+        snapshot = self.problem.current_snapshot()
+        if self._matrix is None or self._snapshot is not snapshot:
             H = self._hessian.to_dense(max_dim=self.shape[0], block_size=self.block_size)
             self.data_passes += self._hessian.data_passes
             self._hessian.data_passes = 0

@@ -1,0 +1,105 @@
+"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat] [--repeats N] [--quick]``.
+
+Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
+``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
+A full run takes a few minutes on 2 cores; ``--quick`` (fewer rounds) under one.
+"""
+
+from __future__ import annotations
+
+import os
+
+# SciPy's BLAS (pulled in by peers) must not compete with torch's threads; set
+# before anything imports NumPy or SciPy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
+from benchmarks.peers import peer_versions  # noqa: E402
+from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
+from benchmarks.report import render_markdown, write_results  # noqa: E402
+from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
+
+SECTIONS = ("hvp", "matmat")
+
+
+def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", type=_csv(SECTIONS), default=list(SECTIONS), help="sections, e.g. hvp,matmat"
+    )
+    parser.add_argument(
+        "--problems", type=_csv(list(PROBLEMS)), default=None, help="e.g. mlp,cnn (default: all)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15, quick 3)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed rounds before timing (default 1, quick 0)"
+    )
+    parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run under a minute")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU cores)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="where to write the results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected sections on the selected problems and write the report."""
+    args = parse_args(argv)
+    configure_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 15)
+    matmat_repeats = 1 if args.quick else max(3, repeats // 2)
+    warmup = (0 if args.quick else 1) if args.warmup is None else args.warmup
+    machine = machine_info()
+    start = time.perf_counter()
+    whole_run = OtherLoad().start()
+    results = []
+    for problem in build_problems(args.problems):
+        res = ProblemResult(problem.name, problem.description, problem.dim, problem.num_samples)
+        print(f"[{problem.name}] P={problem.dim:,}", file=sys.stderr, flush=True)
+        load = OtherLoad().start()
+        if "hvp" in args.only:
+            res.gradient_ms, res.hvp = run_hvp(problem, repeats, warmup)
+        if "matmat" in args.only:
+            res.matmat = run_matmat(problem, matmat_repeats, warmup)
+        res.other_load = load.stop()
+        results.append(res)
+    meta = {
+        "command": " ".join(
+            ["python -m benchmarks", shlex.join(argv if argv is not None else sys.argv[1:])]
+        ).strip(),
+        "machine": machine,
+        "load_average_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "repeats": repeats,
+        "matmat_repeats": matmat_repeats,
+        "warmup": warmup,
+        "quick": args.quick,
+        "sections": args.only,
+        "peers": peer_versions(),
+        "wall_s": time.perf_counter() - start,
+        "other_load": whole_run.stop(),
+    }
+    goals = evaluate_goals(results)
+    write_results(args.out, meta, results, goals)
+    print(render_markdown(meta, results, goals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
