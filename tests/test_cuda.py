@@ -1,0 +1,32 @@
+"""GPU paths: run where CUDA is available, skipped otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvkit
+from curvkit.testing import CASES, dense_hessian_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("strategy", ["auto", "forward-over-reverse"])
+def test_hessian_on_cuda_matches_cpu(case, strategy):
+    cpu = case.problem()
+    gpu = cpu.to(device="cuda")
+    H = curvkit.curvature("hessian", gpu, strategy=strategy)
+    assert H.device.type == "cuda"
+    M = torch.randn(cpu.dim, 4, dtype=torch.float64)
+    out = H @ M.cuda()
+    assert out.device.type == "cuda"
+    truth = dense_hessian_reference(cpu) @ M
+    assert ((out.cpu() - truth).norm() / truth.norm()).item() < 1e-10
+
+
+def test_exact_hessian_on_cuda():
+    cpu = CASES[0].problem()
+    dense = curvkit.curvature("exact-hessian", cpu.to(device="cuda")).to_dense()
+    assert dense.device.type == "cuda"
+    assert torch.allclose(dense.cpu(), dense_hessian_reference(cpu), atol=1e-10)
