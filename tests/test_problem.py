@@ -23,15 +23,6 @@ DT = torch.float64
 N = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mlp(seed: int = 0, d_in: int = 4, d_out: int = 3) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, 5), nn.Tanh(), nn.Linear(5, d_out)).to(DT)

@@ -20,15 +20,6 @@ BUILTIN = "curvkit.plugins.hessian"
 HESSIAN_FLAGS = {"symmetric": True, "psd": False, "exact": True, "stochastic": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _names() -> list[str]:
     return [s.name for s in curvkit.estimators()]
 
