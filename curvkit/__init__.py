@@ -7,6 +7,7 @@ The public API::
     H = curvkit.curvature("hessian", problem)
     H @ v, H.to_dense(), 2.0 * H, H + G, H.damped(1e-3)
     curvkit.estimators()
+    res = curvkit.eigenvalues(H, k=5)             # values, residual certificates
 
 ``import curvkit`` does not import typer, h5py or matplotlib.
 """
@@ -26,6 +27,7 @@ from curvkit.errors import (
 )
 from curvkit.hookspecs import hookimpl, hookspec
 from curvkit.layout import ParameterLayout
+from curvkit.linalg.eigen import EigenResult, eigenvalues
 from curvkit.operator import (
     CurvatureOperator,
     DenseOperator,
@@ -55,6 +57,7 @@ __all__ = [
     "DenseOperator",
     "DenseTooLargeError",
     "DuplicateEstimatorError",
+    "EigenResult",
     "EstimatorSpec",
     "IdentityOperator",
     "ModelSnapshot",
@@ -73,6 +76,7 @@ __all__ = [
     "UnknownLossError",
     "__version__",
     "curvature",
+    "eigenvalues",
     "estimators",
     "get_estimator",
     "hookimpl",

@@ -1,0 +1,1 @@
+"""Linear algebra on curvature operators: eigenpairs, traces, spectral densities."""

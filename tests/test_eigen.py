@@ -1,0 +1,141 @@
+"""Eigenpairs with certificates, against dense eigendecompositions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvkit
+from curvkit.linalg.eigen import eigenvalues
+from curvkit.testing import CASES, dense_hessian_reference, get_case
+
+DT = torch.float64
+
+
+def orthogonal(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
+
+
+def operator_with_spectrum(spectrum: torch.Tensor, seed: int = 0) -> curvkit.DenseOperator:
+    Q = orthogonal(spectrum.numel(), seed)
+    return curvkit.DenseOperator(Q @ torch.diag(spectrum) @ Q.T, symmetric=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_top_and_bottom_k_match_dense_eigh(case):
+    problem = case.problem()
+    H = curvkit.curvature("hessian", problem)
+    truth = torch.linalg.eigvalsh(dense_hessian_reference(problem))
+    top = eigenvalues(H, k=3, which="largest", tol=1e-10)
+    bottom = eigenvalues(H, k=3, which="smallest", tol=1e-10)
+    assert top.converged and bottom.converged
+    torch.testing.assert_close(top.values, truth[-3:].flip(0), rtol=1e-8, atol=1e-10 * truth.abs().max())
+    torch.testing.assert_close(bottom.values, truth[:3], rtol=1e-8, atol=1e-10 * truth.abs().max())
+
+
+def test_known_spectrum_low_rank_plus_identity():
+    P = 300
+    spectrum = torch.ones(P, dtype=DT)
+    spectrum[:5] += torch.tensor([50.0, 20.0, 10.0, 5.0, 2.0], dtype=DT)
+    A = operator_with_spectrum(spectrum)
+    res = eigenvalues(A, k=5, tol=1e-10)
+    torch.testing.assert_close(
+        res.values, torch.tensor([51.0, 21.0, 11.0, 6.0, 3.0], dtype=DT), rtol=1e-10, atol=0
+    )
+    assert res.converged and res.matvecs < 120
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both_ends", "largest_magnitude"])
+def test_which_selects_the_right_end(which):
+    spectrum = torch.cat(
+        [torch.linspace(-3, 2, 196, dtype=DT), torch.tensor([-9.0, -8.0, 7.0, 6.0], dtype=DT)]
+    )
+    A = operator_with_spectrum(spectrum, seed=1)
+    res = eigenvalues(A, k=4, which=which, tol=1e-10)
+    expected = {
+        "largest": [7.0, 6.0, 2.0, 2.0 - 5 / 195],
+        "smallest": [-9.0, -8.0, -3.0, -3.0 + 5 / 195],
+        "both_ends": [7.0, 6.0, -8.0, -9.0],
+        "largest_magnitude": [-9.0, -8.0, 7.0, 6.0],
+    }[which]
+    torch.testing.assert_close(res.values, torch.tensor(expected, dtype=DT), rtol=1e-8, atol=1e-9)
+
+
+def test_residuals_are_certificates():
+    case = get_case("attention-layernorm-ce")
+    problem = case.problem()
+    H = curvkit.curvature("hessian", problem)
+    truth = torch.linalg.eigvalsh(dense_hessian_reference(problem))
+    res = eigenvalues(H, k=4, tol=1e-3)  # loose: residuals are not tiny
+    V = res.vectors
+    recomputed = (H.matmat(V) - V * res.values).norm(dim=0)
+    torch.testing.assert_close(res.residuals, recomputed, rtol=1e-6, atol=1e-14)
+    for value, residual in zip(res.values, res.residuals):  # [value - r, value + r] holds an eigenvalue
+        assert (truth - value).abs().min() <= residual + 1e-12
+
+
+def test_unreachable_tolerance_reports_not_converged():
+    A = operator_with_spectrum(torch.linspace(0, 1, 400, dtype=DT) ** 3)
+    res = eigenvalues(A, k=5, tol=1e-14, max_matvecs=30)
+    assert not res.converged
+    assert res.residuals.max() > 1e-14 * res.values.abs().max()
+    assert torch.isfinite(res.values).all() and res.matvecs <= 30 + 5
+
+
+def test_counts_products_and_data_passes():
+    problem = get_case("tanh-mlp-ce").problem(batch_size=4)
+    H = curvkit.curvature("hessian", problem)
+    res = eigenvalues(H, k=2, tol=1e-8)
+    assert res.matvecs == H.matvecs
+    assert res.data_passes == 1  # the gradient graph is kept after the first product
+    uncached = curvkit.curvature("hessian", problem, cache_graph=False)
+    res = eigenvalues(uncached, k=2, tol=1e-8)
+    assert res.data_passes == res.matvecs - 2 + 1  # one pass per Lanczos product, one for the certificates
+
+
+def test_restricted_block():
+    problem = get_case("cnn-pool-ce").problem()
+    H = curvkit.curvature("hessian", problem)
+    names = ["0.weight", "0.bias"]
+    idx = problem.layout.indices(names)
+    truth = torch.linalg.eigvalsh(dense_hessian_reference(problem)[idx][:, idx])
+    res = eigenvalues(H.restrict("0"), k=2, tol=1e-10)
+    torch.testing.assert_close(res.values, truth[-2:].flip(0), rtol=1e-8, atol=1e-12)
+
+
+def test_float32_operator():
+    problem = get_case("mlp-mse").problem(dtype=torch.float32)
+    truth = torch.linalg.eigvalsh(dense_hessian_reference(get_case("mlp-mse").problem()))
+    res = eigenvalues(curvkit.curvature("hessian", problem), k=2, tol=1e-5)
+    assert res.values.dtype == torch.float32 and res.converged
+    torch.testing.assert_close(res.values.double(), truth[-2:].flip(0), rtol=1e-5, atol=1e-6)
+
+
+def test_power_iteration_parity_finds_largest_magnitude():
+    A = operator_with_spectrum(torch.tensor([-5.0, 3.0, 1.0, 0.5, 0.1, 0.0], dtype=DT))
+    res = eigenvalues(A, k=2, which="largest_magnitude", method="power", tol=1e-12, max_matvecs=4000)
+    torch.testing.assert_close(res.values, torch.tensor([-5.0, 3.0], dtype=DT), rtol=1e-6, atol=0)
+    with pytest.raises(curvkit.CurvkitError, match="largest_magnitude"):
+        eigenvalues(A, k=1, method="power")
+
+
+def test_progress_and_reproducibility():
+    A = operator_with_spectrum(torch.linspace(0, 1, 100, dtype=DT))
+    seen = []
+    a = eigenvalues(A, k=2, tol=1e-6, seed=3, progress=seen.append)
+    b = eigenvalues(A, k=2, tol=1e-6, seed=3)
+    assert seen and seen[-1]["matvecs"] == a.matvecs - 2
+    assert torch.equal(a.values, b.values)
+
+
+def test_bad_input():
+    A = operator_with_spectrum(torch.arange(5, dtype=DT))
+    with pytest.raises(curvkit.CurvkitError, match="between 1 and"):
+        eigenvalues(A, k=6)
+    with pytest.raises(curvkit.CurvkitError, match="which"):
+        eigenvalues(A, k=1, which="top")
+    with pytest.raises(curvkit.ShapeMismatchError):
+        eigenvalues(torch.zeros(3, 4), k=1)
+    to_dict = eigenvalues(A, k=2).to_dict()
+    assert to_dict["values"] == pytest.approx([4.0, 3.0]) and to_dict["converged"]
