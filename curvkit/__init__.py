@@ -8,6 +8,9 @@ The public API::
     H @ v, H.to_dense(), 2.0 * H, H + G, H.damped(1e-3)
     curvkit.estimators()
     res = curvkit.eigenvalues(H, k=5)             # values, residual certificates
+    tr = curvkit.trace(H, method="hutch++", matvecs=300)
+    dens = curvkit.density(H, steps=100, runs=5)  # stochastic Lanczos quadrature
+    curvkit.per_layer(H)                          # top eigenvalue and trace per layer
 
 ``import curvkit`` does not import typer, h5py or matplotlib.
 """
@@ -28,6 +31,9 @@ from curvkit.errors import (
 from curvkit.hookspecs import hookimpl, hookspec
 from curvkit.layout import ParameterLayout
 from curvkit.linalg.eigen import EigenResult, eigenvalues
+from curvkit.linalg.per_layer import LayerRow, LayerTable, per_layer
+from curvkit.linalg.slq import DensityResult, density
+from curvkit.linalg.trace import TraceResult, trace
 from curvkit.operator import (
     CurvatureOperator,
     DenseOperator,
@@ -56,10 +62,13 @@ __all__ = [
     "DataError",
     "DenseOperator",
     "DenseTooLargeError",
+    "DensityResult",
     "DuplicateEstimatorError",
     "EigenResult",
     "EstimatorSpec",
     "IdentityOperator",
+    "LayerRow",
+    "LayerTable",
     "ModelSnapshot",
     "NonDeterministicError",
     "ParameterLayout",
@@ -72,10 +81,12 @@ __all__ = [
     "ScaledOperator",
     "ShapeMismatchError",
     "SumOperator",
+    "TraceResult",
     "UnknownEstimatorError",
     "UnknownLossError",
     "__version__",
     "curvature",
+    "density",
     "eigenvalues",
     "estimators",
     "get_estimator",
@@ -83,6 +94,8 @@ __all__ = [
     "hookspec",
     "plugin_manager",
     "loaded_plugins",
+    "per_layer",
     "register_plugin",
+    "trace",
     "unregister_plugin",
 ]
