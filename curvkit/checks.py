@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.errors import ShapeMismatchError
 from curvkit.linalg._common import check_square, gaussian, probe_generator
 from curvkit.linalg.eigen import EigenResult, eigenvalues
 
@@ -182,6 +183,11 @@ def check_agreement(
     orthonormal bases ``U``, ``V``; it is only meaningful when the k-th and
     (k+1)-th eigenvalues are separated.
     """
+    if tuple(A.shape) != tuple(reference.shape):
+        raise ShapeMismatchError(
+            f"cannot compare an operator of shape {tuple(A.shape)} with a reference of shape "
+            f"{tuple(reference.shape)}; restrict both to the same parameters"
+        )
     mu, U = _top_k_of(reference, k, which, tol, seed)
     lam, V = _top_k_of(A, k, which, tol, seed)
     mu, U = mu.to(lam), U.to(V)

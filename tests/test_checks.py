@@ -6,6 +6,7 @@ import dataclasses
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import curvkit
@@ -80,3 +81,8 @@ def test_condition_number_and_negative_mass():
     assert negative_mass(fake, max_mass=0.1).passed is False
     assert negative_mass(fake, max_mass=0.5).passed is True
     assert set(info.to_dict()) == {"name", "passed", "measured", "threshold", "detail", "figures"}
+
+
+def test_agreement_refuses_mismatched_shapes():
+    with pytest.raises(curvkit.ShapeMismatchError, match="restrict"):
+        check_agreement(curvkit.DenseOperator(spd(5)), spd(6), k=2)

@@ -30,3 +30,16 @@ def test_exact_hessian_on_cuda():
     dense = curvkit.curvature("exact-hessian", cpu.to(device="cuda")).to_dense()
     assert dense.device.type == "cuda"
     assert torch.allclose(dense.cpu(), dense_hessian_reference(cpu), atol=1e-10)
+
+
+def test_spectral_analyses_on_cuda():
+    cpu = CASES[0].problem()
+    H = curvkit.curvature("hessian", cpu.to(device="cuda"))
+    truth = torch.linalg.eigvalsh(dense_hessian_reference(cpu))
+    res = curvkit.eigenvalues(H, k=2, tol=1e-10)
+    assert res.values.device.type == "cuda" and res.converged
+    assert torch.allclose(res.values.cpu(), truth[-2:].flip(0), rtol=1e-8)
+    tr = curvkit.trace(H, method="exact")
+    assert abs(tr.estimate - truth.sum().item()) < 1e-9 * truth.abs().sum().item()
+    dens = curvkit.density(H, steps=10, runs=2)
+    assert dens.density.device.type == "cuda"
