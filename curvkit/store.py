@@ -1,0 +1,1081 @@
+"""The HDF5 results store: the one module that knows the file layout.
+
+A results file holds many *runs*; a run is one checkpoint analysed with one
+curvature estimator (and its options). Several checkpoints analysed by one
+command form a trajectory in one file, ordered by each run's ``index``. Inside a
+run every finished analysis (eigenpairs, a trace, a spectral density, a check, a
+per-layer table) is written and flushed to disk as soon as it is done, so a
+killed process loses nothing already finished, and running the same command
+again resumes the run and skips the analyses it already holds.
+
+The layout is documented, with its version history and an example of reading it
+with plain h5py, in ``docs/hdf5-schema.md``. Reading through this module gives
+back the result types the library returns (:class:`~curvkit.EigenResult`,
+:class:`~curvkit.TraceResult`, :class:`~curvkit.DensityResult`,
+:class:`~curvkit.checks.CheckResult`, :class:`~curvkit.LayerTable`).
+
+h5py is imported when a store is opened, not when this module is imported, and
+``import curvkit`` does not import this module: use
+``from curvkit.store import ResultsStore``.
+
+Example:
+    >>> import os, tempfile, torch
+    >>> from curvkit import TraceResult
+    >>> from curvkit.store import ResultsStore
+    >>> path = os.path.join(tempfile.mkdtemp(), "results.h5")
+    >>> with ResultsStore(path) as store:
+    ...     with store.begin_run("demo", {"checkpoint": "model.pt", "estimator": "hessian"}) as run:
+    ...         run.write_trace("hutch++", TraceResult(12.5, 0.25, "hutch++", 30, None, 0))
+    >>> with ResultsStore(path, "r") as store:
+    ...     [(r.run_id, r.status, r.analyses()) for r in store.runs()]
+    [('demo', 'complete', ['trace/hutch++'])]
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from curvkit._version import __version__
+from curvkit.checks import CheckResult
+from curvkit.errors import CurvkitError
+from curvkit.linalg.eigen import EigenResult
+from curvkit.linalg.per_layer import LayerRow, LayerTable
+from curvkit.linalg.slq import DensityResult
+from curvkit.linalg.trace import TraceResult
+
+__all__ = [
+    "CSV_COLUMNS",
+    "KINDS",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "Run",
+    "ResultsStore",
+    "StoreError",
+    "make_run_id",
+]
+
+SCHEMA_NAME = "curvkit-results"
+"""Value of the root attribute ``curvkit_schema`` that marks a curvkit results file."""
+
+SCHEMA_VERSION = 1
+"""The layout version this module writes and reads (root attribute ``schema_version``)."""
+
+KINDS = ("eigen", "trace", "density", "checks", "per_layer")
+"""The analysis groups of a run, in the order :meth:`Run.analyses` lists them."""
+
+RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
+
+CSV_COLUMNS = (
+    "run_id",
+    "run_index",
+    "checkpoint",
+    "estimator",
+    "status",
+    "analysis",
+    "quantity",
+    "item",
+    "value",
+)
+"""The columns of :meth:`ResultsStore.csv_rows` (one row per stored number)."""
+
+_PARTIAL = "_partial-"
+_JSON = "_json"
+_LAYER_COLUMNS = tuple(LayerRow.__dataclass_fields__)
+_LAYER_NUMBERS = ("dim", "top_eigenvalue", "residual", "converged", "trace", "trace_stderr", "matvecs")
+
+# Stores of this process with the file open, by real path: HDF5 shares one open
+# file between handles of one process, so its file lock cannot see a second
+# writer here; this table does.
+_OPEN: dict[str, list[str]] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+class StoreError(CurvkitError):
+    """A results file cannot be opened, read or written (message: one line)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError as exc:  # pragma: no cover - h5py is a dependency
+        raise StoreError("the results store needs h5py: pip install h5py") from exc
+    return h5py
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def make_run_id(
+    checkpoint: str | os.PathLike[str], estimator: str, options: Mapping[str, Any] | None = None
+) -> str:
+    """A deterministic run id: readable name plus a short hash of what defines the run.
+
+    The same checkpoint, estimator and options always give the same id, so running
+    the same command again reopens (resumes) the same run. The hash covers the
+    checkpoint's absolute path, the estimator and ``options`` as canonical JSON;
+    put in ``options`` everything that changes every analysis of the run (data,
+    sample count, loss, dtype, seed, estimator options), and name the analyses
+    after their own options (``"eigen/largest-5"``).
+
+    Args:
+        checkpoint: The checkpoint's path.
+        estimator: The curvature estimator's registered name.
+        options: JSON-able options (keys sorted before hashing).
+
+    Returns:
+        ``"<checkpoint file name>-<estimator>-<8 hex digits>"``, with characters
+        other than letters, digits and ``._+-`` replaced by ``_``.
+
+    Example:
+        >>> a = make_run_id("ckpt/epoch_3.pt", "hessian", {"seed": 0})
+        >>> a == make_run_id("ckpt/epoch_3.pt", "hessian", {"seed": 0}), a.startswith("epoch_3.pt-hessian-")
+        (True, True)
+        >>> a == make_run_id("ckpt/epoch_3.pt", "hessian", {"seed": 1})
+        False
+    """
+    path = os.path.abspath(os.fspath(checkpoint))
+    key = json.dumps(
+        {"checkpoint": path, "estimator": estimator, "options": dict(options or {})},
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9._+-]", "_", f"{os.path.basename(path)}-{estimator}")
+    return f"{readable}-{digest}"
+
+
+def _check_name(name: str, what: str = "analysis name") -> str:
+    if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or name.startswith("_"):
+        raise StoreError(
+            f"invalid {what} {name!r}: use a non-empty name without '/' that does not start with '_'"
+        )
+    return name
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as str/int/float/bool/None/list/dict (for attributes and JSON)."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _plain(value.tolist())
+    if isinstance(value, torch.Tensor):
+        return _plain(value.detach().cpu().tolist())
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    return str(value)  # paths, torch.dtype, torch.device, ...
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite floats replaced by ``None``, recursively (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_attrs(attrs: Any, values: Mapping[str, Any]) -> None:
+    """Scalars as native attributes; anything else as JSON text under ``<key>_json``."""
+    for key, value in values.items():
+        key = str(key)
+        if not key:
+            raise StoreError("attribute names must not be empty")
+        value = _plain(value)
+        if isinstance(value, (str, bool, int, float)) and not key.endswith(_JSON):
+            attrs[key] = value
+        else:
+            attrs[key + _JSON] = json.dumps(value, sort_keys=True)
+
+
+def _attr(value: Any) -> Any:
+    """An attribute as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _read_attrs(attrs: Any) -> dict[str, Any]:
+    out = {}
+    for key, value in attrs.items():
+        if key.endswith(_JSON):
+            out[key[: -len(_JSON)]] = json.loads(_attr(value))
+        else:
+            out[key] = _attr(value)
+    return out
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+def _tensor(dataset: Any) -> torch.Tensor:
+    return torch.from_numpy(np.array(dataset[()]))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class ResultsStore:
+    """An HDF5 results file, open for reading (``"r"``) or appending (``"a"``).
+
+    Opening for writing takes the HDF5 file lock, so a second writer, in another
+    process or in this one, is refused with a :class:`StoreError`, and so is a
+    reader in another process while a writer holds the file (and a writer while
+    another process reads it). A lock left by a
+    killed process is released by the operating system with the process, and the
+    file reopens. On file systems without locks the lock is skipped
+    (``locking="best-effort"``) and nothing stops a second process.
+
+    Use it as a context manager: leaving the block closes the file; runs begun
+    here and not finished are marked ``"failed"`` if an exception left the block.
+
+    Args:
+        path: The results file. ``"a"`` creates it (its directory must exist).
+        mode: ``"a"`` (create or append; never truncates) or ``"r"`` (read only).
+
+    Raises:
+        StoreError: The file does not exist (``"r"``), cannot be created or
+            written, is not HDF5, was written by another tool or by a newer
+            schema version, or is open for writing elsewhere.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "a"):
+        if mode not in ("a", "r"):
+            raise StoreError(f"mode must be 'a' (append) or 'r' (read), got {mode!r}")
+        self.path = Path(path)
+        self.mode = mode
+        self._runs: dict[str, Run] = {}
+        self._key = os.path.realpath(self.path)
+        self._check_path()
+        self._register()
+        try:
+            self._file = self._open()
+            self._check_schema()
+        except BaseException:
+            self._unregister()
+            if getattr(self, "_file", None) is not None:
+                self._file.close()
+            self._file = None
+            raise
+
+    # -- opening
+
+    def _check_path(self) -> None:
+        p = self.path
+        if p.is_dir():
+            raise StoreError(f"{p} is a directory, not a results file")
+        if not p.exists():
+            if self.mode == "r":
+                raise StoreError(f"{p}: no such results file")
+            parent = p.parent if str(p.parent) else Path(".")
+            if not parent.exists():
+                raise StoreError(f"cannot create {p}: directory {parent} does not exist")
+            if not parent.is_dir():
+                raise StoreError(f"cannot create {p}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise StoreError(f"cannot create {p}: permission denied in {parent}")
+            return
+        try:
+            is_hdf5 = _h5py().is_hdf5(str(p))
+        except OSError as exc:
+            raise StoreError(f"cannot read {p}: {_one_line(exc.strerror or exc)}") from exc
+        if not is_hdf5:
+            raise StoreError(
+                f"{p} is not an HDF5 file (not a curvkit results file); choose another output path"
+            )
+        if self.mode == "a" and not os.access(p, os.W_OK):
+            raise StoreError(f"cannot write {p}: permission denied")
+
+    def _register(self) -> None:
+        with _OPEN_LOCK:
+            modes = _OPEN.get(self._key, [])
+            if modes and (self.mode == "a" or "a" in modes):
+                held = "for writing" if "a" in modes else "for reading"
+                raise StoreError(
+                    f"{self.path} is already open {held} in this process: close that store first"
+                )
+            _OPEN.setdefault(self._key, []).append(self.mode)
+
+    def _unregister(self) -> None:
+        with _OPEN_LOCK:
+            modes = _OPEN.get(self._key, [])
+            if self.mode in modes:
+                modes.remove(self.mode)
+            if not modes:
+                _OPEN.pop(self._key, None)
+
+    def _open(self) -> Any:
+        h5py = _h5py()
+        try:
+            if self.mode == "r":
+                return h5py.File(self.path, "r", locking="best-effort")
+            # "r+" when it exists, so that a failure never falls back to creating it; libver
+            # "earliest" keeps superblock 0, which has no "open for writing" flag that a killed
+            # writer would leave set (later formats then need h5clear before reopening)
+            how = "r+" if self.path.exists() else "x"
+            return h5py.File(self.path, how, locking="best-effort", libver="earliest", track_order=True)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(exc):
+                raise StoreError(
+                    f"{self.path} is in use by another process (HDF5 file lock): "
+                    "wait for the other curvkit command to finish, or use another output file"
+                ) from exc
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise StoreError(f"cannot write {self.path}: permission denied") from exc
+            raise StoreError(f"cannot open {self.path}: {_one_line(exc)}") from exc
+
+    def _check_schema(self) -> None:
+        attrs = self._file.attrs
+        if "curvkit_schema" not in attrs:
+            if self.mode == "a" and not len(attrs) and not len(self._file):  # an empty HDF5 file: adopt it
+                attrs["curvkit_schema"] = SCHEMA_NAME
+                attrs["schema_version"] = SCHEMA_VERSION
+                attrs["created_by"] = f"curvkit {__version__}"
+                attrs["created_at"] = _now()
+                self._file.create_group("runs", track_order=True)
+                self._flush()
+                return
+            raise StoreError(
+                f"{self.path} is an HDF5 file written by another tool (no curvkit_schema attribute); "
+                "choose another output path"
+            )
+        if _attr(attrs["curvkit_schema"]) != SCHEMA_NAME:
+            raise StoreError(
+                f"{self.path} is an HDF5 file written by another tool "
+                f"(curvkit_schema = {_attr(attrs['curvkit_schema'])!r}); choose another output path"
+            )
+        version = _attr(attrs.get("schema_version"))
+        if version != SCHEMA_VERSION:
+            advice = (
+                "upgrade curvkit" if isinstance(version, int) and version > SCHEMA_VERSION else "convert it"
+            )
+            raise StoreError(
+                f"{self.path} has results schema version {version}, "
+                f"this curvkit reads {SCHEMA_VERSION}: {advice}"
+            )
+        if "runs" not in self._file:
+            if self.mode == "r":
+                raise StoreError(f"{self.path} is a malformed curvkit results file (no /runs group)")
+            self._file.create_group("runs", track_order=True)
+            self._flush()
+
+    # -- context and lifetime
+
+    def __del__(self) -> None:  # a store dropped without close() must not keep the file registered
+        try:
+            if getattr(self, "_file", None) is not None:
+                self._file.close()
+                self._file = None
+                self._unregister()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.close(exc)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Close the file; runs begun here and left running are marked failed when ``exc`` is given.
+
+        Args:
+            exc: The exception that ends the work, if any (its message becomes the
+                runs' ``error``). Without one, unfinished runs stay ``"running"``
+                and read back as ``"interrupted"``.
+        """
+        if self._file is None:
+            return
+        try:
+            if exc is not None and self.mode == "a":
+                for run in self._runs.values():
+                    if run._begun and run._group.attrs.get("status") == RUNNING:
+                        run.finish(FAILED, _describe(exc))
+        finally:
+            self._file.close()
+            self._file = None
+            self._unregister()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the file is closed."""
+        return self._file is None
+
+    def _flush(self) -> None:
+        """Push everything written to the operating system, and to the disk where possible."""
+        self._file.flush()
+        try:
+            handle = self._file.id.get_vfd_handle()
+            if isinstance(handle, int):
+                os.fsync(handle)
+        except (OSError, ValueError, TypeError):  # pragma: no cover - a driver without a descriptor
+            pass
+
+    def _require_open(self) -> Any:
+        if self._file is None:
+            raise StoreError(f"{self.path} is closed")
+        return self._file
+
+    # -- runs
+
+    @property
+    def schema_version(self) -> int:
+        """The file's schema version."""
+        return int(_attr(self._require_open().attrs["schema_version"]))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The file's root attributes (schema name and version, creator, creation time)."""
+        return _read_attrs(self._require_open().attrs)
+
+    def __contains__(self, run_id: object) -> bool:
+        return isinstance(run_id, str) and run_id in self._require_open()["runs"]
+
+    def begin_run(
+        self,
+        run_id: str,
+        provenance: Mapping[str, Any] | None = None,
+        *,
+        index: int | None = None,
+        restart: bool = False,
+    ) -> Run:
+        """Create a run, or reopen it to resume; either way its status becomes ``"running"``.
+
+        A reopened run keeps its finished analyses (:meth:`Run.has` is true for
+        them, so the caller skips them), its timings and creation time; its
+        provenance is replaced by the new one and ``attempts`` goes up by one.
+        Analyses half-written by a killed process are removed.
+
+        Args:
+            run_id: The run's name, e.g. from :func:`make_run_id`.
+            provenance: Where the results come from (see ``docs/hdf5-schema.md`` for
+                the usual keys): str/int/float/bool values are stored as
+                attributes, anything else (lists, dicts, ``None``) as JSON text.
+            index: Position of the run in a trajectory (checkpoint order).
+            restart: Drop the run's stored analyses and timings first.
+
+        Returns:
+            The :class:`Run`, ready for writing. Use it as a context manager to
+            finish it as ``"complete"``, or ``"failed"`` on an exception.
+
+        Raises:
+            StoreError: The store is read-only, the id is invalid, or the stored
+                run was made from a checkpoint with a different ``checkpoint_sha256``
+                (pass ``restart=True`` to discard those results).
+        """
+        f = self._require_open()
+        if self.mode != "a":
+            raise StoreError(f"{self.path} is open read-only: cannot begin run {run_id!r}")
+        _check_name(run_id, "run id")
+        provenance = dict(provenance or {})
+        runs = f["runs"]
+        if run_id in runs and restart:
+            del runs[run_id]
+        if run_id in runs:
+            group = runs[run_id]
+            old = _read_attrs(group["provenance"].attrs) if "provenance" in group else {}
+            new_sha, old_sha = provenance.get("checkpoint_sha256"), old.get("checkpoint_sha256")
+            if new_sha and old_sha and new_sha != old_sha:
+                raise StoreError(
+                    f"run {run_id} in {self.path} was made from a different file at "
+                    f"{old.get('checkpoint', 'the checkpoint path')} (sha256 {str(old_sha)[:12]}..., now "
+                    f"{str(new_sha)[:12]}...): restart the run or use another output file"
+                )
+            for name in [n for n in group if n.startswith(_PARTIAL)]:
+                del group[name]
+            attempts = int(_attr(group.attrs.get("attempts", 0))) + 1
+        else:
+            group = runs.create_group(run_id, track_order=True)
+            group.attrs["run_id"] = run_id
+            group.attrs["created_at"] = _now()
+            attempts = 1
+        if "provenance" in group:
+            del group["provenance"]
+        _write_attrs(group.create_group("provenance", track_order=True).attrs, provenance)
+        if "timings" not in group:
+            group.create_group("timings", track_order=True)
+        group.attrs["status"] = RUNNING
+        group.attrs["started_at"] = _now()
+        group.attrs["attempts"] = attempts
+        for stale in ("error", "finished_at"):
+            if stale in group.attrs:
+                del group.attrs[stale]
+        if index is not None:
+            group.attrs["index"] = int(index)
+        self._flush()
+        run = Run(self, group, begun=True)
+        self._runs[run_id] = run
+        return run
+
+    def run(self, run_id: str) -> Run:
+        """The stored run ``run_id``, for reading.
+
+        Raises:
+            StoreError: No such run.
+        """
+        runs = self._require_open()["runs"]
+        if run_id not in runs:
+            known = ", ".join(runs) or "none"
+            raise StoreError(f"{self.path} has no run {run_id!r} (runs: {known})")
+        return self._runs.get(run_id) or Run(self, runs[run_id], begun=False)
+
+    def runs(self) -> list[Run]:
+        """Every run, by trajectory ``index`` (runs without one last), then in creation order."""
+        runs = [self.run(name) for name in self._require_open()["runs"]]
+        order = {run.run_id: i for i, run in enumerate(runs)}
+        return sorted(runs, key=lambda r: (r.index is None, r.index or 0, order[r.run_id]))
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(self.runs())
+
+    def __len__(self) -> int:
+        return len(self._require_open()["runs"])
+
+    # -- export
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything stored (eigenvectors excepted) as plain, strict-JSON-able data.
+
+        Non-finite floats (``nan`` thresholds, ``inf``) become ``None`` so that
+        ``json.dumps(store.to_dict(), allow_nan=False)`` works.
+
+        Returns:
+            ``{"schema", "schema_version", "created_by", "created_at", "runs": [...]}``
+            with, per run, ``run_id``, ``index``, ``status``, ``error``,
+            ``created_at``, ``started_at``, ``finished_at``, ``attempts``,
+            ``provenance``, ``timings`` and ``analyses`` (``"kind/name"`` to the
+            result's ``to_dict()``).
+        """
+        attrs = self.attrs
+        return _finite(
+            {
+                "schema": attrs.get("curvkit_schema"),
+                "schema_version": attrs.get("schema_version"),
+                "created_by": attrs.get("created_by"),
+                "created_at": attrs.get("created_at"),
+                "runs": [run.to_dict() for run in self.runs()],
+            }
+        )
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """One row per stored number, in the long format of :data:`CSV_COLUMNS`.
+
+        Columns: ``run_id``, ``run_index``, ``checkpoint`` and ``estimator`` (from
+        the provenance), ``status``, ``analysis`` (``"eigen/largest"``, ...,
+        or ``"timings"``), ``quantity`` (``"eigenvalue"``, ``"residual"``,
+        ``"estimate"``, ...), ``item`` (the position in a list, the layer name, the
+        density's grid point, the figure's name, or empty) and ``value`` (a number;
+        booleans as 1/0; ``None`` when unknown). ``docs/hdf5-schema.md`` lists the
+        quantities of every kind.
+        """
+        rows = []
+        for run in self.runs():
+            prov = run.provenance
+            base = {
+                "run_id": run.run_id,
+                "run_index": run.index,
+                "checkpoint": prov.get("checkpoint"),
+                "estimator": prov.get("estimator"),
+                "status": run.status,
+            }
+            for analysis, quantity, item, value in run._csv_values():
+                rows.append(
+                    {**base, "analysis": analysis, "quantity": quantity, "item": item, "value": value}
+                )
+        return rows
+
+    def write_csv(self, fp: IO[str]) -> int:
+        """Write :meth:`csv_rows` with a header to a text file; returns the number of rows."""
+        rows = self.csv_rows()
+        writer = csv.DictWriter(fp, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        return len(rows)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    message = _one_line(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- one run
+
+
+class Run:
+    """One run of a results file: its provenance, status, timings and analyses.
+
+    Obtained from :meth:`ResultsStore.begin_run` (for writing and reading) or
+    :meth:`ResultsStore.runs` / :meth:`ResultsStore.run` (for reading). Analyses
+    are addressed as ``"kind/name"``, ``kind`` one of :data:`KINDS`; the ``write_*``
+    and ``read_*`` methods take the ``name`` alone. Every write replaces an
+    analysis of the same name, completely or not at all, and is flushed to disk
+    before it returns.
+    """
+
+    def __init__(self, store: ResultsStore, group: Any, *, begun: bool):
+        self._store = store
+        self._group = group
+        self._begun = begun
+        self.run_id: str = group.name.rsplit("/", 1)[-1]
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r}, status={self.status!r}, analyses={self.analyses()!r})"
+
+    # -- context
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._begun and self._group.attrs.get("status") == RUNNING:
+            self.finish(COMPLETE if exc is None else FAILED, None if exc is None else _describe(exc))
+
+    # -- what is stored
+
+    @property
+    def status(self) -> str:
+        """``"complete"``, ``"failed"``, ``"running"`` (begun by this store and not finished) or
+        ``"interrupted"`` (stored as running by a process that did not finish it)."""
+        status = _attr(self._group.attrs.get("status", RUNNING))
+        if status == RUNNING and not self._begun:
+            return INTERRUPTED
+        return status
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished with status ``"complete"``."""
+        return self.status == COMPLETE
+
+    @property
+    def error(self) -> str | None:
+        """The one-line error of a failed run."""
+        value = self._group.attrs.get("error")
+        return None if value is None else _attr(value)
+
+    @property
+    def index(self) -> int | None:
+        """The run's position in a trajectory, if given."""
+        value = self._group.attrs.get("index")
+        return None if value is None else int(_attr(value))
+
+    @property
+    def attempts(self) -> int:
+        """How many times the run was begun (1 + resumptions)."""
+        return int(_attr(self._group.attrs.get("attempts", 1)))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The run group's own attributes (status, times, attempts, index, error)."""
+        out = _read_attrs(self._group.attrs)
+        out["status"] = self.status
+        return out
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The provenance given to :meth:`ResultsStore.begin_run`, as plain values."""
+        return _read_attrs(self._group["provenance"].attrs) if "provenance" in self._group else {}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds by key, from :meth:`write_timing`."""
+        if "timings" not in self._group:
+            return {}
+        return {k: float(v) for k, v in _read_attrs(self._group["timings"].attrs).items()}
+
+    def analyses(self) -> list[str]:
+        """The finished analyses, as ``"kind/name"``, kinds in :data:`KINDS` order."""
+        out = []
+        for kind in KINDS:
+            if kind in self._group:
+                out += [f"{kind}/{name}" for name in self._group[kind] if not name.startswith("_")]
+        return out
+
+    def has(self, key: str) -> bool:
+        """Whether the finished analysis ``"kind/name"`` (e.g. ``"eigen/largest"``) is stored."""
+        kind, _, name = key.partition("/")
+        return kind in KINDS and bool(name) and kind in self._group and name in self._group[kind]
+
+    # -- writing
+
+    def _writable(self) -> None:
+        self._store._require_open()
+        if not self._begun:
+            raise StoreError(f"run {self.run_id} was not begun in this store: call begin_run first")
+
+    def _write(self, kind: str, name: str, fill: Any) -> None:
+        """Build the analysis in a scratch group, then move it into place and flush."""
+        self._writable()
+        _check_name(name)
+        scratch = f"{_PARTIAL}{uuid.uuid4().hex[:12]}"
+        group = self._group.create_group(scratch, track_order=True)
+        try:
+            fill(group)
+        except BaseException:
+            del self._group[scratch]
+            raise
+        parent = (
+            self._group[kind] if kind in self._group else self._group.create_group(kind, track_order=True)
+        )
+        if name in parent:
+            del parent[name]
+        self._group.move(scratch, f"{kind}/{name}")
+        self._store._flush()
+
+    def write_eigen(self, name: str, result: EigenResult, *, vectors: bool = False) -> None:
+        """Store eigenpairs as ``eigen/<name>``.
+
+        Args:
+            name: e.g. ``"largest"`` or ``"largest-5"``.
+            result: From :func:`curvkit.eigenvalues`.
+            vectors: Also store the ``[P, k]`` eigenvectors (the result must have them).
+        """
+        if not isinstance(result, EigenResult):
+            raise TypeError(f"write_eigen needs an EigenResult, got {type(result).__name__}")
+        if vectors and result.vectors is None:
+            raise ValueError("vectors=True but the EigenResult has no vectors (return_vectors=False)")
+
+        def fill(g: Any) -> None:
+            g.create_dataset("values", data=_array(result.values))
+            g.create_dataset("residuals", data=_array(result.residuals))
+            if vectors:
+                v = _array(result.vectors)
+                g.create_dataset("vectors", data=v, chunks=(min(v.shape[0], 1 << 16), max(v.shape[1], 1)))
+            _set(g.attrs, "matvecs", result.matvecs)
+            _set(g.attrs, "data_passes", result.data_passes)
+            g.attrs["converged"] = bool(result.converged)
+            g.attrs["which"] = result.which
+            g.attrs["method"] = result.method
+            g.attrs["tol"] = float(result.tol)
+            g.attrs["restarts"] = int(result.restarts)
+
+        self._write("eigen", name, fill)
+
+    def write_trace(self, name: str, result: TraceResult) -> None:
+        """Store a trace estimate as ``trace/<name>`` (e.g. ``"hutch++"``)."""
+        if not isinstance(result, TraceResult):
+            raise TypeError(f"write_trace needs a TraceResult, got {type(result).__name__}")
+
+        def fill(g: Any) -> None:
+            g.create_dataset("estimate", data=float(result.estimate))
+            g.create_dataset("stderr", data=float(result.stderr))
+            g.attrs["method"] = result.method
+            g.attrs["matvecs"] = int(result.matvecs)
+            _set(g.attrs, "data_passes", result.data_passes)
+            g.attrs["seed"] = int(result.seed)
+
+        self._write("trace", name, fill)
+
+    def write_density(self, name: str, result: DensityResult) -> None:
+        """Store a spectral density as ``density/<name>`` (e.g. ``"slq"``)."""
+        if not isinstance(result, DensityResult):
+            raise TypeError(f"write_density needs a DensityResult, got {type(result).__name__}")
+
+        def fill(g: Any) -> None:
+            for field in ("grid", "density", "nodes", "weights"):
+                g.create_dataset(field, data=_array(getattr(result, field)))
+            g.create_dataset("run_steps", data=np.asarray(result.run_steps, dtype=np.int64))
+            g.attrs["sigma"] = float(result.sigma)
+            g.attrs["steps"] = int(result.steps)
+            g.attrs["runs"] = int(result.runs)
+            g.attrs["matvecs"] = int(result.matvecs)
+
+        self._write("density", name, fill)
+
+    def write_check(self, name: str, result: CheckResult) -> None:
+        """Store a check as ``checks/<name>`` (e.g. ``"symmetry"``)."""
+        if not isinstance(result, CheckResult):
+            raise TypeError(f"write_check needs a CheckResult, got {type(result).__name__}")
+
+        def fill(g: Any) -> None:
+            g.attrs["name"] = result.name
+            _set(g.attrs, "passed", None if result.passed is None else bool(result.passed))
+            g.attrs["measured"] = float(result.measured)
+            g.attrs["threshold"] = float(result.threshold)
+            g.attrs["detail"] = result.detail
+            figures = g.create_group("figures", track_order=True)
+            for key, value in result.figures.items():
+                figures.attrs[str(key)] = float(value)
+
+        self._write("checks", name, fill)
+
+    def write_per_layer(self, name: str, table: LayerTable) -> None:
+        """Store a per-layer table as ``per_layer/<name>`` (e.g. ``"module"``), one dataset per column."""
+        if not isinstance(table, LayerTable):
+            raise TypeError(f"write_per_layer needs a LayerTable, got {type(table).__name__}")
+        h5py = _h5py()
+        text = h5py.string_dtype()
+
+        def fill(g: Any) -> None:
+            rows = table.rows
+            g.create_dataset("name", data=np.array([r.name for r in rows], dtype=object), dtype=text)
+            params = [json.dumps(list(r.params)) for r in rows]
+            g.create_dataset("params_json", data=np.array(params, dtype=object), dtype=text)
+            g.create_dataset("dim", data=np.array([r.dim for r in rows], dtype=np.int64))
+            for col in ("top_eigenvalue", "residual", "trace", "trace_stderr"):
+                g.create_dataset(col, data=np.array([getattr(r, col) for r in rows], dtype=np.float64))
+            g.create_dataset("converged", data=np.array([r.converged for r in rows], dtype=bool))
+            g.create_dataset(
+                "trace_method", data=np.array([r.trace_method for r in rows], dtype=object), dtype=text
+            )
+            g.create_dataset("matvecs", data=np.array([r.matvecs for r in rows], dtype=np.int64))
+            g.attrs["rows"] = len(rows)
+
+        self._write("per_layer", name, fill)
+
+    def write_timing(self, key: str, seconds: float) -> None:
+        """Record ``seconds`` under ``key`` in the run's ``timings`` (flushed at once)."""
+        self._writable()
+        if not isinstance(key, str) or not key:
+            raise StoreError(f"invalid timing key {key!r}: use a non-empty string")
+        self._group.require_group("timings").attrs[key] = float(seconds)
+        self._store._flush()
+
+    def finish(self, status: str = COMPLETE, error: str | None = None) -> None:
+        """Mark the run ``"complete"`` or ``"failed"`` (with a one-line ``error``) and flush.
+
+        Raises:
+            StoreError: Another status, or the run was not begun in this store.
+        """
+        self._writable()
+        if status not in (COMPLETE, FAILED):
+            raise StoreError(f"a run finishes as 'complete' or 'failed', not {status!r}")
+        attrs = self._group.attrs
+        attrs["status"] = status
+        attrs["finished_at"] = _now()
+        if status == FAILED:
+            attrs["error"] = _one_line(error) if error else "failed"
+        elif "error" in attrs:
+            del attrs["error"]
+        self._store._flush()
+
+    # -- reading
+
+    def _analysis(self, kind: str, name: str) -> Any:
+        self._store._require_open()
+        if not self.has(f"{kind}/{name}"):
+            stored = ", ".join(self.analyses()) or "none"
+            raise StoreError(f"run {self.run_id} has no {kind}/{name} (stored: {stored})")
+        return self._group[kind][name]
+
+    def read_eigen(self, name: str, *, vectors: bool = False) -> EigenResult:
+        """The :class:`~curvkit.EigenResult` stored as ``eigen/<name>``.
+
+        Args:
+            name: The analysis name.
+            vectors: Load the eigenvectors too (``None`` when they were not stored).
+        """
+        g = self._analysis("eigen", name)
+        with _Malformed(self, "eigen", name):
+            return EigenResult(
+                values=_tensor(g["values"]),
+                vectors=_tensor(g["vectors"]) if vectors and "vectors" in g else None,
+                residuals=_tensor(g["residuals"]),
+                matvecs=int(_attr(g.attrs["matvecs"])),
+                data_passes=_get_int(g.attrs, "data_passes"),
+                converged=bool(_attr(g.attrs["converged"])),
+                which=_attr(g.attrs["which"]),
+                method=_attr(g.attrs["method"]),
+                tol=float(_attr(g.attrs["tol"])),
+                restarts=int(_attr(g.attrs["restarts"])),
+            )
+
+    def read_trace(self, name: str) -> TraceResult:
+        """The :class:`~curvkit.TraceResult` stored as ``trace/<name>``."""
+        g = self._analysis("trace", name)
+        with _Malformed(self, "trace", name):
+            return TraceResult(
+                estimate=float(g["estimate"][()]),
+                stderr=float(g["stderr"][()]),
+                method=_attr(g.attrs["method"]),
+                matvecs=int(_attr(g.attrs["matvecs"])),
+                data_passes=_get_int(g.attrs, "data_passes"),
+                seed=int(_attr(g.attrs["seed"])),
+            )
+
+    def read_density(self, name: str) -> DensityResult:
+        """The :class:`~curvkit.DensityResult` stored as ``density/<name>``."""
+        g = self._analysis("density", name)
+        with _Malformed(self, "density", name):
+            return DensityResult(
+                grid=_tensor(g["grid"]),
+                density=_tensor(g["density"]),
+                nodes=_tensor(g["nodes"]),
+                weights=_tensor(g["weights"]),
+                sigma=float(_attr(g.attrs["sigma"])),
+                steps=int(_attr(g.attrs["steps"])),
+                runs=int(_attr(g.attrs["runs"])),
+                matvecs=int(_attr(g.attrs["matvecs"])),
+                run_steps=tuple(int(s) for s in np.asarray(g["run_steps"][()]).tolist()),
+            )
+
+    def read_check(self, name: str) -> CheckResult:
+        """The :class:`~curvkit.checks.CheckResult` stored as ``checks/<name>``."""
+        g = self._analysis("checks", name)
+        with _Malformed(self, "checks", name):
+            passed = g.attrs.get("passed")
+            figures = g["figures"].attrs if "figures" in g else {}
+            return CheckResult(
+                name=_attr(g.attrs["name"]),
+                passed=None if passed is None else bool(_attr(passed)),
+                measured=float(_attr(g.attrs["measured"])),
+                threshold=float(_attr(g.attrs["threshold"])),
+                detail=_attr(g.attrs.get("detail", "")),
+                figures={k: float(_attr(v)) for k, v in figures.items()},
+            )
+
+    def read_per_layer(self, name: str) -> LayerTable:
+        """The :class:`~curvkit.LayerTable` stored as ``per_layer/<name>``."""
+        g = self._analysis("per_layer", name)
+        with _Malformed(self, "per_layer", name):
+            cols = {
+                "name": g["name"].asstr()[()].tolist(),
+                "params": [tuple(json.loads(p)) for p in g["params_json"].asstr()[()].tolist()],
+                "trace_method": g["trace_method"].asstr()[()].tolist(),
+            }
+            for col in _LAYER_NUMBERS:
+                cols[col] = np.asarray(g[col][()]).tolist()
+            n = len(cols["name"])
+            if any(len(v) != n for v in cols.values()):
+                raise ValueError("columns of different lengths")
+            return LayerTable([LayerRow(**{c: cols[c][i] for c in _LAYER_COLUMNS}) for i in range(n)])
+
+    def read(self, key: str) -> Any:
+        """The result stored as ``"kind/name"``, of the type its ``read_<kind>`` method returns."""
+        kind, _, name = key.partition("/")
+        readers = {
+            "eigen": self.read_eigen,
+            "trace": self.read_trace,
+            "density": self.read_density,
+            "checks": self.read_check,
+            "per_layer": self.read_per_layer,
+        }
+        if kind not in readers:
+            raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
+        return readers[kind](name)
+
+    # -- export
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run as plain data (see :meth:`ResultsStore.to_dict`)."""
+        info = self.info
+        return _finite(
+            {
+                "run_id": self.run_id,
+                "index": self.index,
+                "status": self.status,
+                "error": self.error,
+                "created_at": info.get("created_at"),
+                "started_at": info.get("started_at"),
+                "finished_at": info.get("finished_at"),
+                "attempts": self.attempts,
+                "provenance": self.provenance,
+                "timings": self.timings,
+                "analyses": {key: _plain(self.read(key).to_dict()) for key in self.analyses()},
+            }
+        )
+
+    def _csv_values(self) -> Iterator[tuple[str, str, Any, Any]]:
+        """``(analysis, quantity, item, value)`` for every stored number."""
+        for key in self.analyses():
+            kind = key.split("/", 1)[0]
+            res = self.read(key)
+            if kind == "eigen":
+                for i, v in enumerate(res.values.tolist()):
+                    yield key, "eigenvalue", i, v
+                for i, v in enumerate(res.residuals.tolist()):
+                    yield key, "residual", i, v
+                yield key, "converged", None, int(res.converged)
+                yield key, "matvecs", None, res.matvecs
+            elif kind == "trace":
+                yield key, "estimate", None, res.estimate
+                yield key, "stderr", None, res.stderr
+                yield key, "matvecs", None, res.matvecs
+            elif kind == "density":
+                for x, d in zip(res.grid.tolist(), res.density.tolist()):
+                    yield key, "density", x, d
+                yield key, "sigma", None, res.sigma
+                yield key, "matvecs", None, res.matvecs
+            elif kind == "checks":
+                yield key, "passed", None, None if res.passed is None else int(res.passed)
+                yield key, "measured", None, res.measured
+                yield key, "threshold", None, None if math.isnan(res.threshold) else res.threshold
+                for fig, v in res.figures.items():
+                    yield key, "figure", fig, v
+            elif kind == "per_layer":
+                for row in res.rows:
+                    for col in _LAYER_NUMBERS:
+                        v = getattr(row, col)
+                        yield key, col, row.name, int(v) if isinstance(v, bool) else v
+        for key, seconds in self.timings.items():
+            yield "timings", key, None, seconds
+
+
+def _set(attrs: Any, key: str, value: Any) -> None:
+    """An attribute, or none at all for ``None``."""
+    if value is None:
+        if key in attrs:
+            del attrs[key]
+    else:
+        attrs[key] = value
+
+
+def _get_int(attrs: Any, key: str) -> int | None:
+    value = attrs.get(key)
+    return None if value is None else int(_attr(value))
+
+
+class _Malformed:
+    """Turns a missing dataset or attribute while reading into a one-line StoreError."""
+
+    def __init__(self, run: Run, kind: str, name: str):
+        self.where = f"{run._store.path}: run {run.run_id}, {kind}/{name}"
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, (KeyError, ValueError, TypeError, OSError)):
+            raise StoreError(f"{self.where} is malformed: {_one_line(exc)}") from exc
+        return False
