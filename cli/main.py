@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 
 import typer
+from curvkit.cli import analyze as analyze_module
+from curvkit.cli import results as results_module
 from rich.console import Console
 from rich.table import Table
 
@@ -53,6 +55,12 @@ def plugins_command() -> None:
         flags = ", ".join(k for k, v in spec.flags.items() if v) or "-"
         table.add_row(spec.name, spec.plugin, versions.get(spec.plugin, ""), flags, spec.description)
     Console(width=max(Console().width, 120)).print(table)
+
+
+app.command("analyze")(analyze_module.analyze)
+app.command("show")(results_module.show)
+app.command("plot")(results_module.plot)
+app.command("export")(results_module.export)
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 An :class:`AnalysisPlan` says what to compute on a curvature operator; its
 :meth:`~AnalysisPlan.keys` name each analysis (``"eigen/largest"``,
-``"trace/hutch++"``, ``"density"``, ``"checks/symmetry"``, ``"per_layer"``...).
+``"trace/hutch++"``, ``"density/slq"``, ``"checks/symmetry"``, ``"per_layer/module"``...),
+the ``kind/name`` keys of :mod:`curvkit.store`.
 :func:`run_plan` computes them in that order and hands each result to
 ``on_result`` as soon as it is finished, so a caller can store it at once; keys
 in ``done`` are skipped, which is how an interrupted run resumes.
@@ -10,11 +11,15 @@ in ``done`` are skipped, which is how an interrupted run resumes.
 
 from __future__ import annotations
 
+import glob
+import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from curvkit import checks
@@ -26,7 +31,14 @@ from curvkit.linalg.slq import density
 from curvkit.linalg.trace import METHODS as TRACE_METHODS
 from curvkit.linalg.trace import trace
 
-__all__ = ["AnalysisPlan", "run_plan"]
+__all__ = [
+    "AnalysisPlan",
+    "PreparedAnalysis",
+    "expand_checkpoints",
+    "prepare_analysis",
+    "resolve_device",
+    "run_plan",
+]
 
 
 @dataclass(frozen=True)
@@ -76,14 +88,14 @@ class AnalysisPlan:
         if self.trace:
             keys.append(f"trace/{self.trace}")
         if self.density:
-            keys.append("density")
+            keys.append("density/slq")
         if self.check:
             keys += ["checks/symmetry"]
             keys += ["checks/residuals"] if self.top_k else []
             keys += ["checks/psd"] if psd else []
             keys += ["checks/agreement"] if reference and self.top_k else []
         if self.per_layer:
-            keys.append("per_layer")
+            keys.append("per_layer/module")
         return keys
 
 
@@ -142,7 +154,7 @@ def run_plan(
                     op, method=plan.trace, matvecs=plan.trace_matvecs, seed=seed, progress=report(key)
                 ),
             )
-        elif key == "density":
+        elif key == "density/slq":
             step(
                 key,
                 lambda key=key: density(
@@ -160,7 +172,7 @@ def run_plan(
                 key,
                 lambda: checks.check_agreement(op, reference(), k=min(plan.top_k, op.shape[0]), seed=seed),
             )
-        elif key == "per_layer":
+        elif key == "per_layer/module":
             step(key, lambda key=key: per_layer(op, tol=tol, seed=seed, progress=report(key)))
     return results
 
@@ -171,3 +183,144 @@ def _eigen(op: Any, plan: AnalysisPlan, results: dict[str, Any]) -> Any:
     if found is not None and found.vectors is not None:
         return found
     return eigenvalues(op, k=plan.top_k, tol=plan.tol, seed=plan.seed)
+
+
+@dataclass
+class PreparedAnalysis:
+    """A checkpoint made ready for analysis: its operator, problem and provenance.
+
+    Attributes:
+        operator: The curvature operator of the estimator.
+        problem: The :class:`~curvkit.Problem`.
+        provenance: Where the results come from (see ``docs/hdf5-schema.md``).
+        reference: Returns the dense exact Hessian for ``checks/agreement``, or
+            ``None`` when the problem is too large for a dense reference.
+    """
+
+    operator: Any
+    problem: Any
+    provenance: dict[str, Any]
+    reference: Callable[[], Tensor] | None
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` as a device.
+
+    Raises:
+        CurvkitError: CUDA is asked for but not available, or the name is unknown.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CurvkitError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise CurvkitError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def prepare_analysis(
+    checkpoint: str | Path,
+    *,
+    estimator: str = "hessian",
+    estimator_options: dict[str, Any] | None = None,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    data: str | None = None,
+    loss: str | None = None,
+    batch_size: int = 1024,
+    max_samples: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_pickle: bool = False,
+    reference_max_dim: int = 2000,
+) -> PreparedAnalysis:
+    """Load a checkpoint, its data and loss, and build the estimator's operator.
+
+    What the command line does not give comes from the checkpoint's curvkit
+    metadata (``model_factory``, ``model_kwargs``, ``data``, ``loss``; see
+    :func:`curvkit.checkpoints.save_checkpoint`).
+
+    Raises:
+        CurvkitError: Anything that makes the checkpoint, data or loss unusable,
+            with a one-line message.
+    """
+    from curvkit import checkpoints, datasets
+    from curvkit.problem import Problem
+    from curvkit.registry import curvature
+
+    if dtype not in DTYPES:
+        raise CurvkitError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    target = resolve_device(device)
+    loaded = checkpoints.load_checkpoint(
+        checkpoint, model_factory=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle
+    )
+    meta = loaded.metadata or {}
+    data_spec = data or meta.get("data")
+    if not data_spec:
+        raise CurvkitError(f"{checkpoint}: no --data given and the checkpoint names no data set")
+    loss_name = loss or meta.get("loss") or "cross_entropy"
+    net = loaded.model.to(device=target, dtype=DTYPES[dtype])
+    problem = Problem(
+        net, loss_name, datasets.load_data_spec(data_spec), batch_size=batch_size, max_samples=max_samples
+    )
+    options = dict(estimator_options or {})
+    operator = curvature(estimator, problem, **options)
+    reference = None
+    if problem.dim <= reference_max_dim:
+        reference = lambda: curvature("exact-hessian", problem).to_dense()  # noqa: E731
+    import curvkit
+
+    provenance = {
+        "checkpoint": str(Path(checkpoint)),
+        "checkpoint_sha256": loaded.sha256,
+        "checkpoint_format": loaded.format,
+        "model": model or meta.get("model_factory") or type(net).__name__,
+        "model_kwargs": model_kwargs if model_kwargs is not None else meta.get("model_kwargs"),
+        "parameter_count": problem.dim,
+        "data": str(data_spec),
+        "sample_count": problem.num_samples(),
+        "loss": loss_name,
+        "estimator": estimator,
+        "estimator_options": options,
+        "dtype": dtype,
+        "device": str(target),
+        "batch_size": batch_size,
+        "max_samples": max_samples,
+        "curvkit_version": curvkit.__version__,
+        "torch_version": torch.__version__,
+    }
+    return PreparedAnalysis(operator, problem, provenance, reference)
+
+
+def expand_checkpoints(patterns: Sequence[str]) -> list[Path]:
+    """Paths and globs to existing checkpoint files, in natural sort order.
+
+    A directory stands for the checkpoint files in it (``*.pt``, ``*.pth``,
+    ``*.ckpt``, ``*.safetensors``, ``*.pt2``). Natural order sorts ``step-9``
+    before ``step-10``, so a folder of checkpoints forms a trajectory.
+
+    Raises:
+        CurvkitError: A path or pattern matches no file.
+    """
+    suffixes = {".pt", ".pth", ".ckpt", ".safetensors", ".pt2", ".bin"}
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if any(ch in pattern for ch in "*?["):
+            matches = [Path(p) for p in glob.glob(pattern)]
+        elif path.is_dir():
+            matches = [p for p in path.iterdir() if p.suffix in suffixes]
+        else:
+            matches = [path] if path.exists() else []
+        if not matches:
+            raise CurvkitError(f"no checkpoint file at {pattern!r}; check the path")
+        found += sorted(matches, key=_natural_key)
+    return sorted(dict.fromkeys(found), key=_natural_key)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]

@@ -981,6 +981,20 @@ class Run:
                 raise ValueError("columns of different lengths")
             return LayerTable([LayerRow(**{c: cols[c][i] for c in _LAYER_COLUMNS}) for i in range(n)])
 
+    def write(self, key: str, result: Any) -> None:
+        """Store ``result`` as ``"kind/name"`` with the ``write_<kind>`` method of its kind."""
+        kind, _, name = key.partition("/")
+        writers = {
+            "eigen": self.write_eigen,
+            "trace": self.write_trace,
+            "density": self.write_density,
+            "checks": self.write_check,
+            "per_layer": self.write_per_layer,
+        }
+        if kind not in writers:
+            raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
+        writers[kind](name, result)
+
     def read(self, key: str) -> Any:
         """The result stored as ``"kind/name"``, of the type its ``read_<kind>`` method returns."""
         kind, _, name = key.partition("/")

@@ -15,7 +15,7 @@ def problem():
 
 
 def test_keys_follow_the_plan():
-    assert AnalysisPlan().keys() == ["eigen/largest", "trace/hutch++", "density"]
+    assert AnalysisPlan().keys() == ["eigen/largest", "trace/hutch++", "density/slq"]
     plan = AnalysisPlan(top_k=3, bottom_k=2, trace="exact", density=False, check=True, per_layer=True)
     assert plan.keys(psd=True, reference=True) == [
         "eigen/largest",
@@ -25,7 +25,7 @@ def test_keys_follow_the_plan():
         "checks/residuals",
         "checks/psd",
         "checks/agreement",
-        "per_layer",
+        "per_layer/module",
     ]
     with pytest.raises(curvkit.CurvkitError, match="trace method"):
         AnalysisPlan(trace="median")
@@ -46,6 +46,6 @@ def test_results_stream_in_order_and_are_right(problem):
 def test_done_keys_are_skipped(problem):
     H = curvkit.curvature("hessian", problem)
     plan = AnalysisPlan(top_k=2, check=True)
-    results = run_plan(H, plan, done={"eigen/largest", "trace/hutch++", "density"})
+    results = run_plan(H, plan, done={"eigen/largest", "trace/hutch++", "density/slq"})
     assert set(results) == {"checks/symmetry", "checks/residuals"}
     assert results["checks/residuals"].passed  # eigenpairs recomputed for the check
