@@ -3,7 +3,8 @@
 curvkit is extended with `pluggy <https://pluggy.readthedocs.io>`_ plugins. A
 plugin is a module or object with functions decorated by :data:`curvkit.hookimpl`
 whose names are the hooks below. Built-in estimators are plugins on exactly
-these hooks.
+these hooks; the built-in checkpoint formats live in :mod:`curvkit.checkpoints`
+and are asked after the plugins' loaders.
 
 Installing a plugin: declare an entry point in the ``curvkit`` group of your
 package's ``pyproject.toml``::
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from curvkit.checkpoints import CheckpointLoader
     from curvkit.registry import EstimatorSpec
 
 __all__ = ["hookimpl", "hookspec", "PROJECT_NAME"]
@@ -71,4 +73,60 @@ def curvkit_register_estimators() -> list[EstimatorSpec]:
 
         from curvkit.testing import check_estimator
         check_estimator("identity").raise_on_failure()
+    """
+
+
+@hookspec
+def curvkit_checkpoint_loaders() -> list[CheckpointLoader]:
+    """Add checkpoint formats to :func:`curvkit.load_checkpoint` and ``curvkit analyze``.
+
+    Called once, when the loaders are first needed. Every plugin's
+    implementation is called; the lists are concatenated. Two loaders with the
+    same name, or a loader named like a built-in format (``safetensors``,
+    ``torch.export``, ``torchscript``, ``torch``), are an error naming the plugins.
+
+    Calling semantics: for each checkpoint, the plugins' loaders are asked
+    first, the plugin registered last first, then the built-in formats; the
+    first loader whose ``detect(path)`` is true reads the file. So a plugin can
+    take over files a built-in loader would also accept (for example a zip that
+    ``torch.load`` would misread), and should make ``detect`` specific.
+
+    Returns:
+        A list of :class:`curvkit.CheckpointLoader`:
+
+        * ``detect(path: pathlib.Path) -> bool``: cheap (suffix, first bytes),
+          called for existing files and directories only, must not raise for
+          files of other formats.
+        * ``load(path, *, map_location: torch.device, trust_pickle: bool,
+          **kwargs) -> dict | torch.nn.Module``: an ``nn.Module`` is a
+          self-contained model (it is moved to ``map_location`` and put in
+          evaluation mode); a dict is a ``state_dict`` or a checkpoint dict
+          (``{"curvkit": metadata, "model_state_dict": ...}``, the tutorial
+          dict, ...) that curvkit unpacks and loads into the model given by
+          ``--model`` or by the metadata. Tensors saved on another device must
+          be loaded onto ``map_location`` (a GPU-saved file must load on a
+          CPU-only machine). Unpickle arbitrary objects only if
+          ``trust_pickle``. Accept ``**kwargs``: later versions may pass more
+          keyword arguments. Raise :class:`curvkit.CheckpointError` with a
+          one-line message for bad files; other exceptions are reported as
+          the plugin's failure.
+
+    Example::
+
+        import numpy as np
+        import torch
+        import curvkit
+
+        def is_npz(path):
+            return path.suffix == ".npz" and path.is_file()
+
+        def load_npz(path, *, map_location, trust_pickle, **kwargs):
+            with np.load(path, allow_pickle=trust_pickle) as f:
+                return {k: torch.from_numpy(f[k]).to(map_location) for k in f.files}
+
+        @curvkit.hookimpl
+        def curvkit_checkpoint_loaders():
+            return [curvkit.CheckpointLoader(
+                name="npz-weights", detect=is_npz, load=load_npz,
+                description="numpy .npz archives of named weight arrays")]
     """

@@ -1,4 +1,4 @@
-"""The plugin manager and the estimator registry.
+"""The plugin manager, the estimator registry and the plugins' checkpoint loaders.
 
 Built-in estimators live in the ``curvkit.plugins`` package and are registered
 by module name from :data:`BUILTIN_PLUGINS`, on the same hooks a third-party
@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -22,10 +22,14 @@ from curvkit import hookspecs
 from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError
 from curvkit.operator import FLAGS, CurvatureOperator
 
+if TYPE_CHECKING:
+    from curvkit.checkpoints import CheckpointLoader
+
 __all__ = [
     "BUILTIN_PLUGINS",
     "EstimatorSpec",
     "PluginInfo",
+    "checkpoint_loaders",
     "curvature",
     "estimators",
     "get_estimator",
@@ -71,12 +75,13 @@ class EstimatorSpec:
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """A loaded plugin: its name, distribution version and estimator names."""
+    """A loaded plugin: its name, distribution version, estimator and checkpoint-loader names."""
 
     name: str
     version: str
     builtin: bool
     estimators: tuple[str, ...]
+    checkpoint_loaders: tuple[str, ...] = ()
 
 
 class _Registry:
@@ -102,6 +107,7 @@ class _Registry:
             self.pm.enable_tracing()
         self._check()
         self._specs: dict[str, EstimatorSpec] | None = None
+        self._loaders: list[CheckpointLoader] | None = None
 
     def _check(self) -> None:
         try:
@@ -131,6 +137,36 @@ class _Registry:
             self._specs = specs
         return self._specs
 
+    def loaders(self) -> list[CheckpointLoader]:
+        if self._loaders is None:
+            from curvkit.checkpoints import BUILTIN_LOADERS, CheckpointLoader
+
+            builtin = {loader.name for loader in BUILTIN_LOADERS}
+            loaders: dict[str, CheckpointLoader] = {}
+            hook = self.pm.hook.curvkit_checkpoint_loaders
+            for impl in reversed(hook.get_hookimpls()):  # the plugin registered last is asked first
+                for loader in impl.function() or []:
+                    if not isinstance(loader, CheckpointLoader):
+                        raise PluginError(
+                            f"plugin {impl.plugin_name} returned {type(loader).__name__} from "
+                            "curvkit_checkpoint_loaders; return curvkit.CheckpointLoader objects"
+                        )
+                    loader.plugin = impl.plugin_name
+                    if loader.name in builtin:
+                        raise PluginError(
+                            f"checkpoint loader {loader.name!r} of plugin {loader.plugin!r} has the name of "
+                            "a built-in format; rename it"
+                        )
+                    if loader.name in loaders:
+                        raise PluginError(
+                            f"checkpoint loader {loader.name!r} is registered by both plugin "
+                            f"{loaders[loader.name].plugin!r} and plugin {loader.plugin!r}; "
+                            "uninstall or rename one"
+                        )
+                    loaders[loader.name] = loader
+            self._loaders = list(loaders.values())
+        return self._loaders
+
     def plugin_infos(self) -> list[PluginInfo]:
         dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
         from curvkit._version import __version__
@@ -138,12 +174,23 @@ class _Registry:
         by_plugin: dict[str, list[str]] = {}
         for spec in self.specs().values():
             by_plugin.setdefault(spec.plugin, []).append(spec.name)
+        loaders_by_plugin: dict[str, list[str]] = {}
+        for loader in self.loaders():
+            loaders_by_plugin.setdefault(loader.plugin, []).append(loader.name)
         infos = []
         for name, plugin in self.pm.list_name_plugin():
             builtin = name in BUILTIN_PLUGINS
             dist = dists.get(id(plugin))
             version = __version__ if builtin else (dist.version if dist is not None else "")
-            infos.append(PluginInfo(name, version, builtin, tuple(by_plugin.get(name, ()))))
+            infos.append(
+                PluginInfo(
+                    name,
+                    version,
+                    builtin,
+                    tuple(by_plugin.get(name, ())),
+                    tuple(loaders_by_plugin.get(name, ())),
+                )
+            )
         return infos
 
 
@@ -169,7 +216,8 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     entry-point group instead.
 
     Raises:
-        PluginError: The plugin implements an unknown hook.
+        PluginError: The plugin implements an unknown hook, or registers a
+            checkpoint loader whose name is taken.
         DuplicateEstimatorError: It registers an estimator name already taken.
     """
     reg = _registry()
@@ -179,11 +227,12 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
         raise PluginError(" ".join(str(exc).split())) from exc
     try:
         reg._check()
-        reg._specs = None
+        reg._specs, reg._loaders = None, None
         reg.specs()
+        reg.loaders()
     except Exception:
         reg.pm.unregister(plugin)
-        reg._specs = None
+        reg._specs, reg._loaders = None, None
         raise
     return plugin_name or ""
 
@@ -192,7 +241,7 @@ def unregister_plugin(plugin: object | None = None, name: str | None = None) -> 
     """Remove a plugin registered with :func:`register_plugin`."""
     reg = _registry()
     reg.pm.unregister(plugin, name=name)
-    reg._specs = None
+    reg._specs, reg._loaders = None, None
 
 
 def estimators() -> list[EstimatorSpec]:
@@ -201,8 +250,23 @@ def estimators() -> list[EstimatorSpec]:
 
 
 def loaded_plugins() -> list[PluginInfo]:
-    """Every loaded plugin with its version and the estimators it registers."""
+    """Every loaded plugin with its version and the estimators and checkpoint loaders it registers."""
     return _registry().plugin_infos()
+
+
+def checkpoint_loaders() -> list[CheckpointLoader]:
+    """The checkpoint loaders registered by plugins, in the order they are asked.
+
+    The plugin registered last is asked first. The built-in formats
+    (:data:`curvkit.checkpoints.BUILTIN_LOADERS`) are not included: they are
+    asked after these; :func:`curvkit.checkpoints.checkpoint_formats` lists all.
+
+    Raises:
+        PluginError: A plugin returns something other than
+            :class:`~curvkit.checkpoints.CheckpointLoader`, or two loaders (or a
+            loader and a built-in format) share a name.
+    """
+    return list(_registry().loaders())
 
 
 def get_estimator(name: str) -> EstimatorSpec:
