@@ -16,6 +16,15 @@ The public API::
 """
 
 from curvkit._version import __version__
+from curvkit.checkpoints import (
+    CheckpointError,
+    CheckpointLoader,
+    LoadedCheckpoint,
+    load_checkpoint,
+    resolve_factory,
+    save_checkpoint,
+    trusted_factory,
+)
 from curvkit.errors import (
     CurvkitError,
     DataError,
@@ -47,6 +56,7 @@ from curvkit.problem_operator import ProblemOperator
 from curvkit.registry import (
     EstimatorSpec,
     PluginInfo,
+    checkpoint_loaders,
     curvature,
     estimators,
     get_estimator,
@@ -57,6 +67,14 @@ from curvkit.registry import (
 )
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointLoader",
+    "LoadedCheckpoint",
+    "checkpoint_loaders",
+    "load_checkpoint",
+    "resolve_factory",
+    "save_checkpoint",
+    "trusted_factory",
     "CurvatureOperator",
     "CurvkitError",
     "DataError",

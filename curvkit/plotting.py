@@ -116,10 +116,9 @@ def save_figure(ax: Any, path: str | Path, formats: Sequence[str] = ("png", "pdf
 
     fig = ax.figure
     fig.tight_layout()
-    stem = Path(path)
     written = []
     for fmt in formats:
-        target = stem.with_suffix(f".{fmt}")
+        target = Path(f"{path}.{fmt}")  # not with_suffix: stems may contain dots
         fig.savefig(target, dpi=120)
         written.append(target)
     plt.close(fig)

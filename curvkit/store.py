@@ -214,7 +214,7 @@ def _write_attrs(attrs: Any, values: Mapping[str, Any]) -> None:
             raise StoreError("attribute names must not be empty")
         value = _plain(value)
         if isinstance(value, (str, bool, int, float)) and not key.endswith(_JSON):
-            attrs[key] = value
+            attrs[key] = str(value) if isinstance(value, str) else value  # numpy str_ has no HDF5 type
         else:
             attrs[key + _JSON] = json.dumps(value, sort_keys=True)
 

@@ -1,0 +1,157 @@
+"""``curvkit analyze``, ``show``, ``plot`` and ``export`` end to end on the bundled checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from curvkit.cli.main import app
+from typer.testing import CliRunner
+
+import curvkit
+from curvkit.datasets import bundled_file
+from curvkit.store import ResultsStore
+
+runner = CliRunner()
+MLP = str(bundled_file("digits_mlp.pt"))
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("analyze") / "results.h5"
+    result = invoke("analyze", MLP, "-o", str(out), "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_default_analyses_are_stored(analysed):
+    out, summary = analysed
+    assert summary["runs"][0]["parameters"] == 3466
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        assert run.status == "complete"
+        assert set(run.analyses()) == {"eigen/largest", "trace/hutch++", "density/slq"}
+        top = run.read("eigen/largest")
+        assert top.values.shape == (5,) and top.converged
+        prov = run.provenance
+        assert prov["checkpoint_sha256"] and prov["estimator"] == "hessian" and prov["sample_count"] == 1797
+        assert prov["loss"] == "cross_entropy" and prov["curvkit_version"] == curvkit.__version__
+    # the stored values are the Hessian's: check the top eigenvalue against a fresh computation
+    ckpt = torch.load(MLP, weights_only=True)
+    model = curvkit.models.digits_mlp(**ckpt["curvkit"]["model_kwargs"])
+    model.load_state_dict(ckpt["model_state_dict"])
+    problem = curvkit.Problem(model, "cross_entropy", curvkit.datasets.load_dataset("digits"))
+    fresh = curvkit.eigenvalues(curvkit.curvature("hessian", problem), k=1, tol=1e-6)
+    assert abs(fresh.values[0].item() - top.values[0].item()) <= 1e-3 * fresh.values[0].item()
+
+
+def test_rerun_resumes_without_recomputing(analysed):
+    out, _ = analysed
+    result = invoke("analyze", MLP, "-o", str(out), "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)["runs"][0]
+    assert run["resumed"] == sorted(["eigen/largest", "trace/hutch++", "density/slq"])
+    with ResultsStore(out, mode="r") as store:
+        assert store.runs()[0].attempts == 2
+
+
+def test_explicit_flags_select_analyses(tmp_path):
+    out = tmp_path / "r.h5"
+    result = invoke(
+        "analyze",
+        MLP,
+        "-o",
+        str(out),
+        "--quiet",
+        "--top-k",
+        "2",
+        "--check",
+        "--per-layer",
+        "--max-samples",
+        "300",
+        "--trace",
+        "xtrace",
+        "--trace-matvecs",
+        "20",
+    )
+    assert result.exit_code == 0, result.output
+    with ResultsStore(out, mode="r") as store:
+        run = store.runs()[0]
+        assert set(run.analyses()) == {
+            "eigen/largest",
+            "trace/xtrace",
+            "checks/symmetry",
+            "checks/residuals",
+            "per_layer/module",
+        }  # P = 3466: above the size of a dense reference, so no agreement check
+        assert run.read("checks/residuals").passed and run.provenance["sample_count"] == 300
+
+
+def test_show_plot_export(analysed, tmp_path):
+    out, _ = analysed
+    shown = invoke("show", str(out))
+    assert shown.exit_code == 0 and "complete" in shown.stdout and "hessian" in shown.stdout
+    plotted = invoke("plot", str(out), "-o", str(tmp_path / "fig"))
+    assert plotted.exit_code == 0, plotted.output
+    assert (
+        len(list((tmp_path / "fig").glob("*.png"))) == 2 and len(list((tmp_path / "fig").glob("*.pdf"))) == 2
+    )
+    exported = invoke("export", str(out), "--format", "json")
+    data = json.loads(exported.stdout)
+    assert data["runs"][0]["status"] == "complete"
+    csv_out = tmp_path / "r.csv"
+    assert invoke("export", str(out), "--format", "csv", "-o", str(csv_out)).exit_code == 0
+    assert csv_out.read_text().splitlines()[0].startswith("run_id")
+
+
+def test_trajectory_of_checkpoints(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (2, 10):
+        shutil.copy(MLP, folder / f"step-{step}.pt")
+    out = tmp_path / "traj.h5"
+    result = invoke("analyze", str(folder), "-o", str(out), "--quiet", "--top-k", "1", "--trace", "exact")
+    assert result.exit_code == 0, result.output
+    with ResultsStore(out, mode="r") as store:
+        names = [os.path.basename(r.provenance["checkpoint"]) for r in store.runs()]
+    assert names == ["step-2.pt", "step-10.pt"]  # natural order
+    assert invoke("plot", str(out), "-o", str(tmp_path / "f"), "--formats", "png").exit_code == 0
+    assert (tmp_path / "f" / "trajectory-hessian-top-eigenvalue.png").exists()
+
+
+def _script() -> list[str]:
+    script = shutil.which("curvkit", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "curvkit.cli.main"]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["analyze", "missing.pt"], "no checkpoint file"),
+        (["analyze", MLP, "--data", "nosuchdata"], "nosuchdata"),
+        (["analyze", MLP, "--model-kwargs", "{bad"], "--model-kwargs"),
+        (["analyze", MLP, "--curvature", "hesian"], "did you mean 'hessian'"),
+        (["analyze", MLP, "--device", "cuda"] if not torch.cuda.is_available() else ["show", "x.h5"], "cuda"),
+        (["analyze", MLP, "-o", "/nonexistent-dir/r.h5"], "nonexistent-dir"),
+        (["show", "missing.h5"], "missing.h5"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, fragment):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [*_script(), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("curvkit: error:") and fragment in lines[0], proc.stderr
