@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from curvkit.cli.main import app
@@ -143,9 +145,21 @@ def _script() -> list[str]:
         (["analyze", MLP, "--device", "cuda"] if not torch.cuda.is_available() else ["show", "x.h5"], "cuda"),
         (["analyze", MLP, "-o", "/nonexistent-dir/r.h5"], "nonexistent-dir"),
         (["show", "missing.h5"], "missing.h5"),
+        (["analyze", "corrupt.pt"], "corrupt.pt"),
+        (["analyze", "nan.pt"], "non-finite weights"),
+        (["analyze", MLP, "--model", "curvkit.models:digits_cnn"], "digits_cnn"),
+        (["analyze", MLP, "--data", "wrong.npz"], "cannot be applied"),
+        (["show", "foreign.h5"], "another tool"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, fragment):
+    (tmp_path / "corrupt.pt").write_bytes(open(MLP, "rb").read()[:5000])  # truncated
+    ckpt = torch.load(MLP, weights_only=True)
+    ckpt["model_state_dict"]["0.weight"] = torch.full_like(ckpt["model_state_dict"]["0.weight"], float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    np.savez(tmp_path / "wrong.npz", X=np.zeros((10, 7), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = [1, 2, 3]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
