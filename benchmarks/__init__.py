@@ -11,5 +11,9 @@ Modules:
 * :mod:`benchmarks.methods`: Hessian-vector products with curvkit and raw PyTorch.
 * :mod:`benchmarks.peers`: the same product through each peer library.
 * :mod:`benchmarks.hvp`: the rows (gradient, HVP, matmat) and their goals.
+* :mod:`benchmarks.spectral_methods`: top-5 eigenvalues, trace estimates and spectral
+  densities with curvkit and the peers, with products counted at the operator.
+* :mod:`benchmarks.spectral`: the spectral rows (``eigen``, ``trace``, ``density``),
+  their references and goals.
 * :mod:`benchmarks.report`: ``RESULTS.md`` and ``results.json``.
 """

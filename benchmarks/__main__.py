@@ -1,8 +1,9 @@
-"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat] [--repeats N] [--quick]``.
+"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat,eigen,trace,density] [--quick]``.
 
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
-A full run takes a few minutes on 2 cores; ``--quick`` (fewer rounds) under one.
+A full run takes about five minutes on 2 cores; ``--quick`` (fewer rounds and
+seeds, spectral sections on the MLP only) about a minute.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  #
 from benchmarks.peers import peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
 from benchmarks.report import render_markdown, write_results  # noqa: E402
+from benchmarks.spectral import (  # noqa: E402
+    SPECTRAL_SECTIONS,
+    evaluate_spectral_goals,
+    run_spectral,
+)
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
 
-SECTIONS = ("hvp", "matmat")
+SECTIONS = ("hvp", "matmat", *SPECTRAL_SECTIONS)
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -44,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", type=_csv(SECTIONS), default=list(SECTIONS), help="sections, e.g. hvp,matmat"
+        "--only",
+        type=_csv(SECTIONS),
+        default=list(SECTIONS),
+        help="sections, e.g. hvp,matmat or eigen,trace,density (default: all)",
     )
     parser.add_argument(
         "--problems", type=_csv(list(PROBLEMS)), default=None, help="e.g. mlp,cnn (default: all)"
@@ -53,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed rounds before timing (default 1, quick 0)"
     )
-    parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run under a minute")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few rounds: a smoke run (spectral sections on the MLP only unless --problems says otherwise)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU cores)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="where to write the results")
     return parser.parse_args(argv)
@@ -70,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     whole_run = OtherLoad().start()
     results = []
-    for problem in build_problems(args.problems):
+    hvp_sections = [s for s in args.only if s in ("hvp", "matmat")]
+    for problem in build_problems(args.problems) if hvp_sections else []:
         res = ProblemResult(problem.name, problem.description, problem.dim, problem.num_samples)
         print(f"[{problem.name}] P={problem.dim:,}", file=sys.stderr, flush=True)
         load = OtherLoad().start()
@@ -80,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             res.matmat = run_matmat(problem, matmat_repeats, warmup)
         res.other_load = load.stop()
         results.append(res)
+    spectral_sections = [s for s in args.only if s in SPECTRAL_SECTIONS]
+    spectral = run_spectral(spectral_sections, args.problems, args.quick) if spectral_sections else None
     meta = {
         "command": " ".join(
             ["python -m benchmarks", shlex.join(argv if argv is not None else sys.argv[1:])]
@@ -92,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "sections": args.only,
         "peers": peer_versions(),
+        "spectral_settings": None if spectral is None else spectral.to_dict()["settings"],
         "wall_s": time.perf_counter() - start,
         "other_load": whole_run.stop(),
     }
-    goals = evaluate_goals(results)
-    write_results(args.out, meta, results, goals)
-    print(render_markdown(meta, results, goals))
+    goals = evaluate_goals(results) + (evaluate_spectral_goals(spectral) if spectral else [])
+    write_results(args.out, meta, results, goals, spectral)
+    print(render_markdown(meta, results, goals, spectral))
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from benchmarks.hvp import Goal, K, ProblemResult
 from benchmarks.peers import NO_HVP
+from benchmarks.spectral import TARGET, SpectralResults
 
 __all__ = ["render_markdown", "write_results"]
 
@@ -109,11 +110,16 @@ def _notes(res_list: Sequence[ProblemResult]) -> list[str]:
     return [f"- **{name}**: {note}" for name, note in seen.items() if note]
 
 
-def render_markdown(meta: dict[str, Any], results: Sequence[ProblemResult], goals: Sequence[Goal]) -> str:
+def render_markdown(
+    meta: dict[str, Any],
+    results: Sequence[ProblemResult],
+    goals: Sequence[Goal],
+    spectral: SpectralResults | None = None,
+) -> str:
     """The report as Markdown."""
     m = meta["machine"]
     out = [
-        "# curvkit benchmarks: Hessian-vector products",
+        "# curvkit benchmarks: Hessian-vector products and spectral analysis",
         "",
         f"Generated {m['date']} by `{meta['command']}` (run from the repository root).",
         "",
@@ -121,7 +127,8 @@ def render_markdown(meta: dict[str, Any], results: Sequence[ProblemResult], goal
         f"at start {m['load_average_1min']}, at end {meta['load_average_end']}.",
         f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']} "
         f"(inter-op {m['torch_interop_threads']}), OPENBLAS_NUM_THREADS={m['openblas_num_threads']}.",
-        f"- Timing: median of {meta['repeats']} rounds ({meta['matmat_repeats']} for matmat) after "
+        f"- HVP and matmat timing: median of {meta['repeats']} rounds ({meta['matmat_repeats']} for matmat) "
+        f"after "
         f"{meta['warmup']} warm-up round(s), all methods of a table interleaved in each round "
         "(rotating order), in one process; a fresh random vector every round. Each method's first "
         "product (on the check vector) is untimed, so kept graphs and caches are warm.",
@@ -151,17 +158,253 @@ def render_markdown(meta: dict[str, Any], results: Sequence[ProblemResult], goal
             out += ["HVP (one product `H @ v`):", ""] + _hvp_table(res) + [""]
         if res.matmat:
             out += [f"matmat (K = {K} vectors):", ""] + _matmat_table(res) + [""]
-    out += ["## How each method is called", ""] + _notes(results) + [""]
+    if spectral is not None:
+        out += render_spectral(spectral)
+    if results:
+        out += ["## How each method is called", ""] + _notes(results) + [""]
     return "\n".join(out)
 
 
 def write_results(
-    directory: Path, meta: dict[str, Any], results: Sequence[ProblemResult], goals: Sequence[Goal]
+    directory: Path,
+    meta: dict[str, Any],
+    results: Sequence[ProblemResult],
+    goals: Sequence[Goal],
+    spectral: SpectralResults | None = None,
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
-    md.write_text(render_markdown(meta, results, goals), encoding="utf-8")
+    md.write_text(render_markdown(meta, results, goals, spectral), encoding="utf-8")
     payload = {"meta": meta, "goals": [asdict(g) for g in goals], "problems": [r.to_dict() for r in results]}
+    if spectral is not None:
+        payload["spectral"] = spectral.to_dict()
     js.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return md, js
+
+
+# ------------------------------------------------------------------ spectral sections
+SPECTRAL_READING = [
+    "Reading the spectral tables:",
+    "",
+    "- Every solve, estimate or density is timed whole, after its library's set-up (operator built, "
+    "gradient graph kept where the library keeps one, one warm product), methods interleaved round by "
+    "round. *HVPs* are Hessian-vector products counted at the operator (columns multiplied), not the "
+    "libraries' own reports; *ms per HVP* is the solve's time divided by them, so it includes each "
+    "solver's own linear algebra.",
+    "- curvkit's `auto` product strategy times looped against batched backward passes the first time it "
+    "sees a column count (4 extra passes, not counted as HVPs): *first* columns show that cost, medians "
+    "exclude it.",
+]
+
+
+def _short(message: str) -> str:
+    """The first sentence of an error message."""
+    return message.split(". ")[0]
+
+
+def _mark(met: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[met]
+
+
+def _eigen_section(spectral: SpectralResults) -> list[str]:
+    st = spectral.settings
+    out = [
+        "## Top-5 Hessian eigenvalues",
+        "",
+        f"Target: the 5 largest eigenvalues to {TARGET:g} relative accuracy. Median of {st.eigen_rounds} "
+        "round(s) (slow rows marked so: fewer), each method started from the same seed every "
+        "round. *Error*: the largest relative "
+        "difference between the returned values, sorted in descending order, and the reference. "
+        "*/ curvkit*: time divided by curvkit's (above 1: curvkit is faster).",
+        "",
+    ]
+    for res in spectral.eigen:
+        cross = (
+            f"; curvkit at tol 1e-6 from another start vector agrees to {res.reference_cross_check:.1e}, "
+            f"certified residual / |lambda_max| <= {res.check_rel_residual:.1e}"
+            if res.reference_cross_check is not None
+            else " (not cross-checked in this run)"
+        )
+        ref = ", ".join(f"{v:.6g}" for v in res.reference)
+        out += [
+            f"### {res.name}: {res.description}",
+            "",
+            f"P = {res.params:,}; CPU used by other processes meanwhile: {_pct(res.other_load)}. Reference: "
+            f"{ref} (ARPACK `eigsh(H.to_scipy(), k=5, which='LA', tol=1e-10)` on curvkit's float32 "
+            f"operator, {res.reference_matvecs} HVPs{cross}).",
+            "",
+        ]
+        rows = []
+        for r in res.rows:
+            notes = []
+            if r.rounds is not None and r.rounds < st.eigen_rounds:
+                notes.append(f"timed in {r.rounds} round")
+            if r.order and r.order != "descending":
+                notes.append(f"returned {r.order}")
+            if r.negative:
+                notes.append("negative values")
+            if r.converged is False:
+                notes.append("not converged")
+            if r.max_rel_residual is not None:
+                notes.append(f"certified: residual / |lambda_max| <= {r.max_rel_residual:.1e}")
+            if r.reported_matvecs is not None and r.reported_matvecs != r.matvecs:
+                notes.append(f"reports {r.reported_matvecs} HVPs")
+            reached = r.rel_error is not None and r.rel_error <= TARGET
+            rows.append(
+                [
+                    r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+                    r.settings,
+                    _num(r.median_s, ".2f"),
+                    _num(r.first_s, ".2f"),
+                    _num(r.matvecs, "d"),
+                    "-" if not r.matvecs or r.median_s is None else f"{1e3 * r.median_s / r.matvecs:.1f}",
+                    _num(r.time_ratio, ".2f"),
+                    "-" if r.rel_error is None else f"{r.rel_error:.1e}",
+                    "-" if r.rel_error is None else _mark(reached),
+                    "; ".join(notes),
+                ]
+            )
+        header = [
+            "method",
+            "settings",
+            "median s",
+            "first s",
+            "HVPs",
+            "ms per HVP",
+            "/ curvkit",
+            "error",
+            f"<= {TARGET:g}",
+            "notes",
+        ]
+        out += _table(header, rows) + [""]
+    return out
+
+
+def _trace_section(spectral: SpectralResults) -> list[str]:
+    out = [
+        "## Trace at an equal budget",
+        "",
+        f"Every estimator with a budget of 99 Hessian-vector products (curvlinops' XTrace needs an even "
+        f"count: 98), seeds 0..{spectral.settings.trace_seeds - 1}. *Error*: mean over the seeds of "
+        "|estimate - exact| / |exact|, +- its standard error over the seeds; with this few seeds, "
+        "differences within two standard errors are not significant. */ Hutchinson*: error divided by "
+        "curvkit Hutchinson's. The trace rows use the full 784-128-64-10 MLP (no smaller model was "
+        "needed): the exact trace comes from BackPACK's exact Hessian diagonal, checked against curvkit's "
+        "exact trace of the last layer's block from basis vectors.",
+        "",
+    ]
+    for res in spectral.trace:
+        out += [f"### {res.name}: {res.description}", ""]
+        if res.skipped:
+            out += [f"Skipped: {res.skipped}.", ""]
+            continue
+        out += [
+            f"P = {res.params:,}; exact trace {res.exact_trace:.6g} ({res.reference}); check on block "
+            f"`{res.check_block}`: BackPACK {res.check_backpack:.6g}, curvkit `trace(H.restrict("
+            f"'{res.check_block}'), method='exact')` {res.check_curvkit_exact:.6g}, relative difference "
+            f"{res.check_rel_diff:.1e}. ||H||_F^2 = {res.frobenius_sq:.4g} (64 Gaussian probes), "
+            f"sum of H_ii^2 = {res.diagonal_sq:.3g}: Hutchinson with 99 Rademacher probes should have a mean "
+            f"relative error near {res.expected_hutchinson_error:.2e} (sqrt(2/pi) x its standard deviation "
+            f"sqrt(2 (||H||_F^2 - sum H_ii^2) / 99) / |tr H|). CPU used by other processes meanwhile: "
+            f"{_pct(res.other_load)}.",
+            "",
+        ]
+        rows = [
+            [
+                r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+                r.settings,
+                _num(r.matvecs, "d"),
+                "-"
+                if r.mean_rel_error is None
+                else f"{r.mean_rel_error:.2e}"
+                + (f" +- {r.stderr_rel_error:.1e}" if r.stderr_rel_error else ""),
+                _num(r.max_rel_error, ".2e"),
+                _num(r.error_ratio, ".2f"),
+                _num(r.median_ms, ".0f"),
+                _num(r.first_ms, ".0f"),
+            ]
+            for r in res.rows
+        ]
+        header = [
+            "method",
+            "settings",
+            "HVPs",
+            "mean rel. error",
+            "max rel. error",
+            "/ Hutchinson",
+            "median ms",
+            "first ms",
+        ]
+        out += _table(header, rows) + [""]
+    return out
+
+
+def _density_section(spectral: SpectralResults) -> list[str]:
+    out = [
+        "## Spectral density (stochastic Lanczos quadrature)",
+        "",
+        f"At PyHessian's defaults, `density(iter=100, n_v=1)`: 100 Lanczos steps, 1 run (curvkit also with "
+        f"its default 5 runs). {spectral.settings.density_rounds} round(s). */ curvkit*: time divided by "
+        "curvkit's with 1 run. *Largest node*: the largest quadrature node (Ritz value), which should "
+        "match the largest eigenvalue; its relative difference from the top-5 reference is shown where "
+        "that section ran. A library that raised is timed up to the exception.",
+        "",
+    ]
+    for res in spectral.density:
+        lam = "" if res.largest_eigenvalue is None else f"; largest eigenvalue {res.largest_eigenvalue:.6g}"
+        out += [
+            f"### {res.name}: {res.description}",
+            "",
+            f"P = {res.params:,}{lam}. CPU used by other processes meanwhile: {_pct(res.other_load)}.",
+            "",
+        ]
+        rows = []
+        for r in res.rows:
+            node = "-"
+            if r.top_node is not None:
+                node = f"{r.top_node:.6g}" + (
+                    f" ({r.top_node_rel_error:.1e})" if r.top_node_rel_error is not None else ""
+                )
+            outcome = (
+                f"**raised** {_short(r.error)}" if r.error else ("ok" if r.median_s is not None else "-")
+            )
+            rows.append(
+                [
+                    r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+                    r.settings,
+                    _num(r.median_s, ".2f"),
+                    _num(r.matvecs, "d"),
+                    _num(r.time_ratio, ".2f"),
+                    node,
+                    outcome,
+                ]
+            )
+        header = ["method", "settings", "s", "HVPs", "/ curvkit", "largest node (rel. diff.)", "outcome"]
+        out += _table(header, rows) + [""]
+    return out
+
+
+def _spectral_notes(spectral: SpectralResults) -> list[str]:
+    seen: dict[str, str] = {}
+    for section in (spectral.eigen, spectral.trace, spectral.density):
+        for res in section:
+            for r in res.rows:
+                seen.setdefault(r.method, r.note)
+    return [f"- **{name}**: {note}" for name, note in seen.items() if note]
+
+
+def render_spectral(spectral: SpectralResults) -> list[str]:
+    """The spectral sections (top-5 eigenvalues, traces, densities) as Markdown lines."""
+    out: list[str] = []
+    if not (spectral.eigen or spectral.trace or spectral.density):
+        return out
+    out += SPECTRAL_READING + [""]
+    if spectral.eigen:
+        out += _eigen_section(spectral)
+    if spectral.trace:
+        out += _trace_section(spectral)
+    if spectral.density:
+        out += _density_section(spectral)
+    out += ["## How each spectral method is called", ""] + _spectral_notes(spectral) + [""]
+    return out
