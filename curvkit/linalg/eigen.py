@@ -40,7 +40,8 @@ class EigenResult:
         residuals: ``[k]`` certificates ``||A v - lambda v||``.
         matvecs: Products with ``A`` used, certificates included.
         data_passes: Passes over the data (``None`` for operators without data).
-        converged: Whether every residual is within ``tol * max |lambda|``.
+        converged: Whether every residual is within ``tol * ||A||``, with ``||A||``
+            estimated by the largest Ritz value in magnitude.
         which: The part of the spectrum asked for.
         method: ``"lanczos"`` or ``"power"``.
         tol: The requested relative tolerance.
@@ -105,7 +106,8 @@ def eigenvalues(
             (``ceil(k/2)`` largest and ``floor(k/2)`` smallest, like SciPy's
             ``eigsh(which="BE")``) or ``"largest_magnitude"``.
         tol: Relative residual tolerance: converged when every
-            ``||A v - lambda v|| <= tol * max |lambda|``.
+            ``||A v - lambda v|| <= tol * ||A||`` (``||A||`` estimated by the
+            largest Ritz value in magnitude seen).
         method: ``"lanczos"`` (default) or ``"power"`` (deflated power
             iteration, ``which="largest_magnitude"`` only).
         max_matvecs: Budget of products (default: see
@@ -157,6 +159,7 @@ def eigenvalues(
         values, vectors, used, iterations = _deflated_power(
             matmat, P, k, tol, max_matvecs, gen, work_dtype, A.device, progress
         )
+        radius = values.abs().max().item()
     else:
         v0 = gaussian(P, 1, gen, work_dtype, A.device)[:, 0]
         state = thick_restart_lanczos(
@@ -173,10 +176,11 @@ def eigenvalues(
             progress=progress,
         )
         values, vectors, used, iterations = state.values, state.vectors, state.matvecs, state.restarts
+        radius = state.spectral_radius
     # certificates: one batched product for all k pairs
     residual = matmat(vectors) - vectors * values
     residuals = residual.norm(dim=0)
-    scale = max(values.abs().max().item(), torch.finfo(A.dtype).tiny)
+    scale = max(radius, values.abs().max().item(), torch.finfo(A.dtype).tiny)
     converged = bool((residuals <= tol * scale).all())
     order = _order(values, which)
     passes_after = getattr(A, "data_passes", None)

@@ -56,15 +56,7 @@ class LanczosState:
     matvecs: int
     restarts: int
     converged: bool
-
-
-def _orthogonalize(w: Tensor, V: Tensor) -> Tensor:
-    """Remove the components of ``w`` along the orthonormal columns of ``V`` (twice)."""
-    if V.shape[1] == 0:
-        return w
-    for _ in range(2):
-        w = w - V @ (V.T @ w)
-    return w
+    spectral_radius: float
 
 
 def thick_restart_lanczos(
@@ -91,7 +83,9 @@ def thick_restart_lanczos(
         which: ``"largest"``, ``"smallest"``, ``"both_ends"`` or
             ``"largest_magnitude"``.
         tol: Stop when every wanted Ritz pair has residual
-            ``<= tol * max |theta|`` (relative to the spectral radius estimate).
+            ``<= tol * max |theta|``, the largest Ritz value in magnitude (an
+            estimate of the spectral radius ``||A||``). Convergence is checked
+            after every product.
         max_basis: Krylov basis size before a restart (default
             ``min(dim, max(2k + 20, 40))``).
         max_matvecs: Budget of products (default ``max(50 * dim ** 0.5, 20 k, 300)``,
@@ -108,57 +102,61 @@ def thick_restart_lanczos(
     m = max_basis or min(dim, max(2 * k + 20, 40))
     m = max(min(m, dim), min(k + 1, dim))
     budget = max_matvecs or int(max(50 * dim**0.5, 20 * k, 300))
-    V = torch.zeros(dim, m + 1, dtype=dtype, device=device)
+    V = torch.zeros(m + 1, dim, dtype=dtype, device=device)  # basis as rows: contiguous sweeps
     T = torch.zeros(m, m, dtype=dtype, device=device)
     if v0 is None:
         v0 = torch.randn(dim, dtype=dtype, generator=generator).to(device)
-    V[:, 0] = v0 / v0.norm()
-    start = 0  # columns of V already holding kept Ritz vectors + the continuation vector
+    V[0] = v0 / v0.norm()
+    j = 0  # rows of V in use before this step: kept Ritz vectors, then Lanczos vectors
     matvecs = restarts = 0
-    beta = torch.zeros((), dtype=dtype, device=device)
     while True:
-        j = start
-        breakdown = False
-        while j < m:
-            w = matvec(V[:, j])
-            matvecs += 1
-            h = V[:, : j + 1].T @ w
-            T[: j + 1, j] = h
-            T[j, : j + 1] = h
-            w = _orthogonalize(w - V[:, : j + 1] @ h, V[:, : j + 1])
-            beta = w.norm()
-            if progress is not None:
-                progress({"matvecs": matvecs, "basis": j + 1, "restarts": restarts})
-            scale = max(T[: j + 1, : j + 1].abs().max().item(), 1e-300)
-            if beta <= 1e-12 * scale or j + 1 == dim:  # invariant subspace found
-                j += 1
-                breakdown = True
-                break
-            V[:, j + 1] = w / beta
-            j += 1
-            if matvecs >= budget:
-                break
-        size = j
+        w = matvec(V[j])
+        matvecs += 1
+        basis = V[: j + 1]
+        h = basis @ w
+        w = w - h @ basis
+        correction = basis @ w  # second Gram-Schmidt pass ("twice is enough")
+        w = w - correction @ basis
+        h = h + correction
+        T[: j + 1, j] = h
+        T[j, : j + 1] = h
+        beta = w.norm()
+        size = j + 1
+        if progress is not None:
+            progress({"matvecs": matvecs, "basis": size, "restarts": restarts})
+        scale = max(T[:size, :size].abs().max().item(), 1e-300)
+        breakdown = bool(beta <= 1e-12 * scale) or size == dim  # invariant subspace found
+        if size < min(k, dim) and not breakdown and matvecs < budget:
+            V[size] = w / beta
+            j = size
+            continue
+        # Ritz pairs of the current basis; their residuals are |beta * last component|
         theta, S = torch.linalg.eigh(T[:size, :size])
-        res = (beta * S[size - 1, :]).abs() if not breakdown else torch.zeros_like(theta)
+        res = torch.zeros_like(theta) if breakdown else (beta * S[size - 1, :]).abs()
         wanted = select_ritz(theta, k, which)
         spectral = max(theta.abs().max().item(), 1e-300)
-        done = bool((res[wanted] <= tol * spectral).all()) or breakdown
+        done = breakdown or bool((res[wanted] <= tol * spectral).all())
         if done or matvecs >= budget:
-            Y = V[:, :size] @ S[:, wanted]
-            return LanczosState(theta[wanted], Y, res[wanted], matvecs, restarts, done)
-        # thick restart: keep the wanted Ritz vectors plus some neighbours
+            Y = S[:, wanted].T @ V[:size]
+            return LanczosState(
+                theta[wanted], Y.T.contiguous(), res[wanted], matvecs, restarts, done, spectral
+            )
+        if size < m:
+            V[size] = w / beta
+            j = size
+            continue
+        # thick restart: keep the wanted Ritz vectors plus some neighbours, continue from w
         keep_count = min(size - 1, max(k + (size - k) // 2, k))
         keep = select_ritz(theta, keep_count, which)
-        Y = V[:, :size] @ S[:, keep]
         p = keep.numel()
+        Y = S[:, keep].T @ V[:size]
         coupling = beta * S[size - 1, keep]
         V.zero_()
         T.zero_()
-        V[:, :p] = Y
-        V[:, p] = (w / beta) if beta > 0 else torch.zeros(dim, dtype=dtype, device=device)
+        V[:p] = Y
+        V[p] = w / beta
         T[torch.arange(p), torch.arange(p)] = theta[keep]
         T[p, :p] = coupling
         T[:p, p] = coupling
-        start = p
+        j = p
         restarts += 1
