@@ -14,8 +14,9 @@ and the device (see ``benchmarks/RESULTS.md``):
 * ``"forward-over-reverse"``: :func:`torch.func.jvp` of :func:`torch.func.grad`,
   vectorised over the ``K`` vectors with :func:`torch.func.vmap`.
 
-``"auto"`` (the default) uses the reverse graph, and for ``K > 1`` times the
-looped and the batched backward once on the first product and keeps the faster.
+``"auto"`` (the default) uses the reverse graph; for ``K > 1`` its first six
+products with K columns alternate between the looped and the batched backward
+pass, timed, and then it keeps the faster (choosing costs no extra products).
 
 **Gradient-graph reuse.** Building the gradient graph (forward plus
 ``create_graph`` backward) is most of an HVP's cost. When the graphs of all
@@ -43,6 +44,7 @@ from curvkit.problem import ModelSnapshot, Problem
 __all__ = ["HVP_STRATEGIES", "HessianVectorProduct", "default_graph_cache_bytes", "make_batch_hvp"]
 
 HVP_STRATEGIES = ("auto", "reverse", "batched-reverse", "forward-over-reverse")
+AUTO_TRIALS = 3  # timed products per way before "auto" chooses (see HessianVectorProduct._trial)
 
 
 def default_graph_cache_bytes() -> int:
@@ -154,6 +156,7 @@ class HessianVectorProduct:
         )
         self._graph: _Graph | None = None
         self._batched_wins: dict[int, bool] = {}
+        self._trial_times: dict[int, dict[bool, list[float]]] = {}
         self.data_passes = 0
 
     def clear_cache(self) -> None:
@@ -227,27 +230,32 @@ class HessianVectorProduct:
             return self._looped(*args)
         if self.strategy == "batched-reverse":
             return self._batched(*args)
-        if K not in self._batched_wins:
-            self._batched_wins[K] = self._batched_is_faster(*args)
-        return self._batched(*args) if self._batched_wins[K] else self._looped(*args)
+        if K in self._batched_wins:
+            return self._batched(*args) if self._batched_wins[K] else self._looped(*args)
+        return self._trial(K, *args)
 
-    def _batched_is_faster(self, *args: object) -> bool:
-        """``"auto"``: time looped and batched backward passes, alternately, twice each.
+    def _trial(self, K: int, *args: object) -> Tensor:
+        """``"auto"``: alternate looped and batched backward passes while timing them.
 
-        The first of each pair also warms up what the other left cold; the
-        minimum of two runs is robust to a single slow run. A batched pass that
-        fails (an operator without a batching rule) loses.
+        The first ``2 * AUTO_TRIALS`` products with K columns alternate between the
+        two ways (looped first); then the one with the smaller best time is kept
+        for K. The trials are real products, so choosing costs no extra work. A
+        batched pass that fails (an operator without a batching rule) loses at once.
         """
-        best = {False: float("inf"), True: float("inf")}
-        for _ in range(2):
-            for batched in (False, True):
-                start = time.perf_counter()
-                try:
-                    (self._batched if batched else self._looped)(*args)
-                except RuntimeError:
-                    return False
-                best[batched] = min(best[batched], time.perf_counter() - start)
-        return best[True] < best[False]
+        times = self._trial_times.setdefault(K, {False: [], True: []})
+        batched = len(times[True]) < len(times[False])
+        start = time.perf_counter()
+        try:
+            out = (self._batched if batched else self._looped)(*args)
+        except RuntimeError:
+            if not batched:
+                raise
+            self._batched_wins[K] = False
+            return self._looped(*args)
+        times[batched].append(time.perf_counter() - start)
+        if len(times[True]) >= AUTO_TRIALS:
+            self._batched_wins[K] = min(times[True]) < min(times[False])
+        return out
 
     def _looped(
         self, outputs: list[Tensor], leaves: list[Tensor], V: list[Tensor], used: list[int]

@@ -167,3 +167,15 @@ def test_train_mode_batchnorm_keeps_running_statistics():
     assert torch.equal(model[1].running_mean, stats) and model[1].num_batches_tracked == 0
     assert H.engine.graph_cached
     assert rel(H @ v, first) < 1e-14
+
+
+def test_auto_chooses_after_timed_trials_without_extra_products():
+    problem = get_case("cnn-pool-ce").problem()
+    H = curvkit.curvature("hessian", problem)
+    truth = dense_hessian_reference(problem)
+    M = torch.randn(problem.dim, 3, dtype=torch.float64)
+    for call in range(7):
+        assert rel(H @ M, truth @ M) < 1e-12
+        decided = 3 in H.engine._batched_wins
+        assert decided == (call >= 5)  # six alternating trials, then a choice
+    assert H.data_passes == 1 and H.matvecs == 21
