@@ -12,7 +12,7 @@ import difflib
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -115,55 +115,66 @@ class _Registry:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"{exc}; hooks are listed in curvkit.hookspecs") from exc
 
+    def _collect(
+        self,
+        hook_name: str,
+        item_type: type,
+        what: str,
+        *,
+        last_first: bool = False,
+        reserved: Collection[str] = (),
+        duplicate_error: type[PluginError] = PluginError,
+    ) -> dict[str, Any]:
+        """Named items returned by every implementation of a hook, attributed to their plugin.
+
+        Items must be ``item_type`` instances with ``name`` and ``plugin`` fields;
+        a name in ``reserved`` or registered twice is an error naming the plugins.
+        """
+        items: dict[str, Any] = {}
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()  # registration order
+        for impl in reversed(impls) if last_first else impls:
+            for item in impl.function() or []:
+                if not isinstance(item, item_type):
+                    raise PluginError(
+                        f"plugin {impl.plugin_name} returned {type(item).__name__} from "
+                        f"{hook_name}; return curvkit.{item_type.__name__} objects"
+                    )
+                item.plugin = impl.plugin_name
+                if item.name in reserved:
+                    raise PluginError(
+                        f"{what} {item.name!r} of plugin {item.plugin!r} has the name of "
+                        "a built-in format; rename it"
+                    )
+                if item.name in items:
+                    raise duplicate_error(
+                        f"{what} {item.name!r} is registered by both plugin "
+                        f"{items[item.name].plugin!r} and plugin {item.plugin!r}; "
+                        "uninstall or rename one"
+                    )
+                items[item.name] = item
+        return items
+
     def specs(self) -> dict[str, EstimatorSpec]:
         if self._specs is None:
-            specs: dict[str, EstimatorSpec] = {}
-            hook = self.pm.hook.curvkit_register_estimators
-            for impl in hook.get_hookimpls():  # registration order
-                for spec in impl.function() or []:
-                    if not isinstance(spec, EstimatorSpec):
-                        raise PluginError(
-                            f"plugin {impl.plugin_name} returned {type(spec).__name__} from "
-                            "curvkit_register_estimators; return curvkit.EstimatorSpec objects"
-                        )
-                    spec.plugin = impl.plugin_name
-                    if spec.name in specs:
-                        raise DuplicateEstimatorError(
-                            f"estimator {spec.name!r} is registered by both plugin "
-                            f"{specs[spec.name].plugin!r} and plugin {spec.plugin!r}; "
-                            "uninstall or rename one"
-                        )
-                    specs[spec.name] = spec
-            self._specs = specs
+            self._specs = self._collect(
+                "curvkit_register_estimators",
+                EstimatorSpec,
+                "estimator",
+                duplicate_error=DuplicateEstimatorError,
+            )
         return self._specs
 
     def loaders(self) -> list[CheckpointLoader]:
         if self._loaders is None:
             from curvkit.checkpoints import BUILTIN_LOADERS, CheckpointLoader
 
-            builtin = {loader.name for loader in BUILTIN_LOADERS}
-            loaders: dict[str, CheckpointLoader] = {}
-            hook = self.pm.hook.curvkit_checkpoint_loaders
-            for impl in reversed(hook.get_hookimpls()):  # the plugin registered last is asked first
-                for loader in impl.function() or []:
-                    if not isinstance(loader, CheckpointLoader):
-                        raise PluginError(
-                            f"plugin {impl.plugin_name} returned {type(loader).__name__} from "
-                            "curvkit_checkpoint_loaders; return curvkit.CheckpointLoader objects"
-                        )
-                    loader.plugin = impl.plugin_name
-                    if loader.name in builtin:
-                        raise PluginError(
-                            f"checkpoint loader {loader.name!r} of plugin {loader.plugin!r} has the name of "
-                            "a built-in format; rename it"
-                        )
-                    if loader.name in loaders:
-                        raise PluginError(
-                            f"checkpoint loader {loader.name!r} is registered by both plugin "
-                            f"{loaders[loader.name].plugin!r} and plugin {loader.plugin!r}; "
-                            "uninstall or rename one"
-                        )
-                    loaders[loader.name] = loader
+            loaders = self._collect(
+                "curvkit_checkpoint_loaders",
+                CheckpointLoader,
+                "checkpoint loader",
+                last_first=True,  # the plugin registered last is asked first
+                reserved={loader.name for loader in BUILTIN_LOADERS},
+            )
             self._loaders = list(loaders.values())
         return self._loaders
 
