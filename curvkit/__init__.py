@@ -27,6 +27,7 @@ from curvkit.checkpoints import (
 )
 from curvkit.errors import (
     CurvkitError,
+    CurvkitWarning,
     DataError,
     DenseTooLargeError,
     DuplicateEstimatorError,
@@ -77,6 +78,7 @@ __all__ = [
     "trusted_factory",
     "CurvatureOperator",
     "CurvkitError",
+    "CurvkitWarning",
     "DataError",
     "DenseOperator",
     "DenseTooLargeError",

@@ -8,6 +8,7 @@ line can print it as it is, without a traceback.
 from __future__ import annotations
 
 __all__ = [
+    "CurvkitWarning",
     "CurvkitError",
     "DataError",
     "DenseTooLargeError",
@@ -23,6 +24,10 @@ __all__ = [
 
 class CurvkitError(Exception):
     """Base class of every error curvkit raises on purpose."""
+
+
+class CurvkitWarning(UserWarning):
+    """Something worked, but not as well as asked (e.g. a tolerance below precision)."""
 
 
 class PluginError(CurvkitError):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import curvkit
-from curvkit.linalg.eigen import eigenvalues
+from curvkit.linalg import lanczos
+from curvkit.linalg.eigen import PRECISION_FLOOR, eigenvalues
 from curvkit.testing import CASES, dense_hessian_reference, get_case
 
 DT = torch.float64
@@ -91,7 +92,24 @@ def test_counts_products_and_data_passes():
     assert res.data_passes == 1  # the gradient graph is kept after the first product
     uncached = curvkit.curvature("hessian", problem, cache_graph=False)
     res = eigenvalues(uncached, k=2, tol=1e-8)
-    assert res.data_passes == res.matvecs - 2 + 1  # one pass per Lanczos product, one for the certificates
+    assert res.data_passes == res.matvecs  # one pass per product; certificates from stored products
+
+
+def test_certificates_without_stored_products_cost_one_batched_product(monkeypatch):
+    problem = get_case("tanh-mlp-ce").problem(batch_size=4)
+    H = curvkit.curvature("hessian", problem, cache_graph=False)
+    stored = eigenvalues(H, k=3, tol=1e-10)
+    monkeypatch.setattr(lanczos, "PRODUCT_STORE_BYTES", 0)
+    explicit = eigenvalues(H, k=3, tol=1e-10)
+    assert explicit.matvecs == stored.matvecs + 3
+    assert explicit.data_passes == stored.data_passes + 1  # one pass for the three pairs
+    torch.testing.assert_close(explicit.values, stored.values, rtol=0, atol=1e-13)
+    # both are explicit residuals of the same pairs: they agree far below the tolerance
+    scale = stored.values.abs().max()
+    torch.testing.assert_close(explicit.residuals / scale, stored.residuals / scale, rtol=0, atol=1e-13)
+    dense = dense_hessian_reference(problem)
+    for value, vector, residual in zip(stored.values, stored.vectors.T, stored.residuals):
+        assert abs((dense @ vector - value * vector).norm() - residual) <= 1e-13 * scale
 
 
 def test_restricted_block():
@@ -125,7 +143,7 @@ def test_progress_and_reproducibility():
     seen = []
     a = eigenvalues(A, k=2, tol=1e-6, seed=3, progress=seen.append)
     b = eigenvalues(A, k=2, tol=1e-6, seed=3)
-    assert seen and seen[-1]["matvecs"] == a.matvecs - 2
+    assert seen and seen[-1]["matvecs"] == a.matvecs  # certificates come from stored products
     assert torch.equal(a.values, b.values)
 
 
@@ -139,3 +157,24 @@ def test_bad_input():
         eigenvalues(torch.zeros(3, 4), k=1)
     to_dict = eigenvalues(A, k=2).to_dict()
     assert to_dict["values"] == pytest.approx([4.0, 3.0]) and to_dict["converged"]
+
+
+def test_tolerance_below_float32_precision_warns_and_stops_at_the_floor():
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=gen, dtype=DT))
+    spectrum = torch.logspace(0, -3, 400, dtype=DT)
+    A = curvkit.DenseOperator(((Q * spectrum) @ Q.T).float())
+    with pytest.warns(curvkit.CurvkitWarning, match="below what torch.float32"):
+        res = eigenvalues(A, k=3, tol=1e-10)
+    budget = 1000  # the default for P = 400: without the floor the run spends all of it
+    assert res.matvecs < budget / 5 and not res.converged
+    relative = res.residuals / res.values.abs().max()
+    floor = PRECISION_FLOOR * torch.finfo(torch.float32).eps
+    assert (relative <= 2 * floor).all()  # the certificates sit at the floor, not above it
+    torch.testing.assert_close(res.values.double(), spectrum[:3], rtol=1e-6, atol=0)
+
+
+def test_reachable_float32_tolerance_does_not_warn(recwarn):
+    problem = get_case("mlp-mse").problem(dtype=torch.float32)
+    eigenvalues(curvkit.curvature("hessian", problem), k=2, tol=1e-5)
+    assert not [w for w in recwarn if issubclass(w.category, curvkit.CurvkitWarning)]
