@@ -9,18 +9,50 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from curvkit.analysis import AnalysisPlan, expand_checkpoints, prepare_analysis, run_plan
 from curvkit.errors import CurvkitError
 from curvkit.store import ResultsStore, make_run_id
+
+
+class AnalysisInterruptedError(CurvkitError):
+    """Ctrl-C or SIGTERM stopped ``curvkit analyze``; what finished is in the results file."""
+
+    exit_code = 130  # 128 + SIGINT, the shell's convention for an interrupted command
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``kill``, a scheduler's time limit) like Ctrl-C while analysing.
+
+    Both then mark the current run as interrupted before the command exits, instead
+    of leaving it for the next reader to find half-written.
+    """
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _json_option(text: str | None, name: str) -> dict[str, Any] | None:
@@ -114,89 +146,106 @@ def analyze(
     show_progress = not quiet and sys.stderr.isatty()
     command_line = shlex.join(["curvkit", *sys.argv[1:]])
     summary: list[dict[str, Any]] = []
-    with (
-        ResultsStore(output) as store,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not show_progress,
-            transient=True,
-        ) as bars,
-    ):
-        for index, path in enumerate(paths):
-            for estimator in curvature:
-                started = time.perf_counter()
-                prepared = prepare_analysis(
-                    path,
-                    estimator=estimator,
-                    model=model,
-                    model_kwargs=kwargs,
-                    data=data,
-                    loss=loss,
-                    batch_size=batch_size,
-                    max_samples=max_samples,
-                    device=device,
-                    dtype=dtype,
-                    trust_pickle=trust_pickle,
-                )
-                provenance = {**prepared.provenance, "seed": seed, "command_line": command_line}
-                run = store.begin_run(
-                    make_run_id(path, estimator, prepared.provenance["estimator_options"]),
-                    provenance,
-                    index=index,
-                )
-                run.write_timing("load", time.perf_counter() - started)
-                psd = bool(getattr(prepared.operator, "PSD", False))
-                keys = plan.keys(psd=psd, reference=prepared.reference is not None)
-                done = {key for key in keys if run.has(key)}
-                task = bars.add_task(
-                    f"{path.name} [{estimator}]", total=len(keys), info="", completed=len(done)
-                )
-                lines: dict[str, str] = {
-                    key: "(resumed) " + _summary(key, run.read(key)) for key in sorted(done)
-                }
+    try:
+        with _terminate_as_interrupt():
+            with (
+                ResultsStore(output) as store,
+                Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(),
+                    console=console,
+                    disable=not show_progress,
+                    transient=True,
+                ) as bars,
+            ):
+                for index, path in enumerate(paths):
+                    for estimator in curvature:
+                        started = time.perf_counter()
+                        prepared = prepare_analysis(
+                            path,
+                            estimator=estimator,
+                            model=model,
+                            model_kwargs=kwargs,
+                            data=data,
+                            loss=loss,
+                            batch_size=batch_size,
+                            max_samples=max_samples,
+                            device=device,
+                            dtype=dtype,
+                            trust_pickle=trust_pickle,
+                        )
+                        provenance = {**prepared.provenance, "seed": seed, "command_line": command_line}
+                        run = store.begin_run(
+                            make_run_id(path, estimator, prepared.provenance["estimator_options"]),
+                            provenance,
+                            index=index,
+                        )
+                        run.write_timing("load", time.perf_counter() - started)
+                        psd = bool(getattr(prepared.operator, "PSD", False))
+                        keys = plan.keys(psd=psd, reference=prepared.reference is not None)
+                        done = {key for key in keys if run.has(key)}
+                        task = bars.add_task(
+                            escape(f"{path.name} [{estimator}]"),
+                            total=len(keys),
+                            info="",
+                            completed=len(done),
+                        )
+                        lines: dict[str, str] = {
+                            key: "(resumed) " + _summary(key, run.read(key)) for key in sorted(done)
+                        }
 
-                def store_result(
-                    key: str, result: Any, seconds: float, run=run, task=task, lines=lines
-                ) -> None:
-                    run.write(key, result)
-                    run.write_timing(key, seconds)
-                    lines[key] = _summary(key, result)
-                    bars.advance(task)
+                        def store_result(
+                            key: str, result: Any, seconds: float, run=run, task=task, lines=lines
+                        ) -> None:
+                            run.write(key, result)
+                            run.write_timing(key, seconds)
+                            lines[key] = _summary(key, result)
+                            bars.advance(task)
 
-                def report(key: str, counters: dict, task=task) -> None:
-                    bars.update(task, info=f"{key} " + " ".join(f"{k}={v}" for k, v in counters.items()))
+                        def report(key: str, counters: dict, task=task) -> None:
+                            bars.update(
+                                task,
+                                info=escape(f"{key} " + " ".join(f"{k}={v}" for k, v in counters.items())),
+                            )
 
-                try:
-                    run_plan(
-                        prepared.operator,
-                        plan,
-                        done=done,
-                        reference=prepared.reference,
-                        on_result=store_result,
-                        progress=report,
-                    )
-                except BaseException as exc:
-                    run.finish("failed", error=str(exc) or type(exc).__name__)
-                    raise
-                run.finish("complete")
-                bars.remove_task(task)
-                summary.append(
-                    {
-                        "run_id": run.run_id,
-                        "checkpoint": str(path),
-                        "estimator": estimator,
-                        "parameters": prepared.problem.dim,
-                        "resumed": sorted(done),
-                        "results": {key: lines[key] for key in keys},
-                    }
-                )
-                if not as_json:
-                    console.print(f"[bold]{path}[/bold] [{estimator}] P={prepared.problem.dim:,} -> {output}")
-                    for key in keys:
-                        console.print(f"  {key}: {lines[key]}", markup=False, highlight=False)
+                        try:
+                            run_plan(
+                                prepared.operator,
+                                plan,
+                                done=done,
+                                reference=prepared.reference,
+                                on_result=store_result,
+                                progress=report,
+                            )
+                        except BaseException as exc:
+                            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+                            run.finish("failed", error=reason or type(exc).__name__)
+                            raise
+                        run.finish("complete")
+                        bars.remove_task(task)
+                        summary.append(
+                            {
+                                "run_id": run.run_id,
+                                "checkpoint": str(path),
+                                "estimator": estimator,
+                                "parameters": prepared.problem.dim,
+                                "resumed": sorted(done),
+                                "results": {key: lines[key] for key in keys},
+                            }
+                        )
+                        if not as_json:
+                            console.print(
+                                f"[bold]{escape(str(path))}[/bold] {escape(f'[{estimator}]')} "
+                                f"P={prepared.problem.dim:,} -> {escape(str(output))}"
+                            )
+                            for key in keys:
+                                console.print(f"  {key}: {lines[key]}", markup=False, highlight=False)
+    except KeyboardInterrupt:
+        raise AnalysisInterruptedError(
+            f"interrupted; the analyses that finished are kept in {output}: "
+            "run the same command again to resume"
+        ) from None
     if as_json:
         typer.echo(json.dumps({"output": str(output), "runs": summary}, indent=2))

@@ -69,7 +69,7 @@ def main() -> None:
         app()
     except curvkit.CurvkitError as exc:
         typer.echo(f"curvkit: error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":  # pragma: no cover

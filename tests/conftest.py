@@ -4,6 +4,10 @@ Tiny models run faster on one thread than on two (thread start-up dominates), an
 the suite must stay quick on CI's 2 cores.
 """
 
+import os
+import shutil
+import sys
+
 import pytest
 import torch
 
@@ -14,3 +18,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def curvkit_command() -> list[str]:
+    """The installed ``curvkit`` console script next to this interpreter (or the module)."""
+    script = shutil.which("curvkit", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "curvkit.cli.main"]
+
+
+@pytest.fixture
+def script_env() -> dict[str, str]:
+    """Environment for a subprocess: no ``CURVKIT_*`` settings of the caller, one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -146,18 +144,12 @@ def _install_broken(root: Path, source: str) -> None:
     (info / "entry_points.txt").write_text("[curvkit]\nbroken = broken_curvkit_plugin\n")
 
 
-def _script() -> list[str]:
-    script = shutil.which("curvkit", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "curvkit.cli.main"]
-
-
 @pytest.mark.parametrize("kind", list(BROKEN_PLUGINS))
-def test_installed_script_reports_a_broken_plugin_in_one_line(tmp_path, kind):
+def test_installed_script_reports_a_broken_plugin_in_one_line(tmp_path, kind, curvkit_command, script_env):
     source, fragments = BROKEN_PLUGINS[kind]
     _install_broken(tmp_path, source)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
-    env.update(PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")
-    proc = subprocess.run([*_script(), "plugins"], env=env, capture_output=True, text=True, timeout=300)
+    env = {**script_env, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([*curvkit_command, "plugins"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -130,11 +129,6 @@ def test_trajectory_of_checkpoints(tmp_path):
     assert (tmp_path / "f" / "trajectory-hessian-top-eigenvalue.png").exists()
 
 
-def _script() -> list[str]:
-    script = shutil.which("curvkit", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "curvkit.cli.main"]
-
-
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -152,7 +146,7 @@ def _script() -> list[str]:
         (["show", "foreign.h5"], "another tool"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, args, fragment):
+def test_bad_input_is_one_line(tmp_path, args, fragment, curvkit_command, script_env):
     (tmp_path / "corrupt.pt").write_bytes(open(MLP, "rb").read()[:5000])  # truncated
     ckpt = torch.load(MLP, weights_only=True)
     ckpt["model_state_dict"]["0.weight"] = torch.full_like(ckpt["model_state_dict"]["0.weight"], float("nan"))
@@ -160,10 +154,8 @@ def test_bad_input_is_one_line(tmp_path, args, fragment):
     np.savez(tmp_path / "wrong.npz", X=np.zeros((10, 7), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1, 2, 3]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
-    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
-        [*_script(), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+        [*curvkit_command, *args], capture_output=True, text=True, cwd=tmp_path, env=script_env, timeout=300
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

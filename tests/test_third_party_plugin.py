@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -117,12 +116,6 @@ def plugin_env(path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def curvkit_command() -> list[str]:
-    """The installed console script next to this interpreter, or the module as a fallback."""
-    script = shutil.which("curvkit", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "curvkit.cli.main"]
-
-
 def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     # cwd away from the checkout, so the installed curvkit (not the source folder) is imported
     cwd = env["PYTHONPATH"]
@@ -168,9 +161,9 @@ def test_autoload_can_be_disabled(dist):
     assert "hessian" in result["estimators"]  # built-ins are not autoloaded, always there
 
 
-def test_command_line_lists_the_plugin(dist):
+def test_command_line_lists_the_plugin(dist, curvkit_command):
     proc = subprocess.run(
-        [*curvkit_command(), "plugins"], env=plugin_env(dist), capture_output=True, text=True, timeout=300
+        [*curvkit_command, "plugins"], env=plugin_env(dist), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

@@ -1,0 +1,117 @@
+"""Interrupting ``curvkit analyze`` (Ctrl-C, ``kill``, ``kill -9``) loses nothing and resumes.
+
+Each test starts the installed console script on the bundled MLP, waits until the
+first analysis (``eigen/largest``) is in the results file, signals the process while
+it computes a long trace, then runs the same command again and checks that the
+file ends complete, with the finished analysis skipped and every value equal to an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import h5py
+import pytest
+from curvkit.cli.main import app
+from typer.testing import CliRunner
+
+from curvkit.datasets import bundled_file
+from curvkit.store import ResultsStore
+
+MLP = str(bundled_file("digits_mlp.pt"))
+ANALYSES = ["--top-k", "5", "--trace", "hutchinson", "--trace-matvecs", "1500"]
+"""The trace is long enough (1500 products, seconds) to be interrupted in."""
+KEYS = {"eigen/largest", "trace/hutchinson"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "results.h5"
+    result = CliRunner().invoke(app, ["analyze", MLP, *ANALYSES, "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        return {key: run.read(key) for key in KEYS}
+
+
+def _stored_keys(path) -> set[str]:
+    """Analyses in the file so far, read without the writer's lock (the writer flushes each one)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            keys = set()
+            for run in f.get("runs", {}).values():
+                for kind in ("eigen", "trace"):
+                    keys |= {f"{kind}/{name}" for name in run.get(kind, {}) if not name.startswith("_")}
+            return keys
+    except (OSError, KeyError, RuntimeError):  # caught mid-write: try again
+        return set()
+
+
+def _interrupt_after_first_analysis(command, out, env, cwd, signum) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(
+        [*command, "analyze", MLP, *ANALYSES, "-o", str(out)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while "eigen/largest" not in _stored_keys(out):
+        assert proc.poll() is None, f"analyze ended before it could be interrupted: {proc.communicate()}"
+        assert time.monotonic() < deadline, "eigen/largest never appeared"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"]
+)
+def test_interrupted_analyze_keeps_finished_work_and_resumes(
+    tmp_path, signum, uninterrupted, curvkit_command, script_env
+):
+    out = tmp_path / "results.h5"
+    stopped = _interrupt_after_first_analysis(curvkit_command, out, script_env, tmp_path, signum)
+    if signum == signal.SIGKILL:
+        assert stopped.returncode == -signal.SIGKILL
+        expected_status, expected_error = "interrupted", None  # nobody could mark it: found running
+    else:
+        assert stopped.returncode == 130, stopped.stderr
+        assert "Traceback" not in stopped.stderr
+        lines = stopped.stderr.strip().splitlines()
+        assert len(lines) == 1 and "interrupted" in lines[0] and "run the same command again" in lines[0]
+        assert str(out) in lines[0]
+        expected_status, expected_error = "failed", "interrupted"
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        assert run.status == expected_status
+        assert run.error == expected_error
+        assert set(run.analyses()) == {"eigen/largest"}
+
+    resumed = subprocess.run(
+        [*curvkit_command, "analyze", MLP, *ANALYSES, "-o", str(out), "--json", "--quiet"],
+        cwd=tmp_path,
+        env=script_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    (summary,) = json.loads(resumed.stdout)["runs"]
+    assert summary["resumed"] == ["eigen/largest"]
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        assert run.status == "complete" and run.error is None
+        assert run.attempts == 2
+        assert set(run.analyses()) == KEYS
+        top, trace = run.read("eigen/largest"), run.read("trace/hutchinson")
+    assert top.values.tolist() == uninterrupted["eigen/largest"].values.tolist()
+    assert trace.estimate == uninterrupted["trace/hutchinson"].estimate
+    assert trace.stderr == uninterrupted["trace/hutchinson"].stderr
