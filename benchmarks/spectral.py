@@ -3,8 +3,10 @@
 Sections (``python -m benchmarks --only eigen,trace,density``):
 
 * ``eigen``, on ``mlp`` and ``cnn``: the 5 largest Hessian eigenvalues with
-  curvkit, PyHessian (at its defaults and at a tolerance that reaches 1e-4) and
-  curvlinops + SciPy ``eigsh``. Each solve is timed whole (median over rounds,
+  curvkit and curvlinops + SciPy ``eigsh`` (each at residual tolerances 1e-4,
+  1e-3, 1e-2) and PyHessian (at its defaults and at tolerances 1e-4, 1e-5, 1e-6).
+  A speed goal compares each library's fastest setting that reached the 1e-4
+  accuracy target. Each solve is timed whole (median over rounds,
   methods interleaved), its products counted at the operator, and its values
   compared with a tight reference: ARPACK (``eigsh``, ``tol=1e-10``) on curvkit's
   operator, cross-checked by curvkit at ``tol=1e-6`` (with residual certificates).
@@ -490,14 +492,18 @@ def _fastest_accurate(
     return fastest, best
 
 
+CURVKIT_PREFIX = "curvkit eigenvalues"
+"""curvkit's own solver rows (the ARPACK row on curvkit's operator is not one)."""
+
+
 def _speed_goal(res: EigenProblem, prefix: str, peer: str, need: float) -> Goal:
     what = f"top-5 eigenvalues >= {need:g}x faster than {peer} at equal or better accuracy"
-    ours = res.rows[0]
-    if ours.median_s is None or ours.rel_error is None:
+    ours, our_best = _fastest_accurate(res.rows, CURVKIT_PREFIX)
+    if our_best is None:
         return Goal(what, res.name, None, "curvkit did not run")
-    if ours.rel_error > TARGET:
+    if ours is None:
         return Goal(
-            what, res.name, False, f"curvkit missed the {TARGET:g} target: error {ours.rel_error:.1e}"
+            what, res.name, False, f"curvkit missed the {TARGET:g} target: error {our_best.rel_error:.1e}"
         )
     fastest, best = _fastest_accurate(res.rows, prefix)
     if fastest is not None:
@@ -507,7 +513,7 @@ def _speed_goal(res: EigenProblem, prefix: str, peer: str, need: float) -> Goal:
             res.name,
             speedup >= need,
             f"{speedup:.2f}x ({fastest.method}: {fastest.median_s:.2f} s, {fastest.matvecs} HVPs, error "
-            f"{fastest.rel_error:.1e}; curvkit: {ours.median_s:.2f} s, {ours.matvecs} HVPs, error "
+            f"{fastest.rel_error:.1e}; {ours.method}: {ours.median_s:.2f} s, {ours.matvecs} HVPs, error "
             f"{ours.rel_error:.1e})",
         )
     if best is None:
