@@ -71,7 +71,11 @@ def _summary(key: str, result: Any) -> str:
     """One short line per analysis for the terminal."""
     if key.startswith("eigen/"):
         values = ", ".join(f"{v:.4g}" for v in result.values.tolist())
-        return f"[{values}] (max residual {result.residuals.max().item():.1e}, {result.matvecs} products)"
+        converged = "" if result.converged else ", NOT converged"
+        return (
+            f"[{values}] (max residual {result.residuals.max().item():.1e}, {result.matvecs} products"
+            f"{converged})"
+        )
     if key.startswith("trace/"):
         return f"{result.estimate:.5g} +- {result.stderr:.2g} ({result.matvecs} products)"
     if key.startswith("density/"):

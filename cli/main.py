@@ -2,12 +2,14 @@
 
 Each command parses its options, calls a library function that returns a
 result, and prints a summary. Library errors (:class:`curvkit.CurvkitError`)
-become one line on stderr and exit status 2, without a traceback.
+become one line on stderr and exit status 2 (130 for an interrupted analysis),
+without a traceback; curvkit's warnings become one ``curvkit: warning:`` line.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 from curvkit.cli import analyze as analyze_module
@@ -63,8 +65,20 @@ app.command("plot")(results_module.plot)
 app.command("export")(results_module.export)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """curvkit's own warnings as one line, like its errors; others as Python shows them."""
+    if issubclass(category, curvkit.CurvkitWarning):
+        typer.echo(f"curvkit: warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning curvkit errors into one line."""
+    warnings.showwarning = _show_warning
     try:
         app()
     except curvkit.CurvkitError as exc:

@@ -161,3 +161,23 @@ def test_bad_input_is_one_line(tmp_path, args, fragment, curvkit_command, script
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("curvkit: error:") and fragment in lines[0], proc.stderr
+
+
+def test_unreachable_float32_tolerance_warns_in_one_line(tmp_path, curvkit_command, script_env):
+    proc = subprocess.run(
+        [*curvkit_command, "analyze", MLP, "--top-k", "2", "--tol", "1e-9", "-o", "r.h5", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=script_env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("curvkit: warning: tol=1e-09 is below what torch.float32 products can certify")
+    (run,) = json.loads(proc.stdout)["runs"]
+    assert run["results"]["eigen/largest"].endswith("NOT converged)")
+    with ResultsStore(tmp_path / "r.h5", mode="r") as store:
+        (stored,) = store.runs()
+        top = stored.read("eigen/largest")
+        assert not top.converged and (top.residuals / top.values[0] < 1e-6).all()
