@@ -804,6 +804,8 @@ class Run:
             g.attrs["matvecs"] = int(result.matvecs)
             _set(g.attrs, "data_passes", result.data_passes)
             g.attrs["seed"] = int(result.seed)
+            g.attrs["fallback"] = bool(result.fallback)
+            _set(g.attrs, "sketch_mass", None if result.sketch_mass is None else float(result.sketch_mass))
 
         self._write("trace", name, fill)
 
@@ -932,6 +934,8 @@ class Run:
                 matvecs=int(_attr(g.attrs["matvecs"])),
                 data_passes=_get_int(g.attrs, "data_passes"),
                 seed=int(_attr(g.attrs["seed"])),
+                fallback=bool(_attr(g.attrs.get("fallback", False))),  # absent in older files
+                sketch_mass=_get_float(g.attrs, "sketch_mass"),
             )
 
     def read_density(self, name: str) -> DensityResult:
@@ -1046,6 +1050,9 @@ class Run:
                 yield key, "estimate", None, res.estimate
                 yield key, "stderr", None, res.stderr
                 yield key, "matvecs", None, res.matvecs
+                yield key, "fallback", None, int(res.fallback)
+                if res.sketch_mass is not None:
+                    yield key, "sketch_mass", None, res.sketch_mass
             elif kind == "density":
                 for x, d in zip(res.grid.tolist(), res.density.tolist()):
                     yield key, "density", x, d
@@ -1078,6 +1085,11 @@ def _set(attrs: Any, key: str, value: Any) -> None:
 def _get_int(attrs: Any, key: str) -> int | None:
     value = attrs.get(key)
     return None if value is None else int(_attr(value))
+
+
+def _get_float(attrs: Any, key: str) -> float | None:
+    value = attrs.get(key)
+    return None if value is None else float(_attr(value))
 
 
 class _Malformed:

@@ -197,6 +197,26 @@ def test_optional_and_odd_fields_round_trip(path):
         assert run.read_eigen("bf16").values.dtype == torch.float32  # documented: bfloat16 stored as float32
 
 
+def test_trace_fallback_and_sketch_mass_round_trip_and_default_in_older_files(path):
+    fell_back = TraceResult(4.0, 0.5, "hutchinson", 30, None, 1, fallback=True, sketch_mass=0.25)
+    kept = TraceResult(4.0, 0.1, "xtrace", 30, None, 1, sketch_mass=0.95)
+    with ResultsStore(path) as store, store.begin_run("r") as run:
+        run.write_trace("hutch++", fell_back)
+        run.write_trace("xtrace", kept)
+        run.write_trace("old", small_trace())
+    with h5py.File(path, "r+") as f:  # as written before the two attributes existed
+        del f["runs/r/trace/old"].attrs["fallback"]
+        assert "sketch_mass" not in f["runs/r/trace/old"].attrs
+    with ResultsStore(path, "r") as store:
+        run = store.run("r")
+        assert_same(run.read_trace("hutch++"), fell_back)
+        assert_same(run.read_trace("xtrace"), kept)
+        assert_same(run.read_trace("old"), small_trace())
+        rows = {(r["analysis"], r["quantity"]): r["value"] for r in store.csv_rows()}
+    assert (rows["trace/hutch++", "fallback"], rows["trace/hutch++", "sketch_mass"]) == (1, 0.25)
+    assert rows["trace/old", "fallback"] == 0 and ("trace/old", "sketch_mass") not in rows
+
+
 def test_provenance_and_timings_round_trip(path):
     provenance = {
         "checkpoint": "runs/epoch_10.pt",
