@@ -189,7 +189,7 @@ def analyze(
                         run.write_timing("load", time.perf_counter() - started)
                         psd = bool(getattr(prepared.operator, "PSD", False))
                         keys = plan.keys(psd=psd, reference=prepared.reference is not None)
-                        done = {key for key in keys if run.has(key)}
+                        done = {key for key in keys if run.has(key, plan.request(key))}
                         task = bars.add_task(
                             escape(f"{path.name} [{estimator}]"),
                             total=len(keys),
@@ -203,7 +203,7 @@ def analyze(
                         def store_result(
                             key: str, result: Any, seconds: float, run=run, task=task, lines=lines
                         ) -> None:
-                            run.write(key, result)
+                            run.write(key, result, request=plan.request(key))
                             run.write_timing(key, seconds)
                             lines[key] = _summary(key, result)
                             bars.advance(task)

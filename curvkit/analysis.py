@@ -98,6 +98,31 @@ class AnalysisPlan:
             keys.append("per_layer/module")
         return keys
 
+    def request(self, key: str) -> dict[str, Any]:
+        """The options that determine the result of analysis ``key`` under this plan.
+
+        A stored result is reused on resume only when it was made with the same
+        request: asking for ``--top-k 10`` after a run with ``--top-k 5`` recomputes
+        ``eigen/largest`` instead of returning the five stored pairs.
+        """
+        seed, tol = self.seed, self.tol
+        kind, _, name = key.partition("/")
+        if key == "eigen/largest":
+            return {"k": self.top_k, "which": "largest", "tol": tol, "seed": seed}
+        if key == "eigen/smallest":
+            return {"k": self.bottom_k, "which": "smallest", "tol": tol, "seed": seed}
+        if kind == "trace":
+            return {"method": name, "matvecs": self.trace_matvecs, "seed": seed}
+        if key == "density/slq":
+            return {"steps": self.density_steps, "runs": self.density_runs, "seed": seed}
+        if key in ("checks/residuals", "checks/agreement"):
+            return {"k": self.top_k, "tol": tol, "seed": seed}
+        if kind == "checks":
+            return {"seed": seed}
+        if key == "per_layer/module":
+            return {"tol": tol, "seed": seed}
+        raise CurvkitError(f"no analysis {key!r} in a plan")
+
 
 def run_plan(
     op: Any,

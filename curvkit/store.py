@@ -732,10 +732,25 @@ class Run:
                 out += [f"{kind}/{name}" for name in self._group[kind] if not name.startswith("_")]
         return out
 
-    def has(self, key: str) -> bool:
-        """Whether the finished analysis ``"kind/name"`` (e.g. ``"eigen/largest"``) is stored."""
+    def has(self, key: str, request: Mapping[str, Any] | None = None) -> bool:
+        """Whether the finished analysis ``"kind/name"`` (e.g. ``"eigen/largest"``) is stored.
+
+        Args:
+            key: The analysis.
+            request: If given, the analysis must also have been written with this
+                request (see :meth:`write`); one written without any does not match.
+        """
         kind, _, name = key.partition("/")
-        return kind in KINDS and bool(name) and kind in self._group and name in self._group[kind]
+        found = kind in KINDS and bool(name) and kind in self._group and name in self._group[kind]
+        if not found or request is None:
+            return found
+        return self.request(key) == json.loads(json.dumps(dict(request), sort_keys=True))
+
+    def request(self, key: str) -> dict[str, Any] | None:
+        """The options the analysis ``key`` was computed with (``None`` if not recorded)."""
+        kind, _, name = key.partition("/")
+        value = self._analysis(kind, name).attrs.get("request_json")
+        return None if value is None else json.loads(_attr(value))
 
     # -- writing
 
@@ -985,8 +1000,18 @@ class Run:
                 raise ValueError("columns of different lengths")
             return LayerTable([LayerRow(**{c: cols[c][i] for c in _LAYER_COLUMNS}) for i in range(n)])
 
-    def write(self, key: str, result: Any) -> None:
-        """Store ``result`` as ``"kind/name"`` with the ``write_<kind>`` method of its kind."""
+    def write(self, key: str, result: Any, *, request: Mapping[str, Any] | None = None) -> None:
+        """Store ``result`` as ``"kind/name"`` with the ``write_<kind>`` method of its kind.
+
+        Args:
+            key: The analysis, ``"kind/name"``.
+            result: What the library returned for it.
+            request: The JSON-able options the result was computed with (``k``,
+                ``tol``, ``seed``...), stored as the ``request_json`` attribute so that
+                a resumed run can tell whether the stored result answers a new request
+                (:meth:`has`). It is written after the result: a process killed in
+                between leaves a result without a request, which is then recomputed.
+        """
         kind, _, name = key.partition("/")
         writers = {
             "eigen": self.write_eigen,
@@ -998,6 +1023,9 @@ class Run:
         if kind not in writers:
             raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
         writers[kind](name, result)
+        if request is not None:
+            self._group[kind][name].attrs["request_json"] = json.dumps(dict(request), sort_keys=True)
+            self._store._flush()
 
     def read(self, key: str) -> Any:
         """The result stored as ``"kind/name"``, of the type its ``read_<kind>`` method returns."""

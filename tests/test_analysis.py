@@ -31,6 +31,24 @@ def test_keys_follow_the_plan():
         AnalysisPlan(trace="median")
 
 
+def test_requests_name_what_determines_each_result():
+    plan = AnalysisPlan(top_k=3, bottom_k=2, check=True, per_layer=True, tol=1e-5, seed=7)
+    keys = plan.keys(psd=True, reference=True)
+    requests = {key: plan.request(key) for key in keys}
+    assert requests["eigen/largest"] == {"k": 3, "which": "largest", "tol": 1e-5, "seed": 7}
+    assert requests["eigen/smallest"] == {"k": 2, "which": "smallest", "tol": 1e-5, "seed": 7}
+    assert requests["trace/hutch++"] == {"method": "hutch++", "matvecs": 99, "seed": 7}
+    assert requests["density/slq"] == {"steps": 60, "runs": 3, "seed": 7}
+    assert all(r["seed"] == 7 for r in requests.values())
+    # every option that changes a result changes its request
+    assert AnalysisPlan(top_k=4).request("eigen/largest") != AnalysisPlan(top_k=5).request("eigen/largest")
+    assert AnalysisPlan(tol=1e-6).request("eigen/largest") != AnalysisPlan().request("eigen/largest")
+    assert AnalysisPlan(trace_matvecs=300).request("trace/hutch++") != AnalysisPlan().request("trace/hutch++")
+    assert AnalysisPlan(density_runs=5).request("density/slq") != AnalysisPlan().request("density/slq")
+    with pytest.raises(curvkit.CurvkitError, match="no analysis"):
+        plan.request("eigen/middle")
+
+
 def test_results_stream_in_order_and_are_right(problem):
     H = curvkit.curvature("hessian", problem)
     truth = dense_hessian_reference(problem)

@@ -65,6 +65,25 @@ def test_rerun_resumes_without_recomputing(analysed):
         assert store.runs()[0].attempts == 2
 
 
+def test_changed_options_recompute_instead_of_resuming(tmp_path):
+    out = str(tmp_path / "r.h5")
+
+    def analyze(*flags: str) -> dict:
+        result = invoke("analyze", MLP, *flags, "-o", out, "--json", "--quiet")
+        assert result.exit_code == 0, result.output
+        (run,) = json.loads(result.stdout)["runs"]
+        return run
+
+    assert analyze("--top-k", "2")["resumed"] == []
+    assert analyze("--top-k", "3")["resumed"] == []  # another k: recomputed, not the stored pair
+    assert analyze("--top-k", "3", "--tol", "1e-5")["resumed"] == []  # another tolerance
+    assert analyze("--top-k", "3", "--tol", "1e-5")["resumed"] == ["eigen/largest"]  # the same request
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        top = run.read("eigen/largest")
+        assert top.values.shape == (3,) and top.tol == 1e-5 and run.attempts == 4
+
+
 def test_explicit_flags_select_analyses(tmp_path):
     out = tmp_path / "r.h5"
     result = invoke(

@@ -341,6 +341,28 @@ def test_resume_keeps_finished_analyses(path):
         assert run.info["finished_at"] and run.info["created_at"] <= run.info["started_at"]
 
 
+def test_a_stored_result_answers_only_the_request_it_was_made_for(path):
+    request = {"k": 2, "which": "largest", "tol": 1e-4, "seed": 0}
+    with ResultsStore(path) as store, store.begin_run("r", {}) as run:
+        run.write("eigen/largest", small_eigen(), request=request)
+        run.write("trace/hutch++", small_trace())  # no request recorded
+    with ResultsStore(path) as store:
+        run = store.begin_run("r", {})
+        assert run.request("eigen/largest") == request
+        assert run.has("eigen/largest") and run.has("eigen/largest", dict(request))
+        assert not run.has("eigen/largest", {**request, "k": 3})
+        assert not run.has("eigen/largest", {**request, "tol": 1e-6})
+        assert run.has("trace/hutch++") and run.request("trace/hutch++") is None
+        assert not run.has("trace/hutch++", {"method": "hutch++", "matvecs": 99, "seed": 0})
+        assert not run.has("density/slq", {"steps": 60})
+        # rewriting with a new request replaces both
+        run.write("eigen/largest", small_eigen(), request={**request, "k": 3})
+        assert run.has("eigen/largest", {**request, "k": 3}) and not run.has("eigen/largest", request)
+        run.finish()
+    with h5py.File(path, "r") as f:  # plain h5py sees the request as JSON text
+        assert json.loads(f["runs/r/eigen/largest"].attrs["request_json"])["k"] == 3
+
+
 def test_resume_refuses_a_changed_checkpoint_unless_restarted(path):
     with ResultsStore(path) as store, store.begin_run("r", {"checkpoint_sha256": "a" * 64}) as run:
         run.write_eigen("largest", small_eigen())
