@@ -89,7 +89,7 @@ class SpectralSettings:
     """Rounds and seeds of the spectral sections."""
 
     eigen_rounds: int = 3
-    trace_seeds: int = 10
+    trace_seeds: int = 30
     density_rounds: int = 1
     cross_check: bool = True
 
@@ -492,6 +492,11 @@ def _fastest_accurate(
     return fastest, best
 
 
+NOISE_SIGMAS = 2.0
+"""A "never worse than Hutchinson" goal fails only when the mean error exceeds Hutchinson's by
+more than this many combined standard errors: two estimators with the same variance (an
+adaptive estimator that fell back to Hutchinson) come out either side of ratio 1 by chance."""
+
 CURVKIT_PREFIX = "curvkit eigenvalues"
 """curvkit's own solver rows (the ARPACK row on curvkit's operator is not one)."""
 
@@ -562,13 +567,24 @@ def evaluate_spectral_goals(results: SpectralResults) -> list[Goal]:
                     goals.append(Goal(what, res.name, None, "no measurement"))
                     continue
                 ratio = row.mean_rel_error / base.mean_rel_error
+                met, why = ratio <= limit, ""
+                if limit == 1.0 and not met:
+                    # "never worse" of two Monte-Carlo errors: worse only beyond their noise
+                    excess = row.mean_rel_error - base.mean_rel_error
+                    noise = math.hypot(row.stderr_rel_error or 0.0, base.stderr_rel_error or 0.0)
+                    met = excess <= NOISE_SIGMAS * noise
+                    why = (
+                        f"; the excess {excess:.1e} is {'within' if met else 'beyond'} "
+                        f"{NOISE_SIGMAS:g} combined standard errors ({NOISE_SIGMAS * noise:.1e})"
+                    )
                 goals.append(
                     Goal(
                         what,
                         res.name,
-                        ratio <= limit,
+                        met,
                         f"ratio {ratio:.3f} (goal <= {limit:g}): {label} {_err(row)}, Hutchinson "
-                        f"{_err(base)} (mean relative error over {res.seeds} seeds +- its standard error)",
+                        f"{_err(base)} (mean relative error over {res.seeds} seeds +- its standard error)"
+                        + why,
                     )
                 )
     return goals

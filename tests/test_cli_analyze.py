@@ -160,6 +160,7 @@ def test_trajectory_of_checkpoints(tmp_path):
         (["show", "missing.h5"], "missing.h5"),
         (["analyze", "corrupt.pt"], "corrupt.pt"),
         (["analyze", "nan.pt"], "non-finite weights"),
+        (["analyze", "overflow.pt"], "loss or its gradient is not finite"),
         (["analyze", MLP, "--model", "curvkit.models:digits_cnn"], "digits_cnn"),
         (["analyze", MLP, "--data", "wrong.npz"], "cannot be applied"),
         (["show", "foreign.h5"], "another tool"),
@@ -170,6 +171,9 @@ def test_bad_input_is_one_line(tmp_path, args, fragment, curvkit_command, script
     ckpt = torch.load(MLP, weights_only=True)
     ckpt["model_state_dict"]["0.weight"] = torch.full_like(ckpt["model_state_dict"]["0.weight"], float("nan"))
     torch.save(ckpt, tmp_path / "nan.pt")
+    ckpt = torch.load(MLP, weights_only=True)  # finite weights whose logits overflow: an Inf/NaN loss
+    ckpt["model_state_dict"]["4.weight"] = torch.full_like(ckpt["model_state_dict"]["4.weight"], 3e38)
+    torch.save(ckpt, tmp_path / "overflow.pt")
     np.savez(tmp_path / "wrong.npz", X=np.zeros((10, 7), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1, 2, 3]
