@@ -245,40 +245,33 @@ def pyhessian_eigen(max_iter: int, tol: float) -> Callable[[BenchProblem], Calla
     return make
 
 
+def _eigsh_solver(A: Any, products: Callable[[], int], tol: float) -> Callable[[int], EigenOutcome]:
+    """``eigsh(A, k=5, which="LA", tol)`` from a seeded start vector; ``products()`` counts HVPs."""
+    from scipy.sparse.linalg import eigsh
+
+    def solve(seed: int) -> EigenOutcome:
+        v0 = np.random.default_rng(seed).standard_normal(A.shape[0])
+        before = products()
+        values = eigsh(A, k=K, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+        return EigenOutcome([float(v) for v in values], products() - before, True)
+
+    return solve
+
+
 def curvlinops_eigsh(tol: float) -> Callable[[BenchProblem], Callable[[int], EigenOutcome]]:
     """curvlinops ``HessianLinearOperator(...).to_scipy()`` and ``scipy.sparse.linalg.eigsh``."""
 
     def make(problem: BenchProblem) -> Callable[[int], EigenOutcome]:
         op, count = _curvlinops(problem)
-        from scipy.sparse.linalg import eigsh
-
-        A = op.to_scipy()
-
-        def solve(seed: int) -> EigenOutcome:
-            v0 = np.random.default_rng(seed).standard_normal(A.shape[0])
-            before = count.n
-            values = eigsh(A, k=K, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
-            return EigenOutcome([float(v) for v in values], count.n - before, True)
-
-        return solve
+        return _eigsh_solver(op.to_scipy(), lambda: count.n, tol)
 
     return make
 
 
 def curvkit_scipy_eigsh(problem: BenchProblem) -> Callable[[int], EigenOutcome]:
     """SciPy ``eigsh`` on curvkit's own operator (``H.to_scipy()``): curvkit's products, ARPACK's solver."""
-    from scipy.sparse.linalg import eigsh
-
     H = _curvkit_hessian(problem)
-    A = H.to_scipy()
-
-    def solve(seed: int) -> EigenOutcome:
-        v0 = np.random.default_rng(seed).standard_normal(A.shape[0])
-        before = H.matvecs
-        values = eigsh(A, k=K, which="LA", tol=EIGSH_TOL, v0=v0, return_eigenvectors=False)
-        return EigenOutcome([float(v) for v in values], H.matvecs - before, True)
-
-    return solve
+    return _eigsh_solver(H.to_scipy(), lambda: H.matvecs, EIGSH_TOL)
 
 
 EIGEN_METHODS: tuple[SpectralMethod, ...] = (

@@ -6,6 +6,7 @@ the suite must stay quick on CI's 2 cores.
 
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -33,3 +34,15 @@ def script_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture
+def run_curvkit(curvkit_command, script_env):
+    """``run_curvkit(*args, cwd=...)``: the console script in a subprocess, output captured."""
+
+    def run(*args: str, cwd) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*curvkit_command, *args], capture_output=True, text=True, cwd=cwd, env=script_env, timeout=300
+        )
+
+    return run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import h5py
 import numpy as np
@@ -166,7 +165,7 @@ def test_trajectory_of_checkpoints(tmp_path):
         (["show", "foreign.h5"], "another tool"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, args, fragment, curvkit_command, script_env):
+def test_bad_input_is_one_line(tmp_path, args, fragment, run_curvkit):
     (tmp_path / "corrupt.pt").write_bytes(open(MLP, "rb").read()[:5000])  # truncated
     ckpt = torch.load(MLP, weights_only=True)
     ckpt["model_state_dict"]["0.weight"] = torch.full_like(ckpt["model_state_dict"]["0.weight"], float("nan"))
@@ -177,24 +176,15 @@ def test_bad_input_is_one_line(tmp_path, args, fragment, curvkit_command, script
     np.savez(tmp_path / "wrong.npz", X=np.zeros((10, 7), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1, 2, 3]
-    proc = subprocess.run(
-        [*curvkit_command, *args], capture_output=True, text=True, cwd=tmp_path, env=script_env, timeout=300
-    )
+    proc = run_curvkit(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("curvkit: error:") and fragment in lines[0], proc.stderr
 
 
-def test_unreachable_float32_tolerance_warns_in_one_line(tmp_path, curvkit_command, script_env):
-    proc = subprocess.run(
-        [*curvkit_command, "analyze", MLP, "--top-k", "2", "--tol", "1e-9", "-o", "r.h5", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=script_env,
-        timeout=300,
-    )
+def test_unreachable_float32_tolerance_warns_in_one_line(tmp_path, run_curvkit):
+    proc = run_curvkit("analyze", MLP, "--top-k", "2", "--tol", "1e-9", "-o", "r.h5", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("curvkit: warning: tol=1e-09 is below what torch.float32 products can certify")

@@ -75,7 +75,7 @@ def _interrupt_after_first_analysis(command, out, env, cwd, signum) -> subproces
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"]
 )
 def test_interrupted_analyze_keeps_finished_work_and_resumes(
-    tmp_path, signum, uninterrupted, curvkit_command, script_env
+    tmp_path, signum, uninterrupted, curvkit_command, script_env, run_curvkit
 ):
     out = tmp_path / "results.h5"
     stopped = _interrupt_after_first_analysis(curvkit_command, out, script_env, tmp_path, signum)
@@ -95,14 +95,7 @@ def test_interrupted_analyze_keeps_finished_work_and_resumes(
         assert run.error == expected_error
         assert set(run.analyses()) == {"eigen/largest"}
 
-    resumed = subprocess.run(
-        [*curvkit_command, "analyze", MLP, *ANALYSES, "-o", str(out), "--json", "--quiet"],
-        cwd=tmp_path,
-        env=script_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_curvkit("analyze", MLP, *ANALYSES, "-o", str(out), "--json", "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     (summary,) = json.loads(resumed.stdout)["runs"]
     assert summary["resumed"] == ["eigen/largest"]
