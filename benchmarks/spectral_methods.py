@@ -396,14 +396,18 @@ TRACE_METHODS: tuple[SpectralMethod, ...] = (
         "curvkit Hutch++",
         "curvkit",
         curvkit_trace("hutch++"),
-        "`trace(H, method='hutch++', matvecs=99, seed=s)`: 33-column sketch, 33 for `A Q`, 33 probes",
+        "`trace(H, method='hutch++', matvecs=99, seed=s)`: 33-column sketch, 33 for `A Q`, 33 probes; "
+        "adaptive (the default): when the sketch misses more than a third of `||H||_F^2` it falls back "
+        "to Hutchinson with all 99 products",
         "budget 99",
     ),
     SpectralMethod(
         "curvkit XTrace",
         "curvkit",
         curvkit_trace("xtrace"),
-        "`trace(H, method='xtrace', matvecs=99, seed=s)`: 49 test vectors, 98 products",
+        "`trace(H, method='xtrace', matvecs=99, seed=s)`: 49 test vectors, 98 products; adaptive (the "
+        "default): when the sketch misses more than half of `||H||_F^2` it falls back to Hutchinson "
+        "with all 99 products",
         "budget 99",
     ),
     SpectralMethod(
