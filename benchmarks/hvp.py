@@ -147,13 +147,19 @@ class Goal:
 
 
 @dataclass
-class ProblemResult:
-    """Everything measured on one problem."""
+class ProblemRecord:
+    """What every per-problem record of the benchmarks starts with: which problem, and its size."""
 
     name: str
     description: str
     params: int
     samples: int
+
+
+@dataclass
+class ProblemResult(ProblemRecord):
+    """Everything measured on one problem."""
+
     gradient_ms: float | None = None
     other_load: float | None = None
     hvp: list[HVPRow] = field(default_factory=list)

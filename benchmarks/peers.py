@@ -20,13 +20,21 @@ import importlib.metadata
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 from torch import Tensor
 
 from benchmarks.methods import Method, MethodUnavailableError, Product, flatten
 from benchmarks.problems import BenchProblem
 
-__all__ = ["DISTRIBUTIONS", "NO_HVP", "PEER_METHODS", "curvlinops_hessian", "peer_versions"]
+__all__ = [
+    "DISTRIBUTIONS",
+    "NO_HVP",
+    "PEER_METHODS",
+    "curvlinops_hessian",
+    "peer_versions",
+    "pyhessian_computer",
+]
 
 DISTRIBUTIONS = {
     "curvlinops": "curvlinops-for-pytorch",
@@ -95,15 +103,23 @@ def pyhessian_dataloader(problem: BenchProblem) -> Product:
     return product
 
 
-def pyhessian_single_batch(problem: BenchProblem) -> Product:
-    """PyHessian with ``data=(X, y)``: gradient graph built once at construction, reused."""
+def pyhessian_computer(problem: BenchProblem) -> Any:
+    """PyHessian's ``hessian(..., data=(X, y))``: its gradient graph is built here, once, and kept
+    in ``.gradsH``; the model's ``.grad`` fields are cleared before and after."""
     pyhessian = _require("pyhessian")
     _clear_grads(problem)
     with _quiet():
         comp = pyhessian.hessian(
             problem.model, problem.criterion(), data=(problem.inputs, problem.targets), cuda=False
         )
-    _clear_grads(problem)  # the graph lives on in comp.gradsH
+    _clear_grads(problem)
+    return comp
+
+
+def pyhessian_single_batch(problem: BenchProblem) -> Product:
+    """PyHessian with ``data=(X, y)``: gradient graph built once at construction, reused."""
+    pyhessian = _require("pyhessian")
+    comp = pyhessian_computer(problem)
     return lambda v: flatten(pyhessian.hessian_vector_product(comp.gradsH, comp.params, problem.split(v)))
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 import curvkit
-from benchmarks.hvp import Goal
+from benchmarks.hvp import Goal, ProblemRecord
 from benchmarks.methods import MethodUnavailableError
 from benchmarks.peers import _require
 from benchmarks.problems import PROBLEMS, BenchProblem, make_mlp, make_trained_mlp
@@ -100,13 +100,19 @@ class SpectralSettings:
 
 
 @dataclass
-class EigenRow:
-    """One top-5 method on one problem (``None`` fields when skipped or failed)."""
+class SpectralRow:
+    """What every spectral row starts with: the method as :class:`SpectralMethod` describes it."""
 
     method: str
     family: str
     settings: str
     note: str
+
+
+@dataclass
+class EigenRow(SpectralRow):
+    """One top-5 method on one problem (``None`` fields when skipped or failed)."""
+
     median_s: float | None = None
     min_s: float | None = None
     max_s: float | None = None
@@ -125,13 +131,9 @@ class EigenRow:
 
 
 @dataclass
-class EigenProblem:
+class EigenProblem(ProblemRecord):
     """The top-5 rows of one problem and their reference."""
 
-    name: str
-    description: str
-    params: int
-    samples: int
     reference: list[float] = field(default_factory=list)
     reference_matvecs: int | None = None
     reference_cross_check: float | None = None
@@ -141,13 +143,9 @@ class EigenProblem:
 
 
 @dataclass
-class TraceRow:
+class TraceRow(SpectralRow):
     """One trace estimator on one problem, over the seeds."""
 
-    method: str
-    family: str
-    settings: str
-    note: str
     matvecs: int | None = None
     mean_rel_error: float | None = None
     stderr_rel_error: float | None = None
@@ -161,13 +159,9 @@ class TraceRow:
 
 
 @dataclass
-class TraceProblem:
+class TraceProblem(ProblemRecord):
     """The trace rows of one problem and the exact trace."""
 
-    name: str
-    description: str
-    params: int
-    samples: int
     exact_trace: float | None = None
     reference: str = ""
     check_block: str | None = None
@@ -184,13 +178,9 @@ class TraceProblem:
 
 
 @dataclass
-class DensityRow:
+class DensityRow(SpectralRow):
     """One SLQ density method on one problem."""
 
-    method: str
-    family: str
-    settings: str
-    note: str
     median_s: float | None = None
     min_s: float | None = None
     max_s: float | None = None
@@ -203,13 +193,9 @@ class DensityRow:
 
 
 @dataclass
-class DensityProblem:
+class DensityProblem(ProblemRecord):
     """The density rows of one problem."""
 
-    name: str
-    description: str
-    params: int
-    samples: int
     largest_eigenvalue: float | None = None
     other_load: float | None = None
     rows: list[DensityRow] = field(default_factory=list)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import curvkit
-from benchmarks.peers import _clear_grads, _quiet, _require
+from benchmarks.peers import _clear_grads, _quiet, _require, pyhessian_computer
 from benchmarks.problems import BenchProblem
 
 __all__ = [
@@ -178,18 +178,6 @@ def _count_pyhessian() -> Iterator[_Count]:
         module.hessian_vector_product = original
 
 
-def _pyhessian(problem: BenchProblem) -> Any:
-    """PyHessian's ``hessian`` in single-batch mode (gradient graph built here), grads cleared."""
-    pyhessian = _require("pyhessian")
-    _clear_grads(problem)
-    with _quiet():
-        comp = pyhessian.hessian(
-            problem.model, problem.criterion(), data=(problem.inputs, problem.targets), cuda=False
-        )
-    _clear_grads(problem)
-    return comp
-
-
 def _curvlinops(problem: BenchProblem) -> tuple[Any, _Count]:
     """curvlinops' ``HessianLinearOperator`` with a column counter on its ``_matmat``."""
     curvlinops = _require("curvlinops")
@@ -231,7 +219,7 @@ def pyhessian_eigen(max_iter: int, tol: float) -> Callable[[BenchProblem], Calla
     """PyHessian's ``eigenvalues(top_n=5, maxIter, tol)`` (deflated power iteration)."""
 
     def make(problem: BenchProblem) -> Callable[[int], EigenOutcome]:
-        comp = _pyhessian(problem)
+        comp = pyhessian_computer(problem)
 
         def solve(seed: int) -> EigenOutcome:
             torch.manual_seed(seed)  # its start vectors come from the global generator
@@ -351,7 +339,7 @@ def pyhessian_trace(max_iter: int, tol: float) -> Callable[[BenchProblem], Calla
     """PyHessian's ``trace(maxIter, tol)`` (Hutchinson, Rademacher probes, its own stopping rule)."""
 
     def make(problem: BenchProblem) -> Callable[[int], TraceOutcome]:
-        comp = _pyhessian(problem)
+        comp = pyhessian_computer(problem)
 
         def estimate(seed: int) -> TraceOutcome:
             torch.manual_seed(seed)
@@ -477,7 +465,7 @@ def curvkit_density(runs: int) -> Callable[[BenchProblem], Callable[[int], Densi
 
 def pyhessian_density(problem: BenchProblem) -> Callable[[int], DensityOutcome]:
     """PyHessian's ``density(iter=100, n_v=1)``; on torch 2.x it raises at ``torch.eig``."""
-    comp = _pyhessian(problem)
+    comp = pyhessian_computer(problem)
 
     def run(seed: int) -> DensityOutcome:
         torch.manual_seed(seed)
