@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import TextIO
 
 import typer
 from curvkit.cli import analyze as analyze_module
@@ -65,7 +66,14 @@ app.command("plot")(results_module.plot)
 app.command("export")(results_module.export)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """curvkit's own warnings as one line, like its errors; others as Python shows them."""
     if issubclass(category, curvkit.CurvkitWarning):
         typer.echo(f"curvkit: warning: {message}", err=True)
