@@ -151,101 +151,108 @@ def analyze(
     command_line = shlex.join(["curvkit", *sys.argv[1:]])
     summary: list[dict[str, Any]] = []
     try:
-        with _terminate_as_interrupt():
-            with (
-                ResultsStore(output) as store,
-                Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(),
-                    console=console,
-                    disable=not show_progress,
-                    transient=True,
-                ) as bars,
-            ):
-                for index, path in enumerate(paths):
-                    for estimator in curvature:
-                        started = time.perf_counter()
-                        prepared = prepare_analysis(
-                            path,
-                            estimator=estimator,
-                            model=model,
-                            model_kwargs=kwargs,
-                            data=data,
-                            loss=loss,
-                            batch_size=batch_size,
-                            max_samples=max_samples,
-                            device=device,
-                            dtype=dtype,
-                            trust_pickle=trust_pickle,
+        with (
+            _terminate_as_interrupt(),
+            ResultsStore(output) as store,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=console,
+                disable=not show_progress,
+                transient=True,
+            ) as bars,
+        ):
+            for index, path in enumerate(paths):
+                for estimator in curvature:
+                    started = time.perf_counter()
+                    prepared = prepare_analysis(
+                        path,
+                        estimator=estimator,
+                        model=model,
+                        model_kwargs=kwargs,
+                        data=data,
+                        loss=loss,
+                        batch_size=batch_size,
+                        max_samples=max_samples,
+                        device=device,
+                        dtype=dtype,
+                        trust_pickle=trust_pickle,
+                    )
+                    provenance = {**prepared.provenance, "seed": seed, "command_line": command_line}
+                    run = store.begin_run(
+                        make_run_id(path, estimator, prepared.provenance["estimator_options"]),
+                        provenance,
+                        index=index,
+                    )
+                    run.write_timing("load", time.perf_counter() - started)
+                    psd = bool(getattr(prepared.operator, "PSD", False))
+                    keys = plan.keys(psd=psd, reference=prepared.reference is not None)
+                    requests = {key: plan.request(key) for key in keys}
+                    done = {key for key in keys if run.has(key, requests[key])}
+                    task = bars.add_task(
+                        escape(f"{path.name} [{estimator}]"),
+                        total=len(keys),
+                        info="",
+                        completed=len(done),
+                    )
+                    lines: dict[str, str] = {
+                        key: "(resumed) " + _summary(key, run.read(key)) for key in sorted(done)
+                    }
+
+                    def store_result(
+                        key: str,
+                        result: Any,
+                        seconds: float,
+                        run=run,
+                        task=task,
+                        lines=lines,
+                        requests=requests,
+                    ) -> None:
+                        run.write(key, result, request=requests[key])
+                        run.write_timing(key, seconds)
+                        lines[key] = _summary(key, result)
+                        bars.advance(task)
+
+                    def report(key: str, counters: dict, task=task) -> None:
+                        bars.update(
+                            task,
+                            info=escape(f"{key} " + " ".join(f"{k}={v}" for k, v in counters.items())),
                         )
-                        provenance = {**prepared.provenance, "seed": seed, "command_line": command_line}
-                        run = store.begin_run(
-                            make_run_id(path, estimator, prepared.provenance["estimator_options"]),
-                            provenance,
-                            index=index,
+
+                    try:
+                        run_plan(
+                            prepared.operator,
+                            plan,
+                            done=done,
+                            reference=prepared.reference,
+                            on_result=store_result,
+                            progress=report,
                         )
-                        run.write_timing("load", time.perf_counter() - started)
-                        psd = bool(getattr(prepared.operator, "PSD", False))
-                        keys = plan.keys(psd=psd, reference=prepared.reference is not None)
-                        done = {key for key in keys if run.has(key, plan.request(key))}
-                        task = bars.add_task(
-                            escape(f"{path.name} [{estimator}]"),
-                            total=len(keys),
-                            info="",
-                            completed=len(done),
-                        )
-                        lines: dict[str, str] = {
-                            key: "(resumed) " + _summary(key, run.read(key)) for key in sorted(done)
+                    except BaseException as exc:
+                        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+                        run.finish("failed", error=reason or type(exc).__name__)
+                        raise
+                    run.finish("complete")
+                    bars.remove_task(task)
+                    summary.append(
+                        {
+                            "run_id": run.run_id,
+                            "checkpoint": str(path),
+                            "estimator": estimator,
+                            "parameters": prepared.problem.dim,
+                            "resumed": sorted(done),
+                            "results": {key: lines[key] for key in keys},
                         }
-
-                        def store_result(
-                            key: str, result: Any, seconds: float, run=run, task=task, lines=lines
-                        ) -> None:
-                            run.write(key, result, request=plan.request(key))
-                            run.write_timing(key, seconds)
-                            lines[key] = _summary(key, result)
-                            bars.advance(task)
-
-                        def report(key: str, counters: dict, task=task) -> None:
-                            bars.update(
-                                task,
-                                info=escape(f"{key} " + " ".join(f"{k}={v}" for k, v in counters.items())),
-                            )
-
-                        try:
-                            run_plan(
-                                prepared.operator,
-                                plan,
-                                done=done,
-                                reference=prepared.reference,
-                                on_result=store_result,
-                                progress=report,
-                            )
-                        except BaseException as exc:
-                            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-                            run.finish("failed", error=reason or type(exc).__name__)
-                            raise
-                        run.finish("complete")
-                        bars.remove_task(task)
-                        summary.append(
-                            {
-                                "run_id": run.run_id,
-                                "checkpoint": str(path),
-                                "estimator": estimator,
-                                "parameters": prepared.problem.dim,
-                                "resumed": sorted(done),
-                                "results": {key: lines[key] for key in keys},
-                            }
+                    )
+                    if not as_json:
+                        console.print(
+                            f"[bold]{escape(str(path))}[/bold] {escape(f'[{estimator}]')} "
+                            f"P={prepared.problem.dim:,} -> {escape(str(output))}"
                         )
-                        if not as_json:
-                            console.print(
-                                f"[bold]{escape(str(path))}[/bold] {escape(f'[{estimator}]')} "
-                                f"P={prepared.problem.dim:,} -> {escape(str(output))}"
-                            )
-                            for key in keys:
-                                console.print(f"  {key}: {lines[key]}", markup=False, highlight=False)
+                        for key in keys:
+                            console.print(f"  {key}: {lines[key]}", markup=False, highlight=False)
     except KeyboardInterrupt:
         raise AnalysisInterruptedError(
             f"interrupted; the analyses that finished are kept in {output}: "
