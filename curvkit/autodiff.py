@@ -17,6 +17,11 @@ and the device (see ``benchmarks/RESULTS.md``):
 ``"auto"`` (the default) uses the reverse graph; for ``K > 1`` its first six
 products with K columns alternate between the looped and the batched backward
 pass, timed, and then it keeps the faster (choosing costs no extra products).
+The two passes compute the same product but round differently (in float32 the
+columns differ by about one unit in the last place), so which one "auto" keeps,
+and hence the last bits of a multi-vector product, can change from run to run;
+``"reverse"`` or ``"batched-reverse"`` give the same bits on every run on one
+machine.
 
 **Gradient-graph reuse.** Building the gradient graph (forward plus
 ``create_graph`` backward) is most of an HVP's cost. When the graphs of all

@@ -39,15 +39,25 @@ def uninterrupted(tmp_path_factory):
 
 
 def _stored_keys(path) -> set[str]:
-    """Analyses in the file so far, read without the writer's lock (the writer flushes each one)."""
+    """Analyses in the file so far, read without the writer's lock (the writer flushes each one).
+
+    The writer does not use SWMR, so a read that overlaps a write can see a
+    half-written object (a link whose group is not yet readable comes back as
+    ``None``) or fail in h5py: either way the poll just tries again.
+    """
     try:
         with h5py.File(path, "r", locking=False) as f:
             keys = set()
-            for run in f.get("runs", {}).values():
+            runs = f.get("runs")
+            for name in runs if runs is not None else ():
+                run = runs.get(name)
                 for kind in ("eigen", "trace"):
-                    keys |= {f"{kind}/{name}" for name in run.get(kind, {}) if not name.startswith("_")}
+                    group = run.get(kind) if run is not None else None
+                    for analysis in group if group is not None else ():
+                        if not analysis.startswith("_"):
+                            keys.add(f"{kind}/{analysis}")
             return keys
-    except (OSError, KeyError, RuntimeError):  # caught mid-write: try again
+    except Exception:  # caught mid-write (OSError, KeyError, RuntimeError...): try again
         return set()
 
 
@@ -106,5 +116,9 @@ def test_interrupted_analyze_keeps_finished_work_and_resumes(
         assert set(run.analyses()) == KEYS
         top, trace = run.read("eigen/largest"), run.read("trace/hutchinson")
     assert top.values.tolist() == uninterrupted["eigen/largest"].values.tolist()
-    assert trace.estimate == uninterrupted["trace/hutchinson"].estimate
-    assert trace.stderr == uninterrupted["trace/hutchinson"].stderr
+    # The trace's 64-column products go through the "auto" HVP strategy, which picks
+    # the looped or the batched backward pass by timing them; the two round float32
+    # differently, so a recomputed trace matches to float32's rounding, not bit for bit.
+    whole = uninterrupted["trace/hutchinson"]
+    assert trace.estimate == pytest.approx(whole.estimate, rel=1e-6)
+    assert trace.stderr == pytest.approx(whole.stderr, rel=1e-6)
