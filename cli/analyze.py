@@ -12,8 +12,6 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +31,46 @@ class AnalysisInterruptedError(CurvkitError):
     exit_code = 130  # 128 + SIGINT, the shell's convention for an interrupted command
 
 
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (``kill``, a scheduler's time limit) like Ctrl-C while analysing.
+class _Interrupts:
+    """Ctrl-C and SIGTERM (``kill``, a scheduler's time limit) stop ``curvkit analyze``.
 
-    Both then mark the current run as interrupted before the command exits, instead
-    of leaving it for the next reader to find half-written.
+    Both raise :class:`KeyboardInterrupt`, so the current run is marked
+    interrupted before the command exits instead of being left for the next reader
+    to find half-written. Python runs a signal handler between bytecodes wherever
+    the main thread is, and an exception raised inside a weakref callback or a
+    ``__del__`` (which autograd's bookkeeping runs all the time) is printed and
+    swallowed. The handler therefore also records the signal, and :meth:`check`,
+    called at every progress report, after every stored result and at the end,
+    raises again until the command stops.
     """
 
-    def interrupt(signum: int, frame: Any) -> None:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread (an embedding application): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def check(self) -> None:
+        """Raise :class:`KeyboardInterrupt` if a signal came (even one swallowed)."""
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _Interrupts:
+        try:
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread (an embedding application): leave signals alone
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 def _json_option(text: str | None, name: str) -> dict[str, Any] | None:
@@ -152,7 +170,7 @@ def analyze(
     summary: list[dict[str, Any]] = []
     try:
         with (
-            _terminate_as_interrupt(),
+            _Interrupts() as interrupts,
             ResultsStore(output) as store,
             Progress(
                 TextColumn("{task.description}"),
@@ -166,6 +184,7 @@ def analyze(
         ):
             for index, path in enumerate(paths):
                 for estimator in curvature:
+                    interrupts.check()
                     started = time.perf_counter()
                     prepared = prepare_analysis(
                         path,
@@ -214,8 +233,10 @@ def analyze(
                         run.write_timing(key, seconds)
                         lines[key] = _summary(key, result)
                         bars.advance(task)
+                        interrupts.check()
 
                     def report(key: str, counters: dict, task=task) -> None:
+                        interrupts.check()
                         bars.update(
                             task,
                             info=escape(f"{key} " + " ".join(f"{k}={v}" for k, v in counters.items())),
@@ -253,6 +274,7 @@ def analyze(
                         )
                         for key in keys:
                             console.print(f"  {key}: {lines[key]}", markup=False, highlight=False)
+            interrupts.check()  # one that came during the last result's summary
     except KeyboardInterrupt:
         raise AnalysisInterruptedError(
             f"interrupted; the analyses that finished are kept in {output}: "

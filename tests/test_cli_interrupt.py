@@ -122,3 +122,41 @@ def test_interrupted_analyze_keeps_finished_work_and_resumes(
     whole = uninterrupted["trace/hutchinson"]
     assert trace.estimate == pytest.approx(whole.estimate, rel=1e-6)
     assert trace.stderr == pytest.approx(whole.stderr, rel=1e-6)
+
+
+class _Collectable:
+    """An object whose collection runs a weakref callback."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_signal_swallowed_by_a_weakref_callback_still_stops_the_run(tmp_path, monkeypatch):
+    """A signal handled inside a weakref callback (autograd frees objects all the time)
+    has its ``KeyboardInterrupt`` printed and swallowed by Python; analyze must stop anyway."""
+    import weakref
+
+    import curvkit.cli.analyze as analyze_command
+    from curvkit.cli.analyze import AnalysisInterruptedError
+
+    real_run_plan = analyze_command.run_plan
+
+    def run_plan(*args, progress, **kwargs):
+        def signal_during_trace(key, counters):
+            if key.startswith("trace/"):
+                obj = _Collectable()
+                ref = weakref.ref(obj, lambda _: signal.raise_signal(signal.SIGTERM))
+                del obj  # the callback runs the handler; its KeyboardInterrupt is swallowed
+                assert ref() is None
+            progress(key, counters)
+
+        return real_run_plan(*args, progress=signal_during_trace, **kwargs)
+
+    monkeypatch.setattr(analyze_command, "run_plan", run_plan)
+    out = tmp_path / "results.h5"
+    result = CliRunner().invoke(app, ["analyze", MLP, *ANALYSES, "-o", str(out), "--quiet"])
+    assert isinstance(result.exception, AnalysisInterruptedError), result.output
+    assert result.exception.exit_code == 130  # main() turns it into one line and this status
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        assert (run.status, run.error) == ("failed", "interrupted")
+        assert set(run.analyses()) == {"eigen/largest"}
