@@ -209,7 +209,7 @@ def eigenvalues(
         radius = state.spectral_radius
         products = state.products
     if products is None:  # certificates: one batched product for all k pairs
-        products = matmat(vectors)
+        products = matmat(vectors.contiguous())
         used += vectors.shape[1]
     residual = products - vectors * values
     residuals = residual.norm(dim=0)
@@ -219,7 +219,7 @@ def eigenvalues(
     passes_after = getattr(A, "data_passes", None)
     return EigenResult(
         values=values[order].to(A.dtype),
-        vectors=vectors[:, order].to(A.dtype) if return_vectors else None,
+        vectors=vectors[:, order].to(A.dtype).contiguous() if return_vectors else None,
         residuals=residuals[order].to(A.dtype),
         matvecs=used,
         data_passes=None if passes_before is None else passes_after - passes_before,

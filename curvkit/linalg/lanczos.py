@@ -180,13 +180,13 @@ def thick_restart_lanczos(
             combine = S_basis[:, wanted].T
             return LanczosState(
                 values=theta[wanted].to(device),
-                vectors=(combine @ V[:size]).T.contiguous(),
+                vectors=(combine @ V[:size]).T,
                 residual_estimates=res[wanted].to(device),
                 matvecs=matvecs,
                 restarts=restarts,
                 converged=done,
                 spectral_radius=spectral,
-                products=None if W is None else (combine @ W[:size]).T.contiguous(),
+                products=None if W is None else (combine @ W[:size]).T,
             )
         if size < m:
             V[size] = w / beta
