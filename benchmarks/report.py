@@ -11,6 +11,7 @@ from typing import Any
 from benchmarks.hvp import Goal, K, ProblemResult
 from benchmarks.peers import NO_HVP
 from benchmarks.spectral import TARGET, SpectralResults
+from curvkit.autodiff import AUTO_TRIALS
 
 __all__ = ["render_markdown", "write_results"]
 
@@ -128,8 +129,8 @@ def render_markdown(
         f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']} "
         f"(inter-op {m['torch_interop_threads']}), OPENBLAS_NUM_THREADS={m['openblas_num_threads']}.",
         f"- HVP and matmat timing: median of {meta['repeats']} rounds ({meta['matmat_repeats']} for matmat) "
-        f"after "
-        f"{meta['warmup']} warm-up round(s), all methods of a table interleaved in each round "
+        f"after {meta['warmup']} warm-up round(s) ({meta.get('matmat_warmup', meta['warmup'])} for matmat, "
+        "past curvkit's auto-strategy trials), all methods of a table interleaved in each round "
         "(rotating order), in one process; a fresh random vector every round. Each method's first "
         "product (on the check vector) is untimed, so kept graphs and caches are warm.",
         "- Function: the full-data mean cross-entropy, model in eval mode, float32. Peers get the "
@@ -192,9 +193,9 @@ SPECTRAL_READING = [
     "round. *HVPs* are Hessian-vector products counted at the operator (columns multiplied), not the "
     "libraries' own reports; *ms per HVP* is the solve's time divided by them, so it includes each "
     "solver's own linear algebra.",
-    "- curvkit's `auto` product strategy times looped against batched backward passes the first time it "
-    "sees a column count (4 extra passes, not counted as HVPs): *first* columns show that cost, medians "
-    "exclude it.",
+    "- curvkit's `auto` product strategy alternates looped and batched backward passes over its first "
+    f"{2 * AUTO_TRIALS} products with a new column count, timing them (real products, counted as HVPs), "
+    "then keeps the faster: *first* columns show the cost of the slower trials, medians exclude it.",
 ]
 
 
