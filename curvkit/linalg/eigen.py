@@ -1,6 +1,7 @@
 """Eigenpairs of curvature operators, with residual certificates.
 
-:func:`eigenvalues` runs thick-restart Lanczos with full reorthogonalisation
+:func:`eigenvalues` runs thick-restart Lanczos with partial (or, for bases too
+large to keep their products, full) reorthogonalisation
 (:mod:`curvkit.linalg.lanczos`) and returns, for every pair, the residual norm
 ``r = ||A v - lambda v||`` computed explicitly from ``A v``: combined from the
 products Lanczos stored (``v`` is a combination of basis vectors, so
