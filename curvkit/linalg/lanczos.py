@@ -20,12 +20,13 @@ towards converged Ritz vectors, which without a remedy come back as copies
   step in six, making a top-5 solve about 10% faster.
 
 Partial is used when the products are stored (:data:`PRODUCT_STORE_BYTES`),
-full otherwise. When the basis reaches ``max_basis`` vectors, the Ritz vectors
-nearest the wanted end of the spectrum are kept and the process continues from
-the last residual: the thick restart of K. Wu and H. Simon, "Thick-restart
-Lanczos method for large symmetric eigenvalue problems", SIAM J. Matrix Anal.
-Appl. 22(2), 2000 (after partial reorthogonalisation, from the Rayleigh-Ritz
-pairs of the Gram-matrix projection, so that the kept vectors are orthonormal).
+with a larger default basis (:data:`PARTIAL_BASIS`), full otherwise. When the
+basis reaches ``max_basis`` vectors, the Ritz vectors nearest the wanted end of
+the spectrum are kept and the process continues from the last residual: the
+thick restart of K. Wu and H. Simon, "Thick-restart Lanczos method for large
+symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2), 2000 (after
+partial reorthogonalisation, from the Rayleigh-Ritz pairs of the Gram-matrix
+projection, so that the kept vectors are orthonormal).
 
 The basis is kept in the precision the caller asks for (the operator's own);
 the projected matrix ``T`` and its eigendecomposition are always float64.
