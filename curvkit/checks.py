@@ -35,6 +35,7 @@ __all__ = [
     "check_residuals",
     "check_symmetry",
     "condition_number",
+    "largest_principal_angle",
     "negative_mass",
 ]
 
@@ -155,6 +156,17 @@ def _top_k_of(B: Any, k: int, which: str, tol: float, seed: int) -> tuple[Tensor
     return res.values, res.vectors
 
 
+def largest_principal_angle(U: Tensor, V: Tensor) -> float:
+    """Largest principal angle (radians) between the column spans of ``U`` and ``V``
+    (same shape ``[P, k]``), accurate for small angles: ``arcsin`` of
+    ``||(I - Q_U Q_U^T) Q_V||_2`` with orthonormal bases ``Q`` from QR, in float64.
+    """
+    Q_U = torch.linalg.qr(U.to(torch.float64))[0]
+    Q_V = torch.linalg.qr(V.to(device=U.device, dtype=torch.float64))[0]
+    sine = torch.linalg.matrix_norm(Q_V - Q_U @ (Q_U.T @ Q_V), ord=2).item()
+    return math.asin(min(1.0, sine))
+
+
 def check_agreement(
     A: Any,
     reference: Any,
@@ -179,9 +191,14 @@ def check_agreement(
         tol: Lanczos tolerance for operators.
         seed: Seed of the Lanczos starting vectors.
 
-    The angle is ``arccos`` of the smallest singular value of ``U^T V`` for
-    orthonormal bases ``U``, ``V``; it is only meaningful when the k-th and
-    (k+1)-th eigenvalues are separated.
+    The largest principal angle between the spans of ``U`` and ``V`` is computed
+    in float64 from its sine, ``||(I - U U^T) V||_2`` with both bases
+    orthonormalised (A. Bjorck and G. H. Golub, "Numerical methods for computing
+    angles between linear subspaces", Math. Comp. 27(123), 1973). The textbook
+    ``arccos`` of the smallest singular value of ``U^T V`` loses half the digits
+    for small angles: with float32 eigenvectors it reads about 1e-3 where the
+    angle is 1e-6. The angle is only meaningful when the k-th and (k+1)-th
+    eigenvalues are separated.
     """
     if tuple(A.shape) != tuple(reference.shape):
         raise ShapeMismatchError(
@@ -192,8 +209,7 @@ def check_agreement(
     lam, V = _top_k_of(A, k, which, tol, seed)
     mu, U = mu.to(lam), U.to(V)
     value_error = ((lam - mu).abs().max() / mu.abs().max().clamp_min(torch.finfo(mu.dtype).tiny)).item()
-    sigma = torch.linalg.svdvals(U.T @ V).clamp(max=1.0)
-    angle = math.acos(sigma.min().item())
+    angle = largest_principal_angle(U, V)
     return CheckResult(
         "agreement",
         value_error <= value_rtol and angle <= max_angle,

@@ -16,6 +16,7 @@ from curvkit.checks import (
     check_residuals,
     check_symmetry,
     condition_number,
+    largest_principal_angle,
     negative_mass,
 )
 from curvkit.linalg.eigen import eigenvalues
@@ -54,6 +55,30 @@ def test_residual_check_recomputes_certificates():
     spoiled = dataclasses.replace(res, values=res.values * 1.01)
     check = check_residuals(A, spoiled)
     assert check.passed is False and check.measured > 1e-3
+
+
+@pytest.mark.parametrize("theta", [1e-9, 1e-6, 1e-3, 0.5, math.pi / 2])
+def test_largest_principal_angle_is_exact_for_small_and_large_angles(theta):
+    e = torch.eye(6, dtype=DT)
+    U = e[:, :2]
+    V = torch.stack([math.cos(theta) * e[:, 0] + math.sin(theta) * e[:, 2], e[:, 1]], dim=1)
+    assert largest_principal_angle(U, V) == pytest.approx(theta, rel=1e-9)
+    # any basis of the same spans: scaled, mixed, in float32
+    mixed = V @ torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=DT)
+    assert largest_principal_angle(U, mixed) == pytest.approx(theta, rel=1e-6, abs=1e-12)
+    assert largest_principal_angle(U, V.float()) == pytest.approx(theta, abs=1e-7)
+
+
+def test_agreement_of_float32_eigenvectors_is_measured_not_rounded():
+    """arccos of the singular values of U^T V reads ~1e-3 for float32 vectors (sqrt of
+    float32's rounding); the sine-based angle sees the true, tiny, angle."""
+    spectrum = torch.cat([torch.linspace(0.0, 1.0, 197, dtype=DT), torch.tensor([2.0, 3.0, 4.0], dtype=DT)])
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=DT))[0]
+    M = Q @ torch.diag(spectrum) @ Q.T
+    result = check_agreement(curvkit.DenseOperator(M.float()), M, k=3, tol=1e-6)
+    assert result.passed
+    assert result.figures["max_principal_angle"] < 1e-5  # float32 vectors: a few eps / gap
 
 
 def test_agreement_with_exact_hessian():
