@@ -177,6 +177,22 @@ class _Orthogonality:
         self.force = False
 
 
+def _set_column(T: Tensor, j: int, h: Tensor) -> None:
+    """Column and row ``j`` of the symmetric ``T``: the coefficients ``h`` of ``A v_j``."""
+    T[: j + 1, j] = h
+    T[j, : j + 1] = h
+
+
+def _set_arrow(T: Tensor, values: Tensor, coupling: Tensor) -> None:
+    """``T`` after a thick restart: ``diag(values)`` of the kept Ritz vectors, coupled
+    to the next Lanczos vector (index ``p = len(values)``) through ``coupling``."""
+    p = values.numel()
+    T.zero_()
+    T[torch.arange(p), torch.arange(p)] = values
+    T[p, :p] = coupling
+    T[:p, p] = coupling
+
+
 def _rayleigh_ritz(V: Tensor, W: Tensor) -> tuple[Tensor, Tensor] | None:
     """Ritz pairs of ``A`` on ``span(V)`` (rows) from ``W = A V``, for a basis that is
     only nearly orthonormal: ``(V W^T) s = theta (V V^T) s``, solved through the
@@ -270,10 +286,7 @@ def _refined_restart(
     W[:p] = products
     V[p] = w / norm
     coupling = (W[:p] @ V[p]).to(device="cpu", dtype=torch.float64)  # v_p . A y_i
-    T.zero_()
-    T[torch.arange(p), torch.arange(p)] = theta[keep]
-    T[p, :p] = coupling
-    T[:p, p] = coupling
+    _set_arrow(T, theta[keep], coupling)
     return p
 
 
@@ -370,8 +383,7 @@ def thick_restart_lanczos(
             h[j - 1] = beta
             h[j] = alpha
             if not full:
-                T[: j + 1, j] = h
-                T[j, : j + 1] = h
+                _set_column(T, j, h)  # the recurrence reads it; a sweep below rewrites it
                 beta = w.norm().item()
                 full = not omega.advance(T, j, beta)
         if full:
@@ -387,8 +399,7 @@ def thick_restart_lanczos(
             if omega is not None:
                 omega.reset(j, again=j > start and not omega.force)
             beta = norm_after.item()
-        T[: j + 1, j] = h
-        T[j, : j + 1] = h
+            _set_column(T, j, h)
         size = j + 1
         if progress is not None:
             progress({"matvecs": matvecs, "basis": size, "restarts": restarts})
@@ -451,11 +462,7 @@ def thick_restart_lanczos(
         V[:p] = combine @ V[:size]
         if W is not None:
             W[:p] = combine @ W[:size]
-        coupling = beta * S[size - 1, keep]
-        T.zero_()
         V[p] = w / beta
-        T[torch.arange(p), torch.arange(p)] = theta[keep]
-        T[p, :p] = coupling
-        T[:p, p] = coupling
+        _set_arrow(T, theta[keep], beta * S[size - 1, keep])
         j = start = p
         restarts += 1
