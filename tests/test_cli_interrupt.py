@@ -13,9 +13,12 @@ import json
 import signal
 import subprocess
 import time
+import weakref
 
+import curvkit.cli.analyze as analyze_command
 import h5py
 import pytest
+from curvkit.cli.analyze import AnalysisInterruptedError
 from curvkit.cli.main import app
 from typer.testing import CliRunner
 
@@ -132,11 +135,6 @@ class _Collectable:
 def test_signal_swallowed_by_a_weakref_callback_still_stops_the_run(tmp_path, monkeypatch):
     """A signal handled inside a weakref callback (autograd frees objects all the time)
     has its ``KeyboardInterrupt`` printed and swallowed by Python; analyze must stop anyway."""
-    import weakref
-
-    import curvkit.cli.analyze as analyze_command
-    from curvkit.cli.analyze import AnalysisInterruptedError
-
     real_run_plan = analyze_command.run_plan
 
     def run_plan(*args, progress, **kwargs):
