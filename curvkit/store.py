@@ -168,6 +168,33 @@ def make_run_id(
     return f"{readable}-{digest}"
 
 
+def _is_empty_hdf5(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file with no attribute and no member (which a store adopts)."""
+    try:
+        with _h5py().File(path, "r", locking="best-effort") as f:
+            return not len(f.attrs) and not len(f)
+    except OSError:
+        return False
+
+
+def _canonical_json(value: Mapping[str, Any]) -> str:
+    """``value`` as canonical JSON text (sorted keys, plain values)."""
+    return json.dumps(_plain(dict(value)), sort_keys=True)
+
+
+def _check_same_key(stored: Any, key: Mapping[str, Any], run_id: str, path: Path) -> None:
+    """Refuse to reopen a run for other settings (a hash collision, or a hand-made id)."""
+    new = json.loads(_canonical_json(key))
+    if stored == new:
+        return
+    old = stored if isinstance(stored, dict) else {}
+    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["the key"]
+    raise StoreError(
+        f"run {run_id} in {path} was made with other settings (differing: {', '.join(differing)}): "
+        "restart the run or use another output file"
+    )
+
+
 def _check_name(name: str, what: str = "analysis name") -> str:
     if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or name.startswith("_"):
         raise StoreError(
@@ -300,11 +327,25 @@ class ResultsStore:
     # -- opening
 
     def _check_path(self) -> None:
-        p = self.path
+        self.check_path(self.path, self.mode)
+
+    @staticmethod
+    def check_path(path: str | os.PathLike[str], mode: str = "a") -> None:
+        """Check, without opening it, that ``path`` can be a results file opened with ``mode``.
+
+        For a command that computes for a long time before it writes, so that a
+        bad output path is refused before any work is done.
+
+        Raises:
+            StoreError: The path is a directory, its directory is missing or not
+                writable, or the file exists and is not an HDF5 file (or, for
+                ``"a"``, is read-only).
+        """
+        p = Path(path)
         if p.is_dir():
             raise StoreError(f"{p} is a directory, not a results file")
         if not p.exists():
-            if self.mode == "r":
+            if mode == "r":
                 raise StoreError(f"{p}: no such results file")
             parent = p.parent if str(p.parent) else Path(".")
             if not parent.exists():
@@ -322,8 +363,10 @@ class ResultsStore:
             raise StoreError(
                 f"{p} is not an HDF5 file (not a curvkit results file); choose another output path"
             )
-        if self.mode == "a" and not os.access(p, os.W_OK):
+        if mode == "a" and not os.access(p, os.W_OK):
             raise StoreError(f"cannot write {p}: permission denied")
+        if mode == "a" and not _is_empty_hdf5(p):  # another tool's file, a newer schema, in use
+            ResultsStore(p, "r").close()
 
     def _register(self) -> None:
         with _OPEN_LOCK:
@@ -475,23 +518,29 @@ class ResultsStore:
         run_id: str,
         provenance: Mapping[str, Any] | None = None,
         *,
+        key: Mapping[str, Any] | None = None,
         index: int | None = None,
         restart: bool = False,
     ) -> Run:
         """Create a run, or reopen it to resume; either way its status becomes ``"running"``.
 
-        A reopened run keeps its finished analyses (:meth:`Run.has` is true for
-        them, so the caller skips them), its timings and creation time; its
-        provenance is replaced by the new one and ``attempts`` goes up by one.
-        Analyses half-written by a killed process are removed.
+        A new run stores ``provenance`` and ``key``. A reopened run keeps its
+        finished analyses (:meth:`Run.has` is true for them, so the caller skips
+        them), its timings, creation time and provenance: provenance describes how
+        the stored numbers were made and is written once, never by a later
+        command. ``attempts`` goes up by one. Analyses half-written by a killed
+        process are removed.
 
         Args:
             run_id: The run's name, e.g. from :func:`make_run_id`.
             provenance: Where the results come from (see ``docs/hdf5-schema.md`` for
                 the usual keys): str/int/float/bool values are stored as
                 attributes, anything else (lists, dicts, ``None``) as JSON text.
+            key: Everything that determines the run's numbers (JSON-able), stored
+                as the run's ``key_json`` attribute. Reopening a run with another
+                key is refused, so results are never relabelled.
             index: Position of the run in a trajectory (checkpoint order).
-            restart: Drop the run's stored analyses and timings first.
+            restart: Drop the stored run (analyses, timings, provenance) first.
 
         Returns:
             The :class:`Run`, ready for writing. Use it as a context manager to
@@ -499,27 +548,21 @@ class ResultsStore:
 
         Raises:
             StoreError: The store is read-only, the id is invalid, or the stored
-                run was made from a checkpoint with a different ``checkpoint_sha256``
-                (pass ``restart=True`` to discard those results).
+                run was made with another ``key`` (pass ``restart=True`` to
+                discard its results).
         """
         f = self._require_open()
         if self.mode != "a":
             raise StoreError(f"{self.path} is open read-only: cannot begin run {run_id!r}")
         _check_name(run_id, "run id")
-        provenance = dict(provenance or {})
         runs = f["runs"]
         if run_id in runs and restart:
             del runs[run_id]
         if run_id in runs:
             group = runs[run_id]
-            old = _read_attrs(group["provenance"].attrs) if "provenance" in group else {}
-            new_sha, old_sha = provenance.get("checkpoint_sha256"), old.get("checkpoint_sha256")
-            if new_sha and old_sha and new_sha != old_sha:
-                raise StoreError(
-                    f"run {run_id} in {self.path} was made from a different file at "
-                    f"{old.get('checkpoint', 'the checkpoint path')} (sha256 {str(old_sha)[:12]}..., now "
-                    f"{str(new_sha)[:12]}...): restart the run or use another output file"
-                )
+            if key is not None:
+                stored = _attr(group.attrs.get("key_json", "null"))
+                _check_same_key(json.loads(stored), key, run_id, self.path)
             for name in [n for n in group if n.startswith(_PARTIAL)]:
                 del group[name]
             attempts = int(_attr(group.attrs.get("attempts", 0))) + 1
@@ -527,10 +570,10 @@ class ResultsStore:
             group = runs.create_group(run_id, track_order=True)
             group.attrs["run_id"] = run_id
             group.attrs["created_at"] = _now()
+            if key is not None:
+                group.attrs["key_json"] = _canonical_json(key)
+            _write_attrs(group.create_group("provenance", track_order=True).attrs, dict(provenance or {}))
             attempts = 1
-        if "provenance" in group:
-            del group["provenance"]
-        _write_attrs(group.create_group("provenance", track_order=True).attrs, provenance)
         if "timings" not in group:
             group.create_group("timings", track_order=True)
         group.attrs["status"] = RUNNING
@@ -635,7 +678,7 @@ class ResultsStore:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted (KeyboardInterrupt)"
+        return "interrupted"
     message = _one_line(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
@@ -718,6 +761,13 @@ class Run:
         return _read_attrs(self._group["provenance"].attrs) if "provenance" in self._group else {}
 
     @property
+    def key(self) -> dict[str, Any] | None:
+        """What determines the run's numbers, as given to :meth:`ResultsStore.begin_run`
+        (``None`` for a run begun without one)."""
+        value = self._group.attrs.get("key_json")
+        return None if value is None else json.loads(_attr(value))
+
+    @property
     def timings(self) -> dict[str, float]:
         """Seconds by key, from :meth:`write_timing`."""
         if "timings" not in self._group:
@@ -759,14 +809,20 @@ class Run:
         if not self._begun:
             raise StoreError(f"run {self.run_id} was not begun in this store: call begin_run first")
 
-    def _write(self, kind: str, name: str, fill: Any) -> None:
-        """Build the analysis in a scratch group, then move it into place and flush."""
+    def _write(self, kind: str, name: str, fill: Any, request: Mapping[str, Any] | None = None) -> None:
+        """Build the analysis, and its request, in a scratch group; move it into place; flush.
+
+        The move is one link operation, so a reader (or a resumed run) sees the
+        analysis with its request or not at all, whenever the process is stopped.
+        """
         self._writable()
         _check_name(name)
         scratch = f"{_PARTIAL}{uuid.uuid4().hex[:12]}"
         group = self._group.create_group(scratch, track_order=True)
         try:
             fill(group)
+            if request is not None:
+                group.attrs["request_json"] = _canonical_json(request)
         except BaseException:
             del self._group[scratch]
             raise
@@ -778,13 +834,21 @@ class Run:
         self._group.move(scratch, f"{kind}/{name}")
         self._store._flush()
 
-    def write_eigen(self, name: str, result: EigenResult, *, vectors: bool = False) -> None:
+    def write_eigen(
+        self,
+        name: str,
+        result: EigenResult,
+        *,
+        vectors: bool = False,
+        request: Mapping[str, Any] | None = None,
+    ) -> None:
         """Store eigenpairs as ``eigen/<name>``.
 
         Args:
             name: e.g. ``"largest"`` or ``"largest-5"``.
             result: From :func:`curvkit.eigenvalues`.
             vectors: Also store the ``[P, k]`` eigenvectors (the result must have them).
+            request: The options it was computed with (see :meth:`write`).
         """
         if not isinstance(result, EigenResult):
             raise TypeError(f"write_eigen needs an EigenResult, got {type(result).__name__}")
@@ -805,9 +869,11 @@ class Run:
             g.attrs["tol"] = float(result.tol)
             g.attrs["restarts"] = int(result.restarts)
 
-        self._write("eigen", name, fill)
+        self._write("eigen", name, fill, request)
 
-    def write_trace(self, name: str, result: TraceResult) -> None:
+    def write_trace(
+        self, name: str, result: TraceResult, *, request: Mapping[str, Any] | None = None
+    ) -> None:
         """Store a trace estimate as ``trace/<name>`` (e.g. ``"hutch++"``)."""
         if not isinstance(result, TraceResult):
             raise TypeError(f"write_trace needs a TraceResult, got {type(result).__name__}")
@@ -822,9 +888,11 @@ class Run:
             g.attrs["fallback"] = bool(result.fallback)
             _set(g.attrs, "sketch_mass", None if result.sketch_mass is None else float(result.sketch_mass))
 
-        self._write("trace", name, fill)
+        self._write("trace", name, fill, request)
 
-    def write_density(self, name: str, result: DensityResult) -> None:
+    def write_density(
+        self, name: str, result: DensityResult, *, request: Mapping[str, Any] | None = None
+    ) -> None:
         """Store a spectral density as ``density/<name>`` (e.g. ``"slq"``)."""
         if not isinstance(result, DensityResult):
             raise TypeError(f"write_density needs a DensityResult, got {type(result).__name__}")
@@ -838,9 +906,11 @@ class Run:
             g.attrs["runs"] = int(result.runs)
             g.attrs["matvecs"] = int(result.matvecs)
 
-        self._write("density", name, fill)
+        self._write("density", name, fill, request)
 
-    def write_check(self, name: str, result: CheckResult) -> None:
+    def write_check(
+        self, name: str, result: CheckResult, *, request: Mapping[str, Any] | None = None
+    ) -> None:
         """Store a check as ``checks/<name>`` (e.g. ``"symmetry"``)."""
         if not isinstance(result, CheckResult):
             raise TypeError(f"write_check needs a CheckResult, got {type(result).__name__}")
@@ -855,9 +925,11 @@ class Run:
             for key, value in result.figures.items():
                 figures.attrs[str(key)] = float(value)
 
-        self._write("checks", name, fill)
+        self._write("checks", name, fill, request)
 
-    def write_per_layer(self, name: str, table: LayerTable) -> None:
+    def write_per_layer(
+        self, name: str, table: LayerTable, *, request: Mapping[str, Any] | None = None
+    ) -> None:
         """Store a per-layer table as ``per_layer/<name>`` (e.g. ``"module"``), one dataset per column."""
         if not isinstance(table, LayerTable):
             raise TypeError(f"write_per_layer needs a LayerTable, got {type(table).__name__}")
@@ -879,7 +951,7 @@ class Run:
             g.create_dataset("matvecs", data=np.array([r.matvecs for r in rows], dtype=np.int64))
             g.attrs["rows"] = len(rows)
 
-        self._write("per_layer", name, fill)
+        self._write("per_layer", name, fill, request)
 
     def write_timing(self, key: str, seconds: float) -> None:
         """Record ``seconds`` under ``key`` in the run's ``timings`` (flushed at once)."""
@@ -1001,7 +1073,7 @@ class Run:
             return LayerTable([LayerRow(**{c: cols[c][i] for c in _LAYER_COLUMNS}) for i in range(n)])
 
     def write(self, key: str, result: Any, *, request: Mapping[str, Any] | None = None) -> None:
-        """Store ``result`` as ``"kind/name"`` with the ``write_<kind>`` method of its kind.
+        """Store ``result`` as ``"kind/name"`` with the writer of its kind.
 
         Args:
             key: The analysis, ``"kind/name"``.
@@ -1009,8 +1081,7 @@ class Run:
             request: The JSON-able options the result was computed with (``k``,
                 ``tol``, ``seed``...), stored as the ``request_json`` attribute so that
                 a resumed run can tell whether the stored result answers a new request
-                (:meth:`has`). It is written after the result: a process killed in
-                between leaves a result without a request, which is then recomputed.
+                (:meth:`has`). It is written with the result, in one step.
         """
         kind, _, name = key.partition("/")
         writers = {
@@ -1022,10 +1093,7 @@ class Run:
         }
         if kind not in writers:
             raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
-        writers[kind](name, result)
-        if request is not None:
-            self._group[kind][name].attrs["request_json"] = json.dumps(dict(request), sort_keys=True)
-            self._store._flush()
+        writers[kind](name, result, request=request)
 
     def read(self, key: str) -> Any:
         """The result stored as ``"kind/name"``, of the type its ``read_<kind>`` method returns."""
@@ -1056,6 +1124,7 @@ class Run:
                 "started_at": info.get("started_at"),
                 "finished_at": info.get("finished_at"),
                 "attempts": self.attempts,
+                "key": self.key,
                 "provenance": self.provenance,
                 "timings": self.timings,
                 "analyses": {key: _plain(self.read(key).to_dict()) for key in self.analyses()},

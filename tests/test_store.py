@@ -337,7 +337,8 @@ def test_resume_keeps_finished_analyses(path):
         run = store.run("r")
         assert run.status == "complete" and run.complete
         assert run.analyses() == ["eigen/largest", "trace/hutch++"]
-        assert run.provenance["command"] == ["second"] and run.timings == {"eigen/largest": 1.0}
+        # provenance says how the stored numbers were made: written once, never by a later command
+        assert run.provenance["command"] == ["first"] and run.timings == {"eigen/largest": 1.0}
         assert run.info["finished_at"] and run.info["created_at"] <= run.info["started_at"]
 
 
@@ -363,15 +364,39 @@ def test_a_stored_result_answers_only_the_request_it_was_made_for(path):
         assert json.loads(f["runs/r/eigen/largest"].attrs["request_json"])["k"] == 3
 
 
-def test_resume_refuses_a_changed_checkpoint_unless_restarted(path):
-    with ResultsStore(path) as store, store.begin_run("r", {"checkpoint_sha256": "a" * 64}) as run:
+def test_resume_refuses_a_run_of_other_settings_unless_restarted(path):
+    key = {"checkpoint_sha256": "a" * 64, "seed": 0, "data_fingerprint": "f"}
+    with ResultsStore(path) as store, store.begin_run("r", {"data": "one"}, key=key) as run:
         run.write_eigen("largest", small_eigen())
     with ResultsStore(path) as store:
-        with pytest.raises(StoreError, match="different file") as err:
-            store.begin_run("r", {"checkpoint_sha256": "b" * 64})
+        assert store.run("r").key == key
+        with pytest.raises(StoreError, match="other settings") as err:
+            store.begin_run("r", key={**key, "checkpoint_sha256": "b" * 64, "seed": 1})
         one_line(err)
-        run = store.begin_run("r", {"checkpoint_sha256": "b" * 64}, restart=True)
+        assert "checkpoint_sha256, seed" in str(err.value)
+        assert store.begin_run("r", key=dict(key)).analyses() == ["eigen/largest"]  # the same key resumes
+        run = store.begin_run("r", {"data": "two"}, key={**key, "seed": 1}, restart=True)
         assert run.analyses() == [] and run.attempts == 1
+        assert run.provenance == {"data": "two"} and run.key["seed"] == 1
+
+
+def test_a_result_and_its_request_appear_together(path, monkeypatch):
+    """A process stopped while an analysis is written leaves it whole, request included, or absent."""
+    import curvkit.store as store_module
+
+    with ResultsStore(path) as store, store.begin_run("r") as run:
+        seen = []
+        real_flush = store_module.ResultsStore._flush
+
+        def flush(self):  # every flush is a state a killed process could leave behind
+            group = self._file["runs/r"].get("eigen")
+            for name in group if group is not None else ():
+                seen.append(("request_json" in group[name].attrs, name))
+            real_flush(self)
+
+        monkeypatch.setattr(store_module.ResultsStore, "_flush", flush)
+        run.write("eigen/largest", small_eigen(), request={"k": 2})
+        assert seen and all(has_request for has_request, _ in seen)
 
 
 def test_failures_mark_the_run_failed_and_keep_what_was_written(path):
