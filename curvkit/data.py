@@ -10,7 +10,9 @@ curvature product makes a full pass over the data.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +21,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from curvkit.errors import DataError
 
-__all__ = ["BatchSource", "batch_size_of", "rebatchable_types", "slice_batch", "to_device"]
+__all__ = [
+    "BatchSource",
+    "DataSummary",
+    "batch_size_of",
+    "rebatchable_types",
+    "slice_batch",
+    "summarize_data",
+    "to_device",
+]
 
 Inputs = Tensor | Mapping[str, Tensor]
 
@@ -139,3 +149,65 @@ class BatchSource:
             seen += n
             if self.max_samples is not None and seen >= self.max_samples:
                 return
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a pass over the data found: the number of samples and a content fingerprint.
+
+    Attributes:
+        samples: Number of samples (the targets' first dimension, summed).
+        fingerprint: SHA-256 (hex) of the samples' contents, in order: one digest
+            per stream (the targets, and the inputs or each entry of a dict of
+            inputs) over the raw bytes of every batch, combined with the streams'
+            names, dtypes and per-sample shapes. It does not depend on how the
+            samples are batched, so the same data split by another batch size has
+            the same fingerprint, and any changed value, sample, order or dtype
+            gives another.
+    """
+
+    samples: int
+    fingerprint: str
+
+
+def _streams(inputs: Inputs, targets: Tensor) -> Iterator[tuple[str, Tensor]]:
+    yield "targets", targets
+    if isinstance(inputs, Mapping):
+        for name in sorted(inputs):
+            yield f"inputs.{name}", inputs[name]
+    else:
+        yield "inputs", inputs
+
+
+def summarize_data(batches: Iterable[tuple[Inputs, Tensor]]) -> DataSummary:
+    """Count the samples of ``batches`` and fingerprint their contents, in one pass.
+
+    Hashing runs at memory speed (about 1 GB/s on one core), so it costs less
+    than the forward pass that every curvature product makes over the same data.
+
+    Example:
+        >>> X, y = torch.arange(12.0).reshape(6, 2), torch.arange(6)
+        >>> a = summarize_data(BatchSource((X, y), batch_size=4))
+        >>> b = summarize_data(BatchSource((X, y), batch_size=5))
+        >>> a.samples, a.fingerprint == b.fingerprint
+        (6, True)
+        >>> summarize_data(BatchSource((X + 1, y))).fingerprint == a.fingerprint
+        False
+    """
+    digests: dict[str, Any] = {}
+    layouts: dict[str, tuple[str, tuple[int, ...]]] = {}
+    samples = 0
+    for inputs, targets in batches:
+        samples += batch_size_of(inputs, targets)
+        for name, t in _streams(inputs, targets):
+            if not isinstance(t, Tensor):
+                raise DataError(f"batch entries must be tensors or dicts of tensors, got {type(t).__name__}")
+            layout = (str(t.dtype), tuple(t.shape[1:]))
+            if layouts.setdefault(name, layout) != layout:
+                layouts[name] = ("mixed", ())
+            raw = t.detach().to("cpu").contiguous().reshape(-1)
+            digests.setdefault(name, hashlib.sha256()).update(raw.view(torch.uint8).numpy())
+    combined = hashlib.sha256()
+    for name in sorted(digests):
+        combined.update(f"{name}|{layouts[name]}|{digests[name].hexdigest()};".encode())
+    return DataSummary(samples=samples, fingerprint=combined.hexdigest())

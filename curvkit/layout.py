@@ -119,10 +119,11 @@ def select_parameters(
 
     Args:
         module: The model.
-        params: ``None`` for every parameter that requires grad; otherwise a name,
-            a glob pattern (``"fc1.*"``, ``"*.weight"``) or a list of them. A name
-            that is a module prefix selects the module's parameters
-            (``"0"`` selects ``"0.weight"`` and ``"0.bias"``).
+        params: ``None`` for every parameter that requires grad; ``"all"`` for
+            every parameter, frozen ones (``requires_grad=False``) included;
+            otherwise a name, a glob pattern (``"fc1.*"``, ``"*.weight"``) or a
+            list of them. A name that is a module prefix selects the module's
+            parameters (``"0"`` selects ``"0.weight"`` and ``"0.bias"``).
 
     Returns:
         ``(name, parameter)`` pairs in :meth:`~torch.nn.Module.named_parameters`
@@ -134,6 +135,8 @@ def select_parameters(
     named = list(module.named_parameters())
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
+    elif params == "all" or (not isinstance(params, str) and list(params) == ["all"]):
+        chosen = named
     else:
         patterns = [params] if isinstance(params, str) else list(params)
         chosen_names: set[str] = set()

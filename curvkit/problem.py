@@ -99,7 +99,10 @@ class Problem:
             running statistics are not updated).
         check_deterministic: Before the first product, evaluate loss and
             gradient twice and raise :class:`~curvkit.errors.NonDeterministicError`
-            if they differ (train-mode dropout, random augmentation).
+            if they differ (train-mode dropout, random augmentation, a model that
+            keeps state between calls).
+        forward_kwargs: Extra keyword arguments of every call of the model, e.g.
+            ``{"sr": 16000}`` for a model called as ``model(x, sr)``.
 
     Example:
         >>> import torch, curvkit
@@ -125,6 +128,7 @@ class Problem:
         reduction: str | None = None,
         eval_mode: bool = True,
         check_deterministic: bool = True,
+        forward_kwargs: Mapping[str, Any] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise DataError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,6 +139,7 @@ class Problem:
         self.batch_size, self.max_samples = batch_size, max_samples
         self.eval_mode = eval_mode
         self.check_deterministic = check_deterministic
+        self.forward_kwargs: dict[str, Any] = dict(forward_kwargs or {})
         self.data = BatchSource(data, batch_size=batch_size, max_samples=max_samples)
         selected = select_parameters(model, params)
         self.param_names: tuple[str, ...] = tuple(n for n, _ in selected)
@@ -150,6 +155,30 @@ class Problem:
     def dim(self) -> int:
         """``P``, the number of selected scalar parameters."""
         return self.layout.dim
+
+    @property
+    def total_parameters(self) -> int:
+        """Scalar parameters of the whole model (selected or not, frozen included)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def frozen_parameters(self) -> int:
+        """Scalar parameters of the model that do not require grad."""
+        return sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+
+    def describe_parameters(self) -> str:
+        """``"P=264,450 of 462,594: 198,144 frozen"``: what is differentiated, of what.
+
+        Just ``"P=3,466"`` when every parameter of the model is selected.
+        """
+        total, frozen = self.total_parameters, self.frozen_parameters
+        if self.dim == total:
+            return f"P={self.dim:,}"
+        parts = [f"{frozen:,} frozen"] if frozen else []
+        others = total - frozen - self.dim
+        if others > 0:
+            parts.append(f"{others:,} not selected")
+        return f"P={self.dim:,} of {total:,}" + (f": {', '.join(parts)}" if parts else "")
 
     @property
     def params(self) -> tuple[Tensor, ...]:
@@ -217,6 +246,7 @@ class Problem:
             reduction=self.loss.reduction,
             eval_mode=self.eval_mode,
             check_deterministic=self.check_deterministic,
+            forward_kwargs=self.forward_kwargs,
         )
 
     def __repr__(self) -> str:
@@ -260,9 +290,9 @@ class Problem:
             for name, b in self.model.named_buffers():
                 values[name] = b.clone()
         if isinstance(inputs, Mapping):
-            out = functional_call(self.model, values, args=(), kwargs=dict(inputs))
+            out = functional_call(self.model, values, args=(), kwargs={**inputs, **self.forward_kwargs})
         else:
-            out = functional_call(self.model, values, (inputs,))
+            out = functional_call(self.model, values, (inputs,), kwargs=self.forward_kwargs)
         return _outputs_tensor(out)
 
     def loss_terms(self, params: Sequence[Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, int]:
@@ -334,6 +364,7 @@ class Problem:
         snapshot = snapshot if snapshot is not None else self.current_snapshot()
         if self._determinism_snapshot is snapshot:
             return
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
         loss1, grad1 = self.loss_and_gradient()
         loss2, grad2 = self.loss_and_gradient()
         rtol = 1e-10 if self.dtype == torch.float64 else 1e-4
@@ -343,12 +374,42 @@ class Problem:
         same_loss = torch.allclose(loss1, loss2, rtol=rtol, atol=rtol * 1e-3)
         same_grad = torch.allclose(grad1, grad2, rtol=rtol, atol=rtol * scale)
         if not (same_loss and same_grad):
+            named = dict(self.model.named_buffers())
+            changed = [n for n, b in buffers.items() if n in named and not torch.equal(named[n].detach(), b)]
+            cause = (
+                f"the model changed its buffers {_listing(changed)} while running: a stateful model "
+                "(a recurrent or streaming state kept between calls)"
+                if changed
+                else "train-mode dropout, random augmentation, shuffled or randomly transformed data, "
+                "or a stateful model that keeps a (recurrent, streaming) state between calls"
+            )
             raise NonDeterministicError(
-                "two passes over the data gave different losses or gradients (train-mode "
-                "dropout, random augmentation or shuffled, randomly transformed data?); "
-                "make the data and model deterministic or pass check_deterministic=False"
+                f"two passes over the data gave different losses or gradients ({cause}); make the data "
+                "and model deterministic (reset a stateful model's state per call), or pass "
+                "check_deterministic=False (--no-check-deterministic) to analyse it anyway"
             )
         self._determinism_snapshot = snapshot
+
+    def check_batch(self) -> None:
+        """Apply the model and the loss to the first batch: a cheap check before long work.
+
+        Raises:
+            DataError: The data yield no batch, the model cannot be applied to
+                the inputs, its outputs do not fit the targets and the loss, or
+                the loss is not finite.
+        """
+        with torch.no_grad(), self.evaluation():
+            inputs, targets = next(iter(self.batches()))
+            total, _ = self.loss_terms([p.detach() for p in self.params], inputs, targets)
+        if not bool(torch.isfinite(total)):
+            raise DataError(
+                "the loss or its gradient is not finite on the first batch (NaN/Inf in weights or data?)"
+            )
+
+
+def _listing(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _first_line(exc: BaseException) -> str:
