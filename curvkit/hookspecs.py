@@ -29,7 +29,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from curvkit.checkpoints import CheckpointLoader
-    from curvkit.registry import EstimatorSpec
+    from curvkit.estimator_spec import EstimatorSpec
 
 __all__ = ["hookimpl", "hookspec", "PROJECT_NAME"]
 

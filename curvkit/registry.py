@@ -12,15 +12,16 @@ import difflib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from curvkit import hookspecs
 from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError
-from curvkit.operator import FLAGS, CurvatureOperator
+from curvkit.estimator_spec import EstimatorSpec
+from curvkit.operator import CurvatureOperator
 
 if TYPE_CHECKING:
     from curvkit.checkpoints import CheckpointLoader
@@ -41,36 +42,6 @@ __all__ = [
 
 BUILTIN_PLUGINS: tuple[str, ...] = ("curvkit.plugins.hessian",)
 ENTRY_POINT_GROUP = "curvkit"
-
-
-@dataclass
-class EstimatorSpec:
-    """A registered curvature estimator.
-
-    Attributes:
-        name: The name users pass to :func:`curvkit.curvature` (e.g. ``"hessian"``).
-        factory: ``factory(problem, **options) -> CurvatureOperator``; typically
-            a :class:`~curvkit.CurvatureOperator` subclass.
-        description: One line shown by ``curvkit plugins``.
-        flags: ``symmetric``, ``psd``, ``exact``, ``stochastic``. Read from the
-            factory's class attributes when it is an operator class and this is
-            left empty.
-        reference: What the estimator computes exactly or approximates, for the
-            conformance battery: a name known to :mod:`curvkit.testing`
-            (``"hessian"``) or a callable ``problem -> dense [P, P] tensor``.
-        plugin: Name of the plugin that registered it (filled in by the registry).
-    """
-
-    name: str
-    factory: Callable[..., CurvatureOperator]
-    description: str = ""
-    flags: dict[str, bool] = field(default_factory=dict)
-    reference: str | Callable[..., Any] | None = None
-    plugin: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.flags and isinstance(self.factory, type) and issubclass(self.factory, CurvatureOperator):
-            self.flags = {f.lower(): bool(getattr(self.factory, f)) for f in FLAGS}
 
 
 @dataclass(frozen=True)
