@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from curvkit.checkpoints import CheckpointLoader
+    from curvkit.checkpoints._types import CheckpointLoader
     from curvkit.estimator_spec import EstimatorSpec
 
 __all__ = ["hookimpl", "hookspec", "PROJECT_NAME"]

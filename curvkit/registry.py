@@ -14,17 +14,16 @@ import os
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
 from curvkit import hookspecs
+from curvkit.checkpoints._types import CheckpointLoader
+from curvkit.checkpoints.builtin import BUILTIN_LOADERS
 from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError
 from curvkit.estimator_spec import EstimatorSpec
 from curvkit.operator import CurvatureOperator
-
-if TYPE_CHECKING:
-    from curvkit.checkpoints import CheckpointLoader
 
 __all__ = [
     "BUILTIN_PLUGINS",
@@ -137,8 +136,6 @@ class _Registry:
 
     def loaders(self) -> list[CheckpointLoader]:
         if self._loaders is None:
-            from curvkit.checkpoints import BUILTIN_LOADERS, CheckpointLoader
-
             loaders = self._collect(
                 "curvkit_checkpoint_loaders",
                 CheckpointLoader,
