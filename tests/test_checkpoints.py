@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import safetensors.torch as safetensors_torch
 import torch
@@ -40,6 +41,8 @@ from curvkit.checkpoints import (
     LoadedCheckpoint,
     ScriptModuleAdapter,
     checkpoint_formats,
+    find_checkpoints,
+    is_checkpoint,
     load_checkpoint,
     read_safetensors,
     resolve_factory,
@@ -510,7 +513,7 @@ def test_safetensors_without_the_package(tmp_path, models, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(ImportError):
         import safetensors  # noqa: F401
-    assert [loader.name for loader in checkpoint_formats() if loader.detect(path)] == ["safetensors"]
+    assert is_checkpoint(path)
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, model_factory=f"{MODELS}:MLP")
     _assert_one_line(exc, "model.bin is a safetensors file", 'pip install "curvkit[safetensors]"')
@@ -1081,3 +1084,57 @@ def test_pickle_refusal_inside_an_export_archive(tmp_path, pt2_file):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path)
     _assert_one_line(exc, "arbitrary code", "--trust-pickle")
+
+
+# --------------------------------------------------------------------------- folders
+def test_find_checkpoints_asks_every_loader(tmp_path, models, pt2_file, script_file, registry_guard):
+    net = _mlp(models)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sd = net.state_dict()
+    torch.save(sd, folder / "a.pt")
+    torch.save({"model": sd}, folder / "b.pth", _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": sd}, folder / "c.ckpt")
+    torch.save(sd, folder / "d.tar")
+    torch.save(sd, folder / "e.weights")  # any suffix: the content says torch.save
+    safetensors_torch.save_file(sd, folder / "f.safetensors")
+    safetensors_torch.save_file(sd, folder / "g.bin")
+    (folder / "h.jit").write_bytes(script_file.read_bytes())
+    (folder / "i.pt2").write_bytes(pt2_file.read_bytes())
+    (folder / "j.pt").write_bytes(b"")  # damaged: found, and loading it says so
+    (folder / "k.jsonw").write_text("{}")  # a plugin's format, below
+    not_checkpoints = {
+        "notes.txt": b"lr 0.1",
+        "results.json": b'{"a": 1}',
+        "results.h5": b"\x89HDF\r\n\x1a\n" + bytes(504),
+        "README": b"",
+    }
+    for name, data in not_checkpoints.items():
+        (folder / name).write_bytes(data)
+    np.savez(folder / "data.npz", x=np.zeros(3))  # a zip, but not a torch archive
+    torch.save(sd, folder / ".a.pt.123.tmp")  # a save in progress
+    (folder / "sub").mkdir()
+    torch.save(sd, folder / "sub" / "deeper.pt")
+
+    found = [p.name for p in find_checkpoints(folder)]
+    assert found == [
+        "a.pt",
+        "b.pth",
+        "c.ckpt",
+        "d.tar",
+        "e.weights",
+        "f.safetensors",
+        "g.bin",
+        "h.jit",
+        "i.pt2",
+        "j.pt",
+    ]
+    assert not is_checkpoint(folder / "missing.pt") and not is_checkpoint(folder)
+    plugin = _plugin("test-json-loader", _json_loader())
+    curvkit.register_plugin(plugin, name="test-json-loader")
+    try:
+        assert [p.name for p in find_checkpoints(folder)] == [*found, "k.jsonw"]
+    finally:
+        curvkit.unregister_plugin(plugin)
+    with pytest.raises(CheckpointError, match="not a folder"):
+        find_checkpoints(folder / "a.pt")

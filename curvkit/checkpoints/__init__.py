@@ -29,7 +29,9 @@ Formats read, one module each (see ``docs/checkpoints.md`` for details):
 
 Checkpoints saved on a GPU load on a CPU-only machine in every format.
 Plugins add formats with the ``curvkit_checkpoint_loaders`` hook; their loaders
-are asked before the built-in ones.
+are asked before the built-in ones. :func:`is_checkpoint` and
+:func:`find_checkpoints` ask every loader whether a file is a checkpoint, to
+find the checkpoints in a folder.
 
 Example:
     >>> import tempfile, torch, curvkit.checkpoints as ck
@@ -47,7 +49,7 @@ Example:
 from curvkit.checkpoints._types import CheckpointError, CheckpointLoader, LoadedCheckpoint
 from curvkit.checkpoints.builtin import BUILTIN_LOADERS
 from curvkit.checkpoints.factories import resolve_factory, trusted_factory
-from curvkit.checkpoints.formats import checkpoint_formats
+from curvkit.checkpoints.formats import checkpoint_formats, find_checkpoints, is_checkpoint
 from curvkit.checkpoints.load import load_checkpoint
 from curvkit.checkpoints.metadata import METADATA_KEY, METADATA_VERSION, STATE_DICT_KEY
 from curvkit.checkpoints.safetensors_format import read_safetensors
@@ -66,6 +68,8 @@ __all__ = [
     "ScriptModuleAdapter",
     "WEIGHTS_KEYS",
     "checkpoint_formats",
+    "find_checkpoints",
+    "is_checkpoint",
     "load_checkpoint",
     "read_safetensors",
     "resolve_factory",

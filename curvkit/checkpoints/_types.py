@@ -45,7 +45,8 @@ class CheckpointLoader:
         detect: ``detect(path) -> bool``: whether this loader reads the file (or
             directory) at ``path``. Called for existing paths only; it should be
             cheap (look at the suffix or the first bytes) and must not raise for
-            files of other formats.
+            files of other formats. :func:`curvkit.checkpoints.is_checkpoint`
+            asks it too, to find the checkpoints in a folder.
         load: ``load(path, *, map_location, trust_pickle, **kwargs)`` returning
             either an ``nn.Module`` (a self-contained model) or a dict (a
             ``state_dict``, or a checkpoint dict such as
