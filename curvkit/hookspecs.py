@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from curvkit.checkpoints import CheckpointLoader
-    from curvkit.registry import EstimatorSpec
+    from curvkit.checkpoints._types import CheckpointLoader
+    from curvkit.estimator_spec import EstimatorSpec
 
 __all__ = ["hookimpl", "hookspec", "PROJECT_NAME"]
 
@@ -96,7 +96,9 @@ def curvkit_checkpoint_loaders() -> list[CheckpointLoader]:
 
         * ``detect(path: pathlib.Path) -> bool``: cheap (suffix, first bytes),
           called for existing files and directories only, must not raise for
-          files of other formats.
+          files of other formats. It also decides which entries of a folder
+          are checkpoints (:func:`curvkit.checkpoints.find_checkpoints`), so
+          it is asked about every file there and should be specific.
         * ``load(path, *, map_location: torch.device, trust_pickle: bool,
           **kwargs) -> dict | torch.nn.Module``: an ``nn.Module`` is a
           self-contained model (it is moved to ``map_location`` and put in

@@ -12,18 +12,18 @@ import difflib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
 from curvkit import hookspecs
+from curvkit.checkpoints._types import CheckpointLoader
+from curvkit.checkpoints.builtin import BUILTIN_LOADERS
 from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError
-from curvkit.operator import FLAGS, CurvatureOperator
-
-if TYPE_CHECKING:
-    from curvkit.checkpoints import CheckpointLoader
+from curvkit.estimator_spec import EstimatorSpec
+from curvkit.operator import CurvatureOperator
 
 __all__ = [
     "BUILTIN_PLUGINS",
@@ -41,36 +41,6 @@ __all__ = [
 
 BUILTIN_PLUGINS: tuple[str, ...] = ("curvkit.plugins.hessian",)
 ENTRY_POINT_GROUP = "curvkit"
-
-
-@dataclass
-class EstimatorSpec:
-    """A registered curvature estimator.
-
-    Attributes:
-        name: The name users pass to :func:`curvkit.curvature` (e.g. ``"hessian"``).
-        factory: ``factory(problem, **options) -> CurvatureOperator``; typically
-            a :class:`~curvkit.CurvatureOperator` subclass.
-        description: One line shown by ``curvkit plugins``.
-        flags: ``symmetric``, ``psd``, ``exact``, ``stochastic``. Read from the
-            factory's class attributes when it is an operator class and this is
-            left empty.
-        reference: What the estimator computes exactly or approximates, for the
-            conformance battery: a name known to :mod:`curvkit.testing`
-            (``"hessian"``) or a callable ``problem -> dense [P, P] tensor``.
-        plugin: Name of the plugin that registered it (filled in by the registry).
-    """
-
-    name: str
-    factory: Callable[..., CurvatureOperator]
-    description: str = ""
-    flags: dict[str, bool] = field(default_factory=dict)
-    reference: str | Callable[..., Any] | None = None
-    plugin: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.flags and isinstance(self.factory, type) and issubclass(self.factory, CurvatureOperator):
-            self.flags = {f.lower(): bool(getattr(self.factory, f)) for f in FLAGS}
 
 
 @dataclass(frozen=True)
@@ -166,8 +136,6 @@ class _Registry:
 
     def loaders(self) -> list[CheckpointLoader]:
         if self._loaders is None:
-            from curvkit.checkpoints import BUILTIN_LOADERS, CheckpointLoader
-
             loaders = self._collect(
                 "curvkit_checkpoint_loaders",
                 CheckpointLoader,

@@ -21,7 +21,7 @@ import curvkit.hookspecs
 REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "curvkit"
 PLUGINS = REPO / "plugins"
-HEAVY = ("typer", "h5py", "matplotlib")
+HEAVY = ("typer", "h5py", "matplotlib", "safetensors")
 
 
 def _imports(path: Path, package: str, module_level: bool = False) -> list[tuple[str, tuple[str, ...]]]:
@@ -71,7 +71,7 @@ def test_import_curvkit_stays_light():
     code = (
         "import json, sys, curvkit; "
         "print(json.dumps(sorted(m for m in sys.modules "
-        "if m.split('.')[0] in ('typer', 'h5py', 'matplotlib') "
+        f"if m.split('.')[0] in {HEAVY!r} "
         "or m.startswith('curvkit.cli'))))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CURVKIT_")}
@@ -155,14 +155,63 @@ def test_everything_in_all_exists_and_is_documented():
             assert hasattr(module, name), f"{module_name}.{name}"
 
 
+def _module_name(path: Path) -> str:
+    """``curvkit.checkpoints.load`` for ``curvkit/checkpoints/load.py``; a package for its ``__init__``."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _curvkit_modules() -> list[str]:
-    names = []
-    for path in _core_files():
-        parts = path.relative_to(REPO).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        names.append(".".join(parts))
-    return [*names, "curvkit.plugins.hessian", "curvkit.cli.main"]
+    return [*map(_module_name, _core_files()), "curvkit.plugins.hessian", "curvkit.cli.main"]
+
+
+def _core_import_graph() -> dict[str, set[str]]:
+    """Which core modules each core module imports: every import, in functions and TYPE_CHECKING too."""
+    modules = {_module_name(path): path for path in _core_files()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for module, names in _imports(path, _package_of(path, CORE, "curvkit")):
+            submodules = {f"{module}.{n}" for n in names} & set(modules)  # from curvkit import hookspecs
+            graph[name] |= submodules or ({module} & set(modules))
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """A cycle of the directed graph as ``[a, b, ..., a]``, or ``[]``."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in path:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in done and (cycle := visit(nxt)):
+                return cycle
+        done.add(path.pop())
+        return []
+
+    for node in sorted(graph):
+        if node not in done and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_the_core_has_no_import_cycle():
+    graph = _core_import_graph()
+    # the scan sees imports inside functions and those naming a submodule
+    assert "curvkit.registry" in graph["curvkit.checkpoints.formats"]
+    assert "curvkit.hookspecs" in graph["curvkit.registry"]
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    cycle = _find_cycle(graph)
+    assert not cycle, " -> ".join(cycle)
+
+
+def test_checkpoint_types_import_neither_the_registry_nor_the_hookspecs():
+    # registry and hookspecs refer to CheckpointLoader; its module must stay below them
+    graph = _core_import_graph()
+    assert graph["curvkit.checkpoints._types"] <= {"curvkit.errors", "curvkit.checkpoints._text"}
 
 
 @pytest.mark.parametrize("module_name", _curvkit_modules())

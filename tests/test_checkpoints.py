@@ -26,18 +26,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 from torch import nn
 
 import curvkit
 from curvkit.checkpoints import (
     BUILTIN_LOADERS,
+    WEIGHTS_KEYS,
     CheckpointError,
     CheckpointLoader,
     LoadedCheckpoint,
     ScriptModuleAdapter,
     checkpoint_formats,
+    find_checkpoints,
+    is_checkpoint,
     load_checkpoint,
     read_safetensors,
     resolve_factory,
@@ -209,42 +214,6 @@ def _cuda_export_archive(src: Path, dst: Path) -> None:
     _rewrite_zip(src, dst, edit)
     with zipfile.ZipFile(dst) as zf:
         assert any(b'"type": "cuda"' in zf.read(n) for n in zf.namelist() if n.endswith("models/model.json"))
-
-
-_SAFETENSORS_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """A minimal writer of the safetensors format, for the tests."""
-    header: dict = {}
-    chunks, offset = [], 0
-    for name, t in tensors.items():
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {
-            "dtype": _SAFETENSORS_CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(chunks))
 
 
 def _export(model: nn.Module, x: torch.Tensor, dynamic: bool = True):
@@ -501,44 +470,53 @@ def test_pickled_module_needs_trust(tmp_path, models, cuda):
     assert next(loaded.model.parameters()).device.type == "cpu"
 
 
-def test_safetensors_all_dtypes(tmp_path):
-    torch.manual_seed(0)
+def test_safetensors_dtypes_the_old_reader_lacked(tmp_path):
     tensors = {
-        "i8": torch.tensor([-3, 0, 5], dtype=torch.int8),  # 3 bytes: later offsets are unaligned
-        "f64": torch.randn(2, 3, dtype=torch.float64),
-        "f32": torch.randn(4),
-        "f16": torch.randn(3, 1).half(),
+        "i8": torch.tensor([-3, 0, 5], dtype=torch.int8),
         "bf16": torch.randn(5).bfloat16(),
-        "i64": torch.tensor([2**40, -1]),
-        "i32": torch.tensor([7, -7], dtype=torch.int32),
-        "i16": torch.tensor([[300, -300]], dtype=torch.int16),
-        "u8": torch.tensor([0, 255], dtype=torch.uint8),
-        "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(1.5),
+        "u16": torch.tensor([1, 65535], dtype=torch.uint16),
+        "u32": torch.tensor([7, 2**32 - 1], dtype=torch.uint32),
+        "u64": torch.tensor([2**63], dtype=torch.uint64),
+        "f8e4m3": torch.tensor([0.5, -2.0]).to(torch.float8_e4m3fn),
+        "f8e5m2": torch.tensor([0.25, 4.0]).to(torch.float8_e5m2),
         "empty": torch.zeros(0, 4),
     }
     path = tmp_path / "all.safetensors"
-    write_safetensors(path, tensors, {"format": "pt"})
+    safetensors_torch.save_file(tensors, path, metadata={"format": "pt"})
     read, meta = read_safetensors(path)
-    assert meta == {"format": "pt"} and list(read) == list(tensors)
+    assert meta == {"format": "pt"} and sorted(read) == sorted(tensors)
     for k, t in tensors.items():
-        assert read[k].dtype == t.dtype and read[k].shape == t.shape and torch.equal(read[k], t), k
+        got = read[k]
+        assert got.dtype == t.dtype and got.shape == t.shape, k
+        assert torch.equal(got.view(torch.uint8), t.view(torch.uint8)), k
 
 
 def test_safetensors_checkpoint(tmp_path, models):
     net = _mlp(models)
     path = tmp_path / "model.safetensors"
-    write_safetensors(path, dict(net.state_dict()))
+    safetensors_torch.save_file(net.state_dict(), path)
     loaded = load_checkpoint(path, model_factory=f"{MODELS}:MLP")
     assert loaded.format == "safetensors"
     _assert_same_weights(loaded.model, net)
     # the curvkit metadata convention, as a JSON string in __metadata__; any file name
     meta = {"version": 1, "model_factory": f"{MODELS}:MLP", "model_kwargs": {"hidden": 4}}
     other = tmp_path / "weights.bin2"
-    write_safetensors(other, dict(net.state_dict()), {"curvkit": json.dumps(meta)})
+    safetensors_torch.save_file(net.state_dict(), other, metadata={"curvkit": json.dumps(meta)})
     loaded = load_checkpoint(other)
     assert loaded.format == "safetensors" and loaded.metadata == meta
-    _assert_same_weights(loaded.model, net)
+
+
+def test_safetensors_without_the_package(tmp_path, models, monkeypatch):
+    path = tmp_path / "model.bin"  # recognised by its header, not its suffix
+    safetensors_torch.save_file(_mlp(models).state_dict(), path)
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # `import safetensors` now raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError):
+        import safetensors  # noqa: F401
+    assert is_checkpoint(path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, model_factory=f"{MODELS}:MLP")
+    _assert_one_line(exc, "model.bin is a safetensors file", 'pip install "curvkit[safetensors]"')
 
 
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu-saved", "cuda-saved"])
@@ -686,6 +664,148 @@ def test_script_adapter_modes_and_tied_weights(tmp_path, models):
     torch.testing.assert_close(g, g_ref)
 
 
+# --------------------------------------------------------------------------- training dicts, strictness
+def _optimizer_state(net) -> dict:
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    return opt.state_dict()
+
+
+def test_a_resemblyzer_like_training_dict(tmp_path, models):
+    """Resemblyzer's pretrained.pt: old non-zip format, saved on CUDA, weights under 'model_state'
+    together with two loss parameters the model does not have."""
+    net = _mlp(models)
+    state = {
+        **net.state_dict(),
+        "similarity_weight": torch.tensor([10.0]),
+        "similarity_bias": torch.tensor([-5.0]),
+    }
+    path = tmp_path / "pretrained.pt"
+    with cuda_tagged():
+        torch.save(
+            {"step": 100, "model_state": state, "optimizer_state": _optimizer_state(_mlp(models))},
+            path,
+            _use_new_zipfile_serialization=False,
+        )
+    assert not zipfile.is_zipfile(path)
+    _refused_without_map_location(lambda: torch.load(path, weights_only=True))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, model_factory=f"{MODELS}:MLP")
+    msg = _assert_one_line(exc, "2 unexpected keys (similarity_weight, similarity_bias)", "--no-strict")
+    assert "missing" not in msg and "shape" not in msg
+    loaded = load_checkpoint(path, model_factory=f"{MODELS}:MLP", strict=False)
+    _assert_same_weights(loaded.model, net)
+    assert loaded.format == "checkpoint-dict" and loaded.weights_key == "model_state"
+    assert loaded.info == {"step": 100} and loaded.missing == []
+    assert loaded.unexpected == ["similarity_weight", "similarity_bias"]
+    assert loaded.ignored_summary == (
+        "ignored 2 checkpoint entries the model does not have: similarity_weight, similarity_bias"
+    )
+
+
+def test_strictness_messages_and_summary(tmp_path, models):
+    path = tmp_path / "sd.pt"
+    state = _mlp(models).state_dict()
+    del state["net.2.bias"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, model_factory=f"{MODELS}:MLP")
+    _assert_one_line(
+        exc, "1 missing key (net.2.bias)", "--no-strict (strict=False) to keep the model's initial"
+    )
+    loaded = load_checkpoint(path, model_factory=f"{MODELS}:MLP", strict=False)
+    assert (
+        loaded.ignored_summary
+        == "kept the model's initial values for 1 entry the checkpoint lacks: net.2.bias"
+    )
+    assert load_checkpoint(
+        path, model_factory=f"{MODELS}:MLP", model_kwargs={"hidden": 4}, strict=False
+    ).missing
+    torch.save(_mlp(models).state_dict(), path)
+    assert load_checkpoint(path, model_factory=f"{MODELS}:MLP").ignored_summary == ""
+    # shape mismatches are not a matter of strictness
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, model_factory=f"{MODELS}:MLP", model_kwargs={"hidden": 5}, strict=False)
+    assert "--no-strict" not in _assert_one_line(exc, "shape mismatches", "--model-kwargs")
+
+
+USUAL_WEIGHTS_KEYS = (  # what training scripts in the wild save the weights under
+    *("model_state_dict", "state_dict", "model_state", "model", "net", "network", "module"),
+    *("weights", "params", "ema", "ema_state_dict", "ema_model", "model_ema", "state_dict_ema", "params_ema"),
+)
+
+
+def test_the_usual_weights_keys_are_listed():
+    assert sorted(WEIGHTS_KEYS) == sorted(USUAL_WEIGHTS_KEYS)
+
+
+@pytest.mark.parametrize("key", USUAL_WEIGHTS_KEYS)
+def test_the_usual_weights_keys(tmp_path, models, key):
+    net = _mlp(models)
+    path = tmp_path / "train.pt"
+    torch.save({key: net.state_dict(), "epoch": 2, "optimizer": _optimizer_state(_mlp(models))}, path)
+    loaded = load_checkpoint(path, model_factory=f"{MODELS}:MLP")
+    _assert_same_weights(loaded.model, net)
+    assert loaded.weights_key == key and loaded.info == {"epoch": 2} and loaded.notes == []
+
+
+def test_weights_one_level_down_or_under_any_single_key(tmp_path, models):
+    net = _mlp(models)
+    path = tmp_path / "train.pt"
+    for obj, key in [
+        ({"state": {"model": net.state_dict(), "step": 3}, "run": "a"}, "state.model"),
+        ({"generator": net.state_dict(), "step": 3}, "generator"),
+    ]:
+        torch.save(obj, path)
+        loaded = load_checkpoint(path, model_factory=f"{MODELS}:MLP")
+        _assert_same_weights(loaded.model, net)
+        assert loaded.weights_key == key and f"took the weights from the entry {key!r}" in loaded.notes
+
+
+def test_several_sets_of_weights_need_a_weights_key(tmp_path, models):
+    net, ema = _mlp(models, seed=1), _mlp(models, seed=2)
+    path = tmp_path / "train.pt"
+    torch.save({"step": 5, "model": net.state_dict(), "ema": ema.state_dict()}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, model_factory=f"{MODELS}:MLP")
+    _assert_one_line(exc, "several sets of weights ('model', 'ema')", "--weights-key KEY")
+    for key, want in [("model", net), ("ema", ema)]:
+        loaded = load_checkpoint(path, model_factory=f"{MODELS}:MLP", weights_key=key)
+        _assert_same_weights(loaded.model, want)
+        assert loaded.weights_key == key
+    torch.save({"generator": net.state_dict(), "discriminator": ema.state_dict()}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, model_factory=f"{MODELS}:MLP")
+    _assert_one_line(exc, "'generator', 'discriminator'", "--weights-key")
+
+
+def test_weights_key_errors(tmp_path, models, script_file):
+    net = _mlp(models)
+    path = tmp_path / "train.pt"
+    torch.save({"step": 5, "state": {"model": net.state_dict(), "lr": 0.1}}, path)
+    loaded = load_checkpoint(path, model_factory=f"{MODELS}:MLP", weights_key="state.model")
+    _assert_same_weights(loaded.model, net)
+    for key, fragments in [
+        ("emaa", ["--weights-key 'emaa' not found", "the checkpoint has no entry 'emaa'", "'step', 'state'"]),
+        ("state.ema", ["entry 'state' has no entry 'ema'", "its entries are 'model', 'lr'"]),
+        ("step.model", ["entry 'step' is a int, not a dict"]),
+        (
+            "step",
+            ["--weights-key 'step'", "is a int, not a dict of tensors", "holding weights: 'state.model'"],
+        ),
+    ]:
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(path, model_factory=f"{MODELS}:MLP", weights_key=key)
+        _assert_one_line(exc, *fragments)
+    torch.save(net.state_dict(), path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, model_factory=f"{MODELS}:MLP", weights_key="model")
+    _assert_one_line(exc, "plain state_dict", "leave out --weights-key")
+    loaded = load_checkpoint(script_file, weights_key="model")  # a self-contained model: not used
+    assert "weights_key 'model' was not used" in " ".join(loaded.notes)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError) as exc:
@@ -708,7 +828,7 @@ def test_truncated_and_corrupt_files(tmp_path, models, pt2_file, script_file):
     legacy = tmp_path / "legacy.pt"
     torch.save(net.state_dict(), legacy, _use_new_zipfile_serialization=False)
     st = tmp_path / "good.safetensors"
-    write_safetensors(st, dict(net.state_dict()))
+    safetensors_torch.save_file(net.state_dict(), st)
     cases = {
         "half.pt": (_cut(good, tmp_path / "half.pt"), "torch.save file"),
         "half-legacy.pt": (_cut(legacy, tmp_path / "half-legacy.pt"), "torch.save file"),
@@ -964,3 +1084,57 @@ def test_pickle_refusal_inside_an_export_archive(tmp_path, pt2_file):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path)
     _assert_one_line(exc, "arbitrary code", "--trust-pickle")
+
+
+# --------------------------------------------------------------------------- folders
+def test_find_checkpoints_asks_every_loader(tmp_path, models, pt2_file, script_file, registry_guard):
+    net = _mlp(models)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sd = net.state_dict()
+    torch.save(sd, folder / "a.pt")
+    torch.save({"model": sd}, folder / "b.pth", _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": sd}, folder / "c.ckpt")
+    torch.save(sd, folder / "d.tar")
+    torch.save(sd, folder / "e.weights")  # any suffix: the content says torch.save
+    safetensors_torch.save_file(sd, folder / "f.safetensors")
+    safetensors_torch.save_file(sd, folder / "g.bin")
+    (folder / "h.jit").write_bytes(script_file.read_bytes())
+    (folder / "i.pt2").write_bytes(pt2_file.read_bytes())
+    (folder / "j.pt").write_bytes(b"")  # damaged: found, and loading it says so
+    (folder / "k.jsonw").write_text("{}")  # a plugin's format, below
+    not_checkpoints = {
+        "notes.txt": b"lr 0.1",
+        "results.json": b'{"a": 1}',
+        "results.h5": b"\x89HDF\r\n\x1a\n" + bytes(504),
+        "README": b"",
+    }
+    for name, data in not_checkpoints.items():
+        (folder / name).write_bytes(data)
+    np.savez(folder / "data.npz", x=np.zeros(3))  # a zip, but not a torch archive
+    torch.save(sd, folder / ".a.pt.123.tmp")  # a save in progress
+    (folder / "sub").mkdir()
+    torch.save(sd, folder / "sub" / "deeper.pt")
+
+    found = [p.name for p in find_checkpoints(folder)]
+    assert found == [
+        "a.pt",
+        "b.pth",
+        "c.ckpt",
+        "d.tar",
+        "e.weights",
+        "f.safetensors",
+        "g.bin",
+        "h.jit",
+        "i.pt2",
+        "j.pt",
+    ]
+    assert not is_checkpoint(folder / "missing.pt") and not is_checkpoint(folder)
+    plugin = _plugin("test-json-loader", _json_loader())
+    curvkit.register_plugin(plugin, name="test-json-loader")
+    try:
+        assert [p.name for p in find_checkpoints(folder)] == [*found, "k.jsonw"]
+    finally:
+        curvkit.unregister_plugin(plugin)
+    with pytest.raises(CheckpointError, match="not a folder"):
+        find_checkpoints(folder / "a.pt")

@@ -1,0 +1,45 @@
+"""The record a plugin registers a curvature estimator with.
+
+A module of its own, importing neither :mod:`curvkit.registry` nor
+:mod:`curvkit.hookspecs`, so that both can refer to it without an import cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from curvkit.operator import FLAGS, CurvatureOperator
+
+__all__ = ["EstimatorSpec"]
+
+
+@dataclass
+class EstimatorSpec:
+    """A registered curvature estimator.
+
+    Attributes:
+        name: The name users pass to :func:`curvkit.curvature` (e.g. ``"hessian"``).
+        factory: ``factory(problem, **options) -> CurvatureOperator``; typically
+            a :class:`~curvkit.CurvatureOperator` subclass.
+        description: One line shown by ``curvkit plugins``.
+        flags: ``symmetric``, ``psd``, ``exact``, ``stochastic``. Read from the
+            factory's class attributes when it is an operator class and this is
+            left empty.
+        reference: What the estimator computes exactly or approximates, for the
+            conformance battery: a name known to :mod:`curvkit.testing`
+            (``"hessian"``) or a callable ``problem -> dense [P, P] tensor``.
+        plugin: Name of the plugin that registered it (filled in by the registry).
+    """
+
+    name: str
+    factory: Callable[..., CurvatureOperator]
+    description: str = ""
+    flags: dict[str, bool] = field(default_factory=dict)
+    reference: str | Callable[..., Any] | None = None
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.flags and isinstance(self.factory, type) and issubclass(self.factory, CurvatureOperator):
+            self.flags = {f.lower(): bool(getattr(self.factory, f)) for f in FLAGS}
