@@ -1,8 +1,9 @@
 """``curvkit analyze``: checkpoints in, one HDF5 results file out.
 
-The command parses options and loops over checkpoints and estimators; the work
-is done by :mod:`curvkit.analysis` (preparing and running the analyses) and
-:mod:`curvkit.store` (writing each result as soon as it is finished).
+The command parses options, calls :func:`curvkit.runs.analyze` (which validates
+every checkpoint, then computes and stores each result as soon as it is
+finished) and prints: the results on stdout as each run finishes (or one JSON
+document with ``--json``), progress bars and diagnostics on stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import shlex
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from curvkit.analysis import AnalysisPlan, expand_checkpoints, prepare_analysis, run_plan
+from curvkit.analysis import REORTHOGONALISATION, AnalysisPlan
 from curvkit.errors import CurvkitError
-from curvkit.store import ResultsStore, make_run_id
+from curvkit.runs import AnalyzeEvent, AnalyzeReport, ProblemSettings, RunOutcome, analyze
+from curvkit.store import ResultsStore
+from curvkit.summaries import summarize
+
+
+class SomeRunsFailedError(CurvkitError):
+    """``--skip-bad``: the good checkpoints were analysed, some others failed."""
+
+    exit_code = 1
 
 
 class AnalysisInterruptedError(CurvkitError):
@@ -85,37 +93,113 @@ def _json_option(text: str | None, name: str) -> dict[str, Any] | None:
     return value
 
 
-def _summary(key: str, result: Any) -> str:
-    """One short line per analysis for the terminal."""
-    if key.startswith("eigen/"):
-        values = ", ".join(f"{v:.4g}" for v in result.values.tolist())
-        converged = "" if result.converged else ", NOT converged"
-        return (
-            f"[{values}] (max residual {result.residuals.max().item():.1e}, {result.matvecs} products"
-            f"{converged})"
-        )
-    if key.startswith("trace/"):
-        return f"{result.estimate:.5g} +- {result.stderr:.2g} ({result.matvecs} products)"
-    if key.startswith("density/"):
-        low, high = result.nodes.min().item(), result.nodes.max().item()
-        return f"{result.runs} runs x {result.steps} steps, nodes in [{low:.3g}, {high:.3g}]"
-    if key.startswith("checks/"):
-        return str(result)
-    if key.startswith("per_layer/"):
-        return f"{len(result)} layers"
-    return type(result).__name__
+def _params_option(values: list[str] | None) -> str | list[str] | None:
+    """``--params`` given once or more, each a name, glob or prefix, or comma-separated ones."""
+    if not values:
+        return None
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if not names:
+        raise CurvkitError("--params names no parameter: give names, globs, module prefixes or 'all'")
+    return "all" if names == ["all"] else names
 
 
-def analyze(
+class _Display:
+    """What the command shows while :func:`curvkit.runs.analyze` works.
+
+    Progress bars (a terminal only) and diagnostics go to stderr; each run's
+    results go to stdout as soon as the run finishes, without hard line wrapping.
+    Every event also gives a pending Ctrl-C or SIGTERM its chance to stop the run.
+    """
+
+    def __init__(self, bars: Progress, interrupts: _Interrupts, output: Path, quiet: bool, as_json: bool):
+        self.bars, self.interrupts, self.output = bars, interrupts, output
+        self.quiet, self.as_json = quiet, as_json
+        self.stdout = Console(file=sys.stdout, soft_wrap=True, highlight=False)
+        self.stderr = Console(stderr=True, soft_wrap=True, highlight=False)
+        self.tasks: dict[int, Any] = {}
+
+    def __call__(self, event: AnalyzeEvent) -> None:
+        self.interrupts.check()
+        run, task = event.run, self.tasks.get(id(event.run))
+        if event.kind == "run-started":
+            self.tasks[id(run)] = self.bars.add_task(
+                escape(f"{run.checkpoint.name} [{run.estimator}]"),
+                total=len(run.keys),
+                completed=len(run.resumed),
+                info="",
+            )
+            for note in run.notes:
+                self.stderr.print(f"curvkit: note: {run.checkpoint}: {note}", markup=False)
+        elif event.kind == "counters" and task is not None:
+            counters = " ".join(f"{k}={_counter(v)}" for k, v in (event.counters or {}).items())
+            self.bars.update(task, info=escape(f"{event.key} {counters}"))
+        elif event.kind == "result" and task is not None:
+            self.bars.advance(task)
+        elif event.kind == "run-finished":
+            if task is not None:
+                self.bars.remove_task(self.tasks.pop(id(run)))
+            if not (self.quiet or self.as_json):
+                self.bars.stop()  # a live display erases itself before stdout is written
+                self._print(run)
+                self.bars.start()
+
+    def _print(self, run: RunOutcome) -> None:
+        head = f"{run.checkpoint} [{run.estimator}]"
+        if run.status == "failed":
+            self.stdout.print(f"{head} FAILED: {run.error}", markup=False)
+            return
+        self.stdout.print(f"{head} {run.parameters} -> {self.output}", markup=False)
+        for key in run.keys:
+            resumed = "(resumed) " if key in run.resumed else ""
+            self.stdout.print(f"  {key}: {resumed}{summarize(run.results[key])}", markup=False)
+
+
+def _counter(value: Any) -> str:
+    return f"{value:.2e}" if isinstance(value, float) else str(value)
+
+
+def _json_document(report: AnalyzeReport) -> dict[str, Any]:
+    """Every run of this command as stored in the file (numbers), plus what was resumed."""
+    runs = []
+    with ResultsStore(report.output, mode="r") as store:
+        for outcome in report.runs:
+            stored = store.run(outcome.run_id).to_dict() if outcome.run_id in store else {}
+            runs.append(
+                {
+                    **stored,
+                    "run_id": outcome.run_id,
+                    "checkpoint": str(outcome.checkpoint),
+                    "estimator": outcome.estimator,
+                    "status": outcome.status,
+                    "error": outcome.error,
+                    "resumed": sorted(outcome.resumed),
+                }
+            )
+    return {"output": str(report.output), "runs": runs}
+
+
+def analyze_command(
     checkpoints: list[str] = typer.Argument(..., help="Checkpoint files, folders or globs (a trajectory)."),
     model: str | None = typer.Option(None, "--model", help="Model factory or class, module:name."),
     model_kwargs: str | None = typer.Option(
         None, "--model-kwargs", help="JSON keyword arguments of the model."
     ),
+    weights_key: str | None = typer.Option(
+        None, "--weights-key", help="The entry of a checkpoint dict that holds the weights."
+    ),
+    strict: bool = typer.Option(
+        True, "--strict/--no-strict", help="Refuse weights with entries the model lacks, or lacking some."
+    ),
     data: str | None = typer.Option(
         None, "--data", help="Bundled data set name, .pt/.npz/.h5 file, or module:function."
     ),
     loss: str | None = typer.Option(None, "--loss", help="cross_entropy, mse, bce_with_logits or nll."),
+    params: list[str] | None = typer.Option(
+        None, "--params", help="Parameters to analyse: names, globs, module prefixes, or 'all' (frozen too)."
+    ),
+    forward_kwargs: str | None = typer.Option(
+        None, "--forward-kwargs", help="JSON keyword arguments of every model call, e.g. '{\"sr\": 16000}'."
+    ),
     curvature: list[str] = typer.Option(["hessian"], "--curvature", help="Registered estimator(s)."),
     top_k: int | None = typer.Option(None, "--top-k", help="Largest eigenpairs (default 5)."),
     bottom_k: int | None = typer.Option(None, "--bottom-k", help="Smallest eigenpairs."),
@@ -131,6 +215,14 @@ def analyze(
     ),
     per_layer: bool = typer.Option(False, "--per-layer", help="Top eigenvalue and trace per layer."),
     tol: float = typer.Option(1e-4, "--tol", help="Relative residual tolerance of eigenpairs."),
+    max_matvecs: int | None = typer.Option(
+        None, "--max-matvecs", help="Product budget of each eigen-solve (default: the solver's)."
+    ),
+    reorthogonalisation: str = typer.Option(
+        "auto",
+        "--reorthogonalisation",
+        help=f"Lanczos reorthogonalisation: {', '.join(REORTHOGONALISATION)}.",
+    ),
     batch_size: int = typer.Option(1024, "--batch-size", help="Batch size of the passes over the data."),
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use only the first N samples."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -142,8 +234,16 @@ def analyze(
         "--trust-pickle",
         help="Allow pickled whole models (runs code from the file: trusted files only).",
     ),
+    check_deterministic: bool = typer.Option(
+        True,
+        "--check-deterministic/--no-check-deterministic",
+        help="Compare two passes over the data before the first product (stateful models fail it).",
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Analyse the good checkpoints and record the bad ones as failed runs."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON document on stdout."),
 ) -> None:
     """Analyse the curvature of checkpoints and store every result in one HDF5 file.
 
@@ -161,124 +261,59 @@ def analyze(
         per_layer=per_layer,
         tol=tol,
         seed=seed,
+        max_matvecs=max_matvecs,
+        reorthogonalisation=reorthogonalisation,
     )
-    kwargs = _json_option(model_kwargs, "--model-kwargs")
-    paths = expand_checkpoints(checkpoints)
-    console = Console(stderr=True, quiet=quiet)
-    show_progress = not quiet and sys.stderr.isatty()
-    command_line = shlex.join(["curvkit", *sys.argv[1:]])
-    summary: list[dict[str, Any]] = []
+    settings = ProblemSettings(
+        model=model,
+        model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
+        weights_key=weights_key,
+        strict=strict,
+        data=data,
+        loss=loss,
+        params=_params_option(params),
+        forward_kwargs=_json_option(forward_kwargs, "--forward-kwargs"),
+        batch_size=batch_size,
+        max_samples=max_samples,
+        device=device,
+        dtype=dtype,
+        trust_pickle=trust_pickle,
+        check_deterministic=check_deterministic,
+    )
+    show_bars = not quiet and sys.stderr.isatty()
     try:
         with (
             _Interrupts() as interrupts,
-            ResultsStore(output) as store,
             Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 TextColumn("{task.fields[info]}"),
                 TimeElapsedColumn(),
-                console=console,
-                disable=not show_progress,
+                console=Console(stderr=True),
+                disable=not show_bars,
                 transient=True,
             ) as bars,
         ):
-            for index, path in enumerate(paths):
-                for estimator in curvature:
-                    interrupts.check()
-                    started = time.perf_counter()
-                    prepared = prepare_analysis(
-                        path,
-                        estimator=estimator,
-                        model=model,
-                        model_kwargs=kwargs,
-                        data=data,
-                        loss=loss,
-                        batch_size=batch_size,
-                        max_samples=max_samples,
-                        device=device,
-                        dtype=dtype,
-                        trust_pickle=trust_pickle,
-                    )
-                    provenance = {**prepared.provenance, "seed": seed, "command_line": command_line}
-                    run = store.begin_run(
-                        make_run_id(path, estimator, prepared.provenance["estimator_options"]),
-                        provenance,
-                        index=index,
-                    )
-                    run.write_timing("load", time.perf_counter() - started)
-                    psd = bool(getattr(prepared.operator, "PSD", False))
-                    keys = plan.keys(psd=psd, reference=prepared.reference is not None)
-                    requests = {key: plan.request(key) for key in keys}
-                    done = {key for key in keys if run.has(key, requests[key])}
-                    task = bars.add_task(
-                        escape(f"{path.name} [{estimator}]"),
-                        total=len(keys),
-                        info="",
-                        completed=len(done),
-                    )
-                    lines: dict[str, str] = {
-                        key: "(resumed) " + _summary(key, run.read(key)) for key in sorted(done)
-                    }
-
-                    def store_result(
-                        key: str,
-                        result: Any,
-                        seconds: float,
-                        run=run,
-                        task=task,
-                        lines=lines,
-                        requests=requests,
-                    ) -> None:
-                        run.write(key, result, request=requests[key])
-                        run.write_timing(key, seconds)
-                        lines[key] = _summary(key, result)
-                        bars.advance(task)
-                        interrupts.check()
-
-                    def report(key: str, counters: dict, task=task) -> None:
-                        interrupts.check()
-                        bars.update(
-                            task,
-                            info=escape(f"{key} " + " ".join(f"{k}={v}" for k, v in counters.items())),
-                        )
-
-                    try:
-                        run_plan(
-                            prepared.operator,
-                            plan,
-                            done=done,
-                            reference=prepared.reference,
-                            on_result=store_result,
-                            progress=report,
-                        )
-                    except BaseException as exc:
-                        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-                        run.finish("failed", error=reason or type(exc).__name__)
-                        raise
-                    run.finish("complete")
-                    bars.remove_task(task)
-                    summary.append(
-                        {
-                            "run_id": run.run_id,
-                            "checkpoint": str(path),
-                            "estimator": estimator,
-                            "parameters": prepared.problem.dim,
-                            "resumed": sorted(done),
-                            "results": {key: lines[key] for key in keys},
-                        }
-                    )
-                    if not as_json:
-                        console.print(
-                            f"[bold]{escape(str(path))}[/bold] {escape(f'[{estimator}]')} "
-                            f"P={prepared.problem.dim:,} -> {escape(str(output))}"
-                        )
-                        for key in keys:
-                            console.print(f"  {key}: {lines[key]}", markup=False, highlight=False)
-            interrupts.check()  # one that came during the last result's summary
+            report = analyze(
+                checkpoints,
+                output=output,
+                plan=plan,
+                settings=settings,
+                estimators=curvature,
+                skip_bad=skip_bad,
+                command_line=shlex.join(["curvkit", *sys.argv[1:]]),
+                progress=_Display(bars, interrupts, output, quiet, as_json),
+            )
+            interrupts.check()  # one that came during the last run's summary
     except KeyboardInterrupt:
         raise AnalysisInterruptedError(
             f"interrupted; the analyses that finished are kept in {output}: "
             "run the same command again to resume"
         ) from None
     if as_json:
-        typer.echo(json.dumps({"output": str(output), "runs": summary}, indent=2))
+        typer.echo(json.dumps(_json_document(report), indent=2))
+    if report.failed:
+        listed = "; ".join(f"{run.checkpoint} [{run.estimator}]: {run.error}" for run in report.failed)
+        raise SomeRunsFailedError(
+            f"{len(report.failed)} of {len(report.runs)} runs failed, the others are in {output}: {listed}"
+        )

@@ -8,6 +8,7 @@ without a traceback; curvkit's warnings become one ``curvkit: warning:`` line.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import TextIO
@@ -22,7 +23,8 @@ import curvkit
 
 app = typer.Typer(
     name="curvkit",
-    help="Curvature analysis (Hessian, Gauss-Newton, Fisher) of PyTorch models.",
+    help="Curvature of PyTorch models: eigenvalues, traces and spectral densities of the estimators "
+    "that `curvkit plugins` lists.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
@@ -43,7 +45,8 @@ def root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Curvature analysis (Hessian, Gauss-Newton, Fisher) of PyTorch models."""
+    """Curvature of PyTorch models: eigenvalues, traces and spectral densities of the estimators
+    that `curvkit plugins` lists."""
 
 
 @app.command("plugins")
@@ -60,7 +63,7 @@ def plugins_command() -> None:
     Console(width=max(Console().width, 120)).print(table)
 
 
-app.command("analyze")(analyze_module.analyze)
+app.command("analyze")(analyze_module.analyze_command)
 app.command("show")(results_module.show)
 app.command("plot")(results_module.plot)
 app.command("export")(results_module.export)
@@ -85,7 +88,14 @@ _python_show_warning = warnings.showwarning
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turning curvkit errors into one line."""
+    """Console-script entry point: run the app, turning curvkit errors into one line.
+
+    The current directory goes first on the module path, as with ``python -m``, so
+    that ``--model mymodels:Net`` and ``--data mydata:load`` find ``mymodels.py``
+    and ``mydata.py`` there.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     warnings.showwarning = _show_warning
     try:
         app()

@@ -9,121 +9,200 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from curvkit import EigenResult, LayerTable
+from curvkit.checks import CheckResult
 from curvkit.errors import CurvkitError
-from curvkit.store import ResultsStore
+from curvkit.store import ResultsStore, Run
+from curvkit.summaries import summarize
+
+
+def _short(digest: Any) -> str:
+    return str(digest)[:12] if digest else "?"
+
+
+def _call(model: Any, kwargs: Any) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in (kwargs or {}).items())
+    return f"{model}({args})"
+
+
+def _provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a reader needs to know of a run's origin, as ``(label, text)`` rows."""
+    data = (
+        f"{prov.get('data', '?')}: {prov.get('sample_count', '?'):,} samples"
+        if isinstance(prov.get("sample_count"), int)
+        else str(prov.get("data", "?"))
+    )
+    data += f" (fingerprint {_short(prov.get('data_fingerprint'))}, batch size {prov.get('batch_size', '?')})"
+    if prov.get("max_samples"):
+        data += f", first {prov['max_samples']:,}"
+    rows = [
+        (
+            "checkpoint",
+            f"{prov.get('checkpoint', '?')} ({prov.get('checkpoint_format', '?')}, "
+            f"sha256 {_short(prov.get('checkpoint_sha256'))})",
+        ),
+        ("model", _call(prov.get("model", "?"), prov.get("model_kwargs"))),
+        ("data", data),
+        ("loss", str(prov.get("loss", "?"))),
+        ("parameters", str(prov.get("parameters") or prov.get("parameter_count", "?"))),
+        ("precision", f"{prov.get('dtype', '?')} on {prov.get('device', '?')}, seed {prov.get('seed', '?')}"),
+        ("estimator", _call(prov.get("estimator", "?"), prov.get("estimator_options"))),
+    ]
+    extra = {k: prov.get(k) for k in ("weights_key", "params", "forward_kwargs") if prov.get(k)}
+    if prov.get("strict") is False:
+        extra["strict"] = False
+    if extra:
+        rows.append(("options", ", ".join(f"{k}={v!r}" for k, v in extra.items())))
+    for note in prov.get("checkpoint_notes") or []:
+        rows.append(("note", str(note)))
+    return rows
+
+
+def _eigen_table(key: str, result: EigenResult) -> Table:
+    status = "converged" if result.converged else "NOT converged"
+    table = Table(
+        title=f"{key}: {status}, {result.matvecs} products, tol {result.tol:g}",
+        title_justify="left",
+    )
+    for column in ("#", "eigenvalue", "residual", "relative residual"):
+        table.add_column(column, justify="right")
+    scale = max(abs(v) for v in result.values.tolist()) or 1.0
+    for i, (value, residual) in enumerate(zip(result.values.tolist(), result.residuals.tolist()), 1):
+        table.add_row(str(i), f"{value:.8g}", f"{residual:.2e}", f"{residual / scale:.1e}")
+    return table
+
+
+def _checks_table(checks: list[CheckResult]) -> Table:
+    table = Table(title="checks", title_justify="left")
+    for column in ("check", "passed", "measured", "threshold", "what"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row(c.name, str(c.passed), f"{c.measured:.3g}", f"{c.threshold:.3g}", c.detail)
+    return table
+
+
+def _layers_table(key: str, rows: LayerTable) -> Table:
+    table = Table(title=key, title_justify="left")
+    for column in ("layer", "P", "top eigenvalue", "residual", "trace", "stderr"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.name,
+            f"{row.dim:,}",
+            f"{row.top_eigenvalue:.4g}",
+            f"{row.residual:.1e}",
+            f"{row.trace:.4g}",
+            f"{row.trace_stderr:.2g}",
+        )
+    return table
+
+
+def run_label(run: Run) -> str:
+    """A run named by its checkpoint and estimator: ``"step-10.pt [hessian]"``."""
+    prov = run.provenance
+    name = Path(str(prov.get("checkpoint", run.run_id))).name
+    return f"{name} [{prov.get('estimator', '?')}]"
 
 
 def show(results: Path = typer.Argument(..., help="HDF5 results file written by curvkit analyze.")) -> None:
-    """Print the runs of a results file as tables."""
-    console = Console(width=max(Console().width, 120))
+    """Print every run of a results file: provenance, eigenpairs, traces, densities, checks, timings."""
+    console = Console(highlight=False, soft_wrap=True)
     with ResultsStore(results, mode="r") as store:
         runs = store.runs()
         if not runs:
-            console.print(f"{results}: no runs")
+            console.print(f"{results}: no runs", markup=False)
             return
-        overview = Table(title=str(results))
-        for column in ("#", "checkpoint", "estimator", "P", "status", "top eigenvalues", "trace"):
-            overview.add_column(column, overflow="fold")
-        for run in runs:
-            prov = run.provenance
-            top = run.read("eigen/largest") if run.has("eigen/largest") else None
-            traces = [key for key in run.analyses() if key.startswith("trace/")]
-            tr = run.read(traces[0]) if traces else None
-            overview.add_row(
-                str(run.index if run.index is not None else ""),
-                str(prov.get("checkpoint", "")),
-                str(prov.get("estimator", "")),
-                f"{prov.get('parameter_count', '')}",
-                run.status + (f": {run.error}" if run.error else ""),
-                ", ".join(f"{v:.4g}" for v in top.values.tolist()) if top is not None else "-",
-                f"{tr.estimate:.5g} +- {tr.stderr:.2g} ({tr.method})" if tr is not None else "-",
-            )
-        console.print(overview)
-        for run in runs:
-            checks = [key for key in run.analyses() if key.startswith("checks/")]
-            layers = [key for key in run.analyses() if key.startswith("per_layer/")]
+        for number, run in enumerate(runs, 1):
+            state = run.status + (f": {run.error}" if run.error else "")
+            attempts = f"{run.attempts} attempt" + ("s" if run.attempts != 1 else "")
+            console.rule(f"{number}/{len(runs)} {escape(run_label(run))}", align="left")
+            console.print(f"  run {run.run_id}: {state} ({attempts})", markup=False)
+            for label, text in _provenance_lines(run.provenance):
+                console.print(f"  {label:<11} {text}", markup=False)
+            checks = []
+            for key in run.analyses():
+                result = run.read(key)
+                if isinstance(result, EigenResult):
+                    console.print(_eigen_table(key, result))
+                elif isinstance(result, CheckResult):
+                    checks.append(result)
+                elif isinstance(result, LayerTable):
+                    console.print(_layers_table(key, result))
+                else:
+                    console.print(f"  {key}: {summarize(result)}", markup=False)
             if checks:
-                table = Table(title=f"checks of {run.run_id}")
-                for column in ("check", "passed", "measured", "threshold", "what"):
-                    table.add_column(column)
-                for key in checks:
-                    c = run.read(key)
-                    table.add_row(c.name, str(c.passed), f"{c.measured:.3g}", f"{c.threshold:.3g}", c.detail)
-                console.print(table)
-            for key in layers:
-                table = Table(title=f"per layer, {run.run_id}")
-                for column in ("layer", "P", "top eigenvalue", "residual", "trace", "stderr"):
-                    table.add_column(column)
-                for row in run.read(key):
-                    table.add_row(
-                        row.name,
-                        str(row.dim),
-                        f"{row.top_eigenvalue:.4g}",
-                        f"{row.residual:.1e}",
-                        f"{row.trace:.4g}",
-                        f"{row.trace_stderr:.2g}",
-                    )
-                console.print(table)
+                console.print(_checks_table(checks))
+            timings = ", ".join(f"{k} {v:.3g} s" for k, v in run.timings.items())
+            if timings:
+                console.print(f"  {'timings':<11} {timings}", markup=False)
 
 
 def plot(
     results: Path = typer.Argument(..., help="HDF5 results file written by curvkit analyze."),
     out: Path = typer.Option(Path("figures"), "-o", "--out", help="Folder for the figures."),
-    log: bool = typer.Option(False, "--log", help="Logarithmic density axis."),
+    log: bool = typer.Option(True, "--log/--linear", help="Logarithmic (default) or linear density axis."),
     formats: str = typer.Option("png,pdf", "--formats", help="Comma-separated figure formats."),
 ) -> None:
-    """Draw every analysis of a results file (PNG and PDF), and trajectories across checkpoints."""
+    """Draw every analysis of a results file, and each trajectory of checkpoints."""
     from curvkit import plotting
+    from curvkit.runs import trajectories
 
-    kinds = [f.strip() for f in formats.split(",") if f.strip()]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CurvkitError(f"cannot create the figure folder {out}: {exc.strerror}") from exc
-    written: list[Path] = []
+    kinds = plotting.check_formats(formats.split(","))
     with ResultsStore(results, mode="r") as store:
         runs = store.runs()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CurvkitError(f"cannot create the figure folder {out}: {exc.strerror}") from exc
+        written: list[Path] = []
         for run in runs:
             for key in run.analyses():
-                stem = out / f"{run.run_id}-{key.replace('/', '-').replace('+', 'p')}"
-                result = run.read(key)
-                if key.startswith("eigen/"):
-                    written += plotting.save_figure(plotting.plot_eigenvalues(result), stem, kinds)
-                elif key.startswith("density/"):
-                    written += plotting.save_figure(plotting.plot_density(result, log=log), stem, kinds)
-                elif key.startswith("per_layer/"):
-                    for quantity in ("top_eigenvalue", "trace"):
-                        ax = plotting.plot_per_layer(result, quantity)
-                        written += plotting.save_figure(ax, Path(f"{stem}-{quantity}"), kinds)
-        by_estimator: dict[str, list] = {}
-        for run in runs:
-            by_estimator.setdefault(str(run.provenance.get("estimator", "")), []).append(run)
-        for estimator, group in by_estimator.items():
-            if len(group) < 2:
-                continue
-            labels = [Path(str(r.provenance.get("checkpoint", r.run_id))).stem for r in group]
-            tops = [r.read("eigen/largest") if r.has("eigen/largest") else None for r in group]
-            if all(t is not None for t in tops):
+                stem = f"{run.run_id}-{key.replace('/', '-').replace('+', 'p')}"
+                for suffix, ax in plotting.figures(run.read(key), title=run_label(run), log=log):
+                    written += plotting.save_figure(ax, out / (f"{stem}-{suffix}" if suffix else stem), kinds)
+        for number, trajectory in enumerate(trajectories(runs), 1):
+            estimator = trajectory.runs[0].provenance.get("estimator", "run")
+            for what, ylabel, points in (
+                ("top-eigenvalue", "top eigenvalue", _top_eigenvalues),
+                ("trace", "trace", _traces),
+            ):
+                values = [points(run) for run in trajectory.runs]
+                if any(v is None for v in values):
+                    continue
                 ax = plotting.plot_trajectory(
-                    labels,
-                    [t.values[0].item() for t in tops],
-                    [t.residuals[0].item() for t in tops],
-                    ylabel="top eigenvalue",
+                    trajectory.labels,
+                    [v[0] for v in values],
+                    [v[1] for v in values],
+                    ylabel=ylabel,
+                    positions=trajectory.positions,
+                    xlabel=trajectory.xlabel,
+                    title=trajectory.title,
+                    label=f"{len(trajectory.runs)} checkpoints",
                 )
-                written += plotting.save_figure(ax, out / f"trajectory-{estimator}-top-eigenvalue", kinds)
-            traces = [next((k for k in r.analyses() if k.startswith("trace/")), None) for r in group]
-            if all(traces):
-                results_ = [r.read(k) for r, k in zip(group, traces)]
-                ax = plotting.plot_trajectory(
-                    labels, [t.estimate for t in results_], [t.stderr for t in results_], ylabel="trace"
-                )
-                written += plotting.save_figure(ax, out / f"trajectory-{estimator}-trace", kinds)
+                written += plotting.save_figure(ax, out / f"trajectory-{number}-{estimator}-{what}", kinds)
     typer.echo(f"{len(written)} files written to {out}")
+
+
+def _top_eigenvalues(run: Run) -> tuple[float, float] | None:
+    if not run.has("eigen/largest"):
+        return None
+    top = run.read("eigen/largest")
+    return top.values[0].item(), top.residuals[0].item()
+
+
+def _traces(run: Run) -> tuple[float, float] | None:
+    key = next((k for k in run.analyses() if k.startswith("trace/")), None)
+    if key is None:
+        return None
+    trace = run.read(key)
+    return trace.estimate, trace.stderr
 
 
 def export(

@@ -1,4 +1,4 @@
-"""curvkit: curvature (Hessian, Gauss-Newton, Fisher) of PyTorch models, as plugins.
+"""curvkit: curvature of PyTorch models, with estimators as plugins.
 
 The public API::
 
@@ -11,11 +11,13 @@ The public API::
     tr = curvkit.trace(H, method="hutch++", matvecs=300)
     dens = curvkit.density(H, steps=100, runs=5)  # stochastic Lanczos quadrature
     curvkit.per_layer(H)                          # top eigenvalue and trace per layer
+    curvkit.analyze(["ckpt.pt"], output="results.h5")  # what `curvkit analyze` does
 
 ``import curvkit`` does not import typer, h5py or matplotlib.
 """
 
 from curvkit._version import __version__
+from curvkit.analysis import AnalysisPlan
 from curvkit.checkpoints import (
     CheckpointError,
     CheckpointLoader,
@@ -66,8 +68,13 @@ from curvkit.registry import (
     register_plugin,
     unregister_plugin,
 )
+from curvkit.runs import AnalyzeReport, ProblemSettings, analyze
 
 __all__ = [
+    "AnalysisPlan",
+    "AnalyzeReport",
+    "ProblemSettings",
+    "analyze",
     "CheckpointError",
     "CheckpointLoader",
     "LoadedCheckpoint",

@@ -1,4 +1,4 @@
-"""The analyses of ``curvkit analyze``, as a library: a plan and its runner.
+"""The analyses of ``curvkit analyze`` on one operator: a plan and its runner.
 
 An :class:`AnalysisPlan` says what to compute on a curvature operator; its
 :meth:`~AnalysisPlan.keys` name each analysis (``"eigen/largest"``,
@@ -7,19 +7,17 @@ the ``kind/name`` keys of :mod:`curvkit.store`.
 :func:`run_plan` computes them in that order and hands each result to
 ``on_result`` as soon as it is finished, so a caller can store it at once; keys
 in ``done`` are skipped, which is how an interrupted run resumes.
+:mod:`curvkit.runs` turns checkpoints into operators and stores the results.
 """
 
 from __future__ import annotations
 
-import glob
-import re
+import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from curvkit import checks
@@ -31,14 +29,10 @@ from curvkit.linalg.slq import density
 from curvkit.linalg.trace import METHODS as TRACE_METHODS
 from curvkit.linalg.trace import trace
 
-__all__ = [
-    "AnalysisPlan",
-    "PreparedAnalysis",
-    "expand_checkpoints",
-    "prepare_analysis",
-    "resolve_device",
-    "run_plan",
-]
+__all__ = ["AnalysisPlan", "REORTHOGONALISATION", "run_plan"]
+
+REORTHOGONALISATION = ("auto", "full", "partial")
+"""Reorthogonalisation methods of the Lanczos eigensolver (see :func:`curvkit.eigenvalues`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +52,13 @@ class AnalysisPlan:
         per_layer: Tabulate top eigenvalue and trace per layer.
         tol: Relative residual tolerance of the eigenpairs.
         seed: Seed of every random start vector and probe.
+        max_matvecs: Budget of products of each eigenpair solve (``None``: the
+            solver's default, see :func:`curvkit.eigenvalues`).
+        reorthogonalisation: ``"auto"``, ``"full"`` or ``"partial"``, see
+            :func:`curvkit.eigenvalues`.
+
+    Raises:
+        CurvkitError: An option out of range, or a plan that computes nothing.
     """
 
     top_k: int = 5
@@ -71,12 +72,47 @@ class AnalysisPlan:
     per_layer: bool = False
     tol: float = 1e-4
     seed: int = 0
+    max_matvecs: int | None = None
+    reorthogonalisation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.top_k < 0 or self.bottom_k < 0:
-            raise CurvkitError("top-k and bottom-k must be 0 or more")
+            raise CurvkitError(
+                f"--top-k and --bottom-k must be 0 or more, got {self.top_k} and {self.bottom_k}"
+            )
         if self.trace is not None and self.trace not in TRACE_METHODS:
             raise CurvkitError(f"unknown trace method {self.trace!r}; use one of {list(TRACE_METHODS)}")
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise CurvkitError(f"--tol must be a positive number, got {self.tol:g}")
+        for name, value in (
+            ("--trace-matvecs", self.trace_matvecs),
+            ("density steps", self.density_steps),
+            ("density runs", self.density_runs),
+        ):
+            if value < 1:
+                raise CurvkitError(f"{name} must be at least 1, got {value}")
+        if self.max_matvecs is not None and self.max_matvecs < 1:
+            raise CurvkitError(f"--max-matvecs must be at least 1, got {self.max_matvecs}")
+        if self.reorthogonalisation not in REORTHOGONALISATION:
+            raise CurvkitError(
+                f"unknown reorthogonalisation {self.reorthogonalisation!r}; use one of "
+                f"{list(REORTHOGONALISATION)}"
+            )
+        if not self.keys():
+            raise CurvkitError(
+                "no analysis asked for (--top-k 0 and nothing else): ask for --top-k, --bottom-k, "
+                "--trace, --density, --check or --per-layer"
+            )
+
+    def check_dimension(self, dim: int) -> None:
+        """Refuse a plan that asks for more eigenpairs than the operator's dimension ``dim``.
+
+        Raises:
+            CurvkitError: ``top_k`` or ``bottom_k`` exceeds ``dim``.
+        """
+        for name, k in (("--top-k", self.top_k), ("--bottom-k", self.bottom_k)):
+            if k > dim:
+                raise CurvkitError(f"{name} {k} is larger than the number of parameters analysed, P={dim:,}")
 
     def keys(self, psd: bool = False, reference: bool = False) -> list[str]:
         """The analyses of this plan, in the order they run."""
@@ -107,16 +143,17 @@ class AnalysisPlan:
         """
         seed, tol = self.seed, self.tol
         kind, _, name = key.partition("/")
+        solver = {"max_matvecs": self.max_matvecs, "reorthogonalisation": self.reorthogonalisation}
         if key == "eigen/largest":
-            return {"k": self.top_k, "which": "largest", "tol": tol, "seed": seed}
+            return {"k": self.top_k, "which": "largest", "tol": tol, "seed": seed, **solver}
         if key == "eigen/smallest":
-            return {"k": self.bottom_k, "which": "smallest", "tol": tol, "seed": seed}
+            return {"k": self.bottom_k, "which": "smallest", "tol": tol, "seed": seed, **solver}
         if kind == "trace":
             return {"method": name, "matvecs": self.trace_matvecs, "seed": seed}
         if key == "density/slq":
             return {"steps": self.density_steps, "runs": self.density_runs, "seed": seed}
         if key in ("checks/residuals", "checks/agreement"):
-            return {"k": self.top_k, "tol": tol, "seed": seed}
+            return {"k": self.top_k, "tol": tol, "seed": seed, **solver}
         if kind == "checks":
             return {"seed": seed}
         if key == "per_layer/module":
@@ -164,14 +201,9 @@ def run_plan(
     keys = plan.keys(psd=bool(getattr(op, "PSD", False)), reference=reference is not None)
     for key in keys:
         if key == "eigen/largest":
-            step(key, lambda key=key: eigenvalues(op, k=plan.top_k, tol=tol, seed=seed, progress=report(key)))
+            step(key, lambda key=key: _eigenpairs(op, plan, plan.top_k, "largest", report(key)))
         elif key == "eigen/smallest":
-            step(
-                key,
-                lambda key=key: eigenvalues(
-                    op, k=plan.bottom_k, which="smallest", tol=tol, seed=seed, progress=report(key)
-                ),
-            )
+            step(key, lambda key=key: _eigenpairs(op, plan, plan.bottom_k, "smallest", report(key)))
         elif key.startswith("trace/"):
             step(
                 key,
@@ -202,150 +234,23 @@ def run_plan(
     return results
 
 
+def _eigenpairs(op: Any, plan: AnalysisPlan, k: int, which: str, progress: Progress | None = None) -> Any:
+    """``k`` eigenpairs at one end of the spectrum, with the plan's solver options."""
+    return eigenvalues(
+        op,
+        k=k,
+        which=which,
+        tol=plan.tol,
+        seed=plan.seed,
+        max_matvecs=plan.max_matvecs,
+        reorthogonalisation=plan.reorthogonalisation,
+        progress=progress,
+    )
+
+
 def _eigen(op: Any, plan: AnalysisPlan, results: dict[str, Any]) -> Any:
     """The top eigenpairs of this call, or recomputed (with vectors) when resumed."""
     found = results.get("eigen/largest")
     if found is not None and found.vectors is not None:
         return found
-    return eigenvalues(op, k=plan.top_k, tol=plan.tol, seed=plan.seed)
-
-
-@dataclass
-class PreparedAnalysis:
-    """A checkpoint made ready for analysis: its operator, problem and provenance.
-
-    Attributes:
-        operator: The curvature operator of the estimator.
-        problem: The :class:`~curvkit.Problem`.
-        provenance: Where the results come from (see ``docs/hdf5-schema.md``).
-        reference: Returns the dense exact Hessian for ``checks/agreement``, or
-            ``None`` when the problem is too large for a dense reference.
-    """
-
-    operator: Any
-    problem: Any
-    provenance: dict[str, Any]
-    reference: Callable[[], Tensor] | None
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` as a device.
-
-    Raises:
-        CurvkitError: CUDA is asked for but not available, or the name is unknown.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CurvkitError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise CurvkitError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
-
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def prepare_analysis(
-    checkpoint: str | Path,
-    *,
-    estimator: str = "hessian",
-    estimator_options: dict[str, Any] | None = None,
-    model: str | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    data: str | None = None,
-    loss: str | None = None,
-    batch_size: int = 1024,
-    max_samples: int | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    trust_pickle: bool = False,
-    reference_max_dim: int = 2000,
-) -> PreparedAnalysis:
-    """Load a checkpoint, its data and loss, and build the estimator's operator.
-
-    What the command line does not give comes from the checkpoint's curvkit
-    metadata (``model_factory``, ``model_kwargs``, ``data``, ``loss``; see
-    :func:`curvkit.checkpoints.save_checkpoint`).
-
-    Raises:
-        CurvkitError: Anything that makes the checkpoint, data or loss unusable,
-            with a one-line message.
-    """
-    from curvkit import checkpoints, datasets
-    from curvkit.problem import Problem
-    from curvkit.registry import curvature
-
-    if dtype not in DTYPES:
-        raise CurvkitError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
-    target = resolve_device(device)
-    loaded = checkpoints.load_checkpoint(
-        checkpoint, model_factory=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle
-    )
-    meta = loaded.metadata or {}
-    data_spec = data or meta.get("data")
-    if not data_spec:
-        raise CurvkitError(f"{checkpoint}: no --data given and the checkpoint names no data set")
-    loss_name = loss or meta.get("loss") or "cross_entropy"
-    net = loaded.model.to(device=target, dtype=DTYPES[dtype])
-    problem = Problem(
-        net, loss_name, datasets.load_data_spec(data_spec), batch_size=batch_size, max_samples=max_samples
-    )
-    options = dict(estimator_options or {})
-    operator = curvature(estimator, problem, **options)
-    reference = None
-    if problem.dim <= reference_max_dim:
-        reference = lambda: curvature("exact-hessian", problem).to_dense()  # noqa: E731
-    import curvkit
-
-    provenance = {
-        "checkpoint": str(Path(checkpoint)),
-        "checkpoint_sha256": loaded.sha256,
-        "checkpoint_format": loaded.format,
-        "model": model or meta.get("model_factory") or type(net).__name__,
-        "model_kwargs": model_kwargs if model_kwargs is not None else meta.get("model_kwargs"),
-        "parameter_count": problem.dim,
-        "data": str(data_spec),
-        "sample_count": problem.num_samples(),
-        "loss": loss_name,
-        "estimator": estimator,
-        "estimator_options": options,
-        "dtype": dtype,
-        "device": str(target),
-        "batch_size": batch_size,
-        "max_samples": max_samples,
-        "curvkit_version": curvkit.__version__,
-        "torch_version": torch.__version__,
-    }
-    return PreparedAnalysis(operator, problem, provenance, reference)
-
-
-def expand_checkpoints(patterns: Sequence[str]) -> list[Path]:
-    """Paths and globs to existing checkpoint files, in natural sort order.
-
-    A directory stands for the checkpoint files in it (``*.pt``, ``*.pth``,
-    ``*.ckpt``, ``*.safetensors``, ``*.pt2``). Natural order sorts ``step-9``
-    before ``step-10``, so a folder of checkpoints forms a trajectory.
-
-    Raises:
-        CurvkitError: A path or pattern matches no file.
-    """
-    suffixes = {".pt", ".pth", ".ckpt", ".safetensors", ".pt2", ".bin"}
-    found: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if any(ch in pattern for ch in "*?["):
-            matches = [Path(p) for p in glob.glob(pattern)]
-        elif path.is_dir():
-            matches = [p for p in path.iterdir() if p.suffix in suffixes]
-        else:
-            matches = [path] if path.exists() else []
-        if not matches:
-            raise CurvkitError(f"no checkpoint file at {pattern!r}; check the path")
-        found += sorted(matches, key=_natural_key)
-    return sorted(dict.fromkeys(found), key=_natural_key)
-
-
-def _natural_key(path: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+    return _eigenpairs(op, plan, plan.top_k, "largest")

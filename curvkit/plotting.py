@@ -1,75 +1,129 @@
 """Figures of analysis results, with matplotlib (imported only when a figure is made).
 
-Each function takes a result (the library's own result types, or what
+Each ``plot_*`` function takes a result (the library's own result types, or what
 :mod:`curvkit.store` reads back) and an optional :class:`matplotlib.axes.Axes`,
-draws on it, and returns it; :func:`save_figure` writes PNG and PDF files.
+draws on it, and returns it; :func:`figures` draws every figure of one result
+(looked up by its type in one table); :func:`save_figure` writes the files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_density", "plot_eigenvalues", "plot_per_layer", "plot_trajectory", "save_figure"]
+from curvkit.errors import CurvkitError
+
+__all__ = [
+    "DENSITY_FLOOR",
+    "check_formats",
+    "figures",
+    "plot_density",
+    "plot_eigenvalues",
+    "plot_per_layer",
+    "plot_trajectory",
+    "save_figure",
+]
+
+DENSITY_FLOOR = 1e-6
+"""On a logarithmic axis a density is drawn down to this fraction of its peak.
+
+A Gaussian-broadened density falls to ``1e-300`` and below between separated
+eigenvalues; drawn to there, the axis would span hundreds of decades and the
+spectrum's shape would be lost. Values below the floor are left undrawn (a gap
+in the line), not clipped to it: the floor is the axis's lower limit, not data."""
 
 
-def _axes(ax: Any) -> Any:
-    if ax is not None:
-        return ax
+def _pyplot() -> Any:
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
         matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6, 4))[1]
+    return plt
 
 
-def plot_eigenvalues(result: Any, ax: Any = None, label: str | None = None) -> Any:
+def _axes(ax: Any) -> Any:
+    return ax if ax is not None else _pyplot().subplots(figsize=(6, 4))[1]
+
+
+def _integer_ticks(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_eigenvalues(result: Any, ax: Any = None, label: str | None = None, title: str | None = None) -> Any:
     """Eigenvalues (most extreme first) with their residual certificates as error bars.
 
     Every bar ``[lambda - r, lambda + r]`` contains an eigenvalue of the operator.
+
+    Args:
+        result: An :class:`~curvkit.EigenResult`.
+        ax: Axes to draw on (a new figure when ``None``).
+        label: Legend label (default: the part of the spectrum).
+        title: Title, e.g. the run's name; the solve's products and status follow it.
     """
     ax = _axes(ax)
     values = result.values.detach().cpu().double().numpy()
     residuals = result.residuals.detach().cpu().double().numpy()
     index = range(1, len(values) + 1)
-    ax.errorbar(index, values, yerr=residuals, fmt="o", capsize=4, label=label or result.which)
+    ax.errorbar(
+        index, values, yerr=residuals, fmt="o", capsize=4, label=label or f"{result.which} eigenvalues"
+    )
     ax.set_xlabel("index")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel("eigenvalue")
     status = "converged" if result.converged else "NOT converged"
-    ax.set_title(f"{result.which} eigenvalues ({result.matvecs} products, {status})")
+    detail = f"{result.which} eigenvalues, {result.matvecs} products, {status}"
+    ax.set_title(f"{title}\n{detail}" if title else detail, fontsize=10)
     ax.axhline(0.0, color="grey", lw=0.5)
+    ax.legend(fontsize=8)
     return ax
 
 
-def plot_density(result: Any, ax: Any = None, log: bool = False, label: str | None = None) -> Any:
+def plot_density(
+    result: Any, ax: Any = None, log: bool = True, label: str | None = None, title: str | None = None
+) -> Any:
     """The SLQ spectral density on its grid, with the quadrature nodes as ticks.
 
     Args:
         result: A :class:`~curvkit.DensityResult`.
         ax: Axes to draw on (a new figure when ``None``).
-        log: Logarithmic density axis (the bulk near zero and the outliers at once).
+        log: Logarithmic density axis (default), from :data:`DENSITY_FLOOR` times
+            the peak; values below are not drawn.
         label: Legend label.
+        title: Title, e.g. the run's name.
     """
+    import numpy as np
+
     ax = _axes(ax)
     grid = result.grid.detach().cpu().double().numpy()
     dens = result.density.detach().cpu().double().numpy()
-    if log:
-        dens = dens.clip(min=max(dens.max() * 1e-12, 1e-300))
+    peak = float(dens.max()) if dens.size else 0.0
+    if log and peak > 0:
+        floor = peak * DENSITY_FLOOR
+        dens = np.where(dens >= floor, dens, np.nan)
         ax.set_yscale("log")
+        ax.set_ylim(floor, peak * 2)
     ax.plot(grid, dens, label=label or f"{result.runs} runs x {result.steps} steps")
     nodes = result.nodes.detach().cpu().double().numpy().ravel()
     weights = result.weights.detach().cpu().double().numpy().ravel()
-    ax.plot(nodes[weights > 0], [0] * int((weights > 0).sum()), "|", color="black", ms=8, alpha=0.5)
+    ticks = nodes[weights > 0]
+    transform = ax.get_xaxis_transform()  # x in data, y in axes: ticks at the bottom on any scale
+    ax.plot(ticks, [0.0] * len(ticks), "|", color="black", ms=8, alpha=0.5, transform=transform)
     ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
-    ax.set_title(f"spectral density (Gaussian width {result.sigma:.3g})")
+    ax.set_ylabel("density" + (" (log)" if log else ""))
+    detail = f"spectral density (Gaussian width {result.sigma:.3g})"
+    ax.set_title(f"{title}\n{detail}" if title else detail, fontsize=10)
+    ax.legend(fontsize=8)
     return ax
 
 
-def plot_per_layer(table: Any, quantity: str = "top_eigenvalue", ax: Any = None) -> Any:
+def plot_per_layer(
+    table: Any, quantity: str = "top_eigenvalue", ax: Any = None, title: str | None = None
+) -> Any:
     """Bars of one quantity per layer (``"top_eigenvalue"`` or ``"trace"``), with error bars.
 
     Traces get their standard errors, top eigenvalues their residuals.
@@ -85,7 +139,8 @@ def plot_per_layer(table: Any, quantity: str = "top_eigenvalue", ax: Any = None)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_ylabel(quantity.replace("_", " "))
-    ax.set_title(f"{quantity.replace('_', ' ')} per layer")
+    detail = f"{quantity.replace('_', ' ')} per layer"
+    ax.set_title(f"{title}\n{detail}" if title else detail, fontsize=10)
     return ax
 
 
@@ -96,30 +151,102 @@ def plot_trajectory(
     ax: Any = None,
     ylabel: str = "",
     label: str | None = None,
+    positions: Sequence[float] | None = None,
+    xlabel: str = "checkpoint",
+    title: str | None = None,
 ) -> Any:
-    """A quantity across checkpoints (in the given order), with optional error bars."""
+    """A quantity across checkpoints, with optional error bars.
+
+    Args:
+        labels: The checkpoints' names.
+        values: The quantity, one per checkpoint.
+        errors: Error bars (residuals, standard errors).
+        ax: Axes to draw on (a new figure when ``None``).
+        ylabel: What the quantity is.
+        label: Legend label.
+        positions: The checkpoints' training steps or epochs: the x-axis. Without
+            them the x-axis is the checkpoints' order, labelled with ``labels``.
+        xlabel: Name of the x-axis (``"step"``, ``"epoch"``; default ``"checkpoint"``).
+        title: Title, e.g. what the runs share.
+    """
     ax = _axes(ax)
-    x = list(range(len(values)))
+    x = list(positions) if positions is not None else list(range(len(values)))
     ax.errorbar(
         x, list(values), yerr=None if errors is None else list(errors), marker="o", capsize=3, label=label
     )
-    ax.set_xticks(x)
-    ax.set_xticklabels(list(labels), rotation=45, ha="right")
+    if positions is None:
+        ax.set_xticks(x)
+        ax.set_xticklabels(list(labels), rotation=45, ha="right")
+    else:
+        _integer_ticks(ax.xaxis)
     ax.set_ylabel(ylabel)
-    ax.set_xlabel("checkpoint")
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if label:
+        ax.legend(fontsize=8)
     return ax
+
+
+def _layer_figures(table: Any, title: str, log: bool) -> list[tuple[str, Any]]:
+    return [
+        (quantity, plot_per_layer(table, quantity, title=title)) for quantity in ("top_eigenvalue", "trace")
+    ]
+
+
+def _figure_table() -> dict[type, Callable[[Any, str, bool], list[tuple[str, Any]]]]:
+    from curvkit.linalg.eigen import EigenResult
+    from curvkit.linalg.per_layer import LayerTable
+    from curvkit.linalg.slq import DensityResult
+
+    return {
+        EigenResult: lambda r, title, log: [("", plot_eigenvalues(r, title=title))],
+        DensityResult: lambda r, title, log: [("", plot_density(r, log=log, title=title))],
+        LayerTable: _layer_figures,
+    }
+
+
+def figures(result: Any, title: str, log: bool = True) -> list[tuple[str, Any]]:
+    """Every figure of one result, as ``(suffix, axes)`` pairs (none for a kind without figures).
+
+    Args:
+        result: A result of any analysis (eigenpairs, density, per-layer table...).
+        title: The figures' title, e.g. the run's name.
+        log: Logarithmic density axis.
+    """
+    draw = _figure_table().get(type(result))
+    return [] if draw is None else draw(result, title, log)
+
+
+def check_formats(formats: Sequence[str]) -> list[str]:
+    """The figure formats, checked against what matplotlib can write.
+
+    Raises:
+        CurvkitError: No format, or one matplotlib does not know (with the known ones).
+    """
+    names = [f.strip().lower().lstrip(".") for f in formats if f.strip()]
+    known = _pyplot().figure().canvas.get_supported_filetypes()
+    _pyplot().close("all")
+    unknown = [f for f in names if f not in known]
+    if not names or unknown:
+        raise CurvkitError(
+            f"unknown figure format {', '.join(unknown) or '(none given)'}; use a comma-separated "
+            f"list of {', '.join(sorted(known))}"
+        )
+    return names
 
 
 def save_figure(ax: Any, path: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Save the figure holding ``ax`` as ``path.<format>`` for each format, and close it."""
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig = ax.figure
     fig.tight_layout()
     written = []
-    for fmt in formats:
-        target = Path(f"{path}.{fmt}")  # not with_suffix: stems may contain dots
-        fig.savefig(target, dpi=120)
-        written.append(target)
-    plt.close(fig)
+    try:
+        for fmt in formats:
+            target = Path(f"{path}.{fmt}")  # not with_suffix: stems may contain dots
+            fig.savefig(target, dpi=120)
+            written.append(target)
+    finally:
+        plt.close(fig)
     return written

@@ -31,12 +31,37 @@ def test_keys_follow_the_plan():
         AnalysisPlan(trace="median")
 
 
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"tol": 0.0}, "--tol must be a positive number"),
+        ({"tol": float("nan")}, "--tol must be a positive number"),
+        ({"trace_matvecs": 0}, "--trace-matvecs must be at least 1"),
+        ({"density_steps": 0}, "density steps"),
+        ({"top_k": -1}, "--top-k and --bottom-k must be 0 or more"),
+        ({"max_matvecs": 0}, "--max-matvecs must be at least 1"),
+        ({"reorthogonalisation": "sometimes"}, "unknown reorthogonalisation"),
+        ({"top_k": 0, "trace": None, "density": False}, "no analysis asked for"),
+    ],
+)
+def test_a_plan_refuses_bad_options(options, fragment):
+    with pytest.raises(curvkit.CurvkitError, match=fragment):
+        AnalysisPlan(**options)
+
+
+def test_a_plan_refuses_more_eigenpairs_than_parameters():
+    AnalysisPlan(top_k=5).check_dimension(5)
+    with pytest.raises(curvkit.CurvkitError, match="--bottom-k 6 is larger than .* P=5"):
+        AnalysisPlan(top_k=1, bottom_k=6).check_dimension(5)
+
+
 def test_requests_name_what_determines_each_result():
     plan = AnalysisPlan(top_k=3, bottom_k=2, check=True, per_layer=True, tol=1e-5, seed=7)
     keys = plan.keys(psd=True, reference=True)
     requests = {key: plan.request(key) for key in keys}
-    assert requests["eigen/largest"] == {"k": 3, "which": "largest", "tol": 1e-5, "seed": 7}
-    assert requests["eigen/smallest"] == {"k": 2, "which": "smallest", "tol": 1e-5, "seed": 7}
+    solver = {"max_matvecs": None, "reorthogonalisation": "auto"}
+    assert requests["eigen/largest"] == {"k": 3, "which": "largest", "tol": 1e-5, "seed": 7, **solver}
+    assert requests["eigen/smallest"] == {"k": 2, "which": "smallest", "tol": 1e-5, "seed": 7, **solver}
     assert requests["trace/hutch++"] == {"method": "hutch++", "matvecs": 99, "seed": 7}
     assert requests["density/slq"] == {"steps": 60, "runs": 3, "seed": 7}
     assert all(r["seed"] == 7 for r in requests.values())
@@ -45,6 +70,8 @@ def test_requests_name_what_determines_each_result():
     assert AnalysisPlan(tol=1e-6).request("eigen/largest") != AnalysisPlan().request("eigen/largest")
     assert AnalysisPlan(trace_matvecs=300).request("trace/hutch++") != AnalysisPlan().request("trace/hutch++")
     assert AnalysisPlan(density_runs=5).request("density/slq") != AnalysisPlan().request("density/slq")
+    for option in ({"max_matvecs": 50}, {"reorthogonalisation": "full"}):
+        assert AnalysisPlan(**option).request("eigen/largest") != AnalysisPlan().request("eigen/largest")
     with pytest.raises(curvkit.CurvkitError, match="no analysis"):
         plan.request("eigen/middle")
 

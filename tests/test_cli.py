@@ -76,7 +76,7 @@ def test_every_command_has_help_text():
     commands = list(_commands(root))
     assert [path for path, _ in commands if path == ("plugins",)]
     top = runner.invoke(app, ["--help"], env=WIDE)
-    assert top.exit_code == 0 and "Curvature analysis" in top.output
+    assert top.exit_code == 0 and "Curvature of PyTorch models" in top.output
     for param in root.params:
         if param.param_type_name == "option":
             assert (param.help or "").strip(), f"option {param.name} of curvkit has no help"

@@ -7,7 +7,6 @@ import os
 import shutil
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from curvkit.cli.main import app
@@ -35,7 +34,7 @@ def analysed(tmp_path_factory):
 
 def test_default_analyses_are_stored(analysed):
     out, summary = analysed
-    assert summary["runs"][0]["parameters"] == 3466
+    assert summary["runs"][0]["provenance"]["parameter_count"] == 3466
     with ResultsStore(out, mode="r") as store:
         (run,) = store.runs()
         assert run.status == "complete"
@@ -144,7 +143,7 @@ def test_trajectory_of_checkpoints(tmp_path):
         names = [os.path.basename(r.provenance["checkpoint"]) for r in store.runs()]
     assert names == ["step-2.pt", "step-10.pt"]  # natural order
     assert invoke("plot", str(out), "-o", str(tmp_path / "f"), "--formats", "png").exit_code == 0
-    assert (tmp_path / "f" / "trajectory-hessian-top-eigenvalue.png").exists()
+    assert (tmp_path / "f" / "trajectory-1-hessian-top-eigenvalue.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -159,21 +158,16 @@ def test_trajectory_of_checkpoints(tmp_path):
         (["show", "missing.h5"], "missing.h5"),
         (["analyze", "corrupt.pt"], "corrupt.pt"),
         (["analyze", "nan.pt"], "non-finite weights"),
-        (["analyze", "overflow.pt"], "loss or its gradient is not finite"),
         (["analyze", MLP, "--model", "curvkit.models:digits_cnn"], "digits_cnn"),
-        (["analyze", MLP, "--data", "wrong.npz"], "cannot be applied"),
         (["show", "foreign.h5"], "another tool"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, fragment, run_curvkit):
+    """More bad input, with the results file checked unchanged, is in test_cli_validation.py."""
     (tmp_path / "corrupt.pt").write_bytes(open(MLP, "rb").read()[:5000])  # truncated
     ckpt = torch.load(MLP, weights_only=True)
     ckpt["model_state_dict"]["0.weight"] = torch.full_like(ckpt["model_state_dict"]["0.weight"], float("nan"))
     torch.save(ckpt, tmp_path / "nan.pt")
-    ckpt = torch.load(MLP, weights_only=True)  # finite weights whose logits overflow: an Inf/NaN loss
-    ckpt["model_state_dict"]["4.weight"] = torch.full_like(ckpt["model_state_dict"]["4.weight"], 3e38)
-    torch.save(ckpt, tmp_path / "overflow.pt")
-    np.savez(tmp_path / "wrong.npz", X=np.zeros((10, 7), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1, 2, 3]
     proc = run_curvkit(*args, cwd=tmp_path)
@@ -189,7 +183,7 @@ def test_unreachable_float32_tolerance_warns_in_one_line(tmp_path, run_curvkit):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("curvkit: warning: tol=1e-09 is below what torch.float32 products can certify")
     (run,) = json.loads(proc.stdout)["runs"]
-    assert run["results"]["eigen/largest"].endswith("NOT converged)")
+    assert run["analyses"]["eigen/largest"]["converged"] is False
     with ResultsStore(tmp_path / "r.h5", mode="r") as store:
         (stored,) = store.runs()
         top = stored.read("eigen/largest")

@@ -110,6 +110,7 @@ def eigenvalues(
     seed: int | None = 0,
     return_vectors: bool = True,
     progress: Progress | None = None,
+    reorthogonalisation: str = "auto",
 ) -> EigenResult:
     """The ``k`` eigenpairs of a symmetric operator at one end of its spectrum.
 
@@ -135,6 +136,8 @@ def eigenvalues(
         seed: Seed of the starting vector (a CPU generator: same on every device).
         return_vectors: Keep the ``[P, k]`` eigenvectors in the result.
         progress: Called after each product with ``{"matvecs", "basis", "restarts"}``.
+        reorthogonalisation: ``"auto"``, ``"full"`` or ``"partial"``: see
+            :func:`~curvkit.linalg.lanczos.thick_restart_lanczos`.
 
     Returns:
         An :class:`EigenResult`; values ordered most extreme first (descending for
@@ -205,6 +208,7 @@ def eigenvalues(
             dtype=work_dtype,
             device=A.device,
             progress=progress,
+            reorthogonalisation=reorthogonalisation,
         )
         values, vectors, used, iterations = state.values, state.vectors, state.matvecs, state.restarts
         radius = state.spectral_radius

@@ -1,0 +1,732 @@
+"""``curvkit analyze`` as a library: checkpoints in, one HDF5 results file out.
+
+:func:`analyze` is what the command runs, callable from Python with the same
+result file. It works in two phases:
+
+1. **Validation, before anything is written.** Every checkpoint (a trajectory
+   is validated whole) is loaded with its model, data, loss and estimator; the
+   model and loss are applied to one batch, the determinism probe runs, and the
+   plan is checked against the number of parameters. A bad checkpoint stops
+   the command naming every bad file, unless ``skip_bad`` asks to analyse the
+   others (each bad one is then recorded as a failed run with its reason).
+2. **Analysis.** Each run is begun in the results file, its analyses computed
+   in plan order and each written as soon as it is finished.
+
+**A run is keyed by everything that determines its numbers** (:func:`run_key`):
+the checkpoint's path and content hash, the model factory and its arguments,
+the weights entry and strictness, the data (its spec and a fingerprint of its
+contents), ``max_samples``, the loss, the selected parameters, the forward
+arguments, the estimator and its options, the dtype, the device type, the seed
+and :data:`RESULTS_VERSION`. Another value of any of them is another run; the
+same values reopen the run and resume it. Inside a run, an analysis is reused
+only when its stored request equals the new one (see
+:meth:`curvkit.analysis.AnalysisPlan.request`); otherwise it is recomputed. The
+batch size is not part of the key: the curvature is that of the full-data
+loss, so it changes results only by rounding.
+
+h5py is imported when :func:`analyze` opens the results file, not on import.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit import checkpoints as _checkpoints
+from curvkit._version import __version__
+from curvkit.analysis import AnalysisPlan, run_plan
+from curvkit.data import BatchSource, DataSummary, summarize_data
+from curvkit.errors import CurvkitError
+
+__all__ = [
+    "DTYPES",
+    "RESULTS_VERSION",
+    "AnalyzeEvent",
+    "AnalyzeReport",
+    "PreparedAnalysis",
+    "ProblemSettings",
+    "RunOutcome",
+    "Trajectory",
+    "analyze",
+    "expand_checkpoints",
+    "prepare_analysis",
+    "resolve_device",
+    "run_key",
+    "trajectories",
+]
+
+RESULTS_VERSION = 2
+"""Version of what curvkit's stored numbers mean, part of every run key.
+
+Raised whenever a change in curvkit changes the results of the same settings by
+more than rounding (a fixed bug, another normalisation), so that a results file
+never mixes the old numbers with the new under one run. Version 2: runs keyed
+by everything that determines them."""
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""The precisions ``curvkit analyze`` runs in."""
+
+
+@dataclass(frozen=True)
+class ProblemSettings:
+    """How to turn a checkpoint into a problem: everything but the checkpoint itself.
+
+    What is not given comes from the checkpoint's curvkit metadata
+    (``model_factory``, ``model_kwargs``, ``data``, ``loss``; see
+    :func:`curvkit.save_checkpoint`).
+
+    Attributes:
+        model: Model factory or class, ``"module:name"``.
+        model_kwargs: Keyword arguments of the factory.
+        weights_key: The entry of a checkpoint dict that holds the weights.
+        strict: Refuse weights with missing or unexpected entries.
+        data: Bundled data set name, data file or ``"module:function"``.
+        loss: Loss name.
+        params: Parameters to differentiate (names, globs, module prefixes, or
+            ``"all"`` with frozen ones); ``None``: all that require grad.
+        forward_kwargs: Extra keyword arguments of every call of the model.
+        batch_size: Batch size of the passes over the data.
+        max_samples: Use only the first ``max_samples`` samples.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        dtype: ``"float32"`` or ``"float64"``.
+        trust_pickle: Allow unpickling code from the checkpoint.
+        check_deterministic: Run the determinism probe (two passes compared).
+    """
+
+    model: str | None = None
+    model_kwargs: Mapping[str, Any] | None = None
+    weights_key: str | None = None
+    strict: bool = True
+    data: str | None = None
+    loss: str | None = None
+    params: str | Sequence[str] | None = None
+    forward_kwargs: Mapping[str, Any] | None = None
+    batch_size: int = 1024
+    max_samples: int | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    trust_pickle: bool = False
+    check_deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CurvkitError(f"unknown dtype {self.dtype!r}; use one of {list(DTYPES)}")
+        if self.batch_size < 1:
+            raise CurvkitError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise CurvkitError(f"--max-samples must be at least 1, got {self.max_samples}")
+        resolve_device(self.device)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` as a device.
+
+    Raises:
+        CurvkitError: CUDA is asked for but not available, or the name is unknown.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CurvkitError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise CurvkitError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+
+
+@dataclass
+class PreparedAnalysis:
+    """A checkpoint made ready for analysis: its operator, problem, key and provenance.
+
+    Attributes:
+        operator: The curvature operator of the estimator.
+        problem: The :class:`~curvkit.Problem`.
+        run_id: The run's id in a results file (from :attr:`key`).
+        key: Everything that determines the run's numbers (:func:`run_key`).
+        provenance: Where the results come from (see ``docs/hdf5-schema.md``).
+        reference: Returns the dense exact Hessian for ``checks/agreement``, or
+            ``None`` when the problem is too large for a dense reference.
+    """
+
+    operator: Any
+    problem: Any
+    run_id: str
+    key: dict[str, Any]
+    provenance: dict[str, Any]
+    reference: Callable[[], Tensor] | None
+
+
+class _DataCache:
+    """Data sets loaded once per spec, and fingerprinted once per spec and sample count."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] = {}
+        self._summaries: dict[tuple[str, int | None], DataSummary] = {}
+
+    def load(self, spec: str, settings: ProblemSettings) -> tuple[Any, DataSummary]:
+        from curvkit import datasets
+
+        if spec not in self._data:
+            self._data[spec] = datasets.load_data_spec(spec)
+        data = self._data[spec]
+        key = (spec, settings.max_samples)
+        if key not in self._summaries:
+            source = BatchSource(data, batch_size=settings.batch_size, max_samples=settings.max_samples)
+            self._summaries[key] = summarize_data(source)
+        return data, self._summaries[key]
+
+
+def run_key(
+    *,
+    checkpoint: str | os.PathLike[str],
+    checkpoint_sha256: str,
+    model: str,
+    model_kwargs: Any,
+    settings: ProblemSettings,
+    data: str,
+    data_fingerprint: str,
+    loss: str,
+    parameter_names: Sequence[str],
+    estimator: str,
+    estimator_options: Mapping[str, Any],
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
+    """Everything that determines the numbers of a run, as plain JSON-able values.
+
+    Two commands with equal keys compute the same numbers (to rounding), so the
+    second resumes the first's run; any difference starts another run.
+    """
+    names = hashlib.sha256("\n".join(parameter_names).encode()).hexdigest()
+    return {
+        "results_version": RESULTS_VERSION,
+        "checkpoint": os.path.abspath(os.fspath(checkpoint)),
+        "checkpoint_sha256": checkpoint_sha256,
+        "model": model,
+        "model_kwargs": dict(model_kwargs or {}),
+        "weights_key": settings.weights_key,
+        "strict": settings.strict,
+        "data": data,
+        "data_fingerprint": data_fingerprint,
+        "max_samples": settings.max_samples,
+        "loss": loss,
+        "parameter_names_sha256": names,
+        "forward_kwargs": dict(settings.forward_kwargs or {}),
+        "estimator": estimator,
+        "estimator_options": dict(estimator_options),
+        "dtype": settings.dtype,
+        "device": device.type,
+        "seed": seed,
+    }
+
+
+def prepare_analysis(
+    checkpoint: str | os.PathLike[str],
+    *,
+    estimator: str = "hessian",
+    estimator_options: Mapping[str, Any] | None = None,
+    settings: ProblemSettings = ProblemSettings(),  # noqa: B008 - frozen, never mutated
+    seed: int = 0,
+    reference_max_dim: int = 2000,
+    _data: _DataCache | None = None,
+) -> PreparedAnalysis:
+    """Load a checkpoint, its data and loss, build the estimator's operator, and validate them.
+
+    The model and loss are applied to one batch, and the determinism probe runs
+    (unless ``settings.check_deterministic`` is off), so that a checkpoint that
+    cannot be analysed fails here, before any result file is touched.
+
+    Raises:
+        CurvkitError: Anything that makes the checkpoint, data, loss or estimator
+            unusable, with a one-line message.
+    """
+    from curvkit.problem import Problem
+    from curvkit.registry import curvature
+    from curvkit.store import make_run_id
+
+    target = resolve_device(settings.device)
+    loaded = _checkpoints.load_checkpoint(
+        checkpoint,
+        model_factory=settings.model,
+        model_kwargs=settings.model_kwargs,
+        weights_key=settings.weights_key,
+        strict=settings.strict,
+        trust_pickle=settings.trust_pickle,
+    )
+    meta = loaded.metadata or {}
+    data_spec = settings.data or meta.get("data")
+    if not data_spec:
+        raise CurvkitError(f"{checkpoint}: no --data given and the checkpoint names no data set")
+    data_spec = str(data_spec)
+    loss_name = settings.loss or meta.get("loss") or "cross_entropy"
+    data, summary = (_data or _DataCache()).load(data_spec, settings)
+    net = loaded.model.to(device=target, dtype=DTYPES[settings.dtype])
+    problem = Problem(
+        net,
+        loss_name,
+        data,
+        params=settings.params,
+        batch_size=settings.batch_size,
+        max_samples=settings.max_samples,
+        forward_kwargs=settings.forward_kwargs,
+        check_deterministic=settings.check_deterministic,
+    )
+    problem.check_batch()
+    problem.ensure_deterministic()
+    options = dict(estimator_options or {})
+    operator = curvature(estimator, problem, **options)
+    reference = None
+    if problem.dim <= reference_max_dim:
+        reference = lambda: curvature("exact-hessian", problem).to_dense()  # noqa: E731
+    model = settings.model or meta.get("model_factory") or type(net).__name__
+    model_kwargs = settings.model_kwargs if settings.model_kwargs is not None else meta.get("model_kwargs")
+    key = run_key(
+        checkpoint=checkpoint,
+        checkpoint_sha256=loaded.sha256,
+        model=model,
+        model_kwargs=model_kwargs,
+        settings=settings,
+        data=data_spec,
+        data_fingerprint=summary.fingerprint,
+        loss=loss_name,
+        parameter_names=problem.param_names,
+        estimator=estimator,
+        estimator_options=options,
+        device=target,
+        seed=seed,
+    )
+    provenance = {  # the key's settings, as the user gave them, and what was found
+        **{name: value for name, value in key.items() if name not in ("checkpoint", "device")},
+        "checkpoint": str(Path(checkpoint)),
+        "checkpoint_format": loaded.format,
+        "checkpoint_info": loaded.info,
+        "checkpoint_notes": [*loaded.notes, *([loaded.ignored_summary] if loaded.ignored_summary else [])],
+        "weights_key": loaded.weights_key or settings.weights_key,
+        "parameter_count": problem.dim,
+        "parameter_total": problem.total_parameters,
+        "frozen_parameter_count": problem.frozen_parameters,
+        "parameters": problem.describe_parameters(),
+        "params": settings.params,
+        "sample_count": summary.samples,
+        "batch_size": settings.batch_size,
+        "device": str(target),
+        "curvkit_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    return PreparedAnalysis(
+        operator, problem, make_run_id(checkpoint, estimator, key), key, provenance, reference
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def expand_checkpoints(arguments: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Checkpoint arguments (files, folders, globs) to the files they name, in order.
+
+    Files named explicitly keep the order they are given in. A folder stands
+    for every file in it that curvkit reads (:func:`curvkit.checkpoints.is_checkpoint`:
+    every format, plugins' included), and a glob for the files it matches; the
+    files of one folder or glob are in natural order (``step-9`` before
+    ``step-10``), so a folder of checkpoints forms a trajectory. A file named
+    twice is analysed once, where it first appears.
+
+    Raises:
+        CurvkitError: An argument names no file.
+    """
+    found: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        text = os.fspath(argument)
+        if path.is_dir() and not _checkpoints.is_checkpoint(path):  # a folder a plugin reads is one
+            matches = sorted(_checkpoints.find_checkpoints(path), key=_natural_key)
+            if not matches:
+                raise CurvkitError(f"no checkpoint file in the folder {text!r}")
+        elif path.exists():
+            matches = [path]
+        elif any(ch in text for ch in "*?["):
+            hits = [Path(p) for p in glob.glob(text)]
+            found_here = [p for p in hits if p.is_file() or _checkpoints.is_checkpoint(p)]
+            matches = sorted(found_here, key=_natural_key)
+        else:
+            matches = []
+        if not matches:
+            raise CurvkitError(f"no checkpoint file at {text!r}; check the path")
+        found += matches
+    unique: dict[str, Path] = {}
+    for p in found:
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+
+
+# ----------------------------------------------------------------------------- the runs
+@dataclass
+class RunOutcome:
+    """One checkpoint analysed with one estimator: what :func:`analyze` did.
+
+    Attributes:
+        checkpoint: The checkpoint file.
+        estimator: The estimator's name.
+        index: Position of the checkpoint in the trajectory.
+        run_id: The run's id in the results file (``None`` if none was written).
+        status: ``"pending"``, ``"running"``, ``"complete"`` or ``"failed"``.
+        error: One line, for a failed run.
+        parameters: What was differentiated (``"P=3,466"``, or
+            ``"P=264,450 of 462,594: 198,144 frozen"``).
+        keys: The run's analyses, in plan order.
+        resumed: The analyses found finished in the file and reused.
+        results: Every analysis's result, by key (computed or read back).
+        notes: What loading the checkpoint noted (ignored entries, stripped prefixes).
+    """
+
+    checkpoint: Path
+    estimator: str
+    index: int
+    run_id: str | None = None
+    status: str = "pending"
+    error: str | None = None
+    parameters: str = ""
+    keys: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AnalyzeEvent:
+    """What :func:`analyze` reports to its ``progress`` callback as it works.
+
+    Attributes:
+        kind: ``"run-started"`` (``run`` has its keys and resumed analyses),
+            ``"counters"`` (an analysis's counters: products, residual...),
+            ``"result"`` (an analysis was computed and stored), or
+            ``"run-finished"`` (``run.status`` says how).
+        run: The run it is about.
+        key: The analysis (``"counters"`` and ``"result"``).
+        counters: The analysis's counters (``"counters"``).
+        seconds: Time the analysis took (``"result"``).
+    """
+
+    kind: str
+    run: RunOutcome
+    key: str | None = None
+    counters: Mapping[str, Any] | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class AnalyzeReport:
+    """What :func:`analyze` did: the results file and every run."""
+
+    output: Path
+    runs: list[RunOutcome]
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        """The runs that failed (bad checkpoints skipped with ``skip_bad`` included)."""
+        return [run for run in self.runs if run.status == "failed"]
+
+
+def analyze(
+    checkpoints: Sequence[str | os.PathLike[str]],
+    *,
+    output: str | os.PathLike[str] = "results.h5",
+    plan: AnalysisPlan = AnalysisPlan(),  # noqa: B008 - frozen, never mutated
+    settings: ProblemSettings = ProblemSettings(),  # noqa: B008 - frozen, never mutated
+    estimators: Sequence[str] = ("hessian",),
+    estimator_options: Mapping[str, Any] | None = None,
+    skip_bad: bool = False,
+    command_line: str | None = None,
+    progress: Callable[[AnalyzeEvent], None] | None = None,
+) -> AnalyzeReport:
+    """Analyse checkpoints (a trajectory) and store every result in one HDF5 file.
+
+    Every checkpoint is validated before the file is opened for writing (see the
+    module documentation); each analysis is written as soon as it finishes, so an
+    interrupted call loses nothing finished, and calling again with the same
+    arguments resumes.
+
+    Args:
+        checkpoints: Files, folders and globs (:func:`expand_checkpoints`).
+        output: The HDF5 results file (created, or appended to).
+        plan: What to compute on each operator.
+        settings: Model, data, loss, precision and device.
+        estimators: Registered estimator names: one run per checkpoint and estimator.
+        estimator_options: Keyword options of the estimators.
+        skip_bad: Analyse the good checkpoints when some are bad (or fail during
+            their analysis), recording each bad one as a failed run; otherwise a
+            bad checkpoint stops the call before anything is written.
+        command_line: The command, recorded in each new run's provenance.
+        progress: Called with an :class:`AnalyzeEvent` as runs start, analyses
+            report counters, results are stored and runs finish. An exception
+            it raises (``KeyboardInterrupt`` from a signal handler) stops the
+            call, marking the run ``failed`` with the error ``interrupted``.
+
+    Returns:
+        An :class:`AnalyzeReport` (check :attr:`AnalyzeReport.failed` with ``skip_bad``).
+
+    Raises:
+        CurvkitError: Bad options, a bad checkpoint (all of them named), an
+            unusable results file, or an analysis that failed.
+    """
+    from curvkit.store import ResultsStore
+
+    ResultsStore.check_path(output)
+    paths = expand_checkpoints(checkpoints)
+    cache = _DataCache()
+    targets = [
+        RunOutcome(path, estimator, index) for index, path in enumerate(paths) for estimator in estimators
+    ]
+
+    def prepare(run: RunOutcome) -> PreparedAnalysis:
+        prepared = prepare_analysis(
+            run.checkpoint,
+            estimator=run.estimator,
+            estimator_options=estimator_options,
+            settings=settings,
+            seed=plan.seed,
+            _data=cache,
+        )
+        plan.check_dimension(prepared.problem.dim)
+        return prepared
+
+    kept: PreparedAnalysis | None = None  # the first one is analysed next: not loaded twice
+    keys: dict[int, dict[str, Any]] = {}
+    bad: list[tuple[RunOutcome, CurvkitError]] = []
+    for i, run in enumerate(targets):
+        try:
+            prepared = prepare(run)
+        except CurvkitError as exc:
+            bad.append((run, exc))
+            continue
+        keys[i] = prepared.key
+        if kept is None:
+            kept = prepared
+    if bad and not skip_bad:
+        _raise_bad(bad, len(targets))
+
+    extra = {} if command_line is None else {"command_line": command_line}
+    with ResultsStore(output) as store:
+        for i, run in enumerate(targets):
+            failure = next((exc for r, exc in bad if r is run), None)
+            if failure is not None:
+                _record_bad(store, run, str(failure), extra, progress)
+                continue
+            try:
+                prepared = kept if kept is not None and kept.key == keys[i] else prepare(run)
+                kept = None
+                if prepared.key != keys[i]:
+                    raise CurvkitError(f"{run.checkpoint} changed while curvkit analyze was running")
+                _analyze_one(store, prepared, run, plan, {**prepared.provenance, **extra}, progress)
+            except CurvkitError as exc:
+                if not skip_bad:
+                    raise
+                if run.run_id is None:  # failed before its run was begun
+                    _record_bad(store, run, str(exc), extra, progress)
+    return AnalyzeReport(Path(output), targets)
+
+
+def _raise_bad(bad: list[tuple[RunOutcome, CurvkitError]], total: int) -> None:
+    """Refuse the whole command, naming every bad checkpoint and why (its first reason)."""
+    if total == 1:
+        raise bad[0][1]
+    reasons: dict[Path, str] = {}
+    for run, exc in bad:
+        reasons.setdefault(run.checkpoint, f"{run.checkpoint} [{run.estimator}]: {exc}")
+    raise CurvkitError(
+        f"{len(bad)} of {total} runs cannot be analysed, so nothing was: {'; '.join(reasons.values())}; "
+        "fix or remove them, or pass --skip-bad to analyse the others"
+    )
+
+
+def _record_bad(
+    store: Any,
+    run: RunOutcome,
+    error: str,
+    extra: Mapping[str, Any],
+    progress: Callable[[AnalyzeEvent], None] | None,
+) -> None:
+    """A failed run for a checkpoint that could not be prepared (``skip_bad``).
+
+    Its key holds only what is known without loading it: the path and the
+    estimator, marked ``validation_failed``.
+    """
+    from curvkit.store import make_run_id
+
+    key = {
+        "checkpoint": os.path.abspath(run.checkpoint),
+        "estimator": run.estimator,
+        "validation_failed": True,
+    }
+    run.run_id = make_run_id(run.checkpoint, run.estimator, key)
+    provenance = {"checkpoint": str(run.checkpoint), "estimator": run.estimator, **extra}
+    record = store.begin_run(run.run_id, provenance, key=key, index=run.index)
+    _fail(record, run, error, progress)
+
+
+def _fail(record: Any, run: RunOutcome, error: str, progress: Callable[[AnalyzeEvent], None] | None) -> None:
+    record.finish("failed", error=error)
+    run.status, run.error = "failed", " ".join(error.split())
+    if progress is not None:
+        progress(AnalyzeEvent("run-finished", run))
+
+
+def _analyze_one(
+    store: Any,
+    prepared: PreparedAnalysis,
+    run: RunOutcome,
+    plan: AnalysisPlan,
+    provenance: dict[str, Any],
+    progress: Callable[[AnalyzeEvent], None] | None,
+) -> None:
+    """Begin (or resume) one run, compute what it lacks, store each result at once."""
+    operator = prepared.operator
+    record = store.begin_run(prepared.run_id, provenance, key=prepared.key, index=run.index)
+    run.run_id, run.status = prepared.run_id, "running"
+    run.parameters = prepared.problem.describe_parameters()
+    run.notes = list(provenance.get("checkpoint_notes") or [])
+    run.keys = plan.keys(psd=bool(getattr(operator, "PSD", False)), reference=prepared.reference is not None)
+    requests = {key: plan.request(key) for key in run.keys}
+    run.resumed = [key for key in run.keys if record.has(key, requests[key])]
+    run.results = {key: record.read(key) for key in run.resumed}
+    if progress is not None:
+        progress(AnalyzeEvent("run-started", run))
+
+    def on_result(key: str, result: Any, seconds: float) -> None:
+        record.write(key, result, request=requests[key])
+        record.write_timing(key, seconds)
+        run.results[key] = result
+        if progress is not None:
+            progress(AnalyzeEvent("result", run, key=key, seconds=seconds))
+
+    def on_counters(key: str, counters: dict[str, Any]) -> None:
+        if progress is not None:
+            progress(AnalyzeEvent("counters", run, key=key, counters=counters))
+
+    try:
+        run_plan(
+            operator,
+            plan,
+            done=set(run.resumed),
+            reference=prepared.reference,
+            on_result=on_result,
+            progress=on_counters,
+        )
+    except KeyboardInterrupt:
+        _fail(record, run, "interrupted", None)
+        raise
+    except CurvkitError as exc:
+        _fail(record, run, str(exc), progress)
+        raise
+    except BaseException as exc:
+        _fail(record, run, f"{type(exc).__name__}: {exc}", None)
+        raise
+    record.finish("complete")
+    run.status = "complete"
+    if progress is not None:
+        progress(AnalyzeEvent("run-finished", run))
+
+
+# ----------------------------------------------------------------------------- trajectories
+_PER_CHECKPOINT = ("checkpoint", "checkpoint_sha256")
+"""Key entries in which the runs of one trajectory differ."""
+
+_PER_CHECKPOINT_PROVENANCE = (
+    *_PER_CHECKPOINT,
+    "checkpoint_format",
+    "checkpoint_info",
+    "checkpoint_notes",
+    "command_line",
+    "curvkit_version",
+    "torch_version",
+)
+"""Provenance entries that differ between checkpoints (for runs stored without a key)."""
+
+STEP_KEYS = ("global_step", "step", "iteration", "epoch")
+"""Entries of a checkpoint dict that place it in training, most precise first."""
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Runs that differ in their checkpoint alone, in training order.
+
+    Attributes:
+        runs: The runs (:class:`curvkit.store.Run`), ordered by ``positions`` when
+            known, else by their index in the command that analysed them.
+        positions: Each checkpoint's training step or epoch, when every checkpoint
+            records the same one (``None`` otherwise).
+        xlabel: What the positions are (``"step"``, ``"epoch"``), or ``"checkpoint"``.
+        labels: The checkpoints' file names.
+        title: What the runs share: estimator, data, loss, dtype.
+    """
+
+    runs: list[Any]
+    positions: list[float] | None
+    xlabel: str
+    labels: list[str]
+    title: str
+
+
+def _shared_key(run: Any) -> str:
+    import json
+
+    key = run.key
+    if key is not None:
+        shared = {k: v for k, v in key.items() if k not in _PER_CHECKPOINT}
+    else:
+        shared = {k: v for k, v in run.provenance.items() if k not in _PER_CHECKPOINT_PROVENANCE}
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def _positions(runs: list[Any]) -> tuple[list[float] | None, str]:
+    infos = [run.provenance.get("checkpoint_info") or {} for run in runs]
+    for name in STEP_KEYS:
+        values = [info.get(name) for info in infos]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return [float(v) for v in values], name.replace("global_", "")
+    return None, "checkpoint"
+
+
+def trajectories(runs: Sequence[Any]) -> list[Trajectory]:
+    """Group the runs of a results file into trajectories: same settings, other checkpoints.
+
+    Two runs belong to one trajectory when their keys (:func:`run_key`) differ in
+    the checkpoint (path and content) alone; so a file holding one trajectory
+    analysed with two estimators, or with two seeds, gives two trajectories, and
+    runs that failed or hold nothing are left out. Groups of one run are not
+    trajectories.
+
+    Args:
+        runs: Runs of a :class:`curvkit.store.ResultsStore`.
+    """
+    groups: dict[str, list[Any]] = {}
+    for run in runs:
+        if run.analyses():
+            groups.setdefault(_shared_key(run), []).append(run)
+    found = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        positions, xlabel = _positions(group)
+        if positions is not None:
+            order = sorted(range(len(group)), key=lambda i: positions[i])
+            group, positions = [group[i] for i in order], [positions[i] for i in order]
+        prov = group[0].provenance
+        title = (
+            f"{prov.get('estimator', '?')} on {prov.get('data', '?')} ({prov.get('loss', '?')}, "
+            f"{prov.get('dtype', '?')}, seed {prov.get('seed', '?')})"
+        )
+        labels = [Path(str(run.provenance.get("checkpoint", run.run_id))).name for run in group]
+        found.append(Trajectory(group, positions, xlabel, labels, title))
+    return found

@@ -1,0 +1,73 @@
+"""One line per result, for terminals: ``curvkit analyze``'s summary and ``curvkit show``.
+
+:func:`summarize` looks the result's type up in one table, so that every result
+kind is described in one place.
+
+Example:
+    >>> import torch
+    >>> from curvkit import TraceResult
+    >>> summarize(TraceResult(12.5, 0.25, "hutch++", 30, None, 0))
+    '12.5 +- 0.25 (hutch++, 30 products)'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from curvkit.checks import CheckResult
+from curvkit.linalg.eigen import EigenResult
+from curvkit.linalg.per_layer import LayerTable
+from curvkit.linalg.slq import DensityResult
+from curvkit.linalg.trace import TraceResult
+
+__all__ = ["summarize"]
+
+
+def _eigen(result: EigenResult) -> str:
+    values = ", ".join(f"{v:.6g}" for v in result.values.tolist())
+    status = "" if result.converged else ", NOT converged"
+    return f"[{values}] (max residual {result.residuals.max().item():.1e}, {result.matvecs} products{status})"
+
+
+def _trace(result: TraceResult) -> str:
+    how = f"{result.method}, {result.matvecs} products" + (
+        ", fell back to Hutchinson" if result.fallback else ""
+    )
+    return f"{result.estimate:.6g} +- {result.stderr:.2g} ({how})"
+
+
+def _density(result: DensityResult) -> str:
+    low, high = result.nodes.min().item(), result.nodes.max().item()
+    return (
+        f"{result.runs} runs x {result.steps} steps, nodes in [{low:.4g}, {high:.4g}], "
+        f"width {result.sigma:.3g} ({result.matvecs} products)"
+    )
+
+
+def _check(result: CheckResult) -> str:
+    return str(result)
+
+
+def _layers(table: LayerTable) -> str:
+    rows = list(table)
+    if not rows:
+        return "no layers"
+    top = max(rows, key=lambda r: r.top_eigenvalue)
+    return f"{len(rows)} layers; largest top eigenvalue {top.top_eigenvalue:.4g} ({top.name})"
+
+
+SUMMARIES: dict[type, Callable[[Any], str]] = {
+    EigenResult: _eigen,
+    TraceResult: _trace,
+    DensityResult: _density,
+    CheckResult: _check,
+    LayerTable: _layers,
+}
+"""One-line description of each result type."""
+
+
+def summarize(result: Any) -> str:
+    """One line describing ``result`` (any result type curvkit's analyses return)."""
+    describe = SUMMARIES.get(type(result))
+    return describe(result) if describe is not None else type(result).__name__

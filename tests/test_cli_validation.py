@@ -1,0 +1,294 @@
+"""Nothing is written before the inputs are known good; a trajectory is validated whole.
+
+Every bad input goes through the installed console script: one line on stderr,
+exit status 2, and the results file byte for byte as it was (or not created).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curvkit.datasets import bundled_file
+from curvkit.store import ResultsStore
+
+MLP = str(bundled_file("digits_mlp.pt"))
+QUICK = ["--top-k", "1", "--max-samples", "200"]
+
+USER_MODELS = Path(__file__).with_name("user_models.py")
+"""Models of the kinds that stopped users, copied next to the data as ``usermodels.py``."""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with a good results file, user models, data and bad checkpoints."""
+    folder = tmp_path_factory.mktemp("validation")
+    shutil.copy(USER_MODELS, folder / "usermodels.py")
+    generator = torch.Generator().manual_seed(0)
+    torch.save(
+        {"X": torch.randn(40, 8, generator=generator), "y": torch.randint(0, 3, (40,), generator=generator)},
+        folder / "small.pt",
+    )
+    torch.manual_seed(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("usermodels_for_tests", folder / "usermodels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.Streaming().state_dict(), folder / "streaming.pt")
+    torch.save(module.PartlyFrozen().state_dict(), folder / "frozen.pt")
+    encoder = module.SpeakerEncoder().state_dict()
+    training = {  # Resemblyzer's pretrained.pt: a training dict, in the old (non-zip) format
+        "step": 315000,
+        "model_state": {
+            **encoder,
+            "similarity_weight": torch.tensor([10.0]),
+            "similarity_bias": torch.tensor([-5.0]),
+        },
+        "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+    }
+    torch.save(training, folder / "pretrained.pt", _use_new_zipfile_serialization=False)
+    torch.save({"model": encoder, "ema": encoder, "epoch": 3}, folder / "with_ema.pt")
+    torch.save(
+        {"X": torch.randn(24, 5, 6, generator=generator), "y": torch.randn(24, 4, generator=generator)},
+        folder / "frames.pt",
+    )
+    (folder / "corrupt.pt").write_bytes(open(MLP, "rb").read()[:5000])
+    np.savez(folder / "wrong.npz", X=np.zeros((10, 7), dtype=np.float32), y=np.zeros(10, dtype=np.int64))
+    ckpt = torch.load(MLP, weights_only=True)  # finite weights whose logits overflow: an Inf/NaN loss
+    ckpt["model_state_dict"]["4.weight"] = torch.full_like(ckpt["model_state_dict"]["4.weight"], 3e38)
+    torch.save(ckpt, folder / "overflow.pt")
+    for name in ("a.pt", "b.pt"):
+        shutil.copy(MLP, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def good_results(workdir):
+    """A results file written by a good command (bytes to compare against)."""
+    import subprocess
+    import sys
+
+    out = workdir / "good.h5"
+    subprocess.run(
+        [sys.executable, "-m", "curvkit.cli.main", "analyze", MLP, *QUICK, "-o", str(out), "--quiet"],
+        check=True,
+        cwd=workdir,
+        capture_output=True,
+    )
+    return out.read_bytes()
+
+
+ENCODER = ["--model", "usermodels:SpeakerEncoder", "--data", "frames.pt", "--loss", "mse", "--top-k", "1"]
+STREAMING = ["streaming.pt", "--model", "usermodels:Streaming", "--data", "small.pt", "--top-k", "1"]
+
+BAD = {
+    "tol 0": ([MLP, "--tol", "0"], "--tol must be a positive number"),
+    "trace-matvecs 0": ([MLP, "--trace", "hutchinson", "--trace-matvecs", "0"], "--trace-matvecs must be"),
+    "top-k 0": ([MLP, "--top-k", "0"], "no analysis asked for"),
+    "top-k above P": ([MLP, "--top-k", "5000"], "--top-k 5000 is larger than the number of parameters"),
+    "max-matvecs 0": ([MLP, "--max-matvecs", "0"], "--max-matvecs must be at least 1"),
+    "reorthogonalisation": ([MLP, "--reorthogonalisation", "never"], "unknown reorthogonalisation"),
+    "data does not fit": ([MLP, "--data", "wrong.npz"], "cannot be applied"),
+    "non-finite loss": (["overflow.pt"], "loss or its gradient is not finite"),
+    "params": ([MLP, "--params", "nosuch"], "nosuch"),
+    "forward-kwargs json": ([MLP, "--forward-kwargs", "{sr: 1}"], "--forward-kwargs is not valid JSON"),
+    "missing forward kwarg": (STREAMING, "cannot be applied"),
+    "stateful model": ([*STREAMING, "--forward-kwargs", '{"sr": 16000}'], "changed its buffers state"),
+    "trajectory with a bad file": (["a.pt", "corrupt.pt", "b.pt"], "corrupt.pt"),
+    "batch size": ([MLP, "--batch-size", "0"], "--batch-size must be at least 1"),
+    "extra entries, strict": ([*ENCODER, "pretrained.pt"], "pass --no-strict"),
+    "several weights": ([*ENCODER, "with_ema.pt"], "choose one with --weights-key"),
+    "missing weights key": ([*ENCODER, "with_ema.pt", "--weights-key", "emaa"], "'emaa' not found"),
+}
+
+
+NEW_FILE_TOO = {"top-k above P", "stateful model", "trajectory with a bad file"}
+"""Cases also run with a new output path, which must not be created."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_leaves_the_results_file_as_it_was(workdir, good_results, case, run_curvkit, tmp_path):
+    args, fragment = BAD[case]
+    out = tmp_path / "results.h5"
+    out.write_bytes(good_results)
+    new = tmp_path / "new.h5"
+    for target in (out, new) if case in NEW_FILE_TOO else (out,):
+        proc = run_curvkit("analyze", *args, *QUICK[2:], "-o", str(target), cwd=workdir)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("curvkit: error:"), proc.stderr
+        assert fragment in lines[0], lines[0]
+    assert out.read_bytes() == good_results
+    assert not new.exists()
+
+
+@pytest.mark.slow
+def test_a_stateful_model_can_be_analysed_when_asked(workdir, run_curvkit, tmp_path):
+    """The refusal (in BAD above) names the stateful module and the opt-out; the opt-out works."""
+    proc = run_curvkit(
+        "analyze",
+        *STREAMING,
+        "--forward-kwargs",
+        '{"sr": 16000}',
+        "--no-check-deterministic",
+        "-o",
+        str(tmp_path / "r.h5"),
+        "--json",
+        cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(proc.stdout)["runs"]
+    assert run["provenance"]["forward_kwargs"] == {"sr": 16000} and run["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_frozen_parameters_are_reported_and_selectable(workdir, run_curvkit, tmp_path):
+    base = [
+        "analyze",
+        "frozen.pt",
+        "--model",
+        "usermodels:PartlyFrozen",
+        "--data",
+        "small.pt",
+        "--top-k",
+        "1",
+    ]
+    proc = run_curvkit(*base, "-o", str(tmp_path / "r.h5"), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "P=51 of 195: 144 frozen" in proc.stdout
+    proc = run_curvkit(*base, "--params", "all", "-o", str(tmp_path / "r.h5"), "--json", cwd=workdir)
+    (run,) = json.loads(proc.stdout)["runs"]
+    prov = run["provenance"]
+    assert (prov["parameter_count"], prov["parameter_total"], prov["frozen_parameter_count"]) == (
+        195,
+        195,
+        144,
+    )
+    assert prov["parameters"] == "P=195" and prov["params"] == "all"
+    proc = run_curvkit(*base, "--params", "head.weight,head.bias", "-o", str(tmp_path / "s.h5"), cwd=workdir)
+    assert "P=51 of 195: 144 frozen" in proc.stdout
+
+
+@pytest.mark.slow
+def test_skip_bad_analyses_the_others_and_records_each_bad_one(workdir, run_curvkit, tmp_path):
+    out = tmp_path / "r.h5"
+    proc = run_curvkit(
+        "analyze", "a.pt", "corrupt.pt", "b.pt", *QUICK, "--skip-bad", "-o", str(out), "--quiet", cwd=workdir
+    )
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("curvkit: error: 1 of 3 runs failed") and "corrupt.pt" in line
+    with ResultsStore(out, mode="r") as store:
+        runs = {run.provenance["checkpoint"]: run for run in store.runs()}
+        assert [run.status for run in store.runs()] == ["complete", "failed", "complete"]
+        assert [run.index for run in store.runs()] == [0, 1, 2]
+        assert "corrupt" in runs["corrupt.pt"].error or "truncated" in runs["corrupt.pt"].error
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_the_order_given_folders_and_globs_sort_naturally(workdir, run_curvkit, tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (10, 2):
+        shutil.copy(MLP, folder / f"step-{step}.pt")
+    (folder / "notes.txt").write_text("not a checkpoint")
+    out = tmp_path / "r.h5"
+    proc = run_curvkit(
+        "analyze",
+        str(workdir / "b.pt"),
+        str(folder),
+        str(workdir / "a.pt"),
+        *QUICK,
+        "-o",
+        str(out),
+        "-q",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with ResultsStore(out, mode="r") as store:
+        names = [run.provenance["checkpoint"].rsplit("/", 1)[-1] for run in store.runs()]
+    assert names == ["b.pt", "step-2.pt", "step-10.pt", "a.pt"]
+
+
+def test_plot_refuses_an_unknown_format_in_one_line(workdir, good_results, run_curvkit, tmp_path):
+    (tmp_path / "r.h5").write_bytes(good_results)
+    proc = run_curvkit("plot", "r.h5", "--formats", "png,jpgg", "-o", "figs", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("curvkit: error: unknown figure format jpgg") and "png" in line
+    assert not (tmp_path / "figs").exists()
+
+
+@pytest.mark.slow
+def test_a_training_dict_with_extra_entries_loads_with_no_strict(workdir, run_curvkit, tmp_path):
+    """Resemblyzer's checkpoint: weights under 'model_state', plus the loss's two parameters."""
+    proc = run_curvkit(
+        "analyze", *ENCODER, "pretrained.pt", "--no-strict", "-o", str(tmp_path / "r.h5"), cwd=workdir
+    )
+    assert proc.returncode == 0, proc.stderr
+    (note,) = proc.stderr.strip().splitlines()
+    assert note.startswith("curvkit: note: pretrained.pt: ignored 2 checkpoint entries")
+    assert "similarity_weight" in note and "similarity_bias" in note
+    assert "pretrained.pt [hessian] P=" in proc.stdout
+    with ResultsStore(tmp_path / "r.h5", mode="r") as store:
+        (run,) = store.runs()
+        assert run.provenance["weights_key"] == "model_state" and run.provenance["strict"] is False
+        assert run.provenance["checkpoint_info"]["step"] == 315000
+
+
+@pytest.mark.slow
+def test_weights_key_chooses_among_several_sets_of_weights(workdir, run_curvkit, tmp_path):
+    proc = run_curvkit(
+        "analyze",
+        *ENCODER,
+        "with_ema.pt",
+        "--weights-key",
+        "ema",
+        "-o",
+        str(tmp_path / "r.h5"),
+        "--json",
+        cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(proc.stdout)["runs"]
+    assert run["provenance"]["weights_key"] == "ema" and run["key"]["weights_key"] == "ema"
+
+
+@pytest.mark.slow
+def test_a_folder_of_torchscript_files_is_a_trajectory(workdir, run_curvkit, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("usermodels_jit", workdir / "usermodels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path / "scripted"
+    folder.mkdir()
+    for step in (1, 2):
+        torch.manual_seed(step)
+        torch.jit.save(
+            torch.jit.script(module.PartlyFrozen().requires_grad_(True)), folder / f"net-{step}.jit"
+        )
+    proc = run_curvkit(
+        "analyze",
+        str(folder),
+        "--data",
+        str(workdir / "small.pt"),
+        "--top-k",
+        "1",
+        "-o",
+        "r.h5",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout)["runs"]
+    assert [r["checkpoint"].rsplit("/", 1)[-1] for r in runs] == ["net-1.jit", "net-2.jit"]
+    assert all(r["provenance"]["checkpoint_format"] == "torchscript" for r in runs)
