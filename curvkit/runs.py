@@ -33,6 +33,7 @@ import glob
 import hashlib
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,7 @@ class PreparedAnalysis:
         provenance: Where the results come from (see ``docs/hdf5-schema.md``).
         reference: Returns the dense exact Hessian for ``checks/agreement``, or
             ``None`` when the problem is too large for a dense reference.
+        seconds: Time taken to load and validate it.
     """
 
     operator: Any
@@ -163,6 +165,7 @@ class PreparedAnalysis:
     key: dict[str, Any]
     provenance: dict[str, Any]
     reference: Callable[[], Tensor] | None
+    seconds: float = 0.0
 
 
 class _DataCache:
@@ -253,6 +256,7 @@ def prepare_analysis(
     from curvkit.registry import curvature
     from curvkit.store import make_run_id
 
+    started = time.perf_counter()
     target = resolve_device(settings.device)
     loaded = _checkpoints.load_checkpoint(
         checkpoint,
@@ -322,9 +326,9 @@ def prepare_analysis(
         "curvkit_version": __version__,
         "torch_version": torch.__version__,
     }
-    return PreparedAnalysis(
-        operator, problem, make_run_id(checkpoint, estimator, key), key, provenance, reference
-    )
+    run_id = make_run_id(checkpoint, estimator, key)
+    seconds = time.perf_counter() - started
+    return PreparedAnalysis(operator, problem, run_id, key, provenance, reference, seconds)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -593,6 +597,7 @@ def _analyze_one(
     """Begin (or resume) one run, compute what it lacks, store each result at once."""
     operator = prepared.operator
     record = store.begin_run(prepared.run_id, provenance, key=prepared.key, index=run.index)
+    record.write_timing("prepare", prepared.seconds)
     run.run_id, run.status = prepared.run_id, "running"
     run.parameters = prepared.problem.describe_parameters()
     run.notes = list(provenance.get("checkpoint_notes") or [])

@@ -46,7 +46,7 @@ def test_json_holds_numbers_not_formatted_text(analysed):
     prov = run["provenance"]
     assert prov["sample_count"] == 300 and prov["dtype"] == "float32" and prov["seed"] == 0
     assert prov["checkpoint_sha256"] and prov["data_fingerprint"] and prov["estimator"] == "hessian"
-    assert set(run["timings"]) == {"eigen/largest", "trace/hutchinson", "density/slq"}
+    assert set(run["timings"]) == {"prepare", "eigen/largest", "trace/hutchinson", "density/slq"}
     with ResultsStore(out, mode="r") as store:  # the same document `curvkit export` writes
         assert store.run(run["run_id"]).to_dict()["analyses"] == run["analyses"]
 
