@@ -33,35 +33,40 @@ def _call(model: Any, kwargs: Any) -> str:
 
 
 def _provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
-    """What a reader needs to know of a run's origin, as ``(label, text)`` rows."""
-    data = (
-        f"{prov.get('data', '?')}: {prov.get('sample_count', '?'):,} samples"
-        if isinstance(prov.get("sample_count"), int)
-        else str(prov.get("data", "?"))
-    )
-    data += f" (fingerprint {_short(prov.get('data_fingerprint'))}, batch size {prov.get('batch_size', '?')})"
-    if prov.get("max_samples"):
-        data += f", first {prov['max_samples']:,}"
+    """What a reader needs to know of a run's origin, as ``(label, text)`` rows.
+
+    A run recording a checkpoint that could not be loaded has only its checkpoint
+    and estimator: the rows that would be unknown are left out.
+    """
+    checkpoint = str(prov.get("checkpoint", "?"))
+    if "checkpoint_sha256" not in prov:
+        return [("checkpoint", checkpoint), ("estimator", _call(prov.get("estimator", "?"), None))]
+    weights = f", weights {prov['weights_key']!r}" if prov.get("weights_key") else ""
+    data = f"{prov.get('data')}: {prov.get('sample_count', 0):,} samples"
+    data += f" (fingerprint {_short(prov.get('data_fingerprint'))}, batch size {prov.get('batch_size')})"
     rows = [
         (
             "checkpoint",
-            f"{prov.get('checkpoint', '?')} ({prov.get('checkpoint_format', '?')}, "
+            f"{checkpoint} ({prov.get('checkpoint_format')}{weights}, "
             f"sha256 {_short(prov.get('checkpoint_sha256'))})",
         ),
-        ("model", _call(prov.get("model", "?"), prov.get("model_kwargs"))),
+        ("model", _call(prov.get("model"), prov.get("model_kwargs"))),
         ("data", data),
-        ("loss", str(prov.get("loss", "?"))),
-        ("parameters", str(prov.get("parameters") or prov.get("parameter_count", "?"))),
-        ("precision", f"{prov.get('dtype', '?')} on {prov.get('device', '?')}, seed {prov.get('seed', '?')}"),
-        ("estimator", _call(prov.get("estimator", "?"), prov.get("estimator_options"))),
+        ("loss", str(prov.get("loss"))),
+        ("parameters", str(prov.get("parameters") or prov.get("parameter_count"))),
+        ("precision", f"{prov.get('dtype')} on {prov.get('device')}, seed {prov.get('seed')}"),
+        ("estimator", _call(prov.get("estimator"), prov.get("estimator_options"))),
     ]
-    extra = {k: prov.get(k) for k in ("weights_key", "params", "forward_kwargs") if prov.get(k)}
-    if prov.get("strict") is False:
-        extra["strict"] = False
-    if extra:
-        rows.append(("options", ", ".join(f"{k}={v!r}" for k, v in extra.items())))
-    for note in prov.get("checkpoint_notes") or []:
-        rows.append(("note", str(note)))
+    given = {
+        "max_samples": prov.get("max_samples"),
+        "params": prov.get("params"),
+        "forward_kwargs": prov.get("forward_kwargs"),
+        "strict": None if prov.get("strict", True) else False,
+    }
+    if any(value is not None and value != {} for value in given.values()):
+        options = ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None and v != {})
+        rows.append(("options", options))
+    rows += [("note", str(note)) for note in prov.get("checkpoint_notes") or []]
     return rows
 
 
