@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import curvkit
-from curvkit.checks import check_residuals, check_symmetry
+from curvkit.checks import check_psd, check_residuals, check_symmetry
+from curvkit.linalg import lanczos
 from curvkit.linalg.trace import trace
 
 DT = torch.float64
@@ -95,3 +96,55 @@ def test_checks_name_the_product():
     clean = curvkit.eigenvalues(curvkit.DenseOperator(spd()), k=3, tol=1e-8)
     with raises_naming("the 3rd product of check_residuals"):
         check_residuals(PoisonedProducts(spd(), 3), clean)
+
+
+# --------------------------------------------------------------------- eigenvalues
+@pytest.mark.parametrize("reorthogonalisation", ["auto", "full"])
+@pytest.mark.parametrize("bad", [1, 7, 30])
+def test_lanczos_stops_at_the_product_that_is_not_finite(reorthogonalisation, bad):
+    A = PoisonedProducts(spd(), bad)
+    with raises_naming(f"the {bad}{'st' if bad == 1 else 'th'} product of Lanczos (eigenvalues, largest)"):
+        curvkit.eigenvalues(A, k=3, tol=1e-14, max_basis=12, reorthogonalisation=reorthogonalisation)
+    assert A.matvecs == bad  # not one product more
+
+
+def test_an_infinite_product_is_named_as_such():
+    A = PoisonedProducts(spd(), 4, value=float("inf"))
+    with raises_naming("the 4th product of Lanczos (eigenvalues, smallest)", "Inf in 3 of 200 entries"):
+        curvkit.eigenvalues(A, k=2, which="smallest")
+
+
+def test_the_certificate_products_are_checked_too(monkeypatch):
+    monkeypatch.setattr(lanczos, "PRODUCT_STORE_BYTES", 0)  # certificates need k more products
+    used = curvkit.eigenvalues(curvkit.DenseOperator(spd()), k=3, tol=1e-8).matvecs
+    A = PoisonedProducts(spd(), used - 1)  # the second of the three certificate products
+    with pytest.raises(curvkit.NonFiniteError, match=rf"^the {used - 1}(st|nd|rd|th) product of Lanczos"):
+        curvkit.eigenvalues(A, k=3, tol=1e-8)
+    assert A.matvecs == used  # the three certificates are one batched product
+
+
+def test_power_iteration():
+    A = PoisonedProducts(spd(), 5)
+    with raises_naming("the 5th product of power iteration (eigenvalues, largest_magnitude)"):
+        curvkit.eigenvalues(A, k=2, which="largest_magnitude", method="power")
+
+
+def test_a_value_that_overflows_from_a_finite_product_is_named():
+    """Finite float32 products whose norm overflows: the error says so, not that the
+    product holds a NaN."""
+    A = curvkit.DenseOperator((spd() * 1e34).float(), symmetric=True)
+    with pytest.raises(curvkit.NonFiniteError, match="a value computed from the 1st product of Lanczos"):
+        curvkit.eigenvalues(A, k=1)
+
+
+def test_check_psd_goes_through_lanczos():
+    with raises_naming("the 9th product of Lanczos (eigenvalues, both_ends)"):
+        check_psd(PoisonedProducts(spd(), 9))
+
+
+def test_the_message_is_one_line():
+    with pytest.raises(curvkit.NonFiniteError) as caught:
+        curvkit.eigenvalues(PoisonedProducts(spd(), 3), k=2)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("the 3rd product of Lanczos (eigenvalues, largest) is not finite")
