@@ -156,8 +156,9 @@ def eigenvalues(
             ``||A v - lambda v|| <= tol * ||A||`` (``||A||`` estimated by the
             largest Ritz value in magnitude seen). A ``tol`` below the precision
             of the products (measured during the run: about 3e-7 relative for
-            clean float32 products, often 1e-6 to 1e-5 for float32 network
-            Hessians) cannot be reached: the run stops when the residuals stop
+            clean float32 products, 1e-6 and more for float32 network Hessians
+            through BatchNorm, LSTMs or a saturated softmax) cannot be reached:
+            the run stops when the residuals stop
             improving, says ``converged=False, stop_reason="stagnated"`` with the
             ``precision_floor`` reached, and issues a
             :class:`~curvkit.CurvkitWarning`.

@@ -324,7 +324,7 @@ class _Orthogonality:
         self.estimate = math.inf
 
 
-class _Stagnation:
+class _ExplicitChecks:
     """The explicit checks of a run: the best state seen, and whether the residuals still improve."""
 
     def __init__(self, window: int):
@@ -579,7 +579,7 @@ def thick_restart_lanczos(
     W = torch.empty(m + 1, dim, dtype=dtype, device=device) if store else None  # W[i] = A V[i]
     partial = reorthogonalisation == "partial" or (reorthogonalisation == "auto" and store)
     omega = _Orthogonality(m, dtype) if partial else None
-    checks = _Stagnation(STAGNATION_WINDOW)
+    checks = _ExplicitChecks(STAGNATION_WINDOW)
     T = torch.zeros(m, m, dtype=torch.float64)  # small: on the CPU, always in float64
     eps = torch.finfo(dtype).eps
     breakdown_tol = max(1e-12, 10 * eps)
