@@ -16,8 +16,9 @@ towards converged Ritz vectors, which without a remedy come back as copies
   accurate to working precision; the returned pairs are made orthonormal and
   certified explicitly from the stored products ``A v_i`` (a ``k x k``
   Rayleigh-Ritz step, or one over the whole basis with its Gram matrix when
-  that is needed to reach ``tol``). On the benchmark MLP it sweeps at about one
-  step in six, making a top-5 solve about 10% faster.
+  that is needed to reach ``tol``). On the benchmark MLP (float32) a top-5 solve
+  at ``tol`` 1e-4 sweeps 13 times in 49 products and takes 8-16% less time than
+  with full reorthogonalisation (medians of 25 alternating runs, 2 CPU cores).
 
 Simon's recurrence assumes products accurate to about ``eps ||A||``. Products of
 a float32 network Hessian are often far noisier (1e-5 relative, about 100 eps,
@@ -65,7 +66,8 @@ contains an eigenvalue of ``A`` (for symmetric ``A``).
 
 **When to stop.** The recurrence's estimates ``|beta_m s_{m,i}|`` cannot see the
 products' own errors and keep falling below them; the explicit residuals
-``||(A V) s - theta V s||`` cannot. Once the estimates are below ``tol`` (or below
+``||(A V) s - theta V s||`` contain those errors and stop at them. Once the
+estimates are below ``tol`` (or below
 :data:`ROUNDING_FACTOR` times the products' measured rounding), the stored
 products decide: converged when the explicit residuals are within ``tol``;
 **stagnated** when they have not halved over :data:`STAGNATION_WINDOW` products
