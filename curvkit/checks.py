@@ -13,6 +13,9 @@ threshold) reports ``passed=None``.
   Golub, "Numerical methods for computing angles between linear subspaces",
   Math. Comp. 1973);
 * :func:`condition_number` and :func:`negative_mass`: figures of the spectrum.
+
+A NaN or Inf product stops a check with :class:`~curvkit.NonFiniteError`, naming
+the product, instead of a figure that compares as neither passed nor failed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import ShapeMismatchError
-from curvkit.linalg._common import check_square, gaussian, probe_generator
+from curvkit.linalg._common import check_finite, check_square, gaussian, probe_generator
 from curvkit.linalg.eigen import EigenResult, eigenvalues
 
 __all__ = [
@@ -93,7 +96,9 @@ def check_residuals(A: Any, result: EigenResult, tol: float | None = None) -> Ch
     if result.vectors is None:
         raise ValueError("check_residuals needs eigenvectors: call eigenvalues(..., return_vectors=True)")
     V = result.vectors
-    residuals = (A.matmat(V) - V * result.values).norm(dim=0)
+    products = A.matmat(V)
+    check_finite(products, 1, "check_residuals")
+    residuals = (products - V * result.values).norm(dim=0)
     scale = max(result.values.abs().max().item(), torch.finfo(result.values.dtype).tiny)
     worst = residuals.max().item() / scale
     return CheckResult(
@@ -116,6 +121,7 @@ def check_symmetry(A: Any, trials: int = 3, seed: int = 0, tol: float | None = N
     tol = _default_tol(A.dtype) if tol is None else tol
     X = gaussian(P, 2 * trials, probe_generator(seed), A.dtype, A.device)
     AX = A.matmat(X)
+    check_finite(AX, 1, "check_symmetry")
     worst = 0.0
     for t in range(trials):
         v, w, Av, Aw = X[:, 2 * t], X[:, 2 * t + 1], AX[:, 2 * t], AX[:, 2 * t + 1]

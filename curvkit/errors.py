@@ -14,6 +14,7 @@ __all__ = [
     "DenseTooLargeError",
     "DuplicateEstimatorError",
     "NonDeterministicError",
+    "NonFiniteError",
     "ParameterSelectionError",
     "PluginError",
     "ShapeMismatchError",
@@ -67,3 +68,11 @@ class DenseTooLargeError(CurvkitError, MemoryError):
 
 class NonDeterministicError(CurvkitError, RuntimeError):
     """Two passes over the same data gave different losses or gradients."""
+
+
+class NonFiniteError(CurvkitError, FloatingPointError):
+    """A product with the operator, or a value computed from it, is not finite (NaN or Inf).
+
+    Raised by the spectral algorithms as soon as it appears, naming the product:
+    a NaN never converges, so carrying on would only spend the budget.
+    """

@@ -133,14 +133,59 @@ def test_unknown_reorthogonalisation_is_refused():
         run(torch.eye(5, dtype=torch.float64), 1, 1e-8, "sometimes")
 
 
-def test_partial_falls_back_to_full_when_the_gram_matrix_is_singular(monkeypatch):
-    """If the Rayleigh-Ritz projection cannot be formed at a restart, the run goes on
-    with full reorthogonalisation (and reports copies of one vector as unconverged)."""
-    monkeypatch.setattr(lanczos, "_rayleigh_ritz", lambda V, W: None)
+def test_gram_projection_drops_copies_instead_of_failing():
+    """A basis holding a vector twice (the state after orthogonality is lost) has a
+    singular Gram matrix: the projection keeps the directions it spans, finite and
+    orthonormal, where a Cholesky factorisation failed."""
+    A = symmetric_with_spectrum(dominant_plus_cluster(50))
+    g = torch.Generator().manual_seed(2)
+    V = torch.linalg.qr(torch.randn(50, 6, generator=g, dtype=torch.float64))[0].T
+    V = torch.cat([V, V[:2] + 1e-12 * torch.randn(2, 50, generator=g, dtype=torch.float64)])
+    theta, S = lanczos._rayleigh_ritz(V, V @ A)
+    assert theta.numel() == 6 and torch.isfinite(S).all()
+    Y = S.T @ V
+    torch.testing.assert_close(Y @ Y.T, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
+    Q = torch.linalg.qr(V[:6].T)[0]
+    torch.testing.assert_close(theta, torch.linalg.eigvalsh(Q.T @ A @ Q), rtol=0, atol=1e-10)
+
+
+def test_restart_falls_back_to_the_pairs_of_t(monkeypatch):
+    """If a restart from the Gram-matrix projection finds no new direction, the run
+    restarts from T's pairs and goes on with full reorthogonalisation."""
+    monkeypatch.setattr(lanczos, "_refined_restart", lambda *args: None)
     spectrum = dominant_plus_cluster()
     A = symmetric_with_spectrum(spectrum)
     state = run(A, 4, 1e-6, "partial", max_basis=12)
-    assert state.converged and state.restarts >= 1
+    assert state.converged and state.restarts >= 1 and state.full_from is not None
     # the vectors kept at that restart were only semi-orthogonal (about sqrt(eps)):
     # so are the returned ones, and the pairs are good to that level, not to eps
     check_pairs(A, state, spectrum.sort().values[-4:], 1e-6, 1e-8, orthogonality=1e-7)
+
+
+def test_asymmetric_product_errors_switch_partial_to_full_at_once():
+    """Products with an error ``1e-6 ||A||`` that is not symmetric (``u.Av != v.Au``):
+    Simon's estimates, which assume errors of ``eps ||A||``, would let the basis go;
+    the measured neighbours ``v_{j-1}.w`` show it at the first Lanczos step."""
+    spectrum = dominant_plus_cluster()
+    A = symmetric_with_spectrum(spectrum)
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(400, 400, generator=g, dtype=torch.float64)
+    noisy = A + 1e-6 * 100.0 * E / torch.linalg.matrix_norm(E, ord=2)
+    state = thick_restart_lanczos(
+        lambda v: noisy @ v, 400, 4, tol=1e-5, generator=torch.Generator().manual_seed(1)
+    )
+    assert state.converged and state.full_from is not None and state.full_from <= 3
+    check_pairs(A, state, spectrum.sort().values[-4:], 2e-5, 1e-5)
+
+
+def test_clean_products_never_switch():
+    spectrum = dominant_plus_cluster()
+    state = run(symmetric_with_spectrum(spectrum), 4, 1e-10, "auto", max_basis=12)
+    assert state.converged and state.restarts >= 2 and state.full_from is None
+
+
+def test_a_sweep_that_finds_the_estimates_undercounting_rejects_them():
+    omega = lanczos._Orthogonality(10, torch.float64)
+    omega.estimate = 1e-7  # the estimate that asked for the sweep
+    assert omega.confirms(torch.tensor([1e-8, 5e-7]), beta_next=1.0)
+    assert not omega.confirms(torch.tensor([1e-8, 5e-6]), beta_next=1.0)  # 50x the estimate

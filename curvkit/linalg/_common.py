@@ -8,9 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import ShapeMismatchError
+from curvkit.errors import NonFiniteError, ShapeMismatchError
 
-__all__ = ["Progress", "check_square", "probe_generator", "rademacher", "gaussian"]
+__all__ = [
+    "Progress",
+    "check_finite",
+    "check_square",
+    "gaussian",
+    "non_finite_error",
+    "probe_generator",
+    "product_name",
+    "rademacher",
+]
 
 Progress = Callable[[dict[str, Any]], None]
 """A progress callback: called with a dict of counters (``matvecs``, ``step``, ...)."""
@@ -47,3 +56,46 @@ def rademacher(P: int, K: int, gen: torch.Generator, dtype: torch.dtype, device:
 def gaussian(P: int, K: int, gen: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
     """``[P, K]`` independent standard normal entries."""
     return torch.randn(P, K, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ..., ``11th``, ``21st``, ..."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n:,}{suffix}"
+
+
+def product_name(number: int, analysis: str) -> str:
+    """``"the 77th product of Lanczos (eigenvalues, largest)"``: how errors name a product."""
+    return f"the {_ordinal(number)} product of {analysis}"
+
+
+def non_finite_error(values: Tensor, what: str) -> NonFiniteError:
+    """The error for ``values`` (e.g. one product, named ``what`` by :func:`product_name`)
+    when they, or a value computed from them, are not finite."""
+    nan = int(torch.isnan(values).sum().item())
+    inf = int(torch.isinf(values).sum().item())
+    if nan or inf:
+        counts = " and ".join(f"{kind} in {count:,}" for kind, count in (("NaN", nan), ("Inf", inf)) if count)
+        return NonFiniteError(
+            f"{what} is not finite ({counts} of {values.numel():,} entries): the model, loss or data "
+            "give a non-finite curvature; check them (a NaN parameter or input, an overflow in low "
+            "precision)"
+        )
+    return NonFiniteError(
+        f"a value computed from {what} is not finite, although its entries are (up to "
+        f"{values.abs().max().item():.3g}, which overflows {values.dtype} arithmetic): rescale the "
+        "loss or run the operator in float64"
+    )
+
+
+def check_finite(products: Tensor, first: int, analysis: str) -> None:
+    """Raise :class:`~curvkit.errors.NonFiniteError` if ``products`` (``[P]``, or ``[P, K]``
+    with columns numbered ``first``, ``first + 1``, ...) holds a NaN or an Inf.
+
+    One reduction and one host synchronisation per call.
+    """
+    if bool(torch.isfinite(products).all()):
+        return
+    columns = products.reshape(products.shape[0], -1)
+    bad = (~torch.isfinite(columns)).any(dim=0).nonzero()[0].item()
+    raise non_finite_error(columns[:, bad], product_name(first + bad, analysis))

@@ -58,7 +58,14 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitError, ShapeMismatchError
-from curvkit.linalg._common import Progress, check_square, probe_generator, rademacher
+from curvkit.linalg._common import (
+    Progress,
+    check_square,
+    non_finite_error,
+    probe_generator,
+    product_name,
+    rademacher,
+)
 
 __all__ = ["DensityResult", "density", "gaussian_broadening", "lanczos_quadrature"]
 
@@ -184,8 +191,11 @@ def lanczos_quadrature(
 
     Raises:
         ShapeMismatchError: ``A`` is not a square operator or ``start`` does not fit.
-        CurvkitError: ``steps < 1``, a zero starting vector, a non-symmetric
-            operator, or non-finite products.
+        CurvkitError: ``steps < 1``, a zero starting vector or a non-symmetric
+            operator.
+        NonFiniteError: A product (or a value computed from it) is NaN or Inf; the
+            message names the product, its run and step. Checked on the norms each
+            step computes anyway: no extra synchronisation.
     """
     P = check_square(A)
     steps = _positive_int(steps, "steps")
@@ -222,7 +232,8 @@ def lanczos_quadrature(
         W = torch.zeros(R, P, dtype=dtype, device=device)  # rows of stopped runs stay 0
         # one pass for all active runs; detached so that no autograd graph builds up
         # (not torch.no_grad(): operators built on autograd may need the ambient grad mode)
-        W[idx] = A.matmat(Q[idx, j].T.contiguous()).detach().T.to(dtype)
+        products = A.matmat(Q[idx, j].T.contiguous()).detach()
+        W[idx] = products.T.to(dtype)
         matvecs += len(active)
         raw = W.norm(dim=1)
         # three-term recurrence, then one classical Gram-Schmidt pass against the whole basis
@@ -235,8 +246,15 @@ def lanczos_quadrature(
         a = a + c[:, j]
         b = W.norm(dim=1)
         stats = torch.stack([a, b, raw, before], dim=1).to("cpu", torch.float64)
-        if not bool(torch.isfinite(stats[active]).all()):
-            raise CurvkitError(f"the operator returned non-finite products at Lanczos step {j + 1}")
+        finite = torch.isfinite(stats[active]).all(dim=1)
+        if not bool(finite.all()):  # a NaN or Inf product makes its norm (raw) non-finite
+            position = int((~finite).nonzero()[0].item())
+            run = active[position]
+            what = product_name(
+                matvecs - len(active) + position + 1,
+                f"Lanczos quadrature (density, run {run + 1}, step {j + 1})",
+            )
+            raise non_finite_error(products[:, position], what)
         # a second pass where the first cancelled much of the vector (Daniel, Gragg, Kaufman
         # and Stewart, Math. Comp. 1976): rare, except near breakdown
         again = [r for r in active if stats[r, 1] < DGKS * stats[r, 3]]
@@ -393,8 +411,8 @@ def density(
     Raises:
         ShapeMismatchError: ``A`` is not a square operator.
         CurvkitError: ``steps < 1``, ``runs < 1``, ``sigma <= 0``,
-            ``grid_size < 2``, an empty grid, a non-symmetric operator, or
-            non-finite products.
+            ``grid_size < 2``, an empty grid or a non-symmetric operator.
+        NonFiniteError: A product is NaN or Inf (the message names it).
 
     Example:
         A diagonal operator with ``steps = P``: the nodes are its diagonal, and

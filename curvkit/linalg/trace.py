@@ -196,7 +196,15 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitError
-from curvkit.linalg._common import Progress, check_square, gaussian, probe_generator, rademacher
+from curvkit.linalg._common import (
+    Progress,
+    check_finite,
+    check_square,
+    gaussian,
+    non_finite_error,
+    probe_generator,
+    rademacher,
+)
 
 __all__ = ["METHODS", "TraceResult", "trace"]
 
@@ -260,13 +268,15 @@ class _Outcome(NamedTuple):
 
 
 class _Products:
-    """Applies ``A`` to blocks of columns, counting products and reporting progress."""
+    """Applies ``A`` to blocks of columns, counting products, checking that they are
+    finite (one reduction per block) and reporting progress."""
 
-    def __init__(self, A: Any, batch_size: int, total: int, progress: Progress | None):
+    def __init__(self, A: Any, batch_size: int, total: int, progress: Progress | None, method: str):
         self.A = A
         self.batch_size = batch_size
         self.total = total
         self.progress = progress
+        self.method = method
         self.matvecs = 0
 
     def __call__(self, M: Tensor, stage: str) -> Tensor:
@@ -274,6 +284,7 @@ class _Products:
         for start in range(0, M.shape[1], self.batch_size):
             block = M[:, start : start + self.batch_size]
             out.append(self.A.matmat(block).detach())
+            check_finite(out[-1], self.matvecs + 1, f"the trace estimate ({self.method}, {stage})")
             self.matvecs += block.shape[1]
             self._report(stage)
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
@@ -412,7 +423,10 @@ def _exact(
 ) -> float:
     diagonal = getattr(A, "diagonal", None)
     if callable(diagonal):
-        value = diagonal().sum().to(torch.float64).item()
+        entries = diagonal()
+        value = entries.sum().to(torch.float64).item()
+        if not math.isfinite(value):
+            raise non_finite_error(entries, "the diagonal of the operator (trace, exact)")
         if progress is not None:
             progress({"matvecs": 0, "total": 0, "stage": "diagonal"})
         return value
@@ -497,6 +511,9 @@ def trace(
             Hutchinson, 3 for Hutch++, 2 for XTrace), a bad ``batch_size`` or
             ``adaptive``, or ``"exact"`` on a ``STOCHASTIC`` operator without
             ``diagonal()``.
+        NonFiniteError: A product (or the operator's diagonal) holds a NaN or an
+            Inf; the message names the product and the stage (sketch, projection,
+            probes, basis).
 
     Example:
         The exact trace of a diagonal matrix, and Hutch++ on a rank-2 matrix,
@@ -540,7 +557,7 @@ def trace(
     else:
         total = matvecs
     block = batch_size if batch_size is not None else DEFAULT_BATCH_SIZE
-    apply = _Products(A, max(1, min(block, max(total, 1))), total, progress)
+    apply = _Products(A, max(1, min(block, max(total, 1))), total, progress, method)
 
     # No torch.no_grad(): operators built on autograd may rely on the ambient grad
     # mode; the products are detached instead.
