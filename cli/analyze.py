@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from curvkit.analysis import REORTHOGONALISATION, AnalysisPlan
+from curvkit.analysis import AnalysisPlan
 from curvkit.errors import CurvkitError
+from curvkit.linalg.lanczos import REORTHOGONALISATION
 from curvkit.runs import AnalyzeEvent, AnalyzeReport, ProblemSettings, RunOutcome, analyze
 from curvkit.store import ResultsStore
 from curvkit.summaries import summarize

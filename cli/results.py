@@ -71,7 +71,7 @@ def _provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _eigen_table(key: str, result: EigenResult) -> Table:
-    status = "converged" if result.converged else "NOT converged"
+    status = "converged" if result.converged else f"NOT converged ({result.stop_reason})"
     table = Table(
         title=f"{key}: {status}, {result.matvecs} products, tol {result.tol:g}",
         title_justify="left",

@@ -24,15 +24,13 @@ from curvkit import checks
 from curvkit.errors import CurvkitError
 from curvkit.linalg._common import Progress
 from curvkit.linalg.eigen import eigenvalues
+from curvkit.linalg.lanczos import REORTHOGONALISATION
 from curvkit.linalg.per_layer import per_layer
 from curvkit.linalg.slq import density
 from curvkit.linalg.trace import METHODS as TRACE_METHODS
 from curvkit.linalg.trace import trace
 
-__all__ = ["AnalysisPlan", "REORTHOGONALISATION", "run_plan"]
-
-REORTHOGONALISATION = ("auto", "full", "partial")
-"""Reorthogonalisation methods of the Lanczos eigensolver (see :func:`curvkit.eigenvalues`)."""
+__all__ = ["AnalysisPlan", "run_plan"]
 
 
 @dataclass(frozen=True)

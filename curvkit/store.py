@@ -868,6 +868,8 @@ class Run:
             g.attrs["method"] = result.method
             g.attrs["tol"] = float(result.tol)
             g.attrs["restarts"] = int(result.restarts)
+            _set(g.attrs, "stop_reason", result.stop_reason)
+            _set(g.attrs, "precision_floor", result.precision_floor)
 
         self._write("eigen", name, fill, request)
 
@@ -1008,6 +1010,8 @@ class Run:
                 method=_attr(g.attrs["method"]),
                 tol=float(_attr(g.attrs["tol"])),
                 restarts=int(_attr(g.attrs["restarts"])),
+                stop_reason=_attr(g.attrs["stop_reason"]) if "stop_reason" in g.attrs else None,
+                precision_floor=_get_float(g.attrs, "precision_floor"),
             )
 
     def read_trace(self, name: str) -> TraceResult:
@@ -1143,6 +1147,8 @@ class Run:
                     yield key, "residual", i, v
                 yield key, "converged", None, int(res.converged)
                 yield key, "matvecs", None, res.matvecs
+                if res.precision_floor is not None:
+                    yield key, "precision_floor", None, res.precision_floor
             elif kind == "trace":
                 yield key, "estimate", None, res.estimate
                 yield key, "stderr", None, res.stderr

@@ -26,8 +26,17 @@ __all__ = ["summarize"]
 
 def _eigen(result: EigenResult) -> str:
     values = ", ".join(f"{v:.6g}" for v in result.values.tolist())
-    status = "" if result.converged else ", NOT converged"
+    status = "" if result.converged else f", NOT converged: {_stopped(result)}"
     return f"[{values}] (max residual {result.residuals.max().item():.1e}, {result.matvecs} products{status})"
+
+
+def _stopped(result: EigenResult) -> str:
+    """Why an eigen-solve stopped short of its tolerance."""
+    if result.stop_reason == "stagnated" and result.precision_floor is not None:
+        return f"stagnated at {result.precision_floor:.1e} relative residual (the products' precision)"
+    if result.stop_reason == "budget":
+        return "product budget spent"
+    return result.stop_reason or "stopped"
 
 
 def _trace(result: TraceResult) -> str:

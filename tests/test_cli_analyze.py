@@ -188,3 +188,20 @@ def test_unreachable_float32_tolerance_warns_in_one_line(tmp_path, run_curvkit):
         (stored,) = store.runs()
         top = stored.read("eigen/largest")
         assert not top.converged and (top.residuals / top.values[0] < 1e-6).all()
+
+
+def test_solver_budget_and_reorthogonalisation_from_the_command_line(tmp_path):
+    out = tmp_path / "r.h5"
+    result = invoke("analyze", MLP, "--top-k", "3", "--tol", "1e-6", "--max-matvecs", "6", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "eigen/largest" in line)
+    assert "6 products, NOT converged: product budget spent" in line
+    result = invoke(
+        "analyze", MLP, "--top-k", "3", "--reorthogonalisation", "full", "-o", str(out), "--json", "--quiet"
+    )
+    (run,) = json.loads(result.stdout)["runs"]
+    assert run["resumed"] == []  # another solver setting: recomputed, not the budget-limited pairs
+    assert run["analyses"]["eigen/largest"]["stop_reason"] == "converged"
+    with ResultsStore(out, mode="r") as store:
+        (stored,) = store.runs()
+        assert stored.request("eigen/largest")["reorthogonalisation"] == "full"

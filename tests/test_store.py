@@ -158,6 +158,7 @@ def test_every_result_type_round_trips(path, results):
         assert run.read_eigen("no-vectors", vectors=True).vectors is None
         assert_same(run.read_trace("hutch++"), results["trace"])
         assert_same(run.read_density("slq"), results["density"])
+        assert run.read_eigen("largest").stop_reason == "converged"
         assert_same(run.read_check("symmetry"), results["check"])
         assert_same(run.read_check("condition"), results["check_info"])
         assert results["check_info"].passed is None and math.isnan(results["check_info"].threshold)
@@ -378,6 +379,30 @@ def test_resume_refuses_a_run_of_other_settings_unless_restarted(path):
         run = store.begin_run("r", {"data": "two"}, key={**key, "seed": 1}, restart=True)
         assert run.analyses() == [] and run.attempts == 1
         assert run.provenance == {"data": "two"} and run.key["seed"] == 1
+
+
+def test_an_unconverged_eigen_solve_keeps_why_it_stopped(path):
+    values = torch.tensor([3.0, 2.0], dtype=torch.float64)
+    stagnated = EigenResult(
+        values,
+        None,
+        torch.full_like(values, 1e-3),
+        56,
+        56,
+        False,
+        "largest",
+        "lanczos",
+        1e-6,
+        0,
+        stop_reason="stagnated",
+        precision_floor=1.7e-6,
+    )
+    with ResultsStore(path) as store, store.begin_run("r") as run:
+        run.write("eigen/largest", stagnated)
+    with ResultsStore(path, "r") as store:
+        back = store.run("r").read("eigen/largest")
+        assert (back.stop_reason, back.precision_floor, back.converged) == ("stagnated", 1.7e-6, False)
+        assert back.to_dict()["stop_reason"] == "stagnated"
 
 
 def test_a_result_and_its_request_appear_together(path, monkeypatch):
