@@ -6,6 +6,7 @@ exit status 2, and the results file byte for byte as it was (or not created).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +25,14 @@ USER_MODELS = Path(__file__).with_name("user_models.py")
 """Models of the kinds that stopped users, copied next to the data as ``usermodels.py``."""
 
 
+def user_models():
+    """The module of :data:`USER_MODELS`, imported in this process."""
+    spec = importlib.util.spec_from_file_location("user_models_for_tests", USER_MODELS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A folder with a good results file, user models, data and bad checkpoints."""
@@ -35,11 +44,7 @@ def workdir(tmp_path_factory):
         folder / "small.pt",
     )
     torch.manual_seed(0)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("usermodels_for_tests", folder / "usermodels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = user_models()
     torch.save(module.Streaming().state_dict(), folder / "streaming.pt")
     torch.save(module.PartlyFrozen().state_dict(), folder / "frozen.pt")
     encoder = module.SpeakerEncoder().state_dict()
@@ -130,50 +135,33 @@ def test_bad_input_leaves_the_results_file_as_it_was(workdir, good_results, case
     assert not new.exists()
 
 
+def analyze_json(run_curvkit, *args: str, out, cwd) -> list[dict]:
+    """The runs of a successful ``curvkit analyze ... --json``."""
+    proc = run_curvkit("analyze", *args, "-o", str(out), "--json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["runs"]
+
+
 @pytest.mark.slow
 def test_a_stateful_model_can_be_analysed_when_asked(workdir, run_curvkit, tmp_path):
     """The refusal (in BAD above) names the stateful module and the opt-out; the opt-out works."""
-    proc = run_curvkit(
-        "analyze",
-        *STREAMING,
-        "--forward-kwargs",
-        '{"sr": 16000}',
-        "--no-check-deterministic",
-        "-o",
-        str(tmp_path / "r.h5"),
-        "--json",
-        cwd=workdir,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (run,) = json.loads(proc.stdout)["runs"]
+    options = ["--forward-kwargs", '{"sr": 16000}', "--no-check-deterministic"]
+    (run,) = analyze_json(run_curvkit, *STREAMING, *options, out=tmp_path / "r.h5", cwd=workdir)
     assert run["provenance"]["forward_kwargs"] == {"sr": 16000} and run["status"] == "complete"
 
 
 @pytest.mark.slow
 def test_frozen_parameters_are_reported_and_selectable(workdir, run_curvkit, tmp_path):
-    base = [
-        "analyze",
-        "frozen.pt",
-        "--model",
-        "usermodels:PartlyFrozen",
-        "--data",
-        "small.pt",
-        "--top-k",
-        "1",
-    ]
-    proc = run_curvkit(*base, "-o", str(tmp_path / "r.h5"), cwd=workdir)
+    base = ["frozen.pt", "--model", "usermodels:PartlyFrozen", "--data", "small.pt", "--top-k", "1"]
+    proc = run_curvkit("analyze", *base, "-o", str(tmp_path / "r.h5"), cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "P=51 of 195: 144 frozen" in proc.stdout
-    proc = run_curvkit(*base, "--params", "all", "-o", str(tmp_path / "r.h5"), "--json", cwd=workdir)
-    (run,) = json.loads(proc.stdout)["runs"]
+    (run,) = analyze_json(run_curvkit, *base, "--params", "all", out=tmp_path / "r.h5", cwd=workdir)
     prov = run["provenance"]
-    assert (prov["parameter_count"], prov["parameter_total"], prov["frozen_parameter_count"]) == (
-        195,
-        195,
-        144,
-    )
-    assert prov["parameters"] == "P=195" and prov["params"] == "all"
-    proc = run_curvkit(*base, "--params", "head.weight,head.bias", "-o", str(tmp_path / "s.h5"), cwd=workdir)
+    counts = (prov["parameter_count"], prov["parameter_total"], prov["frozen_parameter_count"])
+    assert counts == (195, 195, 144) and prov["parameters"] == "P=195" and prov["params"] == "all"
+    selected = ["--params", "head.weight,head.bias"]
+    proc = run_curvkit("analyze", *base, *selected, "-o", str(tmp_path / "s.h5"), cwd=workdir)
     assert "P=51 of 195: 144 frozen" in proc.stdout
 
 
@@ -246,49 +234,20 @@ def test_a_training_dict_with_extra_entries_loads_with_no_strict(workdir, run_cu
 
 @pytest.mark.slow
 def test_weights_key_chooses_among_several_sets_of_weights(workdir, run_curvkit, tmp_path):
-    proc = run_curvkit(
-        "analyze",
-        *ENCODER,
-        "with_ema.pt",
-        "--weights-key",
-        "ema",
-        "-o",
-        str(tmp_path / "r.h5"),
-        "--json",
-        cwd=workdir,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (run,) = json.loads(proc.stdout)["runs"]
+    args = [*ENCODER, "with_ema.pt", "--weights-key", "ema"]
+    (run,) = analyze_json(run_curvkit, *args, out=tmp_path / "r.h5", cwd=workdir)
     assert run["provenance"]["weights_key"] == "ema" and run["key"]["weights_key"] == "ema"
 
 
 @pytest.mark.slow
 def test_a_folder_of_torchscript_files_is_a_trajectory(workdir, run_curvkit, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("usermodels_jit", workdir / "usermodels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     folder = tmp_path / "scripted"
     folder.mkdir()
     for step in (1, 2):
         torch.manual_seed(step)
-        torch.jit.save(
-            torch.jit.script(module.PartlyFrozen().requires_grad_(True)), folder / f"net-{step}.jit"
-        )
-    proc = run_curvkit(
-        "analyze",
-        str(folder),
-        "--data",
-        str(workdir / "small.pt"),
-        "--top-k",
-        "1",
-        "-o",
-        "r.h5",
-        "--json",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    runs = json.loads(proc.stdout)["runs"]
+        scripted = torch.jit.script(user_models().PartlyFrozen().requires_grad_(True))
+        torch.jit.save(scripted, folder / f"net-{step}.jit")
+    args = [str(folder), "--data", str(workdir / "small.pt"), "--top-k", "1"]
+    runs = analyze_json(run_curvkit, *args, out="r.h5", cwd=tmp_path)
     assert [r["checkpoint"].rsplit("/", 1)[-1] for r in runs] == ["net-1.jit", "net-2.jit"]
     assert all(r["provenance"]["checkpoint_format"] == "torchscript" for r in runs)
