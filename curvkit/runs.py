@@ -507,25 +507,24 @@ def analyze(
 
     kept: PreparedAnalysis | None = None  # the first one is analysed next: not loaded twice
     keys: dict[int, dict[str, Any]] = {}
-    bad: list[tuple[RunOutcome, CurvkitError]] = []
+    failures: dict[int, CurvkitError] = {}
     for i, run in enumerate(targets):
         try:
             prepared = prepare(run)
         except CurvkitError as exc:
-            bad.append((run, exc))
+            failures[i] = exc
             continue
         keys[i] = prepared.key
         if kept is None:
             kept = prepared
-    if bad and not skip_bad:
-        _raise_bad(bad, len(targets))
+    if failures and not skip_bad:
+        _raise_bad(targets, failures)
 
     extra = {} if command_line is None else {"command_line": command_line}
     with ResultsStore(output) as store:
         for i, run in enumerate(targets):
-            failure = next((exc for r, exc in bad if r is run), None)
-            if failure is not None:
-                _record_bad(store, run, str(failure), extra, progress)
+            if i in failures:
+                _record_bad(store, run, str(failures[i]), extra, progress)
                 continue
             try:
                 prepared = kept if kept is not None and kept.key == keys[i] else prepare(run)
@@ -541,16 +540,17 @@ def analyze(
     return AnalyzeReport(Path(output), targets)
 
 
-def _raise_bad(bad: list[tuple[RunOutcome, CurvkitError]], total: int) -> None:
+def _raise_bad(targets: list[RunOutcome], failures: dict[int, CurvkitError]) -> None:
     """Refuse the whole command, naming every bad checkpoint and why (its first reason)."""
-    if total == 1:
-        raise bad[0][1]
+    if len(targets) == 1:
+        raise failures[0]
     reasons: dict[Path, str] = {}
-    for run, exc in bad:
+    for i, exc in failures.items():
+        run = targets[i]
         reasons.setdefault(run.checkpoint, f"{run.checkpoint} [{run.estimator}]: {exc}")
     raise CurvkitError(
-        f"{len(bad)} of {total} runs cannot be analysed, so nothing was: {'; '.join(reasons.values())}; "
-        "fix or remove them, or pass --skip-bad to analyse the others"
+        f"{len(failures)} of {len(targets)} runs cannot be analysed, so nothing was: "
+        f"{'; '.join(reasons.values())}; fix or remove them, or pass --skip-bad to analyse the others"
     )
 
 
