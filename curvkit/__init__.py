@@ -40,6 +40,7 @@ from curvkit.errors import (
     ShapeMismatchError,
     UnknownEstimatorError,
     UnknownLossError,
+    UnknownOptionError,
 )
 from curvkit.hookspecs import hookimpl, hookspec
 from curvkit.layout import ParameterLayout
@@ -113,6 +114,7 @@ __all__ = [
     "TraceResult",
     "UnknownEstimatorError",
     "UnknownLossError",
+    "UnknownOptionError",
     "__version__",
     "curvature",
     "density",

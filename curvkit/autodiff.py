@@ -23,20 +23,26 @@ and hence the last bits of a multi-vector product, can change from run to run;
 ``"reverse"`` or ``"batched-reverse"`` give the same bits on every run on one
 machine.
 
+One batch's product is the pure function :func:`hessian_batch_product`, which
+the ``hessian`` estimator plugs into the template of
+:class:`~curvkit.ProblemOperator` (one loop over the data, one reduction).
+
 **Gradient-graph reuse.** Building the gradient graph (forward plus
 ``create_graph`` backward) is most of an HVP's cost. When the graphs of all
 batches fit in ``graph_cache_bytes`` (measured with saved-tensor hooks while they
 are built), :class:`HessianVectorProduct` keeps them and later products only run
 the second backward pass. The cache is dropped as soon as a parameter or buffer
-of the model changes (see :meth:`~curvkit.Problem.current_snapshot`).
+of the model changes (see :meth:`~curvkit.Problem.current_snapshot`). Its sums
+go through the same loop and reduction (:meth:`~curvkit.Problem.batch_sums`,
+:meth:`~curvkit.Problem.full_data`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +52,14 @@ from torch.func import jvp, vmap
 from curvkit.errors import CurvkitError
 from curvkit.problem import ModelSnapshot, Problem
 
-__all__ = ["HVP_STRATEGIES", "HessianVectorProduct", "default_graph_cache_bytes", "make_batch_hvp"]
+__all__ = [
+    "HVP_STRATEGIES",
+    "HessianVectorProduct",
+    "backward_products",
+    "default_graph_cache_bytes",
+    "hessian_batch_product",
+    "make_batch_hvp",
+]
 
 HVP_STRATEGIES = ("auto", "reverse", "batched-reverse", "forward-over-reverse")
 AUTO_TRIALS = 3  # timed products per way before "auto" chooses (see HessianVectorProduct._trial)
@@ -102,10 +115,93 @@ def make_batch_hvp(
     return batch_hvp
 
 
+def backward_products(
+    grads: Sequence[Tensor | None], leaves: Sequence[Tensor], V: Sequence[Tensor], batched: bool = False
+) -> list[Tensor]:
+    """``d/dtheta <g, v>`` for each of ``K`` directions: the second backward pass of an HVP.
+
+    Args:
+        grads: The gradient (with its graph, ``create_graph=True``) per leaf, or
+            ``None`` for a leaf the loss does not depend on.
+        leaves: The leaves it was taken with respect to.
+        V: Per leaf, the directions as ``[K, *shape]``.
+        batched: One vectorised backward pass (``is_grads_batched``) instead of
+            one pass per direction.
+
+    Returns:
+        Per leaf, the ``[K, *shape]`` products (zeros where nothing depends on it).
+    """
+    K = V[0].shape[0]
+    out = [leaf.new_zeros(K, *leaf.shape) for leaf in leaves]
+    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not used:
+        return out
+    outputs, inputs = [grads[i] for i in used], [leaves[i] for i in used]
+    if batched:
+        hv = torch.autograd.grad(
+            outputs, inputs, [V[i] for i in used], retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        for i, h in zip(used, hv):
+            if h is not None:
+                out[i] = h
+        return out
+    for k in range(K):
+        hv = torch.autograd.grad(
+            outputs, inputs, [V[i][k] for i in used], retain_graph=True, allow_unused=True
+        )
+        for i, h in zip(used, hv):
+            if h is not None:
+                out[i][k] = h
+    return out
+
+
+def hessian_batch_product(
+    problem: Problem,
+    params: Sequence[Tensor],
+    inputs: Any,
+    targets: Tensor,
+    V: Sequence[Tensor],
+    strategy: str = "reverse",
+) -> tuple[list[Tensor], float]:
+    """One batch's Hessian products ``(d^2 S_b / dtheta^2) V`` and its count ``c_b``.
+
+    A pure function of the parameters, the batch and the directions (``S_b`` is the
+    sum of the batch's loss terms, see :meth:`~curvkit.Problem.loss_terms`).
+
+    Args:
+        problem: Provides the model call and the loss.
+        params: The selected parameters (detached).
+        inputs: The batch's inputs.
+        targets: The batch's targets.
+        V: Per parameter, ``[K, *shape]`` directions.
+        strategy: ``"reverse"`` (a backward pass per direction), ``"batched-reverse"``
+            (one vectorised backward pass) or ``"forward-over-reverse"``.
+
+    Returns:
+        Per parameter, the ``[K, *shape]`` products, and the batch's count.
+    """
+    if strategy == "forward-over-reverse":
+        counts: list[float] = []
+
+        def loss_fn(*ps: Tensor) -> Tensor:
+            total, count = problem.loss_terms(ps, inputs, targets)
+            counts.append(count)
+            return total
+
+        return list(make_batch_hvp(loss_fn, "forward-over-reverse")(params, V)), counts[0]
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    with torch.enable_grad():
+        total, count = problem.loss_terms(leaves, inputs, targets)
+        grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+        return backward_products(grads, leaves, V, batched=strategy == "batched-reverse"), count
+
+
 class _Graph:
     """Gradient graph of the full loss w.r.t. leaf copies of the parameters."""
 
-    def __init__(self, leaves: list[Tensor], grads: list[Tensor | None], count: int, snapshot: ModelSnapshot):
+    def __init__(
+        self, leaves: list[Tensor], grads: list[Tensor | None], count: float, snapshot: ModelSnapshot
+    ):
         self.leaves, self.grads, self.count, self.snapshot = leaves, grads, count, snapshot
 
 
@@ -130,32 +226,56 @@ class _SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
+class _GraphSum:
+    """The running sum of the batches' gradient graphs, while their memory fits ``budget``.
+
+    A negative budget keeps nothing.
+    """
+
+    def __init__(self, budget: float):
+        self.budget, self.saved = budget, _SavedBytes()
+        self.grads: list[Tensor | None] | None = None
+        self.open = budget >= 0
+
+    def add(self, grads: list[Tensor | None]) -> list[Tensor | None] | None:
+        """Add one batch's graphs; returns the graphs to apply now (``None`` while they are kept).
+
+        The batch that exceeds the budget returns the whole sum so far, and every
+        later batch its own graphs.
+        """
+        if not self.open:
+            return grads
+        self.grads = grads if self.grads is None else _add(self.grads, grads)
+        if self.saved.total <= self.budget:
+            return None
+        self.open = False
+        ready, self.grads = self.grads, None
+        return ready
+
+
 class HessianVectorProduct:
-    """``H @ M`` for the full-dataset loss of a problem, ``M`` of shape ``[P, K]``.
+    """``H @ M`` for the full-dataset loss of a problem, reusing gradient graphs.
+
+    The products equal those of :func:`hessian_batch_product` summed over the data;
+    this class keeps the gradient graphs of all batches between products when they
+    fit in ``graph_cache_bytes``, so that a product costs only the second backward
+    pass, and (``strategy="auto"``) times the looped against the batched backward
+    pass.
 
     Args:
         problem: The problem.
-        strategy: One of :data:`HVP_STRATEGIES` (see the module docstring).
-        cache_graph: Keep the gradient graphs between products: ``"auto"`` (when
-            they fit in ``graph_cache_bytes``), ``True`` or ``False``.
+        strategy: ``"auto"``, ``"reverse"`` or ``"batched-reverse"`` (see the module
+            docstring; ``"forward-over-reverse"`` keeps no graph and is a plain
+            per-batch product).
         graph_cache_bytes: Memory budget for kept graphs (default
             :func:`default_graph_cache_bytes`).
     """
 
-    def __init__(
-        self,
-        problem: Problem,
-        strategy: str = "auto",
-        cache_graph: bool | str = "auto",
-        graph_cache_bytes: int | None = None,
-    ):
-        if strategy not in HVP_STRATEGIES:
-            raise CurvkitError(f"unknown HVP strategy {strategy!r}; use one of {list(HVP_STRATEGIES)}")
-        if cache_graph not in (True, False, "auto"):
-            raise CurvkitError(f"cache_graph must be True, False or 'auto', got {cache_graph!r}")
+    def __init__(self, problem: Problem, strategy: str = "auto", graph_cache_bytes: int | None = None):
+        if strategy not in ("auto", "reverse", "batched-reverse"):
+            raise CurvkitError(f"graph reuse needs a reverse HVP strategy, got {strategy!r}")
         self.problem = problem
         self.strategy = strategy
-        self.cache_graph = cache_graph
         self.graph_cache_bytes = (
             default_graph_cache_bytes() if graph_cache_bytes is None else graph_cache_bytes
         )
@@ -173,73 +293,60 @@ class HessianVectorProduct:
         """Whether gradient graphs are currently kept."""
         return self._graph is not None
 
-    def __call__(self, M: Tensor, snapshot: ModelSnapshot | None = None) -> Tensor:
-        """``H @ M`` for ``M`` of shape ``[P, K]``.
+    def __call__(self, M: Tensor, snapshot: ModelSnapshot, keep: bool = True) -> Tensor:
+        """``H @ M`` for ``M`` of shape ``[P, K]`` and the model state ``snapshot``.
 
         Args:
             M: The K directions, flat.
             snapshot: The model state verified for this product (from
-                :meth:`~curvkit.Problem.current_snapshot`); looked up when omitted.
+                :meth:`~curvkit.Problem.current_snapshot`): kept graphs are reused
+                only for the very same snapshot.
+            keep: Keep the gradient graphs when they fit the budget (``False``:
+                build them, use them once, drop them).
         """
         problem = self.problem
-        snapshot = snapshot if snapshot is not None else problem.current_snapshot()
         V = [v.movedim(-1, 0) for v in problem.layout.unflatten(M)]  # [K, *shape] each
         with torch.enable_grad():
-            if self.strategy == "forward-over-reverse":
-                return self._forward_over_reverse(V)
             graph = self._graph
             if graph is not None and graph.snapshot is snapshot:
-                return self._apply(graph.grads, graph.leaves, V).mul_(problem.normalizer(graph.count))
+                return problem.full_data(self._apply(graph.grads, graph.leaves, V), graph.count)
             self._graph = None
-            return self._build_and_apply(V, snapshot)
+            return self._build_and_apply(V, snapshot, keep)
 
-    # --------------------------------------------------------------- reverse
-    def _build_and_apply(self, V: list[Tensor], snapshot: ModelSnapshot) -> Tensor:
+    def _build_and_apply(self, V: list[Tensor], snapshot: ModelSnapshot, keep: bool) -> Tensor:
+        """One pass over the data building every batch's gradient graph, applied to ``V``."""
         problem = self.problem
         leaves = [p.detach().requires_grad_(True) for p in problem.params]
-        keep = self.cache_graph is not False
-        budget = float("inf") if self.cache_graph is True else self.graph_cache_bytes
-        saved = _SavedBytes()
-        pending: list[Tensor | None] | None = None
-        out = None
-        count = 0
+        graphs = _GraphSum(self.graph_cache_bytes if keep else -1.0)
+
+        def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor | None, float]:
+            with graphs.saved.hooks():
+                total, count = problem.loss_terms(leaves, inputs, targets)
+                grads = list(torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True))
+            ready = graphs.add(grads)
+            return (None if ready is None else self._apply(ready, leaves, V)), count
+
         self.data_passes += 1
-        with problem.evaluation():
-            for inputs, targets in problem.batches():
-                with saved.hooks() if keep else contextlib.nullcontext():
-                    s, c = problem.loss_terms(leaves, inputs, targets)
-                    g = list(torch.autograd.grad(s, leaves, create_graph=True, allow_unused=True))
-                count += c
-                if keep:
-                    pending = g if pending is None else _add(pending, g)
-                    if saved.total > budget:
-                        keep = False
-                        out = _acc(out, self._apply(pending, leaves, V))
-                        pending = None
-                else:
-                    out = _acc(out, self._apply(g, leaves, V))
-        if pending is not None:
-            out = _acc(out, self._apply(pending, leaves, V))
-            if keep:
-                self._graph = _Graph(leaves, pending, count, snapshot)
-        return out.mul_(problem.normalizer(count))
+        local, count = problem.batch_sums(per_batch)
+        if graphs.grads is not None:  # every batch's graph fitted: apply their sum, keep it
+            local = _acc(local, self._apply(graphs.grads, leaves, V))
+            self._graph = _Graph(leaves, graphs.grads, count, snapshot)
+        return problem.full_data(local, count)
 
     def _apply(self, grads: list[Tensor | None], leaves: list[Tensor], V: list[Tensor]) -> Tensor:
-        """Second backward pass: ``d/dtheta <g, v>`` for each of the K vectors, as ``[P, K]``."""
-        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        """Second backward pass for each of the K vectors, as a flat ``[P, K]``."""
         K = V[0].shape[0]
-        if not used:
-            return torch.zeros(self.problem.layout.dim, K, dtype=V[0].dtype, device=V[0].device)
-        args = ([grads[i] for i in used], [leaves[i] for i in used], [V[i] for i in used], used)
         if K == 1 or self.strategy == "reverse":
-            return self._looped(*args)
-        if self.strategy == "batched-reverse":
-            return self._batched(*args)
-        if K in self._batched_wins:
-            return self._batched(*args) if self._batched_wins[K] else self._looped(*args)
-        return self._trial(K, *args)
+            batched = False
+        elif self.strategy == "batched-reverse":
+            batched = True
+        elif K in self._batched_wins:
+            batched = self._batched_wins[K]
+        else:
+            return self._trial(K, grads, leaves, V)
+        return _flat(backward_products(grads, leaves, V, batched))
 
-    def _trial(self, K: int, *args: object) -> Tensor:
+    def _trial(self, K: int, grads: list[Tensor | None], leaves: list[Tensor], V: list[Tensor]) -> Tensor:
         """``"auto"``: alternate looped and batched backward passes while timing them.
 
         The first ``2 * AUTO_TRIALS`` products with K columns alternate between the
@@ -251,76 +358,21 @@ class HessianVectorProduct:
         batched = len(times[True]) < len(times[False])
         start = time.perf_counter()
         try:
-            out = (self._batched if batched else self._looped)(*args)
+            out = _flat(backward_products(grads, leaves, V, batched))
         except RuntimeError:
             if not batched:
                 raise
             self._batched_wins[K] = False
-            return self._looped(*args)
+            return _flat(backward_products(grads, leaves, V, False))
         times[batched].append(time.perf_counter() - start)
         if len(times[True]) >= AUTO_TRIALS:
             self._batched_wins[K] = min(times[True]) < min(times[False])
         return out
 
-    def _looped(
-        self, outputs: list[Tensor], leaves: list[Tensor], V: list[Tensor], used: list[int]
-    ) -> Tensor:
-        """One backward pass per vector through the kept graph."""
-        columns = []
-        for k in range(V[0].shape[0]):
-            hv = torch.autograd.grad(outputs, leaves, [v[k] for v in V], retain_graph=True, allow_unused=True)
-            columns.append([_flat_or_zeros(h, p, 1) for h, p in zip(hv, leaves)])
-        if len(columns) == 1:
-            return self._assemble(columns[0], used)
-        return self._assemble([torch.cat(parts, dim=1) for parts in zip(*columns)], used)
 
-    def _batched(
-        self, outputs: list[Tensor], leaves: list[Tensor], V: list[Tensor], used: list[int]
-    ) -> Tensor:
-        """All vectors in one vectorised backward pass (``is_grads_batched``)."""
-        hv = torch.autograd.grad(
-            outputs, leaves, V, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-        K = V[0].shape[0]
-        return self._assemble([_flat_or_zeros(h, p, K) for h, p in zip(hv, leaves)], used)
-
-    def _assemble(self, parts: list[Tensor], used: list[int]) -> Tensor:
-        """Stack per-parameter ``[numel, K]`` blocks of the ``used`` parameters into ``[P, K]``."""
-        layout = self.problem.layout
-        if len(used) == len(layout.numels):
-            return torch.cat(parts, dim=0)
-        out = parts[0].new_zeros(layout.dim, parts[0].shape[1])
-        for part, i in zip(parts, used):
-            out[layout.offsets[i] : layout.offsets[i] + layout.numels[i]] = part
-        return out
-
-    # ---------------------------------------------------- forward-over-reverse
-    def _forward_over_reverse(self, V: list[Tensor]) -> Tensor:
-        problem = self.problem
-        params = [p.detach() for p in problem.params]
-        out, count = None, 0
-        self.data_passes += 1
-        with problem.evaluation():
-            for inputs, targets in problem.batches():
-                counts: list[int] = []
-
-                def loss_fn(*ps: Tensor, inputs=inputs, targets=targets, counts=counts) -> Tensor:
-                    s, c = problem.loss_terms(ps, inputs, targets)
-                    counts.append(c)
-                    return s
-
-                hv = make_batch_hvp(loss_fn, "forward-over-reverse")(params, V)
-                count += counts[0]
-                flat = torch.cat([h.reshape(h.shape[0], -1) for h in hv], dim=1).T
-                out = _acc(out, flat)
-        return out * problem.normalizer(count)
-
-
-def _flat_or_zeros(h: Tensor | None, like: Tensor, K: int) -> Tensor:
-    """A parameter's products as ``[numel, K]``: from ``[*shape]`` (K = 1) or ``[K, *shape]``."""
-    if h is None:
-        return like.new_zeros(like.numel(), K)
-    return h.reshape(-1, 1) if K == 1 and h.shape == like.shape else h.reshape(K, -1).T
+def _flat(parts: Sequence[Tensor]) -> Tensor:
+    """Per-parameter ``[K, *shape]`` blocks as one flat ``[P, K]`` tensor."""
+    return torch.cat([part.reshape(part.shape[0], -1) for part in parts], dim=1).T
 
 
 def _add(a: list[Tensor | None], b: list[Tensor | None]) -> list[Tensor | None]:

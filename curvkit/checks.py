@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import ShapeMismatchError
-from curvkit.linalg._common import check_finite, check_square, gaussian, probe_generator
+from curvkit.linalg._common import check_finite, check_square, gaussian, probe_generator, require_fixed_map
 from curvkit.linalg.eigen import EigenResult, eigenvalues
 
 __all__ = [
@@ -92,6 +92,7 @@ def check_residuals(A: Any, result: EigenResult, tol: float | None = None) -> Ch
         result: From :func:`curvkit.eigenvalues` (with vectors).
         tol: Relative tolerance (default: the result's own ``tol``).
     """
+    require_fixed_map(A, "check_residuals")
     tol = result.tol if tol is None else tol
     if result.vectors is None:
         raise ValueError("check_residuals needs eigenvectors: call eigenvalues(..., return_vectors=True)")
@@ -118,6 +119,7 @@ def check_symmetry(A: Any, trials: int = 3, seed: int = 0, tol: float | None = N
     pairs (all products in one ``matmat``).
     """
     P = check_square(A)
+    require_fixed_map(A, "check_symmetry")
     tol = _default_tol(A.dtype) if tol is None else tol
     X = gaussian(P, 2 * trials, probe_generator(seed), A.dtype, A.device)
     AX = A.matmat(X)

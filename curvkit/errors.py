@@ -20,6 +20,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnknownEstimatorError",
     "UnknownLossError",
+    "UnknownOptionError",
 ]
 
 
@@ -44,6 +45,10 @@ class UnknownEstimatorError(CurvkitError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownOptionError(CurvkitError, TypeError):
+    """An estimator was given an option it does not take."""
 
 
 class UnknownLossError(CurvkitError, ValueError):

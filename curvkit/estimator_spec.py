@@ -24,7 +24,7 @@ class EstimatorSpec:
         factory: ``factory(problem, **options) -> CurvatureOperator``; typically
             a :class:`~curvkit.CurvatureOperator` subclass.
         description: One line shown by ``curvkit plugins``.
-        flags: ``symmetric``, ``psd``, ``exact``, ``stochastic``. Read from the
+        flags: ``symmetric``, ``psd``, ``exact``, ``stochastic``, ``resamples``. Read from the
             factory's class attributes when it is an operator class and this is
             left empty.
         reference: What the estimator computes exactly or approximates, for the

@@ -60,8 +60,8 @@ def curvkit_register_estimators() -> list[EstimatorSpec]:
             PSD = True
             EXACT = False
 
-            def _problem_matmat(self, M):
-                return M
+            def _product(self, M, snapshot):
+                return M.clone()
 
         @curvkit.hookimpl
         def curvkit_register_estimators():

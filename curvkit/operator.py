@@ -18,7 +18,12 @@ Flags (class attributes, overridable per instance):
 * ``SYMMETRIC``: ``v.A w == w.A v``;
 * ``PSD``: positive semi-definite;
 * ``EXACT``: the product is the exact quantity, not an approximation;
-* ``STOCHASTIC``: products involve random sampling (Monte-Carlo).
+* ``STOCHASTIC``: products come from random samples (Monte-Carlo). With a seed such
+  an operator is still a fixed linear map (the same samples for every product), so
+  every analysis applies; see :mod:`curvkit.problem_operator`;
+* ``RESAMPLES``: products draw fresh samples every time, so the operator is not a
+  fixed linear map: eigenvalues, densities and the checks refuse it (trace
+  estimators accept it).
 
 Counters ``matvecs`` (columns multiplied) and ``data_passes`` record the work done.
 """
@@ -45,7 +50,7 @@ __all__ = [
     "default_max_dense_dim",
 ]
 
-FLAGS = ("SYMMETRIC", "PSD", "EXACT", "STOCHASTIC")
+FLAGS = ("SYMMETRIC", "PSD", "EXACT", "STOCHASTIC", "RESAMPLES")
 
 
 def default_max_dense_dim() -> int:
@@ -69,6 +74,7 @@ class CurvatureOperator:
     PSD: bool = False
     EXACT: bool = True
     STOCHASTIC: bool = False
+    RESAMPLES: bool = False
 
     def __init__(self, layout: ParameterLayout, *, dtype: torch.dtype, device: torch.device | str):
         self.layout = layout
@@ -96,7 +102,7 @@ class CurvatureOperator:
 
     @property
     def flags(self) -> dict[str, bool]:
-        """The four flags of this operator, by lower-case name."""
+        """The flags of this operator (:data:`FLAGS`), by lower-case name."""
         return {f.lower(): bool(getattr(self, f)) for f in FLAGS}
 
     def matmat(self, M: Tensor) -> Tensor:
@@ -295,6 +301,7 @@ class ScaledOperator(CurvatureOperator):
         super().__init__(op.layout, dtype=op.dtype, device=op.device)
         self.op, self.alpha = op, alpha
         self.SYMMETRIC, self.EXACT, self.STOCHASTIC = op.SYMMETRIC, op.EXACT, op.STOCHASTIC
+        self.RESAMPLES = op.RESAMPLES
         self.PSD = op.PSD and alpha >= 0
 
     def _matmat(self, M: Tensor) -> Tensor:
@@ -327,6 +334,7 @@ class SumOperator(CurvatureOperator):
         self.PSD = all(o.PSD for o in flat)
         self.EXACT = all(o.EXACT for o in flat)
         self.STOCHASTIC = any(o.STOCHASTIC for o in flat)
+        self.RESAMPLES = any(o.RESAMPLES for o in flat)
 
     def _matmat(self, M: Tensor) -> Tensor:
         return sum(op.matmat(M.to(op.dtype)).to(self.dtype) for op in self.ops)
@@ -398,13 +406,15 @@ class DenseOperator(CurvatureOperator):
     def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
         names = _resolve_names(self.layout, params)
         idx = self.layout.indices(names).to(self.matrix.device)
-        return DenseOperator(
+        block = DenseOperator(
             self.matrix[idx][:, idx],
             self.layout.sub_layout(names),
             symmetric=self.SYMMETRIC,
             psd=self.PSD,
             exact=self.EXACT,
         )
+        block.STOCHASTIC, block.RESAMPLES = self.STOCHASTIC, self.RESAMPLES
+        return block
 
 
 class RestrictedOperator(CurvatureOperator):

@@ -318,7 +318,7 @@ class Problem:
                 f"targets {_describe(targets)}: {_first_line(exc)}"
             ) from exc
 
-    def normalizer(self, total_count: int) -> float:
+    def normalizer(self, total_count: float) -> float:
         """``1 / C``: the factor turning summed terms into the problem's loss."""
         if self.loss.reduction == "sum":
             return 1.0
@@ -326,22 +326,60 @@ class Problem:
             raise DataError("the data hold no loss term (all targets ignored?)")
         return 1.0 / total_count
 
+    # ------------------------------------------------------- the loop over data
+    def batch_sums(self, per_batch: Callable[[Any, Tensor], tuple[Any, float]]) -> tuple[Any, float]:
+        """The one loop over the data: ``sum_b per_batch(inputs_b, targets_b)`` and ``sum_b c_b``.
+
+        The model is in evaluation mode (unless the problem says otherwise), each
+        batch on the problem's device and dtype. ``per_batch`` returns a batch's
+        contribution (a tensor, ``None``, or a tuple or list of them, summed
+        entry by entry) and its count of loss terms. Every data-backed quantity of
+        curvkit (gradients, curvature products, dense references) is a sum formed
+        here; :meth:`full_data` then turns it into the full-dataset quantity.
+
+        Returns:
+            The summed contributions of this process's data, and their count.
+        """
+        total: Any = None
+        count: float = 0
+        with self.evaluation():
+            for inputs, targets in self.batches():
+                part, c = per_batch(inputs, targets)
+                total = _add(total, part)
+                count += c
+        return total, count
+
+    def full_data(self, local_sum: Any, local_count: float) -> Any:
+        """The full-dataset quantity from the sums of :meth:`batch_sums`: reduced, then normalised.
+
+        The reduction is the one place where sums over the data meet: the sum of
+        every process's ``local_sum`` and ``local_count`` (the identity in one
+        process; a data-parallel run all-reduces here and nowhere else). The
+        result is multiplied by :meth:`normalizer` of the total count, so that it
+        belongs to the full-dataset loss ``L = (1/C) sum_b S_b``.
+        """
+        total, count = reduce_sums(local_sum, local_count)
+        return _scale(total, self.normalizer(count))
+
+    def data_mean(self, per_batch: Callable[[Any, Tensor], tuple[Any, float]]) -> Any:
+        """:meth:`batch_sums` then :meth:`full_data`: a full-dataset quantity in one pass."""
+        return self.full_data(*self.batch_sums(per_batch))
+
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
         """Full-dataset loss and its flat gradient, in one pass over the data."""
         leaves = [p.detach().requires_grad_(True) for p in self.params]
-        total_loss = torch.zeros((), device=self.device, dtype=self.dtype)
-        total_grad = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
-        count = 0
-        with torch.enable_grad(), self.evaluation():
-            for inputs, targets in self.batches():
-                s, c = self.loss_terms(leaves, inputs, targets)
-                grads = torch.autograd.grad(s, leaves, allow_unused=True)
-                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
-                total_loss += s.detach()
-                total_grad += self.layout.flatten(grads)
-                count += c
-        scale = self.normalizer(count)
-        return total_loss * scale, total_grad * scale
+
+        def per_batch(inputs: Any, targets: Tensor) -> tuple[tuple[Tensor, Tensor], float]:
+            s, c = self.loss_terms(leaves, inputs, targets)
+            grads = torch.autograd.grad(s, leaves, allow_unused=True)
+            flat = self.layout.flatten(
+                [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+            )
+            return (s.detach(), flat), c
+
+        with torch.enable_grad():
+            loss, gradient = self.data_mean(per_batch)
+        return loss, gradient
 
     def num_samples(self) -> int:
         """Number of samples in the data (one pass over the data, nothing computed)."""
@@ -410,6 +448,34 @@ class Problem:
 def _listing(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
+    """Sums and counts of every process: the data-parallel reduction point.
+
+    In one process (the only mode so far) the local sums are the totals.
+    """
+    return local_sum, local_count
+
+
+def _add(total: Any, part: Any) -> Any:
+    """``total + part`` entry by entry for tensors, ``None`` and tuples or lists of them."""
+    if total is None:
+        return part
+    if part is None:
+        return total
+    if isinstance(total, tuple | list):
+        return type(total)(_add(a, b) for a, b in zip(total, part))
+    return total + part
+
+
+def _scale(value: Any, factor: float) -> Any:
+    """``value * factor`` entry by entry (tensors, ``None``, tuples and lists of them)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple | list):
+        return type(value)(_scale(v, factor) for v in value)
+    return value * factor
 
 
 def _first_line(exc: BaseException) -> str:

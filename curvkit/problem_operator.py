@@ -1,21 +1,59 @@
 """The template for data-backed operators: curvature of a :class:`~curvkit.Problem`.
 
-A :class:`ProblemOperator` owns what every data-backed estimator shares: the
-problem, the estimator's options, the determinism probe before the first
-product, the data-pass counter, and restriction to a block of parameters by
-differentiating only that block. A subclass implements
-``_problem_matmat(M) -> A @ M``; during that call ``self.state`` is the
-:class:`~curvkit.ModelSnapshot` of the model the product is for, which caches
-(gradient graphs, dense matrices) can be keyed on with ``is``.
+Every data-backed curvature in curvkit is a sum over the data, normalised to the
+full-dataset loss ``L = (1/C) sum_b S_b``:
+
+.. math:: A V = \\frac{1}{C} \\sum_b A_b V,
+
+where ``A_b V`` is one batch's contribution (the Hessian of ``S_b``, its
+Gauss-Newton matrix, ...). A :class:`ProblemOperator` owns everything but
+``A_b V``:
+
+* the loop over batches, in evaluation mode, with the sums and counts and their
+  normalisation (:meth:`~curvkit.Problem.batch_sums` and
+  :meth:`~curvkit.Problem.full_data`: the one loop of curvkit, and the one point
+  where a data-parallel run reduces);
+* the determinism probe before the first product of a model state, and the
+  snapshot of that state, passed to the product as an argument;
+* the data-pass counter;
+* for Monte-Carlo estimators (``STOCHASTIC``), a generator seeded for each
+  product (see below);
+* the estimator's options, captured once at construction, which rebuild it on a
+  block of parameters (:meth:`restrict`);
+* a check that a product comes back as ``[P, K]`` in the operator's dtype and on
+  its device (a :class:`~curvkit.PluginError` naming the estimator otherwise).
+
+A subclass implements **one** of:
+
+* :meth:`batch_product` ``(params, inputs, targets, V, generator) -> (sum, count)``:
+  one batch's contribution, a pure function of its arguments that can be tested
+  on its own (the usual case); or
+* :meth:`_product` ``(M, snapshot) -> A M``: the whole product, for estimators
+  built from other operators, or that reuse work between products (the Hessian
+  keeps gradient graphs); data-backed sums must still go through
+  :meth:`~curvkit.Problem.full_data`.
+
+**Monte-Carlo estimators.** ``STOCHASTIC`` means the products come from random
+samples (of targets, of probes). With a seed such an estimator is a *fixed*
+linear map: every product draws the same samples from a generator seeded with
+:attr:`seed`, so the operator is symmetric, repeatable, and one ``matmat`` equals
+its stacked ``matvec`` s, and every analysis applies to it. ``seed=None`` draws a
+seed once, at construction (fresh randomness, still a fixed map). An operator
+whose products draw fresh samples every time sets ``RESAMPLES``: it is not a
+fixed linear map, so eigenvalues, densities and the checks refuse it; trace
+estimators accept it.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from curvkit.errors import PluginError
 from curvkit.operator import CurvatureOperator, _resolve_names
 from curvkit.problem import ModelSnapshot, Problem
 
@@ -27,26 +65,136 @@ class ProblemOperator(CurvatureOperator):
 
     Args:
         problem: The problem whose curvature this is.
-        **options: Estimator options, kept to rebuild the operator on a block of
-            parameters (:meth:`restrict`).
+        seed: Seed of a Monte-Carlo estimator's samples (``STOCHASTIC``); ``None``
+            draws one. Ignored by deterministic estimators.
+
+    Attributes:
+        problem: The problem.
+        options: The estimator's constructor arguments other than the problem, as
+            given (captured by the base, whatever the subclass's signature).
+        seed: The seed in use (``None`` for deterministic estimators).
+        name: The registered name (set by :func:`curvkit.curvature`; the class
+            name otherwise), used in error messages.
     """
 
-    def __init__(self, problem: Problem, **options: Any):
+    def __new__(cls, *args: Any, **kwargs: Any) -> ProblemOperator:
+        self = super().__new__(cls)
+        self.options = _constructor_options(cls, self, args, kwargs)
+        return self
+
+    def __init__(self, problem: Problem, *, seed: int | None = None):
         super().__init__(problem.layout, dtype=problem.dtype, device=problem.device)
         self.problem = problem
-        self.options = options
-        self.state: ModelSnapshot | None = None
+        self.name = type(self).__name__
+        self.seed: int | None = None
+        if self.STOCHASTIC:
+            self.seed = torch.Generator().seed() if seed is None else int(seed)  # not the global RNG
+        self.products = 0
 
-    def _problem_matmat(self, M: Tensor) -> Tensor:
-        """``A @ M`` for ``M`` of shape ``[P, K]``; subclasses implement this."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement _problem_matmat")
+    # ---------------------------------------------------------------- subclasses
+    def batch_product(
+        self,
+        params: Sequence[Tensor],
+        inputs: Any,
+        targets: Tensor,
+        V: Sequence[Tensor],
+        generator: torch.Generator | None,
+    ) -> tuple[Sequence[Tensor], float]:
+        """One batch's contribution ``A_b V`` and its count of loss terms ``c_b``.
+
+        Args:
+            params: The selected parameters (detached), in the layout's order.
+            inputs: The batch's inputs, on the problem's device and dtype.
+            targets: The batch's targets.
+            V: Per parameter, the ``K`` directions as a ``[K, *shape]`` tensor.
+            generator: For ``STOCHASTIC`` estimators, the product's generator
+                (a CPU :class:`torch.Generator`: draw there and move); ``None``
+                otherwise.
+
+        Returns:
+            Per parameter, the batch's ``[K, *shape]`` sum of terms (not yet
+            normalised), and the batch's count (from the problem's loss).
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither batch_product nor _product")
+
+    def _product(self, M: Tensor, snapshot: ModelSnapshot) -> Tensor:
+        """``A @ M`` for ``M`` of shape ``[P, K]`` and the model state ``snapshot``.
+
+        The default makes one pass over the data with :meth:`batch_product`.
+        """
+        problem = self.problem
+        V = [v.movedim(-1, 0) for v in problem.layout.unflatten(M)]  # [K, *shape] each
+        params = [p.detach() for p in problem.params]
+        generator = self.product_generator()
+
+        def per_batch(inputs: Any, targets: Tensor) -> tuple[Sequence[Tensor], float]:
+            return self.batch_product(params, inputs, targets, V, generator)
+
+        self.data_passes += 1
+        parts = problem.data_mean(per_batch)
+        return torch.cat([part.reshape(part.shape[0], -1) for part in parts], dim=1).T
+
+    # ------------------------------------------------------------------ template
+    def product_generator(self) -> torch.Generator | None:
+        """The generator of the next product's samples (``None`` unless ``STOCHASTIC``).
+
+        Seeded with :attr:`seed` for every product, so that the estimator is a
+        fixed linear map; with ``RESAMPLES``, seeded with ``seed`` plus the number
+        of products so far, a new (reproducible) draw each time.
+        """
+        if not self.STOCHASTIC:
+            return None
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + (self.products if self.RESAMPLES else 0))
+        return generator
 
     def _matmat(self, M: Tensor) -> Tensor:
-        self.state = self.problem.current_snapshot()
-        self.problem.ensure_deterministic(self.state)
-        return self._problem_matmat(M)
+        snapshot = self.problem.current_snapshot()
+        self.problem.ensure_deterministic(snapshot)
+        out = self._product(M, snapshot)
+        self.products += 1
+        if not isinstance(out, Tensor) or out.shape != M.shape or out.dtype != self.dtype:
+            got = (
+                f"a {type(out).__name__}"
+                if not isinstance(out, Tensor)
+                else f"shape {tuple(out.shape)}, {out.dtype}"
+            )
+            raise PluginError(
+                f"estimator {self.name!r} returned {got} for a product with {tuple(M.shape)}: "
+                f"a product must be [P, K] = {tuple(M.shape)} in {self.dtype} on {self.device}"
+            )
+        if out.device != self.device:
+            raise PluginError(
+                f"estimator {self.name!r} returned a product on {out.device}; it must be on {self.device}"
+            )
+        return out
 
     def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
-        """The same estimator on a block of parameters, differentiating only those."""
+        """The same estimator on a block of parameters, differentiating only those.
+
+        Built from the captured :attr:`options` on the restricted problem; a
+        Monte-Carlo estimator keeps its seed, so the block is that of the same map.
+        """
         names = _resolve_names(self.layout, params)
-        return type(self)(self.problem.with_params(names), **self.options)
+        options = dict(self.options)
+        if self.STOCHASTIC and "seed" in inspect.signature(type(self).__init__).parameters:
+            options["seed"] = self.seed
+        block = type(self)(self.problem.with_params(names), **options)
+        block.name = self.name
+        return block
+
+
+def _constructor_options(cls: type, self: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``cls(*args, **kwargs)`` other than the problem, by name, as given."""
+    signature = inspect.signature(cls.__init__)
+    try:
+        bound = signature.bind(self, *args, **kwargs)
+    except TypeError:  # __init__ will say what is wrong (or a copy is being made)
+        return dict(kwargs)
+    given = dict(bound.arguments)
+    given.pop(next(iter(signature.parameters)))  # self
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in given:
+            given.update(given.pop(name))
+    given.pop("problem", None)
+    return given

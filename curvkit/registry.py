@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import pluggy
 from curvkit import hookspecs
 from curvkit.checkpoints._types import CheckpointLoader
 from curvkit.checkpoints.builtin import BUILTIN_LOADERS
-from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError
+from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError, UnknownOptionError
 from curvkit.estimator_spec import EstimatorSpec
 from curvkit.operator import CurvatureOperator
 
@@ -281,15 +282,39 @@ def curvature(name: str, problem: Any, **options: Any) -> CurvatureOperator:
         tensor([1., 4.])
     """
     spec = get_estimator(name)
-    try:
-        op = spec.factory(problem, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise PluginError(f"estimator {name!r}: {exc}") from exc
-        raise
+    check_options(spec, options)
+    op = spec.factory(problem, **options)
     if not isinstance(op, CurvatureOperator):
         raise PluginError(
             f"estimator {name!r} of plugin {spec.plugin!r} returned {type(op).__name__}, "
             "not a curvkit.CurvatureOperator"
         )
+    op.name = name
     return op
+
+
+def estimator_options(spec: EstimatorSpec) -> list[str] | None:
+    """The keyword options an estimator's factory takes (``None``: any, it takes ``**kwargs``)."""
+    try:
+        parameters = list(inspect.signature(spec.factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: let it decide
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters[1:] if p.kind in named]
+
+
+def check_options(spec: EstimatorSpec, options: Mapping[str, Any]) -> None:
+    """Refuse options the estimator does not take, listing those it does.
+
+    Raises:
+        UnknownOptionError: An option the factory's signature does not name.
+    """
+    known = estimator_options(spec)
+    unknown = [key for key in options if known is not None and key not in known]
+    if unknown:
+        takes = f"its options: {', '.join(known)}" if known else "it takes no options"
+        raise UnknownOptionError(
+            f"estimator {spec.name!r} takes no option {', '.join(map(repr, unknown))}; {takes}"
+        )

@@ -15,11 +15,16 @@ from __future__ import annotations
 from torch import Tensor
 
 import curvkit
-from curvkit.autodiff import HessianVectorProduct
+from curvkit.autodiff import HVP_STRATEGIES, HessianVectorProduct, hessian_batch_product
 
 
 class HessianOperator(curvkit.ProblemOperator):
     """Matrix-free Hessian ``H = nabla^2 L(theta)`` of the full-dataset loss.
+
+    One batch's product is :func:`curvkit.autodiff.hessian_batch_product`. With the
+    reverse strategies the gradient graphs are kept between products when they fit
+    in memory (:class:`curvkit.autodiff.HessianVectorProduct`), which gives the same
+    products for the cost of the second backward pass only.
 
     Args:
         problem: The problem.
@@ -41,20 +46,35 @@ class HessianOperator(curvkit.ProblemOperator):
         cache_graph: bool | str = "auto",
         graph_cache_bytes: int | None = None,
     ):
-        super().__init__(
-            problem, strategy=strategy, cache_graph=cache_graph, graph_cache_bytes=graph_cache_bytes
-        )
-        self.engine = HessianVectorProduct(problem, strategy, cache_graph, graph_cache_bytes)
+        super().__init__(problem)
+        if strategy not in HVP_STRATEGIES:
+            raise curvkit.CurvkitError(
+                f"unknown HVP strategy {strategy!r}; use one of {list(HVP_STRATEGIES)}"
+            )
+        if cache_graph not in (True, False, "auto"):
+            raise curvkit.CurvkitError(f"cache_graph must be True, False or 'auto', got {cache_graph!r}")
+        self.strategy, self.cache_graph = strategy, cache_graph
+        self.engine = None
+        if strategy != "forward-over-reverse":  # graphs to reuse, and auto's timing
+            budget = float("inf") if cache_graph is True else graph_cache_bytes
+            self.engine = HessianVectorProduct(problem, strategy, budget)
 
-    def _problem_matmat(self, M: Tensor) -> Tensor:
+    def batch_product(self, params, inputs, targets, V, generator):
+        strategy = "reverse" if self.strategy == "auto" else self.strategy
+        return hessian_batch_product(self.problem, params, inputs, targets, V, strategy)
+
+    def _product(self, M: Tensor, snapshot: curvkit.ModelSnapshot) -> Tensor:
+        if self.engine is None:
+            return super()._product(M, snapshot)
         before = self.engine.data_passes
-        out = self.engine(M, self.state)
+        out = self.engine(M, snapshot, keep=self.cache_graph is not False)
         self.data_passes += self.engine.data_passes - before
         return out
 
     def clear_cache(self) -> None:
         """Free the kept gradient graphs."""
-        self.engine.clear_cache()
+        if self.engine is not None:
+            self.engine.clear_cache()
 
 
 class ExactHessianOperator(curvkit.ProblemOperator):
@@ -75,7 +95,7 @@ class ExactHessianOperator(curvkit.ProblemOperator):
     SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, True, False
 
     def __init__(self, problem: curvkit.Problem, block_size: int = 64, max_dim: int | None = None):
-        super().__init__(problem, block_size=block_size, max_dim=max_dim)
+        super().__init__(problem)
         self._check_dense_size(max_dim)
         self.block_size = block_size
         self._hessian = HessianOperator(problem, cache_graph=False)
@@ -93,7 +113,7 @@ class ExactHessianOperator(curvkit.ProblemOperator):
             self._matrix, self._snapshot = (H + H.T) / 2, snapshot
         return self._matrix
 
-    def _problem_matmat(self, M: Tensor) -> Tensor:
+    def _product(self, M: Tensor, snapshot: curvkit.ModelSnapshot) -> Tensor:
         return self.matrix @ M
 
     def to_dense(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:

@@ -43,7 +43,7 @@ def test_battery_flags_disagreement_with_the_reference():
 class FirstBatchHessian(curvkit.ProblemOperator):
     """A wrong estimator: the Hessian of the first batch only (depends on batching)."""
 
-    def _problem_matmat(self, M):
+    def _product(self, M, snapshot):
         inputs, targets = next(iter(self.problem.batches()))
         small = curvkit.Problem(
             self.problem.model, self.problem.loss.name, (inputs, targets), params=self.problem.param_names
@@ -54,7 +54,7 @@ class FirstBatchHessian(curvkit.ProblemOperator):
 class StaleMatmat(curvkit.ProblemOperator):
     """A wrong estimator whose matmat ignores all columns but the first."""
 
-    def _problem_matmat(self, M):
+    def _product(self, M, snapshot):
         col = curvkit.curvature("hessian", self.problem) @ M[:, 0]
         return col.unsqueeze(1).expand_as(M).clone()
 

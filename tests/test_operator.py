@@ -191,9 +191,19 @@ class _Stochastic(curvkit.DenseOperator):
     STOCHASTIC = True
 
 
+class _Resampling(curvkit.DenseOperator):
+    STOCHASTIC = RESAMPLES = True
+
+
 def test_flags_propagate():
     psd, indefinite = _dense(1, psd=True), _dense(2)
-    assert psd.flags == {"symmetric": True, "psd": True, "exact": True, "stochastic": False}
+    assert psd.flags == {
+        "symmetric": True,
+        "psd": True,
+        "exact": True,
+        "stochastic": False,
+        "resamples": False,
+    }
     assert not indefinite.PSD
     assert psd.damped(0.1).PSD
     assert not psd.damped(-0.1).PSD
@@ -210,7 +220,10 @@ def test_flags_propagate():
     assert noisy.STOCHASTIC
     assert (psd + noisy).STOCHASTIC and (noisy + psd).STOCHASTIC
     assert (2.0 * noisy).STOCHASTIC and noisy.damped(1.0).STOCHASTIC
-    assert not (psd + psd).STOCHASTIC
+    assert not (psd + psd).STOCHASTIC and not (psd + noisy).RESAMPLES
+    resampling = _Resampling(_sym(3), LAYOUT)
+    assert (psd + resampling).RESAMPLES and (2.0 * resampling).RESAMPLES
+    assert resampling.restrict("a").RESAMPLES and resampling.T.RESAMPLES
 
     inexact = _dense(4, exact=False)
     assert not (psd + inexact).EXACT and (psd + psd).EXACT and not (3 * inexact).EXACT
@@ -219,7 +232,13 @@ def test_flags_propagate():
     assert not (psd + nonsym).SYMMETRIC and (psd + indefinite).SYMMETRIC
 
     H = curvkit.curvature("hessian", get_case("mlp-mse").problem())
-    assert H.flags == {"symmetric": True, "psd": False, "exact": True, "stochastic": False}
+    assert H.flags == {
+        "symmetric": True,
+        "psd": False,
+        "exact": True,
+        "stochastic": False,
+        "resamples": False,
+    }
     assert not H.damped(1.0).PSD
 
 

@@ -17,7 +17,7 @@ from curvkit.testing import dense_hessian_reference, get_case
 
 DT = torch.float64
 BUILTIN = "curvkit.plugins.hessian"
-HESSIAN_FLAGS = {"symmetric": True, "psd": False, "exact": True, "stochastic": False}
+HESSIAN_FLAGS = {"symmetric": True, "psd": False, "exact": True, "stochastic": False, "resamples": False}
 
 
 def _names() -> list[str]:
@@ -53,11 +53,11 @@ class ScaledHessian(curvkit.ProblemOperator):
     SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, True, False
 
     def __init__(self, problem: curvkit.Problem, scale: float = 3.0):
-        super().__init__(problem, scale=scale)
+        super().__init__(problem)
         self.scale = scale
         self.hessian = curvkit.curvature("hessian", problem)
 
-    def _problem_matmat(self, M: torch.Tensor) -> torch.Tensor:
+    def _product(self, M: torch.Tensor, snapshot: curvkit.ModelSnapshot) -> torch.Tensor:
         return self.scale * self.hessian.matmat(M)
 
 
@@ -151,7 +151,7 @@ def test_explicit_flags_and_plain_factories(registry_guard):
     def identity(problem, scale=1.0):
         return curvkit.IdentityOperator(problem.layout, scale, dtype=problem.dtype, device=problem.device)
 
-    flags = {"symmetric": True, "psd": True, "exact": False, "stochastic": False}
+    flags = {"symmetric": True, "psd": True, "exact": False, "stochastic": False, "resamples": False}
     plugin = _plugin("test_identity_plugin", lambda: [curvkit.EstimatorSpec("unit", identity, flags=flags)])
     curvkit.register_plugin(plugin)
     try:
@@ -255,11 +255,15 @@ def test_factory_returning_a_non_operator(registry_guard):
         curvkit.unregister_plugin(plugin)
 
 
-def test_unknown_option_is_a_plugin_error():
+def test_an_unknown_option_is_refused_listing_the_options_taken():
     problem = get_case("mlp-mse").problem()
-    with pytest.raises(curvkit.PluginError) as info:
+    with pytest.raises(curvkit.UnknownOptionError) as info:
         curvkit.curvature("hessian", problem, stratgy="reverse")
-    assert "stratgy" in str(info.value) and "'hessian'" in str(info.value)
+    assert str(info.value) == (
+        "estimator 'hessian' takes no option 'stratgy'; its options: strategy, cache_graph, graph_cache_bytes"
+    )
+    with pytest.raises(curvkit.UnknownOptionError, match="'exact-hessian' takes no option 'seed'"):
+        curvkit.curvature("exact-hessian", problem, seed=1)
 
 
 def test_unregister_by_name(registry_guard):

@@ -29,11 +29,11 @@ class DoubleHessian(curvkit.ProblemOperator):
     SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, True, False
 
     def __init__(self, problem, factor=2.0):
-        super().__init__(problem, factor=factor)
+        super().__init__(problem)
         self.factor = factor
         self.hessian = curvkit.curvature("hessian", problem)
 
-    def _problem_matmat(self, M):
+    def _product(self, M, snapshot):
         return self.factor * self.hessian.matmat(M)
 
 
@@ -42,7 +42,7 @@ class OnesDiagonal(curvkit.ProblemOperator):
 
     PSD, EXACT = True, False
 
-    def _problem_matmat(self, M):
+    def _product(self, M, snapshot):
         return M.clone()
 
 
@@ -141,7 +141,7 @@ def test_entry_point_plugin_is_loaded_with_its_version(dist):
     assert estimators["double-hessian"][0] == "mine"
     assert estimators["ones-diagonal"] == [
         "mine",
-        {"symmetric": True, "psd": True, "exact": False, "stochastic": False},
+        {"symmetric": True, "psd": True, "exact": False, "stochastic": False, "resamples": False},
     ]
     assert estimators["hessian"][0] == "curvkit.plugins.hessian"
     version, builtin, names = result["plugins"]["mine"]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import NonFiniteError, ShapeMismatchError
+from curvkit.errors import CurvkitError, NonFiniteError, ShapeMismatchError
 
 __all__ = [
     "Progress",
@@ -19,6 +19,7 @@ __all__ = [
     "probe_generator",
     "product_name",
     "rademacher",
+    "require_fixed_map",
 ]
 
 Progress = Callable[[dict[str, Any]], None]
@@ -41,10 +42,36 @@ def check_square(A: Any) -> int:
     return int(shape[0])
 
 
+def require_fixed_map(A: Any, analysis: str) -> None:
+    """Refuse an operator whose products resample (``RESAMPLES``): it is not one linear map.
+
+    Krylov methods combine products of one operator; with products that draw fresh
+    samples each time they return numbers of no operator at all (Lanczos on a
+    diag(1..20) with resampled noise returned 57.8 and 35.3).
+
+    Raises:
+        CurvkitError: ``A.RESAMPLES`` is set.
+    """
+    if getattr(A, "RESAMPLES", False):
+        name = getattr(A, "name", type(A).__name__)
+        raise CurvkitError(
+            f"{analysis} needs a fixed linear operator, but {name!r} resamples on every product "
+            "(RESAMPLES): build it with a seed so that every product uses the same samples, "
+            "or use a trace estimator, which accepts resampling operators"
+        )
+
+
 def probe_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator, so that a seed gives the same probes on every device."""
+    """A CPU generator, so that a seed gives the same probes on every device.
+
+    ``seed=None`` means fresh randomness (a seed from the operating system), as in
+    NumPy and PyTorch; the seed used is ``generator.initial_seed()``.
+    """
     gen = torch.Generator()
-    gen.manual_seed(0 if seed is None else seed)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
     return gen
 
 

@@ -48,6 +48,7 @@ from curvkit.linalg._common import (
     non_finite_error,
     probe_generator,
     product_name,
+    require_fixed_map,
 )
 from curvkit.linalg.lanczos import REORTHOGONALISATION, WHICH, thick_restart_lanczos
 
@@ -173,7 +174,8 @@ def eigenvalues(
             switching to full when the products prove too noisy for it; full
             otherwise), ``"full"`` or ``"partial"`` (see
             :mod:`curvkit.linalg.lanczos`). Lanczos only.
-        seed: Seed of the starting vector (a CPU generator: same on every device).
+        seed: Seed of the starting vector (a CPU generator: same on every device;
+            ``None``: fresh randomness).
         return_vectors: Keep the ``[P, k]`` eigenvectors in the result.
         progress: Called after each product with ``{"matvecs", "basis",
             "restarts", "residual", "reorthogonalisation"}`` (power iteration:
@@ -203,6 +205,7 @@ def eigenvalues(
         'converged'
     """
     P = check_square(A)
+    require_fixed_map(A, "eigenvalues")
     if which not in WHICH:
         raise CurvkitError(f"which must be one of {list(WHICH)}, got {which!r}")
     if method not in METHODS:

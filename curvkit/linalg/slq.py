@@ -65,6 +65,7 @@ from curvkit.linalg._common import (
     probe_generator,
     product_name,
     rademacher,
+    require_fixed_map,
 )
 
 __all__ = ["DensityResult", "density", "gaussian_broadening", "lanczos_quadrature"]
@@ -198,6 +199,7 @@ def lanczos_quadrature(
             step computes anyway: no extra synchronisation.
     """
     P = check_square(A)
+    require_fixed_map(A, "Lanczos quadrature")
     steps = _positive_int(steps, "steps")
     if not getattr(A, "SYMMETRIC", True):
         raise CurvkitError("Lanczos quadrature needs a symmetric operator; this one is flagged non-symmetric")
@@ -398,7 +400,8 @@ def density(
             restriction to one parameter block.
         steps: Lanczos steps (quadrature nodes) per run.
         runs: Number of independent Rademacher probes.
-        seed: Seed of the probes (the same probes on every device).
+        seed: Seed of the probes (the same probes on every device; ``None``: fresh
+            randomness).
         grid: Points at which to evaluate the density (default: see above).
         grid_size: Number of points of the default grid (at least 2).
         sigma: Width of the Gaussian broadening (default: see above).

@@ -172,13 +172,15 @@ xtrace         ``k = m // 2`` test vectors, each costs 2 (``A Omega``,      2
 exact          ``P`` (0 with ``A.diagonal()``); ``matvecs`` is ignored      --
 =============  ==========================================================  ============
 
-When ``matvecs >= P`` and the operator is deterministic (not ``STOCHASTIC``),
+When ``matvecs >= P`` and the operator is a fixed linear map (not ``RESAMPLES``),
 ``"hutch++"`` and ``"xtrace"`` compute the exact trace with ``P`` products
 instead: no sketch of at most ``m`` products can do better, and the result says
 ``method="exact"``, ``stderr=0``. (curvlinops refuses such budgets.)
 ``"hutchinson"`` always stays the plain estimator, for parity with PyHessian.
-On a ``STOCHASTIC`` operator the sketching methods keep estimating, with sketches
-of at most ``P`` columns (so XTrace then uses at most ``2P`` products).
+On an operator that resamples on every product (``RESAMPLES``) the sketching
+methods keep estimating, with sketches of at most ``P`` columns (so XTrace then
+uses at most ``2P`` products). A Monte-Carlo estimator with a seed
+(``STOCHASTIC`` alone) is a fixed map: its trace is exact like any other's.
 
 Probes come from a CPU :class:`torch.Generator` seeded with ``seed`` and are drawn
 one column at a time, so the estimate depends on the seed but not on the device
@@ -232,7 +234,7 @@ class TraceResult:
         matvecs: Products with ``A`` actually used (columns multiplied).
         data_passes: Passes over the data during the call, from the operator's
             ``data_passes`` counter (``None`` for operators without one).
-        seed: The seed of the probes (``None`` was taken as 0).
+        seed: The seed of the probes (the one drawn, when ``None`` was given).
         fallback: ``True`` when adaptive Hutch++ or XTrace judged that its sketch
             would not beat Hutchinson and returned Hutchinson's estimate from the
             whole budget instead (``method`` is then ``"hutchinson"``).
@@ -430,11 +432,10 @@ def _exact(
         if progress is not None:
             progress({"matvecs": 0, "total": 0, "stage": "diagonal"})
         return value
-    if getattr(A, "STOCHASTIC", False):
+    if getattr(A, "RESAMPLES", False):
         raise CurvkitError(
-            f"method 'exact' needs a deterministic operator, but {type(A).__name__} is STOCHASTIC "
-            "(its products are Monte-Carlo samples); use 'hutch++' or 'xtrace' for an estimate "
-            "with a standard error"
+            f"method 'exact' needs a fixed linear operator, but {type(A).__name__} resamples on every "
+            "product (RESAMPLES); use 'hutch++' or 'xtrace' for an estimate with a standard error"
         )
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, P, apply.batch_size):
@@ -485,11 +486,11 @@ def trace(
         method: ``"hutchinson"``, ``"hutch++"`` (default), ``"xtrace"`` or ``"exact"``.
         matvecs: Budget of products with ``A`` (columns), used exactly by
             ``"hutchinson"`` and ``"hutch++"`` and up to one less by ``"xtrace"``;
-            ignored by ``"exact"``. With ``matvecs >= P`` on a deterministic
+            ignored by ``"exact"``. With ``matvecs >= P`` on a fixed linear
             operator, ``"hutch++"`` and ``"xtrace"`` return the exact trace at
             ``P`` products.
         seed: Seed of the probes (a CPU generator, so the same on every device;
-            ``None`` means 0).
+            ``None``: fresh randomness, the seed drawn is in the result).
         batch_size: Columns per ``A.matmat`` call, i.e. per pass over the data
             (default: all columns of a stage, at most 64). Peak memory is about
             ``P * batch_size`` numbers for the products, plus ``P * k`` for the
@@ -509,7 +510,7 @@ def trace(
         ShapeMismatchError: ``A`` is not a square operator.
         CurvkitError: Unknown method, a budget below the method's minimum (1 for
             Hutchinson, 3 for Hutch++, 2 for XTrace), a bad ``batch_size`` or
-            ``adaptive``, or ``"exact"`` on a ``STOCHASTIC`` operator without
+            ``adaptive``, or ``"exact"`` on a ``RESAMPLES`` operator without
             ``diagonal()``.
         NonFiniteError: A product (or the operator's diagonal) holds a NaN or an
             Inf; the message names the product and the stage (sketch, projection,
@@ -544,11 +545,12 @@ def trace(
         raise CurvkitError(f"adaptive must be True or False, got {adaptive!r}")
     dtype = getattr(A, "dtype", torch.float64)
     device = getattr(A, "device", torch.device("cpu"))
-    seed = 0 if seed is None else int(seed)
+    generator = probe_generator(None if seed is None else int(seed))
+    seed = generator.initial_seed()
     passes_before = getattr(A, "data_passes", None)
 
-    stochastic_op = bool(getattr(A, "STOCHASTIC", False))
-    if method in ("hutch++", "xtrace") and matvecs >= P and not stochastic_op:
+    resampling = bool(getattr(A, "RESAMPLES", False))
+    if method in ("hutch++", "xtrace") and matvecs >= P and not resampling:
         method = "exact"
     if method == "exact":
         total = P
@@ -564,10 +566,10 @@ def trace(
     if method == "exact":
         outcome = _Outcome(_exact(A, apply, P, dtype, device, progress), 0.0, "exact")
     elif method == "hutchinson":
-        outcome = _hutchinson(apply, P, matvecs, probe_generator(seed), dtype, device)
+        outcome = _hutchinson(apply, P, matvecs, generator, dtype, device)
     else:
         run = _hutch_plus_plus if method == "hutch++" else _xtrace
-        outcome = run(apply, P, matvecs, probe_generator(seed), dtype, device, adaptive)
+        outcome = run(apply, P, matvecs, generator, dtype, device, adaptive)
 
     passes_after = getattr(A, "data_passes", None)
     passes = None if passes_before is None or passes_after is None else int(passes_after - passes_before)

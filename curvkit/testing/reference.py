@@ -2,9 +2,9 @@
 
 The reference Hessian is assembled column by column from Hessian-vector
 products with basis vectors, by plain autograd double backward through one graph
-of the *whole* dataset loss (a path independent of
-:class:`curvkit.autodiff.HessianVectorProduct`), and can be cross-checked by
-central finite differences of the gradient:
+of the *whole* dataset loss (summed over the data by the problem's one loop, but
+differentiated independently of :mod:`curvkit.autodiff`), and can be
+cross-checked by central finite differences of the gradient:
 
 .. math::
     H e_i \\approx \\frac{\\nabla L(\\theta + \\varepsilon e_i)
@@ -29,12 +29,8 @@ __all__ = ["REFERENCES", "dense_hessian_reference", "finite_difference_hessian",
 def dense_hessian_reference(problem: Problem) -> Tensor:
     """The ``[P, P]`` Hessian of the problem's full-dataset loss (for small problems)."""
     leaves = [p.detach().requires_grad_(True) for p in problem.params]
-    with torch.enable_grad(), problem.evaluation():
-        total, count = 0.0, 0
-        for inputs, targets in problem.batches():
-            s, c = problem.loss_terms(leaves, inputs, targets)
-            total, count = total + s, count + c
-        loss = total * problem.normalizer(count)
+    with torch.enable_grad():
+        loss = problem.data_mean(lambda inputs, targets: problem.loss_terms(leaves, inputs, targets))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         flat = torch.cat(
             [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, leaves)]
