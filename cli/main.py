@@ -51,7 +51,8 @@ def root(
 
 @app.command("plugins")
 def plugins_command() -> None:
-    """List every registered estimator with its plugin, version, description and flags."""
+    """List every registered estimator with its plugin, version, description and flags,
+    and every installed plugin that failed to import, with its error."""
     specs = curvkit.estimators()
     versions = {p.name: p.version for p in curvkit.loaded_plugins()}
     table = Table(title="curvkit estimators")
@@ -60,6 +61,8 @@ def plugins_command() -> None:
     for spec in specs:
         flags = ", ".join(k for k, v in spec.flags.items() if v) or "-"
         table.add_row(spec.name, spec.plugin, versions.get(spec.plugin, ""), flags, spec.description)
+    for broken in curvkit.registry.broken_plugins():
+        table.add_row("-", broken.name, broken.package, "BROKEN", f"failed to import: {broken.error}")
     Console(width=max(Console().width, 120)).print(table)
 
 

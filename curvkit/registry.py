@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +24,20 @@ import pluggy
 from curvkit import hookspecs
 from curvkit.checkpoints._types import CheckpointLoader
 from curvkit.checkpoints.builtin import BUILTIN_LOADERS
-from curvkit.errors import DuplicateEstimatorError, PluginError, UnknownEstimatorError, UnknownOptionError
+from curvkit.errors import (
+    CurvkitWarning,
+    DuplicateEstimatorError,
+    PluginError,
+    UnknownEstimatorError,
+    UnknownOptionError,
+)
 from curvkit.estimator_spec import EstimatorSpec
 from curvkit.operator import CurvatureOperator
 
 __all__ = [
     "BUILTIN_PLUGINS",
+    "BrokenPlugin",
+    "broken_plugins",
     "EstimatorSpec",
     "PluginInfo",
     "checkpoint_loaders",
@@ -67,18 +77,40 @@ class _Registry:
                     f"built-in plugin {module_name} cannot be imported ({exc}); reinstall curvkit"
                 ) from exc
             self.pm.register(module, name=module_name)
+        self.broken: list[BrokenPlugin] = []
+        self.versions: dict[str, str] = {}
         if not os.environ.get("CURVKIT_DISABLE_PLUGIN_AUTOLOAD"):
-            try:
-                self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-            except Exception as exc:  # a broken third-party plugin
-                detail = " ".join(str(exc).split())  # one line, for the command line
-                raise PluginError(f"a curvkit plugin failed to load: {type(exc).__name__}: {detail}") from exc
+            self._load_entry_points()
         if os.environ.get("CURVKIT_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
         self._check()
         self._specs: dict[str, EstimatorSpec] | None = None
         self._loaders: list[CheckpointLoader] | None = None
+
+    def _load_entry_points(self) -> None:
+        """Register every installed plugin of the ``curvkit`` entry-point group.
+
+        A plugin that fails to import is recorded (:class:`BrokenPlugin`), with a
+        one-line :class:`~curvkit.CurvkitWarning`, and the others load: one broken
+        package must not make curvkit unusable, and ``curvkit plugins`` lists it.
+        """
+        for dist in importlib.metadata.distributions():
+            for entry in dist.entry_points:
+                if entry.group != ENTRY_POINT_GROUP or self.pm.has_plugin(entry.name):
+                    continue
+                package = f"{dist.metadata['Name']} {dist.version}"
+                try:
+                    plugin = entry.load()
+                    self.pm.register(plugin, name=entry.name)
+                except Exception as exc:  # noqa: BLE001 - any error of third-party code
+                    broken = BrokenPlugin(
+                        entry.name, package, f"{entry.name} = {entry.value}", _one_line(exc)
+                    )
+                    self.broken.append(broken)
+                    warnings.warn(str(broken), CurvkitWarning, stacklevel=4)
+                    continue
+                self.versions[entry.name] = dist.version
 
     def _check(self) -> None:
         try:
@@ -104,7 +136,13 @@ class _Registry:
         items: dict[str, Any] = {}
         impls = getattr(self.pm.hook, hook_name).get_hookimpls()  # registration order
         for impl in reversed(impls) if last_first else impls:
-            for item in impl.function() or []:
+            returned = impl.function()
+            if returned is not None and not isinstance(returned, list | tuple):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} returned a {type(returned).__name__} from {hook_name}; "
+                    f"return a list of curvkit.{item_type.__name__} objects ([spec], not spec)"
+                )
+            for item in returned or []:
                 if not isinstance(item, item_type):
                     raise PluginError(
                         f"plugin {impl.plugin_name} returned {type(item).__name__} from "
@@ -148,7 +186,6 @@ class _Registry:
         return self._loaders
 
     def plugin_infos(self) -> list[PluginInfo]:
-        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
         from curvkit._version import __version__
 
         by_plugin: dict[str, list[str]] = {}
@@ -158,10 +195,9 @@ class _Registry:
         for loader in self.loaders():
             loaders_by_plugin.setdefault(loader.plugin, []).append(loader.name)
         infos = []
-        for name, plugin in self.pm.list_name_plugin():
+        for name, _ in self.pm.list_name_plugin():
             builtin = name in BUILTIN_PLUGINS
-            dist = dists.get(id(plugin))
-            version = __version__ if builtin else (dist.version if dist is not None else "")
+            version = __version__ if builtin else self.versions.get(name, "")
             infos.append(
                 PluginInfo(
                     name,
@@ -172,6 +208,34 @@ class _Registry:
                 )
             )
         return infos
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An installed plugin that failed to import.
+
+    Attributes:
+        name: The entry point's name.
+        package: The distribution that installs it, with its version.
+        entry_point: ``name = module:attr`` as declared.
+        error: The exception, on one line.
+    """
+
+    name: str
+    package: str
+    entry_point: str
+    error: str
+
+    def __str__(self) -> str:
+        return (
+            f"curvkit plugin {self.name!r} of {self.package} (entry point {self.entry_point}) failed to "
+            f"import: {self.error}; its estimators are unavailable (set CURVKIT_DISABLE_PLUGIN_AUTOLOAD=1 "
+            "to skip installed plugins)"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 _REGISTRY: _Registry | None = None
@@ -218,10 +282,24 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
 
 
 def unregister_plugin(plugin: object | None = None, name: str | None = None) -> None:
-    """Remove a plugin registered with :func:`register_plugin`."""
+    """Remove a plugin registered with :func:`register_plugin`.
+
+    Raises:
+        PluginError: No such plugin is registered (the message lists the registered ones).
+    """
     reg = _registry()
+    registered = reg.pm.get_plugin(name) if name is not None else plugin
+    if registered is None or reg.pm.get_name(registered) is None:
+        known = ", ".join(n for n, _ in reg.pm.list_name_plugin())
+        what = repr(name) if name is not None else repr(plugin)
+        raise PluginError(f"cannot unregister {what}: no such plugin is registered (registered: {known})")
     reg.pm.unregister(plugin, name=name)
     reg._specs, reg._loaders = None, None
+
+
+def broken_plugins() -> list[BrokenPlugin]:
+    """Installed plugins that failed to import, with their error (``curvkit plugins`` lists them)."""
+    return list(_registry().broken)
 
 
 def estimators() -> list[EstimatorSpec]:
@@ -259,8 +337,9 @@ def get_estimator(name: str) -> EstimatorSpec:
     if name not in specs:
         close = difflib.get_close_matches(name, list(specs), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
+        broken = "".join(f"; plugin {b.name!r} of {b.package} failed to import" for b in _registry().broken)
         raise UnknownEstimatorError(
-            f"unknown estimator {name!r}; {hint}available: {', '.join(sorted(specs))}"
+            f"unknown estimator {name!r}; {hint}available: {', '.join(sorted(specs))}{broken}"
         )
     return specs[name]
 

@@ -272,3 +272,19 @@ def test_unregister_by_name(registry_guard):
     assert "by-name" in _names()
     curvkit.unregister_plugin(name="test-by-name")
     assert "by-name" not in _names()
+
+
+def test_a_hook_returning_one_spec_instead_of_a_list_names_the_plugin(registry_guard):
+    plugin = _plugin("test_single_spec", lambda: curvkit.EstimatorSpec("single", ScaledHessian))
+    with pytest.raises(curvkit.PluginError) as info:
+        curvkit.register_plugin(plugin, name="test-single")
+    assert "plugin 'test-single' returned a EstimatorSpec from curvkit_register_estimators" in str(info.value)
+    assert "([spec], not spec)" in str(info.value)
+    assert "single" not in _names()  # refused, and the registry is as it was
+
+
+def test_unregistering_a_plugin_that_is_not_registered_is_an_error(registry_guard):
+    with pytest.raises(curvkit.PluginError, match="cannot unregister 'nobody': no such plugin is registered"):
+        curvkit.unregister_plugin(name="nobody")
+    with pytest.raises(curvkit.PluginError, match="no such plugin is registered .*curvkit.plugins.hessian"):
+        curvkit.unregister_plugin(types.ModuleType("never_registered"))
