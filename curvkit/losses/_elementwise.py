@@ -42,6 +42,7 @@ divides by the number of entries, whatever the weights.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,9 +79,9 @@ class _ElementwiseLoss(ClosedFormLoss):
     def _count(self, outputs: Tensor, targets: Tensor) -> float:
         return float(outputs.numel())
 
+    @abc.abstractmethod
     def _curvature(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``h = d^2 l / do^2`` per entry, of the outputs' shape."""
-        raise NotImplementedError
 
     def _hessian_product(self, outputs: Tensor, targets: Tensor, V: Tensor) -> Tensor:
         return self._curvature(outputs, targets) * V
