@@ -14,7 +14,10 @@ __all__ = [
     "DenseTooLargeError",
     "DuplicateEstimatorError",
     "NonDeterministicError",
+    "NoExactFisherError",
+    "NonConvexLossError",
     "NonFiniteError",
+    "NotNegativeLogLikelihoodError",
     "ParameterSelectionError",
     "PluginError",
     "ShapeMismatchError",
@@ -81,3 +84,21 @@ class NonFiniteError(CurvkitError, FloatingPointError):
     Raised by the spectral algorithms as soon as it appears, naming the product:
     a NaN never converges, so carrying on would only spend the budget.
     """
+
+
+class NotNegativeLogLikelihoodError(CurvkitError, ValueError):
+    """The Fisher (exact or Monte-Carlo) was asked of a loss that is not a negative log-likelihood.
+
+    The Fisher is an expectation over targets drawn from the model's predictive
+    distribution, which only a negative log-likelihood defines: a custom callable
+    without a sampler, or a cross-entropy with class weights or label smoothing,
+    is not one.
+    """
+
+
+class NoExactFisherError(CurvkitError, ValueError):
+    """The exact Fisher was asked of a negative log-likelihood known only through its sampler."""
+
+
+class NonConvexLossError(CurvkitError, ValueError):
+    """The loss's Hessian w.r.t. the model outputs is indefinite: it has no symmetric factor."""

@@ -295,7 +295,7 @@ class Problem:
             out = functional_call(self.model, values, (inputs,), kwargs=self.forward_kwargs)
         return _outputs_tensor(out)
 
-    def loss_terms(self, params: Sequence[Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, int]:
+    def loss_terms(self, params: Sequence[Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, float]:
         """``(S_b, c_b)``: the sum of a batch's loss terms and their count.
 
         Raises:
