@@ -27,9 +27,17 @@ class EstimatorSpec:
         flags: ``symmetric``, ``psd``, ``exact``, ``stochastic``, ``resamples``. Read from the
             factory's class attributes when it is an operator class and this is
             left empty.
-        reference: What the estimator computes exactly or approximates, for the
-            conformance battery: a name known to :mod:`curvkit.testing`
-            (``"hessian"``) or a callable ``problem -> dense [P, P] tensor``.
+        reference: What the estimator computes exactly, or approximates: the
+            name of a registered estimator (``"hessian"``, ``"ggn"``), with
+            ``reference_options`` (``{"mode": "exact"}``), or a callable
+            ``problem -> dense [P, P] tensor``. ``curvkit analyze --check``
+            compares the estimator's top eigenpairs with a tightly converged
+            float64 solve of the reference estimator; the conformance battery
+            compares it with the reference's dense matrix built independently by
+            :mod:`curvkit.testing` (a name it knows) or by the callable.
+        reference_options: Options of the reference estimator.
+        losses: The loss names the estimator supports (``None``: every loss);
+            the conformance battery runs it on cases with these losses only.
         plugin: Name of the plugin that registered it (filled in by the registry).
     """
 
@@ -38,6 +46,8 @@ class EstimatorSpec:
     description: str = ""
     flags: dict[str, bool] = field(default_factory=dict)
     reference: str | Callable[..., Any] | None = None
+    reference_options: dict[str, Any] = field(default_factory=dict)
+    losses: tuple[str, ...] | None = None
     plugin: str = ""
 
     def __post_init__(self) -> None:
