@@ -91,7 +91,7 @@ CONFORMANCE = r"""
 from curvkit.testing import check_estimator
 for name in ("double-hessian", "ones-diagonal"):
     report = check_estimator(name)  # every case of curvkit.testing.CASES
-    checks = {r.check for r in report.results}
+    checks = {r.check for r in report.results if r.status != "skipped"}
     report.raise_on_failure()
     print(name, "checks:", " ".join(sorted(checks)))
 """

@@ -3,8 +3,10 @@
 Each :class:`Case` builds a model and data from a seed, in float64 by default,
 small enough that dense ``P x P`` matrices are cheap (``P`` below ~250). They
 cover what breaks estimators: nonlinear activations, convolutions with pooling,
-BatchNorm in evaluation mode (with non-trivial running statistics), self-attention
-with LayerNorm, tied weights, dict inputs, and each built-in loss.
+BatchNorm in evaluation mode (with non-trivial running statistics) and dropout
+(models saved in training mode, with cross-entropy and with MSE), self-attention
+with LayerNorm, tied weights, dict inputs, each built-in loss, and the cases on
+which approximations are exact (one datum; a deep linear network), tagged so.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class Case:
         make_data: ``() -> (inputs, targets)`` (called under a fixed seed).
         loss: The loss argument of :class:`~curvkit.Problem`.
         seed: Seed for both.
+        tags: What is special about the case, for references that hold on some
+            cases only: ``"single-datum"`` (one sample), ``"deep-linear"`` (no
+            nonlinearity), ``"dropout"``, ``"batchnorm"``...
     """
 
     name: str
@@ -38,6 +43,7 @@ class Case:
     make_data: Callable[[], tuple[Any, Tensor]]
     loss: Any
     seed: int = 0
+    tags: frozenset[str] = frozenset()
 
     def build(self, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, Any, Tensor]:
         """Model and data, cast to ``dtype``."""
@@ -103,6 +109,17 @@ def _batchnorm_model() -> nn.Module:
     return model
 
 
+def _dropout_batchnorm_model(outputs: int) -> nn.Module:
+    """An MLP with BatchNorm (non-trivial running statistics) and dropout: both off in eval mode."""
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, outputs)
+    )
+    bn = model[1]
+    bn.running_mean.copy_(torch.randn(5) * 0.3)
+    bn.running_var.copy_(torch.rand(5) + 0.5)
+    return model.train()  # saved in training mode, as a checkpoint often is
+
+
 def _cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 2, 3, padding=1),
@@ -152,6 +169,34 @@ CASES: tuple[Case, ...] = (
         TiedAutoencoder,
         lambda: (torch.randn(9, 4), torch.randn(9, 4)),
         "mse",
+    ),
+    Case(
+        "dropout-batchnorm-ce",
+        lambda: _dropout_batchnorm_model(3),
+        lambda: (torch.randn(12, 4), torch.randint(0, 3, (12,))),
+        "cross_entropy",
+        tags=frozenset({"dropout", "batchnorm"}),
+    ),
+    Case(
+        "dropout-batchnorm-mse",
+        lambda: _dropout_batchnorm_model(2),
+        lambda: (torch.randn(12, 4), torch.randn(12, 2)),
+        "mse",
+        tags=frozenset({"dropout", "batchnorm"}),
+    ),
+    Case(
+        "deep-linear-mse",
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)),
+        lambda: (torch.randn(10, 3), torch.randn(10, 2)),
+        "mse",
+        tags=frozenset({"deep-linear"}),
+    ),
+    Case(
+        "single-datum-ce",
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+        lambda: (torch.randn(1, 4), torch.randint(0, 3, (1,))),
+        "cross_entropy",
+        tags=frozenset({"single-datum"}),
     ),
     Case(
         "dict-inputs-nll",

@@ -5,57 +5,98 @@ Run it on your own estimator (registered by a plugin, or any factory)::
     from curvkit.testing import check_estimator
     report = check_estimator("my-estimator")       # over curvkit.testing.CASES
     report.raise_on_failure()                      # AssertionError listing failures
+    print(report)                                  # every check, skipped ones with why
 
-Checks, each recorded with the measured figure and its tolerance:
+Every check ends in one of four states, recorded with the measured figure and its
+tolerance: ``pass``, ``fail``, ``error`` (the estimator raised: the message is
+kept and the battery goes on with the next case) or ``skipped`` (the check could
+not apply: the reason is kept; a skipped check is never counted as passed). A
+report passes when nothing failed or raised.
 
-* ``shape``: ``A.shape == (P, P)``; products of a ``[P]``, ``[P, K]`` and a
-  per-parameter list keep their form, dtype and device;
+The checks, per case:
+
+* ``shape``: ``A.shape == (P, P)``; products of a ``[P]`` and a ``[P, K]``
+  tensor keep their form, dtype and device;
 * ``symmetry`` (if ``SYMMETRIC``): ``|v.Aw - w.Av|`` relative to ``|v| |Aw| + |w| |Av|``;
-* ``repeatable`` (unless ``STOCHASTIC``): the same product twice agrees;
+* ``repeatable``: the same product twice agrees;
 * ``matmat``: ``A @ M`` equals the stacked ``A @ M[:, k]``;
 * ``list-input``: a per-parameter list gives the flat product, unflattened;
-* ``reference`` (if ``EXACT`` and a reference is known): ``to_dense()`` against a
-  dense ground truth built independently (see :mod:`curvkit.testing.reference`);
-* ``psd`` (if ``PSD``): smallest eigenvalue ``>= -tol * largest``;
-* ``batch-size``: the same problem in batches of 3 and of the whole dataset
-  gives the same products;
+* ``reference``: against a dense ground truth built independently (see
+  :mod:`curvkit.testing.reference`), for an ``EXACT`` estimator to rounding
+  (``to_dense()``), for a Monte-Carlo one (``STOCHASTIC``) *in expectation*:
+  the mean of :data:`MONTE_CARLO_SEEDS` independently seeded operators' products,
+  within a tolerance derived from their sample spread (see
+  :func:`monte_carlo_agreement`); a reference that holds on some cases only
+  (``reference_on``, by case tags) is skipped elsewhere, saying so; an ``EXACT``
+  estimator without a reference is reported as ``skipped`` (unverified), not passed;
+* ``psd`` (if ``PSD``): smallest eigenvalue ``>= -sqrt(tol) * largest``;
+* ``batch-size``: the same problem in batches of 3 and as one batch gives the
+  same products (for a Monte-Carlo estimator, the same in expectation: the
+  seeded differences average to zero within their standard errors); skipped,
+  saying why, for data whose batches the user fixed;
 * ``restrict``: ``A.restrict(first parameter)`` equals that block of ``A``.
+
+Checks that need one fixed linear map (symmetry, repeatable, matmat, list-input,
+restrict, psd, batch-size) are skipped for an operator that resamples on every
+product (``RESAMPLES``). An estimator that declares the losses it supports
+(``EstimatorSpec.losses``) is run on cases with those losses only; the others are
+recorded as skipped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.errors import DataError
 from curvkit.operator import CurvatureOperator
 from curvkit.problem import Problem
 from curvkit.registry import EstimatorSpec, get_estimator
 from curvkit.testing.cases import CASES, Case
 from curvkit.testing.reference import resolve_reference
 
-__all__ = ["CheckResult", "ConformanceReport", "check_estimator", "check_operator"]
+__all__ = [
+    "MONTE_CARLO_SEEDS",
+    "CheckResult",
+    "ConformanceReport",
+    "check_estimator",
+    "check_operator",
+    "monte_carlo_agreement",
+]
+
+PASS, FAIL, ERROR, SKIPPED = "pass", "fail", "error", "skipped"
+
+MONTE_CARLO_SEEDS = 64
+"""Independently seeded operators averaged by the Monte-Carlo ``reference`` check."""
+
+MONTE_CARLO_SIGMAS = 4.0
+"""The Monte-Carlo check's bound, in standard errors of the mean (see :func:`monte_carlo_agreement`)."""
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One check: its name, the case, whether it passed, and the measured figure."""
+    """One check on one case: its status, the measured figure, its tolerance and a note."""
 
     check: str
     case: str
-    passed: bool
-    measured: float
-    tolerance: float
+    status: str
+    measured: float = math.nan
+    tolerance: float = math.nan
     detail: str = ""
 
+    @property
+    def passed(self) -> bool:
+        """Whether the check ran and passed (a skipped check has not passed)."""
+        return self.status == PASS
+
     def __str__(self) -> str:
-        status = "ok  " if self.passed else "FAIL"
-        figure = f"{self.measured:.3e} (tol {self.tolerance:.1e})"
-        return f"{status} {self.case:>24} {self.check:<12} {figure} {self.detail}"
+        figure = "" if math.isnan(self.measured) else f"{self.measured:.3e} (tol {self.tolerance:.1e}) "
+        return f"{self.status:<7} {self.case:>24} {self.check:<12} {figure}{self.detail}"
 
 
 @dataclass
@@ -67,13 +108,18 @@ class ConformanceReport:
 
     @property
     def passed(self) -> bool:
-        """Whether every check passed."""
-        return all(r.passed for r in self.results)
+        """Whether nothing failed or raised (skipped checks do not count either way)."""
+        return not self.failures
 
     @property
     def failures(self) -> list[CheckResult]:
-        """The checks that failed."""
-        return [r for r in self.results if not r.passed]
+        """The checks that failed or raised."""
+        return [r for r in self.results if r.status in (FAIL, ERROR)]
+
+    @property
+    def skipped(self) -> list[CheckResult]:
+        """The checks that could not apply, with the reason in ``detail``."""
+        return [r for r in self.results if r.status == SKIPPED]
 
     def raise_on_failure(self) -> None:
         """Raise ``AssertionError`` listing the failed checks, if any."""
@@ -94,97 +140,229 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+class _Recorder:
+    """Collects one case's results; a check that raises is recorded as an error."""
+
+    def __init__(self, case: str):
+        self.case, self.results = case, []
+
+    def record(self, check: str, passed: bool, measured: float, tolerance: float, detail: str = "") -> None:
+        status = PASS if passed else FAIL
+        self.results.append(CheckResult(check, self.case, status, float(measured), float(tolerance), detail))
+
+    def skip(self, check: str, why: str) -> None:
+        self.results.append(CheckResult(check, self.case, SKIPPED, detail=why))
+
+    def error(self, check: str, exc: BaseException) -> None:
+        self.results.append(CheckResult(check, self.case, ERROR, detail=_one_line(exc)))
+
+    def run(self, check: str, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except Exception as exc:  # noqa: BLE001 - the battery reports any failure of the estimator
+            self.error(check, exc)
+
+
+def monte_carlo_agreement(samples: Tensor, reference: Tensor) -> tuple[float, float]:
+    """How far the mean of Monte-Carlo samples is from a reference, in standard errors.
+
+    With ``n`` independent samples ``Y_s`` (one per seed) of an unbiased estimator of
+    ``R``, ``E ||mean(Y) - R||_F^2 = sum_ij var(Y_ij) / n``. The statistic is the
+    ratio ``||mean(Y) - R||_F / sqrt(sum_ij s_ij^2 / n)``, with ``s_ij^2`` the
+    sample variances: about 1 for an unbiased estimator whatever ``n`` and the
+    noise (the many entries average the chi-square out), and growing like
+    ``sqrt(n)`` times the bias for a biased one. The check passes below
+    :data:`MONTE_CARLO_SIGMAS`; entries of zero variance (exact parts of an
+    estimator) must match to rounding, which a tiny floor on the spread enforces.
+
+    Args:
+        samples: ``[n, ...]``, one sample per seed.
+        reference: ``[...]``, the expectation.
+
+    Returns:
+        The statistic and the bound.
+    """
+    n = samples.shape[0]
+    mean = samples.mean(dim=0)
+    spread = samples.var(dim=0, unbiased=True).sum() / n
+    floor = (torch.finfo(samples.dtype).eps * max(reference.norm(), mean.norm())) ** 2 + 1e-300
+    statistic = ((mean - reference).norm() / (spread + floor).sqrt()).item()
+    return statistic, MONTE_CARLO_SIGMAS
+
+
 def check_operator(
     op: CurvatureOperator,
     case: str = "operator",
     *,
     reference: Tensor | None = None,
-    rebuild: Callable[[Problem], CurvatureOperator] | None = None,
+    rebuild: Callable[..., CurvatureOperator] | None = None,
     problem: Problem | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    reference_note: str = "",
 ) -> list[CheckResult]:
     """Run the checks on one operator.
 
     Args:
         op: The operator under test.
         case: Name recorded with the results.
-        reference: Dense ground truth (for the ``reference`` check).
-        rebuild: ``problem -> operator`` to build the same estimator on a
-            re-batched problem (for the ``batch-size`` check).
+        reference: Dense ground truth (for the ``reference`` check); ``None``:
+            the check is recorded as skipped with ``reference_note``.
+        rebuild: ``(problem, **options) -> operator`` building the same estimator
+            (for the ``batch-size`` check, and, with ``seed=`` options, for the
+            Monte-Carlo ``reference`` check).
         problem: The operator's problem (for the ``batch-size`` check).
         rtol: Relative tolerance (default 1e-9 in float64, 1e-4 in float32).
         seed: Seed of the random test vectors.
+        reference_note: Why there is no reference, when there is none.
 
     Returns:
-        One :class:`CheckResult` per check run.
+        One :class:`CheckResult` per check.
     """
     tol = rtol if rtol is not None else _tolerance(op.dtype)
     gen = torch.Generator().manual_seed(seed)
     P = op.shape[0]
     rand = lambda *s: torch.randn(*s, generator=gen, dtype=op.dtype).to(op.device)
-    out: list[CheckResult] = []
-
-    def record(check: str, passed: bool, measured: float, tolerance: float, detail: str = "") -> None:
-        out.append(CheckResult(check, case, bool(passed), float(measured), float(tolerance), detail))
-
+    out = _Recorder(case)
     v, w, M = rand(P), rand(P), rand(P, 3)
-    Av, Aw, AM = op @ v, op @ w, op @ M
-    shapes_ok = (
-        op.shape == (op.layout.dim, op.layout.dim)
-        and Av.shape == (P,)
-        and AM.shape == (P, 3)
-        and Av.dtype == op.dtype
-        and Av.device == op.device
-    )
-    record("shape", shapes_ok, 0.0 if shapes_ok else 1.0, 0.0, f"P={P}")
+    products: dict[str, Tensor] = {}
 
-    if op.SYMMETRIC:
+    def shape() -> None:
+        products.update(Av=op @ v, Aw=op @ w, AM=op @ M)
+        Av, AM = products["Av"], products["AM"]
+        ok = (
+            op.shape == (op.layout.dim, op.layout.dim)
+            and Av.shape == (P,)
+            and AM.shape == (P, 3)
+            and Av.dtype == op.dtype
+            and Av.device == op.device
+        )
+        out.record("shape", ok, 0.0 if ok else 1.0, 0.0, f"P={P}")
+
+    out.run("shape", shape)
+    if not products:
+        return out.results  # no product at all: nothing else can run
+    Av, Aw, AM = products["Av"], products["Aw"], products["AM"]
+    fixed = not op.RESAMPLES
+    resampling = "skipped: the operator resamples on every product (RESAMPLES)"
+
+    def symmetry() -> None:
         gap = abs(torch.dot(v, Aw).item() - torch.dot(w, Av).item())
         scale = v.norm().item() * Aw.norm().item() + w.norm().item() * Av.norm().item()
-        record("symmetry", gap <= tol * max(scale, 1e-300), gap / max(scale, 1e-300), tol)
+        out.record("symmetry", gap <= tol * max(scale, 1e-300), gap / max(scale, 1e-300), tol)
 
-    if not op.STOCHASTIC:
+    def repeatable() -> None:
         again = _rel(op @ v, Av)
-        record("repeatable", again <= tol, again, tol)
+        out.record("repeatable", again <= tol, again, tol)
+
+    def matmat() -> None:
         stacked = torch.stack([op @ M[:, k] for k in range(M.shape[1])], dim=1)
         err = _rel(AM, stacked)
-        record("matmat", err <= tol, err, tol, "A @ M vs stacked A @ M[:, k]")
-        as_list = op @ op.layout.unflatten(v)
-        err = _rel(op.layout.flatten(as_list), Av)
-        record("list-input", err <= tol, err, tol)
+        out.record("matmat", err <= tol, err, tol, "A @ M vs stacked A @ M[:, k]")
 
-    dense = None
-    if reference is not None and op.EXACT:
-        dense = op.to_dense()
-        err = _rel(dense, reference.to(dense))
-        record("reference", err <= tol * 10, err, tol * 10, "to_dense() vs ground truth")
+    def list_input() -> None:
+        err = _rel(op.layout.flatten(op @ op.layout.unflatten(v)), Av)
+        out.record("list-input", err <= tol, err, tol)
+
+    for name, body, applies in (
+        ("symmetry", symmetry, op.SYMMETRIC),
+        ("repeatable", repeatable, True),
+        ("matmat", matmat, True),
+        ("list-input", list_input, True),
+    ):
+        if not applies:
+            continue
+        if fixed:
+            out.run(name, body)
+        else:
+            out.skip(name, resampling)
+
+    dense: list[Tensor] = []
+
+    def reference_check() -> None:
+        if op.STOCHASTIC:
+            _monte_carlo_reference(out, op, reference, rebuild, problem, M)
+            return
+        dense.append(op.to_dense())
+        err = _rel(dense[0], reference.to(dense[0]))
+        out.record("reference", err <= tol * 10, err, tol * 10, "to_dense() vs ground truth")
+
+    if reference is None:
+        out.skip("reference", reference_note or "skipped: no reference to compare with")
+    else:
+        out.run("reference", reference_check)
+
+    def psd() -> None:
+        matrix = dense[0] if dense else op.to_dense()
+        eig = torch.linalg.eigvalsh((matrix + matrix.T) / 2)
+        ratio = -eig[0].item() / max(eig[-1].abs().item(), 1e-300)
+        out.record("psd", ratio <= math.sqrt(tol), ratio, math.sqrt(tol), "-min eig / max eig")
 
     if op.PSD:
-        dense = op.to_dense() if dense is None else dense
-        eig = torch.linalg.eigvalsh((dense + dense.T) / 2)
-        ratio = -eig[0].item() / max(eig[-1].abs().item(), 1e-300)
-        record("psd", ratio <= math.sqrt(tol), ratio, math.sqrt(tol), "-min eig / max eig")
+        out.run("psd", psd) if fixed else out.skip("psd", resampling)
 
-    if rebuild is not None and problem is not None and not op.STOCHASTIC:
+    def batch_size() -> None:
         try:
             small, whole = problem.rebatched(3), problem.rebatched(problem.num_samples())
-        except Exception as exc:  # noqa: BLE001 - data whose batches the user fixed
-            record("batch-size", True, 0.0, tol, f"skipped: {exc}")
-        else:
-            err = _rel(rebuild(small) @ M, rebuild(whole) @ M)
-            record("batch-size", err <= tol, err, tol, "batches of 3 vs one batch")
+        except DataError as exc:
+            out.skip("batch-size", f"skipped: {exc}")
+            return
+        if op.STOCHASTIC:  # the samples depend on the batching; their distribution must not
+            seeds = range(MONTE_CARLO_SEEDS)
+            in_threes = torch.stack([rebuild(small, seed=s) @ M for s in seeds])
+            at_once = torch.stack([rebuild(whole, seed=s) @ M for s in seeds])
+            statistic, bound = monte_carlo_agreement(in_threes - at_once, torch.zeros_like(M))
+            detail = f"batches of 3 vs one batch, mean of {MONTE_CARLO_SEEDS} seeds, in standard errors"
+            out.record("batch-size", statistic <= bound, statistic, bound, detail)
+            return
+        err = _rel(rebuild(small) @ M, rebuild(whole) @ M)
+        out.record("batch-size", err <= tol, err, tol, "batches of 3 vs one batch")
 
-    first = op.layout.names[0]
-    block = op.restrict(first)
-    idx = op.layout.indices([first]).to(op.device)
-    u = rand(block.shape[0])
-    embedded = torch.zeros(P, dtype=op.dtype, device=op.device)
-    embedded[idx] = u
-    err = _rel(block @ u, (op @ embedded)[idx])
-    ok = block.shape == (len(idx), len(idx)) and (op.STOCHASTIC or err <= tol)
-    record("restrict", ok, err, tol, f"block {first!r}")
-    return out
+    if rebuild is None or problem is None:
+        out.skip("batch-size", "skipped: no problem to re-batch (an operator was checked on its own)")
+    elif not fixed:
+        out.skip("batch-size", resampling)
+    else:
+        out.run("batch-size", batch_size)
+
+    def restrict() -> None:
+        first = op.layout.names[0]
+        block = op.restrict(first)
+        idx = op.layout.indices([first]).to(op.device)
+        u = rand(block.shape[0])
+        embedded = torch.zeros(P, dtype=op.dtype, device=op.device)
+        embedded[idx] = u
+        err = _rel(block @ u, (op @ embedded)[idx])
+        ok = block.shape == (len(idx), len(idx)) and err <= tol
+        out.record("restrict", ok, err, tol, f"block {first!r}")
+
+    out.run("restrict", restrict) if fixed else out.skip("restrict", resampling)
+    return out.results
+
+
+def _monte_carlo_reference(
+    out: _Recorder,
+    op: CurvatureOperator,
+    reference: Tensor,
+    rebuild: Callable[..., CurvatureOperator] | None,
+    problem: Problem | None,
+    M: Tensor,
+) -> None:
+    """The ``reference`` check of a Monte-Carlo estimator: its products in expectation."""
+    if op.RESAMPLES:
+        samples = torch.stack([op @ M for _ in range(MONTE_CARLO_SEEDS)])
+    elif rebuild is None or problem is None:
+        out.skip("reference", "skipped: a seeded Monte-Carlo operator checked on its own cannot be reseeded")
+        return
+    else:
+        samples = torch.stack([rebuild(problem, seed=s) @ M for s in range(MONTE_CARLO_SEEDS)])
+    statistic, bound = monte_carlo_agreement(samples, reference.to(M) @ M)
+    detail = f"mean of {MONTE_CARLO_SEEDS} seeds vs ground truth, in standard errors"
+    out.record("reference", statistic <= bound, statistic, bound, detail)
 
 
 def check_estimator(
@@ -193,6 +371,8 @@ def check_estimator(
     *,
     options: dict[str, Any] | None = None,
     reference: str | Callable[[Problem], Tensor] | None = None,
+    reference_on: Collection[str] | None = None,
+    losses: Collection[str] | None = None,
     rtol: float | None = None,
     seed: int = 0,
 ) -> ConformanceReport:
@@ -207,6 +387,11 @@ def check_estimator(
         reference: Dense ground truth, a name in
             :data:`~curvkit.testing.reference.REFERENCES` or a callable
             ``problem -> [P, P]``; by default the spec's ``reference``.
+        reference_on: Case tags on which the reference holds exactly (e.g.
+            ``{"single-datum", "deep-linear"}`` for KFAC against the GGN); on other
+            cases the check is skipped, saying so. ``None``: every case.
+        losses: The loss names the estimator supports; cases with other losses
+            are skipped. By default the spec's ``losses`` (``None``: every loss).
         rtol: Relative tolerance (see :func:`check_operator`).
         seed: Seed of the random test vectors.
 
@@ -217,7 +402,9 @@ def check_estimator(
         estimator = get_estimator(estimator)
     if isinstance(estimator, EstimatorSpec):
         name, factory = estimator.name, estimator.factory
-        reference = reference if reference is not None else estimator.reference
+        if reference is None:
+            reference = estimator.reference
+        losses = losses if losses is not None else estimator.losses
     else:
         name, factory = getattr(estimator, "__name__", repr(estimator)), estimator
     make_reference = resolve_reference(reference)
@@ -225,17 +412,42 @@ def check_estimator(
     report = ConformanceReport(name)
     items: Sequence[Problem | Case] = list(CASES if problems is None else problems)
     for item in items:
-        problem = item.problem() if isinstance(item, Case) else item
-        case = item.name if isinstance(item, Case) else repr(problem)
-        op = factory(problem, **options)
-        truth = make_reference(problem) if make_reference is not None else None
+        case = item.name if isinstance(item, Case) else repr(item)
+        recorder = _Recorder(case)
+        try:
+            problem = item.problem() if isinstance(item, Case) else item
+            if losses is not None and problem.loss.name not in losses:
+                recorder.skip("case", f"skipped: loss {problem.loss.name!r} is not among {sorted(losses)}")
+                report.results += recorder.results
+                continue
+            op = factory(problem, **options)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the battery goes on
+            recorder.error("construct", exc)
+            report.results += recorder.results
+            continue
+        truth, note = None, ""
+        tags = item.tags if isinstance(item, Case) else frozenset()
+        if make_reference is None:
+            note = "skipped: EXACT, but no reference: exactness unverified" if op.EXACT else ""
+        elif reference_on is not None and not tags & set(reference_on):
+            note = f"skipped: the reference holds on {sorted(reference_on)} cases only"
+        elif reference_on is None and not (op.EXACT or op.STOCHASTIC):
+            note = "skipped: an approximation of its reference; give reference_on, the cases it is exact on"
+        else:
+            try:
+                truth = make_reference(problem)
+            except Exception as exc:  # noqa: BLE001 - a reference that cannot be built is an error
+                recorder.error("reference", exc)
+                note = "skipped: the reference could not be built (see the error)"
+        report.results += recorder.results
         report.results += check_operator(
             op,
             case,
             reference=truth,
-            rebuild=lambda p: factory(p, **options),
+            rebuild=lambda p, **extra: factory(p, **{**options, **extra}),
             problem=problem,
             rtol=rtol,
             seed=seed,
+            reference_note=note,
         )
     return report
