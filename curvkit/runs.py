@@ -616,6 +616,11 @@ def analyze(
             get_estimator(baseline)
         except UnknownEstimatorError as exc:
             raise UnknownEstimatorError(f"--compare-to: {exc}") from None
+        if names == [baseline]:
+            raise CurvkitError(
+                f"--compare-to {baseline} compares the other estimators with {baseline}, but the only "
+                f"estimator is {baseline}: add others with --curvature"
+            )
     options = resolve_estimator_options(
         [*names, *([baseline] if baseline is not None and baseline not in names else [])], estimator_options
     )

@@ -173,6 +173,13 @@ def test_a_comparison_added_later_reuses_what_the_file_holds(tmp_path, test_esti
     assert request["baseline"] == "hessian" and request["baseline_options"] == {} and request["k"] == 3
 
 
+def test_a_comparison_needs_another_estimator(tmp_path):
+    plan = AnalysisPlan(top_k=2, compare_to="hessian")
+    with pytest.raises(curvkit.CurvkitError, match="but the only estimator is hessian"):
+        curvkit.analyze([MLP], output=tmp_path / "r.h5", plan=plan, estimators=["hessian"])
+    assert not (tmp_path / "r.h5").exists()
+
+
 def test_a_comparison_needs_eigenpairs():
     with pytest.raises(curvkit.CurvkitError, match="--compare-to hessian compares the top-k eigenpairs"):
         AnalysisPlan(top_k=0, compare_to="hessian")
