@@ -119,7 +119,7 @@ BAD = {
 }
 
 
-NEW_FILE_TOO = {"top-k above P", "stateful model", "trajectory with a bad file", "unknown option"}
+NEW_FILE_TOO = {"top-k above P", "stateful model", "trajectory with a bad file"}
 """Cases also run with a new output path, which must not be created."""
 
 
