@@ -94,14 +94,43 @@ def _json_option(text: str | None, name: str) -> dict[str, Any] | None:
     return value
 
 
+def _comma_separated(values: list[str] | None) -> list[str]:
+    """An option given once or more, each time one name or comma-separated ones."""
+    return [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
+
+
 def _params_option(values: list[str] | None) -> str | list[str] | None:
     """``--params`` given once or more, each a name, glob or prefix, or comma-separated ones."""
     if not values:
         return None
-    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    names = _comma_separated(values)
     if not names:
         raise CurvkitError("--params names no parameter: give names, globs, module prefixes or 'all'")
     return "all" if names == ["all"] else names
+
+
+def _estimator_options(assignments: list[str] | None, text: str | None) -> dict[str, Any]:
+    """``--estimator-options JSON`` and every ``--option NAME=VALUE``, as one mapping by address.
+
+    ``VALUE`` is JSON when it parses (``4``, ``true``, ``[1, 2]``), a string
+    otherwise (``exact``). An address given twice is refused, whichever flags give it.
+    """
+    options = _json_option(text, "--estimator-options") or {}
+    for assignment in assignments or []:
+        name, equals, value = assignment.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise CurvkitError(
+                f"--option {assignment!r} is not NAME=VALUE (e.g. --option mc_samples=4, "
+                "or --option fisher.mode=exact for one estimator)"
+            )
+        if name in options:
+            raise CurvkitError(f"estimator option {name!r} is given twice (--option, --estimator-options)")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
 
 
 class _Display:
@@ -201,7 +230,25 @@ def analyze_command(
     forward_kwargs: str | None = typer.Option(
         None, "--forward-kwargs", help="JSON keyword arguments of every model call, e.g. '{\"sr\": 16000}'."
     ),
-    curvature: list[str] = typer.Option(["hessian"], "--curvature", help="Registered estimator(s)."),
+    curvature: list[str] = typer.Option(
+        ["hessian"],
+        "--curvature",
+        help="Registered estimator(s), comma-separated or repeated: one run per checkpoint and estimator.",
+    ),
+    option: list[str] | None = typer.Option(
+        None,
+        "--option",
+        help="Estimator option NAME=VALUE (VALUE as JSON, else a string), for every estimator that "
+        "takes it; ESTIMATOR.NAME=VALUE for one. Repeatable.",
+    ),
+    estimator_options: str | None = typer.Option(
+        None, "--estimator-options", help="JSON object of estimator options, addressed as with --option."
+    ),
+    compare_to: str | None = typer.Option(
+        None,
+        "--compare-to",
+        help="Compare every other estimator with this one: top-k eigenvalues, subspace angle, trace.",
+    ),
     top_k: int | None = typer.Option(None, "--top-k", help="Largest eigenpairs (default 5)."),
     bottom_k: int | None = typer.Option(None, "--bottom-k", help="Smallest eigenpairs."),
     trace: str | None = typer.Option(
@@ -253,7 +300,7 @@ def analyze_command(
     """
     explicit = top_k is not None or bottom_k is not None or trace is not None or density or check or per_layer
     plan = AnalysisPlan(
-        top_k=top_k if top_k is not None else (0 if explicit else 5),
+        top_k=top_k if top_k is not None else (0 if explicit and compare_to is None else 5),
         bottom_k=bottom_k or 0,
         trace=trace if trace is not None else (None if explicit else "hutch++"),
         trace_matvecs=trace_matvecs,
@@ -264,7 +311,9 @@ def analyze_command(
         seed=seed,
         max_matvecs=max_matvecs,
         reorthogonalisation=reorthogonalisation,
+        compare_to=compare_to,
     )
+    options = _estimator_options(option, estimator_options)
     settings = ProblemSettings(
         model=model,
         model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
@@ -300,7 +349,8 @@ def analyze_command(
                 output=output,
                 plan=plan,
                 settings=settings,
-                estimators=curvature,
+                estimators=_comma_separated(curvature),
+                estimator_options=options,
                 skip_bad=skip_bad,
                 command_line=shlex.join(["curvkit", *sys.argv[1:]]),
                 progress=_Display(bars, interrupts, output, quiet, as_json),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from rich.table import Table
 
 from curvkit import EigenResult, LayerTable
 from curvkit.checks import CheckResult
+from curvkit.comparison import ComparisonResult
 from curvkit.errors import CurvkitError
 from curvkit.store import ResultsStore, Run
 from curvkit.summaries import summarize
@@ -55,7 +57,7 @@ def _provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
         ("loss", str(prov.get("loss"))),
         ("parameters", str(prov.get("parameters") or prov.get("parameter_count"))),
         ("precision", f"{prov.get('dtype')} on {prov.get('device')}, seed {prov.get('seed')}"),
-        ("estimator", _call(prov.get("estimator"), prov.get("estimator_options"))),
+        ("estimator", _call(prov.get("estimator"), prov.get("estimator_options")) + _plugin(prov)),
     ]
     given = {
         "max_samples": prov.get("max_samples"),
@@ -68,6 +70,13 @@ def _provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("options", options))
     rows += [("note", str(note)) for note in prov.get("checkpoint_notes") or []]
     return rows
+
+
+def _plugin(prov: dict[str, Any]) -> str:
+    """`` from plugin NAME VERSION``, for runs that record it."""
+    if not prov.get("estimator_plugin"):
+        return ""
+    return f" from plugin {prov['estimator_plugin']} {prov.get('estimator_plugin_version', '')}".rstrip()
 
 
 def _eigen_table(key: str, result: EigenResult) -> Table:
@@ -86,10 +95,18 @@ def _eigen_table(key: str, result: EigenResult) -> Table:
 
 def _checks_table(checks: list[CheckResult]) -> Table:
     table = Table(title="checks", title_justify="left")
-    for column in ("check", "passed", "measured", "threshold", "what"):
+    for column in ("check", "passed", "measured", "threshold", "what", "figures"):
         table.add_column(column)
     for c in checks:
-        table.add_row(c.name, str(c.passed), f"{c.measured:.3g}", f"{c.threshold:.3g}", c.detail)
+        figures = ", ".join(f"{name} {value:.3g}" for name, value in c.figures.items())
+        table.add_row(
+            escape(c.name),
+            str(c.passed),
+            f"{c.measured:.3g}",
+            f"{c.threshold:.3g}",
+            escape(c.detail),
+            figures,
+        )
     return table
 
 
@@ -109,6 +126,36 @@ def _layers_table(key: str, rows: LayerTable) -> Table:
     return table
 
 
+def _comparisons_table(rows: list[tuple[str, ComparisonResult]]) -> Table:
+    table = Table(title="comparisons: each estimator against its baseline", title_justify="left")
+    for column in (
+        "checkpoint",
+        "estimator",
+        "baseline",
+        "k",
+        "eigenvalues (rel. error)",
+        "angle (rad)",
+        "trace",
+    ):
+        table.add_column(column)
+    for checkpoint, c in rows:
+        table.add_row(
+            escape(checkpoint),
+            escape(c.estimator),
+            escape(c.baseline),
+            str(c.k),
+            f"{c.value_error:.2e}",
+            f"{c.max_principal_angle:.2e}",
+            f"{c.trace_difference:+.2%} ({c.trace_method})",
+        )
+    return table
+
+
+_TABLES: dict[type, Callable[[str, Any], Table]] = {EigenResult: _eigen_table, LayerTable: _layers_table}
+"""Results shown as a table of their own. Checks are gathered in one table per run,
+comparisons in one table after the runs; the others are one line each."""
+
+
 def run_label(run: Run) -> str:
     """A run named by its checkpoint and estimator: ``"step-10.pt [hessian]"``."""
     prov = run.provenance
@@ -117,13 +164,15 @@ def run_label(run: Run) -> str:
 
 
 def show(results: Path = typer.Argument(..., help="HDF5 results file written by curvkit analyze.")) -> None:
-    """Print every run of a results file: provenance, eigenpairs, traces, densities, checks, timings."""
+    """Print every run of a results file: provenance, eigenpairs, traces, densities, checks,
+    comparisons, timings."""
     console = Console(highlight=False, soft_wrap=True)
     with ResultsStore(results, mode="r") as store:
         runs = store.runs()
         if not runs:
             console.print(f"{results}: no runs", markup=False)
             return
+        comparisons: list[tuple[str, ComparisonResult]] = []
         for number, run in enumerate(runs, 1):
             state = run.status + (f": {run.error}" if run.error else "")
             attempts = f"{run.attempts} attempt" + ("s" if run.attempts != 1 else "")
@@ -134,19 +183,22 @@ def show(results: Path = typer.Argument(..., help="HDF5 results file written by 
             checks = []
             for key in run.analyses():
                 result = run.read(key)
-                if isinstance(result, EigenResult):
-                    console.print(_eigen_table(key, result))
-                elif isinstance(result, CheckResult):
+                table = _TABLES.get(type(result))
+                if isinstance(result, CheckResult):
                     checks.append(result)
-                elif isinstance(result, LayerTable):
-                    console.print(_layers_table(key, result))
+                elif table is not None:
+                    console.print(table(key, result))
                 else:
                     console.print(f"  {key}: {summarize(result)}", markup=False)
+                if isinstance(result, ComparisonResult):
+                    comparisons.append((Path(str(run.provenance.get("checkpoint", "?"))).name, result))
             if checks:
                 console.print(_checks_table(checks))
             timings = ", ".join(f"{k} {v:.3g} s" for k, v in run.timings.items())
             if timings:
                 console.print(f"  {'timings':<11} {timings}", markup=False)
+        if comparisons:
+            console.print(_comparisons_table(comparisons))
 
 
 def plot(
@@ -155,7 +207,8 @@ def plot(
     log: bool = typer.Option(True, "--log/--linear", help="Logarithmic (default) or linear density axis."),
     formats: str = typer.Option("png,pdf", "--formats", help="Comma-separated figure formats."),
 ) -> None:
-    """Draw every analysis of a results file, and each trajectory of checkpoints."""
+    """Draw every analysis of a results file, each trajectory of checkpoints, and the
+    comparisons of several estimators with one baseline on one checkpoint."""
     from curvkit import plotting
     from curvkit.runs import trajectories
 
@@ -167,11 +220,23 @@ def plot(
         except OSError as exc:
             raise CurvkitError(f"cannot create the figure folder {out}: {exc.strerror}") from exc
         written: list[Path] = []
+        compared: dict[tuple[str, str], list[ComparisonResult]] = {}
         for run in runs:
             for key in run.analyses():
                 stem = f"{run.run_id}-{key.replace('/', '-').replace('+', 'p')}"
-                for suffix, ax in plotting.figures(run.read(key), title=run_label(run), log=log):
+                result = run.read(key)
+                for suffix, ax in plotting.figures(result, title=run_label(run), log=log):
                     written += plotting.save_figure(ax, out / (f"{stem}-{suffix}" if suffix else stem), kinds)
+                if isinstance(result, ComparisonResult):
+                    checkpoint = str(run.provenance.get("checkpoint", run.run_id))
+                    compared.setdefault((checkpoint, result.baseline), []).append(result)
+        for number, ((checkpoint, baseline), group) in enumerate(compared.items(), 1):
+            if len(group) < 2:  # one estimator: its run's figure says it all
+                continue
+            ax = plotting.plot_comparisons(
+                group, [c.estimator for c in group], title=f"{Path(checkpoint).name}: against {baseline}"
+            )
+            written += plotting.save_figure(ax, out / f"comparison-{number}-{baseline}", kinds)
         for number, trajectory in enumerate(trajectories(runs), 1):
             estimator = trajectory.runs[0].provenance.get("estimator", "run")
             for what, ylabel, points in (

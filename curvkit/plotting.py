@@ -18,6 +18,8 @@ __all__ = [
     "DENSITY_FLOOR",
     "check_formats",
     "figures",
+    "plot_comparison",
+    "plot_comparisons",
     "plot_density",
     "plot_eigenvalues",
     "plot_per_layer",
@@ -188,6 +190,69 @@ def plot_trajectory(
     return ax
 
 
+def plot_comparison(result: Any, ax: Any = None, title: str | None = None) -> Any:
+    """An estimator's top-k eigenvalues beside its baseline's, with the three figures in the title.
+
+    Args:
+        result: A :class:`~curvkit.comparison.ComparisonResult`.
+        ax: Axes to draw on (a new figure when ``None``).
+        title: Title, e.g. the run's name.
+    """
+    ax = _axes(ax)
+    index = list(range(1, result.k + 1))
+    ax.plot(index, result.baseline_values.double().tolist(), "s", mfc="none", ms=9, label=result.baseline)
+    ax.plot(index, result.values.double().tolist(), "o", label=result.estimator)
+    ax.set_xlabel("index")
+    _integer_ticks(ax.xaxis)
+    ax.set_ylabel("eigenvalue")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    detail = (
+        f"{result.estimator} vs {result.baseline}: eigenvalues {result.value_error:.1e} (rel.), "
+        f"angle {result.max_principal_angle:.1e} rad, trace {result.trace_difference:+.1%}"
+    )
+    ax.set_title(f"{title}\n{detail}" if title else detail, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+COMPARISON_FIGURES = (
+    ("value_error", "top-k eigenvalues (relative error)"),
+    ("max_principal_angle", "largest principal angle (rad)"),
+    ("trace_difference", "trace (|relative difference|)"),
+)
+"""The figures of a comparison that :func:`plot_comparisons` draws, with their labels."""
+
+
+def plot_comparisons(
+    results: Sequence[Any], labels: Sequence[str], ax: Any = None, title: str | None = None
+) -> Any:
+    """Bars of the three figures of several comparisons (estimators against one baseline), log scale.
+
+    Args:
+        results: :class:`~curvkit.comparison.ComparisonResult` objects.
+        labels: One label per result (the estimator, or the run).
+        ax: Axes to draw on (a new figure when ``None``).
+        title: Title, e.g. the checkpoint and the baseline.
+    """
+    import numpy as np
+
+    ax = _axes(ax)
+    width = 0.8 / max(len(results), 1)
+    positions = np.arange(len(COMPARISON_FIGURES))
+    tiny = np.finfo(np.float64).tiny
+    for i, (result, label) in enumerate(zip(results, labels)):
+        heights = [max(abs(getattr(result, name)), tiny) for name, _ in COMPARISON_FIGURES]
+        ax.bar(positions + (i - (len(results) - 1) / 2) * width, heights, width, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(positions)
+    ax.set_xticklabels([label for _, label in COMPARISON_FIGURES], fontsize=8)
+    ax.set_ylabel("difference from the baseline")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
 def _layer_figures(table: Any, title: str, log: bool) -> list[tuple[str, Any]]:
     return [
         (quantity, plot_per_layer(table, quantity, title=title)) for quantity in ("top_eigenvalue", "trace")
@@ -195,6 +260,7 @@ def _layer_figures(table: Any, title: str, log: bool) -> list[tuple[str, Any]]:
 
 
 def _figure_table() -> dict[type, Callable[[Any, str, bool], list[tuple[str, Any]]]]:
+    from curvkit.comparison import ComparisonResult
     from curvkit.linalg.eigen import EigenResult
     from curvkit.linalg.per_layer import LayerTable
     from curvkit.linalg.slq import DensityResult
@@ -203,6 +269,7 @@ def _figure_table() -> dict[type, Callable[[Any, str, bool], list[tuple[str, Any
         EigenResult: lambda r, title, log: [("", plot_eigenvalues(r, title=title))],
         DensityResult: lambda r, title, log: [("", plot_density(r, log=log, title=title))],
         LayerTable: _layer_figures,
+        ComparisonResult: lambda r, title, log: [("", plot_comparison(r, title=title))],
     }
 
 

@@ -12,6 +12,15 @@ result file. It works in two phases:
 2. **Analysis.** Each run is begun in the results file, its analyses computed
    in plan order and each written as soon as it is finished.
 
+**Several estimators** give one run per checkpoint and estimator. Their options
+are addressed to all or to one (:func:`resolve_estimator_options`): ``seed`` goes
+to every estimator that takes it, ``fisher.seed`` to ``fisher`` alone. With a
+baseline (``AnalysisPlan(compare_to=...)``) every other estimator's run gets a
+``compare/<baseline>`` analysis; the baseline's own run, when the command has
+one, comes first for each checkpoint, and the comparisons reuse its eigenpairs
+and trace instead of recomputing them (eigenpairs only when computed by this
+command: a file stores eigenvalues without their vectors).
+
 **A run is keyed by everything that determines its numbers** (:func:`run_key`):
 the checkpoint's path and content hash, the model factory and its arguments,
 the weights entry and strictness, the data (its spec and a fingerprint of its
@@ -40,13 +49,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from curvkit import checkpoints as _checkpoints
 from curvkit._version import __version__
-from curvkit.analysis import AnalysisPlan, run_plan
+from curvkit.analysis import (
+    DENSE_REFERENCE_MAX_DIM,
+    AnalysisPlan,
+    Baseline,
+    Reference,
+    estimator_reference,
+    run_plan,
+)
 from curvkit.data import BatchSource, DataSummary, summarize_data
-from curvkit.errors import CurvkitError
+from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError
 
 __all__ = [
     "DTYPES",
@@ -61,6 +76,7 @@ __all__ = [
     "expand_checkpoints",
     "prepare_analysis",
     "resolve_device",
+    "resolve_estimator_options",
     "run_key",
     "trajectories",
 ]
@@ -154,8 +170,10 @@ class PreparedAnalysis:
         run_id: The run's id in a results file (from :attr:`key`).
         key: Everything that determines the run's numbers (:func:`run_key`).
         provenance: Where the results come from (see ``docs/hdf5-schema.md``).
-        reference: Returns the dense exact Hessian for ``checks/agreement``, or
-            ``None`` when the problem is too large for a dense reference.
+        reference: The reference of ``checks/agreement``
+            (:func:`curvkit.analysis.estimator_reference`), or why there is none.
+        baseline: The operator of the baseline estimator on the same problem,
+            when one was asked for and the estimator is not the baseline.
         seconds: Time taken to load and validate it.
     """
 
@@ -164,7 +182,8 @@ class PreparedAnalysis:
     run_id: str
     key: dict[str, Any]
     provenance: dict[str, Any]
-    reference: Callable[[], Tensor] | None
+    reference: Reference
+    baseline: Any = None
     seconds: float = 0.0
 
 
@@ -232,6 +251,82 @@ def run_key(
     }
 
 
+def resolve_estimator_options(
+    estimators: Sequence[str], options: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The options of each estimator of a command, from options addressed to all of them or to one.
+
+    * ``NAME`` (``"mc_samples"``) goes to every estimator that takes it (whose
+      factory names it, or takes ``**kwargs``); it is an error when none does.
+    * ``ESTIMATOR.NAME`` (``"fisher.mc_samples"``) goes to that estimator alone,
+      which must be one of ``estimators`` and take it, and replaces a plain
+      ``NAME`` for it.
+
+    Args:
+        estimators: Registered estimator names (a baseline included).
+        options: Option values by address.
+
+    Returns:
+        ``{estimator: {option: value}}`` for every estimator, in order.
+
+    Raises:
+        UnknownEstimatorError: An estimator is not registered.
+        UnknownOptionError: An option that no estimator takes, or an addressed one
+            its estimator does not take (the message lists the options each takes).
+        CurvkitError: An address that names no option, or an estimator the
+            command does not run.
+
+    Example:
+        >>> resolve_estimator_options(["hessian", "exact-hessian"], {"hessian.strategy": "reverse"})
+        {'hessian': {'strategy': 'reverse'}, 'exact-hessian': {}}
+    """
+    from curvkit.registry import check_options, estimator_options, get_estimator
+
+    specs = {name: get_estimator(name) for name in estimators}
+    resolved: dict[str, dict[str, Any]] = {name: {} for name in specs}
+    addressed: dict[str, dict[str, Any]] = {}
+    for key, value in (options or {}).items():
+        target, dot, option = str(key).rpartition(".")
+        if not option.isidentifier() or (dot and not target):
+            raise CurvkitError(
+                f"option {key!r} is not NAME or ESTIMATOR.NAME (e.g. mc_samples, fisher.mc_samples)"
+            )
+        if not dot:
+            takers = [name for name, spec in specs.items() if _takes(estimator_options(spec), option)]
+            if not takers:
+                _refuse(specs, option)
+            for name in takers:
+                resolved[name][option] = value
+        elif target not in specs:
+            raise CurvkitError(
+                f"option {key!r} is addressed to estimator {target!r}, which this command does not run "
+                f"(it runs {', '.join(specs)})"
+            )
+        else:
+            addressed.setdefault(target, {})[option] = value
+    for name, given in addressed.items():
+        check_options(specs[name], given)
+        resolved[name].update(given)
+    return resolved
+
+
+def _takes(known: list[str] | None, option: str) -> bool:
+    return known is None or option in known
+
+
+def _refuse(specs: Mapping[str, Any], option: str) -> None:
+    """Raise :class:`UnknownOptionError` for a plain option none of the estimators takes."""
+    from curvkit.registry import check_options, estimator_options
+
+    if len(specs) == 1:
+        check_options(next(iter(specs.values())), {option: None})  # the estimator's own message
+    takes = "; ".join(
+        f"{name} takes {', '.join(estimator_options(spec) or []) or 'no options'}"
+        for name, spec in specs.items()
+    )
+    raise UnknownOptionError(f"no estimator of this command takes option {option!r} ({takes})")
+
+
 def prepare_analysis(
     checkpoint: str | os.PathLike[str],
     *,
@@ -239,21 +334,37 @@ def prepare_analysis(
     estimator_options: Mapping[str, Any] | None = None,
     settings: ProblemSettings = ProblemSettings(),  # noqa: B008 - frozen, never mutated
     seed: int = 0,
-    reference_max_dim: int = 2000,
+    reference_max_dim: int = DENSE_REFERENCE_MAX_DIM,
+    baseline: str | None = None,
+    baseline_options: Mapping[str, Any] | None = None,
     _data: _DataCache | None = None,
 ) -> PreparedAnalysis:
     """Load a checkpoint, its data and loss, build the estimator's operator, and validate them.
 
     The model and loss are applied to one batch, and the determinism probe runs
     (unless ``settings.check_deterministic`` is off), so that a checkpoint that
-    cannot be analysed fails here, before any result file is touched.
+    cannot be analysed fails here, before any result file is touched. The
+    baseline's operator is built here too, for the same reason.
+
+    Args:
+        checkpoint: The checkpoint file.
+        estimator: A registered estimator.
+        estimator_options: Its options (for this estimator alone: see
+            :func:`resolve_estimator_options`).
+        settings: Model, data, loss, precision and device.
+        seed: The seed of the analyses (part of the run key).
+        reference_max_dim: Largest ``P`` for which a callable (dense) reference
+            is built for ``checks/agreement``.
+        baseline: An estimator to compare with (``None``, or the estimator
+            itself: none).
+        baseline_options: The baseline's options.
 
     Raises:
         CurvkitError: Anything that makes the checkpoint, data, loss or estimator
             unusable, with a one-line message.
     """
     from curvkit.problem import Problem
-    from curvkit.registry import curvature
+    from curvkit.registry import curvature, get_estimator, loaded_plugins
     from curvkit.store import make_run_id
 
     started = time.perf_counter()
@@ -288,9 +399,11 @@ def prepare_analysis(
     problem.ensure_deterministic()
     options = dict(estimator_options or {})
     operator = curvature(estimator, problem, **options)
-    reference = None
-    if problem.dim <= reference_max_dim:
-        reference = lambda: curvature("exact-hessian", problem).to_dense()  # noqa: E731
+    spec = get_estimator(estimator)
+    reference = estimator_reference(spec, problem, max_dense_dim=reference_max_dim)
+    other = None
+    if baseline is not None and baseline != estimator:
+        other = curvature(baseline, problem, **dict(baseline_options or {}))
     model = settings.model or meta.get("model_factory") or type(net).__name__
     model_kwargs = settings.model_kwargs if settings.model_kwargs is not None else meta.get("model_kwargs")
     key = run_key(
@@ -323,12 +436,14 @@ def prepare_analysis(
         "sample_count": summary.samples,
         "batch_size": settings.batch_size,
         "device": str(target),
+        "estimator_plugin": spec.plugin,
+        "estimator_plugin_version": {p.name: p.version for p in loaded_plugins()}.get(spec.plugin, ""),
         "curvkit_version": __version__,
         "torch_version": torch.__version__,
     }
     run_id = make_run_id(checkpoint, estimator, key)
     seconds = time.perf_counter() - started
-    return PreparedAnalysis(operator, problem, run_id, key, provenance, reference, seconds)
+    return PreparedAnalysis(operator, problem, run_id, key, provenance, reference, other, seconds)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -466,8 +581,12 @@ def analyze(
         output: The HDF5 results file (created, or appended to).
         plan: What to compute on each operator.
         settings: Model, data, loss, precision and device.
-        estimators: Registered estimator names: one run per checkpoint and estimator.
-        estimator_options: Keyword options of the estimators.
+        estimators: Registered estimator names: one run per checkpoint and
+            estimator (a name given twice runs once). With ``plan.compare_to``
+            among them, its run comes first for each checkpoint.
+        estimator_options: Keyword options of the estimators (and of the
+            baseline), addressed to every estimator that takes them (``"seed"``)
+            or to one (``"fisher.seed"``): see :func:`resolve_estimator_options`.
         skip_bad: Analyse the good checkpoints when some are bad (or fail during
             their analysis), recording each bad one as a failed run; otherwise a
             bad checkpoint stops the call before anything is written.
@@ -484,22 +603,41 @@ def analyze(
         CurvkitError: Bad options, a bad checkpoint (all of them named), an
             unusable results file, or an analysis that failed.
     """
+    from curvkit.registry import get_estimator
     from curvkit.store import ResultsStore
 
     ResultsStore.check_path(output)
+    names = list(dict.fromkeys(estimators))
+    if not names:
+        raise CurvkitError("no estimator given: name one with --curvature (curvkit plugins lists them)")
+    baseline = plan.compare_to
+    if baseline is not None:
+        try:
+            get_estimator(baseline)
+        except UnknownEstimatorError as exc:
+            raise UnknownEstimatorError(f"--compare-to: {exc}") from None
+        if names == [baseline]:
+            raise CurvkitError(
+                f"--compare-to {baseline} compares the other estimators with {baseline}, but the only "
+                f"estimator is {baseline}: add others with --curvature"
+            )
+    options = resolve_estimator_options(
+        [*names, *([baseline] if baseline is not None and baseline not in names else [])], estimator_options
+    )
     paths = expand_checkpoints(checkpoints)
     cache = _DataCache()
-    targets = [
-        RunOutcome(path, estimator, index) for index, path in enumerate(paths) for estimator in estimators
-    ]
+    order = sorted(names, key=lambda name: name != baseline)  # the baseline's run first: the others reuse it
+    targets = [RunOutcome(path, estimator, index) for index, path in enumerate(paths) for estimator in order]
 
     def prepare(run: RunOutcome) -> PreparedAnalysis:
         prepared = prepare_analysis(
             run.checkpoint,
             estimator=run.estimator,
-            estimator_options=estimator_options,
+            estimator_options=options[run.estimator],
             settings=settings,
             seed=plan.seed,
+            baseline=baseline,
+            baseline_options=options.get(baseline) if baseline is not None else None,
             _data=cache,
         )
         plan.check_dimension(prepared.problem.dim)
@@ -521,8 +659,11 @@ def analyze(
         _raise_bad(targets, failures)
 
     extra = {} if command_line is None else {"command_line": command_line}
+    shared: dict[str, Any] = {}  # the baseline's results on the current checkpoint
     with ResultsStore(output) as store:
         for i, run in enumerate(targets):
+            if i == 0 or run.index != targets[i - 1].index:
+                shared = {}
             if i in failures:
                 _record_bad(store, run, str(failures[i]), extra, progress)
                 continue
@@ -531,7 +672,13 @@ def analyze(
                 kept = None
                 if prepared.key != keys[i]:
                     raise CurvkitError(f"{run.checkpoint} changed while curvkit analyze was running")
-                _analyze_one(store, prepared, run, plan, {**prepared.provenance, **extra}, progress)
+                compared = None
+                if prepared.baseline is not None:
+                    other = prepared.baseline
+                    compared = Baseline(baseline, options[baseline], lambda other=other: other, shared)
+                _analyze_one(store, prepared, run, plan, {**prepared.provenance, **extra}, progress, compared)
+                if run.estimator == baseline:
+                    shared.update(run.results)
             except CurvkitError as exc:
                 if not skip_bad:
                     raise
@@ -593,6 +740,7 @@ def _analyze_one(
     plan: AnalysisPlan,
     provenance: dict[str, Any],
     progress: Callable[[AnalyzeEvent], None] | None,
+    baseline: Baseline | None = None,
 ) -> None:
     """Begin (or resume) one run, compute what it lacks, store each result at once."""
     operator = prepared.operator
@@ -601,8 +749,10 @@ def _analyze_one(
     run.run_id, run.status = prepared.run_id, "running"
     run.parameters = prepared.problem.describe_parameters()
     run.notes = list(provenance.get("checkpoint_notes") or [])
-    run.keys = plan.keys(psd=bool(getattr(operator, "PSD", False)), reference=prepared.reference is not None)
+    run.keys = plan.keys(psd=bool(getattr(operator, "PSD", False)), estimator=run.estimator)
     requests = {key: plan.request(key) for key in run.keys}
+    if baseline is not None:  # the comparison depends on the baseline's options too
+        requests[f"compare/{baseline.name}"]["baseline_options"] = dict(baseline.options)
     run.resumed = [key for key in run.keys if record.has(key, requests[key])]
     run.results = {key: record.read(key) for key in run.resumed}
     if progress is not None:
@@ -624,7 +774,9 @@ def _analyze_one(
             operator,
             plan,
             done=set(run.resumed),
+            known=run.results,
             reference=prepared.reference,
+            baseline=baseline,
             on_result=on_result,
             progress=on_counters,
         )

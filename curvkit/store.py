@@ -12,7 +12,9 @@ The layout is documented, with its version history and an example of reading it
 with plain h5py, in ``docs/hdf5-schema.md``. Reading through this module gives
 back the result types the library returns (:class:`~curvkit.EigenResult`,
 :class:`~curvkit.TraceResult`, :class:`~curvkit.DensityResult`,
-:class:`~curvkit.checks.CheckResult`, :class:`~curvkit.LayerTable`).
+:class:`~curvkit.checks.CheckResult`, :class:`~curvkit.LayerTable`,
+:class:`~curvkit.comparison.ComparisonResult`). Each analysis kind is one
+entry of one table (its writer, reader and CSV rows).
 
 h5py is imported when a store is opened, not when this module is imported, and
 ``import curvkit`` does not import this module: use
@@ -43,7 +45,8 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +56,7 @@ import torch
 
 from curvkit._version import __version__
 from curvkit.checks import CheckResult
+from curvkit.comparison import ComparisonResult
 from curvkit.errors import CurvkitError
 from curvkit.linalg.eigen import EigenResult
 from curvkit.linalg.per_layer import LayerRow, LayerTable
@@ -76,8 +80,6 @@ SCHEMA_NAME = "curvkit-results"
 SCHEMA_VERSION = 1
 """The layout version this module writes and reads (root attribute ``schema_version``)."""
 
-KINDS = ("eigen", "trace", "density", "checks", "per_layer")
-"""The analysis groups of a run, in the order :meth:`Run.analyses` lists them."""
 
 RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
 
@@ -98,6 +100,17 @@ _PARTIAL = "_partial-"
 _JSON = "_json"
 _LAYER_COLUMNS = tuple(LayerRow.__dataclass_fields__)
 _LAYER_NUMBERS = ("dim", "top_eigenvalue", "residual", "converged", "trace", "trace_stderr", "matvecs")
+_COMPARE_NUMBERS = (
+    "value_error",
+    "max_principal_angle",
+    "trace",
+    "trace_stderr",
+    "baseline_trace",
+    "baseline_trace_stderr",
+    "trace_difference",
+    "matvecs",
+    "baseline_matvecs",
+)
 
 # Stores of this process with the file open, by real path: HDF5 shares one open
 # file between handles of one process, so its file lock cannot see a second
@@ -955,6 +968,26 @@ class Run:
 
         self._write("per_layer", name, fill, request)
 
+    def write_compare(
+        self, name: str, result: ComparisonResult, *, request: Mapping[str, Any] | None = None
+    ) -> None:
+        """Store a comparison with a baseline as ``compare/<name>`` (the baseline's name)."""
+        if not isinstance(result, ComparisonResult):
+            raise TypeError(f"write_compare needs a ComparisonResult, got {type(result).__name__}")
+
+        def fill(g: Any) -> None:
+            g.create_dataset("values", data=_array(result.values))
+            g.create_dataset("baseline_values", data=_array(result.baseline_values))
+            g.attrs["estimator"] = result.estimator
+            g.attrs["baseline"] = result.baseline
+            g.attrs["trace_method"] = result.trace_method
+            for quantity in _COMPARE_NUMBERS:
+                value = getattr(result, quantity)
+                g.attrs[quantity] = int(value) if quantity.endswith("matvecs") else float(value)
+            g.attrs["reused_json"] = json.dumps(list(result.reused))
+
+        self._write("compare", name, fill, request)
+
     def write_timing(self, key: str, seconds: float) -> None:
         """Record ``seconds`` under ``key`` in the run's ``timings`` (flushed at once)."""
         self._writable()
@@ -1076,6 +1109,23 @@ class Run:
                 raise ValueError("columns of different lengths")
             return LayerTable([LayerRow(**{c: cols[c][i] for c in _LAYER_COLUMNS}) for i in range(n)])
 
+    def read_compare(self, name: str) -> ComparisonResult:
+        """The :class:`~curvkit.comparison.ComparisonResult` stored as ``compare/<name>``."""
+        g = self._analysis("compare", name)
+        with _Malformed(self, "compare", name):
+            numbers = {
+                q: (int if q.endswith("matvecs") else float)(_attr(g.attrs[q])) for q in _COMPARE_NUMBERS
+            }
+            return ComparisonResult(
+                estimator=_attr(g.attrs["estimator"]),
+                baseline=_attr(g.attrs["baseline"]),
+                values=_tensor(g["values"]),
+                baseline_values=_tensor(g["baseline_values"]),
+                trace_method=_attr(g.attrs["trace_method"]),
+                reused=tuple(json.loads(_attr(g.attrs["reused_json"]))),
+                **numbers,
+            )
+
     def write(self, key: str, result: Any, *, request: Mapping[str, Any] | None = None) -> None:
         """Store ``result`` as ``"kind/name"`` with the writer of its kind.
 
@@ -1087,31 +1137,13 @@ class Run:
                 a resumed run can tell whether the stored result answers a new request
                 (:meth:`has`). It is written with the result, in one step.
         """
-        kind, _, name = key.partition("/")
-        writers = {
-            "eigen": self.write_eigen,
-            "trace": self.write_trace,
-            "density": self.write_density,
-            "checks": self.write_check,
-            "per_layer": self.write_per_layer,
-        }
-        if kind not in writers:
-            raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
-        writers[kind](name, result, request=request)
+        kind, name = _split(key)
+        getattr(self, _KINDS[kind].write)(name, result, request=request)
 
     def read(self, key: str) -> Any:
         """The result stored as ``"kind/name"``, of the type its ``read_<kind>`` method returns."""
-        kind, _, name = key.partition("/")
-        readers = {
-            "eigen": self.read_eigen,
-            "trace": self.read_trace,
-            "density": self.read_density,
-            "checks": self.read_check,
-            "per_layer": self.read_per_layer,
-        }
-        if kind not in readers:
-            raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
-        return readers[kind](name)
+        kind, name = _split(key)
+        return getattr(self, _KINDS[kind].read)(name)
 
     # -- export
 
@@ -1138,42 +1170,95 @@ class Run:
     def _csv_values(self) -> Iterator[tuple[str, str, Any, Any]]:
         """``(analysis, quantity, item, value)`` for every stored number."""
         for key in self.analyses():
-            kind = key.split("/", 1)[0]
-            res = self.read(key)
-            if kind == "eigen":
-                for i, v in enumerate(res.values.tolist()):
-                    yield key, "eigenvalue", i, v
-                for i, v in enumerate(res.residuals.tolist()):
-                    yield key, "residual", i, v
-                yield key, "converged", None, int(res.converged)
-                yield key, "matvecs", None, res.matvecs
-                if res.precision_floor is not None:
-                    yield key, "precision_floor", None, res.precision_floor
-            elif kind == "trace":
-                yield key, "estimate", None, res.estimate
-                yield key, "stderr", None, res.stderr
-                yield key, "matvecs", None, res.matvecs
-                yield key, "fallback", None, int(res.fallback)
-                if res.sketch_mass is not None:
-                    yield key, "sketch_mass", None, res.sketch_mass
-            elif kind == "density":
-                for x, d in zip(res.grid.tolist(), res.density.tolist()):
-                    yield key, "density", x, d
-                yield key, "sigma", None, res.sigma
-                yield key, "matvecs", None, res.matvecs
-            elif kind == "checks":
-                yield key, "passed", None, None if res.passed is None else int(res.passed)
-                yield key, "measured", None, res.measured
-                yield key, "threshold", None, None if math.isnan(res.threshold) else res.threshold
-                for fig, v in res.figures.items():
-                    yield key, "figure", fig, v
-            elif kind == "per_layer":
-                for row in res.rows:
-                    for col in _LAYER_NUMBERS:
-                        v = getattr(row, col)
-                        yield key, col, row.name, int(v) if isinstance(v, bool) else v
+            for quantity, item, value in _KINDS[_split(key)[0]].csv(self.read(key)):
+                yield key, quantity, item, value
         for key, seconds in self.timings.items():
             yield "timings", key, None, seconds
+
+
+_Row = tuple[str, Any, Any]
+"""``(quantity, item, value)``: one number of a result in the CSV export."""
+
+
+def _eigen_rows(res: EigenResult) -> Iterator[_Row]:
+    for i, v in enumerate(res.values.tolist()):
+        yield "eigenvalue", i, v
+    for i, v in enumerate(res.residuals.tolist()):
+        yield "residual", i, v
+    yield "converged", None, int(res.converged)
+    yield "matvecs", None, res.matvecs
+    if res.precision_floor is not None:
+        yield "precision_floor", None, res.precision_floor
+
+
+def _trace_rows(res: TraceResult) -> Iterator[_Row]:
+    yield "estimate", None, res.estimate
+    yield "stderr", None, res.stderr
+    yield "matvecs", None, res.matvecs
+    yield "fallback", None, int(res.fallback)
+    if res.sketch_mass is not None:
+        yield "sketch_mass", None, res.sketch_mass
+
+
+def _density_rows(res: DensityResult) -> Iterator[_Row]:
+    for x, d in zip(res.grid.tolist(), res.density.tolist()):
+        yield "density", x, d
+    yield "sigma", None, res.sigma
+    yield "matvecs", None, res.matvecs
+
+
+def _check_rows(res: CheckResult) -> Iterator[_Row]:
+    yield "passed", None, None if res.passed is None else int(res.passed)
+    yield "measured", None, None if math.isnan(res.measured) else res.measured
+    yield "threshold", None, None if math.isnan(res.threshold) else res.threshold
+    for fig, v in res.figures.items():
+        yield "figure", fig, v
+
+
+def _layer_rows(res: LayerTable) -> Iterator[_Row]:
+    for row in res.rows:
+        for col in _LAYER_NUMBERS:
+            v = getattr(row, col)
+            yield col, row.name, int(v) if isinstance(v, bool) else v
+
+
+def _compare_rows(res: ComparisonResult) -> Iterator[_Row]:
+    for i, v in enumerate(res.values.tolist()):
+        yield "eigenvalue", i, v
+    for i, v in enumerate(res.baseline_values.tolist()):
+        yield "baseline_eigenvalue", i, v
+    for quantity in _COMPARE_NUMBERS:
+        yield quantity, None, getattr(res, quantity)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one analysis kind is stored: its :class:`Run` writer and reader, and its CSV rows."""
+
+    write: str
+    read: str
+    csv: Callable[[Any], Iterator[_Row]]
+
+
+_KINDS: dict[str, _Kind] = {
+    "eigen": _Kind("write_eigen", "read_eigen", _eigen_rows),
+    "trace": _Kind("write_trace", "read_trace", _trace_rows),
+    "density": _Kind("write_density", "read_density", _density_rows),
+    "checks": _Kind("write_check", "read_check", _check_rows),
+    "per_layer": _Kind("write_per_layer", "read_per_layer", _layer_rows),
+    "compare": _Kind("write_compare", "read_compare", _compare_rows),
+}
+
+KINDS = tuple(_KINDS)
+"""The analysis groups of a run, in the order :meth:`Run.analyses` lists them."""
+
+
+def _split(key: str) -> tuple[str, str]:
+    """``"kind/name"`` as ``(kind, name)``, the kind checked against :data:`KINDS`."""
+    kind, _, name = key.partition("/")
+    if kind not in _KINDS:
+        raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
+    return kind, name
 
 
 def _set(attrs: Any, key: str, value: Any) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from curvkit.checks import CheckResult
+from curvkit.comparison import ComparisonResult
 from curvkit.linalg.eigen import EigenResult
 from curvkit.linalg.per_layer import LayerTable
 from curvkit.linalg.slq import DensityResult
@@ -66,12 +67,23 @@ def _layers(table: LayerTable) -> str:
     return f"{len(rows)} layers; largest top eigenvalue {top.top_eigenvalue:.4g} ({top.name})"
 
 
+def _comparison(result: ComparisonResult) -> str:
+    reused = f"; reused {', '.join(result.reused)}" if result.reused else ""
+    return (
+        f"{result.estimator} vs {result.baseline}: top-{result.k} eigenvalues differ by "
+        f"{result.value_error:.2e} (relative), largest principal angle {result.max_principal_angle:.2e} rad, "
+        f"trace {result.trace_difference:+.2%} ({result.trace_method}); "
+        f"{result.matvecs} + {result.baseline_matvecs} products{reused}"
+    )
+
+
 SUMMARIES: dict[type, Callable[[Any], str]] = {
     EigenResult: _eigen,
     TraceResult: _trace,
     DensityResult: _density,
     CheckResult: _check,
     LayerTable: _layers,
+    ComparisonResult: _comparison,
 }
 """One-line description of each result type."""
 

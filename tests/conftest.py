@@ -46,3 +46,76 @@ def run_curvkit(curvkit_command, script_env):
         )
 
     return run
+
+
+class _TestEstimators:
+    """A third-party plugin for the tests of ``curvkit analyze``: estimators built on the Hessian.
+
+    * ``scaled-hessian``: ``factor * H`` (default 1.5), reference ``"hessian"``: it
+      fails the agreement check unless ``factor=1``;
+    * ``shifted-hessian``: ``H + diag(d)`` with ``d`` a ramp from 0 to ``shift``:
+      other eigenvalues, eigenvectors and trace than the Hessian's;
+    * ``dense-hessian``: the Hessian, with a callable (dense) reference.
+    """
+
+    @staticmethod
+    def _operators():
+        import curvkit
+
+        class ScaledHessian(curvkit.ProblemOperator):
+            SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, False, False
+
+            def __init__(self, problem, factor=1.5):
+                super().__init__(problem)
+                self.factor = factor
+                self.hessian = curvkit.curvature("hessian", problem)
+
+            def _product(self, M, snapshot):
+                return self.factor * self.hessian.matmat(M)
+
+        class ShiftedHessian(curvkit.ProblemOperator):
+            SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, False, False
+
+            def __init__(self, problem, shift=0.05):
+                super().__init__(problem)
+                self.hessian = curvkit.curvature("hessian", problem)
+                self.ramp = torch.linspace(0, shift, problem.dim, dtype=problem.dtype, device=problem.device)
+
+            def _product(self, M, snapshot):
+                return self.hessian.matmat(M) + self.ramp[:, None] * M
+
+        return ScaledHessian, ShiftedHessian
+
+    @classmethod
+    def make(cls):
+        import curvkit
+        from curvkit.testing import dense_hessian_reference
+
+        scaled, shifted = cls._operators()
+        plugin = type(sys)("test_estimators")
+
+        @curvkit.hookimpl
+        def curvkit_register_estimators():
+            return [
+                curvkit.EstimatorSpec("scaled-hessian", scaled, "factor * H", reference="hessian"),
+                curvkit.EstimatorSpec("shifted-hessian", shifted, "H + diag(ramp)", reference="hessian"),
+                curvkit.EstimatorSpec(
+                    "dense-hessian",
+                    lambda problem: curvkit.curvature("hessian", problem),
+                    "H, checked against a dense matrix",
+                    reference=dense_hessian_reference,
+                ),
+            ]
+
+        plugin.curvkit_register_estimators = curvkit_register_estimators
+        return plugin
+
+
+@pytest.fixture(scope="module")
+def test_estimators():
+    """Registers :class:`_TestEstimators` for a module's tests (its name: ``test-estimators``)."""
+    import curvkit
+
+    name = curvkit.register_plugin(_TestEstimators.make(), name="test-estimators")
+    yield name
+    curvkit.unregister_plugin(name=name)

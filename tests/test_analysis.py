@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import curvkit
-from curvkit.analysis import AnalysisPlan, run_plan
+from curvkit.analysis import AnalysisPlan, Reference, run_plan
 from curvkit.testing import dense_hessian_reference, get_case
 
 
@@ -17,7 +17,7 @@ def problem():
 def test_keys_follow_the_plan():
     assert AnalysisPlan().keys() == ["eigen/largest", "trace/hutch++", "density/slq"]
     plan = AnalysisPlan(top_k=3, bottom_k=2, trace="exact", density=False, check=True, per_layer=True)
-    assert plan.keys(psd=True, reference=True) == [
+    assert plan.keys(psd=True) == [
         "eigen/largest",
         "eigen/smallest",
         "trace/exact",
@@ -57,7 +57,7 @@ def test_a_plan_refuses_more_eigenpairs_than_parameters():
 
 def test_requests_name_what_determines_each_result():
     plan = AnalysisPlan(top_k=3, bottom_k=2, check=True, per_layer=True, tol=1e-5, seed=7)
-    keys = plan.keys(psd=True, reference=True)
+    keys = plan.keys(psd=True)
     requests = {key: plan.request(key) for key in keys}
     solver = {"max_matvecs": None, "reorthogonalisation": "auto"}
     assert requests["eigen/largest"] == {"k": 3, "which": "largest", "tol": 1e-5, "seed": 7, **solver}
@@ -81,8 +81,9 @@ def test_results_stream_in_order_and_are_right(problem):
     truth = dense_hessian_reference(problem)
     streamed = []
     plan = AnalysisPlan(top_k=2, bottom_k=1, trace="exact", density=True, check=True, tol=1e-8)
-    results = run_plan(H, plan, reference=lambda: truth, on_result=lambda k, r, s: streamed.append((k, r, s)))
-    assert [k for k, _, _ in streamed] == plan.keys(reference=True)
+    reference = Reference("the dense Hessian", lambda: truth)
+    results = run_plan(H, plan, reference=reference, on_result=lambda k, r, s: streamed.append((k, r, s)))
+    assert [k for k, _, _ in streamed] == plan.keys()
     assert all(seconds >= 0 for _, _, seconds in streamed)
     assert results["trace/exact"].estimate == pytest.approx(truth.trace().item(), rel=1e-10)
     assert all(results[k].passed for k in ("checks/symmetry", "checks/residuals", "checks/agreement"))
@@ -92,5 +93,7 @@ def test_done_keys_are_skipped(problem):
     H = curvkit.curvature("hessian", problem)
     plan = AnalysisPlan(top_k=2, check=True)
     results = run_plan(H, plan, done={"eigen/largest", "trace/hutch++", "density/slq"})
-    assert set(results) == {"checks/symmetry", "checks/residuals"}
+    assert set(results) == {"checks/symmetry", "checks/residuals", "checks/agreement"}
     assert results["checks/residuals"].passed  # eigenpairs recomputed for the check
+    unchecked = results["checks/agreement"]  # no reference: not done, and saying so, never passed
+    assert unchecked.passed is None and unchecked.detail == "not checked: no reference given"

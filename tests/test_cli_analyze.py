@@ -109,9 +109,11 @@ def test_explicit_flags_select_analyses(tmp_path):
             "trace/xtrace",
             "checks/symmetry",
             "checks/residuals",
+            "checks/agreement",
             "per_layer/module",
-        }  # P = 3466: above the size of a dense reference, so no agreement check
+        }  # P = 3466: the agreement check needs no dense matrix, whatever P
         assert run.read("checks/residuals").passed and run.provenance["sample_count"] == 300
+        assert run.read("checks/agreement").passed
 
 
 def test_show_plot_export(analysed, tmp_path):

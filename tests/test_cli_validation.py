@@ -110,6 +110,12 @@ BAD = {
     "extra entries, strict": ([*ENCODER, "pretrained.pt"], "pass --no-strict"),
     "several weights": ([*ENCODER, "with_ema.pt"], "choose one with --weights-key"),
     "missing weights key": ([*ENCODER, "with_ema.pt", "--weights-key", "emaa"], "'emaa' not found"),
+    "option syntax": ([MLP, "--option", "strategy"], "--option 'strategy' is not NAME=VALUE"),
+    "unknown option": (
+        [MLP, "--option", "mc_samples=4"],
+        "estimator 'hessian' takes no option 'mc_samples'; its options: strategy",
+    ),
+    "unknown baseline": ([MLP, "--compare-to", "hesian"], "--compare-to: unknown estimator 'hesian'"),
 }
 
 

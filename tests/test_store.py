@@ -24,6 +24,7 @@ import curvkit
 import curvkit.checks
 from curvkit import EigenResult, LayerTable, TraceResult
 from curvkit.checks import CheckResult
+from curvkit.comparison import compare_spectra
 from curvkit.store import CSV_COLUMNS, SCHEMA_VERSION, ResultsStore, StoreError, make_run_id
 from curvkit.testing import get_case
 
@@ -41,6 +42,17 @@ def results():
     A = curvkit.DenseOperator(M + M.T)
     eig = curvkit.eigenvalues(A, k=3)
     H = curvkit.curvature("hessian", get_case("tanh-mlp-ce").problem())
+    B = curvkit.DenseOperator(M @ M.T)
+    compared = compare_spectra(
+        eig,
+        curvkit.eigenvalues(B, k=3),
+        curvkit.trace(A, method="hutch++", matvecs=6),
+        curvkit.trace(B, method="hutch++", matvecs=6),
+        estimator="a",
+        baseline_name="b",
+        matvecs=12,
+        reused=("eigenpairs",),
+    )
     return {
         "eigen": eig,
         "trace": curvkit.trace(A, method="hutch++", matvecs=6),
@@ -48,6 +60,7 @@ def results():
         "check": curvkit.checks.check_symmetry(A),
         "check_info": curvkit.checks.condition_number(eig),  # passed=None, no threshold
         "per_layer": curvkit.per_layer(H),
+        "compare": compared,
     }
 
 
@@ -141,6 +154,7 @@ def test_every_result_type_round_trips(path, results):
             run.write_check("condition", results["check_info"])
             run.write_per_layer("module", results["per_layer"])
             run.write_per_layer("empty", LayerTable([]))
+            run.write_compare("b", results["compare"])
     with ResultsStore(path, "r") as store:
         run = store.run("r")
         assert run.analyses() == [
@@ -152,8 +166,10 @@ def test_every_result_type_round_trips(path, results):
             "checks/condition",
             "per_layer/module",
             "per_layer/empty",
+            "compare/b",
         ]
         assert_same(run.read_eigen("largest", vectors=True), results["eigen"])
+        assert_same(run.read("compare/b"), results["compare"])
         assert run.read_eigen("largest").vectors is None  # vectors only on request
         assert run.read_eigen("no-vectors", vectors=True).vectors is None
         assert_same(run.read_trace("hutch++"), results["trace"])

@@ -20,10 +20,27 @@ __all__ = [
     "product_name",
     "rademacher",
     "require_fixed_map",
+    "staged",
 ]
 
 Progress = Callable[[dict[str, Any]], None]
 """A progress callback: called with a dict of counters (``matvecs``, ``step``, ...)."""
+
+
+def staged(progress: Progress | None, stage: str) -> Progress | None:
+    """``progress`` with ``{"stage": stage}`` first in every report (for work done in stages).
+
+    A report's own stage follows: ``"baseline trace: sketch"``.
+    """
+    if progress is None:
+        return None
+
+    def report(counters: dict[str, Any]) -> None:
+        inner = counters.get("stage")
+        rest = {k: v for k, v in counters.items() if k != "stage"}
+        progress({"stage": stage if inner is None else f"{stage}: {inner}", **rest})
+
+    return report
 
 
 def check_square(A: Any) -> int:
