@@ -14,7 +14,9 @@ def test_every_registered_estimator_conforms(spec):
     report = check_estimator(spec)
     report.raise_on_failure()
     checks = {r.check for r in report.results}
-    assert {"shape", "symmetry", "matmat", "batch-size", "restrict"} <= checks
+    assert {"shape", "symmetry", "restrict"} <= checks
+    if not spec.flags.get("stochastic"):  # a Monte-Carlo estimator (the default fisher) skips these
+        assert {"matmat", "batch-size"} <= checks
     if spec.flags.get("exact") and spec.reference is not None:
         assert "reference" in checks
 
