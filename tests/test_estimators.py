@@ -14,7 +14,7 @@ from curvkit.plugins.fisher import FisherOperator
 from torch import nn
 
 import curvkit
-from curvkit.jacobians import per_sample_gradients
+from curvkit.jacobians import TryOnce, per_sample_gradients
 from curvkit.testing import (
     CASES,
     Case,
@@ -209,6 +209,25 @@ def test_a_model_torch_func_cannot_transform_falls_back_once():
     fresh = curvkit.curvature("fisher", problem, seed=3)
     fresh.transforms.preferred = False  # never tried torch.func
     assert torch.equal(fresh @ M, first)
+    # the diagonal's vmap fails after the draws: the fallback must redraw the same targets
+    assert rel(fresh.diagonal(), torch.diagonal(fresh.to_dense())) < TIGHT
+    assert fresh.vectorize.preferred is False
+
+
+def test_the_fallback_sees_the_generator_as_the_first_try_found_it():
+    def compute(fast: bool, generator: torch.Generator) -> torch.Tensor:
+        drawn = torch.rand(3, generator=generator)
+        if fast:
+            raise RuntimeError("no batching rule")
+        return drawn
+
+    generator = torch.Generator().manual_seed(0)
+    choice = TryOnce()
+    drawn = choice(lambda fast: compute(fast, generator), generator)
+    assert choice.preferred is False
+    assert torch.equal(drawn, torch.rand(3, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ZeroDivisionError):  # other errors are the computation's own
+        TryOnce()(lambda fast: 1 / 0)
 
 
 @pytest.mark.parametrize("case", CANONICAL, ids=lambda c: c.name)
