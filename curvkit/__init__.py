@@ -9,6 +9,7 @@ The public API::
     curvkit.estimators()
     res = curvkit.eigenvalues(H, k=5)             # values, residual certificates
     tr = curvkit.trace(H, method="hutch++", matvecs=300)
+    d = curvkit.diagonal(H, method="hutchinson", matvecs=100)  # or A.diagonal(), exact
     dens = curvkit.density(H, steps=100, runs=5)  # stochastic Lanczos quadrature
     curvkit.per_layer(H)                          # top eigenvalue and trace per layer
     curvkit.analyze(["ckpt.pt"], output="results.h5")  # what `curvkit analyze` does
@@ -47,6 +48,7 @@ from curvkit.errors import (
 )
 from curvkit.hookspecs import hookimpl, hookspec
 from curvkit.layout import ParameterLayout
+from curvkit.linalg.diagonal import DiagonalResult, diagonal
 from curvkit.linalg.eigen import EigenResult, eigenvalues
 from curvkit.linalg.per_layer import LayerRow, LayerTable, per_layer
 from curvkit.linalg.slq import DensityResult, density
@@ -95,6 +97,7 @@ __all__ = [
     "DenseOperator",
     "DenseTooLargeError",
     "DensityResult",
+    "DiagonalResult",
     "DuplicateEstimatorError",
     "EigenResult",
     "EstimatorSpec",
@@ -124,6 +127,7 @@ __all__ = [
     "__version__",
     "curvature",
     "density",
+    "diagonal",
     "eigenvalues",
     "estimators",
     "get_estimator",

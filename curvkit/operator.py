@@ -10,6 +10,9 @@ everything else is derived here:
   per-parameter tensors (each of the parameter's shape, optionally with one
   trailing ``K`` dimension), returning the same form;
 * ``matvec`` / ``matmat``, ``to_dense`` (refused above a size limit), ``to_scipy``;
+* ``diagonal()``: the exact diagonal, from products with blocks of basis vectors
+  (refused above the same limit), unless the operator knows a cheap way
+  (``CHEAP_DIAGONAL``, see below);
 * algebra: ``2.0 * A``, ``A + B``, ``A - B``, ``-A``, ``A.damped(lam)`` (``A + lam I``);
 * ``restrict(params)``: the diagonal block of a subset of parameters.
 
@@ -25,19 +28,28 @@ Flags (class attributes, overridable per instance):
   fixed linear map: eigenvalues, densities and the checks refuse it (trace
   estimators accept it).
 
+The diagonal is part of the contract. ``CHEAP_DIAGONAL`` (a class attribute,
+overridable per instance, not one of :data:`FLAGS`) says that :meth:`diagonal`
+costs far less than ``P`` products: a dense matrix, ``scale * I``, the Gauss-Newton
+and Fisher diagonals from per-sample Jacobians, the empirical Fisher's squared
+per-sample gradients. Such an operator implements ``_diagonal()``; scaled, summed,
+restricted and transposed operators pass the diagonal through. Generic code
+(``curvkit.trace(method="exact")``, ``curvkit.diagonal``) asks ``CHEAP_DIAGONAL``
+before choosing between ``diagonal()`` and its own products.
+
 Counters ``matvecs`` (columns multiplied) and ``data_passes`` record the work done.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvkit.errors import DenseTooLargeError, ShapeMismatchError
+from curvkit.errors import CurvkitError, DenseTooLargeError, PluginError, ShapeMismatchError
 from curvkit.layout import ParameterLayout
 
 __all__ = [
@@ -47,6 +59,8 @@ __all__ = [
     "RestrictedOperator",
     "ScaledOperator",
     "SumOperator",
+    "basis_blocks",
+    "basis_diagonal",
     "default_max_dense_dim",
 ]
 
@@ -59,6 +73,39 @@ def default_max_dense_dim() -> int:
     10,000 unless the environment variable ``CURVKIT_MAX_DENSE_DIM`` says otherwise.
     """
     return int(os.environ.get("CURVKIT_MAX_DENSE_DIM", "10000"))
+
+
+def basis_blocks(
+    P: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(rows, E)`` for consecutive blocks of the ``P x P`` identity: ``E = I[:, rows]``.
+
+    >>> [(rows.tolist(), E.shape) for rows, E in basis_blocks(3, 2, torch.float64, "cpu")]
+    [([0, 1], torch.Size([3, 2])), ([2], torch.Size([3, 1]))]
+    """
+    for start in range(0, P, block_size):
+        rows = torch.arange(start, min(start + block_size, P), device=device)
+        E = torch.zeros(P, len(rows), dtype=dtype, device=device)
+        E[rows, torch.arange(len(rows), device=device)] = 1
+        yield rows, E
+
+
+def basis_diagonal(
+    matmat: Callable[[Tensor], Tensor],
+    P: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Tensor:
+    """``[A_11, ..., A_PP]`` from ``matmat`` applied to blocks of ``block_size`` basis vectors.
+
+    ``P`` products in ``ceil(P / block_size)`` calls; memory ``P * block_size``.
+    """
+    parts = [
+        matmat(E)[rows, torch.arange(len(rows), device=device)]
+        for rows, E in basis_blocks(P, block_size, dtype, device)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
 
 class CurvatureOperator:
@@ -75,6 +122,7 @@ class CurvatureOperator:
     EXACT: bool = True
     STOCHASTIC: bool = False
     RESAMPLES: bool = False
+    CHEAP_DIAGONAL: bool = False
 
     def __init__(self, layout: ParameterLayout, *, dtype: torch.dtype, device: torch.device | str):
         self.layout = layout
@@ -93,6 +141,12 @@ class CurvatureOperator:
         if self.SYMMETRIC:
             return self._matmat(M)
         raise NotImplementedError(f"{type(self).__name__} does not implement _rmatmat")
+
+    def _diagonal(self) -> Tensor:
+        """The exact ``[P]`` diagonal, computed cheaply; implemented where ``CHEAP_DIAGONAL`` is set."""
+        raise NotImplementedError(
+            f"{type(self).__name__} sets CHEAP_DIAGONAL but does not implement _diagonal"
+        )
 
     # ----------------------------------------------------------------- derived
     @property
@@ -160,14 +214,67 @@ class CurvatureOperator:
             DenseTooLargeError: ``P`` is above the limit.
         """
         self._check_dense_size(max_dim)
-        P = self.shape[0]
-        cols = []
-        for start in range(0, P, block_size):
-            stop = min(start + block_size, P)
-            E = torch.zeros(P, stop - start, dtype=self.dtype, device=self.device)
-            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            cols.append(self.matmat(E))
+        cols = [self.matmat(E) for _, E in basis_blocks(self.shape[0], block_size, self.dtype, self.device)]
         return torch.cat(cols, dim=1)
+
+    def diagonal(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        """The exact diagonal ``[A_11, ..., A_PP]`` as a flat ``[P]`` tensor.
+
+        With ``CHEAP_DIAGONAL`` the operator's own way (``_diagonal()``: a closed
+        form, per-sample Jacobians, no products); otherwise ``P`` products with
+        blocks of basis vectors, refused above the size limit of :meth:`to_dense`.
+
+        Args:
+            max_dim: For the products with basis vectors: refuse when ``P``
+                exceeds this (default :func:`default_max_dense_dim`).
+            block_size: Basis vectors per product (bounds peak memory).
+
+        Raises:
+            DenseTooLargeError: No cheap diagonal, and ``P`` is above the limit.
+            CurvkitError: No cheap diagonal, and the operator resamples on every
+                product (``RESAMPLES``): its products have no fixed diagonal.
+            PluginError: A cheap diagonal of the wrong shape, dtype or device.
+
+        Example:
+            >>> A = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]]))
+            >>> A.diagonal(), (A + 2 * A).diagonal()
+            (tensor([2., 3.]), tensor([6., 9.]))
+        """
+        if self.CHEAP_DIAGONAL:
+            return self._check_result(self._diagonal(), (self.shape[0],), "the diagonal")
+        if self.RESAMPLES:
+            raise CurvkitError(
+                f"the diagonal of {getattr(self, 'name', type(self).__name__)!r} from products with basis "
+                "vectors needs a fixed linear operator, but it resamples on every product (RESAMPLES); "
+                "use curvkit.diagonal(A, method='hutchinson') for an estimate with a standard error"
+            )
+        self._check_dense_size(max_dim)
+        return basis_diagonal(self.matmat, self.shape[0], block_size, self.dtype, self.device)
+
+    def _check_result(self, out: Any, shape: tuple[int, ...], what: str) -> Tensor:
+        """``out`` if it is a tensor of ``shape`` in the operator's dtype and on its device.
+
+        Raises:
+            PluginError: It is not, naming the estimator (a plugin's product or
+                diagonal is malformed).
+        """
+        name = getattr(self, "name", type(self).__name__)
+        form = "[P, K]" if len(shape) == 2 else "[P]"
+        if not isinstance(out, Tensor) or out.shape != shape or out.dtype != self.dtype:
+            got = (
+                f"a {type(out).__name__}"
+                if not isinstance(out, Tensor)
+                else f"shape {tuple(out.shape)}, {out.dtype}"
+            )
+            raise PluginError(
+                f"estimator {name!r} returned {got} for {what}: it must be {form} = {shape} in "
+                f"{self.dtype} on {self.device}"
+            )
+        if out.device != self.device:
+            raise PluginError(
+                f"estimator {name!r} returned {what} on {out.device}; it must be on {self.device}"
+            )
+        return out
 
     def _check_dense_size(self, max_dim: int | None) -> None:
         limit = default_max_dense_dim() if max_dim is None else max_dim
@@ -284,7 +391,7 @@ class _TransposedOperator(CurvatureOperator):
     def __init__(self, op: CurvatureOperator):
         super().__init__(op.layout, dtype=op.dtype, device=op.device)
         self.op = op
-        for f in FLAGS:
+        for f in (*FLAGS, "CHEAP_DIAGONAL"):
             setattr(self, f, getattr(op, f))
 
     def _matmat(self, M: Tensor) -> Tensor:
@@ -292,6 +399,9 @@ class _TransposedOperator(CurvatureOperator):
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         return self.op._matmat(M)
+
+    def diagonal(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        return self.op.diagonal(max_dim, block_size)
 
 
 class ScaledOperator(CurvatureOperator):
@@ -301,7 +411,7 @@ class ScaledOperator(CurvatureOperator):
         super().__init__(op.layout, dtype=op.dtype, device=op.device)
         self.op, self.alpha = op, alpha
         self.SYMMETRIC, self.EXACT, self.STOCHASTIC = op.SYMMETRIC, op.EXACT, op.STOCHASTIC
-        self.RESAMPLES = op.RESAMPLES
+        self.RESAMPLES, self.CHEAP_DIAGONAL = op.RESAMPLES, op.CHEAP_DIAGONAL
         self.PSD = op.PSD and alpha >= 0
 
     def _matmat(self, M: Tensor) -> Tensor:
@@ -309,6 +419,9 @@ class ScaledOperator(CurvatureOperator):
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         return self.alpha * self.op.rmatmat(M)
+
+    def diagonal(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        return self.alpha * self.op.diagonal(max_dim, block_size)
 
 
 class SumOperator(CurvatureOperator):
@@ -335,12 +448,17 @@ class SumOperator(CurvatureOperator):
         self.EXACT = all(o.EXACT for o in flat)
         self.STOCHASTIC = any(o.STOCHASTIC for o in flat)
         self.RESAMPLES = any(o.RESAMPLES for o in flat)
+        self.CHEAP_DIAGONAL = all(o.CHEAP_DIAGONAL for o in flat)
 
     def _matmat(self, M: Tensor) -> Tensor:
         return sum(op.matmat(M.to(op.dtype)).to(self.dtype) for op in self.ops)
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         return sum(op.rmatmat(M.to(op.dtype)).to(self.dtype) for op in self.ops)
+
+    def diagonal(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        """The sum of the terms' diagonals (each cheap or from its own products)."""
+        return sum(op.diagonal(max_dim, block_size).to(self.dtype) for op in self.ops)
 
     def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
         return SumOperator([op.restrict(params) for op in self.ops])
@@ -349,6 +467,8 @@ class SumOperator(CurvatureOperator):
 class IdentityOperator(CurvatureOperator):
     """``scale * I``."""
 
+    CHEAP_DIAGONAL = True
+
     def __init__(self, layout: ParameterLayout, scale: float = 1.0, *, dtype: torch.dtype, device: Any):
         super().__init__(layout, dtype=dtype, device=device)
         self.scale = float(scale)
@@ -356,6 +476,9 @@ class IdentityOperator(CurvatureOperator):
 
     def _matmat(self, M: Tensor) -> Tensor:
         return self.scale * M
+
+    def _diagonal(self) -> Tensor:
+        return torch.full((self.shape[0],), self.scale, dtype=self.dtype, device=self.device)
 
     def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
         sub = self.layout.sub_layout(_resolve_names(self.layout, params))
@@ -371,6 +494,8 @@ class DenseOperator(CurvatureOperator):
         symmetric, psd, exact: Flags of the matrix (``symmetric`` is checked
             against the matrix when ``None``).
     """
+
+    CHEAP_DIAGONAL = True
 
     def __init__(
         self,
@@ -399,6 +524,9 @@ class DenseOperator(CurvatureOperator):
     def _rmatmat(self, M: Tensor) -> Tensor:
         return self.matrix.T @ M
 
+    def _diagonal(self) -> Tensor:
+        return torch.diagonal(self.matrix).clone()
+
     def to_dense(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
         self._check_dense_size(max_dim)
         return self.matrix.clone()
@@ -425,7 +553,7 @@ class RestrictedOperator(CurvatureOperator):
         super().__init__(sub, dtype=op.dtype, device=op.device)
         self.op = op
         self.index = op.layout.indices(sub.names).to(op.device)
-        for f in FLAGS:
+        for f in (*FLAGS, "CHEAP_DIAGONAL"):
             setattr(self, f, getattr(op, f))
 
     def _embed(self, M: Tensor) -> Tensor:
@@ -438,3 +566,6 @@ class RestrictedOperator(CurvatureOperator):
 
     def _rmatmat(self, M: Tensor) -> Tensor:
         return self.op.rmatmat(self._embed(M))[self.index]
+
+    def _diagonal(self) -> Tensor:
+        return self.op.diagonal()[self.index]  # only with the operator's cheap diagonal

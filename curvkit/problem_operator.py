@@ -20,8 +20,9 @@ Gauss-Newton matrix, ...). A :class:`ProblemOperator` owns everything but
   product (see below);
 * the estimator's options, captured once at construction, which rebuild it on a
   block of parameters (:meth:`restrict`);
-* a check that a product comes back as ``[P, K]`` in the operator's dtype and on
-  its device (a :class:`~curvkit.PluginError` naming the estimator otherwise).
+* a check that a product comes back as ``[P, K]`` (a diagonal as ``[P]``) in the
+  operator's dtype and on its device (a :class:`~curvkit.PluginError` naming the
+  estimator otherwise).
 
 A subclass implements **one** of:
 
@@ -32,6 +33,18 @@ A subclass implements **one** of:
   built from other operators, or that reuse work between products (the Hessian
   keeps gradient graphs); data-backed sums must still go through
   :meth:`~curvkit.Problem.full_data`.
+
+and may implement, when one batch's contribution to the diagonal is cheap (far
+cheaper than ``P`` products):
+
+* :meth:`batch_diagonal` ``(params, inputs, targets, generator) -> (sum, count)``:
+  one batch's contribution to ``diag(A)``, per parameter, not yet normalised.
+  A subclass that defines it gets ``CHEAP_DIAGONAL = True`` and a
+  :meth:`~curvkit.CurvatureOperator.diagonal` made by the same loop, reduction
+  and normalisation as its products, with the same samples (a Monte-Carlo
+  estimator's generator is seeded as for a product), so it is the diagonal of
+  the very map the products apply. Without it, ``diagonal()`` is the generic one
+  from products with basis vectors.
 
 **Monte-Carlo estimators.** ``STOCHASTIC`` means the products come from random
 samples (of targets, of probes). With a seed such an estimator is a *fixed*
@@ -47,13 +60,12 @@ estimators accept it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvkit.errors import PluginError
 from curvkit.operator import CurvatureOperator, _resolve_names
 from curvkit.problem import ModelSnapshot, Problem
 
@@ -76,6 +88,11 @@ class ProblemOperator(CurvatureOperator):
         name: The registered name (set by :func:`curvkit.curvature`; the class
             name otherwise), used in error messages.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "batch_diagonal" in vars(cls) and "CHEAP_DIAGONAL" not in vars(cls):
+            cls.CHEAP_DIAGONAL = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ProblemOperator:
         self = super().__new__(cls)
@@ -117,22 +134,53 @@ class ProblemOperator(CurvatureOperator):
         """
         raise NotImplementedError(f"{type(self).__name__} implements neither batch_product nor _product")
 
+    def batch_diagonal(
+        self,
+        params: Sequence[Tensor],
+        inputs: Any,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[Sequence[Tensor], float]:
+        """One batch's contribution to ``diag(A)`` and its count ``c_b`` (optional).
+
+        Arguments as for :meth:`batch_product`, without ``V``.
+
+        Returns:
+            Per parameter, the batch's sum of diagonal terms (of the parameter's
+            shape, not yet normalised), and the batch's count.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement batch_diagonal")
+
     def _product(self, M: Tensor, snapshot: ModelSnapshot) -> Tensor:
         """``A @ M`` for ``M`` of shape ``[P, K]`` and the model state ``snapshot``.
 
         The default makes one pass over the data with :meth:`batch_product`.
         """
-        problem = self.problem
-        V = [v.movedim(-1, 0) for v in problem.layout.unflatten(M)]  # [K, *shape] each
-        params = [p.detach() for p in problem.params]
-        generator = self.product_generator()
+        V = [v.movedim(-1, 0) for v in self.problem.layout.unflatten(M)]  # [K, *shape] each
 
-        def per_batch(inputs: Any, targets: Tensor) -> tuple[Sequence[Tensor], float]:
+        def per_batch(
+            params: Sequence[Tensor], inputs: Any, targets: Tensor, generator: torch.Generator | None
+        ) -> tuple[Sequence[Tensor], float]:
             return self.batch_product(params, inputs, targets, V, generator)
 
-        self.data_passes += 1
-        parts = problem.data_mean(per_batch)
+        parts = self._data_pass(per_batch)
         return torch.cat([part.reshape(part.shape[0], -1) for part in parts], dim=1).T
+
+    def _diagonal(self) -> Tensor:
+        """``diag(A)`` in one pass over the data with :meth:`batch_diagonal`."""
+        self.problem.ensure_deterministic(self.problem.current_snapshot())
+        parts = self._data_pass(self.batch_diagonal)
+        return torch.cat([part.reshape(-1) for part in parts])
+
+    def _data_pass(self, per_batch: Callable[..., tuple[Sequence[Tensor], float]]) -> Any:
+        """``per_batch(params, inputs, targets, generator)`` summed over the data and normalised.
+
+        One pass, counted, with the detached parameters and the product's generator.
+        """
+        params = [p.detach() for p in self.problem.params]
+        generator = self.product_generator()
+        self.data_passes += 1
+        return self.problem.data_mean(lambda inputs, targets: per_batch(params, inputs, targets, generator))
 
     # ------------------------------------------------------------------ template
     def product_generator(self) -> torch.Generator | None:
@@ -153,21 +201,7 @@ class ProblemOperator(CurvatureOperator):
         self.problem.ensure_deterministic(snapshot)
         out = self._product(M, snapshot)
         self.products += 1
-        if not isinstance(out, Tensor) or out.shape != M.shape or out.dtype != self.dtype:
-            got = (
-                f"a {type(out).__name__}"
-                if not isinstance(out, Tensor)
-                else f"shape {tuple(out.shape)}, {out.dtype}"
-            )
-            raise PluginError(
-                f"estimator {self.name!r} returned {got} for a product with {tuple(M.shape)}: "
-                f"a product must be [P, K] = {tuple(M.shape)} in {self.dtype} on {self.device}"
-            )
-        if out.device != self.device:
-            raise PluginError(
-                f"estimator {self.name!r} returned a product on {out.device}; it must be on {self.device}"
-            )
-        return out
+        return self._check_result(out, tuple(M.shape), f"a product with {tuple(M.shape)}")
 
     def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
         """The same estimator on a block of parameters, differentiating only those.

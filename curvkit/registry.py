@@ -50,7 +50,12 @@ __all__ = [
     "unregister_plugin",
 ]
 
-BUILTIN_PLUGINS: tuple[str, ...] = ("curvkit.plugins.hessian",)
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "curvkit.plugins.hessian",
+    "curvkit.plugins.ggn",
+    "curvkit.plugins.fisher",
+    "curvkit.plugins.empirical_fisher",
+)
 ENTRY_POINT_GROUP = "curvkit"
 
 

@@ -162,7 +162,8 @@ def _module_name(path: Path) -> str:
 
 
 def _curvkit_modules() -> list[str]:
-    return [*map(_module_name, _core_files()), "curvkit.plugins.hessian", "curvkit.cli.main"]
+    plugins = [f"curvkit.plugins.{path.stem}" for path in sorted(PLUGINS.glob("[!_]*.py"))]
+    return [*map(_module_name, _core_files()), *plugins, "curvkit.cli.main"]
 
 
 def _core_import_graph() -> dict[str, set[str]]:
@@ -219,7 +220,7 @@ def test_doctests(module_name):
     module = importlib.import_module(module_name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} doctest(s) of {module_name} failed"
-    if module_name in ("curvkit.registry", "curvkit.autodiff", "curvkit.problem"):
+    if module_name in ("curvkit.registry", "curvkit.autodiff", "curvkit.problem", "curvkit.jacobians"):
         assert result.attempted > 0, f"{module_name} lost its examples"
 
 

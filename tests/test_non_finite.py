@@ -29,7 +29,9 @@ def spd(n: int = P, seed: int = 0) -> torch.Tensor:
 
 class PoisonedProducts(curvkit.DenseOperator):
     """A dense operator whose ``bad``-th product (columns counted from 1 across calls)
-    has ``value`` in its first three entries."""
+    has ``value`` in its first three entries. Known only by its products: no cheap diagonal."""
+
+    CHEAP_DIAGONAL = False
 
     def __init__(self, matrix: torch.Tensor, bad: int, value: float = float("nan")):
         super().__init__(matrix, symmetric=True)

@@ -33,7 +33,12 @@ def low_rank_psd(P, rank, seed=0, dtype=torch.float64):
 
 
 class CountingOperator(curvkit.DenseOperator):
-    """A dense operator that counts its ``matmat`` calls and calls each a data pass."""
+    """A dense operator that counts its ``matmat`` calls and calls each a data pass.
+
+    It stands for an operator known only by its products: no cheap diagonal.
+    """
+
+    CHEAP_DIAGONAL = False
 
     def __init__(self, matrix):
         super().__init__(matrix)
@@ -45,11 +50,29 @@ class CountingOperator(curvkit.DenseOperator):
         return super()._matmat(M)
 
 
-class DiagonalOperator(curvkit.DenseOperator):
-    """A dense operator that also offers its exact diagonal."""
+class DiagonalOperator(curvkit.CurvatureOperator):
+    """An operator known by its products that also offers a cheap exact diagonal (the contract)."""
 
-    def diagonal(self):
-        return torch.diagonal(self.matrix)
+    CHEAP_DIAGONAL = True
+
+    def __init__(self, matrix):
+        super().__init__(curvkit.DenseOperator(matrix).layout, dtype=matrix.dtype, device=matrix.device)
+        self.matrix = matrix
+
+    def _matmat(self, M):
+        return self.matrix @ M
+
+    def _diagonal(self):
+        return torch.diagonal(self.matrix).clone()
+
+
+class DuckDiagonal(curvkit.DenseOperator):
+    """A ``diagonal`` method on an operator whose contract says it is not cheap: not used."""
+
+    CHEAP_DIAGONAL = False
+
+    def diagonal(self, max_dim=None, block_size=256):
+        raise AssertionError("trace must not call a diagonal the contract does not offer")
 
 
 def rel_err(estimate, truth):
@@ -59,13 +82,15 @@ def rel_err(estimate, truth):
 # ------------------------------------------------------------------------ exact
 def test_exact_trace_of_dense_operators():
     D = curvkit.DenseOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
-    res = trace(D, method="exact")
-    assert (res.estimate, res.stderr, res.method, res.matvecs) == (55.0, 0.0, "exact", 10)
+    res = trace(D, method="exact")  # a dense operator's diagonal is cheap: no products
+    assert (res.estimate, res.stderr, res.method, res.matvecs) == (55.0, 0.0, "exact", 0)
 
     M = spectrum_matrix(torch.linspace(-3, 5, 37), seed=1)
-    res = trace(curvkit.DenseOperator(M), method="exact", batch_size=10)
+    A = curvkit.DenseOperator(M)
+    A.CHEAP_DIAGONAL = False  # as an operator known only by its products
+    res = trace(A, method="exact", batch_size=10)
     assert rel_err(res.estimate, M.trace().item()) < 1e-12
-    assert res.matvecs == 37
+    assert res.matvecs == 37 and A.matvecs == 37
 
 
 def test_exact_trace_of_a_hessian_matches_dense_reference():
@@ -89,6 +114,9 @@ def test_exact_uses_the_operators_diagonal():
     res = trace(A, method="exact")
     assert rel_err(res.estimate, M.trace().item()) < 1e-12
     assert res.matvecs == 0 and A.matvecs == 0
+    B = DuckDiagonal(M)
+    res = trace(B, method="exact")
+    assert rel_err(res.estimate, M.trace().item()) < 1e-12 and res.matvecs == B.matvecs == 20
 
 
 def test_exact_refuses_resampling_operators_but_not_seeded_monte_carlo_ones():
@@ -136,9 +164,11 @@ def test_sketching_methods_are_exact_when_a_matrix_has_exact_zero_rows():
 @pytest.mark.parametrize("budget", [40, 41, 500])
 def test_budget_covering_the_space_gives_the_exact_trace(method, budget):
     M = spectrum_matrix(torch.linspace(-2, 7, 40), seed=5)
-    res = trace(curvkit.DenseOperator(M), method=method, matvecs=budget, seed=1)
+    res = trace(CountingOperator(M), method=method, matvecs=budget, seed=1)
     assert rel_err(res.estimate, M.trace().item()) < 1e-12
     assert (res.method, res.stderr, res.matvecs) == ("exact", 0.0, 40)
+    res = trace(curvkit.DenseOperator(M), method=method, matvecs=budget, seed=1)  # its cheap diagonal
+    assert (res.method, res.stderr, res.matvecs) == ("exact", 0.0, 0)
 
 
 def test_resampling_operators_keep_estimating_with_a_large_budget():

@@ -1,1 +1,1 @@
-"""Linear algebra on curvature operators: eigenpairs, traces, spectral densities."""
+"""Linear algebra on curvature operators: eigenpairs, traces, diagonals, spectral densities."""

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from numbers import Integral
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitError, NonFiniteError, ShapeMismatchError
+from curvkit.operator import CurvatureOperator, basis_diagonal
 
 __all__ = [
+    "Products",
     "Progress",
+    "check_batch_size",
     "check_finite",
+    "check_matvecs",
     "check_square",
+    "draw_probes",
+    "exact_diagonal",
     "gaussian",
     "non_finite_error",
     "probe_generator",
@@ -57,6 +64,22 @@ def check_square(A: Any) -> int:
     if shape[0] != shape[1]:
         raise ShapeMismatchError(f"spectral analysis needs a square operator, got shape {tuple(shape)}")
     return int(shape[0])
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """Refuse a ``batch_size`` (columns per product) that is not a positive integer or ``None``."""
+    if isinstance(batch_size, bool) or not (batch_size is None or isinstance(batch_size, Integral)):
+        raise CurvkitError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if batch_size is not None and batch_size < 1:
+        raise CurvkitError(f"batch_size must be a positive integer or None, got {batch_size}")
+
+
+def check_matvecs(matvecs: Any, minimum: int, what: str) -> None:
+    """Refuse a budget of products that is not an integer of at least ``minimum`` (``what`` needs it)."""
+    if isinstance(matvecs, bool) or not isinstance(matvecs, Integral):
+        raise CurvkitError(f"matvecs must be an integer, got {matvecs!r}")
+    if matvecs < minimum:
+        raise CurvkitError(f"{what} needs matvecs >= {minimum}, got {matvecs}")
 
 
 def require_fixed_map(A: Any, analysis: str) -> None:
@@ -143,3 +166,88 @@ def check_finite(products: Tensor, first: int, analysis: str) -> None:
     columns = products.reshape(products.shape[0], -1)
     bad = (~torch.isfinite(columns)).any(dim=0).nonzero()[0].item()
     raise non_finite_error(columns[:, bad], product_name(first + bad, analysis))
+
+
+def draw_probes(kind: str, P: int, K: int, gen: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
+    """``[P, K]`` probes (``"rademacher"`` or ``"gaussian"``), one column at a time.
+
+    So blocks of any size give the same columns.
+    """
+    draw = rademacher if kind == "rademacher" else gaussian
+    if K == 0:
+        return torch.zeros(P, 0, dtype=dtype, device=device)
+    return torch.cat([draw(P, 1, gen, dtype, device) for _ in range(K)], dim=1)
+
+
+class Products:
+    """Applies ``A`` to blocks of columns, counting products, checking that they are
+    finite (one reduction per block) and reporting progress.
+
+    Args:
+        A: The operator.
+        batch_size: Columns per ``A.matmat`` call.
+        total: The planned number of products (for progress).
+        progress: The progress callback, or ``None``.
+        analysis: What the products are for, e.g. ``"the trace estimate"``.
+        method: The method, named in errors with the stage.
+    """
+
+    def __init__(
+        self, A: Any, batch_size: int, total: int, progress: Progress | None, analysis: str, method: str
+    ):
+        self.A = A
+        self.batch_size = batch_size
+        self.total = total
+        self.progress = progress
+        self.analysis = analysis
+        self.method = method
+        self.matvecs = 0
+
+    def __call__(self, M: Tensor, stage: str) -> Tensor:
+        out = []
+        for start in range(0, M.shape[1], self.batch_size):
+            block = M[:, start : start + self.batch_size]
+            out.append(self.A.matmat(block).detach())
+            check_finite(out[-1], self.matvecs + 1, f"{self.analysis} ({self.method}, {stage})")
+            self.matvecs += block.shape[1]
+            self.report(stage)
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    def report(self, stage: str) -> None:
+        """Call the progress callback with the products so far."""
+        if self.progress is not None:
+            self.progress({"matvecs": self.matvecs, "total": self.total, "stage": stage})
+
+
+def exact_diagonal(
+    A: Any, apply: Products, P: int, dtype: torch.dtype, device: Any, analysis: str, alternatives: str
+) -> Tensor:
+    """The exact ``[P]`` diagonal: ``A.diagonal()`` if the operator's is cheap, else basis products.
+
+    The operator contract says which (``CHEAP_DIAGONAL``); other operators, and
+    objects that only have ``matmat``, are multiplied with blocks of basis
+    vectors through ``apply`` (``P`` products, stage ``"basis"``).
+
+    Args:
+        analysis: What the diagonal is for (``"trace"``), named in errors.
+        alternatives: The methods an error suggests for a resampling operator.
+
+    Raises:
+        CurvkitError: The operator resamples on every product (``RESAMPLES``): it
+            has no fixed diagonal.
+        NonFiniteError: The cheap diagonal holds a NaN or an Inf (products are
+            checked by ``apply``).
+    """
+    if getattr(A, "RESAMPLES", False):
+        raise CurvkitError(
+            f"method 'exact' needs a fixed linear operator, but {type(A).__name__} resamples on every "
+            f"product (RESAMPLES); use {alternatives} for an estimate with a standard error"
+        )
+    if isinstance(A, CurvatureOperator) and A.CHEAP_DIAGONAL:
+        entries = A.diagonal().detach()
+        if not bool(torch.isfinite(entries).all()):
+            raise non_finite_error(entries, f"the diagonal of the operator ({analysis}, exact)")
+        if apply.progress is not None:
+            apply.progress({"matvecs": 0, "total": 0, "stage": "diagonal"})
+        return entries
+    return basis_diagonal(lambda E: apply(E, "basis"), P, apply.batch_size, dtype, device)

@@ -60,7 +60,9 @@ data, not ``m``):
 ``"exact"``
     ``sum_i e_i^T A e_i`` from products with blocks of basis vectors (``P``
     products, ``P / batch_size`` passes), or from ``A.diagonal()`` when the
-    operator offers its exact diagonal (no products). Standard error 0.
+    operator's diagonal is cheap (``CHEAP_DIAGONAL`` of the operator contract: a
+    dense matrix, the Gauss-Newton and Fisher estimators; no products).
+    Standard error 0.
 
 Adaptive fallback (``adaptive=True``, the default)
     A sketch only pays for itself when ``A`` has a decaying spectrum; on a flat
@@ -169,7 +171,7 @@ hutch++        ``k = m // 3`` sketch, ``k`` for ``A Q``, ``m - 2k`` probes  3
 xtrace         ``k = m // 2`` test vectors, each costs 2 (``A Omega``,      2
                ``A Q``): ``2k`` (``m - 1`` when ``m`` is odd)
                (fallback: ``k`` test vectors, ``m - k`` probes)
-exact          ``P`` (0 with ``A.diagonal()``); ``matvecs`` is ignored      --
+exact          ``P`` (0 with a cheap ``A.diagonal()``); ``matvecs`` ignored --
 =============  ==========================================================  ============
 
 When ``matvecs >= P`` and the operator is a fixed linear map (not ``RESAMPLES``),
@@ -191,7 +193,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from numbers import Integral
 from typing import Any, NamedTuple
 
 import torch
@@ -199,13 +200,14 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError
 from curvkit.linalg._common import (
+    Products,
     Progress,
-    check_finite,
+    check_batch_size,
+    check_matvecs,
     check_square,
-    gaussian,
-    non_finite_error,
+    draw_probes,
+    exact_diagonal,
     probe_generator,
-    rademacher,
 )
 
 __all__ = ["METHODS", "TraceResult", "trace"]
@@ -269,41 +271,6 @@ class _Outcome(NamedTuple):
     sketch_mass: float | None = None
 
 
-class _Products:
-    """Applies ``A`` to blocks of columns, counting products, checking that they are
-    finite (one reduction per block) and reporting progress."""
-
-    def __init__(self, A: Any, batch_size: int, total: int, progress: Progress | None, method: str):
-        self.A = A
-        self.batch_size = batch_size
-        self.total = total
-        self.progress = progress
-        self.method = method
-        self.matvecs = 0
-
-    def __call__(self, M: Tensor, stage: str) -> Tensor:
-        out = []
-        for start in range(0, M.shape[1], self.batch_size):
-            block = M[:, start : start + self.batch_size]
-            out.append(self.A.matmat(block).detach())
-            check_finite(out[-1], self.matvecs + 1, f"the trace estimate ({self.method}, {stage})")
-            self.matvecs += block.shape[1]
-            self._report(stage)
-        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
-
-    def _report(self, stage: str) -> None:
-        if self.progress is not None:
-            self.progress({"matvecs": self.matvecs, "total": self.total, "stage": stage})
-
-
-def _draw(kind: str, P: int, K: int, gen: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
-    """``[P, K]`` probes, one column at a time (so blocks of any size give the same columns)."""
-    draw = rademacher if kind == "rademacher" else gaussian
-    if K == 0:
-        return torch.zeros(P, 0, dtype=dtype, device=device)
-    return torch.cat([draw(P, 1, gen, dtype, device) for _ in range(K)], dim=1)
-
-
 def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
     """Mean and ``std / sqrt(n)`` (``nan`` for a single sample) of a 1-d tensor, in float64."""
     samples = samples.to(torch.float64)
@@ -314,12 +281,12 @@ def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
 
 
 def _hutchinson_sum(
-    apply: _Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any, Q: Tensor | None
+    apply: Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any, Q: Tensor | None
 ) -> Tensor:
     """The ``m`` terms ``z^T A z`` (``z`` Rademacher, projected off ``Q`` when given), block by block."""
     terms = []
     for start in range(0, m, apply.batch_size):
-        Z = _draw("rademacher", P, min(apply.batch_size, m - start), gen, dtype, device)
+        Z = draw_probes("rademacher", P, min(apply.batch_size, m - start), gen, dtype, device)
         if Q is not None:
             Z = Z - Q @ (Q.T @ Z)
         terms.append((Z * apply(Z, "probes")).sum(dim=0))
@@ -327,7 +294,7 @@ def _hutchinson_sum(
 
 
 def _hutchinson(
-    apply: _Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any
+    apply: Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any
 ) -> _Outcome:
     return _Outcome(*_mean_and_stderr(_hutchinson_sum(apply, P, m, gen, dtype, device, None)), "hutchinson")
 
@@ -361,7 +328,7 @@ def _missed_fraction(R: Tensor, S: Tensor) -> float:
 
 
 def _fallback(
-    apply: _Products,
+    apply: Products,
     P: int,
     m: int,
     gen: torch.Generator,
@@ -378,11 +345,11 @@ def _fallback(
 
 
 def _hutch_plus_plus(
-    apply: _Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any, adaptive: bool
+    apply: Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any, adaptive: bool
 ) -> _Outcome:
     k = min(m // 3, P)
     g = m - 2 * k
-    S = _draw("rademacher", P, k, gen, dtype, device)
+    S = draw_probes("rademacher", P, k, gen, dtype, device)
     Y = apply(S, "sketch")
     Q, R = torch.linalg.qr(Y)
     rho = _missed_fraction(R, _leave_one_out_directions(R, dtype))
@@ -394,10 +361,10 @@ def _hutch_plus_plus(
 
 
 def _xtrace(
-    apply: _Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any, adaptive: bool
+    apply: Products, P: int, m: int, gen: torch.Generator, dtype: torch.dtype, device: Any, adaptive: bool
 ) -> _Outcome:
     k = min(m // 2, P)
-    Om = _draw("gaussian", P, k, gen, dtype, device)
+    Om = draw_probes("gaussian", P, k, gen, dtype, device)
     Om = Om * (math.sqrt(P) / Om.norm(dim=0))  # uniform on the sphere of radius sqrt(P)
     Y = apply(Om, "sketch")
     Q, R = torch.linalg.qr(Y)
@@ -420,48 +387,18 @@ def _xtrace(
     return _Outcome(*_mean_and_stderr(in_sketch + residual), "xtrace", False, 1.0 - rho)
 
 
-def _exact(
-    A: Any, apply: _Products, P: int, dtype: torch.dtype, device: Any, progress: Progress | None
-) -> float:
-    diagonal = getattr(A, "diagonal", None)
-    if callable(diagonal):
-        entries = diagonal()
-        value = entries.sum().to(torch.float64).item()
-        if not math.isfinite(value):
-            raise non_finite_error(entries, "the diagonal of the operator (trace, exact)")
-        if progress is not None:
-            progress({"matvecs": 0, "total": 0, "stage": "diagonal"})
-        return value
-    if getattr(A, "RESAMPLES", False):
-        raise CurvkitError(
-            f"method 'exact' needs a fixed linear operator, but {type(A).__name__} resamples on every "
-            "product (RESAMPLES); use 'hutch++' or 'xtrace' for an estimate with a standard error"
-        )
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, P, apply.batch_size):
-        stop = min(start + apply.batch_size, P)
-        rows = torch.arange(start, stop, device=device)
-        cols = torch.arange(stop - start, device=device)
-        E = torch.zeros(P, stop - start, dtype=dtype, device=device)
-        E[rows, cols] = 1
-        total += apply(E, "basis")[rows, cols].to(torch.float64).sum()
-    return total.item()
+def _exact(A: Any, apply: Products, P: int, dtype: torch.dtype, device: Any) -> float:
+    entries = exact_diagonal(A, apply, P, dtype, device, "trace", "'hutch++' or 'xtrace'")
+    return entries.to(torch.float64).sum().item()
 
 
 def _check_arguments(method: Any, matvecs: Any, batch_size: Any) -> str:
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise CurvkitError(f"unknown trace method {method!r}; choose one of {', '.join(METHODS)}")
     method = method.lower()
-    if isinstance(batch_size, bool) or not (batch_size is None or isinstance(batch_size, Integral)):
-        raise CurvkitError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if batch_size is not None and batch_size < 1:
-        raise CurvkitError(f"batch_size must be a positive integer or None, got {batch_size}")
-    if method == "exact":
-        return method
-    if isinstance(matvecs, bool) or not isinstance(matvecs, Integral):
-        raise CurvkitError(f"matvecs must be an integer, got {matvecs!r}")
-    if matvecs < MIN_MATVECS[method]:
-        raise CurvkitError(f"trace method {method!r} needs matvecs >= {MIN_MATVECS[method]}, got {matvecs}")
+    check_batch_size(batch_size)
+    if method != "exact":
+        check_matvecs(matvecs, MIN_MATVECS[method], f"trace method {method!r}")
     return method
 
 
@@ -510,8 +447,8 @@ def trace(
         ShapeMismatchError: ``A`` is not a square operator.
         CurvkitError: Unknown method, a budget below the method's minimum (1 for
             Hutchinson, 3 for Hutch++, 2 for XTrace), a bad ``batch_size`` or
-            ``adaptive``, or ``"exact"`` on a ``RESAMPLES`` operator without
-            ``diagonal()``.
+            ``adaptive``, or ``"exact"`` on a ``RESAMPLES`` operator (it has no
+            fixed diagonal).
         NonFiniteError: A product (or the operator's diagonal) holds a NaN or an
             Inf; the message names the product and the stage (sketch, projection,
             probes, basis).
@@ -523,9 +460,9 @@ def trace(
         >>> import torch, curvkit
         >>> from curvkit.linalg.trace import trace
         >>> D = curvkit.DenseOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
-        >>> res = trace(D, method="exact")
+        >>> res = trace(D, method="exact")  # from the dense operator's diagonal: no products
         >>> res.estimate, res.stderr, res.matvecs
-        (55.0, 0.0, 10)
+        (55.0, 0.0, 0)
         >>> u = torch.arange(1.0, 31.0, dtype=torch.float64).reshape(2, 15).T
         >>> L = curvkit.DenseOperator(u @ u.T)  # trace = ||u||_F^2 = 9455
         >>> res = trace(L, method="hutch++", matvecs=9, seed=1)
@@ -559,12 +496,12 @@ def trace(
     else:
         total = matvecs
     block = batch_size if batch_size is not None else DEFAULT_BATCH_SIZE
-    apply = _Products(A, max(1, min(block, max(total, 1))), total, progress, method)
+    apply = Products(A, max(1, min(block, max(total, 1))), total, progress, "the trace estimate", method)
 
     # No torch.no_grad(): operators built on autograd may rely on the ambient grad
     # mode; the products are detached instead.
     if method == "exact":
-        outcome = _Outcome(_exact(A, apply, P, dtype, device, progress), 0.0, "exact")
+        outcome = _Outcome(_exact(A, apply, P, dtype, device), 0.0, "exact")
     elif method == "hutchinson":
         outcome = _hutchinson(apply, P, matvecs, generator, dtype, device)
     else:
