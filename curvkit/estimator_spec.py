@@ -36,6 +36,11 @@ class EstimatorSpec:
             compares it with the reference's dense matrix built independently by
             :mod:`curvkit.testing` (a name it knows) or by the callable.
         reference_options: Options of the reference estimator.
+        reference_on: Case tags (:attr:`curvkit.testing.Case.tags`) on which an
+            approximation equals its reference exactly (KFAC and the GGN:
+            ``("single-datum", "deep-linear")``); the conformance battery compares
+            them there only. ``None``: wherever the estimator claims ``EXACT`` (or,
+            for a Monte-Carlo estimator, in expectation on every case).
         losses: The loss names the estimator supports (``None``: every loss);
             the conformance battery runs it on cases with these losses only.
         plugin: Name of the plugin that registered it (filled in by the registry).
@@ -47,6 +52,7 @@ class EstimatorSpec:
     flags: dict[str, bool] = field(default_factory=dict)
     reference: str | Callable[..., Any] | None = None
     reference_options: dict[str, Any] = field(default_factory=dict)
+    reference_on: tuple[str, ...] | None = None
     losses: tuple[str, ...] | None = None
     plugin: str = ""
 

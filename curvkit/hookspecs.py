@@ -18,7 +18,13 @@ non-empty). ``CURVKIT_TRACE_PLUGINS=1`` prints every hook call to stderr. A
 plugin can also be registered at run time with :func:`curvkit.register_plugin`.
 
 Implementations of hooks that do not exist are rejected when plugins load, so a
-misspelt hook name fails loudly instead of being ignored.
+misspelt hook name fails loudly instead of being ignored. A plugin whose module
+fails to import is reported (a one-line warning; ``curvkit plugins`` lists it)
+and the others load.
+
+``docs/plugins.md`` is the guide: a data-backed estimator from scratch (the
+per-batch product, the loss's output Hessian, options, flags and what each makes
+the conformance battery check, the reference), running the battery, packaging.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ def curvkit_register_estimators() -> list[EstimatorSpec]:
     Called once, when the estimator registry is first built. Every plugin's
     implementation is called; the lists are concatenated. Two estimators with the
     same name (from any plugins) are an error naming both plugins.
+
+    Return a *list* (``[spec]``, not ``spec``). Writing the estimator itself,
+    its flags and its reference is explained in ``docs/plugins.md``.
 
     Returns:
         A list of :class:`curvkit.EstimatorSpec`. ``spec.factory(problem, **options)``

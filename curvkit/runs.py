@@ -14,7 +14,9 @@ result file. It works in two phases:
 
 **Several estimators** give one run per checkpoint and estimator. Their options
 are addressed to all or to one (:func:`resolve_estimator_options`): ``seed`` goes
-to every estimator that takes it, ``fisher.seed`` to ``fisher`` alone. With a
+to every estimator that takes it, ``fisher.seed`` to ``fisher`` alone. An
+estimator that takes a ``seed`` and is given none gets the command's seed (the
+plan's), so that a Monte-Carlo estimator's numbers are reproducible. With a
 baseline (``AnalysisPlan(compare_to=...)``) every other estimator's run gets a
 ``compare/<baseline>`` analysis; the baseline's own run, when the command has
 one, comes first for each checkpoint, and the comparisons reuse its eigenpairs
@@ -251,6 +253,20 @@ def run_key(
     }
 
 
+def _seeded(estimator: str, options: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
+    """``options`` with the command's ``seed`` for an estimator that takes one and was given none.
+
+    A Monte-Carlo estimator draws a fresh seed when given none; the command's
+    ``--seed`` makes its numbers reproducible, and part of the run's key.
+    """
+    from curvkit.registry import estimator_options, get_estimator
+
+    options = dict(options or {})
+    if "seed" not in options and "seed" in (estimator_options(get_estimator(estimator)) or ()):
+        options["seed"] = seed
+    return options
+
+
 def resolve_estimator_options(
     estimators: Sequence[str], options: Mapping[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -397,13 +413,13 @@ def prepare_analysis(
     )
     problem.check_batch()
     problem.ensure_deterministic()
-    options = dict(estimator_options or {})
+    options = _seeded(estimator, estimator_options, seed)
     operator = curvature(estimator, problem, **options)
     spec = get_estimator(estimator)
     reference = estimator_reference(spec, problem, max_dense_dim=reference_max_dim)
     other = None
     if baseline is not None and baseline != estimator:
-        other = curvature(baseline, problem, **dict(baseline_options or {}))
+        other = curvature(baseline, problem, **_seeded(baseline, baseline_options, seed))
     model = settings.model or meta.get("model_factory") or type(net).__name__
     model_kwargs = settings.model_kwargs if settings.model_kwargs is not None else meta.get("model_kwargs")
     key = run_key(

@@ -147,3 +147,38 @@ def test_addressed_options_replace_plain_ones_for_their_estimator(test_estimator
         "shifted-hessian": {"shift": 0.1},
         "hessian": {"strategy": "reverse"},
     }
+
+
+def test_the_built_in_estimators_are_checked_against_their_references(tmp_path):
+    runs = analyze(tmp_path / "r.h5", "--curvature", "ggn,fisher", "--check", "--compare-to", "hessian")
+    by_estimator = {run["estimator"]: run["analyses"] for run in runs}
+    ggn, fisher = by_estimator["ggn"], by_estimator["fisher"]
+    assert ggn["checks/agreement"]["passed"] is True and ggn["checks/psd"]["passed"] is True
+    # one draw of the Monte-Carlo Fisher: figures as information, never a pass or a fail
+    agreement = fisher["checks/agreement"]
+    assert (
+        agreement["passed"] is None and agreement["measured"] > 0.0 and "Monte-Carlo" in agreement["detail"]
+    )
+    # the Hessian has no cheap diagonal: the comparison's traces are Hutch++ with the plan's
+    # budget and probes, not an exact trace from P products
+    compare = ggn["compare/hessian"]
+    assert compare["trace_method"] == "hutch++"
+    assert compare["matvecs"] + compare["baseline_matvecs"] < 3466
+
+
+def test_a_monte_carlo_estimator_is_seeded_by_the_command(tmp_path):
+    first = analyze(tmp_path / "a.h5", "--curvature", "fisher")[0]
+    again = analyze(tmp_path / "b.h5", "--curvature", "fisher")[0]
+    assert first["analyses"]["eigen/largest"]["values"] == again["analyses"]["eigen/largest"]["values"]
+    assert first["key"]["estimator_options"] == {"seed": 0}
+    other = analyze(tmp_path / "a.h5", "--curvature", "fisher", "--seed", "1")[0]
+    assert other["key"]["estimator_options"] == {"seed": 1} and other["run_id"] != first["run_id"]
+    own = analyze(tmp_path / "a.h5", "--curvature", "fisher", "--option", "seed=7")[0]
+    assert own["key"]["estimator_options"] == {"seed": 7}
+
+
+def test_the_checks_of_a_float32_estimator_warn_about_nothing(tmp_path, run_curvkit):
+    proc = run_curvkit(
+        "analyze", MLP, "--curvature", "ggn", "--top-k", "2", "--check", "-o", "r.h5", cwd=tmp_path
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # the psd check solves to --tol

@@ -398,7 +398,8 @@ def check_estimator(
             ``problem -> [P, P]``; by default the spec's ``reference``.
         reference_on: Case tags on which the reference holds exactly (e.g.
             ``{"single-datum", "deep-linear"}`` for KFAC against the GGN); on other
-            cases the check is skipped, saying so. ``None``: every case.
+            cases the check is skipped, saying so. By default the spec's
+            ``reference_on`` (``None``: every case).
         losses: The loss names the estimator supports; cases with other losses
             are skipped. By default the spec's ``losses`` (``None``: every loss).
         rtol: Relative tolerance (see :func:`check_operator`).
@@ -413,6 +414,7 @@ def check_estimator(
         name, factory = estimator.name, estimator.factory
         if reference is None:
             reference = estimator.reference
+            reference_on = reference_on if reference_on is not None else estimator.reference_on
         losses = losses if losses is not None else estimator.losses
     else:
         name, factory = getattr(estimator, "__name__", repr(estimator)), estimator
