@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat,eigen,trace,density] [--quick]``.
+"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat,ggn,eigen,trace,density] [--quick]``.
 
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
@@ -21,6 +21,7 @@ import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from benchmarks.ggn import evaluate_ggn_goals, run_ggn  # noqa: E402
 from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
 from benchmarks.peers import peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
@@ -31,9 +32,9 @@ from benchmarks.spectral import (  # noqa: E402
     run_spectral,
 )
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
-from curvkit.autodiff import AUTO_TRIALS  # noqa: E402
+from curvkit.choice import AUTO_TRIALS  # noqa: E402
 
-SECTIONS = ("hvp", "matmat", *SPECTRAL_SECTIONS)
+SECTIONS = ("hvp", "matmat", "ggn", *SPECTRAL_SECTIONS)
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         type=_csv(SECTIONS),
         default=list(SECTIONS),
-        help="sections, e.g. hvp,matmat or eigen,trace,density (default: all)",
+        help="sections, e.g. hvp,matmat, ggn or eigen,trace,density (default: all)",
     )
     parser.add_argument(
         "--problems", type=_csv(list(PROBLEMS)), default=None, help="e.g. mlp,cnn (default: all)"
@@ -99,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             res.matmat = run_matmat(problem, matmat_repeats, matmat_warmup)
         res.other_load = load.stop()
         results.append(res)
+    ggn_results = []
+    for problem in build_problems(args.problems) if "ggn" in args.only else []:
+        print(f"[{problem.name}] GGN and Fisher, P={problem.dim:,}", file=sys.stderr, flush=True)
+        load = OtherLoad().start()
+        # past the auto strategies' timed trials (three ways, AUTO_TRIALS products each)
+        ggn_warmup = warmup if args.quick else max(warmup, 3 * AUTO_TRIALS)
+        res = run_ggn(problem, repeats, matmat_repeats, ggn_warmup)
+        res.other_load = load.stop()
+        ggn_results.append(res)
     spectral_sections = [s for s in args.only if s in SPECTRAL_SECTIONS]
     spectral = run_spectral(spectral_sections, args.problems, args.quick) if spectral_sections else None
     meta = {
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmat_repeats": matmat_repeats,
         "warmup": warmup,
         "matmat_warmup": matmat_warmup,
+        "ggn_warmup": max(warmup, 3 * AUTO_TRIALS) if not args.quick else warmup,
         "quick": args.quick,
         "sections": args.only,
         "peers": peer_versions(),
@@ -118,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start,
         "other_load": whole_run.stop(),
     }
-    goals = evaluate_goals(results) + (evaluate_spectral_goals(spectral) if spectral else [])
-    write_results(args.out, meta, results, goals, spectral)
-    print(render_markdown(meta, results, goals, spectral))
+    goals = (
+        evaluate_goals(results)
+        + evaluate_ggn_goals(ggn_results)
+        + (evaluate_spectral_goals(spectral) if spectral else [])
+    )
+    write_results(args.out, meta, results, goals, spectral, ggn_results)
+    print(render_markdown(meta, results, goals, spectral, ggn_results))
     return 0
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "ProblemResult",
     "Row",
     "evaluate_goals",
+    "measure",
     "run_hvp",
     "run_matmat",
 ]
@@ -170,7 +171,7 @@ class ProblemResult(ProblemRecord):
         return asdict(self)
 
 
-def _measure(
+def measure(
     problem: BenchProblem,
     methods: Sequence[Method],
     check: Tensor,
@@ -230,7 +231,7 @@ def run_hvp(
     check = problem.random_vectors(1, CHECK_SEED)[0]
     vectors = problem.random_vectors(repeats + warmup, TIMING_SEED)
     extra = {"gradient": gradient(problem)}
-    timings, outputs, skipped = _measure(problem, methods, check, vectors, repeats, warmup, extra)
+    timings, outputs, skipped = measure(problem, methods, check, vectors, repeats, warmup, extra)
     grad_ms = timings["gradient"].median_ms
     raw = [timings[m.name].median_ms for m in methods if m.family == "raw torch" and m.name in timings]
     fastest_raw = min(raw, default=None)
@@ -258,7 +259,7 @@ def run_matmat(
     check = torch.randn(problem.dim, K, generator=gen)
     gen.manual_seed(TIMING_SEED)
     matrices = [torch.randn(problem.dim, K, generator=gen) for _ in range(repeats + warmup)]
-    timings, outputs, skipped = _measure(problem, methods, check, matrices, repeats, warmup)
+    timings, outputs, skipped = measure(problem, methods, check, matrices, repeats, warmup)
     loop = timings.get(methods[0].name)
     reference = outputs.get(methods[0].name)
     rows = []

@@ -8,12 +8,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow
 from benchmarks.hvp import Goal, K, ProblemResult
 from benchmarks.peers import NO_HVP
 from benchmarks.spectral import TARGET, SpectralResults
-from curvkit.autodiff import AUTO_TRIALS
+from curvkit.choice import AUTO_TRIALS
 
-__all__ = ["render_markdown", "write_results"]
+__all__ = ["render_ggn", "render_markdown", "write_results"]
 
 DISAGREE = 1e-4  # relative error in float32 above which a method computes another matrix
 LOAD_LIMIT = 0.05
@@ -116,6 +117,7 @@ def render_markdown(
     results: Sequence[ProblemResult],
     goals: Sequence[Goal],
     spectral: SpectralResults | None = None,
+    ggn: Sequence[GGNResult] = (),
 ) -> str:
     """The report as Markdown."""
     m = meta["machine"]
@@ -159,6 +161,8 @@ def render_markdown(
             out += ["HVP (one product `H @ v`):", ""] + _hvp_table(res) + [""]
         if res.matmat:
             out += [f"matmat (K = {K} vectors):", ""] + _matmat_table(res) + [""]
+    if ggn:
+        out += render_ggn(ggn, meta)
     if spectral is not None:
         out += render_spectral(spectral)
     if results:
@@ -172,12 +176,18 @@ def write_results(
     results: Sequence[ProblemResult],
     goals: Sequence[Goal],
     spectral: SpectralResults | None = None,
+    ggn: Sequence[GGNResult] = (),
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
-    md.write_text(render_markdown(meta, results, goals, spectral), encoding="utf-8")
-    payload = {"meta": meta, "goals": [asdict(g) for g in goals], "problems": [r.to_dict() for r in results]}
+    md.write_text(render_markdown(meta, results, goals, spectral, ggn), encoding="utf-8")
+    payload = {
+        "meta": meta,
+        "goals": [asdict(g) for g in goals],
+        "problems": [r.to_dict() for r in results],
+        "ggn": [r.to_dict() for r in ggn],
+    }
     if spectral is not None:
         payload["spectral"] = spectral.to_dict()
     js.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -409,4 +419,83 @@ def render_spectral(spectral: SpectralResults) -> list[str]:
     if spectral.density:
         out += _density_section(spectral)
     out += ["## How each spectral method is called", ""] + _spectral_notes(spectral) + [""]
+    return out
+
+
+# ------------------------------------------------------------------ Gauss-Newton and Fisher
+GGN_READING = [
+    "Reading the Gauss-Newton and Fisher tables:",
+    "",
+    "- */ gradient*: median time over one full-data loss and gradient timed in the same rounds. "
+    "*/ fastest peer*: over the fastest peer row of the same quantity (the exact Fisher of the "
+    "cross-entropy is its GGN, so it is set against the GGN peers). Rows marked *(context)* pin a "
+    "strategy or loop over separate products; the goals hold the default rows to account.",
+    "- *float32 vs curvkit*: relative 2-norm difference on the check vector from curvkit's default row "
+    f"of the same quantity. *float64*: the same on a float64 copy of the problem; definitions coincide "
+    f"to rounding where it is below {AGREEMENT:g}. Monte-Carlo rows draw independent targets and are "
+    "not compared.",
+    "- curvkit's `auto` strategy times its ways (forward-mode `torch.func`, plain-autograd double-vjp, "
+    "and for the empirical Fisher per-sample gradients) on its first products per column count "
+    "and keeps the fastest; the warm-up rounds cover those trials.",
+]
+
+
+def _ggn_table(rows: Sequence[GGNRow], first: str, matmat: bool = False) -> list[str]:
+    body = []
+    for r in rows:
+        name = r.method + ("" if r.headline else " (context)")
+        name += f" (skipped: {r.skipped})" if r.skipped else ""
+        second = (
+            ("-" if r.speedup_vs_loop is None else f"{r.speedup_vs_loop:.2f}x")
+            if matmat
+            else _num(r.ratio_to_gradient, ".2f")
+        )
+        body.append(
+            [
+                name,
+                r.quantity,
+                _num(r.median_ms, ".2f"),
+                "-" if r.median_ms is None else f"{r.min_ms:.2f}-{r.max_ms:.2f}",
+                second,
+                _num(r.ratio_to_fastest_peer, ".2f"),
+                _error(r.rel_error_vs_curvkit),
+                "-" if r.float64_agreement is None else f"{r.float64_agreement:.1e}",
+            ]
+        )
+    header = [
+        "method",
+        "quantity",
+        first,
+        "fastest-slowest",
+        f"speed-up vs {K} separate" if matmat else "/ gradient",
+        "/ fastest peer",
+        "float32 vs curvkit",
+        "float64 vs curvkit",
+    ]
+    return _table(header, body)
+
+
+def render_ggn(results: Sequence[GGNResult], meta: dict[str, Any]) -> list[str]:
+    """The Gauss-Newton and Fisher sections as Markdown lines."""
+    out = GGN_READING + [""]
+    for res in results:
+        out += [
+            f"## GGN and Fisher on {res.name}: {res.description}",
+            "",
+            f"P = {res.params:,} parameters, {res.samples} samples; "
+            f"gradient {_num(res.gradient_ms, '.2f')} ms; "
+            f"CPU used by other processes meanwhile: {_pct(res.other_load)}.",
+            "",
+            "One product:",
+            "",
+        ]
+        out += _ggn_table(res.matvec, "median ms") + ["", f"K = {K} directions:", ""]
+        out += _ggn_table(res.matmat, f"median ms (K={K})", matmat=True) + ["", "Diagonals:", ""]
+        out += _ggn_table(res.diagonal, "median ms") + [""]
+    seen: dict[str, str] = {}
+    for res in results:
+        for r in (*res.matvec, *res.matmat, *res.diagonal):
+            seen.setdefault(r.method, r.note)
+    out += ["## How each GGN and Fisher method is called", ""]
+    out += [f"- **{name}**: {note}" for name, note in seen.items() if note] + [""]
     return out

@@ -40,7 +40,6 @@ go through the same loop and reduction (:meth:`~curvkit.Problem.batch_sums`,
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,10 +48,12 @@ from torch import Tensor
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
+from curvkit.choice import AUTO_TRIALS, Choice
 from curvkit.errors import CurvkitError
 from curvkit.problem import ModelSnapshot, Problem
 
 __all__ = [
+    "AUTO_TRIALS",
     "HVP_STRATEGIES",
     "HessianVectorProduct",
     "backward_products",
@@ -62,7 +63,6 @@ __all__ = [
 ]
 
 HVP_STRATEGIES = ("auto", "reverse", "batched-reverse", "forward-over-reverse")
-AUTO_TRIALS = 3  # timed products per way before "auto" chooses (see HessianVectorProduct._trial)
 
 
 def default_graph_cache_bytes() -> int:
@@ -280,8 +280,10 @@ class HessianVectorProduct:
             default_graph_cache_bytes() if graph_cache_bytes is None else graph_cache_bytes
         )
         self._graph: _Graph | None = None
-        self._batched_wins: dict[int, bool] = {}
-        self._trial_times: dict[int, dict[bool, list[float]]] = {}
+        # batched backward pass or not, per K: "auto" times them (see curvkit.choice)
+        self.batched: Choice[bool, list[Tensor]] = Choice((False, True), trials=AUTO_TRIALS)
+        if strategy != "auto":
+            self.batched.pin(strategy == "batched-reverse")
         self.data_passes = 0
 
     def clear_cache(self) -> None:
@@ -334,40 +336,17 @@ class HessianVectorProduct:
         return problem.full_data(local, count)
 
     def _apply(self, grads: list[Tensor | None], leaves: list[Tensor], V: list[Tensor]) -> Tensor:
-        """Second backward pass for each of the K vectors, as a flat ``[P, K]``."""
-        K = V[0].shape[0]
-        if K == 1 or self.strategy == "reverse":
-            batched = False
-        elif self.strategy == "batched-reverse":
-            batched = True
-        elif K in self._batched_wins:
-            batched = self._batched_wins[K]
-        else:
-            return self._trial(K, grads, leaves, V)
-        return _flat(backward_products(grads, leaves, V, batched))
+        """Second backward pass for each of the K vectors, as a flat ``[P, K]``.
 
-    def _trial(self, K: int, grads: list[Tensor | None], leaves: list[Tensor], V: list[Tensor]) -> Tensor:
-        """``"auto"``: alternate looped and batched backward passes while timing them.
-
-        The first ``2 * AUTO_TRIALS`` products with K columns alternate between the
-        two ways (looped first); then the one with the smaller best time is kept
-        for K. The trials are real products, so choosing costs no extra work. A
-        batched pass that fails (an operator without a batching rule) loses at once.
+        One vector always takes the plain pass; for ``K > 1`` the looped or the
+        batched pass, as :attr:`batched` decides (``"auto"``: the first
+        ``2 * AUTO_TRIALS`` products with K columns alternate, timed, and the faster
+        is kept; a batched pass that fails loses at once).
         """
-        times = self._trial_times.setdefault(K, {False: [], True: []})
-        batched = len(times[True]) < len(times[False])
-        start = time.perf_counter()
-        try:
-            out = _flat(backward_products(grads, leaves, V, batched))
-        except RuntimeError:
-            if not batched:
-                raise
-            self._batched_wins[K] = False
+        K = V[0].shape[0]
+        if K == 1:
             return _flat(backward_products(grads, leaves, V, False))
-        times[batched].append(time.perf_counter() - start)
-        if len(times[True]) >= AUTO_TRIALS:
-            self._batched_wins[K] = min(times[True]) < min(times[False])
-        return out
+        return _flat(self.batched(lambda batched: backward_products(grads, leaves, V, batched), key=K))
 
 
 def _flat(parts: Sequence[Tensor]) -> Tensor:

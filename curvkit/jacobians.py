@@ -17,7 +17,11 @@ insights and perspectives on the natural gradient method", JMLR 21, 2020):
   ``setup_context`` or an in-place write into an untransformed tensor raise
   ``RuntimeError``), plain autograd does both: ``J v = d/du <J^T u, v>`` (the
   double-vjp trick: ``J^T u`` is linear in ``u``), and one backward pass per
-  column. :class:`TryOnce` makes that choice once per operator.
+  column. Both are offered as ways (``"forward"`` and ``"reverse"``); an
+  estimator's ``strategy="auto"`` times them on its first products and keeps the
+  faster per number of directions (:class:`curvkit.choice.Choice`), the
+  ``"reverse"`` way also being the fallback where ``"forward"`` fails (on small
+  dense models on CPU it is often the faster: see ``benchmarks/RESULTS.md``).
   :func:`ggn_batch_product` is the case ``M = d^2 S_b / do^2``.
 * :func:`factor_product`: ``F F^T U`` for a loss's factor ``F`` in the layout of
   :class:`~curvkit.losses.BatchLoss` (block-diagonal per sample and position, or
@@ -44,19 +48,20 @@ batch and the directions; the estimators plug them into the template of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from curvkit.errors import CurvkitError
+from curvkit.layers import LayerDiagonals
 from curvkit.losses import BatchLoss
 from curvkit.problem import Problem
 
 __all__ = [
+    "OUTPUT_SPACE_WAYS",
     "OutputCurvature",
-    "TryOnce",
     "check_independent_samples",
     "factor_batch_diagonal",
     "factor_product",
@@ -67,61 +72,19 @@ __all__ = [
     "per_sample_gradients",
     "per_sample_vjp",
     "samples_interact",
+    "sum_of_squared_pullbacks",
 ]
 
 OutputCurvature = Callable[[Tensor, Tensor], Tensor]
 """``(outputs, U) -> M U``: a curvature w.r.t. the outputs applied to ``U`` of shape ``[K, *o.shape]``."""
 
-T = TypeVar("T")
+OUTPUT_SPACE_WAYS = ("forward", "reverse")
+"""Ways of :func:`output_curvature_batch_product`, the preferred first."""
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _VJP_CHUNK = 64  # columns per batch of whole-batch vector-Jacobian products in a diagonal
-
-
-class TryOnce(Generic[T]):
-    """A computation's preferred way, tried once; if it raises, its fallback for good.
-
-    ``choice(compute)`` calls ``compute(True)`` (the preferred way) the first
-    time; if that raises one of ``errors``, it calls ``compute(False)`` (the
-    fallback) now and on every later call. A generator passed along is restored
-    before the fallback runs, so that a Monte-Carlo estimator draws the same
-    samples whichever way it computes. The decision belongs to the operator that
-    holds the object (one per operator, rebuilt by ``restrict``).
-
-    Args:
-        errors: The exceptions that send the computation to its fallback.
-
-    Attributes:
-        preferred: ``True`` or ``False`` once decided, ``None`` before.
-
-    Example:
-        >>> choice = TryOnce()
-        >>> choice(lambda fast: 1 / 0 if fast else "slow")
-        Traceback (most recent call last):
-        ...
-        ZeroDivisionError: division by zero
-        >>> choice = TryOnce(errors=(ZeroDivisionError,))
-        >>> choice(lambda fast: 1 / 0 if fast else "slow"), choice.preferred
-        ('slow', False)
-    """
-
-    def __init__(self, errors: tuple[type[BaseException], ...] = (RuntimeError,)):
-        self.errors = errors
-        self.preferred: bool | None = None
-
-    def __call__(self, compute: Callable[[bool], T], generator: torch.Generator | None = None) -> T:
-        if self.preferred is None:
-            state = generator.get_state() if generator is not None else None
-            try:
-                result = compute(True)
-            except self.errors:
-                self.preferred = False
-                if generator is not None:
-                    generator.set_state(state)
-            else:
-                self.preferred = True
-                return result
-        return compute(self.preferred)
+PULLBACK_CHUNK_BYTES = 2**28
+"""Memory for one chunk of generic per-sample pullbacks in :func:`sum_of_squared_pullbacks` (256 MiB)."""
 
 
 # ----------------------------------------------------------------- samples
@@ -244,7 +207,7 @@ def output_curvature_batch_product(
     targets: Tensor,
     V: Sequence[Tensor],
     curvature: OutputCurvature,
-    transforms: bool = True,
+    way: str = "forward",
 ) -> tuple[list[Tensor], float]:
     """One batch's ``J^T M J V`` and its count ``c_b``, for ``M`` applied by ``curvature``.
 
@@ -256,22 +219,29 @@ def output_curvature_batch_product(
         V: Per parameter, ``[K, *shape]`` directions.
         curvature: ``(outputs, U) -> M U`` for ``U`` of shape ``[K, *outputs.shape]``
             (the outputs detached).
-        transforms: Forward mode and a vectorised pullback with :mod:`torch.func`
-            (``True``), or plain autograd, the double-vjp trick and a loop over the
-            ``K`` columns (``False``; see the module docstring).
+        way: ``"forward"``: forward mode and a pullback with :mod:`torch.func`
+            (vectorised over the ``K`` columns when ``K > 1``); ``"reverse"``: plain
+            autograd, the double-vjp trick and a loop over the columns (see the
+            module docstring).
 
     Returns:
         Per parameter, the ``[K, *shape]`` products, and the batch's count.
     """
+    if way not in OUTPUT_SPACE_WAYS:
+        raise CurvkitError(f"unknown way {way!r}; use one of {list(OUTPUT_SPACE_WAYS)}")
     params = tuple(p.detach() for p in params)
-    if transforms:
+    if way == "forward":
 
         def model(*ps: Tensor) -> Tensor:
             return problem.forward(ps, inputs)
 
         outputs, pullback = vjp(model, *params)
-        JV = vmap(lambda *v: jvp(model, params, v)[1])(*V)
-        products = list(vmap(pullback)(curvature(outputs.detach(), JV)))
+        if V[0].shape[0] == 1:  # no vmap for one direction: it only adds overhead
+            JV = jvp(model, params, tuple(v[0] for v in V))[1].unsqueeze(0)
+            products = [p.unsqueeze(0) for p in pullback(curvature(outputs.detach(), JV)[0])]
+        else:
+            JV = vmap(lambda *v: jvp(model, params, v)[1])(*V)
+            products = list(vmap(pullback)(curvature(outputs.detach(), JV)))
     else:
         leaves = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():
@@ -287,7 +257,7 @@ def ggn_batch_product(
     inputs: Any,
     targets: Tensor,
     V: Sequence[Tensor],
-    transforms: bool = True,
+    way: str = "forward",
 ) -> tuple[list[Tensor], float]:
     """One batch's generalised Gauss-Newton product ``J^T (d^2 S_b / do^2) J V`` and its count.
 
@@ -311,12 +281,17 @@ def ggn_batch_product(
     def hessian(outputs: Tensor, U: Tensor) -> Tensor:
         return loss.output_hessian_product(outputs, targets, U)
 
-    return output_curvature_batch_product(problem, params, inputs, targets, V, hessian, transforms)
+    return output_curvature_batch_product(problem, params, inputs, targets, V, hessian, way)
 
 
 # ---------------------------------------------------------- per sample
 def per_sample_vjp(
-    problem: Problem, params: Sequence[Tensor], inputs: Any, cotangents: Tensor, vectorize: bool = True
+    problem: Problem,
+    params: Sequence[Tensor],
+    inputs: Any,
+    cotangents: Tensor,
+    vectorize: bool = True,
+    forward: Callable[[Sequence[Tensor], Any], Tensor] | None = None,
 ) -> list[Tensor]:
     """``J_n^T u_{nq}`` for every sample ``n`` and each of its ``Q`` cotangents.
 
@@ -332,15 +307,18 @@ def per_sample_vjp(
         vectorize: :func:`torch.func.vmap` over the samples and cotangents
             (``True``), or a loop with plain autograd (``False``: models that
             ``vmap`` cannot batch, e.g. in-place writes into a buffer).
+        forward: ``(params, inputs) -> outputs`` (default ``problem.forward``;
+            another selection of parameters, the others fixed, say).
 
     Returns:
         Per parameter, the ``[N, Q, *shape]`` products.
     """
     params = tuple(p.detach() for p in params)
+    forward = forward or problem.forward
     if vectorize:
 
         def one(x: Any, u: Tensor) -> tuple[Tensor, ...]:
-            _, pullback = vjp(lambda *ps: problem.forward(ps, _one_sample(x))[0], *params)
+            _, pullback = vjp(lambda *ps: forward(ps, _one_sample(x))[0], *params)
             return vmap(pullback)(u)
 
         return list(vmap(one)(inputs, cotangents))
@@ -349,7 +327,7 @@ def per_sample_vjp(
     out = [leaf.new_zeros(N, Q, *leaf.shape) for leaf in leaves]
     with torch.enable_grad():
         for n in range(N):
-            outputs = problem.forward(leaves, _sample(inputs, n))[0]
+            outputs = forward(leaves, _sample(inputs, n))[0]
             for i, products in enumerate(output_vjp(outputs, leaves, cotangents[n])):
                 out[i][n] = products
     return out
@@ -391,6 +369,64 @@ def _positionwise(column: Tensor) -> Tensor:
     return embedded.permute(0, 2, 1, 3).reshape(N, D, C, *pos)
 
 
+def sum_of_squared_pullbacks(
+    problem: Problem,
+    params: Sequence[Tensor],
+    inputs: Any,
+    cotangents_of: Callable[[Tensor], Tensor],
+    layers: LayerDiagonals | None = None,
+    vectorize: bool = True,
+) -> tuple[list[Tensor], Tensor]:
+    """``sum_{n,q} (J_n^T u_{nq})^2`` per parameter: the squared per-sample pullbacks, summed.
+
+    Parameters that a layer rule covers (:class:`curvkit.layers.LayerDiagonals`)
+    take it: one forward pass and a backward pass per cotangent column, no
+    per-sample parameter gradients. The others take :func:`per_sample_vjp`, in
+    chunks of cotangent columns that keep its ``N x Q x P`` products within
+    :data:`PULLBACK_CHUNK_BYTES`.
+
+    Args:
+        problem: Provides the model call.
+        params: The selected parameters.
+        inputs: The batch's inputs.
+        cotangents_of: ``outputs -> [N, Q, *o.shape[1:]]``: ``Q`` cotangents of
+            each sample's outputs, given the batch's (detached) outputs.
+        layers: The operator's layer rules (``None``: none, all generic).
+        vectorize: ``vmap`` in the generic path (see :func:`per_sample_vjp`).
+
+    Returns:
+        Per parameter, a tensor of its shape; the batch's (detached) outputs.
+    """
+    params = [p.detach() for p in params]
+    if layers is None:
+        with torch.no_grad():
+            outputs = problem.forward(params, inputs)
+        ruled, cotangents = {}, cotangents_of(outputs)
+    else:
+        ruled, outputs, cotangents = layers(params, inputs, cotangents_of)
+    out: list[Tensor | None] = [ruled.get(i) for i in range(len(params))]
+    rest = [i for i, o in enumerate(out) if o is None]
+    if rest:
+
+        def forward(ps: Sequence[Tensor], x: Any) -> Tensor:
+            full = list(params)
+            for i, p in zip(rest, ps):
+                full[i] = p
+            return problem.forward(full, x)
+
+        sub = [params[i] for i in rest]
+        sums = [torch.zeros_like(p) for p in sub]
+        per_column = cotangents.shape[0] * sum(p.numel() for p in sub) * sub[0].element_size()
+        chunk = max(1, PULLBACK_CHUNK_BYTES // max(per_column, 1))
+        for start in range(0, cotangents.shape[1], chunk):
+            columns = cotangents[:, start : start + chunk]
+            parts = per_sample_vjp(problem, sub, inputs, columns, vectorize, forward)
+            sums = [s + part.square().sum(dim=(0, 1)) for s, part in zip(sums, parts)]
+        for i, total in zip(rest, sums):
+            out[i] = total
+    return out, outputs
+
+
 def factor_batch_diagonal(
     problem: Problem,
     params: Sequence[Tensor],
@@ -399,14 +435,15 @@ def factor_batch_diagonal(
     factor: Callable[[Tensor], Tensor],
     block_diagonal: bool,
     vectorize: bool = True,
+    layers: LayerDiagonals | None = None,
 ) -> tuple[list[Tensor], float]:
     """One batch's ``diag(J^T F F^T J)`` and its count, for the factor ``F = factor(outputs)``.
 
     ``diag(J^T F F^T J) = sum_r (J^T F[..., r])^2`` entry by entry. With a
     block-diagonal factor (``BLOCK_DIAGONAL`` of the loss) each column is split
     by sample and position, each part pulled back through that sample's
-    Jacobian (:func:`per_sample_vjp`): ``R`` vectorised vector-Jacobian products
-    per batch, each over ``N D`` cotangents (``D`` positions per sample).
+    Jacobian: :func:`sum_of_squared_pullbacks` over ``R D`` cotangents per sample
+    (``D`` positions per sample), by layer rules where ``layers`` has them.
     Otherwise each column is one cotangent of the whole batch.
 
     Returns:
@@ -414,15 +451,17 @@ def factor_batch_diagonal(
         the batch's count.
     """
     params = tuple(p.detach() for p in params)
-    diagonal = [torch.zeros_like(p) for p in params]
     if block_diagonal:
-        with torch.no_grad():
-            outputs = problem.forward(params, inputs)
-        F = factor(outputs)
-        for r in range(F.shape[-1]):
-            parts = per_sample_vjp(problem, params, inputs, _positionwise(F[..., r]), vectorize)
-            diagonal = [d + part.square().sum(dim=(0, 1)) for d, part in zip(diagonal, parts)]
+
+        def cotangents_of(outputs: Tensor) -> Tensor:
+            F = factor(outputs)
+            return torch.cat([_positionwise(F[..., r]) for r in range(F.shape[-1])], dim=1)
+
+        diagonal, outputs = sum_of_squared_pullbacks(
+            problem, params, inputs, cotangents_of, layers, vectorize
+        )
         return diagonal, problem.loss.count(outputs, targets)
+    diagonal = [torch.zeros_like(p) for p in params]
     leaves = [p.detach().requires_grad_(True) for p in params]
     with torch.enable_grad():
         outputs = problem.forward(leaves, inputs)

@@ -60,14 +60,16 @@ import torch
 from torch import Tensor
 
 import curvkit
+from curvkit.choice import Choice, strategy_choice
 from curvkit.jacobians import (
-    TryOnce,
+    OUTPUT_SPACE_WAYS,
     factor_batch_diagonal,
     factor_product,
     output_curvature_batch_product,
     output_gradient,
     samples_interact,
 )
+from curvkit.layers import LayerDiagonals
 from curvkit.losses import LOSS_NAMES, CustomLoss
 
 MODES = ("mc", "exact")
@@ -85,12 +87,15 @@ class FisherOperator(curvkit.ProblemOperator):
         mc_samples: Draws of targets per batch in ``"mc"`` mode.
         seed: Seed of the draws in ``"mc"`` mode (``None``: one drawn at
             construction); every product uses the same draws.
+        strategy: How ``J^T Phi Phi^T J V`` is computed: ``"auto"`` (default),
+            ``"forward"`` or ``"reverse"``, as for the ``ggn`` estimator (the draws
+            are the same whichever way computes).
 
     Raises:
         NotNegativeLogLikelihoodError: The loss is not a negative log-likelihood.
         NoExactFisherError: ``mode="exact"`` for a loss known only by its sampler.
-        CurvkitError: An unknown ``mode`` or a ``mc_samples`` that is not a
-            positive integer.
+        CurvkitError: An unknown ``mode`` or ``strategy``, or a ``mc_samples``
+            that is not a positive integer.
 
     Example:
         >>> import torch
@@ -107,7 +112,12 @@ class FisherOperator(curvkit.ProblemOperator):
     SYMMETRIC, PSD, EXACT, STOCHASTIC = True, True, False, True  # the default mode, "mc"
 
     def __init__(
-        self, problem: curvkit.Problem, mode: str = "mc", mc_samples: int = 1, seed: int | None = None
+        self,
+        problem: curvkit.Problem,
+        mode: str = "mc",
+        mc_samples: int = 1,
+        seed: int | None = None,
+        strategy: str = "auto",
     ):
         if mode not in MODES:
             raise curvkit.CurvkitError(f"unknown Fisher mode {mode!r}; use one of {', '.join(MODES)}")
@@ -127,9 +137,10 @@ class FisherOperator(curvkit.ProblemOperator):
             )
         self.STOCHASTIC, self.EXACT = mode == "mc", mode == "exact"
         super().__init__(problem, seed=seed)
-        self.mode, self.mc_samples = mode, mc_samples
-        self.transforms: TryOnce = TryOnce()
-        self.vectorize: TryOnce = TryOnce()
+        self.mode, self.mc_samples, self.strategy = mode, mc_samples, strategy
+        self.way: Choice = strategy_choice(strategy, OUTPUT_SPACE_WAYS)
+        self.vectorize: Choice = Choice((True, False))
+        self.layers = LayerDiagonals(problem)
         self.CHEAP_DIAGONAL = not samples_interact(problem)
 
     def output_factor(self, outputs: Tensor, targets: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -153,11 +164,12 @@ class FisherOperator(curvkit.ProblemOperator):
         def curvature(outputs: Tensor, U: Tensor) -> Tensor:
             return factor_product(self.output_factor(outputs, targets, generator), U, block_diagonal)
 
-        return self.transforms(
-            lambda fast: output_curvature_batch_product(
-                self.problem, params, inputs, targets, V, curvature, transforms=fast
+        return self.way(
+            lambda way: output_curvature_batch_product(
+                self.problem, params, inputs, targets, V, curvature, way=way
             ),
             generator,
+            key=(V[0].shape[0], len(targets)),
         )
 
     def batch_diagonal(self, params, inputs, targets, generator):
@@ -170,6 +182,7 @@ class FisherOperator(curvkit.ProblemOperator):
                 lambda outputs: self.output_factor(outputs, targets, generator),
                 self.problem.loss.BLOCK_DIAGONAL,
                 vectorize=fast,
+                layers=self.layers,
             ),
             generator,
         )

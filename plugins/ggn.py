@@ -14,8 +14,10 @@ a custom callable's convexity is the user's to ensure).
 
 A product is :func:`curvkit.jacobians.ggn_batch_product` per batch: ``J V`` by
 forward mode, ``H_b (J V)`` from the loss's closed form, ``J^T (.)`` by reverse
-mode, with a plain-autograd fallback (the double-vjp trick) chosen once per
-operator where :mod:`torch.func` cannot transform the model. The diagonal is
+mode, or all three with plain autograd (the double-vjp trick): ``strategy="auto"``
+times both ways on the first products and keeps the faster per number of
+directions and batch size, the plain-autograd way also being the fallback where
+:mod:`torch.func` cannot transform the model (see :mod:`curvkit.choice`). The diagonal is
 ``(1/C) sum_b sum_r (J^T F_b[..., r])^2`` for the loss's output Hessian factor
 ``H_b = F_b F_b^T``, pulled back per sample and position
 (:func:`curvkit.jacobians.factor_batch_diagonal`); for a model whose samples
@@ -25,7 +27,9 @@ interact (train-mode BatchNorm) the generic diagonal from products is used.
 from __future__ import annotations
 
 import curvkit
-from curvkit.jacobians import TryOnce, factor_batch_diagonal, ggn_batch_product, samples_interact
+from curvkit.choice import Choice, strategy_choice
+from curvkit.jacobians import OUTPUT_SPACE_WAYS, factor_batch_diagonal, ggn_batch_product, samples_interact
+from curvkit.layers import LayerDiagonals
 
 
 class GGNOperator(curvkit.ProblemOperator):
@@ -33,6 +37,13 @@ class GGNOperator(curvkit.ProblemOperator):
 
     Args:
         problem: The problem.
+        strategy: ``"auto"`` (default), ``"forward"`` (forward-mode ``J V`` and a
+            vectorised pullback with :mod:`torch.func`) or ``"reverse"`` (plain
+            autograd, the double-vjp trick); see :mod:`curvkit.jacobians`. A pinned
+            way gives bit-for-bit repeatable products; ``"auto"`` may keep either.
+
+    Raises:
+        CurvkitError: An unknown ``strategy``.
 
     Example:
         For a linear model and the squared error, the GGN equals the Hessian,
@@ -50,15 +61,18 @@ class GGNOperator(curvkit.ProblemOperator):
 
     SYMMETRIC, PSD, EXACT, STOCHASTIC = True, True, True, False
 
-    def __init__(self, problem: curvkit.Problem):
+    def __init__(self, problem: curvkit.Problem, strategy: str = "auto"):
         super().__init__(problem)
-        self.transforms: TryOnce = TryOnce()
-        self.vectorize: TryOnce = TryOnce()
+        self.strategy = strategy
+        self.way: Choice = strategy_choice(strategy, OUTPUT_SPACE_WAYS)
+        self.vectorize: Choice = Choice((True, False))
+        self.layers = LayerDiagonals(problem)
         self.CHEAP_DIAGONAL = not samples_interact(problem)
 
     def batch_product(self, params, inputs, targets, V, generator):
-        return self.transforms(
-            lambda fast: ggn_batch_product(self.problem, params, inputs, targets, V, transforms=fast)
+        return self.way(
+            lambda way: ggn_batch_product(self.problem, params, inputs, targets, V, way=way),
+            key=(V[0].shape[0], len(targets)),
         )
 
     def batch_diagonal(self, params, inputs, targets, generator):
@@ -72,6 +86,7 @@ class GGNOperator(curvkit.ProblemOperator):
                 lambda outputs: loss.output_hessian_factor(outputs, targets),
                 loss.BLOCK_DIAGONAL,
                 vectorize=fast,
+                layers=self.layers,
             )
         )
 

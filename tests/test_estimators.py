@@ -14,7 +14,8 @@ from curvkit.plugins.fisher import FisherOperator
 from torch import nn
 
 import curvkit
-from curvkit.jacobians import TryOnce, per_sample_gradients
+from curvkit.choice import Choice
+from curvkit.jacobians import per_sample_gradients
 from curvkit.testing import (
     CASES,
     Case,
@@ -189,29 +190,36 @@ def test_autograd_paths_agree_with_torch_func_paths(case, name):
     problem = case.problem(batch_size=4)
     options = ESTIMATORS[name][0]
     fast, slow = curvkit.curvature(name, problem, **options), curvkit.curvature(name, problem, **options)
-    slow.transforms.preferred = slow.vectorize.preferred = False
+    fast.way.pin("forward")
+    fast.layers.covered = {}  # no layer rules: the generic vmapped per-sample pullbacks
+    slow.way.pin("reverse")
+    slow.vectorize.pin(False)
+    slow.layers.covered = {}
     assert rel(slow.to_dense(), fast.to_dense()) < TIGHT
     assert rel(slow.diagonal(), fast.diagonal()) < TIGHT
-    assert fast.transforms.preferred and fast.vectorize.preferred
+    assert fast.vectorize.chosen() is True
 
 
 def test_a_model_torch_func_cannot_transform_falls_back_once():
     problem = UNTRANSFORMABLE.problem(batch_size=4)
     ggn = curvkit.curvature("ggn", problem)
     truth = dense_ggn_reference(problem)
-    assert rel(ggn.to_dense(), truth) < TIGHT and ggn.transforms.preferred is False
-    assert rel(ggn.diagonal(), truth.diagonal()) < TIGHT and ggn.vectorize.preferred is False
+    assert rel(ggn.to_dense(), truth) < TIGHT and ggn.way.ruled_out == ["forward"]
+    assert rel(ggn.diagonal(), truth.diagonal()) < TIGHT and set(ggn.layers.covered) == {"a", "b"}
+    ggn.layers.covered = {}  # without layer rules, vmap fails and the loop takes over
+    assert rel(ggn.diagonal(), truth.diagonal()) < TIGHT and ggn.vectorize.chosen() is False
     mc = curvkit.curvature("fisher", problem, seed=3)  # the fallback redraws the same samples
     M = torch.randn(problem.dim, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
     first = mc @ M
-    assert mc.transforms.preferred is False
+    assert mc.way.chosen() == "reverse"
     assert torch.equal(mc @ M, first)
     fresh = curvkit.curvature("fisher", problem, seed=3)
-    fresh.transforms.preferred = False  # never tried torch.func
+    fresh.way.pin("reverse")  # never tried torch.func
+    fresh.layers.covered = {}
     assert torch.equal(fresh @ M, first)
     # the diagonal's vmap fails after the draws: the fallback must redraw the same targets
     assert rel(fresh.diagonal(), torch.diagonal(fresh.to_dense())) < TIGHT
-    assert fresh.vectorize.preferred is False
+    assert fresh.vectorize.chosen() is False
 
 
 def test_the_fallback_sees_the_generator_as_the_first_try_found_it():
@@ -222,12 +230,12 @@ def test_the_fallback_sees_the_generator_as_the_first_try_found_it():
         return drawn
 
     generator = torch.Generator().manual_seed(0)
-    choice = TryOnce()
+    choice = Choice((True, False))
     drawn = choice(lambda fast: compute(fast, generator), generator)
-    assert choice.preferred is False
+    assert choice.chosen() is False
     assert torch.equal(drawn, torch.rand(3, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ZeroDivisionError):  # other errors are the computation's own
-        TryOnce()(lambda fast: 1 / 0)
+        Choice((True, False))(lambda fast: 1 / 0)
 
 
 @pytest.mark.parametrize("case", CANONICAL, ids=lambda c: c.name)
@@ -301,9 +309,85 @@ def test_empirical_fisher_is_not_the_fisher():
 
 def test_empirical_fisher_falls_back_to_a_loop_where_vmap_fails():
     problem = UNTRANSFORMABLE.problem(batch_size=4)
+    truth = dense_empirical_fisher_reference(problem)
+    E = curvkit.curvature("empirical-fisher", problem, strategy="per-sample")
+    assert rel(E.to_dense(), truth) < TIGHT
+    assert E.vectorize.chosen() is False
+    auto = curvkit.curvature("empirical-fisher", problem)
+    assert rel(auto.to_dense(), truth) < TIGHT and auto.way.ruled_out == ["forward"]
+
+
+STRATEGIES = {
+    "ggn": ("forward", "reverse"),
+    "fisher": ("forward", "reverse"),
+    "empirical-fisher": ("forward", "reverse", "per-sample"),
+}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("case", [*CASES[:4], SEQUENCE, SCALAR_OUTPUTS, WEIGHTED], ids=lambda c: c.name)
+def test_every_strategy_matches_dense_truth(case, name):
+    if not _applicable(name, case):
+        pytest.skip(f"{case.name}: not a negative log-likelihood")
+    options, reference = ESTIMATORS[name]
+    problem = case.problem(batch_size=4)
+    truth = reference(problem)
+    M = torch.randn(problem.dim, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    for strategy in STRATEGIES[name]:
+        A = curvkit.curvature(name, problem, strategy=strategy, **options)
+        assert rel(A @ M, truth @ M) < TIGHT, strategy
+        assert rel(A @ M[:, 0], truth @ M[:, 0]) < TIGHT, strategy  # one direction: its own path
+        assert A.way.chosen() == strategy
+
+
+def test_auto_strategy_times_the_ways_on_real_products_and_keeps_one_per_key():
+    problem = get_case("tanh-mlp-ce").problem(batch_size=64)  # one batch
+    truth = dense_empirical_fisher_reference(problem)
     E = curvkit.curvature("empirical-fisher", problem)
-    assert rel(E.to_dense(), dense_empirical_fisher_reference(problem)) < TIGHT
-    assert E.vectorize.preferred is False
+    M = torch.randn(problem.dim, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    for _ in range(3 * 3):  # three ways, three timed products each
+        assert E.way.chosen((2, problem.num_samples())) is None
+        assert rel(E @ M, truth @ M) < TIGHT
+    assert E.way.chosen((2, problem.num_samples())) in STRATEGIES["empirical-fisher"]
+    assert E.way.chosen((1, problem.num_samples())) is None  # another K decides on its own
+    assert E.matvecs == 18 and E.data_passes == 9  # choosing cost no extra products
+
+
+def test_unknown_strategy_and_per_sample_memory_limit(monkeypatch):
+    problem = get_case("mlp-mse").problem()
+    for name in STRATEGIES:
+        with pytest.raises(curvkit.CurvkitError, match="unknown strategy 'fast'; use one of"):
+            curvkit.curvature(name, problem, strategy="fast")
+    from curvkit.plugins import empirical_fisher
+
+    monkeypatch.setattr(empirical_fisher, "PER_SAMPLE_BYTES", 16)
+    v = torch.ones(problem.dim, dtype=DT)
+    pinned = curvkit.curvature("empirical-fisher", problem, strategy="per-sample")
+    with pytest.raises(empirical_fisher.PerSampleGradientsTooLargeError, match="GiB"):
+        pinned @ v
+    auto = curvkit.curvature("empirical-fisher", problem)
+    truth = dense_empirical_fisher_reference(problem)
+    for _ in range(7):  # the per-sample way is ruled out on its first turn, the others compete
+        assert rel(auto @ v, truth @ v) < TIGHT
+    assert auto.way.ruled_out == ["per-sample"]
+
+
+def test_choice_keeps_the_fastest_way_per_key():
+    import time
+
+    delays = {"slow": 0.004, "fast": 0.0}
+
+    def compute(way: str) -> str:
+        time.sleep(delays[way])
+        return way
+
+    choice = Choice(("slow", "fast"), trials=2)
+    ways = [choice(compute, key="K") for _ in range(4)]
+    assert ways == ["slow", "fast", "slow", "fast"]  # taking turns, the preferred first
+    assert choice.chosen("K") == "fast" and choice(compute, key="K") == "fast"
+    assert choice.chosen("other") is None
+    choice.pin("slow")
+    assert choice.chosen("K") == "slow" and choice(compute, key="K") == "slow"
 
 
 def _train_mode_batchnorm_problem() -> curvkit.Problem:
@@ -383,7 +467,9 @@ def test_a_seeded_monte_carlo_fisher_is_a_fixed_symmetric_map():
     assert F.STOCHASTIC and not F.RESAMPLES and not F.EXACT
     M = torch.randn(problem.dim, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
     once = F @ M
-    assert torch.equal(F @ M, once)  # repeatable
+    assert rel(F @ M, once) < TIGHT  # repeatable ("auto" may round differently once it has chosen)
+    pinned = curvkit.curvature("fisher", problem, mc_samples=2, seed=5, strategy="reverse")
+    assert torch.equal(pinned @ M, pinned @ M) and rel(pinned @ M, once) < TIGHT  # bit for bit
     stacked = torch.stack([F @ M[:, k] for k in range(4)], dim=1)
     assert rel(stacked, once) < TIGHT  # one matmat = its stacked matvecs
     assert curvkit.checks.check_symmetry(F).passed
@@ -473,7 +559,7 @@ def test_fisher_refuses_a_loss_that_is_not_a_negative_log_likelihood(loss, targe
 
 def test_options_are_checked():
     problem = get_case("mlp-mse").problem()
-    with pytest.raises(curvkit.UnknownOptionError, match="'ggn' takes no option 'mode'; it takes no options"):
+    with pytest.raises(curvkit.UnknownOptionError, match="'ggn' takes no option 'mode'; its options: strat"):
         curvkit.curvature("ggn", problem, mode="exact")
     with pytest.raises(curvkit.UnknownOptionError, match="its options: mode, mc_samples, seed"):
         curvkit.curvature("fisher", problem, samples=3)

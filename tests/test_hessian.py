@@ -176,6 +176,6 @@ def test_auto_chooses_after_timed_trials_without_extra_products():
     M = torch.randn(problem.dim, 3, dtype=torch.float64)
     for call in range(7):
         assert rel(H @ M, truth @ M) < 1e-12
-        decided = 3 in H.engine._batched_wins
+        decided = H.engine.batched.chosen(3) is not None
         assert decided == (call >= 5)  # six alternating trials, then a choice
     assert H.data_passes == 1 and H.matvecs == 21

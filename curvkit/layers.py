@@ -1,0 +1,375 @@
+"""Layer rules: per-sample quantities of common layers from their inputs and output gradients.
+
+For a layer ``z = W a + b`` applied to sample ``n``, the gradient of a scalar
+``u^T o_n`` (``o_n`` the model's outputs for the sample, ``u`` a cotangent) with
+respect to ``W`` is ``G_n^T A_n``, with ``A_n`` the layer's inputs (one row per
+position the layer is applied at) and ``G_n = d(u^T o_n) / dz_n`` the gradient at
+its outputs. A *layer rule* computes per-sample quantities from ``A`` and ``G``
+alone, without differentiating per sample: the classic trick behind BackPACK
+(F. Dangel, F. Kunstner and P. Hennig, "BackPACK: Packing more into backprop",
+ICLR 2020) and per-example gradient norms (I. Goodfellow, "Efficient per-example
+gradient computations", arXiv 1510.01799, 2015). With one position,
+
+.. math:: \\sum_n (G_n^\\top A_n)^{\\circ 2} = (G^{\\circ 2})^\\top A^{\\circ 2},
+
+one matrix product for all samples at once; with several positions (sequences,
+convolution patches) the per-sample gradients are formed by a batched product
+and squared.
+
+:class:`LayerDiagonals` is the one user today: ``sum_{n,q} (J_n^T u_{nq})^2``,
+the quantity behind every Gauss-Newton-family diagonal
+(:func:`curvkit.jacobians.sum_of_squared_pullbacks`). One forward pass with hooks
+captures the layers' inputs ``A`` and outputs, one (vectorised) backward pass per
+cotangent gives the output gradients ``G``, and the rules do the rest. Parameters
+of layers with a rule (``Linear``, ``Conv2d`` with zero padding, each called once
+per forward pass, their parameters not tied to others) take it; all others the
+generic per-sample pullback (:func:`curvkit.jacobians.per_sample_vjp`). The first
+call checks every rule against autograd (the rule's per-sample gradients must
+sum to the batch gradient) and sends a parameter whose rule disagrees (a weight
+also used outside its layer, say) to the generic path for good.
+
+The table :data:`LAYER_RULES` maps a module type to its rule; KFAC's factors
+(the same ``A`` and ``G``) will read the same captures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvkit.choice import AUTO_TRIALS, Choice
+from curvkit.problem import Problem
+
+__all__ = ["LAYER_RULES", "LayerDiagonals", "LayerRule", "gradient_sums", "squared_gradient_sums"]
+
+_CHECK_RTOL = 1e-4  # float32 rounding of a sum of per-sample gradients, relative to its size
+CHUNK_BYTES = 2**28
+"""Memory for the output gradients of one chunk of cotangents (256 MiB)."""
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How a layer type's per-sample parameter gradients follow from its inputs and output gradients.
+
+    A rule brings the layer to one form, the per-sample weight gradient
+    ``G_n A_n^T`` per group: inputs as ``A`` ``[N, groups, k, L]`` (``k`` inputs
+    per group at each of ``L`` positions: a convolution's unfolded patches) and
+    output gradients as ``G`` ``[N, Q, groups, o, L]``; the weight is ``[groups,
+    o, k]`` reshaped, the bias ``[groups * o]``.
+
+    Attributes:
+        applies: ``module -> bool``: whether the rule covers this instance (its
+            options, e.g. a convolution's padding mode).
+        rows: ``(module, a, g) -> (A, G)`` for the layer's input ``a`` ``[N, ...]``
+            and output gradients ``g`` ``[N, Q, ...]`` (``Q`` cotangents per sample).
+    """
+
+    applies: Callable[[nn.Module], bool]
+    rows: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def squared_gradient_sums(A: Tensor, G: Tensor) -> dict[str, Tensor]:
+    """``sum_{q,n}`` of the squared per-sample gradients of the weight and the bias.
+
+    With one position, ``(G^2)^T (A^2)``: one product for all samples. Otherwise
+    the per-sample gradients are formed by batched products, all cotangents of
+    a sample at once (in chunks within :data:`CHUNK_BYTES`), and squared.
+
+    Returns:
+        ``{"weight": [groups, o, k], "bias": [groups * o]}``.
+    """
+    N, Q, groups, o, L = G.shape
+    bias = G.sum(-1).square().sum((0, 1)).reshape(-1)
+    if L == 1:
+        G2 = G[..., 0].square().sum(1)  # [N, groups, o]
+        return {"weight": torch.einsum("ngo,ngk->gok", G2, A[..., 0].square()), "bias": bias}
+    k = A.shape[2]
+    weight = A.new_zeros(groups, o, k)
+    chunk = max(1, CHUNK_BYTES // max(N * groups * o * k * A.element_size(), 1))
+    for start in range(0, Q, chunk):
+        Gc = G[:, start : start + chunk]  # [N, q, groups, o, L]
+        rows = Gc.transpose(1, 2).reshape(N, groups, -1, L)  # [N, groups, q * o, L]
+        per_sample = torch.matmul(rows, A.transpose(-1, -2))  # [N, groups, q * o, k]
+        weight += per_sample.square().sum(0).reshape(groups, -1, o, k).sum(1)
+    return {"weight": weight, "bias": bias}
+
+
+def gradient_sums(A: Tensor, G: Tensor) -> dict[str, Tensor]:
+    """``sum_n`` of the per-sample gradients for one cotangent (``Q = 1``): the batch gradient."""
+    return {"weight": torch.einsum("ngol,ngkl->gok", G[:, 0], A), "bias": G[:, 0].sum((0, -1)).reshape(-1)}
+
+
+# ------------------------------------------------------------------- Linear
+def _linear_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``A`` ``[N, 1, in, T]`` and ``G`` ``[N, Q, 1, out, T]``, ``T`` positions per sample."""
+    N, Q = g.shape[:2]
+    A = a.reshape(N, -1, a.shape[-1]).transpose(1, 2).unsqueeze(1)
+    G = g.reshape(N, Q, -1, g.shape[-1]).transpose(2, 3).unsqueeze(2)
+    return A, G
+
+
+# ------------------------------------------------------------------- Conv2d
+def _conv_applies(module: nn.Module) -> bool:
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def _conv_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Unfolded patches ``[N, groups, k, L]`` and output gradients ``[N, Q, groups, o, L]``."""
+    N, groups = a.shape[0], module.groups
+    patches = F.unfold(
+        a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+    )  # [N, in * kh * kw, L]
+    A = patches.reshape(N, groups, -1, patches.shape[-1])
+    G = g.reshape(N, g.shape[1], groups, module.out_channels // groups, -1)
+    return A, G
+
+
+# ------------------------------------------------------------ normalisation
+def _affine_rows(normalised: Tensor, g: Tensor, features: int, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """An elementwise affine map ``y = x_hat * w + b``: one group per feature, ``o = k = 1``."""
+    N, Q = g.shape[:2]
+    if channels_last:  # [N, ..., features]
+        A = normalised.reshape(N, -1, features).transpose(1, 2)
+        G = g.reshape(N, Q, -1, features).transpose(2, 3)
+    else:  # [N, features, ...]
+        A, G = normalised.reshape(N, features, -1), g.reshape(N, Q, features, -1)
+    return A.unsqueeze(2), G.unsqueeze(3)
+
+
+def _batch_norm_applies(module: nn.Module) -> bool:
+    """Evaluation mode with running statistics: every sample normalised on its own."""
+    return module.affine and module.track_running_stats and not module.training
+
+
+def _batch_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (1, -1) + (1,) * (a.ndim - 2)
+    mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
+    normalised = (a - mean) / torch.sqrt(var + module.eps)
+    return _affine_rows(normalised, g, module.num_features, channels_last=False)
+
+
+def _layer_norm_applies(module: nn.Module) -> bool:
+    return module.elementwise_affine
+
+
+def _layer_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    dims = tuple(range(a.ndim - len(module.normalized_shape), a.ndim))
+    mean = a.mean(dims, keepdim=True)
+    var = a.var(dims, keepdim=True, correction=0)
+    normalised = (a - mean) / torch.sqrt(var + module.eps)
+    features = math.prod(module.normalized_shape)
+    return _affine_rows(normalised, g, features, channels_last=True)
+
+
+LAYER_RULES: dict[type[nn.Module], LayerRule] = {
+    nn.Linear: LayerRule(lambda m: True, _linear_rows),
+    nn.Conv2d: LayerRule(_conv_applies, _conv_rows),
+    nn.BatchNorm1d: LayerRule(_batch_norm_applies, _batch_norm_rows),
+    nn.BatchNorm2d: LayerRule(_batch_norm_applies, _batch_norm_rows),
+    nn.BatchNorm3d: LayerRule(_batch_norm_applies, _batch_norm_rows),
+    nn.LayerNorm: LayerRule(_layer_norm_applies, _layer_norm_rows),
+}
+"""Module type -> its rule (exact types: a subclass may change ``forward``)."""
+
+
+# ------------------------------------------------------------------- capture
+class _Capture:
+    """Forward hooks that record each ruled module's input and output, and how often it ran.
+
+    The hook hands the rest of the network a copy of the output, so that an
+    in-place operation downstream (``ReLU(inplace=True)``) cannot change the
+    captured tensor, whose gradient is the layer's output gradient.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.modules = modules
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = dict.fromkeys(modules, 0)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Capture:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            self.calls[name] += 1
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+                self.inputs[name], self.outputs[name] = args[0].detach(), output
+                return output.clone()
+            return None
+
+        return hook
+
+
+Layers = dict[str, tuple[nn.Module, dict[str, int]]]
+"""Module name -> (module, {its parameter's local name: index among the selected parameters})."""
+
+
+class LayerDiagonals:
+    """``sum_{n,q} (J_n^T u_{nq})^2`` for the parameters that layer rules cover.
+
+    One object per operator: it decides on its first call which parameters its
+    rules cover, checking each against autograd, and keeps that decision.
+
+    Args:
+        problem: The problem.
+
+    Attributes:
+        covered: After the first call, the layers whose rules are used.
+    """
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.covered: Layers | None = None
+        # one vectorised backward pass for all cotangents, or a loop (see _output_gradients)
+        self.batched: Choice[bool, list[Tensor]] = Choice((False, True), trials=AUTO_TRIALS)
+
+    def __call__(
+        self, params: Sequence[Tensor], inputs: Any, cotangents_of: Callable[[Tensor], Tensor]
+    ) -> tuple[dict[int, Tensor], Tensor, Tensor]:
+        """One batch: the sums for the covered parameters, from one forward pass.
+
+        Args:
+            params: The selected parameters.
+            inputs: The batch's inputs.
+            cotangents_of: ``outputs -> [N, Q, *o.shape[1:]]``: ``Q`` cotangents of
+                each sample's outputs, given the (detached) outputs.
+
+        Returns:
+            Parameter index -> the sum over samples and cotangents of its squared
+            per-sample pullbacks (only the parameters a rule covers); the batch's
+            outputs (detached); the cotangents.
+        """
+        layers = self._candidates() if self.covered is None else self.covered
+        if not layers:
+            self.covered = {}
+            with torch.no_grad():
+                outputs = self.problem.forward([p.detach() for p in params], inputs)
+            return {}, outputs, cotangents_of(outputs)
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        out: dict[int, Tensor] = {}
+        with torch.enable_grad(), _Capture({k: m for k, (m, _) in layers.items()}) as capture:
+            outputs = self.problem.forward(leaves, inputs)
+            cotangents = cotangents_of(outputs.detach())
+            layers = {k: v for k, v in layers.items() if capture.calls[k] == 1 and k in capture.outputs}
+            if self.covered is None:
+                layers = self._check(leaves, outputs, capture, layers)
+                self.covered = layers
+            if not layers or not outputs.requires_grad:
+                return out, outputs.detach(), cotangents
+            zs = [capture.outputs[k] for k in layers]
+            U = cotangents.movedim(1, 0)  # [Q, N, *o]
+            per_cotangent = sum(z.numel() for z in zs) * U.element_size()
+            chunk = max(1, CHUNK_BYTES // max(per_cotangent, 1))
+            for start in range(0, U.shape[0], chunk):
+                part = U[start : start + chunk]
+                grads = self.batched(lambda batched, part=part: _output_gradients(outputs, zs, part, batched))
+                for (key, (module, names)), G in zip(layers.items(), grads):
+                    rows = LAYER_RULES[type(module)].rows(module, capture.inputs[key], G)
+                    squares = squared_gradient_sums(*rows)
+                    for local, i in names.items():
+                        square = squares[local].reshape(params[i].shape)
+                        out[i] = square if i not in out else out[i] + square
+        return out, outputs.detach(), cotangents
+
+    def _candidates(self) -> Layers:
+        """The layers a rule may cover, their parameters selected and not tied to others.
+
+        Called during the first pass over the data, in the mode the problem runs
+        the model in (a BatchNorm rule needs evaluation mode).
+        """
+        problem = self.problem
+        index = {name: i for i, name in enumerate(problem.param_names)}
+        shared = _shared_parameter_names(problem.model)
+        candidates: Layers = {}
+        for prefix, module in problem.model.named_modules():
+            rule = LAYER_RULES.get(type(module))
+            if rule is None or not rule.applies(module):
+                continue
+            full = {
+                local: f"{prefix}.{local}" if prefix else local
+                for local, _ in module.named_parameters(recurse=False)
+            }
+            names = {local: index[n] for local, n in full.items() if n in index and n not in shared}
+            if names:
+                candidates[prefix] = (module, names)
+        return candidates
+
+    def _check(self, leaves: list[Tensor], outputs: Tensor, capture: _Capture, layers: Layers) -> Layers:
+        """The layers whose rule's summed per-sample gradients equal autograd's batch gradient."""
+        if not layers or not outputs.requires_grad:
+            return {}
+        u = torch.randn(outputs.shape, dtype=outputs.dtype, generator=torch.Generator().manual_seed(0))
+        keys = list(layers)
+        wanted = [leaves[i] for k in keys for i in layers[k][1].values()]
+        zs = [capture.outputs[k] for k in keys]
+        grads = torch.autograd.grad(
+            outputs, [*zs, *wanted], u.to(outputs.device), retain_graph=True, allow_unused=True
+        )
+        batch = iter(grads[len(zs) :])
+        kept: Layers = {}
+        for key, g in zip(keys, grads[: len(zs)]):
+            module, names = layers[key]
+            rows = (
+                None if g is None else LAYER_RULES[type(module)].rows(module, capture.inputs[key], g[:, None])
+            )
+            sums = {} if rows is None else gradient_sums(*rows)
+            good = {}
+            for local, i in names.items():
+                truth, mine = next(batch), sums.get(local)
+                if truth is not None and mine is not None and _close(mine.reshape(truth.shape), truth):
+                    good[local] = i
+            if good:
+                kept[key] = (module, good)
+        return kept
+
+
+def _output_gradients(outputs: Tensor, zs: list[Tensor], U: Tensor, batched: bool) -> list[Tensor]:
+    """``d(u_q^T o)/dz`` for each layer output ``z`` and cotangent ``u_q``, as ``[N, Q, *z.shape[1:]]``.
+
+    ``U`` is ``[Q, *outputs.shape]``. The loop stacks its results sample-major,
+    so that the rules' reshapes of a convolution's gradients are views.
+    """
+    if batched:
+        grads = torch.autograd.grad(
+            outputs, zs, U, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return [
+            (torch.zeros(U.shape[0], *z.shape, dtype=z.dtype, device=z.device) if g is None else g).movedim(
+                0, 1
+            )
+            for g, z in zip(grads, zs)
+        ]
+    per_cotangent = [torch.autograd.grad(outputs, zs, u, retain_graph=True, allow_unused=True) for u in U]
+    return [
+        torch.stack([torch.zeros_like(z) if g[j] is None else g[j] for g in per_cotangent], dim=1)
+        for j, z in enumerate(zs)
+    ]
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal to the rounding of a sum of per-sample gradients (float32: 1e-4 of the largest entry)."""
+    scale = max(b.abs().max().item(), a.abs().max().item(), 1e-30)
+    tol = 1e-10 if a.dtype == torch.float64 else _CHECK_RTOL
+    return (a - b).abs().max().item() <= tol * scale
+
+
+def _shared_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that appear under more than one name (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n for names in by_id.values() if len(names) > 1 for n in names}
