@@ -16,6 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import shlex  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -46,6 +47,20 @@ def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
         return items
 
     return parse
+
+
+def _commit() -> str | None:
+    """The checked-out commit (with ``+changes`` if the tree differs from it), or ``None``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = ["git", "status", "--porcelain"]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty.strip() else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     spectral_sections = [s for s in args.only if s in SPECTRAL_SECTIONS]
     spectral = run_spectral(spectral_sections, args.problems, args.quick) if spectral_sections else None
     meta = {
+        "commit": _commit(),
         "command": " ".join(
             ["python -m benchmarks", shlex.join(argv if argv is not None else sys.argv[1:])]
         ).strip(),

@@ -124,7 +124,8 @@ def render_markdown(
     out = [
         "# curvkit benchmarks: Hessian-vector products and spectral analysis",
         "",
-        f"Generated {m['date']} by `{meta['command']}` (run from the repository root).",
+        f"Generated {m['date']} by `{meta['command']}` (run from the repository root)"
+        + (f" at commit {meta['commit']}." if meta.get("commit") else "."),
         "",
         f"- Machine: {m['cpu']}, {m['cpu_count']} cores, {m['platform']}; load average (1 min) "
         f"at start {m['load_average_1min']}, at end {meta['load_average_end']}.",
