@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat,ggn,eigen,trace,density] [--quick]``.
+"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat,ggn,kfac,eigen,trace,density] [--quick]``.
 
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 
 from benchmarks.ggn import evaluate_ggn_goals, run_ggn  # noqa: E402
 from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
+from benchmarks.kfac import KFAC_PROBLEMS, evaluate_kfac_goals, run_kfac  # noqa: E402
 from benchmarks.peers import peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
 from benchmarks.report import render_markdown, write_results  # noqa: E402
@@ -35,7 +36,7 @@ from benchmarks.spectral import (  # noqa: E402
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
 from curvkit.choice import AUTO_TRIALS  # noqa: E402
 
-SECTIONS = ("hvp", "matmat", "ggn", *SPECTRAL_SECTIONS)
+SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS)
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected sections on the selected problems and write the report."""
     args = parse_args(argv)
+    commit = _commit()  # before the run: the code that is measured
     configure_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 15)
     matmat_repeats = 1 if args.quick else max(3, repeats // 2)
@@ -124,10 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         res = run_ggn(problem, repeats, matmat_repeats, ggn_warmup)
         res.other_load = load.stop()
         ggn_results.append(res)
+    kfac_results = []
+    kfac_problems = [p for p in (args.problems or KFAC_PROBLEMS) if p in KFAC_PROBLEMS]
+    for problem in build_problems(kfac_problems) if "kfac" in args.only and kfac_problems else []:
+        print(f"[{problem.name}] KFAC, P={problem.dim:,}", file=sys.stderr, flush=True)
+        load = OtherLoad().start()
+        res = run_kfac(problem, repeats, warmup)
+        res.other_load = load.stop()
+        kfac_results.append(res)
     spectral_sections = [s for s in args.only if s in SPECTRAL_SECTIONS]
     spectral = run_spectral(spectral_sections, args.problems, args.quick) if spectral_sections else None
     meta = {
-        "commit": _commit(),
+        "commit": commit,
         "command": " ".join(
             ["python -m benchmarks", shlex.join(argv if argv is not None else sys.argv[1:])]
         ).strip(),
@@ -148,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     goals = (
         evaluate_goals(results)
         + evaluate_ggn_goals(ggn_results)
+        + evaluate_kfac_goals(kfac_results)
         + (evaluate_spectral_goals(spectral) if spectral else [])
     )
-    write_results(args.out, meta, results, goals, spectral, ggn_results)
-    print(render_markdown(meta, results, goals, spectral, ggn_results))
+    write_results(args.out, meta, results, goals, spectral, ggn_results, kfac_results)
+    print(render_markdown(meta, results, goals, spectral, ggn_results, kfac_results))
     return 0
 
 

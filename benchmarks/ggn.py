@@ -45,7 +45,11 @@ __all__ = [
     "MATVEC_METHODS",
     "GGNResult",
     "GGNRow",
+    "float64_agreement",
+    "CompareRow",
     "evaluate_ggn_goals",
+    "table_rows",
+    "slowest_row_goal",
     "run_ggn",
 ]
 
@@ -340,7 +344,7 @@ DIAGONAL_METHODS: tuple[CurvatureMethod, ...] = (
 
 
 @dataclass
-class GGNRow(Row):
+class CompareRow(Row):
     """One method on one problem: time, cost relative to a gradient and to the peers, agreement.
 
     ``rel_error_vs_curvkit`` is the float32 difference from curvkit's row of the
@@ -351,8 +355,14 @@ class GGNRow(Row):
     headline: bool = True
     ratio_to_gradient: float | None = None
     ratio_to_fastest_peer: float | None = None
-    speedup_vs_loop: float | None = None
     float64_agreement: float | None = None
+
+
+@dataclass
+class GGNRow(CompareRow):
+    """A row of the GGN tables; matmat rows add their speed-up over separate products."""
+
+    speedup_vs_loop: float | None = None
 
 
 @dataclass
@@ -378,13 +388,13 @@ def double_copy(problem: BenchProblem) -> BenchProblem:
     )
 
 
-def _agreement(
+def float64_agreement(
     problem64: BenchProblem, methods: Sequence[CurvatureMethod], check: Tensor
 ) -> dict[str, float]:
     """Each comparable method's relative difference from its quantity's curvkit reference, float64."""
     outputs: dict[str, Tensor] = {}
     for m in methods:
-        if m.sampled:
+        if m.sampled or not getattr(m, "operator", True):  # no product to compare
             continue
         try:
             outputs[m.name] = m.make(problem64)(check).double()
@@ -406,14 +416,17 @@ def _reference(methods: Sequence[CurvatureMethod], method: CurvatureMethod) -> C
     return next((m for m in methods if m.family == "curvkit" and m.quantity == method.quantity), None)
 
 
-def _rows(
+def table_rows(
     methods: Sequence[CurvatureMethod],
     timings: dict[str, Timing],
     outputs: dict[str, Tensor],
     skipped: dict[str, str],
     agreement: dict[str, float],
     gradient_ms: float | None,
-) -> list[GGNRow]:
+    row_type: type[CompareRow] = GGNRow,
+) -> list[CompareRow]:
+    """One row per method: median and spread, ratios to a gradient and to the fastest peer of its
+    quantity, float32 difference from its quantity's curvkit row, float64 agreement."""
     peers: dict[str, float] = {}
     for m in methods:
         if m.family == "peer" and m.name in timings:
@@ -421,11 +434,11 @@ def _rows(
             peers[m.quantity] = min(ms, peers.get(m.quantity, ms))
     rows = []
     for m in methods:
-        row = GGNRow(
+        row = row_type(
             m.name, m.family, m.note, skipped=skipped.get(m.name), quantity=m.quantity, headline=m.headline
         )
         if m.name in timings:
-            ref = _reference(methods, m)
+            ref = _reference(methods, m) if getattr(m, "operator", True) else None
             row.fill(timings[m.name], outputs[m.name], outputs.get(ref.name) if ref else None)
             row.ratio_to_gradient = row.median_ms / gradient_ms if gradient_ms else None
             if m.quantity in peers:
@@ -450,24 +463,24 @@ def run_ggn(problem: BenchProblem, repeats: int, matmat_repeats: int, warmup: in
     extra = {"gradient": gradient(problem)}
     timings, outputs, skipped = measure(problem, MATVEC_METHODS, check, vectors, repeats, warmup, extra)
     res.gradient_ms = timings["gradient"].median_ms
-    agreement = _agreement(problem64, MATVEC_METHODS, check64)
-    res.matvec = _rows(MATVEC_METHODS, timings, outputs, skipped, agreement, res.gradient_ms)
+    agreement = float64_agreement(problem64, MATVEC_METHODS, check64)
+    res.matvec = table_rows(MATVEC_METHODS, timings, outputs, skipped, agreement, res.gradient_ms)
 
     gen = torch.Generator().manual_seed(CHECK_SEED)
     check_m = torch.randn(problem.dim, K, generator=gen)
     gen.manual_seed(TIMING_SEED)
     matrices = [torch.randn(problem.dim, K, generator=gen) for _ in range(matmat_repeats + warmup)]
     timings, outputs, skipped = measure(problem, MATMAT_METHODS, check_m, matrices, matmat_repeats, warmup)
-    agreement = _agreement(problem64, MATMAT_METHODS, check_m.double())
-    res.matmat = _rows(MATMAT_METHODS, timings, outputs, skipped, agreement, None)
+    agreement = float64_agreement(problem64, MATMAT_METHODS, check_m.double())
+    res.matmat = table_rows(MATMAT_METHODS, timings, outputs, skipped, agreement, None)
     for row in res.matmat:
         loop = next(r for r in res.matmat if r.quantity == row.quantity)
         if row.median_ms is not None and loop.median_ms is not None:
             row.speedup_vs_loop = loop.median_ms / row.median_ms
 
     timings, outputs, skipped = measure(problem, DIAGONAL_METHODS, check, vectors, repeats, warmup, extra)
-    agreement = _agreement(problem64, DIAGONAL_METHODS, check64)
-    res.diagonal = _rows(
+    agreement = float64_agreement(problem64, DIAGONAL_METHODS, check64)
+    res.diagonal = table_rows(
         DIAGONAL_METHODS, timings, outputs, skipped, agreement, timings["gradient"].median_ms
     )
     del problem64
@@ -483,6 +496,23 @@ def _row(rows: Sequence[GGNRow], name: str) -> GGNRow | None:
 def _noise(row: GGNRow) -> float:
     """Relative spread of a row's rounds, (slowest - fastest) / median: the noise a ratio lives in."""
     return (row.max_ms - row.min_ms) / row.median_ms if row.median_ms else 0.0
+
+
+def slowest_row_goal(rows: Sequence[Row], goal: str, problem: str) -> Goal | None:
+    """Whether the slowest curvkit row is at most as slow as the fastest peer of its quantity.
+
+    A ratio above 1 that lies within the row's own spread of rounds, (slowest -
+    fastest) / median, is said to be within noise.
+    """
+    timed = [r for r in rows if r.family == "curvkit" and r.ratio_to_fastest_peer is not None]
+    slowest = max(timed, key=lambda r: r.ratio_to_fastest_peer, default=None)
+    if slowest is None:
+        return None
+    ratio = slowest.ratio_to_fastest_peer
+    detail = f"slowest curvkit row: {slowest.method}, {ratio:.2f}x the fastest peer"
+    if ratio > 1 and ratio - 1 <= _noise(slowest):
+        detail += f" (within this row's spread of {100 * _noise(slowest):.0f}%)"
+    return Goal(goal, problem, ratio <= 1, detail)
 
 
 def evaluate_ggn_goals(results: Sequence[GGNResult]) -> list[Goal]:
@@ -501,18 +531,10 @@ def evaluate_ggn_goals(results: Sequence[GGNResult]) -> list[Goal]:
                 else f"{ggn.ratio_to_gradient:.2f}x ({ggn.median_ms:.2f} ms; gradient {res.gradient_ms:.2f})",
             )
         )
-        defaults = [
-            r
-            for r in (*res.matvec, *res.matmat, *res.diagonal)
-            if r.family == "curvkit" and r.headline and r.ratio_to_fastest_peer is not None
-        ]
-        slowest = max(defaults, key=lambda r: r.ratio_to_fastest_peer, default=None)
-        if slowest is not None:
-            ratio = slowest.ratio_to_fastest_peer
-            detail = f"slowest curvkit row: {slowest.method}, {ratio:.2f}x the fastest peer"
-            if ratio > 1 and ratio - 1 <= _noise(slowest):
-                detail += f" (within this row's spread of {100 * _noise(slowest):.0f}%)"
-            goals.append(Goal("no curvkit row slower than the fastest peer", res.name, ratio <= 1, detail))
+        defaults = [r for r in (*res.matvec, *res.matmat, *res.diagonal) if r.headline]
+        goal = slowest_row_goal(defaults, "no curvkit row slower than the fastest peer", res.name)
+        if goal is not None:
+            goals.append(goal)
         diag = _row(res.diagonal, "curvkit ggn.diagonal()")
         backpack = _row(res.diagonal, "BackPACK DiagGGNExact")
         if diag is not None:

@@ -10,11 +10,12 @@ from typing import Any
 
 from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow
 from benchmarks.hvp import Goal, K, ProblemResult
+from benchmarks.kfac import DAMPING, KFACResult
 from benchmarks.peers import NO_HVP
 from benchmarks.spectral import TARGET, SpectralResults
 from curvkit.choice import AUTO_TRIALS
 
-__all__ = ["render_ggn", "render_markdown", "write_results"]
+__all__ = ["render_ggn", "render_kfac", "render_markdown", "write_results"]
 
 DISAGREE = 1e-4  # relative error in float32 above which a method computes another matrix
 LOAD_LIMIT = 0.05
@@ -118,6 +119,7 @@ def render_markdown(
     goals: Sequence[Goal],
     spectral: SpectralResults | None = None,
     ggn: Sequence[GGNResult] = (),
+    kfac: Sequence[KFACResult] = (),
 ) -> str:
     """The report as Markdown."""
     m = meta["machine"]
@@ -164,6 +166,8 @@ def render_markdown(
             out += [f"matmat (K = {K} vectors):", ""] + _matmat_table(res) + [""]
     if ggn:
         out += render_ggn(ggn, meta)
+    if kfac:
+        out += render_kfac(kfac)
     if spectral is not None:
         out += render_spectral(spectral)
     if results:
@@ -178,16 +182,18 @@ def write_results(
     goals: Sequence[Goal],
     spectral: SpectralResults | None = None,
     ggn: Sequence[GGNResult] = (),
+    kfac: Sequence[KFACResult] = (),
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
-    md.write_text(render_markdown(meta, results, goals, spectral, ggn), encoding="utf-8")
+    md.write_text(render_markdown(meta, results, goals, spectral, ggn, kfac), encoding="utf-8")
     payload = {
         "meta": meta,
         "goals": [asdict(g) for g in goals],
         "problems": [r.to_dict() for r in results],
         "ggn": [r.to_dict() for r in ggn],
+        "kfac": [r.to_dict() for r in kfac],
     }
     if spectral is not None:
         payload["spectral"] = spectral.to_dict()
@@ -423,6 +429,30 @@ def render_spectral(spectral: SpectralResults) -> list[str]:
     return out
 
 
+def _timed_header(res: Any, kind: str) -> list[str]:
+    """The heading and size line of a problem's section in the GGN and KFAC tables."""
+    return [
+        f"## {kind} on {res.name}: {res.description}",
+        "",
+        f"P = {res.params:,} parameters, {res.samples} samples; "
+        f"gradient {_num(res.gradient_ms, '.2f')} ms; "
+        f"CPU used by other processes meanwhile: {_pct(res.other_load)}.",
+        "",
+    ]
+
+
+def _method_notes(rows: Any, kind: str) -> list[str]:
+    """``## How each <kind> method is called``: every method's note, once."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        seen.setdefault(r.method, r.note)
+    return (
+        [f"## How each {kind} method is called", ""]
+        + [f"- **{name}**: {note}" for name, note in seen.items() if note]
+        + [""]
+    )
+
+
 # ------------------------------------------------------------------ Gauss-Newton and Fisher
 GGN_READING = [
     "Reading the Gauss-Newton and Fisher tables:",
@@ -480,23 +510,51 @@ def render_ggn(results: Sequence[GGNResult], meta: dict[str, Any]) -> list[str]:
     """The Gauss-Newton and Fisher sections as Markdown lines."""
     out = GGN_READING + [""]
     for res in results:
-        out += [
-            f"## GGN and Fisher on {res.name}: {res.description}",
-            "",
-            f"P = {res.params:,} parameters, {res.samples} samples; "
-            f"gradient {_num(res.gradient_ms, '.2f')} ms; "
-            f"CPU used by other processes meanwhile: {_pct(res.other_load)}.",
-            "",
-            "One product:",
-            "",
-        ]
+        out += _timed_header(res, "GGN and Fisher") + ["One product:", ""]
         out += _ggn_table(res.matvec, "median ms") + ["", f"K = {K} directions:", ""]
         out += _ggn_table(res.matmat, f"median ms (K={K})", matmat=True) + ["", "Diagonals:", ""]
         out += _ggn_table(res.diagonal, "median ms") + [""]
-    seen: dict[str, str] = {}
+    rows = [r for res in results for r in (*res.matvec, *res.matmat, *res.diagonal)]
+    return out + _method_notes(rows, "GGN and Fisher")
+
+
+# ------------------------------------------------------------------ KFAC
+KFAC_READING = [
+    "Reading the KFAC tables:",
+    "",
+    "- *Factors*: each call builds the operator, computes its factors over the data and applies it "
+    "once (curvkit and curvlinops), or runs BackPACK's backward pass with the extension (factors "
+    "only, no product). EKFAC rows include their second pass. */ fastest peer*: over the fastest peer "
+    "row of the same quantity.",
+    f"- *Inverse*: one product `(K + {DAMPING:g} I)^-1 v` with the inverse prepared beforehand (untimed).",
+    "- *float64 vs curvkit*: relative difference of the products `K v` (or inverse products) on a "
+    "float64 copy: they do not depend on how a library splits a scale between the two factors, so "
+    "they agree wherever the definitions do. Monte-Carlo rows draw independent targets.",
+]
+
+
+def _kfac_table(rows: Sequence[GGNRow]) -> list[str]:
+    body = [
+        [
+            r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+            r.quantity,
+            _num(r.median_ms, ".2f"),
+            "-" if r.median_ms is None else f"{r.min_ms:.2f}-{r.max_ms:.2f}",
+            _num(r.ratio_to_gradient, ".2f"),
+            _num(r.ratio_to_fastest_peer, ".2f"),
+            "-" if r.float64_agreement is None else f"{r.float64_agreement:.1e}",
+        ]
+        for r in rows
+    ]
+    header = ["method", "quantity", "median ms", "fastest-slowest", "/ gradient", "/ fastest peer", "float64"]
+    return _table(header, body)
+
+
+def render_kfac(results: Sequence[KFACResult]) -> list[str]:
+    """The KFAC sections as Markdown lines."""
+    out = KFAC_READING + [""]
     for res in results:
-        for r in (*res.matvec, *res.matmat, *res.diagonal):
-            seen.setdefault(r.method, r.note)
-    out += ["## How each GGN and Fisher method is called", ""]
-    out += [f"- **{name}**: {note}" for name, note in seen.items() if note] + [""]
-    return out
+        out += _timed_header(res, "KFAC") + ["Factors:", ""]
+        out += _kfac_table(res.factors) + ["", "Inverse products:", ""] + _kfac_table(res.inverse) + [""]
+    rows = [r for res in results for r in (*res.factors, *res.inverse)]
+    return out + _method_notes(rows, "KFAC")

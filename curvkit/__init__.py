@@ -45,8 +45,10 @@ from curvkit.errors import (
     UnknownEstimatorError,
     UnknownLossError,
     UnknownOptionError,
+    UnsupportedModelError,
 )
 from curvkit.hookspecs import hookimpl, hookspec
+from curvkit.kronecker import KroneckerBlock, KroneckerOperator
 from curvkit.layout import ParameterLayout
 from curvkit.linalg.diagonal import DiagonalResult, diagonal
 from curvkit.linalg.eigen import EigenResult, eigenvalues
@@ -56,6 +58,7 @@ from curvkit.linalg.trace import TraceResult, trace
 from curvkit.operator import (
     CurvatureOperator,
     DenseOperator,
+    DiagonalOperator,
     IdentityOperator,
     RestrictedOperator,
     ScaledOperator,
@@ -95,6 +98,7 @@ __all__ = [
     "CurvkitWarning",
     "DataError",
     "DenseOperator",
+    "DiagonalOperator",
     "DenseTooLargeError",
     "DensityResult",
     "DiagonalResult",
@@ -102,10 +106,13 @@ __all__ = [
     "EigenResult",
     "EstimatorSpec",
     "IdentityOperator",
+    "KroneckerBlock",
+    "KroneckerOperator",
     "LayerRow",
     "LayerTable",
     "ModelSnapshot",
     "NoExactFisherError",
+    "UnsupportedModelError",
     "NonConvexLossError",
     "NonDeterministicError",
     "NonFiniteError",

@@ -100,5 +100,10 @@ class NoExactFisherError(CurvkitError, ValueError):
     """The exact Fisher was asked of a negative log-likelihood known only through its sampler."""
 
 
+class UnsupportedModelError(CurvkitError, ValueError):
+    """An estimator does not support a module or an architecture of the model (the message names
+    the modules and the ways out); the conformance battery skips such cases, saying why."""
+
+
 class NonConvexLossError(CurvkitError, ValueError):
     """The loss's Hessian w.r.t. the model outputs is indefinite: it has no symmetric factor."""

@@ -44,6 +44,35 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
+@hookspec(historic=True)
+def curvkit_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Add hook specifications of your own (pluggy's and pytest's ``addhooks`` pattern).
+
+    Called for every plugin as it is registered, before its hooks are checked. A
+    plugin that lets *other* plugins extend it declares its hooks here, with
+    ``pluginmanager.add_hookspecs(namespace)``, and the kind of item they
+    register with :func:`curvkit.registry.add_item_kind`; it then reads them with
+    :func:`curvkit.registry.items`. The built-in ``kfac`` estimator declares
+    ``curvkit_kfac_layer_rules`` this way (see ``docs/kfac.md``).
+
+    Returns:
+        Nothing: the hook acts on ``pluginmanager``.
+
+    Example::
+
+        class MyHooks:
+            @curvkit.hookspec
+            def my_plugin_register_things() -> list[Thing]:
+                "..."
+
+        @curvkit.hookimpl
+        def curvkit_add_hookspecs(pluginmanager):
+            pluginmanager.add_hookspecs(MyHooks)
+            curvkit.registry.add_item_kind(
+                "things", curvkit.registry.ItemKind("my_plugin_register_things", Thing, "thing"))
+    """
+
+
 @hookspec
 def curvkit_register_estimators() -> list[EstimatorSpec]:
     """Register curvature estimators.

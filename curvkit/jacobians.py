@@ -64,8 +64,10 @@ __all__ = [
     "OutputCurvature",
     "check_independent_samples",
     "factor_batch_diagonal",
+    "factor_cotangents",
     "factor_product",
     "ggn_batch_product",
+    "monte_carlo_factor",
     "output_curvature_batch_product",
     "output_gradient",
     "output_vjp",
@@ -427,6 +429,32 @@ def sum_of_squared_pullbacks(
     return out, outputs
 
 
+def factor_cotangents(factor: Tensor) -> Tensor:
+    """``[N, R D, *o.shape[1:]]``: a block-diagonal factor's columns as per-sample cotangents.
+
+    Column ``r`` of a factor ``[*o.shape, R]`` in the layout of ``BLOCK_DIAGONAL``
+    losses is split by position (``D`` per sample), so that ``sum_q`` of the
+    cotangents' outer products is ``F F^T`` block by block.
+    """
+    return torch.cat([_positionwise(factor[..., r]) for r in range(factor.shape[-1])], dim=1)
+
+
+def monte_carlo_factor(
+    loss: BatchLoss, outputs: Tensor, targets: Tensor, generator: torch.Generator | None, samples: int
+) -> Tensor:
+    """``Phi = [g_1, ..., g_S] / sqrt(S)``: output gradients at ``S`` targets drawn from the model.
+
+    ``g_s = dS_b(o, y_s) / do`` with ``y_s ~ p(y | o)``
+    (:meth:`~curvkit.losses.BatchLoss.sample_targets`), in the generator's order,
+    so that ``E[Phi Phi^T]`` is the exact Fisher factor product in the loss's layout.
+    """
+    gradients = [
+        output_gradient(loss, outputs, loss.sample_targets(outputs, targets, generator))
+        for _ in range(samples)
+    ]
+    return torch.stack(gradients, dim=-1) / samples**0.5
+
+
 def factor_batch_diagonal(
     problem: Problem,
     params: Sequence[Tensor],
@@ -454,8 +482,7 @@ def factor_batch_diagonal(
     if block_diagonal:
 
         def cotangents_of(outputs: Tensor) -> Tensor:
-            F = factor(outputs)
-            return torch.cat([_positionwise(F[..., r]) for r in range(F.shape[-1])], dim=1)
+            return factor_cotangents(factor(outputs))
 
         diagonal, outputs = sum_of_squared_pullbacks(
             problem, params, inputs, cotangents_of, layers, vectorize

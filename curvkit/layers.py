@@ -34,9 +34,10 @@ The table :data:`LAYER_RULES` maps a module type to its rule; KFAC's factors
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,7 +47,15 @@ from torch import Tensor, nn
 from curvkit.choice import AUTO_TRIALS, Choice
 from curvkit.problem import Problem
 
-__all__ = ["LAYER_RULES", "LayerDiagonals", "LayerRule", "gradient_sums", "squared_gradient_sums"]
+__all__ = [
+    "LAYER_RULES",
+    "LayerBatch",
+    "LayerCapture",
+    "LayerDiagonals",
+    "LayerRule",
+    "gradient_sums",
+    "squared_gradient_sums",
+]
 
 _CHECK_RTOL = 1e-4  # float32 rounding of a sum of per-sample gradients, relative to its size
 CHUNK_BYTES = 2**28
@@ -66,12 +75,22 @@ class LayerRule:
     Attributes:
         applies: ``module -> bool``: whether the rule covers this instance (its
             options, e.g. a convolution's padding mode).
-        rows: ``(module, a, g) -> (A, G)`` for the layer's input ``a`` ``[N, ...]``
-            and output gradients ``g`` ``[N, Q, ...]`` (``Q`` cotangents per sample).
+        inputs: ``(module, a) -> A`` for the layer's input ``a`` ``[N, ...]``.
+        grads: ``(module, g, A) -> G`` for its output gradients ``g`` ``[N, Q, ...]``
+            (``Q`` cotangents per sample), given ``A`` (for its shape).
+        shape: ``module -> (groups, o, k)``, known before any data is seen (for
+            memory budgets).
     """
 
     applies: Callable[[nn.Module], bool]
-    rows: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+    inputs: Callable[[nn.Module, Tensor], Tensor]
+    grads: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    shape: Callable[[nn.Module], tuple[int, int, int]]
+
+    def rows(self, module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A, G)`` for a layer's input and output gradients."""
+        A = self.inputs(module, a)
+        return A, self.grads(module, g, A)
 
 
 def squared_gradient_sums(A: Tensor, G: Tensor) -> dict[str, Tensor]:
@@ -106,12 +125,15 @@ def gradient_sums(A: Tensor, G: Tensor) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------- Linear
-def _linear_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """``A`` ``[N, 1, in, T]`` and ``G`` ``[N, Q, 1, out, T]``, ``T`` positions per sample."""
+def _linear_inputs(module: nn.Module, a: Tensor) -> Tensor:
+    """``A`` ``[N, 1, in, T]``, ``T`` positions per sample (every leading dim after the first)."""
+    return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2).unsqueeze(1)
+
+
+def _linear_grads(module: nn.Module, g: Tensor, A: Tensor) -> Tensor:
+    """``G`` ``[N, Q, 1, out, T]``."""
     N, Q = g.shape[:2]
-    A = a.reshape(N, -1, a.shape[-1]).transpose(1, 2).unsqueeze(1)
-    G = g.reshape(N, Q, -1, g.shape[-1]).transpose(2, 3).unsqueeze(2)
-    return A, G
+    return g.reshape(N, Q, A.shape[-1], g.shape[-1]).transpose(2, 3).unsqueeze(2)
 
 
 # ------------------------------------------------------------------- Conv2d
@@ -119,27 +141,38 @@ def _conv_applies(module: nn.Module) -> bool:
     return module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
-def _conv_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Unfolded patches ``[N, groups, k, L]`` and output gradients ``[N, Q, groups, o, L]``."""
-    N, groups = a.shape[0], module.groups
+def _conv_inputs(module: nn.Module, a: Tensor) -> Tensor:
+    """Unfolded patches ``[N, groups, k, L]``."""
     patches = F.unfold(
         a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
     )  # [N, in * kh * kw, L]
-    A = patches.reshape(N, groups, -1, patches.shape[-1])
-    G = g.reshape(N, g.shape[1], groups, module.out_channels // groups, -1)
-    return A, G
+    return patches.reshape(a.shape[0], module.groups, -1, patches.shape[-1])
+
+
+def _conv_grads(module: nn.Module, g: Tensor, A: Tensor) -> Tensor:
+    """Output gradients ``[N, Q, groups, o, L]``."""
+    groups = module.groups
+    return g.reshape(g.shape[0], g.shape[1], groups, module.out_channels // groups, A.shape[-1])
 
 
 # ------------------------------------------------------------ normalisation
-def _affine_rows(normalised: Tensor, g: Tensor, features: int, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """An elementwise affine map ``y = x_hat * w + b``: one group per feature, ``o = k = 1``."""
+# An elementwise affine map ``y = x_hat * w + b``: one group per feature, ``o = k = 1``; A holds
+# the normalised inputs ``x_hat``.
+def _channels_first_inputs(normalised: Tensor, features: int) -> Tensor:
+    return normalised.reshape(normalised.shape[0], features, 1, -1)
+
+
+def _channels_first_grads(module: nn.Module, g: Tensor, A: Tensor) -> Tensor:
+    return g.reshape(g.shape[0], g.shape[1], A.shape[1], 1, A.shape[-1])
+
+
+def _channels_last_inputs(normalised: Tensor, features: int) -> Tensor:
+    return normalised.reshape(normalised.shape[0], -1, features).transpose(1, 2).unsqueeze(2)
+
+
+def _channels_last_grads(module: nn.Module, g: Tensor, A: Tensor) -> Tensor:
     N, Q = g.shape[:2]
-    if channels_last:  # [N, ..., features]
-        A = normalised.reshape(N, -1, features).transpose(1, 2)
-        G = g.reshape(N, Q, -1, features).transpose(2, 3)
-    else:  # [N, features, ...]
-        A, G = normalised.reshape(N, features, -1), g.reshape(N, Q, features, -1)
-    return A.unsqueeze(2), G.unsqueeze(3)
+    return g.reshape(N, Q, A.shape[-1], A.shape[1]).transpose(2, 3).unsqueeze(3)
 
 
 def _batch_norm_applies(module: nn.Module) -> bool:
@@ -147,33 +180,56 @@ def _batch_norm_applies(module: nn.Module) -> bool:
     return module.affine and module.track_running_stats and not module.training
 
 
-def _batch_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def _batch_norm_inputs(module: nn.Module, a: Tensor) -> Tensor:
     shape = (1, -1) + (1,) * (a.ndim - 2)
     mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
-    normalised = (a - mean) / torch.sqrt(var + module.eps)
-    return _affine_rows(normalised, g, module.num_features, channels_last=False)
+    return _channels_first_inputs((a - mean) / torch.sqrt(var + module.eps), module.num_features)
 
 
 def _layer_norm_applies(module: nn.Module) -> bool:
     return module.elementwise_affine
 
 
-def _layer_norm_rows(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def _layer_norm_inputs(module: nn.Module, a: Tensor) -> Tensor:
     dims = tuple(range(a.ndim - len(module.normalized_shape), a.ndim))
     mean = a.mean(dims, keepdim=True)
     var = a.var(dims, keepdim=True, correction=0)
     normalised = (a - mean) / torch.sqrt(var + module.eps)
-    features = math.prod(module.normalized_shape)
-    return _affine_rows(normalised, g, features, channels_last=True)
+    return _channels_last_inputs(normalised, math.prod(module.normalized_shape))
 
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, int]:
+    return 1, module.out_features, module.in_features
+
+
+def _conv_shape(module: nn.Module) -> tuple[int, int, int]:
+    groups = module.groups
+    return groups, module.out_channels // groups, module.in_channels // groups * math.prod(module.kernel_size)
+
+
+def _batch_norm_shape(module: nn.Module) -> tuple[int, int, int]:
+    return module.num_features, 1, 1
+
+
+def _layer_norm_shape(module: nn.Module) -> tuple[int, int, int]:
+    return math.prod(module.normalized_shape), 1, 1
+
+
+_BATCH_NORM = LayerRule(_batch_norm_applies, _batch_norm_inputs, _channels_first_grads, _batch_norm_shape)
 
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
-    nn.Linear: LayerRule(lambda m: True, _linear_rows),
-    nn.Conv2d: LayerRule(_conv_applies, _conv_rows),
-    nn.BatchNorm1d: LayerRule(_batch_norm_applies, _batch_norm_rows),
-    nn.BatchNorm2d: LayerRule(_batch_norm_applies, _batch_norm_rows),
-    nn.BatchNorm3d: LayerRule(_batch_norm_applies, _batch_norm_rows),
-    nn.LayerNorm: LayerRule(_layer_norm_applies, _layer_norm_rows),
+    nn.Linear: LayerRule(lambda m: True, _linear_inputs, _linear_grads, _linear_shape),
+    nn.Conv2d: LayerRule(_conv_applies, _conv_inputs, _conv_grads, _conv_shape),
+    nn.BatchNorm1d: LayerRule(
+        _batch_norm_applies, _batch_norm_inputs, _channels_first_grads, _batch_norm_shape
+    ),
+    nn.BatchNorm2d: LayerRule(
+        _batch_norm_applies, _batch_norm_inputs, _channels_first_grads, _batch_norm_shape
+    ),
+    nn.BatchNorm3d: LayerRule(
+        _batch_norm_applies, _batch_norm_inputs, _channels_first_grads, _batch_norm_shape
+    ),
+    nn.LayerNorm: LayerRule(_layer_norm_applies, _layer_norm_inputs, _channels_last_grads, _layer_norm_shape),
 }
 """Module type -> its rule (exact types: a subclass may change ``forward``)."""
 
@@ -218,49 +274,103 @@ Layers = dict[str, tuple[nn.Module, dict[str, int]]]
 """Module name -> (module, {its parameter's local name: index among the selected parameters})."""
 
 
-class LayerDiagonals:
-    """``sum_{n,q} (J_n^T u_{nq})^2`` for the parameters that layer rules cover.
+@dataclass
+class LayerBatch:
+    """One batch's forward pass with the covered layers' inputs captured.
 
-    One object per operator: it decides on its first call which parameters its
-    rules cover, checking each against autograd, and keeps that decision.
+    Attributes:
+        outputs: The model's outputs (with their graph).
+        cotangents: ``[N, Q, *o.shape[1:]]``, from the capture's ``cotangents_of``.
+        inputs: Each covered layer's input.
+        layers: The covered layers.
+    """
+
+    outputs: Tensor
+    cotangents: Tensor
+    inputs: dict[str, Tensor]
+    layers: Layers
+    layer_outputs: list[Tensor]
+    rules: Mapping[type[nn.Module], LayerRule]
+    batched: Choice
+    _input_rows: dict[str, Tensor] = field(default_factory=dict)
+
+    def input_rows(self, key: str) -> Tensor:
+        """A covered layer's inputs in the rules' form, ``A`` ``[N, groups, k, L]`` (computed once)."""
+        if key not in self._input_rows:
+            module = self.layers[key][0]
+            self._input_rows[key] = self.rules[type(module)].inputs(module, self.inputs[key])
+        return self._input_rows[key]
+
+    def rows(self) -> Iterator[tuple[str, nn.Module, dict[str, int], Tensor, Tensor]]:
+        """``(name, module, params, A, G)`` per covered layer and chunk of cotangents.
+
+        ``A`` and ``G`` in the rules' form (:class:`LayerRule`), ``G`` for the
+        chunk's cotangents, chunks within :data:`CHUNK_BYTES` of output gradients.
+        """
+        if not self.layers or not self.outputs.requires_grad:
+            return
+        U = self.cotangents.movedim(1, 0)  # [Q, N, *o]
+        per_cotangent = sum(z.numel() for z in self.layer_outputs) * U.element_size()
+        chunk = max(1, CHUNK_BYTES // max(per_cotangent, 1))
+        for start in range(0, U.shape[0], chunk):
+            part = U[start : start + chunk]
+            if len(part) == 1:  # one cotangent: a plain backward pass, nothing to vectorise
+                grads = _output_gradients(self.outputs, self.layer_outputs, part, False)
+            else:
+                grads = self.batched(
+                    lambda batched, part=part: _output_gradients(
+                        self.outputs, self.layer_outputs, part, batched
+                    ),
+                    key=len(part),
+                )
+            for (key, (module, names)), g in zip(self.layers.items(), grads):
+                A = self.input_rows(key)
+                yield key, module, names, A, self.rules[type(module)].grads(module, g, A)
+
+
+class LayerCapture:
+    """Which layers a rule covers (decided on the first batch), and their inputs and output gradients.
+
+    One object per operator. On its first batch it takes the candidate layers (a
+    rule for the type that applies, selected parameters not tied to others), keeps
+    those that ran exactly once in the forward pass and whose rule's per-sample
+    gradients sum to autograd's batch gradient, and keeps that decision.
 
     Args:
         problem: The problem.
+        rules: Module type -> rule (default :data:`LAYER_RULES`).
 
     Attributes:
-        covered: After the first call, the layers whose rules are used.
+        covered: After the first batch, the layers whose rules are used.
     """
 
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, rules: Mapping[type[nn.Module], LayerRule] | None = None):
         self.problem = problem
+        self.rules = dict(LAYER_RULES if rules is None else rules)
         self.covered: Layers | None = None
         # one vectorised backward pass for all cotangents, or a loop (see _output_gradients)
         self.batched: Choice[bool, list[Tensor]] = Choice((False, True), trials=AUTO_TRIALS)
 
-    def __call__(
+    @contextlib.contextmanager
+    def forward(
         self, params: Sequence[Tensor], inputs: Any, cotangents_of: Callable[[Tensor], Tensor]
-    ) -> tuple[dict[int, Tensor], Tensor, Tensor]:
-        """One batch: the sums for the covered parameters, from one forward pass.
+    ) -> Iterator[LayerBatch]:
+        """One batch's forward pass with hooks; gradients flow while the context is open.
 
         Args:
             params: The selected parameters.
             inputs: The batch's inputs.
             cotangents_of: ``outputs -> [N, Q, *o.shape[1:]]``: ``Q`` cotangents of
                 each sample's outputs, given the (detached) outputs.
-
-        Returns:
-            Parameter index -> the sum over samples and cotangents of its squared
-            per-sample pullbacks (only the parameters a rule covers); the batch's
-            outputs (detached); the cotangents.
         """
-        layers = self._candidates() if self.covered is None else self.covered
+        layers = self.candidates() if self.covered is None else self.covered
         if not layers:
             self.covered = {}
             with torch.no_grad():
                 outputs = self.problem.forward([p.detach() for p in params], inputs)
-            return {}, outputs, cotangents_of(outputs)
+            yield LayerBatch(outputs, cotangents_of(outputs), {}, {}, [], self.rules, self.batched)
+            return
         leaves = [p.detach().requires_grad_(True) for p in params]
-        out: dict[int, Tensor] = {}
         with torch.enable_grad(), _Capture({k: m for k, (m, _) in layers.items()}) as capture:
             outputs = self.problem.forward(leaves, inputs)
             cotangents = cotangents_of(outputs.detach())
@@ -268,24 +378,10 @@ class LayerDiagonals:
             if self.covered is None:
                 layers = self._check(leaves, outputs, capture, layers)
                 self.covered = layers
-            if not layers or not outputs.requires_grad:
-                return out, outputs.detach(), cotangents
             zs = [capture.outputs[k] for k in layers]
-            U = cotangents.movedim(1, 0)  # [Q, N, *o]
-            per_cotangent = sum(z.numel() for z in zs) * U.element_size()
-            chunk = max(1, CHUNK_BYTES // max(per_cotangent, 1))
-            for start in range(0, U.shape[0], chunk):
-                part = U[start : start + chunk]
-                grads = self.batched(lambda batched, part=part: _output_gradients(outputs, zs, part, batched))
-                for (key, (module, names)), G in zip(layers.items(), grads):
-                    rows = LAYER_RULES[type(module)].rows(module, capture.inputs[key], G)
-                    squares = squared_gradient_sums(*rows)
-                    for local, i in names.items():
-                        square = squares[local].reshape(params[i].shape)
-                        out[i] = square if i not in out else out[i] + square
-        return out, outputs.detach(), cotangents
+            yield LayerBatch(outputs, cotangents, capture.inputs, layers, zs, self.rules, self.batched)
 
-    def _candidates(self) -> Layers:
+    def candidates(self) -> Layers:
         """The layers a rule may cover, their parameters selected and not tied to others.
 
         Called during the first pass over the data, in the mode the problem runs
@@ -296,7 +392,7 @@ class LayerDiagonals:
         shared = _shared_parameter_names(problem.model)
         candidates: Layers = {}
         for prefix, module in problem.model.named_modules():
-            rule = LAYER_RULES.get(type(module))
+            rule = self.rules.get(type(module))
             if rule is None or not rule.applies(module):
                 continue
             full = {
@@ -324,7 +420,7 @@ class LayerDiagonals:
         for key, g in zip(keys, grads[: len(zs)]):
             module, names = layers[key]
             rows = (
-                None if g is None else LAYER_RULES[type(module)].rows(module, capture.inputs[key], g[:, None])
+                None if g is None else self.rules[type(module)].rows(module, capture.inputs[key], g[:, None])
             )
             sums = {} if rows is None else gradient_sums(*rows)
             good = {}
@@ -335,6 +431,53 @@ class LayerDiagonals:
             if good:
                 kept[key] = (module, good)
         return kept
+
+
+class LayerDiagonals:
+    """``sum_{n,q} (J_n^T u_{nq})^2`` for the parameters that layer rules cover.
+
+    One object per operator (its :class:`LayerCapture` decides the layers once).
+
+    Args:
+        problem: The problem.
+    """
+
+    def __init__(self, problem: Problem):
+        self.capture = LayerCapture(problem)
+
+    @property
+    def covered(self) -> Layers | None:
+        """The layers whose rules are used (``None`` before the first batch)."""
+        return self.capture.covered
+
+    @covered.setter
+    def covered(self, layers: Layers | None) -> None:
+        self.capture.covered = layers
+
+    def __call__(
+        self, params: Sequence[Tensor], inputs: Any, cotangents_of: Callable[[Tensor], Tensor]
+    ) -> tuple[dict[int, Tensor], Tensor, Tensor]:
+        """One batch: the sums for the covered parameters, from one forward pass.
+
+        Args:
+            params: The selected parameters.
+            inputs: The batch's inputs.
+            cotangents_of: ``outputs -> [N, Q, *o.shape[1:]]``: ``Q`` cotangents of
+                each sample's outputs, given the (detached) outputs.
+
+        Returns:
+            Parameter index -> the sum over samples and cotangents of its squared
+            per-sample pullbacks (only the parameters a rule covers); the batch's
+            outputs (detached); the cotangents.
+        """
+        out: dict[int, Tensor] = {}
+        with self.capture.forward(params, inputs, cotangents_of) as batch:
+            for _, _, names, A, G in batch.rows():
+                squares = squared_gradient_sums(A, G)
+                for local, i in names.items():
+                    square = squares[local].reshape(params[i].shape)
+                    out[i] = square if i not in out else out[i] + square
+        return out, batch.outputs.detach(), batch.cotangents
 
 
 def _output_gradients(outputs: Tensor, zs: list[Tensor], U: Tensor, batched: bool) -> list[Tensor]:

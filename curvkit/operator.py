@@ -13,8 +13,15 @@ everything else is derived here:
 * ``diagonal()``: the exact diagonal, from products with blocks of basis vectors
   (refused above the same limit), unless the operator knows a cheap way
   (``CHEAP_DIAGONAL``, see below);
-* algebra: ``2.0 * A``, ``A + B``, ``A - B``, ``-A``, ``A.damped(lam)`` (``A + lam I``);
-* ``restrict(params)``: the diagonal block of a subset of parameters.
+* algebra: ``2.0 * A``, ``A + B``, ``A - B``, ``-A``, ``A.damped(lam)`` (``A + lam I``;
+  overridable where an operator damps otherwise, e.g. KFAC's factored damping);
+* ``restrict(params)``: the diagonal block of a subset of parameters;
+* linear algebra: ``trace()``, ``inverse(damping)`` (an operator for
+  ``(A + damping I)^-1``), ``solve(v, damping)``, ``logdet(damping)`` and
+  ``eigenvalues(k, which)`` (exact pairs), exact where the operator has
+  structure (see below), otherwise generic: the trace from the diagonal, the
+  inverse, log-determinant and eigenpairs from the dense matrix (refused above
+  the size limit of ``to_dense``; :func:`curvkit.eigenvalues` runs Lanczos).
 
 Flags (class attributes, overridable per instance):
 
@@ -37,11 +44,24 @@ restricted and transposed operators pass the diagonal through. Generic code
 (``curvkit.trace(method="exact")``, ``curvkit.diagonal``) asks ``CHEAP_DIAGONAL``
 before choosing between ``diagonal()`` and its own products.
 
+**Structure.** An operator that holds more than a product (a Kronecker-factored
+approximation, ``scale * I``) lists in ``STRUCTURE`` (a class attribute,
+overridable per instance) the methods it computes exactly and cheaply, and
+implements their private forms: ``"trace"`` -> ``_trace()``, ``"inverse"`` ->
+``_inverse(damping)``, ``"logdet"`` -> ``_logdet(damping)``, ``"eigenvalues"`` ->
+``_eigenpairs(k, which)`` (values and unit vectors). :func:`curvkit.eigenvalues` and
+:func:`curvkit.trace` use them instead of Lanczos or Hutchinson and say so in their
+results (``method="exact"``, ``structured=True``). Composition keeps structure:
+``alpha * A`` has ``A``'s, ``A + c I`` (``A.damped(c)``) has ``A``'s inverse,
+log-determinant and eigenpairs with the damping shifted, a sum has the trace if
+every term has it.
+
 Counters ``matvecs`` (columns multiplied) and ``data_passes`` record the work done.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -55,7 +75,9 @@ from curvkit.layout import ParameterLayout
 __all__ = [
     "CurvatureOperator",
     "DenseOperator",
+    "DiagonalOperator",
     "IdentityOperator",
+    "STRUCTURE_METHODS",
     "RestrictedOperator",
     "ScaledOperator",
     "SumOperator",
@@ -65,6 +87,9 @@ __all__ = [
 ]
 
 FLAGS = ("SYMMETRIC", "PSD", "EXACT", "STOCHASTIC", "RESAMPLES")
+
+STRUCTURE_METHODS = ("trace", "inverse", "logdet", "eigenvalues")
+"""Methods an operator may compute exactly from its structure (its ``STRUCTURE``)."""
 
 
 def default_max_dense_dim() -> int:
@@ -123,6 +148,7 @@ class CurvatureOperator:
     STOCHASTIC: bool = False
     RESAMPLES: bool = False
     CHEAP_DIAGONAL: bool = False
+    STRUCTURE: frozenset[str] = frozenset()
 
     def __init__(self, layout: ParameterLayout, *, dtype: torch.dtype, device: torch.device | str):
         self.layout = layout
@@ -146,6 +172,24 @@ class CurvatureOperator:
         """The exact ``[P]`` diagonal, computed cheaply; implemented where ``CHEAP_DIAGONAL`` is set."""
         raise NotImplementedError(
             f"{type(self).__name__} sets CHEAP_DIAGONAL but does not implement _diagonal"
+        )
+
+    def _trace(self) -> float:
+        """The exact trace from the operator's structure (``"trace"`` in ``STRUCTURE``)."""
+        raise NotImplementedError(f"{type(self).__name__} lists 'trace' in STRUCTURE but has no _trace")
+
+    def _inverse(self, damping: float) -> CurvatureOperator:
+        """``(A + damping I)^-1`` from the operator's structure (``"inverse"`` in ``STRUCTURE``)."""
+        raise NotImplementedError(f"{type(self).__name__} lists 'inverse' in STRUCTURE but has no _inverse")
+
+    def _logdet(self, damping: float) -> float:
+        """``log det(A + damping I)`` from the operator's structure (``"logdet"`` in ``STRUCTURE``)."""
+        raise NotImplementedError(f"{type(self).__name__} lists 'logdet' in STRUCTURE but has no _logdet")
+
+    def _eigenpairs(self, k: int, which: str) -> tuple[Tensor, Tensor]:
+        """``k`` exact eigenvalues and unit eigenvectors ``[P, k]`` at one end (``"eigenvalues"``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} lists 'eigenvalues' in STRUCTURE but has no _eigenpairs"
         )
 
     # ----------------------------------------------------------------- derived
@@ -319,6 +363,105 @@ class CurvatureOperator:
             rmatmat=lambda x: apply(self.rmatmat, x),
         )
 
+    # ------------------------------------------------------- linear algebra
+    def trace(self) -> float:
+        """The exact trace: from the structure, else the sum of :meth:`diagonal`.
+
+        For estimates with a budget of products, see :func:`curvkit.trace`.
+        """
+        if "trace" in self.STRUCTURE:
+            return float(self._trace())
+        return float(self.diagonal().to(torch.float64).sum())
+
+    def inverse(self, damping: float = 0.0) -> CurvatureOperator:
+        """An operator for ``(A + damping I)^-1``.
+
+        From the structure where the operator has one (``"inverse"`` in
+        ``STRUCTURE``); otherwise the inverse of the dense matrix (symmetric
+        operators by eigendecomposition), refused above the size limit of
+        :meth:`to_dense`.
+
+        Raises:
+            DenseTooLargeError: No structure and ``P`` above the dense limit.
+            CurvkitError: ``A + damping I`` is singular to working precision (the
+                message gives its smallest and largest eigenvalue magnitudes).
+        """
+        damping = _check_damping(damping)
+        if "inverse" in self.STRUCTURE:
+            return self._inverse(damping)
+        return _dense_inverse(self, damping)
+
+    def solve(self, v: Tensor, damping: float = 0.0) -> Tensor:
+        """``(A + damping I)^-1 v`` for ``v`` of shape ``[P]`` or ``[P, K]`` (see :meth:`inverse`)."""
+        return self.inverse(damping) @ v
+
+    def logdet(self, damping: float = 0.0) -> float:
+        """``log det(A + damping I)`` of a positive definite ``A + damping I``.
+
+        From the structure where the operator has one (``"logdet"`` in
+        ``STRUCTURE``); otherwise from the dense matrix (refused above the size
+        limit of :meth:`to_dense`).
+
+        Raises:
+            CurvkitError: ``A + damping I`` is not positive definite (its
+                determinant is not positive).
+        """
+        damping = _check_damping(damping)
+        if "logdet" in self.STRUCTURE:
+            return float(self._logdet(damping))
+        dense = self.to_dense().to(torch.float64)
+        dense = dense + damping * torch.eye(dense.shape[0], dtype=dense.dtype, device=dense.device)
+        sign, value = torch.linalg.slogdet(dense)
+        if sign.item() <= 0:
+            raise CurvkitError(
+                f"log det(A + {damping:g} I) needs a positive definite matrix; its determinant is "
+                f"{'zero' if sign.item() == 0 else 'negative'}: add damping"
+            )
+        return float(value)
+
+    def eigenvalues(self, k: int = 5, which: str = "largest") -> tuple[Tensor, Tensor]:
+        """``k`` exact eigenpairs: values ``[k]`` (most extreme first) and unit vectors ``[P, k]``.
+
+        From the structure where the operator has one (``"eigenvalues"`` in
+        ``STRUCTURE``); otherwise from the eigendecomposition of the dense matrix
+        (symmetric operators, refused above the size limit of :meth:`to_dense`).
+        For large operators without structure use :func:`curvkit.eigenvalues`
+        (Lanczos, with residual certificates), which itself uses the structure
+        when there is one.
+
+        Args:
+            k: Number of pairs.
+            which: ``"largest"``, ``"smallest"``, ``"both_ends"`` (``ceil(k/2)``
+                largest, ``floor(k/2)`` smallest) or ``"largest_magnitude"``.
+
+        Raises:
+            CurvkitError: ``k`` not in ``1..P``, an unknown ``which``, or a
+                non-symmetric operator without structure.
+        """
+        if which not in ("largest", "smallest", "both_ends", "largest_magnitude"):
+            raise CurvkitError(f"unknown which {which!r}")
+        if not 1 <= k <= self.shape[0]:
+            raise CurvkitError(f"k must be between 1 and the operator's dimension {self.shape[0]}, got {k}")
+        pairs = self._eigenpairs if "eigenvalues" in self.STRUCTURE else self._dense_eigenpairs
+        if which == "both_ends":
+            top, bottom = pairs(math.ceil(k / 2), "largest"), pairs(k // 2, "smallest")
+            return torch.cat([top[0], bottom[0]]), torch.cat([top[1], bottom[1]], dim=1)
+        if which == "largest_magnitude":
+            top, bottom = pairs(k, "largest"), pairs(k, "smallest")
+            values, vectors = torch.cat([top[0], bottom[0]]), torch.cat([top[1], bottom[1]], dim=1)
+            keep = torch.argsort(values.abs(), descending=True)[:k]
+            return values[keep], vectors[:, keep]
+        return pairs(k, which)
+
+    def _dense_eigenpairs(self, k: int, which: str) -> tuple[Tensor, Tensor]:
+        if not self.SYMMETRIC:
+            raise CurvkitError("exact eigenpairs need a symmetric operator (or one with structure)")
+        values, vectors = torch.linalg.eigh(self.to_dense())
+        picked = (
+            torch.arange(k) if which == "smallest" else torch.arange(len(values) - 1, len(values) - 1 - k, -1)
+        )
+        return values[picked], vectors[:, picked]
+
     def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
         """The diagonal block ``A[S, S]`` for a subset ``S`` of the parameters.
 
@@ -372,6 +515,36 @@ class CurvatureOperator:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, flags={on})"
 
 
+def _check_damping(damping: Any) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
+        raise CurvkitError(f"damping must be a non-negative number, got {damping!r}")
+    return float(damping)
+
+
+def _dense_inverse(A: CurvatureOperator, damping: float) -> DenseOperator:
+    """``(A + damping I)^-1`` as a dense operator: the generic :meth:`CurvatureOperator.inverse`."""
+    dense = A.to_dense()
+    P = dense.shape[0]
+    shifted = dense + damping * torch.eye(P, dtype=dense.dtype, device=dense.device)
+    if A.SYMMETRIC:
+        values, vectors = torch.linalg.eigh(shifted)
+        magnitudes = values.abs()
+    else:
+        magnitudes = torch.linalg.svdvals(shifted)
+    largest, smallest = magnitudes.max().item(), magnitudes.min().item()
+    if smallest <= P * torch.finfo(dense.dtype).eps * max(largest, torch.finfo(dense.dtype).tiny):
+        raise CurvkitError(
+            f"A + {damping:g} I is singular to working precision (smallest eigenvalue magnitude "
+            f"{smallest:.3g}, largest {largest:.3g}): add damping"
+        )
+    if A.SYMMETRIC:
+        inverse = (vectors / values) @ vectors.T
+        inverse = (inverse + inverse.T) / 2
+    else:
+        inverse = torch.linalg.inv(shifted)
+    return DenseOperator(inverse, A.layout, symmetric=A.SYMMETRIC, psd=A.PSD, exact=A.EXACT)
+
+
 def _resolve_names(layout: ParameterLayout, params: str | Sequence[str]) -> list[str]:
     wanted = [params] if isinstance(params, str) else list(params)
     names = []
@@ -405,7 +578,9 @@ class _TransposedOperator(CurvatureOperator):
 
 
 class ScaledOperator(CurvatureOperator):
-    """``alpha * A``."""
+    """``alpha * A``, with ``A``'s structure: ``(alpha A + d I)^-1 = (A + (d / alpha) I)^-1 / alpha``,
+    ``log det(alpha A + d I) = P log alpha + log det(A + (d / alpha) I)`` (``alpha > 0``),
+    the eigenpairs of ``A`` scaled (the other end of ``A``'s spectrum for ``alpha < 0``)."""
 
     def __init__(self, op: CurvatureOperator, alpha: float):
         super().__init__(op.layout, dtype=op.dtype, device=op.device)
@@ -413,6 +588,10 @@ class ScaledOperator(CurvatureOperator):
         self.SYMMETRIC, self.EXACT, self.STOCHASTIC = op.SYMMETRIC, op.EXACT, op.STOCHASTIC
         self.RESAMPLES, self.CHEAP_DIAGONAL = op.RESAMPLES, op.CHEAP_DIAGONAL
         self.PSD = op.PSD and alpha >= 0
+        structure = set(op.STRUCTURE) if alpha != 0 else set()
+        if alpha < 0:  # alpha A + d I = alpha (A - (d / |alpha|) I): a negative shift, not a damping
+            structure -= {"inverse", "logdet"}
+        self.STRUCTURE = frozenset(structure)
 
     def _matmat(self, M: Tensor) -> Tensor:
         return self.alpha * self.op.matmat(M)
@@ -422,6 +601,24 @@ class ScaledOperator(CurvatureOperator):
 
     def diagonal(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
         return self.alpha * self.op.diagonal(max_dim, block_size)
+
+    def _trace(self) -> float:
+        return self.alpha * self.op.trace()
+
+    def _inverse(self, damping: float) -> CurvatureOperator:
+        return ScaledOperator(self.op.inverse(damping / self.alpha), 1.0 / self.alpha)
+
+    def _logdet(self, damping: float) -> float:
+        return self.shape[0] * math.log(self.alpha) + self.op.logdet(damping / self.alpha)
+
+    def _eigenpairs(self, k: int, which: str) -> tuple[Tensor, Tensor]:
+        flipped = {"largest": "smallest", "smallest": "largest"}
+        values, vectors = self.op._eigenpairs(k, which if self.alpha > 0 else flipped.get(which, which))
+        return self.alpha * values, vectors
+
+    def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
+        """``alpha * A[S, S]``: the block of ``A``, by ``A``'s own ``restrict``."""
+        return ScaledOperator(self.op.restrict(params), self.alpha)
 
 
 class SumOperator(CurvatureOperator):
@@ -449,6 +646,28 @@ class SumOperator(CurvatureOperator):
         self.STOCHASTIC = any(o.STOCHASTIC for o in flat)
         self.RESAMPLES = any(o.RESAMPLES for o in flat)
         self.CHEAP_DIAGONAL = all(o.CHEAP_DIAGONAL for o in flat)
+        # A + c I (a damped operator): A's structure with the damping shifted by c
+        shifts = [o for o in flat if isinstance(o, IdentityOperator)]
+        rest = [o for o in flat if not isinstance(o, IdentityOperator)]
+        self.shift = sum(o.scale for o in shifts)
+        self.base = rest[0] if len(rest) == 1 and self.shift >= 0 else None
+        structure = set(self.base.STRUCTURE) if self.base is not None else set()
+        if all("trace" in o.STRUCTURE for o in flat):
+            structure.add("trace")
+        self.STRUCTURE = frozenset(structure)
+
+    def _trace(self) -> float:
+        return sum(op.trace() for op in self.ops)
+
+    def _inverse(self, damping: float) -> CurvatureOperator:
+        return self.base.inverse(damping + self.shift)
+
+    def _logdet(self, damping: float) -> float:
+        return self.base.logdet(damping + self.shift)
+
+    def _eigenpairs(self, k: int, which: str) -> tuple[Tensor, Tensor]:
+        values, vectors = self.base._eigenpairs(k, which)
+        return values + self.shift, vectors
 
     def _matmat(self, M: Tensor) -> Tensor:
         return sum(op.matmat(M.to(op.dtype)).to(self.dtype) for op in self.ops)
@@ -468,6 +687,7 @@ class IdentityOperator(CurvatureOperator):
     """``scale * I``."""
 
     CHEAP_DIAGONAL = True
+    STRUCTURE = frozenset(STRUCTURE_METHODS)
 
     def __init__(self, layout: ParameterLayout, scale: float = 1.0, *, dtype: torch.dtype, device: Any):
         super().__init__(layout, dtype=dtype, device=device)
@@ -480,9 +700,84 @@ class IdentityOperator(CurvatureOperator):
     def _diagonal(self) -> Tensor:
         return torch.full((self.shape[0],), self.scale, dtype=self.dtype, device=self.device)
 
+    def _trace(self) -> float:
+        return self.scale * self.shape[0]
+
+    def _inverse(self, damping: float) -> CurvatureOperator:
+        total = self.scale + damping
+        if total == 0:
+            raise CurvkitError("the inverse of the zero operator does not exist: add damping")
+        return IdentityOperator(self.layout, 1.0 / total, dtype=self.dtype, device=self.device)
+
+    def _logdet(self, damping: float) -> float:
+        total = self.scale + damping
+        if total <= 0:
+            raise CurvkitError(f"log det of {total:g} I needs a positive scale: add damping")
+        return self.shape[0] * math.log(total)
+
+    def _eigenpairs(self, k: int, which: str) -> tuple[Tensor, Tensor]:
+        vectors = torch.eye(self.shape[0], k, dtype=self.dtype, device=self.device)
+        return torch.full((k,), self.scale, dtype=self.dtype, device=self.device), vectors
+
     def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
         sub = self.layout.sub_layout(_resolve_names(self.layout, params))
         return IdentityOperator(sub, self.scale, dtype=self.dtype, device=self.device)
+
+
+class DiagonalOperator(CurvatureOperator):
+    """``diag(d)``: a diagonal matrix, with its exact structure (trace, inverse, log-determinant, eigenpairs).
+
+    Args:
+        diagonal: The ``[P]`` diagonal.
+        layout: Its parameter layout (default: one parameter named ``"x"``).
+    """
+
+    CHEAP_DIAGONAL = True
+    STRUCTURE = frozenset(STRUCTURE_METHODS)
+
+    def __init__(self, diagonal: Tensor, layout: ParameterLayout | None = None):
+        if diagonal.dim() != 1:
+            raise ShapeMismatchError(f"a diagonal must be one-dimensional, got {tuple(diagonal.shape)}")
+        layout = layout or ParameterLayout(("x",), (torch.Size([diagonal.shape[0]]),))
+        if layout.dim != diagonal.shape[0]:
+            raise ShapeMismatchError(
+                f"layout of dimension {layout.dim} for a diagonal of {diagonal.shape[0]}"
+            )
+        super().__init__(layout, dtype=diagonal.dtype, device=diagonal.device)
+        self.values = diagonal
+        self.PSD = bool((diagonal >= 0).all())
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.values[:, None] * M
+
+    def _diagonal(self) -> Tensor:
+        return self.values.clone()
+
+    def _trace(self) -> float:
+        return self.values.to(torch.float64).sum().item()
+
+    def _inverse(self, damping: float) -> CurvatureOperator:
+        shifted = self.values.to(torch.float64) + damping
+        if (shifted == 0).any():
+            raise CurvkitError(f"diag(d) + {damping:g} I has a zero on its diagonal: add damping")
+        return DiagonalOperator((1.0 / shifted).to(self.dtype), self.layout)
+
+    def _logdet(self, damping: float) -> float:
+        shifted = self.values.to(torch.float64) + damping
+        if (shifted <= 0).any():
+            raise CurvkitError(f"log det(diag(d) + {damping:g} I) needs a positive diagonal: add damping")
+        return torch.log(shifted).sum().item()
+
+    def _eigenpairs(self, k: int, which: str) -> tuple[Tensor, Tensor]:
+        picked = torch.topk(self.values, k, largest=which != "smallest").indices
+        vectors = torch.zeros(self.shape[0], k, dtype=self.dtype, device=self.device)
+        vectors[picked, torch.arange(k, device=self.device)] = 1
+        return self.values[picked], vectors
+
+    def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
+        names = _resolve_names(self.layout, params)
+        idx = self.layout.indices(names).to(self.device)
+        return DiagonalOperator(self.values[idx], self.layout.sub_layout(names))
 
 
 class DenseOperator(CurvatureOperator):

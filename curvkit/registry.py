@@ -15,7 +15,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,10 @@ from curvkit.operator import CurvatureOperator
 
 __all__ = [
     "BUILTIN_PLUGINS",
+    "ITEM_KINDS",
+    "ItemKind",
+    "add_item_kind",
+    "items",
     "BrokenPlugin",
     "broken_plugins",
     "EstimatorSpec",
@@ -55,8 +59,61 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "curvkit.plugins.ggn",
     "curvkit.plugins.fisher",
     "curvkit.plugins.empirical_fisher",
+    "curvkit.plugins.kfac",
 )
 ENTRY_POINT_GROUP = "curvkit"
+
+
+@dataclass(frozen=True)
+class ItemKind:
+    """A kind of item plugins register through a hook: the registry's table has one per hook.
+
+    Attributes:
+        hook: The hook's name (its implementations return lists of items).
+        item_type: The items' class; it has ``name`` and ``plugin`` fields.
+        what: What an item is called in messages (``"estimator"``).
+        last_first: Ask the plugin registered last first (the items' order).
+        reserved: Names no plugin may use.
+        duplicate_error: The error for a name registered twice.
+    """
+
+    hook: str
+    item_type: type
+    what: str
+    last_first: bool = False
+    reserved: frozenset[str] = frozenset()
+    duplicate_error: type[PluginError] = PluginError
+
+
+ITEM_KINDS: dict[str, ItemKind] = {
+    "estimators": ItemKind(
+        "curvkit_register_estimators", EstimatorSpec, "estimator", duplicate_error=DuplicateEstimatorError
+    ),
+    "checkpoint_loaders": ItemKind(
+        "curvkit_checkpoint_loaders",
+        CheckpointLoader,
+        "checkpoint loader",
+        last_first=True,  # the plugin registered last is asked first
+        reserved=frozenset(loader.name for loader in BUILTIN_LOADERS),
+    ),
+}
+"""Kind name -> its hook: built-in kinds, and those plugins add (:func:`add_item_kind`)."""
+
+
+def add_item_kind(name: str, kind: ItemKind) -> None:
+    """Declare a kind of item that plugins register through a plugin-declared hook.
+
+    Called by a plugin's :func:`~curvkit.hookspecs.curvkit_add_hookspecs` after
+    it adds the hook's specification; :func:`items` then collects the items.
+    Declaring the same kind again with the same definition is a no-op.
+
+    Raises:
+        PluginError: The name is taken by a different kind.
+    """
+    known = ITEM_KINDS.get(name)
+    if known is not None and known != kind:
+        raise PluginError(f"item kind {name!r} is already declared with hook {known.hook!r}")
+    ITEM_KINDS[name] = kind
 
 
 @dataclass(frozen=True)
@@ -74,6 +131,8 @@ class _Registry:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
+        # every plugin registered from now on may add hook specifications (pytest_addhooks)
+        self.pm.hook.curvkit_add_hookspecs.call_historic(kwargs={"pluginmanager": self.pm})
         for module_name in BUILTIN_PLUGINS:
             try:
                 module = importlib.import_module(module_name)
@@ -90,8 +149,7 @@ class _Registry:
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
         self._check()
-        self._specs: dict[str, EstimatorSpec] | None = None
-        self._loaders: list[CheckpointLoader] | None = None
+        self._items: dict[str, dict[str, Any]] = {}
 
     def _load_entry_points(self) -> None:
         """Register every installed plugin of the ``curvkit`` entry-point group.
@@ -123,72 +181,64 @@ class _Registry:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"{exc}; hooks are listed in curvkit.hookspecs") from exc
 
-    def _collect(
-        self,
-        hook_name: str,
-        item_type: type,
-        what: str,
-        *,
-        last_first: bool = False,
-        reserved: Collection[str] = (),
-        duplicate_error: type[PluginError] = PluginError,
-    ) -> dict[str, Any]:
-        """Named items returned by every implementation of a hook, attributed to their plugin.
+    def items(self, kind_name: str) -> dict[str, Any]:
+        """The named items of a kind, from every plugin's implementation of its hook (cached).
 
-        Items must be ``item_type`` instances with ``name`` and ``plugin`` fields;
-        a name in ``reserved`` or registered twice is an error naming the plugins.
+        Items must be instances of the kind's ``item_type`` with ``name`` and
+        ``plugin`` fields; a reserved name or a name registered twice is an error
+        naming the plugins.
+
+        Raises:
+            PluginError: An unknown kind, or a malformed or duplicate item.
         """
+        if kind_name in self._items:
+            return self._items[kind_name]
+        kind = ITEM_KINDS.get(kind_name)
+        if kind is None:
+            raise PluginError(f"unknown kind of plugin item {kind_name!r}; known: {sorted(ITEM_KINDS)}")
         items: dict[str, Any] = {}
-        impls = getattr(self.pm.hook, hook_name).get_hookimpls()  # registration order
-        for impl in reversed(impls) if last_first else impls:
+        impls = getattr(self.pm.hook, kind.hook).get_hookimpls()  # registration order
+        for impl in reversed(impls) if kind.last_first else impls:
             returned = impl.function()
             if returned is not None and not isinstance(returned, list | tuple):
                 raise PluginError(
-                    f"plugin {impl.plugin_name!r} returned a {type(returned).__name__} from {hook_name}; "
-                    f"return a list of curvkit.{item_type.__name__} objects ([spec], not spec)"
+                    f"plugin {impl.plugin_name!r} returned a {type(returned).__name__} from {kind.hook}; "
+                    f"return a list of curvkit.{kind.item_type.__name__} objects ([spec], not spec)"
                 )
             for item in returned or []:
-                if not isinstance(item, item_type):
+                if not isinstance(item, kind.item_type):
                     raise PluginError(
                         f"plugin {impl.plugin_name} returned {type(item).__name__} from "
-                        f"{hook_name}; return curvkit.{item_type.__name__} objects"
+                        f"{kind.hook}; return curvkit.{kind.item_type.__name__} objects"
                     )
                 item.plugin = impl.plugin_name
-                if item.name in reserved:
+                if item.name in kind.reserved:
                     raise PluginError(
-                        f"{what} {item.name!r} of plugin {item.plugin!r} has the name of "
+                        f"{kind.what} {item.name!r} of plugin {item.plugin!r} has the name of "
                         "a built-in format; rename it"
                     )
                 if item.name in items:
-                    raise duplicate_error(
-                        f"{what} {item.name!r} is registered by both plugin "
+                    raise kind.duplicate_error(
+                        f"{kind.what} {item.name!r} is registered by both plugin "
                         f"{items[item.name].plugin!r} and plugin {item.plugin!r}; "
                         "uninstall or rename one"
                     )
                 items[item.name] = item
+        self._items[kind_name] = items
         return items
 
+    def refresh(self) -> None:
+        """Forget the collected items (after plugins change) and collect every kind again."""
+        self._items.clear()
+        for kind_name in list(ITEM_KINDS):
+            if hasattr(self.pm.hook, ITEM_KINDS[kind_name].hook):
+                self.items(kind_name)
+
     def specs(self) -> dict[str, EstimatorSpec]:
-        if self._specs is None:
-            self._specs = self._collect(
-                "curvkit_register_estimators",
-                EstimatorSpec,
-                "estimator",
-                duplicate_error=DuplicateEstimatorError,
-            )
-        return self._specs
+        return self.items("estimators")
 
     def loaders(self) -> list[CheckpointLoader]:
-        if self._loaders is None:
-            loaders = self._collect(
-                "curvkit_checkpoint_loaders",
-                CheckpointLoader,
-                "checkpoint loader",
-                last_first=True,  # the plugin registered last is asked first
-                reserved={loader.name for loader in BUILTIN_LOADERS},
-            )
-            self._loaders = list(loaders.values())
-        return self._loaders
+        return list(self.items("checkpoint_loaders").values())
 
     def plugin_infos(self) -> list[PluginInfo]:
         from curvkit._version import __version__
@@ -276,12 +326,10 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
         raise PluginError(" ".join(str(exc).split())) from exc
     try:
         reg._check()
-        reg._specs, reg._loaders = None, None
-        reg.specs()
-        reg.loaders()
+        reg.refresh()
     except Exception:
         reg.pm.unregister(plugin)
-        reg._specs, reg._loaders = None, None
+        reg._items.clear()
         raise
     return plugin_name or ""
 
@@ -299,7 +347,16 @@ def unregister_plugin(plugin: object | None = None, name: str | None = None) -> 
         what = repr(name) if name is not None else repr(plugin)
         raise PluginError(f"cannot unregister {what}: no such plugin is registered (registered: {known})")
     reg.pm.unregister(plugin, name=name)
-    reg._specs, reg._loaders = None, None
+    reg._items.clear()
+
+
+def items(kind: str) -> dict[str, Any]:
+    """The items of a kind that plugins register, by name (see :data:`ITEM_KINDS`).
+
+    Raises:
+        PluginError: An unknown kind, or a malformed or duplicate item.
+    """
+    return dict(_registry().items(kind))
 
 
 def broken_plugins() -> list[BrokenPlugin]:

@@ -902,6 +902,7 @@ class Run:
             g.attrs["seed"] = int(result.seed)
             g.attrs["fallback"] = bool(result.fallback)
             _set(g.attrs, "sketch_mass", None if result.sketch_mass is None else float(result.sketch_mass))
+            g.attrs["structured"] = bool(result.structured)
 
         self._write("trace", name, fill, request)
 
@@ -1060,6 +1061,7 @@ class Run:
                 seed=int(_attr(g.attrs["seed"])),
                 fallback=bool(_attr(g.attrs.get("fallback", False))),  # absent in older files
                 sketch_mass=_get_float(g.attrs, "sketch_mass"),
+                structured=bool(_attr(g.attrs.get("structured", False))),  # absent in older files
             )
 
     def read_density(self, name: str) -> DensityResult:
@@ -1198,6 +1200,8 @@ def _trace_rows(res: TraceResult) -> Iterator[_Row]:
     yield "fallback", None, int(res.fallback)
     if res.sketch_mass is not None:
         yield "sketch_mass", None, res.sketch_mass
+    if res.structured:
+        yield "structured", None, 1
 
 
 def _density_rows(res: DensityResult) -> Iterator[_Row]:

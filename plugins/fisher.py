@@ -65,8 +65,8 @@ from curvkit.jacobians import (
     OUTPUT_SPACE_WAYS,
     factor_batch_diagonal,
     factor_product,
+    monte_carlo_factor,
     output_curvature_batch_product,
-    output_gradient,
     samples_interact,
 )
 from curvkit.layers import LayerDiagonals
@@ -152,11 +152,7 @@ class FisherOperator(curvkit.ProblemOperator):
         loss = self.problem.loss
         if self.mode == "exact":
             return loss.fisher_factor(outputs, targets)
-        gradients = [
-            output_gradient(loss, outputs, loss.sample_targets(outputs, targets, generator))
-            for _ in range(self.mc_samples)
-        ]
-        return torch.stack(gradients, dim=-1) / self.mc_samples**0.5
+        return monte_carlo_factor(loss, outputs, targets, generator, self.mc_samples)
 
     def batch_product(self, params, inputs, targets, V, generator):
         block_diagonal = self.problem.loss.BLOCK_DIAGONAL

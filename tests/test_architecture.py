@@ -237,7 +237,9 @@ def test_every_hook_is_documented():
         for name in dir(pm.hook)
         if not name.startswith("_") and getattr(pm.hook, name).spec is not None  # not a rejected typo
     }
-    assert registered == set(hooks)
+    assert set(hooks) <= registered
+    # hooks that plugins declare (curvkit_add_hookspecs) are documented where they are declared
+    hooks |= {name: getattr(pm.hook, name).spec.function for name in registered - set(hooks)}
     for name, fn in hooks.items():
         assert name.startswith("curvkit_"), name
         doc = inspect.getdoc(fn) or ""

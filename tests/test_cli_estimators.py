@@ -182,3 +182,15 @@ def test_the_checks_of_a_float32_estimator_warn_about_nothing(tmp_path, run_curv
         "analyze", MLP, "--curvature", "ggn", "--top-k", "2", "--check", "-o", "r.h5", cwd=tmp_path
     )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # the psd check solves to --tol
+
+
+def test_kfac_eigenvalues_and_trace_come_from_its_factors(tmp_path):
+    runs = analyze(
+        tmp_path / "r.h5", "--curvature", "kfac,ggn", "--trace", "hutchinson", "--compare-to", "ggn"
+    )
+    kfac = {run["estimator"]: run["analyses"] for run in runs}["kfac"]
+    eigen = kfac["eigen/largest"]
+    assert eigen["method"] == "exact" and eigen["matvecs"] == 2 and eigen["converged"]
+    assert kfac["trace/hutchinson"]["structured"] is True and kfac["trace/hutchinson"]["matvecs"] == 0
+    compare = kfac["compare/ggn"]
+    assert compare["trace_method"] == "exact" and 0 < compare["value_error"] < 1 and compare["matvecs"] == 0

@@ -14,7 +14,7 @@ from torch import nn
 
 import curvkit
 from curvkit.layers import LayerDiagonals
-from curvkit.testing import dense_empirical_fisher_reference, dense_ggn_reference
+from curvkit.testing import LayerCalledTwice, dense_empirical_fisher_reference, dense_ggn_reference
 
 DT = torch.float64
 TIGHT = 1e-12
@@ -45,17 +45,6 @@ class SharedUse(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.a(x))
         return self.b(h @ self.a.weight)
-
-
-class Twice(nn.Module):
-    """One layer called twice per forward pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
 
 
 class Tied(nn.Module):
@@ -118,7 +107,7 @@ CASES = {
     ),
     # the bias is used in its layer only: covered; the weight is not
     "weight-used-outside-its-layer": (SharedUse, (7, 3), "cross_entropy", {"a.bias", "b.weight", "b.bias"}),
-    "layer-called-twice": (Twice, (7, 3), "cross_entropy", {"b.weight", "b.bias"}),
+    "layer-called-twice": (LayerCalledTwice, (7, 3), "cross_entropy", {"b.weight", "b.bias"}),
     "tied-weights": (Tied, (7, 3), "cross_entropy", {"a.bias", "b.bias", "head.weight", "head.bias"}),
 }
 

@@ -435,6 +435,7 @@ def test_result_to_dict_is_plain_and_json_serialisable():
         "seed": 2,
         "fallback": False,
         "sketch_mass": None,
+        "structured": False,
     }
     assert [type(d[k]) for k in ("estimate", "stderr", "method", "matvecs", "data_passes", "seed")] == [
         float,

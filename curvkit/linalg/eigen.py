@@ -73,7 +73,9 @@ class EigenResult:
         converged: Whether every residual is within ``tol * ||A||``, with ``||A||``
             estimated by the largest Ritz value in magnitude.
         which: The part of the spectrum asked for.
-        method: ``"lanczos"`` or ``"power"``.
+        method: ``"lanczos"``, ``"power"``, or ``"exact"``: from the operator's
+            structure (``"eigenvalues"`` in its ``STRUCTURE``, e.g. Kronecker
+            factors), no Krylov solve; the residuals still certify the pairs.
         tol: The requested relative tolerance.
         restarts: Lanczos restarts (power: iterations).
         stop_reason: ``"converged"``, ``"budget"`` (``max_matvecs`` spent, the
@@ -222,6 +224,8 @@ def eigenvalues(
         isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1
     ):
         raise CurvkitError(f"max_matvecs must be a positive integer or None, got {max_matvecs!r}")
+    if "eigenvalues" in getattr(A, "STRUCTURE", ()) and method == "lanczos":
+        return _from_structure(A, k, which, tol, return_vectors)
     passes_before = getattr(A, "data_passes", None)
     # the Krylov basis is kept in the operator's precision (at least float32): a float64
     # basis for a float32 operator doubles the memory traffic of reorthogonalisation,
@@ -283,14 +287,14 @@ def eigenvalues(
     if stop_reason == "stagnated" and method == "lanczos":
         floor = max(floor or 0.0, residuals.max().item() / scale)
         _warn_precision_floor(tol, floor, used, A.dtype)
-    order = _order(values, which)
-    passes_after = getattr(A, "data_passes", None)
-    return EigenResult(
-        values=values[order].to(A.dtype),
-        vectors=vectors[:, order].to(A.dtype).contiguous() if return_vectors else None,
-        residuals=residuals[order].to(A.dtype),
+    return _ordered(
+        A,
+        values,
+        vectors,
+        residuals,
+        return_vectors,
+        passes_before,
         matvecs=used,
-        data_passes=None if passes_before is None else passes_after - passes_before,
         converged=converged,
         which=which,
         method=method,
@@ -298,6 +302,54 @@ def eigenvalues(
         restarts=iterations,
         stop_reason=stop_reason,
         precision_floor=floor,
+    )
+
+
+def _ordered(
+    A: Any,
+    values: Tensor,
+    vectors: Tensor,
+    residuals: Tensor,
+    return_vectors: bool,
+    passes_before: int | None,
+    **fields: Any,
+) -> EigenResult:
+    """The result with its pairs in the order of ``which``, in the operator's dtype."""
+    order = _order(values, fields["which"])
+    passes_after = getattr(A, "data_passes", None)
+    return EigenResult(
+        values=values[order].to(A.dtype),
+        vectors=vectors[:, order].to(A.dtype).contiguous() if return_vectors else None,
+        residuals=residuals[order].to(A.dtype),
+        data_passes=None if passes_before is None else passes_after - passes_before,
+        **fields,
+    )
+
+
+def _from_structure(A: Any, k: int, which: str, tol: float, return_vectors: bool) -> EigenResult:
+    """Exact eigenpairs from the operator's structure, certified by one product with them."""
+    values, vectors = A.eigenvalues(k, which)
+    passes_before = getattr(A, "data_passes", None)
+    products = A.matmat(vectors.to(A.dtype).contiguous())
+    check_finite(products, 1, "the certificates of the exact eigenpairs")
+    residuals = (products - vectors * values).norm(dim=0)
+    scale = max(values.abs().max().item(), torch.finfo(A.dtype).tiny)
+    converged = bool((residuals <= tol * scale).all())
+    return _ordered(
+        A,
+        values,
+        vectors,
+        residuals,
+        return_vectors,
+        passes_before,
+        matvecs=vectors.shape[1],
+        converged=converged,
+        which=which,
+        method="exact",
+        tol=tol,
+        restarts=0,
+        stop_reason="converged" if converged else "stagnated",
+        precision_floor=None if converged else residuals.max().item() / scale,
     )
 
 

@@ -244,6 +244,9 @@ class TraceResult:
             fraction of ``||A||_F^2`` that the sketch captures, ``1 - rho`` by
             leave-one-out (see the module documentation); ``None`` for the other
             methods.
+        structured: ``True`` when the trace came from the operator's structure
+            (``"trace"`` in its ``STRUCTURE``, e.g. Kronecker factors): exact, no
+            products, whatever method was asked for.
     """
 
     estimate: float
@@ -254,6 +257,7 @@ class TraceResult:
     seed: int
     fallback: bool = False
     sketch_mass: float | None = None
+    structured: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain Python ``float``/``int``/``str``/``bool`` (``data_passes`` and
@@ -485,6 +489,20 @@ def trace(
     generator = probe_generator(None if seed is None else int(seed))
     seed = generator.initial_seed()
     passes_before = getattr(A, "data_passes", None)
+    if "trace" in getattr(A, "STRUCTURE", ()):
+        value = A.trace()
+        if not math.isfinite(value):
+            raise CurvkitError(f"the trace of the operator from its structure is not finite ({value})")
+        passes = getattr(A, "data_passes", None)
+        return TraceResult(
+            estimate=float(value),
+            stderr=0.0,
+            method="exact",
+            matvecs=0,
+            data_passes=None if passes_before is None else int(passes - passes_before),
+            seed=seed,
+            structured=True,
+        )
 
     resampling = bool(getattr(A, "RESAMPLES", False))
     if method in ("hutch++", "xtrace") and matvecs >= P and not resampling:

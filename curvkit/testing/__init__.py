@@ -9,7 +9,7 @@
 This package does not import pytest; use ``report.raise_on_failure()`` in tests.
 """
 
-from curvkit.testing.cases import CASES, Case, get_case
+from curvkit.testing.cases import CASES, Case, LayerCalledTwice, get_case
 from curvkit.testing.conformance import CheckResult, ConformanceReport, check_estimator, check_operator
 from curvkit.testing.reference import (
     REFERENCES,
@@ -26,6 +26,7 @@ __all__ = [
     "Case",
     "CheckResult",
     "ConformanceReport",
+    "LayerCalledTwice",
     "check_estimator",
     "check_operator",
     "dense_empirical_fisher_reference",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from curvkit.problem import Problem
 
-__all__ = ["CASES", "Case", "get_case"]
+__all__ = ["CASES", "Case", "LayerCalledTwice", "get_case"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,21 @@ class TiedAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dec(torch.tanh(self.enc(x)))
+
+
+class LayerCalledTwice(nn.Module):
+    """One ``Linear`` applied twice per forward pass (weight sharing in depth).
+
+    Per-layer shortcuts (layer rules, KFAC blocks) must notice that the layer
+    ran twice and leave its parameters to a generic path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
 
 
 class MaskedMLP(nn.Module):

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import DataError
+from curvkit.errors import DataError, UnsupportedModelError
 from curvkit.operator import CurvatureOperator
 from curvkit.problem import Problem
 from curvkit.registry import EstimatorSpec, get_estimator
@@ -432,6 +432,10 @@ def check_estimator(
                 report.results += recorder.results
                 continue
             op = factory(problem, **options)
+        except UnsupportedModelError as exc:  # a deliberate refusal of this model, not a failure
+            recorder.skip("case", f"skipped: {name} does not support this model: {exc}")
+            report.results += recorder.results
+            continue
         except Exception as exc:  # noqa: BLE001 - recorded, and the battery goes on
             recorder.error("construct", exc)
             report.results += recorder.results
