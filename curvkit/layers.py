@@ -53,6 +53,7 @@ __all__ = [
     "LayerCapture",
     "LayerDiagonals",
     "LayerRule",
+    "contract_rows",
     "gradient_sums",
     "squared_gradient_sums",
 ]
@@ -121,7 +122,28 @@ def squared_gradient_sums(A: Tensor, G: Tensor) -> dict[str, Tensor]:
 
 def gradient_sums(A: Tensor, G: Tensor) -> dict[str, Tensor]:
     """``sum_n`` of the per-sample gradients for one cotangent (``Q = 1``): the batch gradient."""
-    return {"weight": torch.einsum("ngol,ngkl->gok", G[:, 0], A), "bias": G[:, 0].sum((0, -1)).reshape(-1)}
+    return {"weight": contract_rows(G[:, 0], A), "bias": G[:, 0].sum((0, -1)).reshape(-1)}
+
+
+def contract_rows(X: Tensor, Y: Tensor) -> Tensor:
+    """``sum`` over the leading dims of ``X Y^T`` for ``[..., groups, m, L]`` and ``[..., groups, p, L]``.
+
+    Returns ``[groups, m, p]``. With one position, one product over all leading
+    dims at once; with several, batched products of the rows as they lie in
+    memory (an ``einsum`` over the positions and the leading dims together would
+    first copy them into one block), summed in chunks that keep the ``m x p``
+    products within 64 MiB.
+    """
+    groups, m, L = X.shape[-3:]
+    p = Y.shape[-2]
+    X, Y = X.reshape(-1, groups, m, L), Y.reshape(-1, groups, p, L)
+    if L == 1:
+        return torch.einsum("xgk,xgj->gkj", X[..., 0], Y[..., 0])
+    chunk = max(1, 2**26 // max(groups * m * p * X.element_size(), 1))
+    total = X.new_zeros(groups, m, p)
+    for start in range(0, X.shape[0], chunk):
+        total += torch.matmul(X[start : start + chunk], Y[start : start + chunk].transpose(-1, -2)).sum(0)
+    return total
 
 
 # ------------------------------------------------------------------- Linear
@@ -375,11 +397,21 @@ class LayerCapture:
             outputs = self.problem.forward(leaves, inputs)
             cotangents = cotangents_of(outputs.detach())
             layers = {k: v for k, v in layers.items() if capture.calls[k] == 1 and k in capture.outputs}
+            batch = LayerBatch(
+                outputs,
+                cotangents,
+                capture.inputs,
+                layers,
+                [capture.outputs[k] for k in layers],
+                self.rules,
+                self.batched,
+            )
             if self.covered is None:
-                layers = self._check(leaves, outputs, capture, layers)
-                self.covered = layers
-            zs = [capture.outputs[k] for k in layers]
-            yield LayerBatch(outputs, cotangents, capture.inputs, layers, zs, self.rules, self.batched)
+                self.covered = self._check(leaves, batch)
+                kept = list(self.covered)
+                batch.layers = self.covered
+                batch.layer_outputs = [capture.outputs[k] for k in kept]
+            yield batch
 
     def candidates(self) -> Layers:
         """The layers a rule may cover, their parameters selected and not tied to others.
@@ -404,28 +436,32 @@ class LayerCapture:
                 candidates[prefix] = (module, names)
         return candidates
 
-    def _check(self, leaves: list[Tensor], outputs: Tensor, capture: _Capture, layers: Layers) -> Layers:
+    def _check(self, leaves: list[Tensor], batch: LayerBatch) -> Layers:
         """The layers whose rule's summed per-sample gradients equal autograd's batch gradient."""
+        layers, outputs = batch.layers, batch.outputs
         if not layers or not outputs.requires_grad:
             return {}
         u = torch.randn(outputs.shape, dtype=outputs.dtype, generator=torch.Generator().manual_seed(0))
         keys = list(layers)
         wanted = [leaves[i] for k in keys for i in layers[k][1].values()]
-        zs = [capture.outputs[k] for k in keys]
         grads = torch.autograd.grad(
-            outputs, [*zs, *wanted], u.to(outputs.device), retain_graph=True, allow_unused=True
+            outputs,
+            [*batch.layer_outputs, *wanted],
+            u.to(outputs.device),
+            retain_graph=True,
+            allow_unused=True,
         )
-        batch = iter(grads[len(zs) :])
+        truths = iter(grads[len(keys) :])
         kept: Layers = {}
-        for key, g in zip(keys, grads[: len(zs)]):
+        for key, g in zip(keys, grads[: len(keys)]):
             module, names = layers[key]
-            rows = (
-                None if g is None else self.rules[type(module)].rows(module, capture.inputs[key], g[:, None])
-            )
-            sums = {} if rows is None else gradient_sums(*rows)
+            sums = {}
+            if g is not None:
+                A = batch.input_rows(key)
+                sums = gradient_sums(A, self.rules[type(module)].grads(module, g[:, None], A))
             good = {}
             for local, i in names.items():
-                truth, mine = next(batch), sums.get(local)
+                truth, mine = next(truths), sums.get(local)
                 if truth is not None and mine is not None and _close(mine.reshape(truth.shape), truth):
                     good[local] = i
             if good:

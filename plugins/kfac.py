@@ -78,7 +78,14 @@ from torch import Tensor, nn
 
 import curvkit
 from curvkit.jacobians import factor_cotangents, monte_carlo_factor, output_gradient
-from curvkit.layers import LAYER_RULES, LayerBatch, LayerCapture, LayerRule, squared_gradient_sums
+from curvkit.layers import (
+    LAYER_RULES,
+    LayerBatch,
+    LayerCapture,
+    LayerRule,
+    contract_rows,
+    squared_gradient_sums,
+)
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 APPROXIMATIONS = ("expand", "reduce")
@@ -501,23 +508,8 @@ def _input_factor(A: Tensor, weight: bool, bias: bool) -> Tensor:
 
 
 def _outer_sum(rows: Tensor) -> Tensor:
-    """``sum`` over all leading dims of ``R R^T`` for ``rows`` ``[..., groups, m, L]``: ``[groups, m, m]``.
-
-    With one position, one matrix product over all leading dims at once; with
-    several, batched products of the rows as they lie in memory (a contraction
-    over the positions and the leading dims together would first copy them into
-    one block), summed in chunks that bound the ``m x m`` products to 64 MiB.
-    """
-    groups, m, L = rows.shape[-3:]
-    flat = rows.reshape(-1, groups, m, L)
-    if L == 1:
-        return torch.einsum("xgk,xgj->gkj", flat[..., 0], flat[..., 0])
-    chunk = max(1, 2**26 // max(groups * m * m * rows.element_size(), 1))
-    total = rows.new_zeros(groups, m, m)
-    for start in range(0, flat.shape[0], chunk):
-        part = flat[start : start + chunk]
-        total += torch.matmul(part, part.transpose(-1, -2)).sum(0)
-    return total
+    """``sum`` over the leading dims of ``R R^T`` for ``rows`` ``[..., groups, m, L]``: ``[groups, m, m]``."""
+    return contract_rows(rows, rows)
 
 
 def _choose(option: str, value: Any, choices: Sequence[str]) -> None:
