@@ -54,6 +54,7 @@ from curvkit.linalg.diagonal import DiagonalResult, diagonal
 from curvkit.linalg.eigen import EigenResult, eigenvalues
 from curvkit.linalg.per_layer import LayerRow, LayerTable, per_layer
 from curvkit.linalg.slq import DensityResult, density
+from curvkit.linalg.solve import InverseOperator, SolveResult, SolverSpec, inverse, solve, solvers
 from curvkit.linalg.trace import TraceResult, trace
 from curvkit.operator import (
     CurvatureOperator,
@@ -106,6 +107,7 @@ __all__ = [
     "EigenResult",
     "EstimatorSpec",
     "IdentityOperator",
+    "InverseOperator",
     "KroneckerBlock",
     "KroneckerOperator",
     "LayerRow",
@@ -125,6 +127,8 @@ __all__ = [
     "ProblemOperator",
     "RestrictedOperator",
     "ScaledOperator",
+    "SolveResult",
+    "SolverSpec",
     "ShapeMismatchError",
     "SumOperator",
     "TraceResult",
@@ -140,10 +144,13 @@ __all__ = [
     "get_estimator",
     "hookimpl",
     "hookspec",
+    "inverse",
     "plugin_manager",
     "loaded_plugins",
     "per_layer",
     "register_plugin",
+    "solve",
+    "solvers",
     "trace",
     "unregister_plugin",
 ]

@@ -36,6 +36,7 @@ import pluggy
 if TYPE_CHECKING:
     from curvkit.checkpoints._types import CheckpointLoader
     from curvkit.estimator_spec import EstimatorSpec
+    from curvkit.solver_spec import SolverSpec
 
 __all__ = ["hookimpl", "hookspec", "PROJECT_NAME"]
 
@@ -111,6 +112,35 @@ def curvkit_register_estimators() -> list[EstimatorSpec]:
 
         from curvkit.testing import check_estimator
         check_estimator("identity").raise_on_failure()
+    """
+
+
+@hookspec
+def curvkit_register_solvers() -> list[SolverSpec]:
+    """Register solvers of ``(A + damping I) X = B`` for :func:`curvkit.solve` and :func:`curvkit.inverse`.
+
+    Called once, when the solvers are first needed; the lists of every plugin are
+    concatenated, and two solvers with one name are an error naming both plugins.
+    The built-ins (``exact``, ``cg``, ``minres``) are a plugin on this hook.
+
+    Returns:
+        A list of :class:`curvkit.SolverSpec`. ``spec.solve(A, B, *, damping, tol,
+        maxiter, x0, preconditioner, **options)`` gets ``B`` as ``[P, K]`` (``x0``
+        the same, or ``None``) and returns a :class:`curvkit.SolveResult` with
+        ``x`` of that shape; it must say ``converged`` only for a measured relative
+        residual within ``tol``, give its ``reason`` otherwise, and keep a
+        ``history`` (the private ``_History`` helper of :mod:`curvkit.linalg.solve`
+        shows how).
+
+    Example::
+
+        import curvkit
+        from curvkit.linalg.solve import conjugate_gradient
+
+        @curvkit.hookimpl
+        def curvkit_register_solvers():
+            return [curvkit.SolverSpec("cg-twice", lambda A, B, **kw: conjugate_gradient(A, B, **kw),
+                                       "CG under another name", psd_only=True)]
     """
 
 

@@ -33,6 +33,7 @@ from curvkit.errors import (
 )
 from curvkit.estimator_spec import EstimatorSpec
 from curvkit.operator import CurvatureOperator
+from curvkit.solver_spec import SolverSpec
 
 __all__ = [
     "BUILTIN_PLUGINS",
@@ -60,6 +61,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "curvkit.plugins.fisher",
     "curvkit.plugins.empirical_fisher",
     "curvkit.plugins.kfac",
+    "curvkit.plugins.solvers",
 )
 ENTRY_POINT_GROUP = "curvkit"
 
@@ -89,6 +91,7 @@ ITEM_KINDS: dict[str, ItemKind] = {
     "estimators": ItemKind(
         "curvkit_register_estimators", EstimatorSpec, "estimator", duplicate_error=DuplicateEstimatorError
     ),
+    "solvers": ItemKind("curvkit_register_solvers", SolverSpec, "solver"),
     "checkpoint_loaders": ItemKind(
         "curvkit_checkpoint_loaders",
         CheckpointLoader,

@@ -1,0 +1,28 @@
+"""The built-in solvers (``exact``, ``cg``, ``minres``): a plugin on the ``curvkit_register_solvers`` hook.
+
+The algorithms are in :mod:`curvkit.linalg.solve`; this plugin registers them
+exactly as a third-party package registers its own.
+"""
+
+from __future__ import annotations
+
+import curvkit
+from curvkit.linalg.solve import conjugate_gradient, exact_solve, minres
+
+
+@curvkit.hookimpl
+def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
+    return [
+        curvkit.SolverSpec(
+            "exact",
+            exact_solve,
+            "A.solve(B, damping): the operator's structure (KFAC), else the dense matrix (small P).",
+        ),
+        curvkit.SolverSpec(
+            "cg",
+            conjugate_gradient,
+            "Preconditioned conjugate gradients; stops at non-positive curvature, saying where.",
+            psd_only=True,
+        ),
+        curvkit.SolverSpec("minres", minres, "MINRES for symmetric, possibly indefinite systems."),
+    ]

@@ -1,0 +1,190 @@
+"""Solvers of ``(A + damping I) X = B`` against ``torch.linalg.solve`` in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit
+from curvkit.linalg.solve import conjugate_gradient
+
+DT = torch.float64
+
+
+def spd(P: int = 30, seed: int = 0, condition: float | None = None) -> curvkit.DenseOperator:
+    gen = torch.Generator().manual_seed(seed)
+    R = torch.randn(P, P, dtype=DT, generator=gen)
+    if condition is None:
+        M = R @ R.T / P + 0.1 * torch.eye(P, dtype=DT)
+    else:  # a given spread of eigenvalues, on a random basis, with a dominant diagonal scale
+        Q, _ = torch.linalg.qr(R)
+        M = Q @ torch.diag(torch.logspace(0, 1, P, dtype=DT)) @ Q.T
+        scale = torch.logspace(0, condition, P, dtype=DT).sqrt()
+        M = scale[:, None] * M * scale[None, :]
+    return curvkit.DenseOperator((M + M.T) / 2, psd=True)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def truth(A, B, damping):
+    return torch.linalg.solve(A.to_dense() + damping * torch.eye(A.shape[0], dtype=DT), B)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg", "minres"])
+def test_solvers_equal_the_dense_solve(method):
+    A = spd()
+    B = torch.randn(30, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    res = curvkit.solve(A, B, method, damping=0.01, tol=1e-11)
+    assert res.converged and res.reason == "converged" and res.method == method
+    assert rel(res.x, truth(A, B, 0.01)) < 1e-9
+    assert res.residual <= 1e-11 and res.history[-1]["residual"] == res.residual
+    assert [row["matvecs"] for row in res.history] == sorted(row["matvecs"] for row in res.history)
+    columns = torch.stack([curvkit.solve(A, B[:, k], method, damping=0.01, tol=1e-11).x for k in range(3)], 1)
+    assert rel(res.x, columns) < 1e-9  # a block of right-hand sides = column by column
+
+
+def test_cg_stops_at_non_positive_curvature_and_minres_solves_the_indefinite_system():
+    D = torch.diag(torch.linspace(-1.0, 2.0, 30, dtype=DT))
+    A = curvkit.DenseOperator(D)
+    b = torch.ones(30, dtype=DT)
+    with pytest.warns(curvkit.CurvkitWarning, match="'cg' needs A \\+ damping I positive definite"):
+        res = curvkit.solve(A, b, "cg", tol=1e-10)
+    assert not res.converged and "non-positive curvature" in res.reason and "iteration" in res.reason
+    assert torch.isfinite(res.x).all()
+    damping = 0.0345  # not an eigenvalue's negative: an indefinite, non-singular system
+    good = curvkit.solve(A, b, "minres", damping=damping, tol=1e-10)
+    assert good.converged and rel(good.x, truth(A, b, damping)) < 1e-8
+
+
+def test_a_preconditioner_saves_iterations_on_an_ill_conditioned_system():
+    A = spd(60, seed=3, condition=4.0)
+    b = torch.randn(60, dtype=DT, generator=torch.Generator().manual_seed(0))
+    plain = curvkit.solve(A, b, "cg", tol=1e-8, maxiter=2000)
+    jacobi = curvkit.DiagonalOperator(A.diagonal())
+    preconditioned = curvkit.solve(A, b, "cg", tol=1e-8, maxiter=2000, preconditioner=jacobi)
+    assert plain.converged and preconditioned.converged
+    assert preconditioned.iterations < plain.iterations / 2
+    assert rel(preconditioned.x, truth(A, b, 0.0)) < 1e-6
+
+
+def test_warm_start_and_the_inverse_operator():
+    A = spd()
+    b = torch.randn(30, dtype=DT)
+    x = truth(A, b, 0.1)
+    assert curvkit.solve(A, b, "cg", damping=0.1, x0=x, tol=1e-8).iterations == 0
+    Ainv = curvkit.inverse(A, "cg", damping=0.1, tol=1e-11)
+    V = torch.randn(30, 2, dtype=DT)
+    assert rel(Ainv @ V, truth(A, V, 0.1)) < 1e-9 and Ainv.last.converged and Ainv.last.matvecs > 0
+
+
+def test_exact_uses_the_operators_structure():
+    gen = torch.Generator().manual_seed(0)
+    block = curvkit.KroneckerBlock(
+        0,
+        None,
+        (lambda R: R @ R.mT)(torch.randn(1, 3, 3, dtype=DT, generator=gen)),
+        (lambda R: R @ R.mT)(torch.randn(1, 2, 2, dtype=DT, generator=gen)),
+    )
+    K = curvkit.KroneckerOperator(
+        curvkit.ParameterLayout(("w",), (torch.Size([2, 3]),)), [block], dtype=DT, device="cpu"
+    )
+    b = torch.randn(6, dtype=DT)
+    res = curvkit.solve(K, b, "exact", damping=0.5)
+    assert res.converged and rel(res.x, truth(K, b, 0.5)) < 1e-12 and res.matvecs == 1  # the certificate
+
+
+class NaNAfter(curvkit.DenseOperator):
+    """Products turn NaN after ``n`` of them."""
+
+    def __init__(self, matrix, n):
+        super().__init__(matrix, psd=True)
+        self.n = n
+
+    def _matmat(self, M):
+        out = super()._matmat(M)
+        return out * float("nan") if self.matvecs > self.n else out
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_a_non_finite_product_stops_the_solve_with_the_last_finite_iterate(method):
+    A = NaNAfter(spd().to_dense(), 4)
+    res = curvkit.solve(A, torch.ones(30, dtype=DT), method, tol=1e-12)
+    assert not res.converged and res.reason == "non-finite value at iteration 5"
+    assert torch.isfinite(res.x).all() and res.x.norm() > 0
+
+
+def test_bad_input():
+    A = spd()
+    b = torch.ones(30, dtype=DT)
+    with pytest.raises(curvkit.CurvkitError, match="damping must be a non-negative number"):
+        curvkit.solve(A, b, damping=-1.0)
+    with pytest.raises(curvkit.ShapeMismatchError, match=r"must be \[P\] or \[P, K\] with P = 30"):
+        curvkit.solve(A, torch.ones(29, dtype=DT))
+    with pytest.raises(curvkit.ShapeMismatchError, match="floating-point"):
+        curvkit.solve(A, torch.ones(30, dtype=torch.long))
+    with pytest.raises(curvkit.CurvkitError, match="unknown solver 'gmres'; available: cg, exact, minres"):
+        curvkit.solve(A, b, "gmres")
+    with pytest.raises(curvkit.CurvkitError, match="maxiter must be a positive integer"):
+        curvkit.solve(A, b, maxiter=0)
+    with pytest.raises(curvkit.CurvkitError, match="minres takes no preconditioner"):
+        curvkit.solve(A, b, "minres", preconditioner=A)
+
+
+class TwiceCG:
+    @curvkit.hookimpl
+    def curvkit_register_solvers(self):
+        return [curvkit.SolverSpec("cg-again", conjugate_gradient, "CG under another name", psd_only=True)]
+
+
+def test_a_plugin_adds_a_solver():
+    plugin = TwiceCG()
+    curvkit.register_plugin(plugin, name="cg-again")
+    try:
+        assert "cg-again" in [s.name for s in curvkit.solvers()]
+        res = curvkit.solve(spd(), torch.ones(30, dtype=DT), "cg-again", tol=1e-10)
+        assert res.converged and res.method == "cg-again"
+    finally:
+        curvkit.unregister_plugin(plugin)
+    assert "cg-again" not in [s.name for s in curvkit.solvers()]
+
+
+def test_block_solve_of_a_data_backed_operator_makes_one_pass_per_iteration():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(20, 3, dtype=DT), torch.randint(0, 2, (20,))
+    G = curvkit.curvature("ggn", curvkit.Problem(model, "cross_entropy", (X, y), batch_size=7))
+    B = torch.randn(G.shape[0], 4, dtype=DT)
+    passes = G.data_passes
+    res = curvkit.solve(G, B, "cg", damping=0.1, tol=1e-10)
+    assert res.converged and G.data_passes - passes == res.iterations
+    assert rel(res.x, truth(curvkit.DenseOperator(G.to_dense()), B, 0.1)) < 1e-8
+
+
+def test_the_seed_notebook_done_right():
+    """A 3-5-1 sigmoid MLP with the squared error on 10 samples: the Hessian is indefinite and
+    ill-conditioned. CG on it reports what goes wrong; MINRES on the indefinite system, and CG with
+    damping that makes it positive definite, match the exact solve (cosine > 0.999)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 1)).double()
+    X, y = torch.randn(10, 3, dtype=DT), torch.randn(10, 1, dtype=DT)
+    problem = curvkit.Problem(model, "mse", (X, y))
+    H = curvkit.curvature("hessian", problem)
+    _, g = problem.loss_and_gradient()
+    dense = H.to_dense()
+    values = torch.linalg.eigvalsh(dense)
+    assert values[0] < 0 < values[-1]  # indefinite
+    cosine = lambda a, b: (a @ b / (a.norm() * b.norm())).item()  # noqa: E731
+    exact = torch.linalg.solve(dense, g)
+    with pytest.warns(curvkit.CurvkitWarning, match="not known to be positive semi-definite"):
+        cg = curvkit.solve(H, g, "cg", maxiter=40)
+    assert not cg.converged and ("non-positive curvature" in cg.reason or cg.reason == "maxiter")
+    mr = curvkit.solve(H, g, "minres", tol=1e-12, maxiter=200)
+    assert mr.converged and cosine(mr.x, exact) > 0.999
+    damping = 2 * abs(values[0].item())
+    with pytest.warns(curvkit.CurvkitWarning):  # the Hessian is not flagged PSD, even damped
+        damped = curvkit.solve(H, g, "cg", damping=damping, tol=1e-12, maxiter=200)
+    assert damped.converged
+    assert cosine(damped.x, torch.linalg.solve(dense + damping * torch.eye(len(g), dtype=DT), g)) > 0.999
