@@ -1,4 +1,4 @@
-"""The built-in solvers (``exact``, ``cg``, ``minres``): a plugin on the ``curvkit_register_solvers`` hook.
+"""The built-in solvers (exact, cg, minres, neumann): a plugin on ``curvkit_register_solvers``.
 
 The algorithms are in :mod:`curvkit.linalg.solve`; this plugin registers them
 exactly as a third-party package registers its own.
@@ -7,7 +7,7 @@ exactly as a third-party package registers its own.
 from __future__ import annotations
 
 import curvkit
-from curvkit.linalg.solve import conjugate_gradient, exact_solve, minres
+from curvkit.linalg.solve import conjugate_gradient, exact_solve, minres, neumann
 
 
 @curvkit.hookimpl
@@ -25,4 +25,10 @@ def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
             psd_only=True,
         ),
         curvkit.SolverSpec("minres", minres, "MINRES for symmetric, possibly indefinite systems."),
+        curvkit.SolverSpec(
+            "neumann",
+            neumann,
+            "Truncated Neumann series, scale 1/lambda_max unless given; stops when it diverges.",
+            psd_only=True,
+        ),
     ]

@@ -125,7 +125,7 @@ def test_bad_input():
         curvkit.solve(A, torch.ones(29, dtype=DT))
     with pytest.raises(curvkit.ShapeMismatchError, match="floating-point"):
         curvkit.solve(A, torch.ones(30, dtype=torch.long))
-    with pytest.raises(curvkit.CurvkitError, match="unknown solver 'gmres'; available: cg, exact, minres"):
+    with pytest.raises(curvkit.CurvkitError, match="unknown solver .gmres.; available: cg, exact, minres, neumann"):
         curvkit.solve(A, b, "gmres")
     with pytest.raises(curvkit.CurvkitError, match="maxiter must be a positive integer"):
         curvkit.solve(A, b, maxiter=0)
@@ -188,3 +188,18 @@ def test_the_seed_notebook_done_right():
         damped = curvkit.solve(H, g, "cg", damping=damping, tol=1e-12, maxiter=200)
     assert damped.converged
     assert cosine(damped.x, torch.linalg.solve(dense + damping * torch.eye(len(g), dtype=DT), g)) > 0.999
+
+
+def test_neumann_converges_with_its_estimated_scale_and_stops_when_it_diverges():
+    A = spd(20, seed=4)
+    b = torch.randn(20, 2, dtype=DT, generator=torch.Generator().manual_seed(5))
+    res = curvkit.solve(A, b, "neumann", damping=0.5, tol=1e-9, maxiter=5000)
+    assert res.converged and rel(res.x, truth(A, b, 0.5)) < 1e-7
+    assert res.history[0]["matvecs"] > 0  # the largest-eigenvalue estimate is counted
+    lam = torch.linalg.eigvalsh(A.to_dense())[-1].item()
+    too_large = curvkit.solve(A, b, "neumann", damping=0.5, scale=3.0 / (lam + 0.5), maxiter=500)
+    assert not too_large.converged and too_large.reason.startswith("diverging at iteration")
+    indefinite = curvkit.DenseOperator(torch.diag(torch.linspace(-1.0, 2.0, 20, dtype=DT)))
+    with pytest.warns(curvkit.CurvkitWarning, match="not known to be positive semi-definite"):
+        res = curvkit.solve(indefinite, b, "neumann", maxiter=2000)
+    assert not res.converged and "diverging" in res.reason and torch.isfinite(res.x).all()

@@ -17,6 +17,8 @@ built-ins':
   the run stops there and says so with the iteration, returning the last
   iterate flagged as not converged (curvlinops' CG zeroes such steps and goes on
   to return an answer that can be far from the truth);
+* :func:`neumann`: the truncated Neumann series (Richardson iteration) with the
+  scale from a largest-eigenvalue estimate, stopping when it diverges;
 * :func:`minres`: MINRES (C. C. Paige and M. A. Saunders, "Solution of sparse
   indefinite systems of linear equations", SIAM J. Numer. Anal. 12, 1975) for
   symmetric, possibly indefinite systems (a raw Hessian), minimising the
@@ -52,6 +54,7 @@ __all__ = [
     "exact_solve",
     "inverse",
     "minres",
+    "neumann",
     "solve",
     "solvers",
 ]
@@ -381,3 +384,72 @@ def minres(
         if bool((active & (beta <= tiny)).any()):  # an invariant subspace: the Krylov space is exhausted
             return history.result(X, False, "breakdown", iteration, residual)
     return history.result(X, False, "maxiter", maxiter, residual)
+
+
+DIVERGENCE = 1e3
+"""A residual this many times the right-hand side's norm means the series diverges."""
+
+
+def neumann(
+    A: CurvatureOperator,
+    B: Tensor,
+    *,
+    damping: float,
+    tol: float,
+    maxiter: int,
+    x0: Tensor | None = None,
+    preconditioner: CurvatureOperator | None = None,
+    scale: float | None = None,
+    **_: Any,
+) -> SolveResult:
+    """The truncated Neumann series ``eta sum_j (I - eta (A + damping I))^j B`` (Richardson iteration).
+
+    ``x <- x + eta r``, ``r <- r - eta (A + damping I) r``: one product per term.
+    It converges when the spectrum of ``eta (A + damping I)`` lies in ``(0, 2)``; by
+    default ``eta = 1 / (lambda_max + damping)`` with ``lambda_max`` estimated by
+    :func:`curvkit.eigenvalues` (to 1%, its products counted). A residual above
+    :data:`DIVERGENCE` times ``||B||`` (an eigenvalue of ``A + damping I`` at or
+    below zero, or a ``scale`` too large) stops the series as diverging.
+
+    Args:
+        scale: ``eta``; ``None`` estimates it.
+    """
+    if preconditioner is not None:
+        raise CurvkitError("neumann takes no preconditioner; use cg")
+    history = _History(A, damping, B)
+    if scale is None:
+        from curvkit.linalg.eigen import eigenvalues
+
+        top = eigenvalues(A, k=1, which="largest", tol=1e-2, return_vectors=False)
+        history.matvecs += top.matvecs
+        largest = top.values[0].item() + damping
+        if not largest > 0:
+            why = f"the largest eigenvalue of A + damping I is {largest:.3g} <= 0"
+            return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+        scale = 1.0 / largest
+    if not scale > 0:
+        raise CurvkitError(f"scale must be positive, got {scale!r}")
+    X = torch.zeros_like(B) if x0 is None else x0.clone()
+    R = B - history.apply(X) if x0 is not None else B.clone()
+    residual = history.record(0, R.norm(dim=0))
+    for iteration in range(1, maxiter + 1):
+        if residual <= tol:
+            return history.result(X, True, "converged", iteration - 1, residual)
+        AR = history.apply(R)
+        if not bool(torch.isfinite(AR).all()):
+            return history.result(X, False, f"non-finite value at iteration {iteration}", iteration, residual)
+        X = X + scale * R
+        R = R - scale * AR
+        residual = history.record(iteration, R.norm(dim=0))
+        if not residual <= DIVERGENCE:
+            return history.result(
+                X,
+                False,
+                f"diverging at iteration {iteration} (relative residual {residual:.3g}): the spectrum of "
+                f"{scale:.3g} (A + damping I) is not inside (0, 2); add damping, lower the scale, or use "
+                "minres",
+                iteration,
+                residual,
+            )
+    converged = residual <= tol
+    return history.result(X, converged, "converged" if converged else "maxiter", maxiter, residual)
