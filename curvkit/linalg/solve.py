@@ -216,6 +216,16 @@ class _History:
         self.rows: list[dict[str, float]] = []
         self.matvecs = 0
 
+    def initial(self, B: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The first iterate and its residual: ``(0, B)``, or ``(x0, B - (A + damping I) x0)``."""
+        if x0 is None:
+            return torch.zeros_like(B), B.clone()
+        return x0.clone(), B - self.apply(x0)
+
+    def non_finite(self, X: Tensor, iteration: int, residual: float) -> SolveResult:
+        """The result when a product at ``iteration`` is not finite: the last finite iterate."""
+        return self.result(X, False, f"non-finite value at iteration {iteration}", iteration, residual)
+
     def apply(self, X: Tensor) -> Tensor:
         """``(A + damping I) X``."""
         self.matvecs += X.shape[1]
@@ -279,8 +289,7 @@ def conjugate_gradient(
     """
     history = _History(A, damping, B)
     M = None if preconditioner is None else preconditioner.inverse(damping)
-    X = torch.zeros_like(B) if x0 is None else x0.clone()
-    R = B - history.apply(X) if x0 is not None else B.clone()
+    X, R = history.initial(B, x0)
     Z = R if M is None else M.matmat(R)
     P_ = Z.clone()
     rz = (R * Z).sum(0)
@@ -292,7 +301,7 @@ def conjugate_gradient(
         AP = history.apply(P_)
         curvature = (P_ * AP).sum(0)
         if not bool(torch.isfinite(AP).all()):
-            return history.result(X, False, f"non-finite value at iteration {iteration}", iteration, residual)
+            return history.non_finite(X, iteration, residual)
         bad = active & (curvature <= 0)
         if bool(bad.any()):
             column = int(bad.nonzero()[0].item())
@@ -338,8 +347,7 @@ def minres(
     if preconditioner is not None:
         raise CurvkitError("minres takes no preconditioner here; use cg, or none")
     history = _History(A, damping, B)
-    X = torch.zeros_like(B) if x0 is None else x0.clone()
-    R1 = B - history.apply(X) if x0 is not None else B.clone()
+    X, R1 = history.initial(B, x0)
     beta1 = R1.norm(dim=0)
     residual = history.record(0, beta1)
     tiny = torch.finfo(B.dtype).tiny
@@ -357,7 +365,7 @@ def minres(
         V = Y / beta.clamp_min(tiny)
         Y = history.apply(V)
         if not bool(torch.isfinite(Y).all()):
-            return history.result(X, False, f"non-finite value at iteration {iteration}", iteration, residual)
+            return history.non_finite(X, iteration, residual)
         if iteration >= 2:
             Y = Y - (beta / old_beta.clamp_min(tiny)) * R1
         alpha = (V * Y).sum(0)
@@ -429,15 +437,14 @@ def neumann(
         scale = 1.0 / largest
     if not scale > 0:
         raise CurvkitError(f"scale must be positive, got {scale!r}")
-    X = torch.zeros_like(B) if x0 is None else x0.clone()
-    R = B - history.apply(X) if x0 is not None else B.clone()
+    X, R = history.initial(B, x0)
     residual = history.record(0, R.norm(dim=0))
     for iteration in range(1, maxiter + 1):
         if residual <= tol:
             return history.result(X, True, "converged", iteration - 1, residual)
         AR = history.apply(R)
         if not bool(torch.isfinite(AR).all()):
-            return history.result(X, False, f"non-finite value at iteration {iteration}", iteration, residual)
+            return history.non_finite(X, iteration, residual)
         X = X + scale * R
         R = R - scale * AR
         residual = history.record(iteration, R.norm(dim=0))
