@@ -11,7 +11,7 @@ curvature product makes a full pass over the data.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,55 @@ class BatchSource:
                 f"or a re-iterable of (inputs, targets) batches; got {type(data).__name__}"
             )
 
+    def subset(self, indices: Sequence[int] | Tensor) -> Any:
+        """The samples at ``indices`` (positions in iteration order, within ``max_samples``), as data.
+
+        A tensor pair is indexed and a Dataset wrapped in a
+        :class:`torch.utils.data.Subset`, without reading other samples; data in
+        batches fixed by the user (a DataLoader, a list of batches) are read once
+        to gather the chosen samples, which are then held in memory as a tensor
+        pair. Any order; a repeated index repeats the sample.
+
+        Raises:
+            DataError: No index, a non-integer one, or one outside the data.
+        """
+        index = torch.as_tensor(indices).reshape(-1)
+        if index.numel() == 0 or index.is_floating_point() or index.dtype == torch.bool:
+            raise DataError(
+                f"a subset needs one or more integer sample indices, got {index.dtype} {tuple(index.shape)}"
+            )
+        index = index.to(device="cpu", dtype=torch.long)
+        source = self._source
+        if isinstance(source, _TensorPairBatches | _DatasetBatches):
+            available = source.n if isinstance(source, _TensorPairBatches) else len(source.dataset)
+            _check_indices(index, min(available, self.max_samples or available))
+            if isinstance(source, _TensorPairBatches):
+                return _take(source.inputs, index), _take(source.targets, index)
+            return torch.utils.data.Subset(source.dataset, index.tolist())
+        return self._gather(index)
+
+    def _gather(self, index: Tensor) -> tuple[Inputs, Tensor]:
+        """The samples at ``index`` of data in fixed batches, in one reading pass."""
+        wanted = torch.unique(index)  # sorted
+        inputs: list[Any] = []
+        targets: list[Tensor] = []
+        seen = 0
+        for batch_inputs, batch_targets in self:
+            n = batch_size_of(batch_inputs, batch_targets)
+            lo, hi = torch.searchsorted(wanted, torch.tensor([seen, seen + n])).tolist()
+            if hi > lo:
+                local = wanted[lo:hi] - seen
+                inputs.append(_take(batch_inputs, local))
+                targets.append(_take(batch_targets, local))
+            seen += n
+        _check_indices(index, seen)
+        rows = torch.searchsorted(wanted, index)
+        if isinstance(inputs[0], Mapping):
+            joined: Any = {k: torch.cat([part[k] for part in inputs]) for k in inputs[0]}
+        else:
+            joined = torch.cat(inputs)
+        return _take(joined, rows), _take(torch.cat(targets), rows)
+
     def __iter__(self) -> Iterator[tuple[Inputs, Tensor]]:
         seen = 0
         for batch in self._source:
@@ -149,6 +198,23 @@ class BatchSource:
             seen += n
             if self.max_samples is not None and seen >= self.max_samples:
                 return
+
+
+def _check_indices(index: Tensor, available: int) -> None:
+    """Refuse sample indices outside ``0 .. available - 1``."""
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= available:
+        raise DataError(
+            f"sample index {low if low < 0 else high} is outside the data's {available} samples "
+            f"(indices run from 0 to {available - 1})"
+        )
+
+
+def _take(x: Any, index: Tensor) -> Any:
+    """The samples ``index`` of a tensor or a dict of tensors (first dimension)."""
+    if isinstance(x, Mapping):
+        return {k: _take(v, index) for k, v in x.items()}
+    return x[index.to(x.device)]
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,39 @@ class Problem:
         other._snapshot, other._determinism_snapshot = self._snapshot, self._determinism_snapshot
         return other
 
+    def subset(self, indices: Sequence[int] | Tensor) -> Problem:
+        """The same model and loss on some of the samples: a mini-batch of the data.
+
+        The new problem's loss is that of the chosen samples, normalised like this
+        problem's (the mean over their loss terms, or their sum with
+        ``reduction="sum"``), split into batches of :attr:`batch_size`. It shares
+        this problem's record of the model state, so a determinism probe already
+        passed on the full data is not repeated. With
+        :meth:`curvkit.ProblemOperator.with_problem` it gives the same estimator on
+        a mini-batch (as the ``lissa`` solver draws them).
+
+        The samples are taken by :meth:`curvkit.data.BatchSource.subset`.
+
+        Args:
+            indices: Positions of samples in the data, in the order the problem
+                iterates them (``0 .. num_samples() - 1``, after ``max_samples``);
+                any order, repeats allowed (a repeated sample counts again).
+
+        Raises:
+            DataError: No index, or one outside the data.
+
+        Example:
+            >>> import torch, curvkit
+            >>> X, y = torch.arange(12.0).reshape(6, 2), torch.arange(6.0).reshape(6, 1)
+            >>> problem = curvkit.Problem(torch.nn.Linear(2, 1), "mse", (X, y))
+            >>> [t.tolist() for t in next(iter(problem.subset([4, 1]).batches()))[1]]
+            [[4.0], [1.0]]
+        """
+        data = self.data.subset(indices)
+        other = self._replace(model=self.model, params=self._selection, data=data)
+        other._snapshot, other._determinism_snapshot = self._snapshot, self._determinism_snapshot
+        return other
+
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Problem:
         """A problem on a copy of the model cast to ``dtype`` and/or moved to ``device``.
 
@@ -235,14 +268,17 @@ class Problem:
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
         return self._replace(model=model, params=self._selection)
 
-    def _replace(self, model: nn.Module, params: Any, batch_size: int | None = None) -> Problem:
+    def _replace(
+        self, model: nn.Module, params: Any, batch_size: int | None = None, data: Any = None
+    ) -> Problem:
+        """A problem like this one; ``data`` (a subset, all of it used) replaces the data if given."""
         return Problem(
             model,
             self._loss_arg,
-            self._data_arg,
+            self._data_arg if data is None else data,
             params=params,
             batch_size=batch_size or self.batch_size,
-            max_samples=self.max_samples,
+            max_samples=self.max_samples if data is None else None,
             reduction=self.loss.reduction,
             eval_mode=self.eval_mode,
             check_deterministic=self.check_deterministic,

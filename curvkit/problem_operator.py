@@ -18,8 +18,9 @@ Gauss-Newton matrix, ...). A :class:`ProblemOperator` owns everything but
 * the data-pass counter;
 * for Monte-Carlo estimators (``STOCHASTIC``), a generator seeded for each
   product (see below);
-* the estimator's options, captured once at construction, which rebuild it on a
-  block of parameters (:meth:`restrict`);
+* the estimator's options, captured once at construction, which rebuild it on
+  another problem (:meth:`with_problem`): a block of parameters (:meth:`restrict`),
+  a mini-batch of the data (:meth:`~curvkit.Problem.subset`);
 * a check that a product comes back as ``[P, K]`` (a diagonal as ``[P]``) in the
   operator's dtype and on its device (a :class:`~curvkit.PluginError` naming the
   estimator otherwise).
@@ -209,13 +210,22 @@ class ProblemOperator(CurvatureOperator):
         Built from the captured :attr:`options` on the restricted problem; a
         Monte-Carlo estimator keeps its seed, so the block is that of the same map.
         """
-        names = _resolve_names(self.layout, params)
+        return self.with_problem(self.problem.with_params(_resolve_names(self.layout, params)))
+
+    def with_problem(self, problem: Problem) -> ProblemOperator:
+        """The same estimator on another problem, built from the captured :attr:`options`.
+
+        For instance on a mini-batch of the data (:meth:`~curvkit.Problem.subset`:
+        the ``lissa`` solver's stochastic products) or on a block of parameters
+        (:meth:`restrict`). A Monte-Carlo estimator keeps its seed; the name is
+        kept too.
+        """
         options = dict(self.options)
         if self.STOCHASTIC and "seed" in inspect.signature(type(self).__init__).parameters:
             options["seed"] = self.seed
-        block = type(self)(self.problem.with_params(names), **options)
-        block.name = self.name
-        return block
+        other = type(self)(problem, **options)
+        other.name = self.name
+        return other
 
 
 def _constructor_options(cls: type, self: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

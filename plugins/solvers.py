@@ -1,4 +1,7 @@
-"""The built-in solvers (exact, cg, minres, neumann): a plugin on ``curvkit_register_solvers``.
+"""The built-in solvers: a plugin on ``curvkit_register_solvers``.
+
+``exact``, ``cg``, ``minres``, ``neumann``, ``lissa``, ``kfac``, ``ekfac`` and
+``lowrank``.
 
 The algorithms are in :mod:`curvkit.linalg.solve`; this plugin registers them
 exactly as a third-party package registers its own.
@@ -6,8 +9,18 @@ exactly as a third-party package registers its own.
 
 from __future__ import annotations
 
+from functools import partial
+
 import curvkit
-from curvkit.linalg.solve import conjugate_gradient, exact_solve, minres, neumann
+from curvkit.linalg.solve import (
+    approximate_inverse,
+    conjugate_gradient,
+    exact_solve,
+    lissa,
+    lowrank,
+    minres,
+    neumann,
+)
 
 
 @curvkit.hookimpl
@@ -29,6 +42,30 @@ def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
             "neumann",
             neumann,
             "Truncated Neumann series, scale 1/lambda_max unless given; stops when it diverges.",
+            psd_only=True,
+        ),
+        curvkit.SolverSpec(
+            "lissa",
+            lissa,
+            "LiSSA: the Neumann series on a fresh seeded mini-batch per step, repeats averaged; the "
+            "residual is measured only with check_every.",
+            psd_only=True,
+        ),
+        curvkit.SolverSpec(
+            "kfac",
+            partial(approximate_inverse, estimator="kfac"),
+            "KFAC of the operator's problem, inverted from its factors; the residual against A is reported.",
+        ),
+        curvkit.SolverSpec(
+            "ekfac",
+            partial(approximate_inverse, estimator="ekfac"),
+            "EKFAC of the operator's problem, inverted in its eigenbasis; the residual against A is "
+            "reported.",
+        ),
+        curvkit.SolverSpec(
+            "lowrank",
+            lowrank,
+            "Top-k eigenpairs (Lanczos) inverted in their subspace, 1/damping in the complement.",
             psd_only=True,
         ),
     ]

@@ -126,7 +126,8 @@ def test_bad_input():
     with pytest.raises(curvkit.ShapeMismatchError, match="floating-point"):
         curvkit.solve(A, torch.ones(30, dtype=torch.long))
     with pytest.raises(
-        curvkit.CurvkitError, match="unknown solver .gmres.; available: cg, exact, minres, neum"
+        curvkit.CurvkitError,
+        match="unknown solver .gmres.; available: cg, ekfac, exact, kfac, lissa, lowrank, minres, neumann",
     ):
         curvkit.solve(A, b, "gmres")
     with pytest.raises(curvkit.CurvkitError, match="maxiter must be a positive integer"):
@@ -205,3 +206,179 @@ def test_neumann_converges_with_its_estimated_scale_and_stops_when_it_diverges()
     with pytest.warns(curvkit.CurvkitWarning, match="not known to be positive semi-definite"):
         res = curvkit.solve(indefinite, b, "neumann", maxiter=2000)
     assert not res.converged and "diverging" in res.reason and torch.isfinite(res.x).all()
+
+
+# ---------------------------------------------------------------- lissa, kfac, ekfac, lowrank
+def mlp_problem(reduction: str = "mean", N: int = 64, **kwargs) -> curvkit.Problem:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    X, y = torch.randn(N, 4, dtype=DT), torch.randn(N, 2, dtype=DT)
+    return curvkit.Problem(model, "mse", (X, y), reduction=reduction, **kwargs)
+
+
+def test_the_new_solvers_are_registered():
+    names = [s.name for s in curvkit.solvers()]
+    assert {"lissa", "kfac", "ekfac", "lowrank"} <= set(names) and names == sorted(names)
+
+
+def test_a_subset_problem_holds_the_samples_asked_for_in_any_form_of_data():
+    problem = mlp_problem(N=10, batch_size=4)
+    X, y = problem._data_arg
+    index = [7, 2, 9, 2]
+    forms = {
+        "pair": problem,
+        "dataset": curvkit.Problem(problem.model, "mse", torch.utils.data.TensorDataset(X, y), batch_size=3),
+        "batches": curvkit.Problem(problem.model, "mse", [(X[:6], y[:6]), (X[6:], y[6:])]),
+    }
+    for form, full in forms.items():
+        inputs, targets = zip(*full.subset(index).batches())
+        assert torch.equal(torch.cat(inputs), X[index]) and torch.equal(torch.cat(targets), y[index]), form
+    with pytest.raises(curvkit.DataError, match="sample index 10 is outside the data's 10 samples"):
+        forms["batches"].subset([3, 10])
+    with pytest.raises(curvkit.DataError, match="sample index -1"):
+        problem.subset([-1])
+    capped = curvkit.Problem(problem.model, "mse", (X, y), max_samples=6)
+    with pytest.raises(curvkit.DataError, match="outside the data's 6 samples"):
+        capped.subset([6])
+    # the same estimator on a permutation of all the samples is the same operator
+    G = curvkit.curvature("ggn", problem)
+    whole = G.with_problem(problem.subset(torch.randperm(10)))
+    assert whole.name == "ggn" and type(whole) is type(G)
+    assert torch.allclose(whole.to_dense(), G.to_dense(), atol=1e-13)
+
+
+def test_lissa_on_all_the_data_is_the_neumann_series():
+    problem = mlp_problem()
+    G = curvkit.curvature("ggn", problem)
+    B = torch.randn(G.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+    res = curvkit.solve(G, B, "lissa", damping=0.5, maxiter=30, batch_size=64)
+    series = curvkit.solve(G, B, "neumann", damping=0.5, maxiter=31, tol=1e-300)
+    assert rel(res.x, series.x) < 1e-10
+    # nothing measured, nothing claimed
+    assert not res.converged and np_isnan(res.residual) and res.iterations == 30
+    assert "stochastic: residual not measured" in res.reason and "mini-batches of 64 of 64" in res.reason
+    assert all(np_isnan(row["residual"]) for row in res.history)
+    assert res.history[-1]["samples"] >= 30 * 64 and res.matvecs >= 30 * 2
+    # an operator without data is used whole: the same series, and the reason says so
+    dense = curvkit.DenseOperator(G.to_dense(), psd=True)
+    plain = curvkit.solve(dense, B, "lissa", damping=0.5, maxiter=30)
+    assert rel(plain.x, series.x) < 1e-10 and "has no data to sample" in plain.reason
+
+
+def np_isnan(x: float) -> bool:
+    return x != x
+
+
+@pytest.mark.montecarlo
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lissa_averages_to_the_damped_solve(reduction):
+    """Fixed seeds: 16 repeats of 30 steps on mini-batches of 8 of 64 samples (a sum is scaled by N / 8)."""
+    problem = mlp_problem(reduction)
+    G = curvkit.curvature("ggn", problem)
+    dense = G.to_dense()
+    damping = 0.25 * torch.linalg.eigvalsh(dense)[-1].item()
+    b = torch.randn(G.shape[0], dtype=DT, generator=torch.Generator().manual_seed(1))
+    settings = dict(damping=damping, maxiter=30, batch_size=8)
+    res = curvkit.solve(G, b, "lissa", **settings, repeats=16, check_every=15)
+    exact = truth(curvkit.DenseOperator(dense), b, damping)
+    assert rel(res.x, exact) < 5e-2  # measured: 0.0115 for both reductions
+    one = curvkit.solve(G, b, "lissa", **settings)
+    assert rel(one.x, exact) > 2 * rel(res.x, exact)  # one repeat: 0.060
+    # the measured residual is the true one; convergence is claimed from it only
+    assert res.residual == pytest.approx(rel(dense @ res.x + damping * res.x, b), rel=1e-8)
+    assert res.converged == (res.residual <= 1e-6) and not res.converged and "measured" in res.reason
+    measured = [row["iteration"] for row in res.history if not np_isnan(row["residual"])]
+    assert measured == list(range(15, 481, 15))  # every 15 steps, and the answer after the last
+    assert res.history[-1]["samples"] >= 480 * 8 + 32 * 64  # the mini-batches, the checks
+    # the seed fixes the draws (the products' rounding may differ between runs)
+    small = dict(settings, maxiter=5, repeats=2, scale=0.5 / damping)
+    first, again = (curvkit.solve(G, b, "lissa", **small).x for _ in range(2))
+    other = curvkit.solve(G, b, "lissa", **small, seed=1).x
+    assert rel(again, first) < 1e-12 and rel(other, first) > 1e-3
+
+
+def test_lissa_stops_when_it_diverges_or_meets_a_non_finite_value_and_refuses_bad_options():
+    G = curvkit.curvature("ggn", mlp_problem())
+    b = torch.ones(G.shape[0], dtype=DT)
+    lam = torch.linalg.eigvalsh(G.to_dense())[-1].item()
+    res = curvkit.solve(G, b, "lissa", damping=0.1, scale=3.0 / lam, maxiter=200, batch_size=16)
+    assert not res.converged and res.reason.startswith("diverging at iteration") and "repeat 1" in res.reason
+    assert torch.isfinite(res.x).all() and res.iterations < 200
+    A = NaNAfter(spd().to_dense(), 4)
+    res = curvkit.solve(A, torch.ones(30, dtype=DT), "lissa", scale=0.1, maxiter=50)
+    assert not res.converged and res.reason == "non-finite value at iteration 5"
+    assert torch.isfinite(res.x).all() and res.x.norm() > 0
+    for options, message in [
+        ({"batch_size": 65}, r"batch_size must be an integer in 1..64"),
+        ({"repeats": 0}, "repeats must be a positive integer"),
+        ({"check_every": 0}, "check_every must be a positive integer"),
+        ({"scale": -1.0}, "scale must be positive"),
+        ({"depth": 3}, "solver 'lissa' takes no option 'depth'"),
+        ({"preconditioner": G}, "lissa takes no preconditioner"),
+    ]:
+        with pytest.raises(curvkit.CurvkitError, match=message):
+            curvkit.solve(G, b, "lissa", damping=0.1, **options)
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "ekfac"])
+def test_kfac_solvers_apply_the_inverse_of_the_dense_approximation(estimator):
+    problem = mlp_problem(N=20)
+    G = curvkit.curvature("ggn", problem)
+    K = curvkit.curvature(estimator, problem)
+    B = torch.randn(G.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    res = curvkit.solve(G, B, estimator, damping=0.1)
+    K_dense = K.to_dense()
+    assert rel(res.x, truth(curvkit.DenseOperator(K_dense), B, 0.1)) < 1e-10
+    # the residual reported is the true one against A (the GGN), not against K
+    true_residual = ((G.to_dense() @ res.x + 0.1 * res.x - B).norm(dim=0) / B.norm(dim=0)).max().item()
+    assert res.residual == pytest.approx(true_residual, rel=1e-8) and res.residual > 1e-3
+    assert not res.converged and f"approximate inverse ({estimator}): relative residual" in res.reason
+    assert res.matvecs == 3 and len(res.history) == 1
+    # on the approximation itself it is the exact solve
+    exact, direct = curvkit.solve(K, B, "exact", damping=0.1), curvkit.solve(K, B, estimator, damping=0.1)
+    assert direct.converged and rel(direct.x, exact.x) < 1e-12
+    # options go to the estimator
+    empirical = curvkit.curvature(estimator, problem, fisher_type="empirical").to_dense()
+    res = curvkit.solve(G, B[:, 0], estimator, damping=0.1, fisher_type="empirical")
+    assert rel(res.x, truth(curvkit.DenseOperator(empirical), B[:, 0], 0.1)) < 1e-10
+
+
+def test_kfac_solvers_refuse_what_they_cannot_build():
+    b = torch.ones(30, dtype=DT)
+    with pytest.raises(curvkit.CurvkitError, match="solver 'kfac' builds KFAC on the operator's problem"):
+        curvkit.solve(spd(), b, "kfac", damping=0.1)
+    problem = mlp_problem(N=20)
+    G = curvkit.curvature("ggn", problem)
+    with pytest.raises(curvkit.UnknownOptionError, match="takes no option 'rank'"):
+        curvkit.solve(G, torch.ones(G.shape[0], dtype=DT), "kfac", damping=0.1, rank=3)
+    K = curvkit.curvature("kfac", problem)
+    with pytest.raises(curvkit.CurvkitError, match="is a 'kfac' operator already"):
+        curvkit.solve(K, torch.ones(K.shape[0], dtype=DT), "kfac", damping=0.1, fisher_type="empirical")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.PReLU(), nn.Linear(6, 2)).double()
+    odd = curvkit.Problem(model, "mse", (torch.randn(8, 4, dtype=DT), torch.randn(8, 2, dtype=DT)))
+    H = curvkit.curvature("ggn", odd)
+    with pytest.raises(curvkit.UnsupportedModelError, match="no KFAC block for 1 \\(PReLU\\)"):
+        curvkit.solve(H, torch.ones(H.shape[0], dtype=DT), "kfac", damping=0.1)
+
+
+def test_lowrank_is_exact_when_the_rank_is_within_reach():
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(20, 3, dtype=DT, generator=gen))[0]
+    A = curvkit.DenseOperator(U @ torch.diag(torch.tensor([5.0, 2.0, 0.5], dtype=DT)) @ U.T, psd=True)
+    B = torch.randn(20, 2, dtype=DT, generator=gen)
+    res = curvkit.solve(A, B, "lowrank", damping=0.1, rank=3, tol=1e-8)
+    assert res.converged and rel(res.x, truth(A, B, 0.1)) < 1e-8
+    assert res.matvecs > 2 and res.history[-1]["matvecs"] == res.matvecs  # Lanczos, then the residual
+    columns = torch.stack([curvkit.solve(A, B[:, k], "lowrank", damping=0.1, rank=3).x for k in range(2)], 1)
+    assert rel(res.x, columns) < 1e-10
+    # fewer pairs than the rank: the inverse of the truncation, and the residual against A says how far
+    short = curvkit.solve(A, B, "lowrank", damping=0.1, rank=2)
+    values, vectors = torch.linalg.eigh(A.to_dense())
+    A2 = vectors[:, -2:] @ torch.diag(values[-2:]) @ vectors[:, -2:].T
+    assert rel(short.x, truth(curvkit.DenseOperator(A2), B, 0.1)) < 1e-8
+    assert not short.converged and "rank-2 approximation: relative residual" in short.reason
+    with pytest.raises(curvkit.CurvkitError, match="lowrank needs damping > 0"):
+        curvkit.solve(A, B, "lowrank", rank=3)
+    with pytest.raises(curvkit.CurvkitError, match=r"rank must be an integer in 1..20"):
+        curvkit.solve(A, B, "lowrank", damping=0.1, rank=21)

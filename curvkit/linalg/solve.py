@@ -22,13 +22,27 @@ built-ins':
 * :func:`minres`: MINRES (C. C. Paige and M. A. Saunders, "Solution of sparse
   indefinite systems of linear equations", SIAM J. Numer. Anal. 12, 1975) for
   symmetric, possibly indefinite systems (a raw Hessian), minimising the
-  residual over the Krylov space.
+  residual over the Krylov space;
+* :func:`lissa`: LiSSA, the stochastic Neumann series on a fresh mini-batch per
+  step (N. Agarwal, B. Bullins and E. Hazan, "Second-order stochastic
+  optimization for machine learning in linear time", JMLR 18, 2017; P. W. Koh
+  and P. Liang, "Understanding black-box predictions via influence functions",
+  ICML 2017), with averaged repeats;
+* :func:`approximate_inverse`: the structured inverse of an approximation built
+  on the operator's problem (``kfac``: J. Martens and R. Grosse, "Optimizing
+  neural networks with Kronecker-factored approximate curvature", ICML 2015;
+  ``ekfac``: T. George, C. Laurent, X. Bouthillier, N. Ballas and P. Vincent,
+  "Fast approximate natural gradient descent in a Kronecker-factored
+  eigenbasis", NeurIPS 2018);
+* :func:`lowrank`: the top eigenpairs inverted in their subspace, ``1 / damping``
+  in its complement.
 
 Every solver records its history (relative residual, seconds and products per
 iteration), stops on a non-finite value (reporting the iteration and returning
 the last finite iterate) and never reports convergence it has not measured:
 ``converged`` means ``||B - (A + damping I) X|| <= tol ||B||`` column by column,
-with the residual of the recurrence (CG, MINRES) or a computed one (exact).
+with the residual of the recurrence (CG, MINRES) or a computed one (exact,
+kfac, ekfac, lowrank; lissa when asked to measure).
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +59,19 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError, CurvkitWarning, ShapeMismatchError
 from curvkit.operator import CurvatureOperator
+from curvkit.problem_operator import ProblemOperator
 from curvkit.solver_spec import SolverSpec
 
 __all__ = [
     "InverseOperator",
     "SolveResult",
     "SolverSpec",
+    "approximate_inverse",
     "conjugate_gradient",
     "exact_solve",
     "inverse",
+    "lissa",
+    "lowrank",
     "minres",
     "neumann",
     "solve",
@@ -71,9 +90,11 @@ class SolveResult:
             iteration i"``, ``"non-finite value at iteration i"``, ...: why it stopped.
         iterations: Iterations run.
         matvecs: Products with the operator (columns multiplied).
-        residual: The final largest relative residual over the columns.
+        residual: The final largest relative residual over the columns (NaN when
+            not measured: ``lissa`` without ``check_every``).
         history: Per iteration: ``{"iteration", "residual", "seconds", "matvecs"}``
-            (``residual``: the largest relative residual over the columns).
+            (``residual``: the largest relative residual over the columns, NaN
+            when not measured), and a solver's own counts (``lissa``: ``samples``).
         method: The solver's name.
     """
 
@@ -112,6 +133,7 @@ def solve(
     maxiter: int | None = None,
     preconditioner: CurvatureOperator | None = None,
     x0: Tensor | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
     **options: Any,
 ) -> SolveResult:
     """``(A + damping I)^-1 v`` by a registered solver.
@@ -126,6 +148,11 @@ def solve(
         preconditioner: An operator approximating ``A`` with an inverse (a
             diagonal, KFAC); CG applies ``(M + damping I)^-1``.
         x0: Warm start, shaped like ``v``.
+        callback: Called with each recorded iterate (``[P, K]``, iteration 0
+            included) as ``callback(X)``; the numbers it returns join that
+            iteration's :attr:`SolveResult.history` row (e.g. the error to a known
+            solution), and the seconds it takes are not counted. Passed to the
+            solver only when given.
         **options: The solver's own options.
 
     Raises:
@@ -163,6 +190,7 @@ def solve(
         maxiter=maxiter,
         x0=X0,
         preconditioner=preconditioner,
+        **({} if callback is None else {"callback": callback}),
         **options,
     )
     result.method = spec.name
@@ -210,11 +238,20 @@ def inverse(
 class _History:
     """Per-iteration records, and the product counter of one solve."""
 
-    def __init__(self, A: CurvatureOperator, damping: float, B: Tensor):
+    def __init__(
+        self,
+        A: CurvatureOperator,
+        damping: float,
+        B: Tensor,
+        callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+    ):
         self.A, self.damping, self.start = A, damping, time.perf_counter()
+        self.callback, self.paused = callback, 0.0
         self.norms = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
         self.rows: list[dict[str, float]] = []
         self.matvecs = 0
+        self.extra: Callable[[], dict[str, float]] | None = None
+        """More entries of every row (e.g. ``{"samples": ...}``), read when the row is recorded."""
 
     def initial(self, B: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor]:
         """The first iterate and its residual: ``(0, B)``, or ``(x0, B - (A + damping I) x0)``."""
@@ -232,17 +269,42 @@ class _History:
         out = self.A.matmat(X)
         return out + self.damping * X if self.damping else out
 
-    def record(self, iteration: int, residuals: Tensor) -> float:
-        relative = (residuals / self.norms).max().item()
-        self.rows.append(
-            {
-                "iteration": iteration,
-                "residual": relative,
-                "seconds": time.perf_counter() - self.start,
-                "matvecs": self.matvecs,
-            }
-        )
+    def record(self, iteration: int, residuals: Tensor | None, X: Tensor | None = None) -> float:
+        """Append a row: the largest relative residual (NaN when ``residuals`` is ``None``: not measured).
+
+        A solver's own counts join the row through :attr:`extra`; with the
+        iterate ``X``, the numbers the solve's ``callback`` returns for it (its
+        time taken out of ``seconds``, of this row and the next).
+        """
+        relative = float("nan") if residuals is None else (residuals / self.norms).max().item()
+        row = {
+            "iteration": iteration,
+            "residual": relative,
+            "seconds": time.perf_counter() - self.start - self.paused,
+            "matvecs": self.matvecs,
+            **(self.extra() if self.extra is not None else {}),
+        }
+        if self.callback is not None and X is not None:
+            started = time.perf_counter()
+            row.update(self.callback(X))
+            self.paused += time.perf_counter() - started
+        self.rows.append(row)
         return relative
+
+    def measured(self, B: Tensor, X: Tensor, iteration: int, tol: float, reason: str) -> SolveResult:
+        """The result for ``X`` with its residual computed (one product), recorded and compared with ``tol``.
+
+        ``reason`` is given when the residual is above ``tol`` (``"converged"``
+        otherwise), with ``{residual}`` replaced by the relative residual.
+        """
+        residual = self.record(iteration, (B - self.apply(X)).norm(dim=0), X)
+        if not bool(torch.isfinite(X).all()):
+            return self.result(
+                X, False, f"non-finite value at iteration {iteration}", iteration, float("nan")
+            )
+        converged = residual <= tol
+        reason = "converged" if converged else reason.format(residual=f"{residual:.3g}")
+        return self.result(X, converged, reason, iteration, residual)
 
     def result(
         self, x: Tensor, converged: bool, reason: str, iterations: int, residual: float
@@ -251,22 +313,22 @@ class _History:
 
 
 def exact_solve(
-    A: CurvatureOperator, B: Tensor, *, damping: float, tol: float, x0: Tensor | None = None, **_: Any
+    A: CurvatureOperator,
+    B: Tensor,
+    *,
+    damping: float,
+    tol: float,
+    x0: Tensor | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+    **_: Any,
 ) -> SolveResult:
     """``A.solve(B, damping)``: structured where ``A`` has structure, else the dense matrix.
 
     The residual is computed with one more product and reported; ``converged``
     compares it with ``tol`` like every solver.
     """
-    history = _History(A, damping, B)
-    X = A.solve(B, damping)
-    R = B - history.apply(X)
-    residual = history.record(1, R.norm(dim=0))
-    finite = bool(torch.isfinite(X).all())
-    if not finite:
-        return history.result(X, False, "non-finite value at iteration 1", 1, float("nan"))
-    converged = residual <= tol
-    return history.result(X, converged, "converged" if converged else "residual above tol", 1, residual)
+    history = _History(A, damping, B, callback)
+    return history.measured(B, A.solve(B, damping), 1, tol, "residual above tol")
 
 
 def conjugate_gradient(
@@ -278,6 +340,7 @@ def conjugate_gradient(
     maxiter: int,
     x0: Tensor | None = None,
     preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
     **_: Any,
 ) -> SolveResult:
     """Preconditioned conjugate gradients on ``K`` columns at once (one product per iteration).
@@ -287,13 +350,13 @@ def conjugate_gradient(
     value, returning the last iterate with ``converged=False`` and the iteration in
     ``reason``. Converged columns are frozen while the others go on.
     """
-    history = _History(A, damping, B)
+    history = _History(A, damping, B, callback)
     M = None if preconditioner is None else preconditioner.inverse(damping)
     X, R = history.initial(B, x0)
     Z = R if M is None else M.matmat(R)
     P_ = Z.clone()
     rz = (R * Z).sum(0)
-    residual = history.record(0, R.norm(dim=0))
+    residual = history.record(0, R.norm(dim=0), X)
     active = R.norm(dim=0) > tol * history.norms
     for iteration in range(1, maxiter + 1):
         if not bool(active.any()):
@@ -317,7 +380,7 @@ def conjugate_gradient(
         X = X + alpha * P_
         R = R - alpha * AP
         norms = R.norm(dim=0)
-        residual = history.record(iteration, norms)
+        residual = history.record(iteration, norms, X)
         active = active & (norms > tol * history.norms)
         Z = R if M is None else M.matmat(R)
         rz_new = (R * Z).sum(0)
@@ -337,6 +400,7 @@ def minres(
     maxiter: int,
     x0: Tensor | None = None,
     preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
     **_: Any,
 ) -> SolveResult:
     """MINRES on ``K`` columns at once, for symmetric (indefinite) ``A + damping I``.
@@ -346,10 +410,10 @@ def minres(
     """
     if preconditioner is not None:
         raise CurvkitError("minres takes no preconditioner here; use cg, or none")
-    history = _History(A, damping, B)
+    history = _History(A, damping, B, callback)
     X, R1 = history.initial(B, x0)
     beta1 = R1.norm(dim=0)
-    residual = history.record(0, beta1)
+    residual = history.record(0, beta1, X)
     tiny = torch.finfo(B.dtype).tiny
     active = beta1 > tol * history.norms
     if not bool(active.any()):
@@ -385,7 +449,7 @@ def minres(
         W = (V - old_epsilon * W1 - delta * W2) / gamma
         X = X + torch.where(active, phi, torch.zeros_like(phi)) * W
         norms = phibar.abs()
-        residual = history.record(iteration, torch.where(active, norms, torch.zeros_like(norms)))
+        residual = history.record(iteration, torch.where(active, norms, torch.zeros_like(norms)), X)
         active = active & (norms > tol * history.norms)
         if not bool(active.any()):
             return history.result(X, True, "converged", iteration, residual)
@@ -395,7 +459,24 @@ def minres(
 
 
 DIVERGENCE = 1e3
-"""A residual this many times the right-hand side's norm means the series diverges."""
+"""A residual this many times the right-hand side's norm means the series diverges (for
+:func:`lissa`: an iterate this many times the norm bound of a contracting series)."""
+
+
+def _series_scale(A: CurvatureOperator, damping: float, history: _History) -> tuple[float | None, str]:
+    """``eta = 1 / (lambda_max + damping)`` of a Neumann series, ``lambda_max`` by Lanczos to 1%.
+
+    Its products are counted in ``history``. Returns ``(None, why)`` when
+    ``lambda_max + damping <= 0`` (no positive scale makes the series converge).
+    """
+    from curvkit.linalg.eigen import eigenvalues
+
+    top = eigenvalues(A, k=1, which="largest", tol=1e-2, return_vectors=False)
+    history.matvecs += top.matvecs
+    largest = top.values[0].item() + damping
+    if not largest > 0:
+        return None, f"the largest eigenvalue of A + damping I is {largest:.3g} <= 0"
+    return 1.0 / largest, ""
 
 
 def neumann(
@@ -407,6 +488,7 @@ def neumann(
     maxiter: int,
     x0: Tensor | None = None,
     preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
     scale: float | None = None,
     **_: Any,
 ) -> SolveResult:
@@ -424,21 +506,15 @@ def neumann(
     """
     if preconditioner is not None:
         raise CurvkitError("neumann takes no preconditioner; use cg")
-    history = _History(A, damping, B)
+    history = _History(A, damping, B, callback)
     if scale is None:
-        from curvkit.linalg.eigen import eigenvalues
-
-        top = eigenvalues(A, k=1, which="largest", tol=1e-2, return_vectors=False)
-        history.matvecs += top.matvecs
-        largest = top.values[0].item() + damping
-        if not largest > 0:
-            why = f"the largest eigenvalue of A + damping I is {largest:.3g} <= 0"
+        scale, why = _series_scale(A, damping, history)
+        if scale is None:
             return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
-        scale = 1.0 / largest
     if not scale > 0:
         raise CurvkitError(f"scale must be positive, got {scale!r}")
     X, R = history.initial(B, x0)
-    residual = history.record(0, R.norm(dim=0))
+    residual = history.record(0, R.norm(dim=0), X)
     for iteration in range(1, maxiter + 1):
         if residual <= tol:
             return history.result(X, True, "converged", iteration - 1, residual)
@@ -447,7 +523,7 @@ def neumann(
             return history.non_finite(X, iteration, residual)
         X = X + scale * R
         R = R - scale * AR
-        residual = history.record(iteration, R.norm(dim=0))
+        residual = history.record(iteration, R.norm(dim=0), X)
         if not residual <= DIVERGENCE:
             return history.result(
                 X,
@@ -460,3 +536,339 @@ def neumann(
             )
     converged = residual <= tol
     return history.result(X, converged, "converged" if converged else "maxiter", maxiter, residual)
+
+
+def lissa(
+    A: CurvatureOperator,
+    B: Tensor,
+    *,
+    damping: float,
+    tol: float,
+    maxiter: int,
+    x0: Tensor | None = None,
+    preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+    scale: float | None = None,
+    batch_size: int | None = None,
+    repeats: int = 1,
+    seed: int = 0,
+    check_every: int | None = None,
+    **unknown: Any,
+) -> SolveResult:
+    """LiSSA: the Neumann series with a fresh mini-batch per step, repeats averaged.
+
+    The recursion of N. Agarwal, B. Bullins and E. Hazan ("Second-order
+    stochastic optimization for machine learning in linear time", JMLR 18, 2017),
+    as P. W. Koh and P. Liang use it for influence functions ("Understanding
+    black-box predictions via influence functions", ICML 2017):
+
+    .. math:: x_0 = v, \\qquad x_j = v + (I - \\eta (A_{S_j} + \\text{damping}\\, I)) x_{j-1},
+              \\qquad \\text{answer } \\eta x_{\\text{depth}},
+
+    where ``A_{S_j}`` is the *same estimator* on a fresh random mini-batch
+    ``S_j`` of ``batch_size`` distinct samples of the operator's problem
+    (:meth:`curvkit.Problem.subset` and :meth:`curvkit.ProblemOperator.with_problem`:
+    any :class:`~curvkit.ProblemOperator`, a plugin's too), drawn by a CPU
+    generator seeded with ``seed``. Each ``A_{S_j}`` is an unbiased estimate of
+    ``A`` (for ``reduction="sum"`` it is scaled by ``N / batch_size``) drawn
+    independently of ``x_{j-1}``, so ``E[eta x_j]`` follows the deterministic
+    series: ``eta sum_{i<=j} (I - eta (A + damping I))^i v``, which tends to
+    ``(A + damping I)^-1 v``. ``repeats`` independent recursions are averaged
+    to lower the variance. With ``batch_size = N`` it is the Neumann series
+    (:func:`neumann` with ``maxiter = depth + 1`` and the same ``scale``), up to
+    rounding. A warm start ``x0`` starts each recursion at ``x0 / eta``.
+
+    An operator without data (no ``problem``: a :class:`~curvkit.DenseOperator`,
+    a sum or a multiple of operators) is used whole at every step, which makes
+    this the Neumann series (``batch_size`` is not used); ``reason`` says so.
+
+    **What is measured.** A stochastic iterate's residual is unknown without a
+    product with the full operator. With ``check_every=None`` (default) none is
+    made: the history's residuals are NaN, ``residual`` is NaN and ``converged``
+    is ``False`` (``reason``: ``"depth reached: ... (stochastic: residual not
+    measured; ...)"``). With ``check_every=c`` the relative residual of the current
+    repeat's iterate ``eta x_j`` is computed with the full operator every ``c``
+    steps, and that of the returned average after the last step, so
+    ``converged`` is then that measurement against ``tol``; the run does not stop
+    early. Its products are counted.
+
+    A step stops the run on a non-finite value (returning the average of the
+    finished repeats and the current one's last finite iterate) or when the
+    iterate's norm exceeds :data:`DIVERGENCE` times ``||x_0|| + j ||v||``, a bound
+    that every contracting step respects: the spectrum of
+    ``eta (A_S + damping I)`` leaves ``[0, 2]``, as a mini-batch's curvature
+    larger than the full data's can make it with the default scale.
+
+    Counts: ``matvecs`` counts every column multiplied, on mini-batches and
+    with the full operator (the scale estimate, the checks); the history's
+    ``samples`` (data-backed operators) counts the samples those products
+    passed through the model. The operator's own counters see only its
+    full-data products.
+
+    Args:
+        maxiter: ``depth``: the steps (one mini-batch product each) of every repeat.
+        scale: ``eta``; ``None`` estimates ``1 / (lambda_max + damping)`` of the
+            full operator like :func:`neumann` (to 1%, its products counted).
+        batch_size: Samples per mini-batch, at most ``N``; default
+            ``min(N, problem.batch_size)``: one of the problem's batches, the most
+            its batching lets one product hold.
+        repeats: Independent recursions averaged.
+        seed: Seed of the mini-batches (a CPU generator; the same draws on every
+            device).
+        check_every: Measure the residual every this many steps (see above);
+            ``None``: never.
+
+    Raises:
+        CurvkitError: A preconditioner, an unknown option, or a ``scale``,
+            ``batch_size``, ``repeats`` or ``check_every`` out of range.
+    """
+    _refuse_options("lissa", unknown)
+    if preconditioner is not None:
+        raise CurvkitError("lissa takes no preconditioner; use cg")
+    for name, value in (("repeats", repeats), ("check_every", check_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CurvkitError(f"{name} must be a positive integer, got {value!r}")
+    history = _History(A, damping, B, callback)
+    sample = _MiniBatches(A, batch_size, seed, history)
+    if scale is None:
+        scale, why = _series_scale(A, damping, history)
+        if scale is None:
+            return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+    if not scale > 0:
+        raise CurvkitError(f"scale must be positive, got {scale!r}")
+    depth, K = maxiter, B.shape[1]
+    start = B.clone() if x0 is None else x0 / scale
+    bounds = start.norm(dim=0), B.norm(dim=0)  # ||x_j|| <= ||x_0|| + j ||v|| while every step contracts
+    tiny = torch.finfo(B.dtype).tiny
+    total = torch.zeros_like(B)
+    residual = history.record(0, None, scale * start)
+    iteration = 0
+    for repeat in range(repeats):
+        X = start.clone()
+        for j in range(1, depth + 1):
+            iteration += 1
+            history.matvecs += K
+            AX = sample().matmat(X)
+            X_next = B + X - scale * (AX + damping * X if damping else AX)
+            if not bool(torch.isfinite(X_next).all()):
+                answer = (total + scale * X) / (repeat + 1)
+                return history.result(
+                    answer, False, f"non-finite value at iteration {iteration}", iteration, residual
+                )
+            X = X_next
+            growth = (X.norm(dim=0) / (bounds[0] + j * bounds[1]).clamp_min(tiny)).max().item()
+            if not growth <= DIVERGENCE:
+                history.record(iteration, None)
+                return history.result(
+                    (total + scale * X) / (repeat + 1),
+                    False,
+                    f"diverging at iteration {iteration} (repeat {repeat + 1}, step {j}): the iterate's "
+                    f"norm is {growth:.3g} times the bound ||x_0|| + j ||v|| of a contracting series, so the "
+                    f"spectrum of {scale:.3g} (A_S + damping I) left [0, 2] ({sample.source}); lower the "
+                    "scale, raise batch_size or damping",
+                    iteration,
+                    float("nan"),
+                )
+            if repeat == repeats - 1 and j == depth:
+                break  # the answer's residual is measured below, if asked
+            estimate = (total + scale * X) / (repeat + 1)  # the answer so far, for a callback
+            if check_every is not None and j % check_every == 0:
+                residual = history.record(iteration, (B - history.apply(scale * X)).norm(dim=0), estimate)
+            else:
+                history.record(iteration, None, estimate)
+        total = total + scale * X
+    X = total / repeats
+    done = f"depth reached: {repeats} repeat(s) of {depth} steps on {sample.source}"
+    if check_every is None:
+        history.record(iteration, None, X)
+        why = f"{done} (stochastic: residual not measured; pass check_every to measure it)"
+        return history.result(X, False, why, iteration, float("nan"))
+    return history.measured(B, X, iteration, tol, f"{done}: relative residual {{residual}} measured")
+
+
+class _MiniBatches:
+    """LiSSA's operators: the estimator on a fresh random mini-batch per call (see :func:`lissa`).
+
+    Attributes:
+        source: What the steps multiply with, in words (for ``reason``).
+    """
+
+    def __init__(self, A: CurvatureOperator, batch_size: int | None, seed: int, history: _History):
+        self.A = A
+        self.generator = torch.Generator().manual_seed(int(seed))
+        if not isinstance(A, ProblemOperator):
+            self.source = (
+                f"the whole operator at every step: {type(A).__name__} has no data to sample, so this is "
+                "the Neumann series"
+            )
+            return
+        problem = A.problem
+        self.N = N = problem.num_samples()
+        self.batch_size = min(N, problem.batch_size) if batch_size is None else batch_size
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or not 1 <= self.batch_size <= N
+        ):
+            raise CurvkitError(f"batch_size must be an integer in 1..{N} (the samples), got {batch_size!r}")
+        # an unbiased estimate of A: a mean over the samples is one already, a sum is scaled up
+        self.weight = N / self.batch_size if problem.loss.reduction == "sum" else 1.0
+        problem.ensure_deterministic()  # once, on the full data; the mini-batches share the record
+        self.source = f"mini-batches of {self.batch_size} of {N} samples"
+        passes, self.samples = A.data_passes, 0
+        history.extra = lambda: {"samples": self.samples + (A.data_passes - passes) * N}
+
+    def __call__(self) -> CurvatureOperator:
+        if not isinstance(self.A, ProblemOperator):
+            return self.A
+        chosen = torch.randperm(self.N, generator=self.generator)[: self.batch_size]
+        self.samples += self.batch_size
+        batch = self.A.with_problem(self.A.problem.subset(chosen))
+        return batch if self.weight == 1.0 else self.weight * batch
+
+
+def approximate_inverse(
+    A: CurvatureOperator,
+    B: Tensor,
+    *,
+    estimator: str,
+    damping: float,
+    tol: float,
+    x0: Tensor | None = None,
+    preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+    maxiter: int | None = None,
+    **options: Any,
+) -> SolveResult:
+    """``(K + damping I)^-1 B``, ``K`` a structured approximation of ``A`` (the ``kfac``, ``ekfac`` solvers).
+
+    ``K`` is the registered ``estimator`` (``"kfac"``: J. Martens and R. Grosse,
+    "Optimizing neural networks with Kronecker-factored approximate curvature",
+    ICML 2015; ``"ekfac"``: T. George, C. Laurent, X. Bouthillier, N. Ballas and
+    P. Vincent, "Fast approximate natural gradient descent in a
+    Kronecker-factored eigenbasis", NeurIPS 2018) built on ``A``'s problem with
+    ``options`` (``curvkit.curvature(estimator, A.problem, **options)``: one pass
+    over the data for KFAC's factors, two for EKFAC's, at every solve), or ``A``
+    itself when it is that estimator already; its inverse comes from its structure
+    (``K.solve(B, damping)``: for KFAC the factors' eigendecompositions).
+
+    The answer solves the approximation, not ``A``: the relative residual
+    ``||B - (A + damping I) X|| / ||B||`` against ``A`` is computed (one product
+    with ``A``) and recorded, ``converged`` compares it with ``tol`` (usually
+    ``False`` unless ``A`` is ``K``), and ``reason`` gives it. A direct method:
+    ``maxiter`` and ``x0`` are not used.
+
+    Args:
+        estimator: The registered estimator whose structured inverse is applied.
+        **options: The estimator's options (refused by it when unknown), e.g.
+            ``fisher_type="empirical"``; none when ``A`` is the estimator already.
+
+    Raises:
+        CurvkitError: ``A`` has no problem to build the approximation on, options
+            for an ``A`` that is already the estimator, a preconditioner, or the
+            estimator has no structured inverse.
+        UnsupportedModelError: The model has layers the estimator does not cover
+            (under its default ``unsupported="error"``).
+    """
+    from curvkit.registry import curvature, get_estimator
+
+    if preconditioner is not None:
+        raise CurvkitError(f"{estimator} takes no preconditioner: it is the approximate inverse itself")
+    spec = get_estimator(estimator)
+    if getattr(A, "name", None) == estimator or type(A) is spec.factory:
+        if options:
+            raise CurvkitError(
+                f"the operator is a {estimator!r} operator already, so the options {sorted(options)} would "
+                "not be used; build it with them instead"
+            )
+        K = A
+    elif isinstance(A, ProblemOperator):
+        K = curvature(estimator, A.problem, **options)
+    else:
+        raise CurvkitError(
+            f"solver {estimator!r} builds {estimator.upper()} on the operator's problem, and "
+            f"{getattr(A, 'name', type(A).__name__)!r} ({type(A).__name__}) has none; solve with the "
+            f"operator itself ('exact', 'cg'), or pass curvkit.curvature({estimator!r}, problem)"
+        )
+    if "inverse" not in K.STRUCTURE:
+        raise CurvkitError(f"estimator {estimator!r} has no structured inverse (STRUCTURE lacks 'inverse')")
+    history = _History(A, damping, B, callback)
+    X = K.solve(B, damping)
+    return history.measured(
+        B, X, 1, tol, f"approximate inverse ({estimator}): relative residual {{residual}} against A"
+    )
+
+
+def lowrank(
+    A: CurvatureOperator,
+    B: Tensor,
+    *,
+    damping: float,
+    tol: float,
+    x0: Tensor | None = None,
+    preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+    maxiter: int | None = None,
+    rank: int = 10,
+    eigen_tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    **unknown: Any,
+) -> SolveResult:
+    """The top ``rank`` eigenpairs inverted in their subspace, ``1 / damping`` in the complement.
+
+    With ``A U = U diag(lambda)`` for the ``rank`` largest eigenvalues
+    (:func:`curvkit.eigenvalues`, Lanczos, its products counted):
+
+    .. math:: X = U \\operatorname{diag}\\Big(\\frac{1}{\\lambda + \\text{damping}}\\Big) U^T B
+              + \\frac{B - U U^T B}{\\text{damping}},
+
+    the exact inverse of ``A_k + damping I``, ``A_k`` the best rank-``k``
+    positive semi-definite approximation of a PSD ``A`` (its other eigenvalues
+    set to zero). Exact when ``rank(A) <= rank``; otherwise the smaller the
+    eigenvalues left out are next to ``damping``, the better. The relative
+    residual against ``A`` is computed (one product) and recorded, ``converged``
+    compares it with ``tol``, and ``reason`` gives it. A direct method:
+    ``maxiter`` and ``x0`` are not used.
+
+    Args:
+        rank: Eigenpairs kept (at most ``P``).
+        eigen_tol: Lanczos' relative residual tolerance for the pairs.
+        max_matvecs: Lanczos' budget of products (its default: ``max(300, 30 rank)``).
+        seed: Seed of Lanczos' starting vector.
+
+    Raises:
+        CurvkitError: ``damping <= 0`` (the complement would be singular), a
+            ``rank`` out of range, a preconditioner or an unknown option.
+    """
+    from curvkit.linalg.eigen import eigenvalues
+
+    _refuse_options("lowrank", unknown)
+    if preconditioner is not None:
+        raise CurvkitError("lowrank takes no preconditioner")
+    if not damping > 0:
+        raise CurvkitError(
+            "lowrank needs damping > 0: the complement of the eigenvectors kept is inverted as 1 / damping"
+        )
+    P = A.shape[0]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= P:
+        raise CurvkitError(f"rank must be an integer in 1..{P}, got {rank!r}")
+    history = _History(A, damping, B, callback)
+    pairs = eigenvalues(A, k=rank, which="largest", tol=eigen_tol, max_matvecs=max_matvecs, seed=seed)
+    history.matvecs += pairs.matvecs
+    values, U = pairs.values.to(B.dtype), pairs.vectors.to(B.dtype)
+    shifted = values + damping
+    if not bool((shifted > 0).all()):
+        why = f"an eigenvalue of A + damping I is {shifted.min().item():.3g} <= 0: not positive definite"
+        return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+    C = U.T @ B
+    X = U @ (C / shifted[:, None]) + (B - U @ C) / damping
+    eigen = "" if pairs.converged else f"; eigenpairs not converged ({pairs.stop_reason})"
+    return history.measured(
+        B, X, 1, tol, f"rank-{rank} approximation: relative residual {{residual}} against A{eigen}"
+    )
+
+
+def _refuse_options(method: str, unknown: dict[str, Any]) -> None:
+    if unknown:
+        raise CurvkitError(f"solver {method!r} takes no option {', '.join(map(repr, sorted(unknown)))}")
