@@ -262,6 +262,16 @@ def analyze_command(
         False, "--check", help="Eigenvalue checks (residuals, symmetry, PSD, agreement)."
     ),
     per_layer: bool = typer.Option(False, "--per-layer", help="Top eigenvalue and trace per layer."),
+    ihvp: list[str] | None = typer.Option(
+        None,
+        "--ihvp",
+        help="Inverse-HVP accuracy of these solvers (comma-separated, e.g. cg,minres,neumann,lissa,kfac) "
+        "against a float64 reference, per iteration.",
+    ),
+    damping: float = typer.Option(1e-3, "--damping", help="Damping of --ihvp: (A + damping I)^-1 v."),
+    ihvp_vector: str = typer.Option(
+        "gradient", "--ihvp-vector", help="v of --ihvp: gradient, random, or a .pt file with a [P] tensor."
+    ),
     tol: float = typer.Option(1e-4, "--tol", help="Relative residual tolerance of eigenpairs."),
     max_matvecs: int | None = typer.Option(
         None, "--max-matvecs", help="Product budget of each eigen-solve (default: the solver's)."
@@ -298,7 +308,17 @@ def analyze_command(
     With no analysis flag: the top-5 eigenvalues with certificates, the trace and the
     spectral density. Running the same command again resumes and skips finished work.
     """
-    explicit = top_k is not None or bottom_k is not None or trace is not None or density or check or per_layer
+    solvers = _comma_separated(ihvp)
+    explicit = (
+        top_k is not None
+        or bottom_k is not None
+        or trace is not None
+        or density
+        or check
+        or per_layer
+        or bool(solvers)
+    )
+    kinds = {"ihvp": {"solvers": solvers, "damping": damping, "vector": ihvp_vector}} if solvers else {}
     plan = AnalysisPlan(
         top_k=top_k if top_k is not None else (0 if explicit and compare_to is None else 5),
         bottom_k=bottom_k or 0,
@@ -312,6 +332,7 @@ def analyze_command(
         max_matvecs=max_matvecs,
         reorthogonalisation=reorthogonalisation,
         compare_to=compare_to,
+        options=kinds,
     )
     options = _estimator_options(option, estimator_options)
     settings = ProblemSettings(

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 import curvkit
+from curvkit.kinds import analysis_kinds
 
 app = typer.Typer(
     name="curvkit",
@@ -52,7 +53,8 @@ def root(
 @app.command("plugins")
 def plugins_command() -> None:
     """List every registered estimator with its plugin, version, description and flags,
-    and every installed plugin that failed to import, with its error."""
+    every installed plugin that failed to import, with its error, and the solvers
+    (for --ihvp) and analysis kinds."""
     specs = curvkit.estimators()
     versions = {p.name: p.version for p in curvkit.loaded_plugins()}
     table = Table(title="curvkit estimators")
@@ -63,7 +65,19 @@ def plugins_command() -> None:
         table.add_row(spec.name, spec.plugin, versions.get(spec.plugin, ""), flags, spec.description)
     for broken in curvkit.registry.broken_plugins():
         table.add_row("-", broken.name, broken.package, "BROKEN", f"failed to import: {broken.error}")
-    Console(width=max(Console().width, 120)).print(table)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    solvers = Table(title="curvkit solvers (curvkit analyze --ihvp NAME,...)")
+    for column in ("solver", "plugin", "needs", "description"):
+        solvers.add_column(column, overflow="fold")
+    for solver in curvkit.solvers():
+        needs = "A + damping I positive definite" if solver.psd_only else "symmetric A"
+        solvers.add_row(solver.name, solver.plugin, needs, solver.description)
+    console.print(solvers)
+    kinds = ", ".join(
+        f"{name} ({kind.plugin})" if kind.plugin else name for name, kind in analysis_kinds().items()
+    )
+    console.print(f"analysis kinds: {kinds}", markup=False)
 
 
 app.command("analyze")(analyze_module.analyze_command)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from curvkit import EigenResult, LayerTable
-from curvkit.checks import CheckResult
 from curvkit.comparison import ComparisonResult
 from curvkit.errors import CurvkitError
+from curvkit.kinds import ResultTable, analysis_kinds
 from curvkit.store import ResultsStore, Run
-from curvkit.summaries import summarize
 
 
 def _short(digest: Any) -> str:
@@ -79,51 +76,14 @@ def _plugin(prov: dict[str, Any]) -> str:
     return f" from plugin {prov['estimator_plugin']} {prov.get('estimator_plugin_version', '')}".rstrip()
 
 
-def _eigen_table(key: str, result: EigenResult) -> Table:
-    status = "converged" if result.converged else f"NOT converged ({result.stop_reason})"
-    table = Table(
-        title=f"{key}: {status}, {result.matvecs} products, tol {result.tol:g}",
-        title_justify="left",
-    )
-    for column in ("#", "eigenvalue", "residual", "relative residual"):
-        table.add_column(column, justify="right")
-    scale = max(abs(v) for v in result.values.tolist()) or 1.0
-    for i, (value, residual) in enumerate(zip(result.values.tolist(), result.residuals.tolist()), 1):
-        table.add_row(str(i), f"{value:.8g}", f"{residual:.2e}", f"{residual / scale:.1e}")
-    return table
-
-
-def _checks_table(checks: list[CheckResult]) -> Table:
-    table = Table(title="checks", title_justify="left")
-    for column in ("check", "passed", "measured", "threshold", "what", "figures"):
-        table.add_column(column)
-    for c in checks:
-        figures = ", ".join(f"{name} {value:.3g}" for name, value in c.figures.items())
-        table.add_row(
-            escape(c.name),
-            str(c.passed),
-            f"{c.measured:.3g}",
-            f"{c.threshold:.3g}",
-            escape(c.detail),
-            figures,
-        )
-    return table
-
-
-def _layers_table(key: str, rows: LayerTable) -> Table:
-    table = Table(title=key, title_justify="left")
-    for column in ("layer", "P", "top eigenvalue", "residual", "trace", "stderr"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row.name,
-            f"{row.dim:,}",
-            f"{row.top_eigenvalue:.4g}",
-            f"{row.residual:.1e}",
-            f"{row.trace:.4g}",
-            f"{row.trace_stderr:.2g}",
-        )
-    return table
+def _rich_table(table: ResultTable) -> Table:
+    """A kind's table (:attr:`curvkit.kinds.AnalysisKind.tables`) drawn by rich."""
+    out = Table(title=escape(table.title), title_justify="left")
+    for column in table.columns:
+        out.add_column(escape(column))
+    for row in table.rows:
+        out.add_row(*(escape(cell) for cell in row))
+    return out
 
 
 def _comparisons_table(rows: list[tuple[str, ComparisonResult]]) -> Table:
@@ -151,11 +111,6 @@ def _comparisons_table(rows: list[tuple[str, ComparisonResult]]) -> Table:
     return table
 
 
-_TABLES: dict[type, Callable[[str, Any], Table]] = {EigenResult: _eigen_table, LayerTable: _layers_table}
-"""Results shown as a table of their own. Checks are gathered in one table per run,
-comparisons in one table after the runs; the others are one line each."""
-
-
 def run_label(run: Run) -> str:
     """A run named by its checkpoint and estimator: ``"step-10.pt [hessian]"``."""
     prov = run.provenance
@@ -165,7 +120,7 @@ def run_label(run: Run) -> str:
 
 def show(results: Path = typer.Argument(..., help="HDF5 results file written by curvkit analyze.")) -> None:
     """Print every run of a results file: provenance, eigenpairs, traces, densities, checks,
-    comparisons, timings."""
+    comparisons, inverse-HVP accuracy, timings."""
     console = Console(highlight=False, soft_wrap=True)
     with ResultsStore(results, mode="r") as store:
         runs = store.runs()
@@ -180,20 +135,23 @@ def show(results: Path = typer.Argument(..., help="HDF5 results file written by 
             console.print(f"  run {run.run_id}: {state} ({attempts})", markup=False)
             for label, text in _provenance_lines(run.provenance):
                 console.print(f"  {label:<11} {text}", markup=False)
-            checks = []
+            by_kind: dict[str, list[tuple[str, Any]]] = {}
             for key in run.analyses():
-                result = run.read(key)
-                table = _TABLES.get(type(result))
-                if isinstance(result, CheckResult):
-                    checks.append(result)
-                elif table is not None:
-                    console.print(table(key, result))
+                by_kind.setdefault(key.partition("/")[0], []).append((key, run.read(key)))
+            kinds = analysis_kinds()
+            for kind, items in by_kind.items():
+                tables = kinds[kind].tables(items)
+                if tables is None:
+                    for key, result in items:
+                        console.print(f"  {key}: {kinds[kind].summarize(result)}", markup=False)
                 else:
-                    console.print(f"  {key}: {summarize(result)}", markup=False)
-                if isinstance(result, ComparisonResult):
-                    comparisons.append((Path(str(run.provenance.get("checkpoint", "?"))).name, result))
-            if checks:
-                console.print(_checks_table(checks))
+                    for table in tables:
+                        console.print(_rich_table(table))
+                        for note in table.notes:
+                            console.print(f"    {note}", markup=False)
+                for _, result in items:
+                    if isinstance(result, ComparisonResult):
+                        comparisons.append((Path(str(run.provenance.get("checkpoint", "?"))).name, result))
             timings = ", ".join(f"{k} {v:.3g} s" for k, v in run.timings.items())
             if timings:
                 console.print(f"  {'timings':<11} {timings}", markup=False)

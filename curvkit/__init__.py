@@ -52,6 +52,7 @@ from curvkit.kronecker import KroneckerBlock, KroneckerOperator
 from curvkit.layout import ParameterLayout
 from curvkit.linalg.diagonal import DiagonalResult, diagonal
 from curvkit.linalg.eigen import EigenResult, eigenvalues
+from curvkit.linalg.ihvp import IhvpResult, SolverCurve, ihvp_accuracy
 from curvkit.linalg.per_layer import LayerRow, LayerTable, per_layer
 from curvkit.linalg.slq import DensityResult, density
 from curvkit.linalg.solve import InverseOperator, SolveResult, SolverSpec, inverse, solve, solvers
@@ -105,6 +106,8 @@ __all__ = [
     "DiagonalResult",
     "DuplicateEstimatorError",
     "EigenResult",
+    "IhvpResult",
+    "SolverCurve",
     "EstimatorSpec",
     "IdentityOperator",
     "InverseOperator",
@@ -140,6 +143,7 @@ __all__ = [
     "density",
     "diagonal",
     "eigenvalues",
+    "ihvp_accuracy",
     "estimators",
     "get_estimator",
     "hookimpl",

@@ -26,21 +26,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from curvkit import checks
-from curvkit.comparison import ComparisonResult, compare_spectra
 from curvkit.errors import CurvkitError
-from curvkit.linalg._common import Progress, staged
-from curvkit.linalg.eigen import EigenResult, eigenvalues
+from curvkit.kinds.checks import REFERENCE_TOL
 from curvkit.linalg.lanczos import REORTHOGONALISATION
-from curvkit.linalg.per_layer import per_layer
-from curvkit.linalg.slq import density
 from curvkit.linalg.trace import METHODS as TRACE_METHODS
-from curvkit.linalg.trace import trace
 
 __all__ = [
     "DENSE_REFERENCE_MAX_DIM",
@@ -51,9 +45,6 @@ __all__ = [
     "estimator_reference",
     "run_plan",
 ]
-
-REFERENCE_TOL = 1e-10
-"""Relative residual tolerance of the float64 reference solve of ``checks/agreement``."""
 
 DENSE_REFERENCE_MAX_DIM = 2000
 """Largest number of parameters for which a callable reference's dense matrix is built.
@@ -168,6 +159,11 @@ class AnalysisPlan:
         compare_to: A registered estimator (the baseline): compare every other
             estimator with it (``compare/<compare_to>``): its top-k eigenvalues,
             subspace and trace. Needs ``top_k``.
+        options: The options of the analysis kinds that take theirs here, by
+            kind name (:attr:`curvkit.kinds.AnalysisKind.check`): e.g.
+            ``{"ihvp": {"solvers": ["cg", "neumann"], "damping": 1e-3}}`` for the
+            inverse-HVP accuracy analysis (:mod:`curvkit.kinds.ihvp`), or a
+            plugin's kind. A kind named here runs.
 
     Raises:
         CurvkitError: An option out of range, or a plan that computes nothing.
@@ -187,6 +183,7 @@ class AnalysisPlan:
     max_matvecs: int | None = None
     reorthogonalisation: str = "auto"
     compare_to: str | None = None
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.top_k < 0 or self.bottom_k < 0:
@@ -215,10 +212,15 @@ class AnalysisPlan:
             raise CurvkitError(
                 f"--compare-to {self.compare_to} compares the top-k eigenpairs: give --top-k 1 or more"
             )
+        from curvkit.kinds import plan_kinds
+
+        kinds = plan_kinds(self.options)
+        for name, options in self.options.items():
+            kinds[name].check(options)
         if not self.keys():
             raise CurvkitError(
                 "no analysis asked for (--top-k 0 and nothing else): ask for --top-k, --bottom-k, "
-                "--trace, --density, --check or --per-layer"
+                "--trace, --density, --check, --per-layer or --ihvp"
             )
 
     def check_dimension(self, dim: int) -> None:
@@ -232,32 +234,16 @@ class AnalysisPlan:
                 raise CurvkitError(f"{name} {k} is larger than the number of parameters analysed, P={dim:,}")
 
     def keys(self, psd: bool = False, estimator: str | None = None) -> list[str]:
-        """The analyses of this plan, in the order they run.
+        """The analyses of this plan, in the order they run (kind by kind, :mod:`curvkit.kinds`).
 
         Args:
             psd: The operator claims to be positive semi-definite (``checks/psd``).
             estimator: The operator's estimator: ``compare/<compare_to>`` is left
                 out when it is the baseline itself.
         """
-        keys = []
-        if self.top_k:
-            keys.append("eigen/largest")
-        if self.bottom_k:
-            keys.append("eigen/smallest")
-        if self.trace:
-            keys.append(f"trace/{self.trace}")
-        if self.density:
-            keys.append("density/slq")
-        if self.check:
-            keys += ["checks/symmetry"]
-            keys += ["checks/residuals"] if self.top_k else []
-            keys += ["checks/psd"] if psd else []
-            keys += ["checks/agreement"] if self.top_k else []
-        if self.per_layer:
-            keys.append("per_layer/module")
-        if self.compare_to is not None and estimator != self.compare_to:
-            keys.append(f"compare/{self.compare_to}")
-        return keys
+        from curvkit.kinds import plan_kinds
+
+        return [key for kind in plan_kinds(self.options).values() for key in kind.keys(self, psd, estimator)]
 
     def request(self, key: str) -> dict[str, Any]:
         """The options that determine the result of analysis ``key`` under this plan.
@@ -267,30 +253,15 @@ class AnalysisPlan:
         ``eigen/largest`` instead of returning the five stored pairs. The request
         of ``compare/<baseline>`` lacks the baseline's options, which the caller
         adds (``"baseline_options"``, see :class:`Baseline`).
+
+        Raises:
+            CurvkitError: ``key`` is not an analysis of this plan.
         """
-        seed, tol = self.seed, self.tol
-        kind, _, name = key.partition("/")
-        solver = {"max_matvecs": self.max_matvecs, "reorthogonalisation": self.reorthogonalisation}
-        if key == "eigen/largest":
-            return {"k": self.top_k, "which": "largest", "tol": tol, "seed": seed, **solver}
-        if key == "eigen/smallest":
-            return {"k": self.bottom_k, "which": "smallest", "tol": tol, "seed": seed, **solver}
-        if kind == "trace":
-            return {"method": name, "matvecs": self.trace_matvecs, "seed": seed}
-        if key == "density/slq":
-            return {"steps": self.density_steps, "runs": self.density_runs, "seed": seed}
-        if key == "checks/residuals":
-            return {"k": self.top_k, "tol": tol, "seed": seed, **solver}
-        if key == "checks/agreement":
-            return {"k": self.top_k, "tol": tol, "seed": seed, "reference_tol": REFERENCE_TOL, **solver}
-        if kind == "compare" and name == self.compare_to:
-            trace = {"trace": self.trace or "hutch++", "trace_matvecs": self.trace_matvecs}
-            return {"baseline": name, "k": self.top_k, "tol": tol, "seed": seed, **solver, **trace}
-        if kind == "checks":
-            return {"seed": seed}
-        if key == "per_layer/module":
-            return {"tol": tol, "seed": seed}
-        raise CurvkitError(f"no analysis {key!r} in a plan")
+        from curvkit.kinds import plan_kinds
+
+        if key not in self.keys(psd=True):
+            raise CurvkitError(f"no analysis {key!r} in this plan")
+        return plan_kinds(self.options)[key.partition("/")[0]].request(self, key)
 
 
 def run_plan(
@@ -301,10 +272,13 @@ def run_plan(
     known: Mapping[str, Any] | None = None,
     reference: Reference | None = None,
     baseline: Baseline | None = None,
+    precise: Callable[[], Any] | None = None,
     on_result: Callable[[str, Any, float], None] | None = None,
     progress: Callable[[str, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Run a plan on an operator; report each result as soon as it is finished.
+
+    Each analysis is computed by its kind's ``compute`` (:mod:`curvkit.kinds`).
 
     Args:
         op: The curvature operator (its ``name``, set by :func:`curvkit.curvature`,
@@ -320,6 +294,8 @@ def run_plan(
             done, saying why.
         baseline: The baseline of ``compare/<plan.compare_to>``; needed when the
             plan compares and ``op`` is not the baseline.
+        precise: Returns the same curvature in float64, for the reference solve
+            of ``ihvp/<vector>`` (default: ``op`` itself, in its own precision).
         on_result: Called as ``on_result(key, result, seconds)`` after each analysis.
         progress: Called as ``progress(key, counters)`` while each analysis works.
 
@@ -330,196 +306,27 @@ def run_plan(
         CurvkitError: The plan compares, ``op`` is not the baseline, and no
             ``baseline`` is given; or an analysis failed.
     """
-    results: dict[str, Any] = {}
-    at_hand = _AtHand(results, known or {})
+    from curvkit.kinds import AnalysisContext, plan_kinds
 
-    def report(key: str) -> Progress | None:
-        return None if progress is None else (lambda counters: progress(key, counters))
-
-    def step(key: str, compute: Callable[[], Any]) -> None:
-        if key in done:
-            return
-        start = time.perf_counter()
-        result = compute()
-        results[key] = result
-        if on_result is not None:
-            on_result(key, result, time.perf_counter() - start)
-
-    seed, tol = plan.seed, plan.tol
     keys = plan.keys(psd=bool(getattr(op, "PSD", False)), estimator=getattr(op, "name", None))
     if any(key.startswith("compare/") for key in keys) and baseline is None:
         raise CurvkitError(f"the plan compares with {plan.compare_to!r}, but run_plan was given no baseline")
+    context = AnalysisContext(
+        op,
+        plan,
+        known=known or {},
+        reference=reference,
+        baseline=baseline,
+        precise=precise,
+        report=lambda key: None if progress is None else (lambda counters: progress(key, counters)),
+    )
+    kinds = plan_kinds(plan.options)
     for key in keys:
-        if key == "eigen/largest":
-            step(key, lambda key=key: _eigenpairs(op, plan, plan.top_k, "largest", report(key)))
-        elif key == "eigen/smallest":
-            step(key, lambda key=key: _eigenpairs(op, plan, plan.bottom_k, "smallest", report(key)))
-        elif key.startswith("trace/"):
-            step(key, lambda key=key: _trace(op, plan, plan.trace, report(key)))
-        elif key == "density/slq":
-            step(
-                key,
-                lambda key=key: density(
-                    op, steps=plan.density_steps, runs=plan.density_runs, seed=seed, progress=report(key)
-                ),
-            )
-        elif key == "checks/symmetry":
-            step(key, lambda key=key: checks.check_symmetry(op, seed=seed, progress=report(key)))
-        elif key == "checks/residuals":
-            step(
-                key,
-                lambda key=key: checks.check_residuals(
-                    op, at_hand.eigen(op, plan, report(key)), tol=tol, progress=report(key)
-                ),
-            )
-        elif key == "checks/psd":
-            step(key, lambda key=key: _psd(op, plan, report(key)))
-        elif key == "checks/agreement":
-            step(key, lambda key=key: _agreement(op, plan, reference, at_hand, report(key)))
-        elif key == "per_layer/module":
-            step(key, lambda key=key: per_layer(op, tol=tol, seed=seed, progress=report(key)))
-        elif key.startswith("compare/"):
-            step(key, lambda key=key: _compare(op, plan, baseline, at_hand, report(key)))
-    return results
-
-
-def _eigenpairs(op: Any, plan: AnalysisPlan, k: int, which: str, progress: Progress | None = None) -> Any:
-    """``k`` eigenpairs at one end of the spectrum, with the plan's solver options."""
-    return eigenvalues(
-        op,
-        k=k,
-        which=which,
-        tol=plan.tol,
-        seed=plan.seed,
-        max_matvecs=plan.max_matvecs,
-        reorthogonalisation=plan.reorthogonalisation,
-        progress=progress,
-    )
-
-
-def _psd(op: Any, plan: AnalysisPlan, progress: Progress | None) -> checks.CheckResult:
-    """``checks/psd``: both ends solved to the plan's ``tol``, so the ratio is held to
-    :func:`~curvkit.checks.agreement_accuracy` (the extreme eigenvalues are known to
-    ``tol * ||A||``, never below half the digits of the operator's precision)."""
-    accuracy = checks.agreement_accuracy(plan.tol, op.dtype)
-    return checks.check_psd(op, tol=accuracy, eig_tol=plan.tol, seed=plan.seed, progress=progress)
-
-
-def _trace(op: Any, plan: AnalysisPlan, method: str, progress: Progress | None = None) -> Any:
-    """The trace by ``method`` with the plan's budget and seed."""
-    return trace(op, method=method, matvecs=plan.trace_matvecs, seed=plan.seed, progress=progress)
-
-
-@dataclass(frozen=True)
-class _AtHand:
-    """The results of one run available as inputs of its later analyses: this call's, then ``known``."""
-
-    computed: Mapping[str, Any]
-    known: Mapping[str, Any]
-
-    def get(self, key: str) -> Any:
-        found = self.computed.get(key)
-        return found if found is not None else self.known.get(key)
-
-    def eigen(self, op: Any, plan: AnalysisPlan, progress: Progress | None) -> EigenResult:
-        """The top eigenpairs with vectors: the run's own, or recomputed (resumed without vectors)."""
-        found = _with_vectors(self.get("eigen/largest"))
-        return found if found is not None else _eigenpairs(op, plan, plan.top_k, "largest", progress)
-
-
-def _with_vectors(result: Any) -> EigenResult | None:
-    return result if isinstance(result, EigenResult) and result.vectors is not None else None
-
-
-def _agreement(
-    op: Any, plan: AnalysisPlan, reference: Reference | None, at_hand: _AtHand, progress: Progress | None
-) -> checks.CheckResult:
-    """``checks/agreement``: the run's top-k pairs against the reference, or why it is not done."""
-    if reference is None or reference.build is None:
-        reason = "no reference given" if reference is None else reference.reason
-        return checks.CheckResult("agreement", None, math.nan, math.nan, f"not checked: {reason}")
-    estimate = _with_vectors(at_hand.get("eigen/largest"))
-    spent = 0
-    if estimate is None:  # resumed: the file keeps no vectors
-        estimate = _eigenpairs(op, plan, plan.top_k, "largest", staged(progress, "estimator"))
-        spent = estimate.matvecs
-    result = checks.check_agreement(
-        op,
-        reference.build(),
-        k=min(plan.top_k, op.shape[0]),
-        tol=plan.tol,
-        seed=plan.seed,
-        estimate=estimate,
-        reference_tol=REFERENCE_TOL,
-        label=reference.label,
-        progress=progress,
-    )
-    result = replace(result, figures={**result.figures, "matvecs": float(spent)})
-    if getattr(op, "STOCHASTIC", False):  # one draw of a Monte-Carlo estimate: the figures inform
-        return replace(
-            result,
-            passed=None,
-            threshold=math.nan,
-            detail=f"{result.detail}; a Monte-Carlo estimate differs from its reference by sampling "
-            "error, so this is no pass/fail (the conformance battery checks the estimator in expectation)",
-        )
-    return result
-
-
-def _comparison_trace_method(plan: AnalysisPlan, op: Any, other: Any) -> str:
-    """The trace method of a comparison: ``"exact"`` when both operators have a cheap
-    diagonal (``CHEAP_DIAGONAL``: no products), else the plan's method (``"hutch++"``
-    when it has none), with its budget and seed, so both traces see the same probes."""
-    if getattr(op, "CHEAP_DIAGONAL", False) and getattr(other, "CHEAP_DIAGONAL", False):
-        return "exact"
-    return plan.trace or "hutch++"
-
-
-_OWNERS = {"estimator": "", "baseline": "baseline "}
-"""How :attr:`ComparisonResult.reused` names the inputs of each side."""
-
-
-def _compare(
-    op: Any, plan: AnalysisPlan, baseline: Baseline, at_hand: _AtHand, progress: Progress | None
-) -> ComparisonResult:
-    """``compare/<baseline>``: reuse what the run and the baseline already have, compute the rest."""
-    other = baseline.build()
-    method = _comparison_trace_method(plan, op, other)
-    trace_key = f"trace/{method}"
-    reused: list[str] = []
-    spent = {"estimator": 0, "baseline": 0}
-
-    def eigenpairs(owner: str, operator: Any, found: Any) -> EigenResult:
-        pairs = _with_vectors(found)
-        if pairs is not None:
-            reused.append(f"{_OWNERS[owner]}eigenpairs")
-            return pairs
-        pairs = _eigenpairs(operator, plan, plan.top_k, "largest", staged(progress, f"{owner} eigenpairs"))
-        spent[owner] += pairs.matvecs
-        return pairs
-
-    def traced(owner: str, operator: Any, found: Any) -> Any:
-        if found is not None:
-            reused.append(f"{_OWNERS[owner]}trace")
-            return found
-        result = _trace(operator, plan, method, staged(progress, f"{owner} trace"))
-        spent[owner] += result.matvecs
-        return result
-
-    mine = eigenpairs("estimator", op, at_hand.get("eigen/largest"))
-    theirs = baseline.results["eigen/largest"] = eigenpairs(
-        "baseline", other, baseline.results.get("eigen/largest")
-    )
-    my_trace = traced("estimator", op, at_hand.get(trace_key))
-    their_trace = baseline.results[trace_key] = traced("baseline", other, baseline.results.get(trace_key))
-    return compare_spectra(
-        mine,
-        theirs,
-        my_trace,
-        their_trace,
-        estimator=getattr(op, "name", type(op).__name__),
-        baseline_name=baseline.name,
-        matvecs=spent["estimator"],
-        baseline_matvecs=spent["baseline"],
-        reused=tuple(reused),
-    )
+        if key in done:
+            continue
+        start = time.perf_counter()
+        result = kinds[key.partition("/")[0]].compute(context, key)
+        context.computed[key] = result
+        if on_result is not None:
+            on_result(key, result, time.perf_counter() - start)
+    return dict(context.computed)

@@ -36,6 +36,7 @@ import pluggy
 if TYPE_CHECKING:
     from curvkit.checkpoints._types import CheckpointLoader
     from curvkit.estimator_spec import EstimatorSpec
+    from curvkit.kind_spec import AnalysisKind
     from curvkit.solver_spec import SolverSpec
 
 __all__ = ["hookimpl", "hookspec", "PROJECT_NAME"]
@@ -121,7 +122,8 @@ def curvkit_register_solvers() -> list[SolverSpec]:
 
     Called once, when the solvers are first needed; the lists of every plugin are
     concatenated, and two solvers with one name are an error naming both plugins.
-    The built-ins (``exact``, ``cg``, ``minres``) are a plugin on this hook.
+    The built-ins (``exact``, ``cg``, ``minres``, ``neumann``, ``lissa``, ``kfac``,
+    ``ekfac``, ``lowrank``) are a plugin on this hook.
 
     Returns:
         A list of :class:`curvkit.SolverSpec`. ``spec.solve(A, B, *, damping, tol,
@@ -130,7 +132,10 @@ def curvkit_register_solvers() -> list[SolverSpec]:
         ``x`` of that shape; it must say ``converged`` only for a measured relative
         residual within ``tol``, give its ``reason`` otherwise, and keep a
         ``history`` (the private ``_History`` helper of :mod:`curvkit.linalg.solve`
-        shows how).
+        shows how). When the caller gives one, it also gets ``callback``: called
+        with each recorded iterate, its numbers join that row of the history (the
+        inverse-HVP accuracy analysis measures each iterate's error this way; a
+        solver that never calls it leaves those columns empty, as NaN).
 
     Example::
 
@@ -141,6 +146,46 @@ def curvkit_register_solvers() -> list[SolverSpec]:
         def curvkit_register_solvers():
             return [curvkit.SolverSpec("cg-twice", lambda A, B, **kw: conjugate_gradient(A, B, **kw),
                                        "CG under another name", psd_only=True)]
+    """
+
+
+@hookspec
+def curvkit_register_analysis_kinds() -> list[AnalysisKind]:
+    """Add kinds of analysis to ``curvkit analyze``, the HDF5 store, ``show``, ``plot`` and ``export``.
+
+    Called once, when the kinds are first needed; the lists of every plugin are
+    concatenated after the built-in kinds (:data:`curvkit.kinds.BUILTIN_KINDS`),
+    and a name taken by a built-in kind or another plugin is an error naming
+    both. A kind is one row of the table in :mod:`curvkit.kinds`: how its
+    analyses are chosen from a plan (``keys``), what makes a result reusable on
+    resume (``request``), how one is computed from an
+    :class:`~curvkit.kinds.AnalysisContext` (``compute``), written to and read
+    from an h5py group (``write``, ``read``; :mod:`curvkit.kinds.hdf5` has the
+    helpers), exported (``rows``), summarised (``summarize``), tabulated
+    (``tables``) and drawn (``figures``). Its options come from
+    ``AnalysisPlan(options={name: {...}})``, validated by its ``check``; a kind
+    whose ``keys`` return nothing without options runs only when asked.
+
+    Returns:
+        A list of :class:`curvkit.kinds.AnalysisKind`.
+
+    Example::
+
+        import curvkit
+        from curvkit.kind_spec import AnalysisKind
+
+        def keys(plan, psd, estimator):
+            return ["frobenius/probe"] if "frobenius" in plan.options else []
+
+        def compute(context, key):  # ||A||_F^2 = E ||A z||^2 for Rademacher z
+            ...
+
+        @curvkit.hookimpl
+        def curvkit_register_analysis_kinds():
+            return [AnalysisKind("frobenius", curvkit.TraceResult, keys, lambda plan, key: {...},
+                                 compute, write, read, rows, summarize, check=lambda options: None)]
+
+    ``tests/test_analysis_kinds.py`` registers a complete one.
     """
 
 

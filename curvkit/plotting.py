@@ -3,12 +3,12 @@
 Each ``plot_*`` function takes a result (the library's own result types, or what
 :mod:`curvkit.store` reads back) and an optional :class:`matplotlib.axes.Axes`,
 draws on it, and returns it; :func:`figures` draws every figure of one result
-(looked up by its type in one table); :func:`save_figure` writes the files.
+(its kind's, :mod:`curvkit.kinds`); :func:`save_figure` writes the files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "plot_comparisons",
     "plot_density",
     "plot_eigenvalues",
+    "plot_ihvp",
     "plot_per_layer",
     "plot_trajectory",
     "save_figure",
@@ -215,6 +216,47 @@ def plot_comparison(result: Any, ax: Any = None, title: str | None = None) -> An
     return ax
 
 
+IHVP_AXES = {"matvecs": "products with the operator", "seconds": "seconds"}
+"""The x-axes of :func:`plot_ihvp`."""
+
+
+def plot_ihvp(result: Any, x: str = "matvecs", axes: Any = None, title: str | None = None) -> Any:
+    """Convergence curves of inverse-HVP solvers: relative error and cosine to the reference, one line each.
+
+    Args:
+        result: An :class:`~curvkit.IhvpResult`.
+        x: ``"matvecs"`` or ``"seconds"`` on the horizontal axes.
+        axes: Two axes side by side (a new figure when ``None``).
+        title: Title, e.g. the run's name.
+
+    Returns:
+        The first axes (the error's); the figure holds both.
+    """
+    if x not in IHVP_AXES:
+        raise CurvkitError(f"x must be one of {list(IHVP_AXES)}, got {x!r}")
+    if axes is None:
+        axes = _pyplot().subplots(1, 2, figsize=(10, 4))[1]
+    error_ax, cosine_ax = axes
+    tiny = 1e-300
+    for name, curve in result.curves.items():
+        if not curve.columns or not len(curve.columns["error"]):
+            continue
+        label = name if curve.converged else f"{name} ({curve.reason.split(':')[0]})"
+        xs = curve.columns[x].tolist()
+        error_ax.plot(xs, [max(e, tiny) for e in curve.columns["error"].tolist()], marker=".", label=label)
+        cosine_ax.plot(xs, curve.columns["cosine"].tolist(), marker=".", label=label)
+    error_ax.set_yscale("log")
+    error_ax.set_ylabel("relative error to the reference")
+    cosine_ax.set_ylabel("cosine similarity to the reference")
+    cosine_ax.axhline(1.0, color="grey", lw=0.5)
+    for ax in axes:
+        ax.set_xlabel(IHVP_AXES[x])
+    error_ax.legend(fontsize=8)
+    detail = f"(A + {result.damping:g} I)^-1 {result.vector}; reference: {result.reference}"
+    error_ax.figure.suptitle(f"{title}\n{detail}" if title else detail, fontsize=10)
+    return error_ax
+
+
 COMPARISON_FIGURES = (
     ("value_error", "top-k eigenvalues (relative error)"),
     ("max_principal_angle", "largest principal angle (rad)"),
@@ -253,36 +295,22 @@ def plot_comparisons(
     return ax
 
 
-def _layer_figures(table: Any, title: str, log: bool) -> list[tuple[str, Any]]:
-    return [
-        (quantity, plot_per_layer(table, quantity, title=title)) for quantity in ("top_eigenvalue", "trace")
-    ]
-
-
-def _figure_table() -> dict[type, Callable[[Any, str, bool], list[tuple[str, Any]]]]:
-    from curvkit.comparison import ComparisonResult
-    from curvkit.linalg.eigen import EigenResult
-    from curvkit.linalg.per_layer import LayerTable
-    from curvkit.linalg.slq import DensityResult
-
-    return {
-        EigenResult: lambda r, title, log: [("", plot_eigenvalues(r, title=title))],
-        DensityResult: lambda r, title, log: [("", plot_density(r, log=log, title=title))],
-        LayerTable: _layer_figures,
-        ComparisonResult: lambda r, title, log: [("", plot_comparison(r, title=title))],
-    }
-
-
 def figures(result: Any, title: str, log: bool = True) -> list[tuple[str, Any]]:
     """Every figure of one result, as ``(suffix, axes)`` pairs (none for a kind without figures).
+
+    The figures are its kind's (:attr:`curvkit.kinds.AnalysisKind.figures`).
 
     Args:
         result: A result of any analysis (eigenpairs, density, per-layer table...).
         title: The figures' title, e.g. the run's name.
         log: Logarithmic density axis.
     """
-    draw = _figure_table().get(type(result))
-    return [] if draw is None else draw(result, title, log)
+    from curvkit.kinds import analysis_kinds
+
+    for kind in analysis_kinds().values():
+        if type(result) is kind.result_type:
+            return kind.figures(result, title, log)
+    return []
 
 
 def check_formats(formats: Sequence[str]) -> list[str]:

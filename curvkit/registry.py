@@ -32,6 +32,7 @@ from curvkit.errors import (
     UnknownOptionError,
 )
 from curvkit.estimator_spec import EstimatorSpec
+from curvkit.kind_spec import BUILTIN_KINDS, AnalysisKind
 from curvkit.operator import CurvatureOperator
 from curvkit.solver_spec import SolverSpec
 
@@ -92,6 +93,9 @@ ITEM_KINDS: dict[str, ItemKind] = {
         "curvkit_register_estimators", EstimatorSpec, "estimator", duplicate_error=DuplicateEstimatorError
     ),
     "solvers": ItemKind("curvkit_register_solvers", SolverSpec, "solver"),
+    "analysis_kinds": ItemKind(
+        "curvkit_register_analysis_kinds", AnalysisKind, "analysis kind", reserved=frozenset(BUILTIN_KINDS)
+    ),
     "checkpoint_loaders": ItemKind(
         "curvkit_checkpoint_loaders",
         CheckpointLoader,
@@ -218,7 +222,7 @@ class _Registry:
                 if item.name in kind.reserved:
                     raise PluginError(
                         f"{kind.what} {item.name!r} of plugin {item.plugin!r} has the name of "
-                        "a built-in format; rename it"
+                        f"a built-in {kind.what}; rename it"
                     )
                 if item.name in items:
                     raise kind.duplicate_error(

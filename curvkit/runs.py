@@ -177,6 +177,8 @@ class PreparedAnalysis:
         baseline: The operator of the baseline estimator on the same problem,
             when one was asked for and the estimator is not the baseline.
         seconds: Time taken to load and validate it.
+        precise: Builds the same estimator on a float64 copy of the problem
+            (the reference solve of ``ihvp``); called only when needed.
     """
 
     operator: Any
@@ -187,6 +189,7 @@ class PreparedAnalysis:
     reference: Reference
     baseline: Any = None
     seconds: float = 0.0
+    precise: Callable[[], Any] | None = None
 
 
 class _DataCache:
@@ -459,7 +462,8 @@ def prepare_analysis(
     }
     run_id = make_run_id(checkpoint, estimator, key)
     seconds = time.perf_counter() - started
-    return PreparedAnalysis(operator, problem, run_id, key, provenance, reference, other, seconds)
+    precise = lambda: curvature(estimator, problem.to(torch.float64), **options)  # noqa: E731
+    return PreparedAnalysis(operator, problem, run_id, key, provenance, reference, other, seconds, precise)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -793,6 +797,7 @@ def _analyze_one(
             known=run.results,
             reference=prepared.reference,
             baseline=baseline,
+            precise=prepared.precise,
             on_result=on_result,
             progress=on_counters,
         )

@@ -13,8 +13,9 @@ with plain h5py, in ``docs/hdf5-schema.md``. Reading through this module gives
 back the result types the library returns (:class:`~curvkit.EigenResult`,
 :class:`~curvkit.TraceResult`, :class:`~curvkit.DensityResult`,
 :class:`~curvkit.checks.CheckResult`, :class:`~curvkit.LayerTable`,
-:class:`~curvkit.comparison.ComparisonResult`). Each analysis kind is one
-entry of one table (its writer, reader and CSV rows).
+:class:`~curvkit.comparison.ComparisonResult`). Each analysis kind
+writes, reads and exports its results through its row of the one table of
+kinds (:mod:`curvkit.kinds`), which plugins extend.
 
 h5py is imported when a store is opened, not when this module is imported, and
 ``import curvkit`` does not import this module: use
@@ -27,7 +28,7 @@ Example:
     >>> path = os.path.join(tempfile.mkdtemp(), "results.h5")
     >>> with ResultsStore(path) as store:
     ...     with store.begin_run("demo", {"checkpoint": "model.pt", "estimator": "hessian"}) as run:
-    ...         run.write_trace("hutch++", TraceResult(12.5, 0.25, "hutch++", 30, None, 0))
+    ...         run.write("trace/hutch++", TraceResult(12.5, 0.25, "hutch++", 30, None, 0))
     >>> with ResultsStore(path, "r") as store:
     ...     [(r.run_id, r.status, r.analyses()) for r in store.runs()]
     [('demo', 'complete', ['trace/hutch++'])]
@@ -45,8 +46,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -55,17 +55,12 @@ import numpy as np
 import torch
 
 from curvkit._version import __version__
-from curvkit.checks import CheckResult
-from curvkit.comparison import ComparisonResult
 from curvkit.errors import CurvkitError
+from curvkit.kinds.hdf5 import attr as _attr
 from curvkit.linalg.eigen import EigenResult
-from curvkit.linalg.per_layer import LayerRow, LayerTable
-from curvkit.linalg.slq import DensityResult
-from curvkit.linalg.trace import TraceResult
 
 __all__ = [
     "CSV_COLUMNS",
-    "KINDS",
     "SCHEMA_NAME",
     "SCHEMA_VERSION",
     "Run",
@@ -98,20 +93,6 @@ CSV_COLUMNS = (
 
 _PARTIAL = "_partial-"
 _JSON = "_json"
-_LAYER_COLUMNS = tuple(LayerRow.__dataclass_fields__)
-_LAYER_NUMBERS = ("dim", "top_eigenvalue", "residual", "converged", "trace", "trace_stderr", "matvecs")
-_COMPARE_NUMBERS = (
-    "value_error",
-    "max_principal_angle",
-    "trace",
-    "trace_stderr",
-    "baseline_trace",
-    "baseline_trace_stderr",
-    "trace_difference",
-    "matvecs",
-    "baseline_matvecs",
-)
-
 # Stores of this process with the file open, by real path: HDF5 shares one open
 # file between handles of one process, so its file lock cannot see a second
 # writer here; this table does.
@@ -259,17 +240,6 @@ def _write_attrs(attrs: Any, values: Mapping[str, Any]) -> None:
             attrs[key + _JSON] = json.dumps(value, sort_keys=True)
 
 
-def _attr(value: Any) -> Any:
-    """An attribute as a plain Python value."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
 def _read_attrs(attrs: Any) -> dict[str, Any]:
     out = {}
     for key, value in attrs.items():
@@ -278,17 +248,6 @@ def _read_attrs(attrs: Any) -> dict[str, Any]:
         else:
             out[key] = _attr(value)
     return out
-
-
-def _array(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()
-    return t.contiguous().numpy()
-
-
-def _tensor(dataset: Any) -> torch.Tensor:
-    return torch.from_numpy(np.array(dataset[()]))
 
 
 # --------------------------------------------------------------------------- the store
@@ -704,8 +663,9 @@ class Run:
 
     Obtained from :meth:`ResultsStore.begin_run` (for writing and reading) or
     :meth:`ResultsStore.runs` / :meth:`ResultsStore.run` (for reading). Analyses
-    are addressed as ``"kind/name"``, ``kind`` one of :data:`KINDS`; the ``write_*``
-    and ``read_*`` methods take the ``name`` alone. Every write replaces an
+    are addressed as ``"kind/name"``, ``kind`` one of :func:`curvkit.kinds.analysis_kinds`
+    (:meth:`write` and :meth:`read`; :meth:`write_eigen` and :meth:`read_eigen`
+    also keep eigenvectors). Every write replaces an
     analysis of the same name, completely or not at all, and is flushed to disk
     before it returns.
     """
@@ -788,9 +748,9 @@ class Run:
         return {k: float(v) for k, v in _read_attrs(self._group["timings"].attrs).items()}
 
     def analyses(self) -> list[str]:
-        """The finished analyses, as ``"kind/name"``, kinds in :data:`KINDS` order."""
+        """The finished analyses, as ``"kind/name"``, kinds in :func:`curvkit.kinds.analysis_kinds` order."""
         out = []
-        for kind in KINDS:
+        for kind in _kinds():
             if kind in self._group:
                 out += [f"{kind}/{name}" for name in self._group[kind] if not name.startswith("_")]
         return out
@@ -804,7 +764,7 @@ class Run:
                 request (see :meth:`write`); one written without any does not match.
         """
         kind, _, name = key.partition("/")
-        found = kind in KINDS and bool(name) and kind in self._group and name in self._group[kind]
+        found = kind in _kinds() and bool(name) and kind in self._group and name in self._group[kind]
         if not found or request is None:
             return found
         return self.request(key) == json.loads(json.dumps(dict(request), sort_keys=True))
@@ -847,6 +807,27 @@ class Run:
         self._group.move(scratch, f"{kind}/{name}")
         self._store._flush()
 
+    def write(self, key: str, result: Any, *, request: Mapping[str, Any] | None = None) -> None:
+        """Store ``result`` as ``"kind/name"`` with its kind's writer (:mod:`curvkit.kinds`).
+
+        Args:
+            key: The analysis, ``"kind/name"``.
+            result: What the library returned for it (of the kind's ``result_type``).
+            request: The JSON-able options the result was computed with (``k``,
+                ``tol``, ``seed``...), stored as the ``request_json`` attribute so that
+                a resumed run can tell whether the stored result answers a new request
+                (:meth:`has`). It is written with the result, in one step.
+
+        Raises:
+            StoreError: An unknown kind or an invalid name.
+            TypeError: A result of another type than the kind's.
+        """
+        kind, name = _split(key)
+        spec = _kinds()[kind]
+        if not isinstance(result, spec.result_type):
+            raise TypeError(f"{key} needs a {spec.result_type.__name__}, got {type(result).__name__}")
+        self._write(kind, name, lambda group: spec.write(group, result), request)
+
     def write_eigen(
         self,
         name: str,
@@ -855,139 +836,15 @@ class Run:
         vectors: bool = False,
         request: Mapping[str, Any] | None = None,
     ) -> None:
-        """Store eigenpairs as ``eigen/<name>``.
+        """Store eigenpairs as ``eigen/<name>``, with their ``[P, k]`` vectors when ``vectors``.
 
-        Args:
-            name: e.g. ``"largest"`` or ``"largest-5"``.
-            result: From :func:`curvkit.eigenvalues`.
-            vectors: Also store the ``[P, k]`` eigenvectors (the result must have them).
-            request: The options it was computed with (see :meth:`write`).
+        :meth:`write` stores them without vectors (what ``curvkit analyze`` keeps).
         """
+        from curvkit.kinds import eigen
+
         if not isinstance(result, EigenResult):
             raise TypeError(f"write_eigen needs an EigenResult, got {type(result).__name__}")
-        if vectors and result.vectors is None:
-            raise ValueError("vectors=True but the EigenResult has no vectors (return_vectors=False)")
-
-        def fill(g: Any) -> None:
-            g.create_dataset("values", data=_array(result.values))
-            g.create_dataset("residuals", data=_array(result.residuals))
-            if vectors:
-                v = _array(result.vectors)
-                g.create_dataset("vectors", data=v, chunks=(min(v.shape[0], 1 << 16), max(v.shape[1], 1)))
-            _set(g.attrs, "matvecs", result.matvecs)
-            _set(g.attrs, "data_passes", result.data_passes)
-            g.attrs["converged"] = bool(result.converged)
-            g.attrs["which"] = result.which
-            g.attrs["method"] = result.method
-            g.attrs["tol"] = float(result.tol)
-            g.attrs["restarts"] = int(result.restarts)
-            _set(g.attrs, "stop_reason", result.stop_reason)
-            _set(g.attrs, "precision_floor", result.precision_floor)
-
-        self._write("eigen", name, fill, request)
-
-    def write_trace(
-        self, name: str, result: TraceResult, *, request: Mapping[str, Any] | None = None
-    ) -> None:
-        """Store a trace estimate as ``trace/<name>`` (e.g. ``"hutch++"``)."""
-        if not isinstance(result, TraceResult):
-            raise TypeError(f"write_trace needs a TraceResult, got {type(result).__name__}")
-
-        def fill(g: Any) -> None:
-            g.create_dataset("estimate", data=float(result.estimate))
-            g.create_dataset("stderr", data=float(result.stderr))
-            g.attrs["method"] = result.method
-            g.attrs["matvecs"] = int(result.matvecs)
-            _set(g.attrs, "data_passes", result.data_passes)
-            g.attrs["seed"] = int(result.seed)
-            g.attrs["fallback"] = bool(result.fallback)
-            _set(g.attrs, "sketch_mass", None if result.sketch_mass is None else float(result.sketch_mass))
-            g.attrs["structured"] = bool(result.structured)
-
-        self._write("trace", name, fill, request)
-
-    def write_density(
-        self, name: str, result: DensityResult, *, request: Mapping[str, Any] | None = None
-    ) -> None:
-        """Store a spectral density as ``density/<name>`` (e.g. ``"slq"``)."""
-        if not isinstance(result, DensityResult):
-            raise TypeError(f"write_density needs a DensityResult, got {type(result).__name__}")
-
-        def fill(g: Any) -> None:
-            for field in ("grid", "density", "nodes", "weights"):
-                g.create_dataset(field, data=_array(getattr(result, field)))
-            g.create_dataset("run_steps", data=np.asarray(result.run_steps, dtype=np.int64))
-            g.attrs["sigma"] = float(result.sigma)
-            g.attrs["steps"] = int(result.steps)
-            g.attrs["runs"] = int(result.runs)
-            g.attrs["matvecs"] = int(result.matvecs)
-
-        self._write("density", name, fill, request)
-
-    def write_check(
-        self, name: str, result: CheckResult, *, request: Mapping[str, Any] | None = None
-    ) -> None:
-        """Store a check as ``checks/<name>`` (e.g. ``"symmetry"``)."""
-        if not isinstance(result, CheckResult):
-            raise TypeError(f"write_check needs a CheckResult, got {type(result).__name__}")
-
-        def fill(g: Any) -> None:
-            g.attrs["name"] = result.name
-            _set(g.attrs, "passed", None if result.passed is None else bool(result.passed))
-            g.attrs["measured"] = float(result.measured)
-            g.attrs["threshold"] = float(result.threshold)
-            g.attrs["detail"] = result.detail
-            figures = g.create_group("figures", track_order=True)
-            for key, value in result.figures.items():
-                figures.attrs[str(key)] = float(value)
-
-        self._write("checks", name, fill, request)
-
-    def write_per_layer(
-        self, name: str, table: LayerTable, *, request: Mapping[str, Any] | None = None
-    ) -> None:
-        """Store a per-layer table as ``per_layer/<name>`` (e.g. ``"module"``), one dataset per column."""
-        if not isinstance(table, LayerTable):
-            raise TypeError(f"write_per_layer needs a LayerTable, got {type(table).__name__}")
-        h5py = _h5py()
-        text = h5py.string_dtype()
-
-        def fill(g: Any) -> None:
-            rows = table.rows
-            g.create_dataset("name", data=np.array([r.name for r in rows], dtype=object), dtype=text)
-            params = [json.dumps(list(r.params)) for r in rows]
-            g.create_dataset("params_json", data=np.array(params, dtype=object), dtype=text)
-            g.create_dataset("dim", data=np.array([r.dim for r in rows], dtype=np.int64))
-            for col in ("top_eigenvalue", "residual", "trace", "trace_stderr"):
-                g.create_dataset(col, data=np.array([getattr(r, col) for r in rows], dtype=np.float64))
-            g.create_dataset("converged", data=np.array([r.converged for r in rows], dtype=bool))
-            g.create_dataset(
-                "trace_method", data=np.array([r.trace_method for r in rows], dtype=object), dtype=text
-            )
-            g.create_dataset("matvecs", data=np.array([r.matvecs for r in rows], dtype=np.int64))
-            g.attrs["rows"] = len(rows)
-
-        self._write("per_layer", name, fill, request)
-
-    def write_compare(
-        self, name: str, result: ComparisonResult, *, request: Mapping[str, Any] | None = None
-    ) -> None:
-        """Store a comparison with a baseline as ``compare/<name>`` (the baseline's name)."""
-        if not isinstance(result, ComparisonResult):
-            raise TypeError(f"write_compare needs a ComparisonResult, got {type(result).__name__}")
-
-        def fill(g: Any) -> None:
-            g.create_dataset("values", data=_array(result.values))
-            g.create_dataset("baseline_values", data=_array(result.baseline_values))
-            g.attrs["estimator"] = result.estimator
-            g.attrs["baseline"] = result.baseline
-            g.attrs["trace_method"] = result.trace_method
-            for quantity in _COMPARE_NUMBERS:
-                value = getattr(result, quantity)
-                g.attrs[quantity] = int(value) if quantity.endswith("matvecs") else float(value)
-            g.attrs["reused_json"] = json.dumps(list(result.reused))
-
-        self._write("compare", name, fill, request)
+        self._write("eigen", name, lambda group: eigen.write(group, result, vectors), request)
 
     def write_timing(self, key: str, seconds: float) -> None:
         """Record ``seconds`` under ``key`` in the run's ``timings`` (flushed at once)."""
@@ -1024,128 +881,21 @@ class Run:
             raise StoreError(f"run {self.run_id} has no {kind}/{name} (stored: {stored})")
         return self._group[kind][name]
 
-    def read_eigen(self, name: str, *, vectors: bool = False) -> EigenResult:
-        """The :class:`~curvkit.EigenResult` stored as ``eigen/<name>``.
-
-        Args:
-            name: The analysis name.
-            vectors: Load the eigenvectors too (``None`` when they were not stored).
-        """
-        g = self._analysis("eigen", name)
-        with _Malformed(self, "eigen", name):
-            return EigenResult(
-                values=_tensor(g["values"]),
-                vectors=_tensor(g["vectors"]) if vectors and "vectors" in g else None,
-                residuals=_tensor(g["residuals"]),
-                matvecs=int(_attr(g.attrs["matvecs"])),
-                data_passes=_get_int(g.attrs, "data_passes"),
-                converged=bool(_attr(g.attrs["converged"])),
-                which=_attr(g.attrs["which"]),
-                method=_attr(g.attrs["method"]),
-                tol=float(_attr(g.attrs["tol"])),
-                restarts=int(_attr(g.attrs["restarts"])),
-                stop_reason=_attr(g.attrs["stop_reason"]) if "stop_reason" in g.attrs else None,
-                precision_floor=_get_float(g.attrs, "precision_floor"),
-            )
-
-    def read_trace(self, name: str) -> TraceResult:
-        """The :class:`~curvkit.TraceResult` stored as ``trace/<name>``."""
-        g = self._analysis("trace", name)
-        with _Malformed(self, "trace", name):
-            return TraceResult(
-                estimate=float(g["estimate"][()]),
-                stderr=float(g["stderr"][()]),
-                method=_attr(g.attrs["method"]),
-                matvecs=int(_attr(g.attrs["matvecs"])),
-                data_passes=_get_int(g.attrs, "data_passes"),
-                seed=int(_attr(g.attrs["seed"])),
-                fallback=bool(_attr(g.attrs.get("fallback", False))),  # absent in older files
-                sketch_mass=_get_float(g.attrs, "sketch_mass"),
-                structured=bool(_attr(g.attrs.get("structured", False))),  # absent in older files
-            )
-
-    def read_density(self, name: str) -> DensityResult:
-        """The :class:`~curvkit.DensityResult` stored as ``density/<name>``."""
-        g = self._analysis("density", name)
-        with _Malformed(self, "density", name):
-            return DensityResult(
-                grid=_tensor(g["grid"]),
-                density=_tensor(g["density"]),
-                nodes=_tensor(g["nodes"]),
-                weights=_tensor(g["weights"]),
-                sigma=float(_attr(g.attrs["sigma"])),
-                steps=int(_attr(g.attrs["steps"])),
-                runs=int(_attr(g.attrs["runs"])),
-                matvecs=int(_attr(g.attrs["matvecs"])),
-                run_steps=tuple(int(s) for s in np.asarray(g["run_steps"][()]).tolist()),
-            )
-
-    def read_check(self, name: str) -> CheckResult:
-        """The :class:`~curvkit.checks.CheckResult` stored as ``checks/<name>``."""
-        g = self._analysis("checks", name)
-        with _Malformed(self, "checks", name):
-            passed = g.attrs.get("passed")
-            figures = g["figures"].attrs if "figures" in g else {}
-            return CheckResult(
-                name=_attr(g.attrs["name"]),
-                passed=None if passed is None else bool(_attr(passed)),
-                measured=float(_attr(g.attrs["measured"])),
-                threshold=float(_attr(g.attrs["threshold"])),
-                detail=_attr(g.attrs.get("detail", "")),
-                figures={k: float(_attr(v)) for k, v in figures.items()},
-            )
-
-    def read_per_layer(self, name: str) -> LayerTable:
-        """The :class:`~curvkit.LayerTable` stored as ``per_layer/<name>``."""
-        g = self._analysis("per_layer", name)
-        with _Malformed(self, "per_layer", name):
-            cols = {
-                "name": g["name"].asstr()[()].tolist(),
-                "params": [tuple(json.loads(p)) for p in g["params_json"].asstr()[()].tolist()],
-                "trace_method": g["trace_method"].asstr()[()].tolist(),
-            }
-            for col in _LAYER_NUMBERS:
-                cols[col] = np.asarray(g[col][()]).tolist()
-            n = len(cols["name"])
-            if any(len(v) != n for v in cols.values()):
-                raise ValueError("columns of different lengths")
-            return LayerTable([LayerRow(**{c: cols[c][i] for c in _LAYER_COLUMNS}) for i in range(n)])
-
-    def read_compare(self, name: str) -> ComparisonResult:
-        """The :class:`~curvkit.comparison.ComparisonResult` stored as ``compare/<name>``."""
-        g = self._analysis("compare", name)
-        with _Malformed(self, "compare", name):
-            numbers = {
-                q: (int if q.endswith("matvecs") else float)(_attr(g.attrs[q])) for q in _COMPARE_NUMBERS
-            }
-            return ComparisonResult(
-                estimator=_attr(g.attrs["estimator"]),
-                baseline=_attr(g.attrs["baseline"]),
-                values=_tensor(g["values"]),
-                baseline_values=_tensor(g["baseline_values"]),
-                trace_method=_attr(g.attrs["trace_method"]),
-                reused=tuple(json.loads(_attr(g.attrs["reused_json"]))),
-                **numbers,
-            )
-
-    def write(self, key: str, result: Any, *, request: Mapping[str, Any] | None = None) -> None:
-        """Store ``result`` as ``"kind/name"`` with the writer of its kind.
-
-        Args:
-            key: The analysis, ``"kind/name"``.
-            result: What the library returned for it.
-            request: The JSON-able options the result was computed with (``k``,
-                ``tol``, ``seed``...), stored as the ``request_json`` attribute so that
-                a resumed run can tell whether the stored result answers a new request
-                (:meth:`has`). It is written with the result, in one step.
-        """
-        kind, name = _split(key)
-        getattr(self, _KINDS[kind].write)(name, result, request=request)
-
     def read(self, key: str) -> Any:
-        """The result stored as ``"kind/name"``, of the type its ``read_<kind>`` method returns."""
+        """The result stored as ``"kind/name"``, of its kind's ``result_type``."""
         kind, name = _split(key)
-        return getattr(self, _KINDS[kind].read)(name)
+        group = self._analysis(kind, name)
+        with _Malformed(self, kind, name):
+            return _kinds()[kind].read(group)
+
+    def read_eigen(self, name: str, *, vectors: bool = False) -> EigenResult:
+        """The eigenpairs stored as ``eigen/<name>``, with their vectors when asked
+        (``None`` when they were not stored)."""
+        from curvkit.kinds import eigen
+
+        group = self._analysis("eigen", name)
+        with _Malformed(self, "eigen", name):
+            return eigen.read(group, vectors)
 
     # -- export
 
@@ -1172,116 +922,25 @@ class Run:
     def _csv_values(self) -> Iterator[tuple[str, str, Any, Any]]:
         """``(analysis, quantity, item, value)`` for every stored number."""
         for key in self.analyses():
-            for quantity, item, value in _KINDS[_split(key)[0]].csv(self.read(key)):
+            for quantity, item, value in _kinds()[_split(key)[0]].rows(self.read(key)):
                 yield key, quantity, item, value
         for key, seconds in self.timings.items():
             yield "timings", key, None, seconds
 
 
-_Row = tuple[str, Any, Any]
-"""``(quantity, item, value)``: one number of a result in the CSV export."""
+def _kinds() -> dict[str, Any]:
+    from curvkit.kinds import analysis_kinds
 
-
-def _eigen_rows(res: EigenResult) -> Iterator[_Row]:
-    for i, v in enumerate(res.values.tolist()):
-        yield "eigenvalue", i, v
-    for i, v in enumerate(res.residuals.tolist()):
-        yield "residual", i, v
-    yield "converged", None, int(res.converged)
-    yield "matvecs", None, res.matvecs
-    if res.precision_floor is not None:
-        yield "precision_floor", None, res.precision_floor
-
-
-def _trace_rows(res: TraceResult) -> Iterator[_Row]:
-    yield "estimate", None, res.estimate
-    yield "stderr", None, res.stderr
-    yield "matvecs", None, res.matvecs
-    yield "fallback", None, int(res.fallback)
-    if res.sketch_mass is not None:
-        yield "sketch_mass", None, res.sketch_mass
-    if res.structured:
-        yield "structured", None, 1
-
-
-def _density_rows(res: DensityResult) -> Iterator[_Row]:
-    for x, d in zip(res.grid.tolist(), res.density.tolist()):
-        yield "density", x, d
-    yield "sigma", None, res.sigma
-    yield "matvecs", None, res.matvecs
-
-
-def _check_rows(res: CheckResult) -> Iterator[_Row]:
-    yield "passed", None, None if res.passed is None else int(res.passed)
-    yield "measured", None, None if math.isnan(res.measured) else res.measured
-    yield "threshold", None, None if math.isnan(res.threshold) else res.threshold
-    for fig, v in res.figures.items():
-        yield "figure", fig, v
-
-
-def _layer_rows(res: LayerTable) -> Iterator[_Row]:
-    for row in res.rows:
-        for col in _LAYER_NUMBERS:
-            v = getattr(row, col)
-            yield col, row.name, int(v) if isinstance(v, bool) else v
-
-
-def _compare_rows(res: ComparisonResult) -> Iterator[_Row]:
-    for i, v in enumerate(res.values.tolist()):
-        yield "eigenvalue", i, v
-    for i, v in enumerate(res.baseline_values.tolist()):
-        yield "baseline_eigenvalue", i, v
-    for quantity in _COMPARE_NUMBERS:
-        yield quantity, None, getattr(res, quantity)
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """How one analysis kind is stored: its :class:`Run` writer and reader, and its CSV rows."""
-
-    write: str
-    read: str
-    csv: Callable[[Any], Iterator[_Row]]
-
-
-_KINDS: dict[str, _Kind] = {
-    "eigen": _Kind("write_eigen", "read_eigen", _eigen_rows),
-    "trace": _Kind("write_trace", "read_trace", _trace_rows),
-    "density": _Kind("write_density", "read_density", _density_rows),
-    "checks": _Kind("write_check", "read_check", _check_rows),
-    "per_layer": _Kind("write_per_layer", "read_per_layer", _layer_rows),
-    "compare": _Kind("write_compare", "read_compare", _compare_rows),
-}
-
-KINDS = tuple(_KINDS)
-"""The analysis groups of a run, in the order :meth:`Run.analyses` lists them."""
+    return analysis_kinds()
 
 
 def _split(key: str) -> tuple[str, str]:
-    """``"kind/name"`` as ``(kind, name)``, the kind checked against :data:`KINDS`."""
+    """``"kind/name"`` as ``(kind, name)``, the kind checked against :func:`curvkit.kinds.analysis_kinds`."""
     kind, _, name = key.partition("/")
-    if kind not in _KINDS:
-        raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(KINDS)}")
+    kinds = _kinds()
+    if kind not in kinds:
+        raise StoreError(f"unknown analysis kind {kind!r} in {key!r}: one of {', '.join(kinds)}")
     return kind, name
-
-
-def _set(attrs: Any, key: str, value: Any) -> None:
-    """An attribute, or none at all for ``None``."""
-    if value is None:
-        if key in attrs:
-            del attrs[key]
-    else:
-        attrs[key] = value
-
-
-def _get_int(attrs: Any, key: str) -> int | None:
-    value = attrs.get(key)
-    return None if value is None else int(_attr(value))
-
-
-def _get_float(attrs: Any, key: str) -> float | None:
-    value = attrs.get(key)
-    return None if value is None else float(_attr(value))
 
 
 class _Malformed:

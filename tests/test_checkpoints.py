@@ -1030,7 +1030,7 @@ def test_a_plugin_loader_comes_before_the_builtins(tmp_path, models, registry_gu
 def test_plugin_loader_errors(tmp_path, registry_guard):
     for loaders, fragment in [
         ((_json_loader(), _json_loader()), "registered by both plugin"),
-        ((_json_loader(name="torch"),), "name of a built-in format"),
+        ((_json_loader(name="torch"),), "name of a built-in checkpoint loader"),
         (("not a loader",), "return curvkit.CheckpointLoader"),
     ]:
         with pytest.raises(PluginError, match=fragment):

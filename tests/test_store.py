@@ -113,7 +113,7 @@ run = store.begin_run("epoch_1.pt-hessian", provenance, index=0)
 v = torch.tensor([3.0, 2.0], dtype=torch.float64)
 r = torch.full_like(v, 1e-9)
 run.write_eigen("largest", EigenResult(v, None, r, 10, None, True, "largest", "lanczos", 1e-6, 0))
-run.write_trace("hutch++", TraceResult(5.0, 0.1, "hutch++", 30, None, 0))
+run.write("trace/hutch++", TraceResult(5.0, 0.1, "hutch++", 30, None, 0))
 run.write_timing("eigen/largest", 1.5)
 run._group.create_group("_partial-killed")  # as if killed in the middle of a third write
 store._flush()
@@ -148,13 +148,13 @@ def test_every_result_type_round_trips(path, results):
         with store.begin_run("r", {"checkpoint": "a.pt"}) as run:
             run.write_eigen("largest", results["eigen"], vectors=True)
             run.write_eigen("no-vectors", results["eigen"])
-            run.write_trace("hutch++", results["trace"])
-            run.write_density("slq", results["density"])
-            run.write_check("symmetry", results["check"])
-            run.write_check("condition", results["check_info"])
-            run.write_per_layer("module", results["per_layer"])
-            run.write_per_layer("empty", LayerTable([]))
-            run.write_compare("b", results["compare"])
+            run.write("trace/hutch++", results["trace"])
+            run.write("density/slq", results["density"])
+            run.write("checks/symmetry", results["check"])
+            run.write("checks/condition", results["check_info"])
+            run.write("per_layer/module", results["per_layer"])
+            run.write("per_layer/empty", LayerTable([]))
+            run.write("compare/b", results["compare"])
     with ResultsStore(path, "r") as store:
         run = store.run("r")
         assert run.analyses() == [
@@ -172,15 +172,15 @@ def test_every_result_type_round_trips(path, results):
         assert_same(run.read("compare/b"), results["compare"])
         assert run.read_eigen("largest").vectors is None  # vectors only on request
         assert run.read_eigen("no-vectors", vectors=True).vectors is None
-        assert_same(run.read_trace("hutch++"), results["trace"])
-        assert_same(run.read_density("slq"), results["density"])
+        assert_same(run.read("trace/hutch++"), results["trace"])
+        assert_same(run.read("density/slq"), results["density"])
         assert run.read_eigen("largest").stop_reason == "converged"
-        assert_same(run.read_check("symmetry"), results["check"])
-        assert_same(run.read_check("condition"), results["check_info"])
+        assert_same(run.read("checks/symmetry"), results["check"])
+        assert_same(run.read("checks/condition"), results["check_info"])
         assert results["check_info"].passed is None and math.isnan(results["check_info"].threshold)
-        assert_same(run.read_per_layer("module"), results["per_layer"])
+        assert_same(run.read("per_layer/module"), results["per_layer"])
         assert len(results["per_layer"]) >= 2
-        assert_same(run.read_per_layer("empty"), LayerTable([]))
+        assert_same(run.read("per_layer/empty"), LayerTable([]))
         assert_same(run.read("density/slq"), results["density"])
 
 
@@ -203,14 +203,14 @@ def test_optional_and_odd_fields_round_trip(path):
     )
     with ResultsStore(path) as store, store.begin_run("r") as run:
         run.write_eigen("both", eig32, vectors=True)
-        run.write_trace("one-probe", trace_nan)
-        run.write_check("psd", check)
+        run.write("trace/one-probe", trace_nan)
+        run.write("checks/psd", check)
         run.write_eigen("bf16", dataclasses.replace(eig32, values=eig32.values.bfloat16(), vectors=None))
     with ResultsStore(path, "r") as store:
         run = store.run("r")
         assert_same(run.read_eigen("both", vectors=True), eig32)  # float32 stays float32
-        assert_same(run.read_trace("one-probe"), trace_nan)
-        assert_same(run.read_check("psd"), check)
+        assert_same(run.read("trace/one-probe"), trace_nan)
+        assert_same(run.read("checks/psd"), check)
         assert run.read_eigen("bf16").values.dtype == torch.float32  # documented: bfloat16 stored as float32
 
 
@@ -218,17 +218,17 @@ def test_trace_fallback_and_sketch_mass_round_trip_and_default_in_older_files(pa
     fell_back = TraceResult(4.0, 0.5, "hutchinson", 30, None, 1, fallback=True, sketch_mass=0.25)
     kept = TraceResult(4.0, 0.1, "xtrace", 30, None, 1, sketch_mass=0.95)
     with ResultsStore(path) as store, store.begin_run("r") as run:
-        run.write_trace("hutch++", fell_back)
-        run.write_trace("xtrace", kept)
-        run.write_trace("old", small_trace())
+        run.write("trace/hutch++", fell_back)
+        run.write("trace/xtrace", kept)
+        run.write("trace/old", small_trace())
     with h5py.File(path, "r+") as f:  # as written before the two attributes existed
         del f["runs/r/trace/old"].attrs["fallback"]
         assert "sketch_mass" not in f["runs/r/trace/old"].attrs
     with ResultsStore(path, "r") as store:
         run = store.run("r")
-        assert_same(run.read_trace("hutch++"), fell_back)
-        assert_same(run.read_trace("xtrace"), kept)
-        assert_same(run.read_trace("old"), small_trace())
+        assert_same(run.read("trace/hutch++"), fell_back)
+        assert_same(run.read("trace/xtrace"), kept)
+        assert_same(run.read("trace/old"), small_trace())
         rows = {(r["analysis"], r["quantity"]): r["value"] for r in store.csv_rows()}
     assert (rows["trace/hutch++", "fallback"], rows["trace/hutch++", "sketch_mass"]) == (1, 0.25)
     assert rows["trace/old", "fallback"] == 0 and ("trace/old", "sketch_mass") not in rows
@@ -268,9 +268,9 @@ def test_provenance_and_timings_round_trip(path):
 def test_layout_is_readable_with_plain_h5py(path, results):
     with ResultsStore(path) as store, store.begin_run("r", {"estimator_options": {"k": 5}}, index=0) as run:
         run.write_eigen("largest", results["eigen"])
-        run.write_trace("hutch++", results["trace"])
-        run.write_per_layer("module", results["per_layer"])
-        run.write_check("symmetry", results["check"])
+        run.write("trace/hutch++", results["trace"])
+        run.write("per_layer/module", results["per_layer"])
+        run.write("checks/symmetry", results["check"])
     with h5py.File(path, "r") as f:
         assert f.attrs["curvkit_schema"] == "curvkit-results"
         assert f.attrs["schema_version"] == SCHEMA_VERSION == 1
@@ -295,14 +295,10 @@ def test_documented_plain_h5py_example_runs(path, results, capsys):
         ResultsStore(path) as store,
         store.begin_run("r", {"checkpoint": "a.pt", "estimator": "hessian"}) as run,
     ):
-        for kind, write in [
-            ("eigen", run.write_eigen),
-            ("trace", run.write_trace),
-            ("density", run.write_density),
-        ]:
-            write("x", results[kind])
-        run.write_check("symmetry", results["check"])
-        run.write_per_layer("module", results["per_layer"])
+        for kind in ("eigen", "trace", "density"):
+            run.write(f"{kind}/x", results[kind])
+        run.write("checks/symmetry", results["check"])
+        run.write("per_layer/module", results["per_layer"])
         run.write_timing("total", 2.0)
     doc = (REPO / "docs" / "hdf5-schema.md").read_text()
     section = doc.split("## Reading it with plain h5py", 1)[1]
@@ -348,7 +344,7 @@ def test_resume_keeps_finished_analyses(path):
         run = store.begin_run("r", {"checkpoint": "a.pt", "command": ["second"]})
         assert run.status == "running" and run.attempts == 2 and run.index == 0
         assert run.has("eigen/largest") and not run.has("trace/hutch++")
-        run.write_trace("hutch++", small_trace())
+        run.write("trace/hutch++", small_trace())
         run.finish()
     with ResultsStore(path, "r") as store:
         run = store.run("r")
@@ -461,12 +457,12 @@ def test_failures_mark_the_run_failed_and_keep_what_was_written(path):
 
 def test_writes_replace_and_validate(path):
     with ResultsStore(path) as store, store.begin_run("r") as run:
-        run.write_trace("t", small_trace(1.0))
-        run.write_trace("t", small_trace(2.0))
-        assert run.read_trace("t").estimate == 2.0 and run.analyses() == ["trace/t"]
+        run.write("trace/t", small_trace(1.0))
+        run.write("trace/t", small_trace(2.0))
+        assert run.read("trace/t").estimate == 2.0 and run.analyses() == ["trace/t"]
         for bad in ("", "a/b", "_private", "."):
             with pytest.raises(StoreError, match="invalid analysis name"):
-                run.write_trace(bad, small_trace())
+                run.write(f"trace/{bad}", small_trace())
         with pytest.raises(TypeError, match="needs an EigenResult"):
             run.write_eigen("x", small_trace())
         with pytest.raises(ValueError, match="no vectors"):
@@ -488,7 +484,7 @@ def test_read_only_stores_do_not_write(path):
         with pytest.raises(StoreError, match="read-only"):
             store.begin_run("s")
         with pytest.raises(StoreError, match="begin_run first"):
-            store.run("r").write_trace("t", small_trace())
+            store.run("r").write("trace/t", small_trace())
         with pytest.raises(StoreError, match="no run 'zzz'"):
             store.run("zzz")
     with pytest.raises(StoreError, match="is closed"):
@@ -524,8 +520,8 @@ def test_killed_writer_loses_nothing_and_the_run_resumes(path):
         )
         assert run.has("eigen/largest") and run.has("trace/hutch++") and run.attempts == 2
         assert "_partial-killed" not in run._group  # cleaned up on resume
-        run.write_density(
-            "slq", curvkit.density(curvkit.DenseOperator(torch.eye(3, dtype=torch.float64)), steps=2)
+        run.write(
+            "density/slq", curvkit.density(curvkit.DenseOperator(torch.eye(3, dtype=torch.float64)), steps=2)
         )
         run.finish()
     with ResultsStore(path, "r") as store:
@@ -664,12 +660,12 @@ def _two_runs(path, results):
     with ResultsStore(path) as store:
         with store.begin_run("b", {"checkpoint": "epoch_2.pt", "estimator": "hessian"}, index=1) as run:
             run.write_eigen("largest", results["eigen"])
-            run.write_check("condition", results["check_info"])
-            run.write_per_layer("module", results["per_layer"])
+            run.write("checks/condition", results["check_info"])
+            run.write("per_layer/module", results["per_layer"])
             run.write_timing("total", 3.0)
         run = store.begin_run("a", {"checkpoint": "epoch_1.pt", "estimator": "hessian"}, index=0)
-        run.write_trace("hutch++", results["trace"])
-        run.write_density("slq", results["density"])
+        run.write("trace/hutch++", results["trace"])
+        run.write("density/slq", results["density"])
         # left running: exported as interrupted
 
 

@@ -1,0 +1,320 @@
+"""The table of analysis kinds: every kind round-trips through HDF5; a plugin adds a kind end to end;
+the inverse-HVP accuracy analysis (``ihvp``) in the library and on the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import curvkit
+import curvkit.summaries
+from cli.main import app
+from curvkit.analysis import AnalysisPlan
+from curvkit.comparison import compare_spectra
+from curvkit.datasets import bundled_file
+from curvkit.kinds import BUILTIN_KINDS, AnalysisKind, analysis_kinds, builtin_kinds
+from curvkit.kinds.hdf5 import attr
+from curvkit.store import ResultsStore
+from curvkit.testing import get_case
+
+DT = torch.float64
+MLP = str(bundled_file("digits_mlp.pt"))
+runner = CliRunner()
+
+
+def seed_problem() -> curvkit.Problem:
+    """The seed notebook's model: a 3-5-1 sigmoid MLP with the squared error on 10 samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 1)).double()
+    return curvkit.Problem(model, "mse", (torch.randn(10, 3, dtype=DT), torch.randn(10, 1, dtype=DT)))
+
+
+def example_results() -> dict[str, object]:
+    """One real result of every built-in kind."""
+    torch.manual_seed(0)
+    M = torch.randn(12, 12, dtype=DT)
+    A, B = curvkit.DenseOperator(M + M.T), curvkit.DenseOperator(M @ M.T, psd=True)
+    eig = curvkit.eigenvalues(A, k=3)
+    trace = curvkit.trace(A, method="hutch++", matvecs=6)
+    other = curvkit.trace(B, method="hutch++", matvecs=6)
+    return {
+        "eigen": eig,
+        "trace": trace,
+        "density": curvkit.density(A, steps=10, runs=2),
+        "checks": curvkit.checks.check_symmetry(A),
+        "per_layer": curvkit.per_layer(curvkit.curvature("hessian", get_case("tanh-mlp-ce").problem())),
+        "compare": compare_spectra(
+            eig, curvkit.eigenvalues(B, k=3), trace, other, estimator="a", baseline_name="b"
+        ),
+        "ihvp": curvkit.ihvp_accuracy(
+            B, ["cg", "minres", "neumann"], vector="random", damping=0.1, maxiter=30
+        ),
+    }
+
+
+def plain(value):
+    """A result as comparable plain data (``to_dict``, NaN made comparable)."""
+    data = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    return json.loads(json.dumps(data, default=lambda t: t.tolist()).replace("NaN", '"nan"'))
+
+
+def test_every_builtin_kind_round_trips_through_hdf5_and_is_summarised(tmp_path):
+    results = example_results()
+    assert set(results) == set(BUILTIN_KINDS) == set(analysis_kinds())  # a new kind needs an example here
+    path = tmp_path / "r.h5"
+    with ResultsStore(path) as store, store.begin_run("r") as run:
+        for kind, result in results.items():
+            run.write(f"{kind}/x", result, request={"k": 1})
+    with ResultsStore(path, "r") as store:
+        run = store.run("r")
+        assert run.analyses() == [f"{kind}/x" for kind in BUILTIN_KINDS]
+        for kind, result in results.items():
+            back = run.read(f"{kind}/x")
+            assert type(back) is type(result) and plain(back) == plain(result), kind
+            spec = analysis_kinds()[kind]
+            assert curvkit.summaries.summarize(back) == spec.summarize(result) != type(result).__name__
+            assert list(spec.rows(back)), kind
+        assert {row["analysis"] for row in store.csv_rows()} == {f"{kind}/x" for kind in BUILTIN_KINDS}
+
+
+def test_a_wrong_result_type_is_refused_naming_the_kind(tmp_path):
+    with ResultsStore(tmp_path / "r.h5") as store, store.begin_run("r") as run:
+        with pytest.raises(TypeError, match="ihvp/x needs a IhvpResult"):
+            run.write("ihvp/x", example_results()["trace"])
+
+
+# ----------------------------------------------------------------------------- a plugin's kind
+def _frobenius_keys(plan, psd, estimator):
+    return ["frobenius/probes"] if "frobenius" in plan.options else []
+
+
+def _frobenius(context, key):
+    """``||A||_F^2 = E ||A z||^2`` for Rademacher ``z`` (Hutchinson on ``A^2``)."""
+    probes = context.plan.options["frobenius"].get("probes", 8)
+    gen = torch.Generator().manual_seed(context.plan.seed)
+    Z = torch.randint(0, 2, (context.op.shape[0], probes), generator=gen).to(context.op.dtype) * 2 - 1
+    squares = (context.op.matmat(Z) ** 2).sum(0).double()
+    stderr = float(squares.std() / math.sqrt(probes)) if probes > 1 else math.nan
+    return curvkit.TraceResult(float(squares.mean()), stderr, "frobenius", probes, None, context.plan.seed)
+
+
+def _frobenius_check(options):
+    if options.get("probes", 8) < 1:
+        raise curvkit.CurvkitError("frobenius probes must be at least 1")
+
+
+def _write(group, result):
+    group.attrs["estimate"], group.attrs["stderr"], group.attrs["probes"] = (
+        result.estimate,
+        result.stderr,
+        result.matvecs,
+    )
+
+
+def _read(group):
+    probes = int(attr(group.attrs["probes"]))
+    return curvkit.TraceResult(
+        float(group.attrs["estimate"]), float(group.attrs["stderr"]), "frobenius", probes, None, 0
+    )
+
+
+class FrobeniusPlugin:
+    @curvkit.hookimpl
+    def curvkit_register_analysis_kinds(self):
+        return [
+            AnalysisKind(
+                "frobenius",
+                curvkit.TraceResult,
+                _frobenius_keys,
+                lambda plan, key: dict(plan.options["frobenius"]),
+                _frobenius,
+                _write,
+                _read,
+                lambda r: [("estimate", None, r.estimate)],
+                lambda r: f"||A||_F^2 ~ {r.estimate:.4g}",
+                check=_frobenius_check,
+            )
+        ]
+
+
+@pytest.fixture
+def frobenius_plugin():
+    name = curvkit.register_plugin(FrobeniusPlugin(), name="frobenius-test")
+    yield name
+    curvkit.unregister_plugin(name=name)
+
+
+def test_a_plugin_adds_a_kind_that_analyze_computes_stores_shows_and_exports(tmp_path, frobenius_plugin):
+    plan = AnalysisPlan(top_k=1, trace=None, density=False, options={"frobenius": {"probes": 16}})
+    assert plan.keys() == ["eigen/largest", "frobenius/probes"]
+    out = tmp_path / "r.h5"
+    report = curvkit.analyze([MLP], output=out, plan=plan)
+    (run,) = report.runs
+    assert run.status == "complete" and set(run.results) == {"eigen/largest", "frobenius/probes"}
+    assert run.results["frobenius/probes"].estimate > 0
+    with ResultsStore(out, "r") as store:
+        (stored,) = store.runs()
+        assert stored.read("frobenius/probes").estimate == run.results["frobenius/probes"].estimate
+        assert stored.request("frobenius/probes") == {"probes": 16}
+    shown = runner.invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0 and "frobenius/probes: ||A||_F^2 ~" in shown.stdout
+    again = curvkit.analyze([MLP], output=out, plan=plan)  # resumes: nothing recomputed
+    assert set(again.runs[0].resumed) == {"eigen/largest", "frobenius/probes"}
+    with pytest.raises(curvkit.CurvkitError, match="frobenius probes must be at least 1"):
+        AnalysisPlan(options={"frobenius": {"probes": 0}})
+
+
+def test_a_plugin_kind_may_not_take_a_builtin_name_and_unknown_kinds_are_refused():
+    class Clash:
+        @curvkit.hookimpl
+        def curvkit_register_analysis_kinds(self):
+            return [dataclasses.replace(builtin_kinds()["trace"])]
+
+    with pytest.raises(
+        curvkit.PluginError, match="'trace' of plugin 'clash-test' has the name of a built-in"
+    ):
+        curvkit.register_plugin(Clash(), name="clash-test")  # refused, and not left registered
+    assert analysis_kinds()["trace"].plugin == ""
+    with pytest.raises(curvkit.CurvkitError, match="no analysis kind 'nosuch' takes options"):
+        AnalysisPlan(options={"nosuch": {}})
+
+
+# ----------------------------------------------------------------------------- ihvp
+def test_ihvp_accuracy_reproduces_the_seed_experiment_honestly():
+    """Damped CG and MINRES reach cosine > 0.999 against the exact solve; plain CG on the indefinite
+    Hessian and an unscaled Neumann series say why they fail instead of returning a number."""
+    H = curvkit.curvature("hessian", seed_problem())
+    lowest = torch.linalg.eigvalsh(H.to_dense())[0].item()
+    assert lowest < 0
+    damping = 2 * abs(lowest)
+    with pytest.warns(curvkit.CurvkitWarning):  # cg and neumann on a Hessian, not flagged PSD
+        result = curvkit.ihvp_accuracy(
+            H, ["cg", "minres", "neumann"], damping=damping, tol=1e-10, maxiter=200
+        )
+    assert result.reference == "exact dense solve in float64" and result.reference_residual < 1e-12
+    for name in ("cg", "minres"):
+        curve = result.curves[name]
+        assert curve.converged and curve.final("cosine") > 0.999 and curve.final("error") < 1e-6, name
+        assert list(curve.columns) == list(curvkit.linalg.ihvp.CURVE_COLUMNS)
+        assert curve.columns["iteration"][0] == 0 and curve.columns["error"][0] == 1.0  # x0 = 0
+        assert (curve.columns["seconds"].diff() >= 0).all() and (curve.columns["matvecs"].diff() > 0).all()
+    with pytest.warns(curvkit.CurvkitWarning):
+        undamped = curvkit.ihvp_accuracy(H, ["cg", "minres"], damping=0.0, tol=1e-10, maxiter=200)
+    assert not undamped.curves["cg"].converged  # indefinite: stops, saying why
+    assert (
+        "non-positive curvature" in undamped.curves["cg"].reason or undamped.curves["cg"].reason == "maxiter"
+    )
+    assert undamped.curves["minres"].converged and undamped.curves["minres"].final("cosine") > 0.999
+    with pytest.warns(curvkit.CurvkitWarning):
+        unscaled = curvkit.ihvp_accuracy(
+            H, ["neumann"], damping=0.0, maxiter=10, solver_options={"neumann": {"scale": 1.0}}
+        )
+    assert not unscaled.curves["neumann"].converged and "diverging" in unscaled.curves["neumann"].reason
+
+
+def test_ihvp_float32_operator_is_compared_with_a_float64_reference_by_minres():
+    problem = get_case("tanh-mlp-ce").problem().to(torch.float32)
+    G = curvkit.curvature("ggn", problem)
+    result = curvkit.ihvp_accuracy(G, ["cg"], damping=1e-2, reference="minres")
+    assert result.reference.startswith("minres in float64") and result.reference_converged
+    assert result.reference_residual <= 1e-10
+    curve = result.curves["cg"]
+    assert curve.converged and curve.final("cosine") > 0.9999  # float32 iterates, float64 truth
+
+
+def test_ihvp_bad_input_and_solvers_that_cannot_run():
+    G = curvkit.curvature("ggn", seed_problem())
+    with pytest.raises(curvkit.CurvkitError, match="damping must be a non-negative number"):
+        curvkit.ihvp_accuracy(G, ["cg"], damping=-1.0)
+    with pytest.raises(curvkit.CurvkitError, match="unknown solver nosuch"):
+        curvkit.ihvp_accuracy(G, ["nosuch"])
+    with pytest.raises(curvkit.ShapeMismatchError, match="P = "):
+        curvkit.ihvp_accuracy(G, ["cg"], vector=torch.ones(3, dtype=DT))
+    with pytest.raises(curvkit.CurvkitError, match="needs a data-backed operator"):
+        curvkit.ihvp_accuracy(curvkit.DenseOperator(torch.eye(3, dtype=DT)), ["cg"])
+    result = curvkit.ihvp_accuracy(
+        G, ["cg", "lowrank"], damping=1e-3, solver_options={"lowrank": {"nope": 1}}
+    )
+    assert result.curves["cg"].converged
+    assert (
+        result.curves["lowrank"].reason.startswith("could not run") and not result.curves["lowrank"].columns
+    )
+    with pytest.raises(curvkit.CurvkitError, match="--damping must be a non-negative number"):
+        AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "damping": -1}})
+    with pytest.raises(curvkit.CurvkitError, match="unknown ihvp option"):
+        AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "dampnig": 1}})
+
+
+def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
+    out = tmp_path / "r.h5"
+    args = [
+        "analyze",
+        MLP,
+        "--curvature",
+        "ggn",
+        "--ihvp",
+        "cg,minres",
+        "--ihvp",
+        "neumann",
+        "--damping",
+        "1e-2",
+    ]
+    args += ["--max-samples", "300", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "ihvp/gradient" in line)
+    assert "cg error" in line and "minres error" in line and "neumann error" in line
+    with ResultsStore(out, "r") as store:
+        (run,) = store.runs()
+        assert run.analyses() == ["ihvp/gradient"]  # --ihvp alone asks for nothing else
+        stored = run.read("ihvp/gradient")
+        assert set(stored.curves) == {"cg", "minres", "neumann"} and stored.damping == 1e-2
+        assert stored.curves["cg"].converged and stored.curves["cg"].final("cosine") > 0.999
+    shown = runner.invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0 and "ihvp/gradient" in shown.stdout and "cosine" in shown.stdout
+    for name, curve in stored.curves.items():  # a row per solver; why each that failed stopped, below
+        assert any(line.startswith(f"│ {name} ") for line in shown.stdout.splitlines()), name
+        assert (f"    {name}: {curve.reason}" in shown.stdout) != curve.converged, name
+    plotted = runner.invoke(app, ["plot", str(out), "-o", str(tmp_path / "fig"), "--formats", "png"])
+    assert plotted.exit_code == 0, plotted.output
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert any(n.endswith("ihvp-gradient-matvecs.png") for n in names)
+    assert any(n.endswith("ihvp-gradient-seconds.png") for n in names)
+    exported = runner.invoke(app, ["export", str(out), "--format", "json"])
+    curves = json.loads(exported.stdout)["runs"][0]["analyses"]["ihvp/gradient"]["curves"]
+    assert set(curves) == {"cg", "minres", "neumann"}
+    again = runner.invoke(app, [*args, "--json", "--quiet"])  # resumes
+    assert json.loads(again.stdout)["runs"][0]["resumed"] == ["ihvp/gradient"]
+    for bad, fragment in (
+        (["--damping", "-1"], "--damping must be a non-negative number"),
+        (["--ihvp-vector", "nosuch.pt"], "--ihvp-vector must be gradient, random or an existing .pt file"),
+    ):
+        proc = run_curvkit("analyze", MLP, "--ihvp", "cg", *bad, "-o", str(out), cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        (one,) = proc.stderr.strip().splitlines()
+        assert fragment in one
+    proc = run_curvkit("analyze", MLP, "--ihvp", "cgg", "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown solver cgg" in proc.stderr
+    with ResultsStore(out, "r") as store:  # the finished results are kept
+        assert store.runs()[0].read("ihvp/gradient").curves["cg"].converged
+
+
+def test_ihvp_vector_from_a_file(tmp_path):
+    problem = get_case("tanh-mlp-ce").problem()
+    v = torch.randn(problem.dim, dtype=DT, generator=torch.Generator().manual_seed(3))
+    torch.save(v, tmp_path / "direction.pt")
+    plan = AnalysisPlan(
+        top_k=0,
+        trace=None,
+        density=False,
+        options={"ihvp": {"solvers": ["cg"], "vector": str(tmp_path / "direction.pt")}},
+    )
+    assert plan.keys() == ["ihvp/file-direction"] and "vector_sha256" in plan.request("ihvp/file-direction")
+    results = curvkit.analysis.run_plan(curvkit.curvature("ggn", problem), plan)
+    assert results["ihvp/file-direction"].curves["cg"].converged
