@@ -131,16 +131,16 @@ def curvkit_register_solvers() -> list[SolverSpec]:
         the same, or ``None``) and returns a :class:`curvkit.SolveResult` with
         ``x`` of that shape; it must say ``converged`` only for a measured relative
         residual within ``tol``, give its ``reason`` otherwise, and keep a
-        ``history`` (the private ``_History`` helper of :mod:`curvkit.linalg.solve`
-        shows how). When the caller gives one, it also gets ``callback``: called
-        with each recorded iterate, its numbers join that row of the history (the
+        ``history`` (:class:`curvkit.linalg.solve.SolveHistory` keeps it). When
+        the caller gives one, it also gets ``callback``: called with each
+        recorded iterate, its numbers join that row of the history (the
         inverse-HVP accuracy analysis measures each iterate's error this way; a
         solver that never calls it leaves those columns empty, as NaN).
 
     Example::
 
         import curvkit
-        from curvkit.linalg.solve import conjugate_gradient
+        from curvkit.linalg.krylov import conjugate_gradient
 
         @curvkit.hookimpl
         def curvkit_register_solvers():

@@ -3,8 +3,9 @@
 ``exact``, ``cg``, ``minres``, ``neumann``, ``lissa``, ``kfac``, ``ekfac`` and
 ``lowrank``.
 
-The algorithms are in :mod:`curvkit.linalg.solve`; this plugin registers them
-exactly as a third-party package registers its own.
+The algorithms are in :mod:`curvkit.linalg.krylov`, :mod:`curvkit.linalg.series`
+and :mod:`curvkit.linalg.direct`; this plugin registers them exactly as a
+third-party package registers its own.
 """
 
 from __future__ import annotations
@@ -12,15 +13,9 @@ from __future__ import annotations
 from functools import partial
 
 import curvkit
-from curvkit.linalg.solve import (
-    approximate_inverse,
-    conjugate_gradient,
-    exact_solve,
-    lissa,
-    lowrank,
-    minres,
-    neumann,
-)
+from curvkit.linalg.direct import approximate_inverse, exact_solve, lowrank
+from curvkit.linalg.krylov import conjugate_gradient, minres
+from curvkit.linalg.series import lissa, neumann
 
 
 @curvkit.hookimpl

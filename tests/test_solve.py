@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.linalg.solve import conjugate_gradient
+from curvkit.linalg.krylov import conjugate_gradient
 
 DT = torch.float64
 

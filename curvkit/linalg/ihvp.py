@@ -143,7 +143,7 @@ def ihvp_vector(A: Any, vector: str | Tensor, seed: int = 0) -> Tensor:
     if isinstance(vector, Tensor):
         if vector.dim() != 1 or vector.shape[0] != P or not vector.is_floating_point():
             raise ShapeMismatchError(
-                f"the vector must be a floating-point [P] tensor with P = {P}, got {tuple(vector.shape)} "
+                f"the vector must be a floating-point [P] tensor with P = {P:,}, got {tuple(vector.shape)} "
                 f"{vector.dtype}"
             )
         return vector.to(device=A.device, dtype=A.dtype)

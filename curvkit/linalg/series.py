@@ -1,0 +1,294 @@
+"""Series solvers of ``(A + damping I) X = B``: the Neumann series and LiSSA.
+
+* :func:`neumann`: the truncated Neumann series (Richardson iteration) with the
+  scale from a largest-eigenvalue estimate, stopping when it diverges;
+* :func:`lissa`: LiSSA, the stochastic Neumann series on a fresh mini-batch per
+  step (N. Agarwal, B. Bullins and E. Hazan, "Second-order stochastic
+  optimization for machine learning in linear time", JMLR 18, 2017; P. W. Koh
+  and P. Liang, "Understanding black-box predictions via influence functions",
+  ICML 2017), with averaged repeats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit.errors import CurvkitError
+from curvkit.linalg.solve import SolveHistory, SolveResult, refuse_options
+from curvkit.operator import CurvatureOperator
+from curvkit.problem_operator import ProblemOperator
+
+__all__ = ["DIVERGENCE", "lissa", "neumann"]
+
+
+DIVERGENCE = 1e3
+"""A residual this many times the right-hand side's norm means the series diverges (for
+:func:`lissa`: an iterate this many times the norm bound of a contracting series)."""
+
+
+def _series_scale(A: CurvatureOperator, damping: float, history: SolveHistory) -> tuple[float | None, str]:
+    """``eta = 1 / (lambda_max + damping)`` of a Neumann series, ``lambda_max`` by Lanczos to 1%.
+
+    Its products are counted in ``history``. Returns ``(None, why)`` when
+    ``lambda_max + damping <= 0`` (no positive scale makes the series converge).
+    """
+    from curvkit.linalg.eigen import eigenvalues
+
+    top = eigenvalues(A, k=1, which="largest", tol=1e-2, return_vectors=False)
+    history.matvecs += top.matvecs
+    largest = top.values[0].item() + damping
+    if not largest > 0:
+        return None, f"the largest eigenvalue of A + damping I is {largest:.3g} <= 0"
+    return 1.0 / largest, ""
+
+
+def neumann(
+    A: CurvatureOperator,
+    B: Tensor,
+    *,
+    damping: float,
+    tol: float,
+    maxiter: int,
+    x0: Tensor | None = None,
+    preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+    scale: float | None = None,
+    **_: Any,
+) -> SolveResult:
+    """The truncated Neumann series ``eta sum_j (I - eta (A + damping I))^j B`` (Richardson iteration).
+
+    ``x <- x + eta r``, ``r <- r - eta (A + damping I) r``: one product per term.
+    It converges when the spectrum of ``eta (A + damping I)`` lies in ``(0, 2)``; by
+    default ``eta = 1 / (lambda_max + damping)`` with ``lambda_max`` estimated by
+    :func:`curvkit.eigenvalues` (to 1%, its products counted). A residual above
+    :data:`DIVERGENCE` times ``||B||`` (an eigenvalue of ``A + damping I`` at or
+    below zero, or a ``scale`` too large) stops the series as diverging.
+
+    Args:
+        scale: ``eta``; ``None`` estimates it.
+    """
+    if preconditioner is not None:
+        raise CurvkitError("neumann takes no preconditioner; use cg")
+    history = SolveHistory(A, damping, B, callback)
+    if scale is None:
+        scale, why = _series_scale(A, damping, history)
+        if scale is None:
+            return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+    if not scale > 0:
+        raise CurvkitError(f"scale must be positive, got {scale!r}")
+    X, R = history.initial(B, x0)
+    residual = history.record(0, R.norm(dim=0), X)
+    for iteration in range(1, maxiter + 1):
+        if residual <= tol:
+            return history.result(X, True, "converged", iteration - 1, residual)
+        AR = history.apply(R)
+        if not bool(torch.isfinite(AR).all()):
+            return history.non_finite(X, iteration, residual)
+        X = X + scale * R
+        R = R - scale * AR
+        residual = history.record(iteration, R.norm(dim=0), X)
+        if not residual <= DIVERGENCE:
+            return history.result(
+                X,
+                False,
+                f"diverging at iteration {iteration} (relative residual {residual:.3g}): the spectrum of "
+                f"{scale:.3g} (A + damping I) is not inside (0, 2); add damping, lower the scale, or use "
+                "minres",
+                iteration,
+                residual,
+            )
+    converged = residual <= tol
+    return history.result(X, converged, "converged" if converged else "maxiter", maxiter, residual)
+
+
+def lissa(
+    A: CurvatureOperator,
+    B: Tensor,
+    *,
+    damping: float,
+    tol: float,
+    maxiter: int,
+    x0: Tensor | None = None,
+    preconditioner: CurvatureOperator | None = None,
+    callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+    scale: float | None = None,
+    batch_size: int | None = None,
+    repeats: int = 1,
+    seed: int = 0,
+    check_every: int | None = None,
+    **unknown: Any,
+) -> SolveResult:
+    """LiSSA: the Neumann series with a fresh mini-batch per step, repeats averaged.
+
+    The recursion of N. Agarwal, B. Bullins and E. Hazan ("Second-order
+    stochastic optimization for machine learning in linear time", JMLR 18, 2017),
+    as P. W. Koh and P. Liang use it for influence functions ("Understanding
+    black-box predictions via influence functions", ICML 2017):
+
+    .. math:: x_0 = v, \\qquad x_j = v + (I - \\eta (A_{S_j} + \\text{damping}\\, I)) x_{j-1},
+              \\qquad \\text{answer } \\eta x_{\\text{depth}},
+
+    where ``A_{S_j}`` is the *same estimator* on a fresh random mini-batch
+    ``S_j`` of ``batch_size`` distinct samples of the operator's problem
+    (:meth:`curvkit.Problem.subset` and :meth:`curvkit.ProblemOperator.with_problem`:
+    any :class:`~curvkit.ProblemOperator`, a plugin's too), drawn by a CPU
+    generator seeded with ``seed``. Each ``A_{S_j}`` is an unbiased estimate of
+    ``A`` (for ``reduction="sum"`` it is scaled by ``N / batch_size``) drawn
+    independently of ``x_{j-1}``, so ``E[eta x_j]`` follows the deterministic
+    series: ``eta sum_{i<=j} (I - eta (A + damping I))^i v``, which tends to
+    ``(A + damping I)^-1 v``. ``repeats`` independent recursions are averaged
+    to lower the variance. With ``batch_size = N`` it is the Neumann series
+    (:func:`neumann` with ``maxiter = depth + 1`` and the same ``scale``), up to
+    rounding. A warm start ``x0`` starts each recursion at ``x0 / eta``.
+
+    An operator without data (no ``problem``: a :class:`~curvkit.DenseOperator`,
+    a sum or a multiple of operators) is used whole at every step, which makes
+    this the Neumann series (``batch_size`` is not used); ``reason`` says so.
+
+    **What is measured.** A stochastic iterate's residual is unknown without a
+    product with the full operator. With ``check_every=None`` (default) none is
+    made: the history's residuals are NaN, ``residual`` is NaN and ``converged``
+    is ``False`` (``reason``: ``"depth reached: ... (stochastic: residual not
+    measured; ...)"``). With ``check_every=c`` the relative residual of the current
+    repeat's iterate ``eta x_j`` is computed with the full operator every ``c``
+    steps, and that of the returned average after the last step, so
+    ``converged`` is then that measurement against ``tol``; the run does not stop
+    early. Its products are counted.
+
+    A step stops the run on a non-finite value (returning the average of the
+    finished repeats and the current one's last finite iterate) or when the
+    iterate's norm exceeds :data:`DIVERGENCE` times ``||x_0|| + j ||v||``, a bound
+    that every contracting step respects: the spectrum of
+    ``eta (A_S + damping I)`` leaves ``[0, 2]``, as a mini-batch's curvature
+    larger than the full data's can make it with the default scale.
+
+    Counts: ``matvecs`` counts every column multiplied, on mini-batches and
+    with the full operator (the scale estimate, the checks); the history's
+    ``samples`` (data-backed operators) counts the samples those products
+    passed through the model. The operator's own counters see only its
+    full-data products.
+
+    Args:
+        maxiter: ``depth``: the steps (one mini-batch product each) of every repeat.
+        scale: ``eta``; ``None`` estimates ``1 / (lambda_max + damping)`` of the
+            full operator like :func:`neumann` (to 1%, its products counted).
+        batch_size: Samples per mini-batch, at most ``N``; default
+            ``min(N, problem.batch_size)``: one of the problem's batches, the most
+            its batching lets one product hold.
+        repeats: Independent recursions averaged.
+        seed: Seed of the mini-batches (a CPU generator; the same draws on every
+            device).
+        check_every: Measure the residual every this many steps (see above);
+            ``None``: never.
+
+    Raises:
+        CurvkitError: A preconditioner, an unknown option, or a ``scale``,
+            ``batch_size``, ``repeats`` or ``check_every`` out of range.
+    """
+    refuse_options("lissa", unknown)
+    if preconditioner is not None:
+        raise CurvkitError("lissa takes no preconditioner; use cg")
+    for name, value in (("repeats", repeats), ("check_every", check_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CurvkitError(f"{name} must be a positive integer, got {value!r}")
+    history = SolveHistory(A, damping, B, callback)
+    sample = _MiniBatches(A, batch_size, seed, history)
+    if scale is None:
+        scale, why = _series_scale(A, damping, history)
+        if scale is None:
+            return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+    if not scale > 0:
+        raise CurvkitError(f"scale must be positive, got {scale!r}")
+    depth, K = maxiter, B.shape[1]
+    start = B.clone() if x0 is None else x0 / scale
+    bounds = start.norm(dim=0), B.norm(dim=0)  # ||x_j|| <= ||x_0|| + j ||v|| while every step contracts
+    tiny = torch.finfo(B.dtype).tiny
+    total = torch.zeros_like(B)
+    residual = history.record(0, None, scale * start)
+    iteration = 0
+    for repeat in range(repeats):
+        X = start.clone()
+        for j in range(1, depth + 1):
+            iteration += 1
+            history.matvecs += K
+            AX = sample().matmat(X)
+            X_next = B + X - scale * (AX + damping * X if damping else AX)
+            if not bool(torch.isfinite(X_next).all()):
+                answer = (total + scale * X) / (repeat + 1)
+                return history.result(
+                    answer, False, f"non-finite value at iteration {iteration}", iteration, residual
+                )
+            X = X_next
+            growth = (X.norm(dim=0) / (bounds[0] + j * bounds[1]).clamp_min(tiny)).max().item()
+            if not growth <= DIVERGENCE:
+                history.record(iteration, None)
+                return history.result(
+                    (total + scale * X) / (repeat + 1),
+                    False,
+                    f"diverging at iteration {iteration} (repeat {repeat + 1}, step {j}): the iterate's "
+                    f"norm is {growth:.3g} times the bound ||x_0|| + j ||v|| of a contracting series, so the "
+                    f"spectrum of {scale:.3g} (A_S + damping I) left [0, 2] ({sample.source}); lower the "
+                    "scale, raise batch_size or damping",
+                    iteration,
+                    float("nan"),
+                )
+            if repeat == repeats - 1 and j == depth:
+                break  # the answer's residual is measured below, if asked
+            estimate = (total + scale * X) / (repeat + 1)  # the answer so far, for a callback
+            if check_every is not None and j % check_every == 0:
+                residual = history.record(iteration, (B - history.apply(scale * X)).norm(dim=0), estimate)
+            else:
+                history.record(iteration, None, estimate)
+        total = total + scale * X
+    X = total / repeats
+    done = f"depth reached: {repeats} repeat(s) of {depth} steps on {sample.source}"
+    if check_every is None:
+        history.record(iteration, None, X)
+        why = f"{done} (stochastic: residual not measured; pass check_every to measure it)"
+        return history.result(X, False, why, iteration, float("nan"))
+    return history.measured(B, X, iteration, tol, f"{done}: relative residual {{residual}} measured")
+
+
+class _MiniBatches:
+    """LiSSA's operators: the estimator on a fresh random mini-batch per call (see :func:`lissa`).
+
+    Attributes:
+        source: What the steps multiply with, in words (for ``reason``).
+    """
+
+    def __init__(self, A: CurvatureOperator, batch_size: int | None, seed: int, history: SolveHistory):
+        self.A = A
+        self.generator = torch.Generator().manual_seed(int(seed))
+        if not isinstance(A, ProblemOperator):
+            self.source = (
+                f"the whole operator at every step: {type(A).__name__} has no data to sample, so this is "
+                "the Neumann series"
+            )
+            return
+        problem = A.problem
+        self.N = N = problem.num_samples()
+        self.batch_size = min(N, problem.batch_size) if batch_size is None else batch_size
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or not 1 <= self.batch_size <= N
+        ):
+            raise CurvkitError(f"batch_size must be an integer in 1..{N} (the samples), got {batch_size!r}")
+        # an unbiased estimate of A: a mean over the samples is one already, a sum is scaled up
+        self.weight = N / self.batch_size if problem.loss.reduction == "sum" else 1.0
+        problem.ensure_deterministic()  # once, on the full data; the mini-batches share the record
+        self.source = f"mini-batches of {self.batch_size} of {N} samples"
+        passes, self.samples = A.data_passes, 0
+        history.extra = lambda: {"samples": self.samples + (A.data_passes - passes) * N}
+
+    def __call__(self) -> CurvatureOperator:
+        if not isinstance(self.A, ProblemOperator):
+            return self.A
+        chosen = torch.randperm(self.N, generator=self.generator)[: self.batch_size]
+        self.samples += self.batch_size
+        batch = self.A.with_problem(self.A.problem.subset(chosen))
+        return batch if self.weight == 1.0 else self.weight * batch
