@@ -109,6 +109,34 @@ def _params_option(values: list[str] | None) -> str | list[str] | None:
     return "all" if names == ["all"] else names
 
 
+def _assignment(text: str, flag: str, example: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` as ``(NAME, VALUE)``, ``VALUE`` parsed as JSON when it parses, else a string."""
+    name, equals, value = text.partition("=")
+    name = name.strip()
+    if not equals or not name:
+        raise CurvkitError(f"{flag} {text!r} is not NAME=VALUE (e.g. {flag} {example})")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _solver_options(assignments: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Every ``--ihvp-option SOLVER.NAME=VALUE``, by solver."""
+    options: dict[str, dict[str, Any]] = {}
+    for text in assignments or []:
+        address, value = _assignment(text, "--ihvp-option", "lissa.repeats=8")
+        solver, dot, name = address.partition(".")
+        if not dot or not solver or not name:
+            raise CurvkitError(
+                f"--ihvp-option {text!r} names no solver: write SOLVER.NAME=VALUE (lissa.repeats=8)"
+            )
+        if name in options.setdefault(solver, {}):
+            raise CurvkitError(f"--ihvp-option {address} is given twice")
+        options[solver][name] = value
+    return options
+
+
 def _estimator_options(assignments: list[str] | None, text: str | None) -> dict[str, Any]:
     """``--estimator-options JSON`` and every ``--option NAME=VALUE``, as one mapping by address.
 
@@ -117,19 +145,12 @@ def _estimator_options(assignments: list[str] | None, text: str | None) -> dict[
     """
     options = _json_option(text, "--estimator-options") or {}
     for assignment in assignments or []:
-        name, equals, value = assignment.partition("=")
-        name = name.strip()
-        if not equals or not name:
-            raise CurvkitError(
-                f"--option {assignment!r} is not NAME=VALUE (e.g. --option mc_samples=4, "
-                "or --option fisher.mode=exact for one estimator)"
-            )
+        name, value = _assignment(
+            assignment, "--option", "mc_samples=4, or --option fisher.mode=exact for one estimator"
+        )
         if name in options:
             raise CurvkitError(f"estimator option {name!r} is given twice (--option, --estimator-options)")
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
+        options[name] = value
     return options
 
 
@@ -272,6 +293,14 @@ def analyze_command(
     ihvp_vector: str = typer.Option(
         "gradient", "--ihvp-vector", help="v of --ihvp: gradient, random, or a .pt file with a [P] tensor."
     ),
+    ihvp_tol: float = typer.Option(1e-6, "--ihvp-tol", help="Relative residual each --ihvp solver stops at."),
+    ihvp_maxiter: int = typer.Option(100, "--ihvp-maxiter", help="Iteration cap of each --ihvp solver."),
+    ihvp_option: list[str] | None = typer.Option(
+        None,
+        "--ihvp-option",
+        help="A solver's option SOLVER.NAME=VALUE (VALUE as JSON, else a string), e.g. lissa.repeats=8. "
+        "Repeatable.",
+    ),
     tol: float = typer.Option(1e-4, "--tol", help="Relative residual tolerance of eigenpairs."),
     max_matvecs: int | None = typer.Option(
         None, "--max-matvecs", help="Product budget of each eigen-solve (default: the solver's)."
@@ -318,7 +347,16 @@ def analyze_command(
         or per_layer
         or bool(solvers)
     )
-    kinds = {"ihvp": {"solvers": solvers, "damping": damping, "vector": ihvp_vector}} if solvers else {}
+    kinds = {}
+    if solvers:
+        kinds["ihvp"] = {
+            "solvers": solvers,
+            "damping": damping,
+            "vector": ihvp_vector,
+            "tol": ihvp_tol,
+            "maxiter": ihvp_maxiter,
+            "solver_options": _solver_options(ihvp_option),
+        }
     plan = AnalysisPlan(
         top_k=top_k if top_k is not None else (0 if explicit and compare_to is None else 5),
         bottom_k=bottom_k or 0,

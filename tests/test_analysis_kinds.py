@@ -301,10 +301,53 @@ def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         (one,) = proc.stderr.strip().splitlines()
         assert fragment in one
-    proc = run_curvkit("analyze", MLP, "--ihvp", "cgg", "-o", str(out), cwd=tmp_path)
-    assert proc.returncode == 2 and "unknown solver cgg" in proc.stderr
+    for bad, fragment in (
+        (["--ihvp", "cgg"], "unknown solver cgg"),
+        (
+            ["--ihvp", "cg", "--ihvp-option", "lissa.repeats=2"],
+            "--ihvp-option for lissa, which --ihvp does not",
+        ),
+        (["--ihvp", "cg", "--ihvp-option", "repeats=2"], "names no solver: write SOLVER.NAME=VALUE"),
+        (["--ihvp", "cg", "--ihvp-maxiter", "0"], "maxiter must be a positive integer"),
+    ):
+        proc = run_curvkit("analyze", MLP, *bad, "-o", str(out), cwd=tmp_path)
+        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, (
+            proc.stderr
+        )
     with ResultsStore(out, "r") as store:  # the finished results are kept
         assert store.runs()[0].read("ihvp/gradient").curves["cg"].converged
+
+
+def test_ihvp_solver_options_from_the_command_line(tmp_path):
+    out = tmp_path / "r.h5"
+    args = [
+        "analyze",
+        MLP,
+        "--curvature",
+        "ggn",
+        "--max-samples",
+        "200",
+        "--ihvp",
+        "lissa,cg",
+        "-o",
+        str(out),
+    ]
+    args += [
+        "--ihvp-option",
+        "lissa.repeats=2",
+        "--ihvp-option",
+        "lissa.batch_size=50",
+        "--ihvp-maxiter",
+        "7",
+    ]
+    result = runner.invoke(app, [*args, "--ihvp-tol", "1e-3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    with ResultsStore(out, "r") as store:
+        (run,) = store.runs()
+        assert run.request("ihvp/gradient")["solver_options"] == {"lissa": {"repeats": 2, "batch_size": 50}}
+        lissa = run.read("ihvp/gradient").curves["lissa"]
+        assert "2 repeat(s) of 7 steps on mini-batches of 50 of 200 samples" in lissa.reason
+        assert run.read("ihvp/gradient").tol == 1e-3
 
 
 def test_ihvp_vector_from_a_file(tmp_path):

@@ -83,6 +83,9 @@ def _check(options: Mapping[str, Any]) -> None:
     extra = given["solver_options"]
     if not isinstance(extra, Mapping) or any(not isinstance(v, Mapping) for v in extra.values()):
         raise CurvkitError("ihvp solver_options must map solver names to option mappings")
+    idle = sorted(set(extra) - set(names))
+    if idle:
+        raise CurvkitError(f"--ihvp-option for {', '.join(idle)}, which --ihvp does not run")
 
 
 def _keys(plan: Any, psd: bool, estimator: str | None) -> list[str]:
