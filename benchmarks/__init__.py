@@ -15,5 +15,10 @@ Modules:
   densities with curvkit and the peers, with products counted at the operator.
 * :mod:`benchmarks.spectral`: the spectral rows (``eigen``, ``trace``, ``density``),
   their references and goals.
-* :mod:`benchmarks.report`: ``RESULTS.md`` and ``results.json``.
+* :mod:`benchmarks.ggn`, :mod:`benchmarks.kfac`: the GGN / Fisher and KFAC rows.
+* :mod:`benchmarks.solvers`: inverse-HVP solvers against curvlinops' inverse
+  operators: products and time to a relative residual of 1e-6, and what each
+  returns on an indefinite system.
+* :mod:`benchmarks.report`: ``RESULTS.md`` and ``results.json``; a run of some
+  sections (``--only``) merges them into the recorded ones.
 """

@@ -1,9 +1,23 @@
-"""Run the benchmarks: ``python -m benchmarks [--only hvp,matmat,ggn,kfac,eigen,trace,density] [--quick]``.
+"""Run the benchmarks: ``python -m benchmarks [--only SECTION,...] [--problems mlp,...] [--quick]``.
 
+Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers (default: all).
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
-A full run takes about five minutes on 2 cores; ``--quick`` (fewer rounds and
-seeds, spectral sections on the MLP only) about a minute.
+A full run takes about twenty minutes on 2 cores (the ``solvers`` section about
+five); ``--quick`` (fewer rounds and seeds, spectral and solver sections on the
+MLP only) a few.
+
+A run of some sections or problems (``--only`` or ``--problems``) **merges**
+into the results already in ``--out``: the (section, problem) entries it
+measured replace the recorded ones, every other recorded entry is kept, and
+``results.json`` records per section which run measured which problems
+(``provenance``: commit, date, command and that run's settings; shown as a
+table in ``RESULTS.md`` when sections come from different runs). The goals are
+evaluated again over the merged results. A run of everything (neither option)
+writes the results afresh, as does ``--no-merge``. For example, to record the
+solver section alone into the committed results::
+
+    python -m benchmarks --only solvers
 """
 
 from __future__ import annotations
@@ -20,14 +34,22 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from benchmarks.ggn import evaluate_ggn_goals, run_ggn  # noqa: E402
 from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
 from benchmarks.kfac import KFAC_PROBLEMS, evaluate_kfac_goals, run_kfac  # noqa: E402
-from benchmarks.peers import peer_versions  # noqa: E402
+from benchmarks.peers import backend_versions, peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
-from benchmarks.report import render_markdown, write_results  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    Recorded,
+    load_recorded,
+    merge_recorded,
+    render_markdown,
+    write_results,
+)
+from benchmarks.solvers import evaluate_solver_goals, run_solvers  # noqa: E402
 from benchmarks.spectral import (  # noqa: E402
     SPECTRAL_SECTIONS,
     evaluate_spectral_goals,
@@ -36,7 +58,7 @@ from benchmarks.spectral import (  # noqa: E402
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
 from curvkit.choice import AUTO_TRIALS  # noqa: E402
 
-SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS)
+SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS, "solvers")
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -71,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         type=_csv(SECTIONS),
         default=list(SECTIONS),
-        help="sections, e.g. hvp,matmat, ggn or eigen,trace,density (default: all)",
+        help="sections, e.g. hvp,matmat, ggn, eigen,trace,density or solvers (default: all); merges "
+        "into the results in --out",
     )
     parser.add_argument(
         "--problems", type=_csv(list(PROBLEMS)), default=None, help="e.g. mlp,cnn (default: all)"
@@ -83,11 +106,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="few rounds: a smoke run (spectral sections on the MLP only unless --problems says otherwise)",
+        help="few rounds: a smoke run (spectral and solver sections on the MLP only unless --problems says "
+        "otherwise)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU cores)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="where to write the results")
+    parser.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="with --only or --problems: write only this run's results, dropping those recorded in --out",
+    )
     return parser.parse_args(argv)
+
+
+def _goals(rec: Recorded) -> list:
+    """Every section's goals over the (merged) results."""
+    return (
+        evaluate_goals(rec.results)
+        + evaluate_ggn_goals(rec.ggn)
+        + evaluate_kfac_goals(rec.kfac)
+        + (evaluate_spectral_goals(rec.spectral) if rec.spectral else [])
+        + evaluate_solver_goals(rec.solvers)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         kfac_results.append(res)
     spectral_sections = [s for s in args.only if s in SPECTRAL_SECTIONS]
     spectral = run_spectral(spectral_sections, args.problems, args.quick) if spectral_sections else None
+    solver_results, solver_settings = (
+        run_solvers(args.problems, args.quick) if "solvers" in args.only else ([], None)
+    )
     meta = {
         "commit": commit,
         "command": " ".join(
@@ -151,18 +194,28 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "sections": args.only,
         "peers": peer_versions(),
+        "peer_backends": backend_versions(),
         "spectral_settings": None if spectral is None else spectral.to_dict()["settings"],
+        "solver_settings": None if solver_settings is None else asdict(solver_settings),
         "wall_s": time.perf_counter() - start,
         "other_load": whole_run.stop(),
     }
-    goals = (
-        evaluate_goals(results)
-        + evaluate_ggn_goals(ggn_results)
-        + evaluate_kfac_goals(kfac_results)
-        + (evaluate_spectral_goals(spectral) if spectral else [])
+    run = Recorded(results, ggn_results, kfac_results, spectral, solver_results)
+    partial = set(args.only) != set(SECTIONS) or args.problems is not None
+    old = load_recorded(args.out / "results.json") if partial and not args.no_merge else None
+    merged = merge_recorded(old, run, args.only, meta)
+    goals = _goals(merged)
+    parts = (
+        merged.results,
+        goals,
+        merged.spectral,
+        merged.ggn,
+        merged.kfac,
+        merged.solvers,
+        merged.provenance,
     )
-    write_results(args.out, meta, results, goals, spectral, ggn_results, kfac_results)
-    print(render_markdown(meta, results, goals, spectral, ggn_results, kfac_results))
+    write_results(args.out, meta, *parts)
+    print(render_markdown(meta, *parts))
     return 0
 
 

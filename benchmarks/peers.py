@@ -28,9 +28,11 @@ from benchmarks.methods import Method, MethodUnavailableError, Product, flatten
 from benchmarks.problems import BenchProblem
 
 __all__ = [
+    "BACKENDS",
     "DISTRIBUTIONS",
     "NO_HVP",
     "PEER_METHODS",
+    "backend_versions",
     "curvlinops_hessian",
     "peer_versions",
     "pyhessian_computer",
@@ -45,6 +47,10 @@ DISTRIBUTIONS = {
     "torch_optimizer": "torch-optimizer",
 }
 """Import name -> distribution name of every peer."""
+
+BACKENDS = {"scipy": "scipy", "linear_operator": "linear-operator"}
+"""Import name -> distribution name of the libraries the peers' solvers run on: SciPy (``eigsh``,
+curvlinops' LSMR inverse) and GPyTorch's ``linear_operator`` (curvlinops' CG inverse)."""
 
 NO_HVP = {
     "nngeometry": "no Hessian-vector product: `Hessian(...)` only builds a dense `PMatDense` "
@@ -70,6 +76,18 @@ def peer_versions() -> dict[str, str]:
             versions[dist] = importlib.metadata.version(dist)
         except MethodUnavailableError as exc:
             versions[dist] = f"unavailable ({exc})"
+    return versions
+
+
+def backend_versions() -> dict[str, str]:
+    """Installed version of each of :data:`BACKENDS`, or why it cannot be imported."""
+    versions = {}
+    for module, dist in BACKENDS.items():
+        try:
+            importlib.import_module(module)
+            versions[dist] = importlib.metadata.version(dist)
+        except Exception as exc:  # ImportError, or a broken dependency failing at import
+            versions[dist] = f"unavailable ({type(exc).__name__}: {exc})"
     return versions
 
 

@@ -1,21 +1,46 @@
-"""Writing the results: ``RESULTS.md`` (tables) and ``results.json`` (everything)."""
+"""Writing the results: ``RESULTS.md`` (tables) and ``results.json`` (everything).
+
+A run of some sections (``--only``, ``--problems``) *merges* into the recorded
+results: :func:`load_recorded` reads ``results.json`` back into the result
+objects, :func:`merge_recorded` replaces the entries (section, problem) that
+the run measured and keeps the others, and ``provenance`` in ``results.json``
+says, per section, which run recorded which problems (commit, date, command and
+that run's settings). The goals are evaluated again over the merged results;
+the Markdown is rendered from them, with a provenance table when sections come
+from more than one run.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow
 from benchmarks.hvp import Goal, K, ProblemResult
 from benchmarks.kfac import DAMPING, KFACResult
 from benchmarks.peers import NO_HVP
-from benchmarks.spectral import TARGET, SpectralResults
+from benchmarks.problems import PROBLEMS
+from benchmarks.solvers import CG_EPS, GARBAGE, SolverResult, SolverRow, SolverSystem
+from benchmarks.solvers import TARGET as SOLVE_TARGET
+from benchmarks.spectral import TARGET, SpectralResults, SpectralSettings
 from curvkit.choice import AUTO_TRIALS
 
-__all__ = ["render_ggn", "render_kfac", "render_markdown", "write_results"]
+__all__ = [
+    "Recorded",
+    "load_recorded",
+    "merge_recorded",
+    "provenance_record",
+    "render_ggn",
+    "render_kfac",
+    "render_markdown",
+    "render_solvers",
+    "write_results",
+]
 
 DISAGREE = 1e-4  # relative error in float32 above which a method computes another matrix
 LOAD_LIMIT = 0.05
@@ -113,6 +138,59 @@ def _notes(res_list: Sequence[ProblemResult]) -> list[str]:
     return [f"- **{name}**: {note}" for name, note in seen.items() if note]
 
 
+def _run_meta(meta: dict[str, Any], provenance: dict[str, list[dict]] | None, section: str) -> dict[str, Any]:
+    """The settings of the run that recorded ``section`` (the latest, if several; else this run's)."""
+    records = (provenance or {}).get(section) or []
+    return (records[-1].get("meta") or meta) if records else meta
+
+
+def _this_run(record: dict[str, Any], meta: dict[str, Any]) -> bool:
+    return record.get("date") == meta["machine"]["date"] and record.get("command") == meta["command"]
+
+
+def _mixed(meta: dict[str, Any], provenance: dict[str, list[dict]] | None) -> bool:
+    """Whether the report holds sections (or problems) recorded by an earlier run."""
+    return any(not _this_run(r, meta) for records in (provenance or {}).values() for r in records)
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    commit = record.get("commit") or "unknown commit"
+    quick = " (`--quick`)" if record.get("quick") else ""
+    return f"commit {commit} on {record.get('date', 'unknown date')} by `{record.get('command', '?')}`{quick}"
+
+
+def _recorded_line(section: str, meta: dict[str, Any], provenance: dict[str, list[dict]] | None) -> list[str]:
+    """Under a section's heading, where its figures come from, when the report mixes runs."""
+    if not _mixed(meta, provenance):
+        return []
+    records = (provenance or {}).get(section) or []
+    parts = [f"{', '.join(r.get('problems') or []) or 'all'} recorded at {_record_text(r)}" for r in records]
+    return [f"*{section}*: " + "; ".join(parts) + ".", ""] if parts else []
+
+
+def _machine(record: dict[str, Any]) -> str:
+    m = (record.get("meta") or {}).get("machine") or {}
+    return f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, torch {m.get('torch', '?')}"
+
+
+def _provenance_table(meta: dict[str, Any], provenance: dict[str, list[dict]] | None) -> list[str]:
+    rows = [
+        [
+            section,
+            ", ".join(r.get("problems") or []),
+            r.get("commit") or "-",
+            r.get("date", "-"),
+            f"`{r.get('command', '?')}`",
+            "yes" if r.get("quick") else "no",
+            _machine(r),
+            "this run" if _this_run(r, meta) else "kept",
+        ]
+        for section, records in (provenance or {}).items()
+        for r in records
+    ]
+    return _table(["section", "problems", "commit", "date", "command", "quick", "machine", ""], rows)
+
+
 def render_markdown(
     meta: dict[str, Any],
     results: Sequence[ProblemResult],
@@ -120,25 +198,55 @@ def render_markdown(
     spectral: SpectralResults | None = None,
     ggn: Sequence[GGNResult] = (),
     kfac: Sequence[KFACResult] = (),
+    solvers: Sequence[SolverResult] = (),
+    provenance: dict[str, list[dict]] | None = None,
 ) -> str:
-    """The report as Markdown."""
+    """The report as Markdown.
+
+    ``provenance`` (section -> records of the runs that measured it, see
+    :func:`provenance_record`) adds a provenance table and a line under each
+    section when the report holds figures of more than one run; the HVP timing
+    settings are those of the run that recorded the HVP rows.
+    """
     m = meta["machine"]
+    timing = _run_meta(meta, provenance, "hvp" if any(r.hvp for r in results) else "matmat")
     out = [
         "# curvkit benchmarks: Hessian-vector products and spectral analysis",
         "",
         f"Generated {m['date']} by `{meta['command']}` (run from the repository root)"
         + (f" at commit {meta['commit']}." if meta.get("commit") else "."),
         "",
+    ]
+    if _mixed(meta, provenance):
+        out += [
+            f"This run measured {', '.join(meta.get('sections') or [])}; the other sections and problems are "
+            "the figures recorded by earlier runs, kept from `results.json` (goals evaluated again over "
+            "all of them). Machine, load and wall time below are this run's; the HVP timing settings are "
+            "those of the run that recorded the HVP rows; each section says which run recorded it.",
+            "",
+            "Provenance:",
+            "",
+        ]
+        out += _provenance_table(meta, provenance) + [""]
+    out += [
         f"- Machine: {m['cpu']}, {m['cpu_count']} cores, {m['platform']}; load average (1 min) "
         f"at start {m['load_average_1min']}, at end {meta['load_average_end']}.",
         f"- Python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']} "
         f"(inter-op {m['torch_interop_threads']}), OPENBLAS_NUM_THREADS={m['openblas_num_threads']}.",
-        f"- HVP and matmat timing: median of {meta['repeats']} rounds ({meta['matmat_repeats']} for matmat) "
-        f"after {meta['warmup']} warm-up round(s) ({meta.get('matmat_warmup', meta['warmup'])} for matmat, "
-        "past curvkit's auto-strategy trials), all methods of a table interleaved in each round "
-        "(rotating order), in one process; a fresh random vector every round. Each method's first "
-        "product (on the check vector) is untimed, so kept graphs and caches are warm.",
-        "- Function: the full-data mean cross-entropy, model in eval mode, float32. Peers get the "
+    ]
+    if results:
+        out += [
+            f"- HVP and matmat timing: median of {timing['repeats']} rounds ({timing['matmat_repeats']} for "
+            f"matmat) after {timing['warmup']} warm-up round(s) "
+            f"({timing.get('matmat_warmup', timing['warmup'])} for matmat, past curvkit's auto-strategy "
+            "trials), all methods of a table interleaved in each round (rotating order), in one process; a "
+            "fresh random vector every round. Each method's first product (on the check vector) is untimed, "
+            "so kept graphs and caches are warm."
+        ]
+    out += [
+        "- Function: the full-data mean cross-entropy, model in eval mode, float32"
+        + (" (the solver section: float64)" if solvers else "")
+        + ". Peers get the "
         "whole data set as one batch with `nn.CrossEntropyLoss()` (mean), so their normalisation "
         "matches; agreement with curvkit is checked per method (relative 2-norm error on a fixed vector; "
         f"above {DISAGREE:g} a row is marked as disagreeing: float32 rounding alone stays near 1e-7).",
@@ -146,12 +254,21 @@ def render_markdown(
         f"{_pct(meta['other_load'])} of the machine (per problem below)."
         + (LOAD_WARNING if (meta["other_load"] or 0) > LOAD_LIMIT else ""),
         "",
-        "Peers: " + ", ".join(f"{k} {v}" for k, v in meta["peers"].items()) + ".",
+        "Peers: "
+        + ", ".join(f"{k} {v}" for k, v in meta["peers"].items())
+        + "."
+        + (
+            " Their back-ends: " + ", ".join(f"{k} {v}" for k, v in meta["peer_backends"].items()) + "."
+            if meta.get("peer_backends")
+            else ""
+        ),
         "",
     ]
     out += [f"- {k}: {v}." for k, v in NO_HVP.items()] + [""]
     if goals:
-        out += ["## Goals", ""] + _goals_table(goals) + [""] + READING + [""]
+        out += ["## Goals", ""] + _goals_table(goals) + [""] + (READING + [""] if results else [])
+    if results:
+        out += _recorded_line("hvp", meta, provenance) + _recorded_line("matmat", meta, provenance)
     for res in results:
         out += [
             f"## {res.name}: {res.description}",
@@ -165,11 +282,17 @@ def render_markdown(
         if res.matmat:
             out += [f"matmat (K = {K} vectors):", ""] + _matmat_table(res) + [""]
     if ggn:
-        out += render_ggn(ggn, meta)
+        out += _recorded_line("ggn", meta, provenance) + render_ggn(ggn, meta)
     if kfac:
-        out += render_kfac(kfac)
+        out += _recorded_line("kfac", meta, provenance) + render_kfac(kfac)
     if spectral is not None:
-        out += render_spectral(spectral)
+        lines = []
+        for section in ("eigen", "trace", "density"):
+            if getattr(spectral, section):
+                lines += _recorded_line(section, meta, provenance)
+        out += lines + render_spectral(spectral)
+    if solvers:
+        out += _recorded_line("solvers", meta, provenance) + render_solvers(solvers)
     if results:
         out += ["## How each method is called", ""] + _notes(results) + [""]
     return "\n".join(out)
@@ -183,22 +306,200 @@ def write_results(
     spectral: SpectralResults | None = None,
     ggn: Sequence[GGNResult] = (),
     kfac: Sequence[KFACResult] = (),
+    solvers: Sequence[SolverResult] = (),
+    provenance: dict[str, list[dict]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
-    md.write_text(render_markdown(meta, results, goals, spectral, ggn, kfac), encoding="utf-8")
+    md.write_text(
+        render_markdown(meta, results, goals, spectral, ggn, kfac, solvers, provenance), encoding="utf-8"
+    )
     payload = {
         "meta": meta,
+        "provenance": provenance or {},
         "goals": [asdict(g) for g in goals],
         "problems": [r.to_dict() for r in results],
         "ggn": [r.to_dict() for r in ggn],
         "kfac": [r.to_dict() for r in kfac],
+        "solvers": [r.to_dict() for r in solvers],
     }
     if spectral is not None:
         payload["spectral"] = spectral.to_dict()
     js.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return md, js
+
+
+# ------------------------------------------------------------------ merging with the recorded results
+SECTION_ORDER = ("hvp", "matmat", "ggn", "kfac", "eigen", "trace", "density", "solvers")
+PROBLEM_ORDER = ("mlp-trained", *PROBLEMS)
+SPECTRAL_SETTING_OF = {
+    "eigen": ("eigen_rounds", "cross_check"),
+    "trace": ("trace_seeds",),
+    "density": ("density_rounds",),
+}
+"""The spectral settings each spectral section ran with."""
+
+
+@dataclass
+class Recorded:
+    """Everything a ``results.json`` holds, as result objects, with the provenance of each section."""
+
+    results: list[ProblemResult] = field(default_factory=list)
+    ggn: list[GGNResult] = field(default_factory=list)
+    kfac: list[KFACResult] = field(default_factory=list)
+    spectral: SpectralResults | None = None
+    solvers: list[SolverResult] = field(default_factory=list)
+    provenance: dict[str, list[dict]] = field(default_factory=dict)
+
+    def covered(self, section: str) -> list[str]:
+        """The problems holding figures of ``section``."""
+        if section == "hvp":
+            return [r.name for r in self.results if r.hvp]
+        if section == "matmat":
+            return [r.name for r in self.results if r.matmat]
+        if section in SPECTRAL_SETTING_OF:
+            return [r.name for r in getattr(self.spectral, section)] if self.spectral else []
+        return [r.name for r in getattr(self, section)]
+
+
+def _build(tp: Any, value: Any) -> Any:
+    """``value`` (parsed JSON) as an instance of the annotation ``tp`` (dataclasses, lists, optionals)."""
+    if value is None:
+        return None
+    if isinstance(tp, type) and is_dataclass(tp):
+        hints = get_type_hints(tp)
+        known = {f.name for f in fields(tp) if f.init}
+        return tp(**{k: _build(hints[k], v) for k, v in value.items() if k in known})
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp) or (Any,)
+        return [_build(item, v) for v in value]
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        return _build(options[0], value) if len(options) == 1 else value
+    return value
+
+
+def provenance_record(meta: dict[str, Any], problems: Sequence[str]) -> dict[str, Any]:
+    """Who recorded a section's figures on ``problems``: commit, date, command, and that run's meta."""
+    return {
+        "problems": list(problems),
+        "commit": meta.get("commit"),
+        "date": meta.get("machine", {}).get("date"),
+        "command": meta.get("command"),
+        "quick": meta.get("quick"),
+        "meta": {k: v for k, v in meta.items() if k != "sections"},
+    }
+
+
+def load_recorded(path: Path) -> Recorded | None:
+    """The results recorded in ``path`` (``results.json``), or ``None`` when it is missing.
+
+    A file written before provenance was recorded gets it from its ``meta``:
+    every section it lists, on the problems it holds, recorded by that run. A
+    section that cannot be read back is dropped with a note on stderr.
+    """
+    if not path.exists():
+        return None
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    rec = Recorded()
+    parts = {
+        "results": ("problems", list[ProblemResult]),
+        "ggn": ("ggn", list[GGNResult]),
+        "kfac": ("kfac", list[KFACResult]),
+        "spectral": ("spectral", SpectralResults),
+        "solvers": ("solvers", list[SolverResult]),
+    }
+    for attr, (key, tp) in parts.items():
+        try:
+            value = _build(tp, payload.get(key))
+        except Exception as exc:  # schema drift: keep the rest
+            print(f"[merge] could not read the recorded {key!r} ({exc}); dropped", file=sys.stderr)
+            value = None
+        if value is not None:
+            setattr(rec, attr, value)
+    provenance = payload.get("provenance")
+    if not provenance:
+        meta = payload.get("meta") or {}
+        provenance = {
+            s: [provenance_record(meta, rec.covered(s))]
+            for s in meta.get("sections") or SECTION_ORDER
+            if rec.covered(s)
+        }
+    rec.provenance = {s: list(records) for s, records in provenance.items()}
+    return rec
+
+
+def _order(name: str) -> tuple[int, str]:
+    return (PROBLEM_ORDER.index(name) if name in PROBLEM_ORDER else len(PROBLEM_ORDER), name)
+
+
+def _merge_list(old: Sequence[Any], new: Sequence[Any], replaced: Sequence[str]) -> list[Any]:
+    """``old`` entries of problems not ``replaced``, and ``new`` entries, in problem order."""
+    by_name = {r.name: r for r in old if r.name not in replaced}
+    by_name |= {r.name: r for r in new}
+    return [by_name[n] for n in sorted(by_name, key=_order)]
+
+
+def merge_recorded(
+    old: Recorded | None, new: Recorded, sections: Sequence[str], meta: dict[str, Any]
+) -> Recorded:
+    """``new`` (this run: the ``sections`` it measured) over ``old`` (the recorded results).
+
+    An entry (section, problem) this run measured replaces the recorded one;
+    every other recorded entry is kept with its provenance. HVP and matmat rows
+    share a per-problem record: the run's rows replace only those of the
+    sections it ran (with the gradient time for ``hvp``).
+    """
+    old = old or Recorded()
+    ran = {s: new.covered(s) for s in sections}
+    merged = Recorded()
+    provenance: dict[str, list[dict]] = {}
+    for section in SECTION_ORDER:
+        kept = []
+        for record in old.provenance.get(section, []):
+            problems = [p for p in record.get("problems") or [] if p not in ran.get(section, [])]
+            if section not in ran or problems:
+                kept.append({**record, "problems": problems if section in ran else record.get("problems")})
+        if ran.get(section):
+            kept.append(provenance_record(meta, ran[section]))
+        if kept:
+            provenance[section] = kept
+    merged.provenance = provenance
+
+    # hvp and matmat: one ProblemResult per problem
+    by_name = {r.name: r for r in old.results}
+    for res in new.results:
+        base = by_name.get(res.name)
+        if base is None:
+            by_name[res.name] = res
+            continue
+        if res.name in ran.get("hvp", []):
+            base.hvp, base.gradient_ms = res.hvp, res.gradient_ms
+        if res.name in ran.get("matmat", []):
+            base.matmat = res.matmat
+        base.description, base.params, base.samples = res.description, res.params, res.samples
+        base.other_load = res.other_load
+    merged.results = [by_name[n] for n in sorted(by_name, key=_order)]
+    for attr in ("ggn", "kfac", "solvers"):
+        setattr(merged, attr, _merge_list(getattr(old, attr), getattr(new, attr), ran.get(attr, [])))
+
+    # spectral: three lists and the settings each ran with
+    if old.spectral is None and new.spectral is None:
+        return merged
+    settings = {}
+    parts = {}
+    for section, names in SPECTRAL_SETTING_OF.items():
+        source = new.spectral if section in ran and new.spectral is not None else old.spectral
+        source = source or new.spectral
+        for name in names:
+            settings[name] = getattr(source.settings, name)
+        old_part = getattr(old.spectral, section) if old.spectral else []
+        new_part = getattr(new.spectral, section) if new.spectral else []
+        parts[section] = _merge_list(old_part, new_part, ran.get(section, []))
+    merged.spectral = SpectralResults(SpectralSettings(**settings), **parts)
+    return merged
 
 
 # ------------------------------------------------------------------ spectral sections
@@ -558,3 +859,219 @@ def render_kfac(results: Sequence[KFACResult]) -> list[str]:
         out += _kfac_table(res.factors) + ["", "Inverse products:", ""] + _kfac_table(res.inverse) + [""]
     rows = [r for res in results for r in (*res.factors, *res.inverse)]
     return out + _method_notes(rows, "KFAC")
+
+
+# ------------------------------------------------------------------ linear solvers
+SOLVER_READING = [
+    "Reading the solver tables:",
+    "",
+    f"- *Products*: products with the curvature operator (columns multiplied), counted at the operator, "
+    f"not the libraries' own reports (curvkit's `SolveResult.matvecs` agrees with its counter; curvkit "
+    f"`neumann` includes its largest-eigenvalue estimate, GPyTorch's CG its product with the zero "
+    f"initial guess). *True residual*: `||g - (A + d I) x|| / ||g||` of the returned answer, measured "
+    f"afterwards in float64 with one more product (not counted); *reached* means it is at most "
+    f"{SOLVE_TARGET:g}. curvkit's claim is its recurrence's residual.",
+    "- *s*: the whole solve, median over the rounds shown (rows that reached the target are timed over "
+    "more rounds, interleaved; the others once: their time is the time to their cap). *ms per product* "
+    "divides it by the products, so it includes each solver's own linear algebra and each library's "
+    "product cost (curvkit and curvlinops products are not equally fast).",
+    f"- *Garbage*: an answer more than {GARBAGE:g} (relative 2-norm) from the reference. *Flagged*: "
+    "curvkit said `converged=False`, or the peer raised or warned; *silent*: it returned as if "
+    "nothing were wrong.",
+    "- Goals: for each curvlinops solver (default settings, not the context row), the fewest products "
+    "any curvkit solver needs to reach the accuracy that peer returned (its true residual, or the "
+    f"{SOLVE_TARGET:g} target if it did better), from curvkit's per-iteration history (confirmed by "
+    "its answer's true residual), against the products the peer spent.",
+]
+
+
+def _verdict(row: SolverRow) -> str:
+    if row.skipped:
+        return "-"
+    if row.residual is None:
+        return "raised: no answer"
+    flag = "flagged" if row.flagged else "silent"
+    if row.rel_error is not None and not row.rel_error <= GARBAGE:
+        return f"**garbage, {flag}**" if not row.flagged else f"garbage, {flag}"
+    if row.reached:
+        return "ok"
+    return f"short of {SOLVE_TARGET:g}, {flag}"
+
+
+def _solver_cells(r: SolverRow) -> list[str]:
+    per = "-" if not r.matvecs or r.median_s is None else f"{1e3 * r.median_s / r.matvecs:.1f}"
+    spread = "-" if r.median_s is None else f"{r.min_s:.2f}-{r.max_s:.2f} ({r.rounds})"
+    return [_num(r.median_s, ".2f"), spread, per]
+
+
+def _psd_table(system: SolverSystem) -> list[str]:
+    rows = []
+    for r in system.rows:
+        name = (
+            r.method
+            + ("" if r.headline else " (context)")
+            + (f" (skipped: {r.skipped})" if r.skipped else "")
+        )
+        rows.append(
+            [
+                name,
+                r.settings,
+                _num(r.matvecs, "d"),
+                "-" if r.residual is None else ("yes" if r.reached else "**no**"),
+                _num(r.residual, ".1e"),
+                _num(r.claimed_residual, ".1e"),
+                *_solver_cells(r),
+                r.says,
+            ]
+        )
+    header = [
+        "method",
+        "settings",
+        "products",
+        f"reached {SOLVE_TARGET:g}",
+        "true residual",
+        "claimed",
+        "median s",
+        "fastest-slowest (rounds)",
+        "ms per product",
+        "says",
+    ]
+    return _table(header, rows)
+
+
+def _indefinite_table(system: SolverSystem) -> list[str]:
+    rows = []
+    for r in system.rows:
+        name = (
+            r.method
+            + ("" if r.headline else " (context)")
+            + (f" (skipped: {r.skipped})" if r.skipped else "")
+        )
+        rows.append(
+            [
+                name,
+                r.settings,
+                _num(r.matvecs, "d"),
+                _num(r.residual, ".1e"),
+                _num(r.rel_error, ".1e"),
+                _num(r.cosine, ".4f"),
+                _num(r.norm_ratio, ".3g"),
+                _num(r.median_s, ".2f"),
+                r.says,
+                _verdict(r),
+            ]
+        )
+    header = [
+        "method",
+        "settings",
+        "products",
+        "true residual",
+        "rel. error vs reference",
+        "cosine",
+        "norm / reference",
+        "s",
+        "says",
+        "verdict",
+    ]
+    return _table(header, rows)
+
+
+def _float32_table(system: SolverSystem) -> list[str]:
+    rows = [
+        [
+            r.method,
+            r.settings,
+            _num(r.matvecs, "d"),
+            r.says,
+            _num(r.claimed_residual, ".1e"),
+            _num(r.residual, ".1e"),
+            "-" if r.residual is None else ("yes" if r.reached else "**no**"),
+        ]
+        for r in system.rows
+    ]
+    header = [
+        "method",
+        "settings",
+        "products",
+        "says",
+        "claimed",
+        "true residual (float64)",
+        f"<= {SOLVE_TARGET:g}",
+    ]
+    return _table(header, rows)
+
+
+def render_solvers(results: Sequence[SolverResult]) -> list[str]:
+    """The linear-solver sections as Markdown lines."""
+    out = SOLVER_READING + [""]
+    for res in results:
+        out += [
+            f"## Linear solvers on {res.name}: {res.description}",
+            "",
+            f"P = {res.params:,} parameters, {res.samples} samples, on a float64 copy of the model; "
+            f"right-hand side the full-data gradient g (||g|| = {_num(res.rhs_norm, '.4g')}). CPU used by "
+            f"other processes meanwhile: {_pct(res.other_load)}.",
+            "",
+        ]
+        psd, indefinite, f32 = res.system("psd"), res.system("indefinite"), res.system("float32")
+        if psd is not None:
+            kappa = (
+                ""
+                if psd.lambda_max is None
+                else f"; lambda_max(GGN) = {psd.lambda_max:.4g} (curvkit `eigenvalues`, to 1%, "
+                f"{psd.estimate_matvecs} products), so the condition number of G + dI is at most "
+                f"(lambda_max + d) / d = {(psd.lambda_max + psd.damping) / psd.damping:,.0f}"
+            )
+            out += [
+                f"### (GGN + {psd.damping:g} I) x = g, {psd.dtype}",
+                "",
+                f"Positive definite{kappa}. Cap: {psd.cap} iterations ({psd.cap // 2} for LSMR); rows that "
+                f"reached {SOLVE_TARGET:g} timed over {psd.rounds} round(s), the others once.",
+                "",
+            ]
+            out += _psd_table(psd) + [""]
+        if indefinite is not None:
+            spectrum = (
+                ""
+                if indefinite.lambda_min is None
+                else f"Hessian spectrum [{indefinite.lambda_min:.4g}, {indefinite.lambda_max:.4g}] (curvkit "
+                f"`eigenvalues`, both ends, to 1%, {indefinite.estimate_matvecs} products): the damped "
+                f"system has eigenvalues down to {indefinite.lambda_min + indefinite.damping:.3g}, so it is "
+                "indefinite. "
+            )
+            ref = (
+                f"Reference: {indefinite.reference}: {indefinite.reference_matvecs} products, "
+                f"{'converged' if indefinite.reference_converged else '**not converged**'}, true residual "
+                f"{_num(indefinite.reference_residual, '.1e')}."
+            )
+            out += [
+                f"### (Hessian + {indefinite.damping:g} I) x = g, {indefinite.dtype}: indefinite",
+                "",
+                spectrum + ref + f" Same solvers and settings, cap {indefinite.cap}; one round.",
+                "",
+            ]
+            out += _indefinite_table(indefinite) + [""]
+        if f32 is not None:
+            out += [
+                f"### Why float64: curvkit on (GGN + {f32.damping:g} I) x = g in float32",
+                "",
+                "The same solves on the float32 problem; the true residual of each answer is measured on "
+                "the float64 system. Products rounded to float32 (about 1e-7 relative) bound how small "
+                "a true residual gets, while the recurrences' residuals, which the solvers watch, go on "
+                "falling: the claim overstates the answer.",
+                "",
+            ]
+            out += _float32_table(f32) + [""]
+    notes: dict[str, str] = {}
+    for res in results:
+        for system in res.systems:
+            for r in system.rows:
+                notes.setdefault(r.method, r.note)
+    out += ["## How each solver is called", ""]
+    out += [f"- **{name}**: {note}" for name, note in notes.items() if note]
+    out += [
+        f"- GPyTorch's `eps` guard: the context row sets `eps={CG_EPS:g}` to show that its CG, once the "
+        "guard is out of the way, takes the same steps as curvkit's.",
+        "",
+    ]
+    return out
