@@ -67,6 +67,8 @@ def neumann(
     :func:`curvkit.eigenvalues` (to 1%, its products counted). A residual above
     :data:`DIVERGENCE` times ``||B||`` (an eigenvalue of ``A + damping I`` at or
     below zero, or a ``scale`` too large) stops the series as diverging.
+    Convergence is confirmed by the true residual
+    (:meth:`~curvkit.linalg.solve.SolveHistory.confirmed`).
 
     Args:
         scale: ``eta``; ``None`` estimates it.
@@ -81,28 +83,30 @@ def neumann(
     if not scale > 0:
         raise CurvkitError(f"scale must be positive, got {scale!r}")
     X, R = history.initial(B, x0)
-    residual = history.record(0, R.norm(dim=0), X)
-    for iteration in range(1, maxiter + 1):
-        if residual <= tol:
-            return history.result(X, True, "converged", iteration - 1, residual)
-        AR = history.apply(R)
-        if not bool(torch.isfinite(AR).all()):
-            return history.non_finite(X, iteration, residual)
-        X = X + scale * R
-        R = R - scale * AR
-        residual = history.record(iteration, R.norm(dim=0), X)
-        if not residual <= DIVERGENCE:
-            return history.result(
-                X,
-                False,
-                f"diverging at iteration {iteration} (relative residual {residual:.3g}): the spectrum of "
-                f"{scale:.3g} (A + damping I) is not inside (0, 2); add damping, lower the scale, or use "
-                "minres",
-                iteration,
-                residual,
-            )
-    converged = residual <= tol
-    return history.result(X, converged, "converged" if converged else "maxiter", maxiter, residual)
+    history.record(0, R.norm(dim=0), X)
+
+    def cycle(X: Tensor, R: Tensor, done: int, budget: int) -> tuple[Tensor, int, str | SolveResult]:
+        residual = (R.norm(dim=0) / history.norms).max().item()
+        for step in range(1, budget + 1):
+            if residual <= tol:
+                return X, step - 1, "claimed"
+            iteration = done + step
+            AR = history.apply(R)
+            if not bool(torch.isfinite(AR).all()):
+                return X, step, history.non_finite(X, iteration, history.last_residual)
+            X = X + scale * R
+            R = R - scale * AR
+            residual = history.record(iteration, R.norm(dim=0), X)
+            if not residual <= DIVERGENCE:
+                why = (
+                    f"diverging at iteration {iteration} (relative residual {residual:.3g}): the spectrum of "
+                    f"{scale:.3g} (A + damping I) is not inside (0, 2); add damping, lower the scale, or use "
+                    "minres"
+                )
+                return X, step, history.result(X, False, why, iteration, residual)
+        return X, budget, "claimed" if residual <= tol else "maxiter"
+
+    return history.confirmed(B, X, R, tol=tol, maxiter=maxiter, cycle=cycle)
 
 
 def lissa(

@@ -41,6 +41,7 @@ from curvkit.operator import CurvatureOperator
 from curvkit.solver_spec import SolverSpec
 
 __all__ = [
+    "Cycle",
     "InverseOperator",
     "SolveHistory",
     "SolveResult",
@@ -207,6 +208,12 @@ def inverse(
     return InverseOperator(A, method, damping, **settings)
 
 
+Cycle = Callable[[Tensor, Tensor, int, int], tuple[Tensor, int, "str | SolveResult"]]
+"""``cycle(X, R, done, budget) -> (X, used, outcome)``: one run of a recurrence.
+
+See :meth:`SolveHistory.confirmed`."""
+
+
 class SolveHistory:
     """Per-iteration records and the product counter of one solve: what every solver keeps.
 
@@ -283,6 +290,62 @@ class SolveHistory:
         converged = residual <= tol
         reason = "converged" if converged else reason.format(residual=f"{residual:.3g}")
         return self.result(X, converged, reason, iteration, residual)
+
+    @property
+    def last_residual(self) -> float:
+        """The relative residual of the latest row (NaN before the first)."""
+        return self.rows[-1]["residual"] if self.rows else float("nan")
+
+    def confirmed(
+        self, B: Tensor, X: Tensor, R: Tensor, *, tol: float, maxiter: int, cycle: Cycle
+    ) -> SolveResult:
+        """Run a recurrence in cycles, and believe its convergence only once the true residual confirms it.
+
+        A recurrence's residual (CG's ``r``, MINRES's ``phibar``, the Neumann
+        series' ``r``) drifts from the true ``B - (A + damping I) X`` as rounding
+        accumulates: in float32 a solver can claim ``1e-6`` with a true residual
+        of ``3e-6``. So when ``cycle`` claims convergence, or runs out of
+        iterations, the true residual is computed (one product, recorded as a
+        row) and is what the result reports. If it is above ``tol`` and the
+        iterations allow, the recurrence restarts from ``X`` with the true
+        residual (residual replacement); a restart that does not halve the true
+        residual means it has reached the products' precision, and the solve
+        stops saying so.
+
+        Args:
+            B: The right-hand sides.
+            X: The first iterate; ``R`` its residual.
+            cycle: ``cycle(X, R, done, budget) -> (X, used, outcome)``: runs at most
+                ``budget`` iterations numbered from ``done + 1``, recording each,
+                and returns the iterate, the iterations used and ``"claimed"`` (its
+                recurrence's residual is within ``tol`` for every column),
+                ``"maxiter"`` (the budget ran out) or a final :class:`SolveResult`
+                (a breakdown, a non-finite value, a non-positive curvature...).
+        """
+        done, previous = 0, math.inf
+        while True:
+            X, used, outcome = cycle(X, R, done, maxiter - done)
+            done += used
+            if isinstance(outcome, SolveResult):
+                return outcome
+            R = B - self.apply(X)
+            if not bool(torch.isfinite(R).all()):
+                return self.non_finite(X, done, self.last_residual)
+            residual = self.record(done, R.norm(dim=0), X)
+            if residual <= tol:
+                return self.result(X, True, "converged", done, residual)
+            if outcome != "claimed" or done >= maxiter:
+                return self.result(X, False, "maxiter", done, residual)
+            if not residual < 0.5 * previous:
+                return self.result(
+                    X,
+                    False,
+                    f"stagnated at a true relative residual of {residual:.2g} (the recurrence's fell below "
+                    f"{tol:g}): the products' precision; use float64 or a larger tol",
+                    done,
+                    residual,
+                )
+            previous = residual
 
     def result(
         self, x: Tensor, converged: bool, reason: str, iterations: int, residual: float
