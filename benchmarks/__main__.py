@@ -72,14 +72,18 @@ def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+RECORDS = ("benchmarks/RESULTS.md", "benchmarks/results.json")
+"""The files a run writes: changes to them alone do not make the measured tree differ from its commit."""
+
+
 def _commit() -> str | None:
-    """The checked-out commit (with ``+changes`` if the tree differs from it), or ``None``."""
+    """The checked-out commit, with ``+changes`` if the tree differs from it (:data:`RECORDS` aside)."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        status = ["git", "status", "--porcelain"]
+        status = ["git", "status", "--porcelain", "--", ".", *(f":(exclude){path}" for path in RECORDS)]
         dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
