@@ -245,3 +245,16 @@ def test_every_hook_is_documented():
         doc = inspect.getdoc(fn) or ""
         assert len(doc.splitlines()) >= 3, f"hook {name} needs a docstring"
         assert "Returns" in doc or "return" in doc.lower(), f"hook {name} does not say what it returns"
+
+
+def test_every_core_subpackage_is_installed():
+    """A non-editable install (CI's, a user's) ships only the packages pyproject.toml lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        "curvkit." + ".".join(init.parent.relative_to(CORE).parts)
+        for init in CORE.rglob("__init__.py")
+        if init.parent != CORE
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
