@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from curvkit.cli.main import app
 from torch import nn
 from typer.testing import CliRunner
 
 import curvkit
 import curvkit.summaries
-from cli.main import app
 from curvkit.analysis import AnalysisPlan
 from curvkit.comparison import compare_spectra
 from curvkit.datasets import bundled_file
