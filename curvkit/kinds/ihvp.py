@@ -197,7 +197,7 @@ def _summarize(result: IhvpResult) -> str:
 
 def _tables(items: Sequence[tuple[str, IhvpResult]]) -> list[ResultTable]:
     """The final row of each solver; why each that did not converge stopped, under the table."""
-    columns = ("solver", "converged", "iterations", "products", "seconds", "residual", "error", "cosine")
+    columns = ("solver", "conv.", "iters", "products", "s", "residual", "error", "cosine")
     tables = []
     for key, result in items:
         rows = [
@@ -209,7 +209,7 @@ def _tables(items: Sequence[tuple[str, IhvpResult]]) -> list[ResultTable]:
                 f"{curve.final('seconds'):.3g}",
                 f"{curve.final('residual'):.1e}",
                 f"{curve.final('error'):.1e}",
-                f"{curve.final('cosine'):.5f}",
+                f"{curve.final('cosine'):.4f}",
             ]
             for name, curve in result.curves.items()
         ]
