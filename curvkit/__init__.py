@@ -17,6 +17,7 @@ The public API::
 ``import curvkit`` does not import typer, h5py or matplotlib.
 """
 
+from curvkit import partition
 from curvkit._version import __version__
 from curvkit.analysis import AnalysisPlan
 from curvkit.checkpoints import (
@@ -57,6 +58,7 @@ from curvkit.linalg.per_layer import LayerRow, LayerTable, per_layer
 from curvkit.linalg.slq import DensityResult, density
 from curvkit.linalg.solve import InverseOperator, SolveResult, SolverSpec, inverse, solve, solvers
 from curvkit.linalg.trace import TraceResult, trace
+from curvkit.newton import SummaryResult, newton_summary
 from curvkit.operator import (
     CurvatureOperator,
     DenseOperator,
@@ -108,6 +110,7 @@ __all__ = [
     "EigenResult",
     "IhvpResult",
     "SolverCurve",
+    "SummaryResult",
     "EstimatorSpec",
     "IdentityOperator",
     "InverseOperator",
@@ -144,6 +147,8 @@ __all__ = [
     "diagonal",
     "eigenvalues",
     "ihvp_accuracy",
+    "newton_summary",
+    "partition",
     "estimators",
     "get_estimator",
     "hookimpl",

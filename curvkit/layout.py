@@ -92,7 +92,7 @@ class ParameterLayout:
         """Split a flat ``[P]`` or ``[P, K]`` tensor into per-parameter views."""
         trailing = tuple(flat.shape[1:])
         parts = torch.split(flat, list(self.numels), dim=0)
-        return [p.reshape(*s, *trailing) for p, s in zip(parts, self.shapes)]
+        return [p.reshape(tuple(s) + trailing) for p, s in zip(parts, self.shapes)]
 
     def sub_layout(self, names: Iterable[str]) -> ParameterLayout:
         """The layout of a subset of the parameters, kept in this layout's order."""
