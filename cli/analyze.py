@@ -283,6 +283,11 @@ def analyze_command(
         False, "--check", help="Eigenvalue checks (residuals, symmetry, PSD, agreement)."
     ),
     per_layer: bool = typer.Option(False, "--per-layer", help="Top eigenvalue and trace per layer."),
+    summary: str | None = typer.Option(
+        None,
+        "--summary",
+        help="Newton summary (Wolinski 2023) over a partition: canonical, wb or trivial: g_bar, H_bar, D3.",
+    ),
     ihvp: list[str] | None = typer.Option(
         None,
         "--ihvp",
@@ -346,8 +351,9 @@ def analyze_command(
         or check
         or per_layer
         or bool(solvers)
+        or summary is not None
     )
-    kinds = {}
+    kinds: dict[str, dict[str, Any]] = {} if summary is None else {"summary": {"partition": summary}}
     if solvers:
         kinds["ihvp"] = {
             "solvers": solvers,

@@ -170,7 +170,7 @@ def plot(
     from curvkit import plotting
     from curvkit.runs import trajectories
 
-    kinds = plotting.check_formats(formats.split(","))
+    file_formats = plotting.check_formats(formats.split(","))
     with ResultsStore(results, mode="r") as store:
         runs = store.runs()
         try:
@@ -184,7 +184,9 @@ def plot(
                 stem = f"{run.run_id}-{key.replace('/', '-').replace('+', 'p')}"
                 result = run.read(key)
                 for suffix, ax in plotting.figures(result, title=run_label(run), log=log):
-                    written += plotting.save_figure(ax, out / (f"{stem}-{suffix}" if suffix else stem), kinds)
+                    written += plotting.save_figure(
+                        ax, out / (f"{stem}-{suffix}" if suffix else stem), file_formats
+                    )
                 if isinstance(result, ComparisonResult):
                     checkpoint = str(run.provenance.get("checkpoint", run.run_id))
                     compared.setdefault((checkpoint, result.baseline), []).append(result)
@@ -194,43 +196,51 @@ def plot(
             ax = plotting.plot_comparisons(
                 group, [c.estimator for c in group], title=f"{Path(checkpoint).name}: against {baseline}"
             )
-            written += plotting.save_figure(ax, out / f"comparison-{number}-{baseline}", kinds)
+            written += plotting.save_figure(ax, out / f"comparison-{number}-{baseline}", file_formats)
+        kinds = analysis_kinds()
         for number, trajectory in enumerate(trajectories(runs), 1):
             estimator = trajectory.runs[0].provenance.get("estimator", "run")
-            for what, ylabel, points in (
-                ("top-eigenvalue", "top eigenvalue", _top_eigenvalues),
-                ("trace", "trace", _traces),
-            ):
-                values = [points(run) for run in trajectory.runs]
-                if any(v is None for v in values):
-                    continue
-                ax = plotting.plot_trajectory(
-                    trajectory.labels,
-                    [v[0] for v in values],
-                    [v[1] for v in values],
-                    ylabel=ylabel,
-                    positions=trajectory.positions,
-                    xlabel=trajectory.xlabel,
-                    title=trajectory.title,
-                    label=f"{len(trajectory.runs)} checkpoints",
-                )
-                written += plotting.save_figure(ax, out / f"trajectory-{number}-{estimator}-{what}", kinds)
+            for stem, (ylabel, lines) in _trajectory_lines(trajectory.runs, kinds).items():
+                ax = None
+                for label, points in lines.items():
+                    ax = plotting.plot_trajectory(
+                        trajectory.labels,
+                        [value for value, _ in points],
+                        [error for _, error in points],
+                        ax=ax,
+                        ylabel=ylabel,
+                        positions=trajectory.positions,
+                        xlabel=trajectory.xlabel,
+                        title=trajectory.title,
+                        label=label or f"{len(trajectory.runs)} checkpoints",
+                    )
+                if ax is not None:
+                    written += plotting.save_figure(
+                        ax, out / f"trajectory-{number}-{estimator}-{stem}", file_formats
+                    )
     typer.echo(f"{len(written)} files written to {out}")
 
 
-def _top_eigenvalues(run: Run) -> tuple[float, float] | None:
-    if not run.has("eigen/largest"):
-        return None
-    top = run.read("eigen/largest")
-    return top.values[0].item(), top.residuals[0].item()
-
-
-def _traces(run: Run) -> tuple[float, float] | None:
-    key = next((k for k in run.analyses() if k.startswith("trace/")), None)
-    if key is None:
-        return None
-    trace = run.read(key)
-    return trace.estimate, trace.stderr
+def _trajectory_lines(runs: list[Run], kinds: dict[str, Any]) -> dict[str, tuple[str, dict[str, list]]]:
+    """Every kind's trajectory numbers (:attr:`curvkit.kinds.AnalysisKind.trajectory`) across the
+    runs: ``{stem: (ylabel, {label: [(value, error) per run]})}``, lines every run has."""
+    per_run = []
+    for run in runs:
+        found: dict[str, tuple[str, dict[str, tuple[float, float]]]] = {}
+        for key in run.analyses():
+            for stem, (ylabel, lines) in kinds[key.partition("/")[0]].trajectory(key, run.read(key)).items():
+                found.setdefault(stem, (ylabel, {}))[1].update(lines)
+        per_run.append(found)
+    shared: dict[str, tuple[str, dict[str, list]]] = {}
+    for stem, (ylabel, lines) in per_run[0].items():
+        kept = {
+            label: [found[stem][1][label] for found in per_run]
+            for label in lines
+            if all(stem in found and label in found[stem][1] for found in per_run)
+        }
+        if kept:
+            shared[stem] = (ylabel, kept)
+    return shared
 
 
 def export(

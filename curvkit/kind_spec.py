@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BUILTIN_KINDS", "AnalysisContext", "AnalysisKind", "ResultTable", "Row"]
+__all__ = ["BUILTIN_KINDS", "AnalysisContext", "AnalysisKind", "ResultTable", "Row", "Series"]
 
 Row = tuple[str, Any, Any]
 """``(quantity, item, value)``: one number of a result in the CSV export."""
@@ -72,6 +72,14 @@ def _no_figures(result: Any, title: str, log: bool) -> list[tuple[str, Any]]:
     return []
 
 
+Series = dict[str, tuple[float, float]]
+"""A trajectory figure's lines at one checkpoint: label -> ``(value, error bar)``."""
+
+
+def _no_trajectory(key: str, result: Any) -> dict[str, tuple[str, Series]]:
+    return {}
+
+
 @dataclass
 class AnalysisKind:
     """One kind of analysis: how it is computed, stored, read back, summarised and drawn.
@@ -94,6 +102,11 @@ class AnalysisKind:
         tables: ``tables([(key, result), ...])``: ``curvkit show``'s tables of a
             run's results of this kind; ``None`` (the default) prints one line each.
         figures: ``figures(result, title, log) -> [(suffix, axes), ...]`` for ``curvkit plot``.
+        trajectory: ``trajectory(key, result) -> {stem: (ylabel, {label: (value, error)})}``:
+            the numbers ``curvkit plot`` draws across the checkpoints of a trajectory,
+            one figure per ``stem`` (``trajectory-<n>-<estimator>-<stem>``), one line per
+            label (``""``: the figure's only line). A line is drawn when every
+            checkpoint has it.
         plugin: Set by the registry for a plugin's kind.
     """
 
@@ -109,8 +122,9 @@ class AnalysisKind:
     check: Callable[[Mapping[str, Any]], None] | None = None
     tables: Callable[[Sequence[tuple[str, Any]]], list[ResultTable] | None] = _no_tables
     figures: Callable[[Any, str, bool], list[tuple[str, Any]]] = _no_figures
+    trajectory: Callable[[str, Any], dict[str, tuple[str, Series]]] = _no_trajectory
     plugin: str = ""
 
 
-BUILTIN_KINDS = ("eigen", "trace", "density", "checks", "per_layer", "compare", "ihvp")
+BUILTIN_KINDS = ("eigen", "trace", "density", "checks", "per_layer", "compare", "ihvp", "summary")
 """The built-in kinds, in the order a run computes and lists them (modules of :mod:`curvkit.kinds`)."""

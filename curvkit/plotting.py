@@ -23,6 +23,7 @@ __all__ = [
     "plot_density",
     "plot_eigenvalues",
     "plot_ihvp",
+    "plot_matrix",
     "plot_per_layer",
     "plot_trajectory",
     "save_figure",
@@ -213,6 +214,33 @@ def plot_comparison(result: Any, ax: Any = None, title: str | None = None) -> An
     )
     ax.set_title(f"{title}\n{detail}" if title else detail, fontsize=10)
     ax.legend(fontsize=8)
+    return ax
+
+
+def plot_matrix(matrix: Any, labels: Sequence[str], ax: Any = None, title: str | None = None) -> Any:
+    """A small symmetric matrix (the Newton summary's ``H_bar``) as a heat map, centred at zero.
+
+    Args:
+        matrix: ``[S, S]``.
+        labels: One per row and column.
+        ax: Axes to draw on (a new figure when ``None``).
+        title: Title, e.g. the run's name.
+    """
+    values = matrix.double().cpu().numpy()
+    ax = (
+        ax
+        if ax is not None
+        else _pyplot().subplots(figsize=(1.5 + 0.5 * len(labels), 1 + 0.5 * len(labels)))[1]
+    )
+    limit = float(abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    ax.figure.colorbar(image, ax=ax)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(list(labels), rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(list(labels), fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
     return ax
 
 

@@ -55,6 +55,7 @@ def example_results() -> dict[str, object]:
         "ihvp": curvkit.ihvp_accuracy(
             B, ["cg", "minres", "neumann"], vector="random", damping=0.1, maxiter=30
         ),
+        "summary": curvkit.newton_summary(seed_problem(), "wb"),
     }
 
 

@@ -179,3 +179,54 @@ def test_third_derivatives_through_layernorm_are_wrong_in_torch_autodiff_so_auto
     )  # if this fails, torch fixed it: revisit THIRD_ORDER_UNRELIABLE
     with pytest.raises(curvkit.CurvkitError, match="unknown third-derivative method"):
         third_directional_derivatives(problem, V, "magic")
+
+
+def test_summary_analysis_on_the_command_line(tmp_path, run_curvkit):
+    """``curvkit analyze --summary wb`` stores the summary; show prints H_bar's eigenvalues and the
+    Newton rates; plot draws H_bar and, across a trajectory, the rates; resume reuses it."""
+    import shutil
+
+    from curvkit.cli.main import app
+    from typer.testing import CliRunner
+
+    from curvkit.datasets import bundled_file
+    from curvkit.store import ResultsStore
+
+    runner = CliRunner()
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (1, 2):
+        shutil.copy(bundled_file("digits_mlp.pt"), folder / f"step-{step}.pt")
+    out = tmp_path / "r.h5"
+    args = [
+        "analyze",
+        str(folder),
+        "--curvature",
+        "ggn",
+        "--summary",
+        "wb",
+        "--max-samples",
+        "200",
+        "-o",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "summary/wb: 2 subsets (wb) along the gradient, ggn: H_bar eigenvalues" in result.stdout
+    with ResultsStore(out, "r") as store:
+        run = store.runs()[0]
+        assert run.analyses() == ["summary/wb"]
+        stored = run.read("summary/wb")
+        assert stored.subsets[0][0] == "0.weight" and stored.H_bar.dtype == torch.float64  # float64 copy
+        assert (torch.linalg.eigvalsh(stored.H_bar) > 0).all()  # the GGN's summary is PSD here
+    shown = runner.invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0 and "H_bar eigenvalues:" in shown.stdout and "Newton rate" in shown.stdout
+    plotted = runner.invoke(app, ["plot", str(out), "-o", str(tmp_path / "fig"), "--formats", "png"])
+    assert plotted.exit_code == 0, plotted.output
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert any(n.endswith("summary-wb-H_bar.png") for n in names)
+    assert "trajectory-1-ggn-newton-rates-wb.png" in names
+    again = runner.invoke(app, [*args, "--json", "--quiet"])
+    assert [run["resumed"] for run in __import__("json").loads(again.stdout)["runs"]] == [["summary/wb"]] * 2
+    bad = run_curvkit("analyze", str(folder), "--summary", "wbb", "-o", str(out), cwd=tmp_path)
+    assert bad.returncode == 2 and "--summary must be one of canonical, trivial, wb" in bad.stderr

@@ -148,6 +148,12 @@ def _figures(result: EigenResult, title: str, log: bool) -> list[tuple[str, Any]
     return [("", plot_eigenvalues(result, title=title))]
 
 
+def _trajectory(key: str, result: EigenResult) -> dict[str, tuple[str, dict[str, tuple[float, float]]]]:
+    if key != "eigen/largest":
+        return {}
+    return {"top-eigenvalue": ("top eigenvalue", {"": (result.values[0].item(), result.residuals[0].item())})}
+
+
 KIND = AnalysisKind(
     name="eigen",
     result_type=EigenResult,
@@ -160,4 +166,5 @@ KIND = AnalysisKind(
     summarize=summarize,
     tables=_tables,
     figures=_figures,
+    trajectory=_trajectory,
 )

@@ -74,6 +74,10 @@ def _summarize(result: TraceResult) -> str:
     return f"{result.estimate:.6g} +- {result.stderr:.2g} ({how})"
 
 
+def _trajectory(key: str, result: TraceResult) -> dict[str, tuple[str, dict[str, tuple[float, float]]]]:
+    return {"trace": ("trace", {"": (result.estimate, result.stderr)})}
+
+
 KIND = AnalysisKind(
     name="trace",
     result_type=TraceResult,
@@ -84,4 +88,5 @@ KIND = AnalysisKind(
     read=_read,
     rows=_rows,
     summarize=_summarize,
+    trajectory=_trajectory,
 )
