@@ -288,6 +288,9 @@ def analyze_command(
         "--summary",
         help="Newton summary (Wolinski 2023) over a partition: canonical, wb or trivial: g_bar, H_bar, D3.",
     ),
+    summary_damping_int: float = typer.Option(
+        10.0, "--summary-damping-int", help="lambda_int of the cubic-regularised rates of --summary."
+    ),
     ihvp: list[str] | None = typer.Option(
         None,
         "--ihvp",
@@ -353,7 +356,9 @@ def analyze_command(
         or bool(solvers)
         or summary is not None
     )
-    kinds: dict[str, dict[str, Any]] = {} if summary is None else {"summary": {"partition": summary}}
+    kinds: dict[str, dict[str, Any]] = (
+        {} if summary is None else {"summary": {"partition": summary, "damping_int": summary_damping_int}}
+    )
     if solvers:
         kinds["ihvp"] = {
             "solvers": solvers,

@@ -11,6 +11,7 @@ __all__ = [
     "CurvkitWarning",
     "CurvkitError",
     "DataError",
+    "UnboundedModelError",
     "DenseTooLargeError",
     "DuplicateEstimatorError",
     "NonDeterministicError",
@@ -107,3 +108,13 @@ class UnsupportedModelError(CurvkitError, ValueError):
 
 class NonConvexLossError(CurvkitError, ValueError):
     """The loss's Hessian w.r.t. the model outputs is indefinite: it has no symmetric factor."""
+
+
+class UnboundedModelError(CurvkitError, ValueError):
+    """The cubic model has no minimiser: it decreases without bound along a direction.
+
+    That direction lies on subsets the cubic term does not see (``lambda_int = 0``,
+    or ``d_s = 0``): ``H_bar`` restricted to them has a negative eigenvalue, or is
+    singular with ``g_bar`` (or the coupling to the other subsets) not orthogonal
+    to its null space.
+    """

@@ -17,8 +17,9 @@ directions, and its third-order regulariser, need only
 that is one gradient, one product of ``H`` with the ``S`` columns ``v_s`` (one
 pass over the data) and ``S`` third directional derivatives (nested forward-mode
 derivatives: :func:`curvkit.autodiff.third_directional_derivatives`), instead of
-anything of size ``P x P``. The per-subset learning rates of the Newton step
-are ``eta = H_bar^-1 g_bar``.
+anything of size ``P x P``. :meth:`SummaryResult.learning_rates` turns it into
+the per-subset learning rates: the Newton step ``H_bar^-1 g_bar``, or the
+anisotropic Nesterov cubic-regularised step (:func:`curvkit.cubic.cubic_step`).
 
 ``H_bar`` may be built from another curvature than the Hessian (``curvature=``,
 e.g. the GGN: a positive semi-definite summary); ``D3`` is always the loss's.
@@ -52,6 +53,8 @@ class SummaryResult:
         D3: ``[S]``: the third directional derivatives of the loss along each ``v_s``.
         asymmetry: ``||H_bar - H_bar^T|| / ||H_bar||`` before symmetrising (rounding).
         matvecs: Products with the curvature operator (columns).
+        damping_int: ``lambda_int`` of the cubic-regularised learning rates this
+            summary is shown with (:meth:`learning_rates`); 0: Newton's.
     """
 
     partition: str
@@ -63,11 +66,32 @@ class SummaryResult:
     D3: Tensor
     asymmetry: float = 0.0
     matvecs: int = 0
+    damping_int: float = 0.0
 
     @property
     def d(self) -> Tensor:
         """``d_s = |D3_s|^(1/3)``: the diagonal of ``D``."""
         return self.D3.abs().pow(1.0 / 3.0)
+
+    def learning_rates(self, damping_int: float | None = None, on_unbounded: str = "raise") -> Any:
+        """The per-subset learning rates: :func:`curvkit.cubic.cubic_step` of this summary.
+
+        ``damping_int`` (default: :attr:`damping_int`) 0 gives the Newton step
+        ``H_bar^-1 g_bar``; above, the anisotropic Nesterov cubic-regularised step
+        of Wolinski (the solution of largest ``||D eta||`` of
+        ``eta = (H_bar + (damping_int / 2) ||D eta|| D^2)^-1 g_bar``).
+
+        Returns:
+            A :class:`curvkit.cubic.CubicStep` (``.eta``, ``.case``, ``.detail``).
+
+        Raises:
+            UnboundedModelError: The model has no minimiser (``H_bar`` indefinite on
+                unregularised subsets) and ``on_unbounded="raise"``.
+        """
+        from curvkit.cubic import cubic_step
+
+        damping = self.damping_int if damping_int is None else damping_int
+        return cubic_step(self.g_bar, self.H_bar, self.d, damping, on_unbounded=on_unbounded)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (numbers and lists), e.g. for JSON."""
@@ -81,6 +105,7 @@ class SummaryResult:
             "D3": self.D3.tolist(),
             "asymmetry": self.asymmetry,
             "matvecs": self.matvecs,
+            "damping_int": self.damping_int,
         }
 
 
@@ -127,6 +152,7 @@ def newton_summary(
     *,
     curvature: Any = None,
     seed: int = 0,
+    damping_int: float = 0.0,
 ) -> SummaryResult:
     """``(g_bar, H_bar, D3)`` of ``problem`` over ``partition`` along ``direction``.
 
@@ -141,6 +167,7 @@ def newton_summary(
         curvature: The operator ``H_bar`` is built from (default: the Hessian of
             ``problem``, ``curvkit.curvature("hessian", problem)``).
         seed: Seed of a random direction.
+        damping_int: Kept in the result for :meth:`SummaryResult.learning_rates`.
 
     Raises:
         CurvkitError: A bad partition or direction, a non-finite summary.
@@ -192,4 +219,5 @@ def newton_summary(
         D3.detach().cpu(),
         asymmetry,
         V.shape[1],
+        float(damping_int),
     )

@@ -62,6 +62,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "curvkit.plugins.fisher",
     "curvkit.plugins.empirical_fisher",
     "curvkit.plugins.kfac",
+    "curvkit.plugins.d3",
     "curvkit.plugins.solvers",
 )
 ENTRY_POINT_GROUP = "curvkit"

@@ -220,13 +220,33 @@ def test_summary_analysis_on_the_command_line(tmp_path, run_curvkit):
         assert stored.subsets[0][0] == "0.weight" and stored.H_bar.dtype == torch.float64  # float64 copy
         assert (torch.linalg.eigvalsh(stored.H_bar) > 0).all()  # the GGN's summary is PSD here
     shown = runner.invoke(app, ["show", str(out)])
-    assert shown.exit_code == 0 and "H_bar eigenvalues:" in shown.stdout and "Newton rate" in shown.stdout
+    assert shown.exit_code == 0 and "H_bar eigenvalues:" in shown.stdout and "Newton" in shown.stdout
+    assert "cubic rate: lambda_int = 10, regularised" in shown.stdout
     plotted = runner.invoke(app, ["plot", str(out), "-o", str(tmp_path / "fig"), "--formats", "png"])
     assert plotted.exit_code == 0, plotted.output
     names = sorted(p.name for p in (tmp_path / "fig").iterdir())
     assert any(n.endswith("summary-wb-H_bar.png") for n in names)
-    assert "trajectory-1-ggn-newton-rates-wb.png" in names
+    assert {"trajectory-1-ggn-newton-rates-wb.png", "trajectory-1-ggn-cubic-rates-wb.png"} <= set(names)
     again = runner.invoke(app, [*args, "--json", "--quiet"])
     assert [run["resumed"] for run in __import__("json").loads(again.stdout)["runs"]] == [["summary/wb"]] * 2
     bad = run_curvkit("analyze", str(folder), "--summary", "wbb", "-o", str(out), cwd=tmp_path)
     assert bad.returncode == 2 and "--summary must be one of canonical, trivial, wb" in bad.stderr
+
+
+def test_learning_rates_are_the_cubic_step_of_the_summary():
+    """lambda_int = 0: the Newton step; above: a stationary point of the cubic model (the cubic solve
+    itself is tested in test_cubic.py)."""
+    _, problem = model_and_problem()
+    summary = newton_summary(
+        curvkit.Problem(problem.model, "cross_entropy", next(iter(problem.batches()))), "wb"
+    )
+    newton = summary.learning_rates(0.0)
+    torch.testing.assert_close(
+        newton.eta, torch.linalg.solve(summary.H_bar, summary.g_bar), rtol=1e-10, atol=0
+    )
+    step = summary.learning_rates(10.0)
+    D = torch.diag(summary.d)
+    r = (D @ step.eta).norm()
+    lhs = (summary.H_bar + 5.0 * r * D @ D) @ step.eta
+    torch.testing.assert_close(lhs, summary.g_bar, rtol=1e-9, atol=1e-12)
+    assert step.radius == pytest.approx(r.item(), rel=1e-10)

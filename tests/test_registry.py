@@ -102,7 +102,9 @@ def test_unknown_estimator_lists_names_and_suggests_a_close_match():
     with pytest.raises(curvkit.UnknownEstimatorError) as info:
         curvkit.curvature("zzzz", problem)
     assert "did you mean" not in str(info.value)
-    assert "available: ekfac, empirical-fisher, exact-hessian, fisher, ggn, hessian, kfac" in str(info.value)
+    assert "available: d3, ekfac, empirical-fisher, exact-hessian, fisher, ggn, hessian, kfac" in str(
+        info.value
+    )
 
 
 # --------------------------------------------------------------------------- run-time plugins

@@ -7,7 +7,10 @@ Asked for with ``AnalysisPlan(options={"summary": {...}})`` (``curvkit analyze
 
 * ``partition``: ``"canonical"`` (default), ``"wb"`` or ``"trivial"``;
 * ``direction``: ``"gradient"`` (default) or ``"random"``;
-* ``float64``: compute it on a float64 copy of the problem (default ``True``).
+* ``float64``: compute it on a float64 copy of the problem (default ``True``);
+* ``damping_int``: ``lambda_int`` of the cubic-regularised learning rates shown
+  beside the Newton ones (default ``10``, the reference package's example),
+  stored with the summary.
 
 ``H_bar`` comes from the run's curvature (the Hessian by default, Wolinski's;
 ``--curvature ggn`` gives the Gauss-Newton summary); ``D3`` from the loss.
@@ -29,7 +32,12 @@ from curvkit.partition import PARTITIONS
 
 __all__ = ["DEFAULTS", "KIND", "newton_rates"]
 
-DEFAULTS: dict[str, Any] = {"partition": "canonical", "direction": "gradient", "float64": True}
+DEFAULTS: dict[str, Any] = {
+    "partition": "canonical",
+    "direction": "gradient",
+    "float64": True,
+    "damping_int": 10.0,
+}
 """The options of ``summary``, with their defaults."""
 
 
@@ -46,6 +54,9 @@ def _check(options: Mapping[str, Any]) -> None:
         raise CurvkitError(f"--summary must be one of {', '.join(PARTITIONS)}, got {given['partition']!r}")
     if given["direction"] not in ("gradient", "random"):
         raise CurvkitError(f"the summary direction must be gradient or random, got {given['direction']!r}")
+    damping = given["damping_int"]
+    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
+        raise CurvkitError(f"--summary-damping-int must be a non-negative number, got {damping!r}")
     if not isinstance(given["float64"], bool):
         raise CurvkitError(f"the summary option float64 must be true or false, got {given['float64']!r}")
 
@@ -67,8 +78,24 @@ def _compute(context: AnalysisContext, key: str) -> SummaryResult:
     if problem is None:
         raise CurvkitError(f"the Newton summary needs a data-backed curvature, not a {type(op).__name__}")
     return newton_summary(
-        problem, options["partition"], options["direction"], curvature=op, seed=context.plan.seed
+        problem,
+        options["partition"],
+        options["direction"],
+        curvature=op,
+        seed=context.plan.seed,
+        damping_int=options["damping_int"],
     )
+
+
+def cubic_rates(result: SummaryResult) -> tuple[torch.Tensor | None, str]:
+    """The cubic-regularised rates at the result's ``damping_int``, or ``None``, and the case or why not."""
+    from curvkit.errors import UnboundedModelError
+
+    try:
+        step = result.learning_rates()
+    except UnboundedModelError as exc:
+        return None, str(exc)
+    return step.eta, step.case
 
 
 def newton_rates(result: SummaryResult) -> torch.Tensor | None:
@@ -88,6 +115,7 @@ def _write(g: Any, result: SummaryResult) -> None:
     g.attrs["subsets_json"] = json.dumps(result.subsets)
     g.attrs["asymmetry"] = float(result.asymmetry)
     g.attrs["matvecs"] = int(result.matvecs)
+    g.attrs["damping_int"] = float(result.damping_int)
 
 
 def _read(g: Any) -> SummaryResult:
@@ -101,16 +129,19 @@ def _read(g: Any) -> SummaryResult:
         D3=tensor(g["D3"]),
         asymmetry=float(attr(g.attrs["asymmetry"])),
         matvecs=int(attr(g.attrs["matvecs"])),
+        damping_int=float(attr(g.attrs["damping_int"])),
     )
 
 
 def _rows(result: SummaryResult) -> Iterator[Row]:
     S = len(result.subsets)
     rates = newton_rates(result)
+    cubic, _ = cubic_rates(result)
     for s in range(S):
         yield "g_bar", s, float(result.g_bar[s])
         yield "D3", s, float(result.D3[s])
         yield "newton_rate", s, None if rates is None else float(rates[s])
+        yield "cubic_rate", s, None if cubic is None else float(cubic[s])
         for t in range(S):
             yield f"H_bar[{s}]", t, float(result.H_bar[s, t])
     for i, value in enumerate(torch.linalg.eigvalsh(result.H_bar.double()).tolist()):
@@ -126,9 +157,16 @@ def _summarize(result: SummaryResult) -> str:
         if rates is not None
         else "H_bar not positive definite: no Newton step"
     )
+    cubic, case = cubic_rates(result)
+    regularised = (
+        f"cubic-regularised (lambda_int {result.damping_int:g}, {case}) "
+        + ", ".join(f"{r:.3g}" for r in cubic.tolist()[:6])
+        if cubic is not None
+        else f"no cubic-regularised step: {case}"
+    )
     return (
         f"{len(result.subsets)} subsets ({result.partition}) along the {result.direction}, "
-        f"{result.curvature}: H_bar eigenvalues [{shown}]; {step}"
+        f"{result.curvature}: H_bar eigenvalues [{shown}]; {step}; {regularised}"
     )
 
 
@@ -140,6 +178,7 @@ def _tables(items: Sequence[tuple[str, SummaryResult]]) -> list[ResultTable]:
     tables = []
     for key, result in items:
         rates = newton_rates(result)
+        cubic, case = cubic_rates(result)
         rows = [
             [
                 _label(names),
@@ -148,6 +187,7 @@ def _tables(items: Sequence[tuple[str, SummaryResult]]) -> list[ResultTable]:
                 f"{float(result.D3[s]):.4g}",
                 f"{float(result.d[s]):.4g}",
                 "-" if rates is None else f"{float(rates[s]):.4g}",
+                "-" if cubic is None else f"{float(cubic[s]):.4g}",
             ]
             for s, names in enumerate(result.subsets)
         ]
@@ -155,10 +195,14 @@ def _tables(items: Sequence[tuple[str, SummaryResult]]) -> list[ResultTable]:
         notes = [f"H_bar eigenvalues: {', '.join(f'{v:.4g}' for v in values)}"]
         if rates is None:
             notes.append("H_bar is not positive definite: the Newton step is undefined")
+        notes.append(
+            f"cubic rate: lambda_int = {result.damping_int:g}, "
+            + (case if cubic is not None else f"none: {case}")
+        )
         if result.asymmetry > 1e-6:
             notes.append(f"H_bar was asymmetric by {result.asymmetry:.1e} (relative) before symmetrising")
         title = f"{key}: along the {result.direction}, H_bar from {result.curvature}"
-        columns = ("subset", "g_bar", "H_bar diag", "D3", "d", "Newton rate")
+        columns = ("subset", "g_bar", "H_bar diag", "D3", "d", "Newton", "cubic")
         tables.append(ResultTable(title, columns, rows, notes))
     return tables
 
@@ -171,11 +215,17 @@ def _figures(result: SummaryResult, title: str, log: bool) -> list[tuple[str, An
 
 
 def _trajectory(key: str, result: SummaryResult) -> dict[str, tuple[str, dict[str, tuple[float, float]]]]:
+    found = {}
     rates = newton_rates(result)
-    if rates is None:
-        return {}
-    lines = {_label(names): (float(r), 0.0) for names, r in zip(result.subsets, rates.tolist())}
-    return {f"newton-rates-{result.partition}": ("Newton learning rate (H_bar^-1 g_bar)", lines)}
+    if rates is not None:
+        lines = {_label(names): (float(r), 0.0) for names, r in zip(result.subsets, rates.tolist())}
+        found[f"newton-rates-{result.partition}"] = ("Newton learning rate (H_bar^-1 g_bar)", lines)
+    cubic, _ = cubic_rates(result)
+    if cubic is not None:
+        lines = {_label(names): (float(r), 0.0) for names, r in zip(result.subsets, cubic.tolist())}
+        label = f"cubic-regularised learning rate (lambda_int {result.damping_int:g})"
+        found[f"cubic-rates-{result.partition}"] = (label, lines)
+    return found
 
 
 KIND = AnalysisKind(

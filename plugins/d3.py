@@ -1,0 +1,460 @@
+"""The third-derivative contraction ``d3``: how the Hessian changes along a direction.
+
+For a direction ``u`` fixed at construction, ``d3`` is the ``P x P`` operator
+
+.. math:: T(u) = \\frac{d}{dt} H(\\theta + t u) \\Big|_{t=0},
+   \\qquad T(u)_{ij} = \\sum_k \\frac{\\partial^3 L}{\\partial\\theta_i
+   \\partial\\theta_j \\partial\\theta_k} u_k,
+
+the third-derivative tensor of the full-dataset loss contracted with ``u`` (by default
+the full-data gradient at construction). It is symmetric and, in general, indefinite;
+its spectrum along the gradient says how fast the curvature changes in the direction
+gradient descent moves (P. Wolinski, "Adapting Newton's method to neural networks
+through a summary of higher-order derivatives", arXiv:2312.03885, 2023).
+
+One batch's product ``T_b(u) V = d/dt [H_b(theta + t u) V]`` is forward-mode
+differentiation of its Hessian-vector products: :func:`torch.func.jvp` along ``u``
+of ``theta -> H_b(theta) V`` (pullbacks of :func:`torch.func.grad`, vectorised over
+the ``K`` columns with :func:`torch.func.vmap`), or, the same numbers by plain
+autograd, ``d/dtheta <H_b(theta) u, v>`` per column through the graph of ``H_b u``;
+``strategy="auto"`` times both and keeps the faster (:mod:`curvkit.choice`; on the
+bundled MLP on CPU the autograd way, about twice a Hessian-vector product, the
+forward way about four times at ``K = 1``). The template of
+:class:`curvkit.ProblemOperator` sums the batches, so the product belongs to the
+full-dataset loss and does not depend on the batch size.
+
+**Normalisation layers.** In torch 2.13 every automatic third derivative through
+the fused normalisation kernels is wrong: ``layer_norm``, ``instance_norm`` and
+``batch_norm`` with batch statistics (forward over reverse, reverse over reverse,
+``jacfwd``: from 5% to over 100% off central differences), and ``torch.func`` cannot
+always transform ``group_norm``. Their second derivatives by plain ``jvp`` or
+autograd are right. So the products run under :class:`CompositeNorms`, which
+computes those four operations from elementary operations (mean, variance,
+``rsqrt``), whose derivatives of every order are right. ``batch_norm`` with
+running statistics (evaluation mode, curvkit's default) is affine and keeps the
+fused kernel.
+
+The spec's reference, :func:`dense_d3_reference`, is exact (plain autograd, row by
+row); ``tests/test_d3.py`` checks it against central differences of dense Hessians.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad as func_grad
+from torch.func import jvp, vjp, vmap
+from torch.overrides import TorchFunctionMode
+
+import curvkit
+from curvkit.autodiff import backward_products
+from curvkit.choice import Choice, strategy_choice
+
+__all__ = [
+    "D3_WAYS",
+    "DIRECTIONS",
+    "CompositeNorms",
+    "D3Operator",
+    "d3_batch_product",
+    "dense_d3_reference",
+    "resolve_direction",
+]
+
+DIRECTIONS = ("gradient", "random")
+"""The named directions; a ``[P]`` tensor is the third way."""
+
+
+# ----------------------------------------------------------------------------- normalisation layers
+def _normalize(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (biased variance), from elementary operations.
+
+    Statistics of half-precision inputs are taken in float32, as the fused kernels do.
+    """
+    y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    centred = y - y.mean(dims, keepdim=True)
+    variance = (centred * centred).mean(dims, keepdim=True)
+    return (centred * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, channels: bool) -> Tensor:
+    """``out * weight + bias``, per channel (dimension 1) or over the trailing dimensions."""
+    shape = (1, -1, *([1] * (out.ndim - 2))) if channels else None
+    if weight is not None:
+        out = out * (weight.reshape(shape) if shape else weight)
+    if bias is not None:
+        out = out + (bias.reshape(shape) if shape else bias)
+    return out
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    return _affine(_normalize(input, tuple(range(-n, 0)), eps), weight, bias, channels=False)
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    grouped = input.reshape(input.shape[0], num_groups, -1)
+    return _affine(_normalize(grouped, (-1,), eps).reshape(input.shape), weight, bias, channels=True)
+
+
+def _instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn):
+    if not use_input_stats:  # running statistics: affine in the input, the fused kernel is right
+        return torch.instance_norm(
+            input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn
+        )
+    return _affine(_normalize(input, tuple(range(2, input.ndim)), eps), weight, bias, channels=True)
+
+
+def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn):
+    if not training:  # running statistics: affine in the input, the fused kernel is right
+        return torch.batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn
+        )
+    dims = (0, *range(2, input.ndim))
+    return _affine(_normalize(input, dims, eps), weight, bias, channels=True)
+
+
+def _functional_instance_norm(
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+):
+    cudnn = torch.backends.cudnn.enabled
+    return _instance_norm(
+        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn
+    )
+
+
+def _functional_batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    cudnn = torch.backends.cudnn.enabled
+    return _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+
+
+_COMPOSITES = {  # torch.nn.functional's and torch's names of each (those call these)
+    F.layer_norm: _layer_norm,
+    torch.layer_norm: _layer_norm,
+    F.group_norm: _group_norm,
+    torch.group_norm: _group_norm,
+    F.instance_norm: _functional_instance_norm,
+    torch.instance_norm: _instance_norm,
+    F.batch_norm: _functional_batch_norm,
+    torch.batch_norm: _batch_norm,
+}
+
+
+class CompositeNorms(TorchFunctionMode):
+    """A context in which layer, group, instance and batch normalisation use elementary operations.
+
+    The same values (to rounding) as the fused kernels, with derivatives of every
+    order right: in torch 2.13 the third derivatives of the fused ``layer_norm``,
+    ``instance_norm`` and training-mode ``batch_norm`` are wrong, and ``torch.func``
+    cannot always transform ``group_norm``. ``batch_norm`` and ``instance_norm`` with
+    running statistics keep the fused kernel (affine in the input). Statistics
+    are not updated inside it (curvkit never updates them: a
+    :class:`~curvkit.Problem` in training mode works on copies of the buffers).
+
+    Example:
+        >>> x = torch.randn(4, 6, dtype=torch.float64)
+        >>> with CompositeNorms():
+        ...     y = torch.nn.LayerNorm(6).double()(x)
+        >>> torch.allclose(y, F.layer_norm(x, (6,)))
+        True
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        composite = _COMPOSITES.get(func)
+        if composite is not None:
+            return composite(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the product
+D3_WAYS = ("forward", "reverse")
+"""The ways of a product: ``jvp`` over the Hessian-vector products, or reverse mode thrice."""
+
+
+def d3_batch_product(
+    problem: curvkit.Problem,
+    params: Sequence[Tensor],
+    inputs: Any,
+    targets: Tensor,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    way: str = "forward",
+) -> tuple[list[Tensor], float]:
+    """One batch's ``T_b(u) V = d/dt [H_b(theta + t u) V]`` at ``t = 0``, and its count ``c_b``.
+
+    ``H_b`` is the Hessian of the sum ``S_b`` of the batch's loss terms. A pure
+    function, computed under :class:`CompositeNorms` in one of two ways:
+
+    * ``"forward"``: :func:`torch.func.jvp` along ``U`` of the batch's
+      Hessian-vector products with the ``K`` columns of ``V`` (pullbacks of
+      :func:`torch.func.grad`, vectorised with :func:`torch.func.vmap`);
+    * ``"reverse"``: plain autograd thrice: the gradient, ``H_b u = d/dtheta <g, u>``
+      with its graph, then one backward pass per column,
+      ``T_b(u) v = d/dtheta <H_b u, v>`` (the third-derivative tensor is symmetric).
+
+    Args:
+        problem: Provides the model call and the loss.
+        params: The selected parameters (detached).
+        inputs: The batch's inputs.
+        targets: The batch's targets.
+        U: The direction, per parameter (each of the parameter's shape).
+        V: Per parameter, ``[K, *shape]`` columns.
+        way: ``"forward"`` or ``"reverse"``.
+
+    Returns:
+        Per parameter, the ``[K, *shape]`` products (not normalised), and the count.
+
+    Example:
+        >>> model = torch.nn.Linear(1, 1, bias=False).double()
+        >>> problem = curvkit.Problem(model, lambda o, y: (o**4).mean(), (torch.ones(1, 1), torch.zeros(1)))
+        >>> w = torch.tensor([[2.0]], dtype=torch.float64)  # S = w^4: S''' = 24 w = 48
+        >>> one = torch.ones(1, 1, dtype=torch.float64)
+        >>> inputs, targets = next(problem.batches())
+        >>> [d3_batch_product(problem, [w], inputs, targets, [one], [one[None]], way)[0][0].item()
+        ...  for way in D3_WAYS]
+        [48.0, 48.0]
+    """
+    if way == "reverse":
+        return _reverse_product(problem, params, inputs, targets, U, V)
+    if way != "forward":
+        raise curvkit.CurvkitError(f"unknown d3 way {way!r}; use one of {list(D3_WAYS)}")
+    counts: list[float] = []
+    argnums = tuple(range(len(params)))
+
+    def loss(*ps: Tensor) -> Tensor:
+        total, count = problem.loss_terms(ps, inputs, targets)
+        counts.append(count)
+        return total
+
+    def hessian_products(*ps: Tensor) -> tuple[Tensor, ...]:
+        _, pullback = vjp(func_grad(loss, argnums=argnums), *ps)
+        return vmap(pullback)(tuple(V))
+
+    with CompositeNorms():
+        _, out = jvp(hessian_products, tuple(params), tuple(U))
+    return list(out), counts[0]
+
+
+def _reverse_product(problem, params, inputs, targets, U, V):
+    """``d3_batch_product(way="reverse")``: reverse over reverse over reverse, plain autograd."""
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    with torch.enable_grad(), CompositeNorms():
+        total, count = problem.loss_terms(leaves, inputs, targets)
+        grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        hu: list[Tensor | None] = [None] * len(leaves)
+        if used:
+            products = torch.autograd.grad(
+                [grads[i] for i in used],
+                [leaves[i] for i in used],
+                [U[i] for i in used],
+                create_graph=True,
+                allow_unused=True,
+            )
+            for i, h in zip(used, products):
+                hu[i] = h
+        return backward_products(hu, leaves, V), count
+
+
+def resolve_direction(problem: curvkit.Problem, direction: str | Tensor, seed: int | None = 0) -> Tensor:
+    """The flat ``[P]`` direction ``u`` of :class:`D3Operator`, in the problem's dtype and device.
+
+    Args:
+        problem: The problem.
+        direction: ``"gradient"`` (the full-data gradient, one pass over the data),
+            ``"random"`` (standard normal, from ``seed``) or a ``[P]`` floating-point tensor.
+        seed: Seed of ``"random"`` (``None``: a fresh one).
+
+    Raises:
+        ShapeMismatchError: A tensor that is not ``[P]``.
+        CurvkitError: Another name, a tensor not floating-point or not finite.
+    """
+    P = problem.dim
+    if isinstance(direction, str):
+        if direction == "gradient":
+            problem.ensure_deterministic()
+            return problem.loss_and_gradient()[1].detach().to(problem.dtype)
+        if direction == "random":
+            generator = torch.Generator()
+            generator.manual_seed(generator.seed() if seed is None else int(seed))  # None: a fresh draw
+            u = torch.randn(P, generator=generator, dtype=torch.float64)
+            return u.to(device=problem.device, dtype=problem.dtype)
+        raise curvkit.CurvkitError(
+            f"unknown d3 direction {direction!r}; use 'gradient', 'random' or a [P] tensor (P={P})"
+        )
+    if not isinstance(direction, Tensor):
+        raise curvkit.CurvkitError(
+            f"the d3 direction must be 'gradient', 'random' or a [P] tensor, got {type(direction).__name__}"
+        )
+    if tuple(direction.shape) != (P,):
+        raise curvkit.ShapeMismatchError(
+            f"the d3 direction must be a flat [P] tensor with P={P}, got shape {tuple(direction.shape)}"
+        )
+    if not direction.is_floating_point():
+        raise curvkit.CurvkitError(f"the d3 direction must be floating-point, got {direction.dtype}")
+    if not torch.isfinite(direction).all():
+        raise curvkit.CurvkitError("the d3 direction has NaN or infinite entries")
+    return direction.detach().to(device=problem.device, dtype=problem.dtype).clone()
+
+
+class D3Operator(curvkit.ProblemOperator):
+    """``T(u) = d/dt H(theta + t u)`` at ``t = 0``: the third derivative of the loss along ``u``.
+
+    ``T(u)_ij = sum_k d^3 L / (dtheta_i dtheta_j dtheta_k) u_k`` for the full-dataset
+    loss ``L``. Symmetric, indefinite, exact. Each product is one pass over the
+    data with :func:`d3_batch_product`; ``matmat`` computes its ``K`` columns in
+    that pass.
+
+    The direction is **fixed at construction**: ``"gradient"`` is the gradient at
+    the parameters the operator was built at, and stays that vector if the model
+    changes afterwards (the products use the new parameters, the old direction).
+
+    Args:
+        problem: The problem.
+        direction: ``"gradient"`` (default: the full-data gradient), ``"random"``
+            (a standard normal vector drawn from ``seed``) or a flat ``[P]`` tensor.
+            Not normalised: ``T(u)`` is linear in ``u``.
+        seed: Seed of the ``"random"`` direction.
+        strategy: ``"auto"`` (default: times both ways on the first products, per
+            number of columns and batch size, and keeps the faster), ``"forward"``
+            (``jvp`` over the Hessian-vector products) or ``"reverse"`` (plain
+            autograd thrice); see :func:`d3_batch_product`. A pinned way gives
+            bit-for-bit repeatable products.
+
+    Attributes:
+        direction: The flat ``[P]`` direction ``u`` in use.
+
+    Raises:
+        CurvkitError: An unknown direction or strategy, a tensor that is not
+            floating-point or not finite.
+        ShapeMismatchError: A direction tensor that is not ``[P]``.
+
+    Example:
+        >>> model = torch.nn.Linear(1, 1, bias=False).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(2.0)
+        >>> problem = curvkit.Problem(model, lambda o, y: (o**4).mean(), (torch.ones(3, 1), torch.zeros(3)))
+        >>> T = curvkit.curvature("d3", problem, direction=torch.ones(1, dtype=torch.float64))
+        >>> T.to_dense()  # L = w^4: T(1) = L''' = 24 w
+        tensor([[48.]], dtype=torch.float64)
+    """
+
+    SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, True, False
+
+    def __init__(
+        self,
+        problem: curvkit.Problem,
+        direction: str | Tensor = "gradient",
+        seed: int = 0,
+        strategy: str = "auto",
+    ):
+        super().__init__(problem)
+        self.strategy = strategy
+        self.way: Choice = strategy_choice(strategy, D3_WAYS)
+        self.direction = resolve_direction(problem, direction, seed)
+        self._direction_parts = list(problem.layout.unflatten(self.direction))
+
+    def batch_product(self, params, inputs, targets, V, generator):
+        U = self._direction_parts
+        return self.way(
+            lambda way: d3_batch_product(self.problem, params, inputs, targets, U, V, way=way),
+            key=(V[0].shape[0], len(targets)),
+        )
+
+    def restrict(self, params: str | Sequence[str]) -> curvkit.CurvatureOperator:
+        """The block ``T(u)[S, S]``, by embedding in the full space (one full product per product).
+
+        The direction moves every parameter, so a block is not the same estimator on
+        fewer parameters (that would move those alone).
+        """
+        return curvkit.CurvatureOperator.restrict(self, params)
+
+    def with_problem(self, problem: curvkit.Problem) -> D3Operator:
+        """The same estimator, with the same direction, on another problem over the same parameters.
+
+        For instance on a mini-batch of the data or a float64 copy: the direction is
+        not recomputed there (it is cast to the new dtype and device).
+
+        Raises:
+            ShapeMismatchError: The problem differentiates other parameters (use
+                :meth:`restrict` for a block).
+        """
+        if problem.param_names != self.problem.param_names or problem.dim != self.problem.dim:
+            raise curvkit.ShapeMismatchError(
+                "a d3 operator's direction is fixed over its parameters; with_problem needs a problem "
+                "over the same parameters (use restrict() for a block)"
+            )
+        options = {**self.options, "direction": self.direction}
+        other = type(self)(problem, **options)
+        other.name = self.name
+        return other
+
+
+@curvkit.hookimpl
+def curvkit_register_estimators() -> list[curvkit.EstimatorSpec]:
+    return [
+        curvkit.EstimatorSpec(
+            name="d3",
+            factory=D3Operator,
+            description="Third derivative of the loss along a direction (the gradient): d/dt H(theta + t u).",
+            reference=dense_d3_reference,
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------- the reference
+def dense_d3_reference(
+    problem: curvkit.Problem, direction: str | Tensor = "gradient", seed: int = 0
+) -> Tensor:
+    """The dense ``[P, P]`` ``T(u)``, row by row, by plain autograd (for small problems).
+
+    ``T(u)`` is the Hessian of ``phi(theta) = <grad L(theta), u>`` (the
+    third-derivative tensor is symmetric), so its rows are the gradients of the
+    entries of ``grad phi = H u``: one graph of the *whole* dataset loss (summed
+    by the problem's one loop), differentiated three times by
+    :func:`torch.autograd.grad`, then ``P`` backward passes; under
+    :class:`CompositeNorms`, and sharing no code with the estimator's products.
+    ``curvkit analyze --check`` compares the estimator with it up to ``P = 2000``;
+    ``tests/test_d3.py`` checks it against central differences of dense Hessians
+    and against ``torch.func.jacfwd`` of a Hessian.
+
+    Args:
+        problem: The problem.
+        direction: As for :class:`D3Operator` (default: the gradient).
+        seed: As for :class:`D3Operator`.
+    """
+    U = problem.layout.unflatten(resolve_direction(problem, direction, seed))
+    leaves = [p.detach().requires_grad_(True) for p in problem.params]
+    P = problem.dim
+    T = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
+
+    def flat(parts: Sequence[Tensor | None]) -> Tensor:
+        return torch.cat(
+            [(torch.zeros_like(p) if d is None else d).reshape(-1) for d, p in zip(parts, leaves)]
+        )
+
+    with torch.enable_grad(), CompositeNorms():
+        loss = problem.data_mean(lambda inputs, targets: problem.loss_terms(leaves, inputs, targets))
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        phi = sum((g * u).sum() for g, u in zip(grads, U) if g is not None and g.requires_grad)
+        if not isinstance(phi, Tensor) or not phi.requires_grad:
+            return T
+        hu = flat(torch.autograd.grad(phi, leaves, create_graph=True, allow_unused=True))
+        if not hu.requires_grad:
+            return T
+        for i in range(P):
+            T[i] = flat(torch.autograd.grad(hu[i], leaves, retain_graph=True, allow_unused=True))
+    return T
