@@ -23,6 +23,7 @@ Two analyses look beyond the operator:
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -72,7 +73,11 @@ class Reference:
 
 
 def estimator_reference(
-    spec: Any, problem: Any, *, max_dense_dim: int = DENSE_REFERENCE_MAX_DIM
+    spec: Any,
+    problem: Any,
+    *,
+    max_dense_dim: int = DENSE_REFERENCE_MAX_DIM,
+    options: Mapping[str, Any] | None = None,
 ) -> Reference:
     """The reference of a registered estimator on a problem (built lazily: :attr:`Reference.build`).
 
@@ -89,6 +94,9 @@ def estimator_reference(
         spec: The estimator's :class:`~curvkit.EstimatorSpec`.
         problem: The problem it is analysed on.
         max_dense_dim: Largest ``P`` for a dense reference.
+        options: The estimator's own options; a callable reference gets those its
+            signature names (``direction`` for ``d3``), so that it is the
+            reference of the estimator as configured.
     """
     from curvkit.registry import check_options, curvature, get_estimator
 
@@ -110,7 +118,13 @@ def estimator_reference(
             reason=f"the reference of {spec.name!r} ({name}) is a dense matrix, built only up to "
             f"P={max_dense_dim:,} parameters (this problem has P={problem.dim:,})"
         )
-    return Reference(f"the dense matrix of {name} in float64", lambda: target(problem.to(torch.float64)))
+    accepted = inspect.signature(target).parameters
+    given = {k: v for k, v in (options or {}).items() if k in accepted}
+    described = "".join(f", {k}={v!r}" for k, v in given.items())
+    return Reference(
+        f"the dense matrix of {name}{described} in float64",
+        lambda: target(problem.to(torch.float64), **given),
+    )
 
 
 @dataclass

@@ -419,7 +419,7 @@ def prepare_analysis(
     options = _seeded(estimator, estimator_options, seed)
     operator = curvature(estimator, problem, **options)
     spec = get_estimator(estimator)
-    reference = estimator_reference(spec, problem, max_dense_dim=reference_max_dim)
+    reference = estimator_reference(spec, problem, max_dense_dim=reference_max_dim, options=options)
     other = None
     if baseline is not None and baseline != estimator:
         other = curvature(baseline, problem, **_seeded(baseline, baseline_options, seed))

@@ -396,3 +396,18 @@ def test_curvkit_analyze_curvature_d3(tmp_path):
     assert random.exit_code == 0, random.output
     (run,) = json.loads(random.stdout)["runs"]
     assert run["key"]["estimator_options"] == {"direction": "random", "seed": 0}
+
+
+def test_the_agreement_reference_follows_the_estimators_options():
+    """``--check --option d3.direction=random`` compares with the reference along the same random
+    direction (the estimator's options reach a callable reference that names them)."""
+    from curvkit.analysis import estimator_reference
+
+    problem = make_problem(lambda: tanh_mlp(), "mse")
+    options = {"direction": "random", "seed": 5}
+    T = curvkit.curvature("d3", problem, **options)
+    reference = estimator_reference(curvkit.get_estimator("d3"), problem, options=options)
+    assert "direction='random', seed=5" in reference.label
+    assert rel(reference.build(), T.to_dense()) < 1e-10
+    default = estimator_reference(curvkit.get_estimator("d3"), problem).build()
+    assert rel(default, T.to_dense()) > 0.1  # the gradient's direction: another matrix
