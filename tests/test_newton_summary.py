@@ -250,3 +250,23 @@ def test_learning_rates_are_the_cubic_step_of_the_summary():
     lhs = (summary.H_bar + 5.0 * r * D @ D) @ step.eta
     torch.testing.assert_close(lhs, summary.g_bar, rtol=1e-9, atol=1e-12)
     assert step.radius == pytest.approx(r.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("damping_int", [0.0, 10.0])
+def test_the_step_is_invariant_when_the_direction_is_rescaled_per_subset(damping_int):
+    """u -> c_s u on subset s (c_s > 0): g_bar -> C g_bar, H_bar -> C H_bar C, d -> C d, so eta -> C^-1 eta
+    and the step sum_s eta_s v_s is unchanged (Wolinski 2023, the summary's invariance)."""
+    model, problem = model_and_problem()
+    u = torch.randn(problem.dim, dtype=DT, generator=torch.Generator().manual_seed(2))
+    subsets = partition.canonical(model)[1]
+    scales = torch.tensor([0.1, 3.0, 7.0, 0.5], dtype=DT)
+    scaled = u.clone()
+    for s, names in enumerate(subsets):
+        scaled[problem.layout.slices()[names[0]]] *= scales[s]
+
+    def step(direction):
+        summary = newton_summary(problem, "canonical", direction)
+        eta = summary.learning_rates(damping_int, on_unbounded="stationary").eta
+        return subset_directions(problem, summary.subsets, direction) @ eta
+
+    torch.testing.assert_close(step(scaled), step(u), rtol=1e-8, atol=1e-12)
