@@ -904,14 +904,15 @@ def _solver_cells(r: SolverRow) -> list[str]:
     return [_num(r.median_s, ".2f"), spread, per]
 
 
+def _solver_row_name(r: SolverRow) -> str:
+    """The method, marked as context or skipped."""
+    return r.method + ("" if r.headline else " (context)") + (f" (skipped: {r.skipped})" if r.skipped else "")
+
+
 def _psd_table(system: SolverSystem) -> list[str]:
     rows = []
     for r in system.rows:
-        name = (
-            r.method
-            + ("" if r.headline else " (context)")
-            + (f" (skipped: {r.skipped})" if r.skipped else "")
-        )
+        name = _solver_row_name(r)
         rows.append(
             [
                 name,
@@ -942,11 +943,7 @@ def _psd_table(system: SolverSystem) -> list[str]:
 def _indefinite_table(system: SolverSystem) -> list[str]:
     rows = []
     for r in system.rows:
-        name = (
-            r.method
-            + ("" if r.headline else " (context)")
-            + (f" (skipped: {r.skipped})" if r.skipped else "")
-        )
+        name = _solver_row_name(r)
         rows.append(
             [
                 name,
