@@ -199,8 +199,8 @@ def lissa(
     for name, value in (("repeats", repeats), ("check_every", check_every)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise CurvkitError(f"{name} must be a positive integer, got {value!r}")
-    history = SolveHistory(A, damping, B, callback)
-    sample = _MiniBatches(A, batch_size, seed, history)
+    sample = _MiniBatches(A, batch_size, seed)
+    history = SolveHistory(A, damping, B, callback, extra=sample.counts)
     if scale is None:
         scale, why = _series_scale(A, damping, history)
         if scale is None:
@@ -264,9 +264,10 @@ class _MiniBatches:
         source: What the steps multiply with, in words (for ``reason``).
     """
 
-    def __init__(self, A: CurvatureOperator, batch_size: int | None, seed: int, history: SolveHistory):
+    def __init__(self, A: CurvatureOperator, batch_size: int | None, seed: int):
         self.A = A
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.samples, self.passes = 0, 0
         if not isinstance(A, ProblemOperator):
             self.source = (
                 f"the whole operator at every step: {type(A).__name__} has no data to sample, so this is "
@@ -286,8 +287,13 @@ class _MiniBatches:
         self.weight = N / self.batch_size if problem.loss.reduction == "sum" else 1.0
         problem.ensure_deterministic()  # once, on the full data; the mini-batches share the record
         self.source = f"mini-batches of {self.batch_size} of {N} samples"
-        passes, self.samples = A.data_passes, 0
-        history.extra = lambda: {"samples": self.samples + (A.data_passes - passes) * N}
+        self.passes = A.data_passes
+
+    def counts(self) -> dict[str, float]:
+        """The history's ``samples``: those of the mini-batch products and of the full-data ones since."""
+        if not isinstance(self.A, ProblemOperator):
+            return {}
+        return {"samples": self.samples + (self.A.data_passes - self.passes) * self.N}
 
     def __call__(self) -> CurvatureOperator:
         if not isinstance(self.A, ProblemOperator):

@@ -229,14 +229,15 @@ class SolveHistory:
         damping: float,
         B: Tensor,
         callback: Callable[[Tensor], Mapping[str, float]] | None = None,
+        extra: Callable[[], Mapping[str, float]] | None = None,
     ):
         self.A, self.damping, self.start = A, damping, time.perf_counter()
         self.callback, self.paused = callback, 0.0
         self.norms = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
         self.rows: list[dict[str, float]] = []
         self.matvecs = 0
-        self.extra: Callable[[], dict[str, float]] | None = None
-        """More entries of every row (e.g. ``{"samples": ...}``), read when the row is recorded."""
+        self.extra = extra
+        """The solver's own counts for every row (e.g. ``{"samples": ...}``), read when a row is recorded."""
 
     def initial(self, B: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor]:
         """The first iterate and its residual: ``(0, B)``, or ``(x0, B - (A + damping I) x0)``."""
@@ -257,7 +258,7 @@ class SolveHistory:
     def record(self, iteration: int, residuals: Tensor | None, X: Tensor | None = None) -> float:
         """Append a row: the largest relative residual (NaN when ``residuals`` is ``None``: not measured).
 
-        A solver's own counts join the row through :attr:`extra`; with the
+        The solver's own counts join the row through ``extra``; with the
         iterate ``X``, the numbers the solve's ``callback`` returns for it (its
         time taken out of ``seconds``, of this row and the next).
         """
