@@ -416,3 +416,14 @@ def test_convergence_is_confirmed_by_the_true_residual_in_float32(method):
     assert res.history[-1]["residual"] == res.residual
     exact = curvkit.solve(curvkit.DenseOperator(M, psd=True), b, method, tol=1e-5, maxiter=3000)
     assert exact.converged and ((b - M @ exact.x).norm() / b.norm()).item() <= 1e-5  # float64: confirmed
+
+
+def test_lissa_counts_the_samples_its_products_ran_through():
+    problem = mlp_problem(N=64)
+    G = curvkit.curvature("ggn", problem)
+    v = torch.randn(G.shape[0], dtype=DT, generator=torch.Generator().manual_seed(0))
+    res = curvkit.solve(G, v, "lissa", damping=0.5, maxiter=5, batch_size=8, scale=0.5)
+    samples = [row["samples"] for row in res.history]
+    assert samples[:6] == [0, 8, 16, 24, 32, 40]  # one mini-batch of 8 per step, no full-data product
+    dense = curvkit.solve(curvkit.DenseOperator(G.to_dense()), v, "lissa", damping=0.5, maxiter=5, scale=0.5)
+    assert all("samples" not in row for row in dense.history)  # no data: nothing to count
