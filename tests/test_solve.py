@@ -425,5 +425,7 @@ def test_lissa_counts_the_samples_its_products_ran_through():
     res = curvkit.solve(G, v, "lissa", damping=0.5, maxiter=5, batch_size=8, scale=0.5)
     samples = [row["samples"] for row in res.history]
     assert samples[:6] == [0, 8, 16, 24, 32, 40]  # one mini-batch of 8 per step, no full-data product
-    dense = curvkit.solve(curvkit.DenseOperator(G.to_dense()), v, "lissa", damping=0.5, maxiter=5, scale=0.5)
+    dense = curvkit.solve(
+        curvkit.DenseOperator(G.to_dense(), psd=True), v, "lissa", damping=0.5, maxiter=5, scale=0.5
+    )
     assert all("samples" not in row for row in dense.history)  # no data: nothing to count
