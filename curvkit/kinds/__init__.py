@@ -45,7 +45,6 @@ __all__ = [
     "Row",
     "analysis_kinds",
     "builtin_kinds",
-    "kind_of",
     "plan_kinds",
 ]
 
@@ -82,16 +81,3 @@ def plan_kinds(options: Mapping[str, Any]) -> dict[str, AnalysisKind]:
             takes = [k for k, kind in analysis_kinds().items() if kind.check is not None]
             raise CurvkitError(f"no analysis kind {name!r} takes options; these do: {', '.join(takes)}")
     return kinds
-
-
-def kind_of(key: str) -> AnalysisKind:
-    """The kind of analysis ``key`` (``"kind/name"``).
-
-    Raises:
-        CurvkitError: No such kind (the known ones listed).
-    """
-    kinds = analysis_kinds()
-    kind, _, name = key.partition("/")
-    if kind not in kinds or not name:
-        raise CurvkitError(f"unknown analysis {key!r}: kinds are {', '.join(kinds)}")
-    return kinds[kind]
