@@ -29,6 +29,7 @@ from curvkit.checkpoints import (
     save_checkpoint,
     trusted_factory,
 )
+from curvkit.composite_norms import CompositeNorms
 from curvkit.errors import (
     CurvkitError,
     CurvkitWarning,
@@ -98,6 +99,7 @@ __all__ = [
     "resolve_factory",
     "save_checkpoint",
     "trusted_factory",
+    "CompositeNorms",
     "CurvatureOperator",
     "CurvkitError",
     "CurvkitWarning",

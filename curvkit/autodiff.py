@@ -57,10 +57,7 @@ __all__ = [
     "HVP_STRATEGIES",
     "HessianVectorProduct",
     "backward_products",
-    "D3_METHODS",
-    "THIRD_ORDER_UNRELIABLE",
     "default_graph_cache_bytes",
-    "third_directional_derivatives",
     "hessian_batch_product",
     "make_batch_hvp",
 ]
@@ -350,114 +347,6 @@ class HessianVectorProduct:
         if K == 1:
             return _flat(backward_products(grads, leaves, V, False))
         return _flat(self.batched(lambda batched: backward_products(grads, leaves, V, batched), key=K))
-
-
-THIRD_ORDER_UNRELIABLE: tuple[type[torch.nn.Module], ...] = (
-    torch.nn.LayerNorm,
-    torch.nn.InstanceNorm1d,
-    torch.nn.InstanceNorm2d,
-    torch.nn.InstanceNorm3d,
-)
-"""Modules whose third derivatives torch 2.13 gets wrong in every autodiff mode.
-
-Measured on a Linear-Tanh-LayerNorm-Linear network: along the first layer's
-weights, forward-over-forward-over-forward gives +0.0013, forward-over-reverse
-variants -0.0045 and reverse-over-reverse variants -0.0063, where finite
-differences of the loss (two step sizes, agreeing to 1e-7) give -0.0043453
-(``tests/test_newton_summary.py``); through InstanceNorm triple backward gives
-22.86 where differences give 38.90 (measured for the ``d3`` estimator, which
-recomputes these normalisations from elementary operations instead). Eval-mode
-BatchNorm is affine and right. Hessian-vector products by double backward
-are right, so through these modules third derivatives are taken by finite
-differences of them."""
-
-D3_METHODS = ("auto", "autodiff", "finite-difference")
-
-
-def third_directional_derivatives(problem: Problem, V: Tensor, method: str = "auto") -> Tensor:
-    """``d^3/dt^3 L(theta + t v_s)`` at ``t = 0`` for every column ``v_s`` of ``V`` ``[P, S]``.
-
-    The third derivative of the full-dataset loss along each direction,
-    ``sum_ijk T_ijk v_i v_j v_k`` with ``T`` the third-derivative tensor, no
-    tensor formed, in one pass over the data for all columns (each batch's sums
-    through :meth:`~curvkit.Problem.data_mean`, so the result does not depend on
-    the batch size). Two ways:
-
-    * ``"autodiff"``: ``v . grad(v^T H v)``, three reverse passes per direction
-      through each batch's gradient graph (``create_graph``);
-    * ``"finite-difference"``: the central difference of ``q(t) = v^T H(theta + t v) v``
-      (Hessian-vector products by double backward, which are right), extrapolated
-      (Richardson) from the steps ``h`` and ``h / 2``, ``h = eps^(1/5) max(1, |theta|) / |v|``:
-      error ``O(h^4)``, computed in float64 whatever the problem's dtype (four
-      products per direction).
-
-    ``"auto"`` takes finite differences when the model has a module of
-    :data:`THIRD_ORDER_UNRELIABLE` (``LayerNorm``), else autodiff.
-
-    Returns:
-        ``[S]``, in the problem's dtype.
-
-    Raises:
-        CurvkitError: An unknown method.
-    """
-    if method not in D3_METHODS:
-        raise CurvkitError(f"unknown third-derivative method {method!r}; use one of {list(D3_METHODS)}")
-    if method == "auto":
-        unreliable = any(isinstance(m, THIRD_ORDER_UNRELIABLE) for m in problem.model.modules())
-        method = "finite-difference" if unreliable else "autodiff"
-    if method == "finite-difference":
-        precise = problem if problem.dtype == torch.float64 else problem.to(torch.float64)
-        return _third_by_differences(precise, V.to(torch.float64)).to(problem.dtype)
-    directions = [problem.layout.unflatten(V[:, s].to(problem.dtype)) for s in range(V.shape[1])]
-
-    def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor, float]:
-        leaves = [p.detach().requires_grad_(True) for p in problem.params]
-        total, count = problem.loss_terms(leaves, inputs, targets)
-        grads = torch.autograd.grad(total, leaves, create_graph=True)
-        values = []
-        for v in directions:
-            gv = sum((g * vi).sum() for g, vi in zip(grads, v))
-            hv = torch.autograd.grad(gv, leaves, create_graph=True, retain_graph=True)
-            vhv = sum((h * vi).sum() for h, vi in zip(hv, v))
-            tv = torch.autograd.grad(vhv, leaves, retain_graph=True, allow_unused=True)
-            values.append(sum(((t * vi).sum() for t, vi in zip(tv, v) if t is not None), torch.zeros(())))
-        return torch.stack(values).detach().to(problem.dtype), count
-
-    with torch.enable_grad():
-        return problem.data_mean(per_batch)
-
-
-def _third_by_differences(problem: Problem, V: Tensor) -> Tensor:
-    """Richardson-extrapolated central differences of ``v^T H(theta + t v) v`` (see above)."""
-    theta = problem.layout.flatten([p.detach() for p in problem.params])
-    eps = torch.finfo(torch.float64).eps
-    steps = []
-    for s in range(V.shape[1]):
-        norm = V[:, s].norm().item()
-        steps.append(eps**0.2 * max(1.0, theta.norm().item()) / norm if norm > 0 else 0.0)
-
-    def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor, float]:
-        values, count = [], 0.0
-        for s, h in enumerate(steps):
-            v = V[:, s]
-            if h == 0.0:
-                values.append(torch.zeros((), dtype=torch.float64))
-                continue
-            parts = problem.layout.unflatten(v.unsqueeze(0).T)  # per parameter [1, *shape]
-            parts = [p.movedim(-1, 0) for p in parts]
-
-            def q(t: float) -> Tensor:
-                nonlocal count
-                shifted = problem.layout.unflatten(theta + t * v)
-                products, count = hessian_batch_product(problem, shifted, inputs, targets, parts)
-                return sum((hp[0] * vp[0]).sum() for hp, vp in zip(products, parts))
-
-            coarse = (q(h) - q(-h)) / (2 * h)
-            fine = (q(h / 2) - q(-h / 2)) / h
-            values.append((4 * fine - coarse) / 3)
-        return torch.stack(values).detach(), count
-
-    return problem.data_mean(per_batch)
 
 
 def _flat(parts: Sequence[Tensor]) -> Tensor:

@@ -16,7 +16,7 @@ directions, and its third-order regulariser, need only
 
 that is one gradient, one product of ``H`` with the ``S`` columns ``v_s`` (one
 pass over the data) and ``S`` third directional derivatives (nested forward-mode
-derivatives: :func:`curvkit.autodiff.third_directional_derivatives`), instead of
+derivatives: :func:`curvkit.third_order.third_directional_derivatives`), instead of
 anything of size ``P x P``. :meth:`SummaryResult.learning_rates` turns it into
 the per-subset learning rates: the Newton step ``H_bar^-1 g_bar``, or the
 anisotropic Nesterov cubic-regularised step (:func:`curvkit.cubic.cubic_step`).
@@ -173,8 +173,8 @@ def newton_summary(
         CurvkitError: A bad partition or direction, a non-finite summary.
         ShapeMismatchError: A direction tensor of the wrong size.
     """
-    from curvkit.autodiff import third_directional_derivatives
     from curvkit.registry import curvature as build
+    from curvkit.third_order import third_directional_derivatives
 
     name, subsets = _subsets(problem, partition)
     _, g = problem.loss_and_gradient()

@@ -23,16 +23,9 @@ forward way about four times at ``K = 1``). The template of
 :class:`curvkit.ProblemOperator` sums the batches, so the product belongs to the
 full-dataset loss and does not depend on the batch size.
 
-**Normalisation layers.** In torch 2.13 every automatic third derivative through
-the fused normalisation kernels is wrong: ``layer_norm``, ``instance_norm`` and
-``batch_norm`` with batch statistics (forward over reverse, reverse over reverse,
-``jacfwd``: from 5% to over 100% off central differences), and ``torch.func`` cannot
-always transform ``group_norm``. Their second derivatives by plain ``jvp`` or
-autograd are right. So the products run under :class:`CompositeNorms`, which
-computes those four operations from elementary operations (mean, variance,
-``rsqrt``), whose derivatives of every order are right. ``batch_norm`` with
-running statistics (evaluation mode, curvkit's default) is affine and keeps the
-fused kernel.
+**Normalisation layers.** torch 2.13's third derivatives through the fused
+normalisation kernels are wrong, so every product runs under
+:class:`curvkit.CompositeNorms` (see :mod:`curvkit.composite_norms`).
 
 The spec's reference, :func:`dense_d3_reference`, is exact (plain autograd, row by
 row); ``tests/test_d3.py`` checks it against central differences of dense Hessians.
@@ -44,20 +37,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad as func_grad
 from torch.func import jvp, vjp, vmap
-from torch.overrides import TorchFunctionMode
 
 import curvkit
+from curvkit import CompositeNorms
 from curvkit.autodiff import backward_products
 from curvkit.choice import Choice, strategy_choice
 
 __all__ = [
     "D3_WAYS",
     "DIRECTIONS",
-    "CompositeNorms",
     "D3Operator",
     "d3_batch_product",
     "dense_d3_reference",
@@ -66,117 +57,6 @@ __all__ = [
 
 DIRECTIONS = ("gradient", "random")
 """The named directions; a ``[P]`` tensor is the third way."""
-
-
-# ----------------------------------------------------------------------------- normalisation layers
-def _normalize(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (biased variance), from elementary operations.
-
-    Statistics of half-precision inputs are taken in float32, as the fused kernels do.
-    """
-    y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    centred = y - y.mean(dims, keepdim=True)
-    variance = (centred * centred).mean(dims, keepdim=True)
-    return (centred * torch.rsqrt(variance + eps)).to(x.dtype)
-
-
-def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, channels: bool) -> Tensor:
-    """``out * weight + bias``, per channel (dimension 1) or over the trailing dimensions."""
-    shape = (1, -1, *([1] * (out.ndim - 2))) if channels else None
-    if weight is not None:
-        out = out * (weight.reshape(shape) if shape else weight)
-    if bias is not None:
-        out = out + (bias.reshape(shape) if shape else bias)
-    return out
-
-
-def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
-    return _affine(_normalize(input, tuple(range(-n, 0)), eps), weight, bias, channels=False)
-
-
-def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
-    grouped = input.reshape(input.shape[0], num_groups, -1)
-    return _affine(_normalize(grouped, (-1,), eps).reshape(input.shape), weight, bias, channels=True)
-
-
-def _instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn):
-    if not use_input_stats:  # running statistics: affine in the input, the fused kernel is right
-        return torch.instance_norm(
-            input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn
-        )
-    return _affine(_normalize(input, tuple(range(2, input.ndim)), eps), weight, bias, channels=True)
-
-
-def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn):
-    if not training:  # running statistics: affine in the input, the fused kernel is right
-        return torch.batch_norm(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn
-        )
-    dims = (0, *range(2, input.ndim))
-    return _affine(_normalize(input, dims, eps), weight, bias, channels=True)
-
-
-def _functional_instance_norm(
-    input,
-    running_mean=None,
-    running_var=None,
-    weight=None,
-    bias=None,
-    use_input_stats=True,
-    momentum=0.1,
-    eps=1e-5,
-):
-    cudnn = torch.backends.cudnn.enabled
-    return _instance_norm(
-        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn
-    )
-
-
-def _functional_batch_norm(
-    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
-):
-    cudnn = torch.backends.cudnn.enabled
-    return _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
-
-
-_COMPOSITES = {  # torch.nn.functional's and torch's names of each (those call these)
-    F.layer_norm: _layer_norm,
-    torch.layer_norm: _layer_norm,
-    F.group_norm: _group_norm,
-    torch.group_norm: _group_norm,
-    F.instance_norm: _functional_instance_norm,
-    torch.instance_norm: _instance_norm,
-    F.batch_norm: _functional_batch_norm,
-    torch.batch_norm: _batch_norm,
-}
-
-
-class CompositeNorms(TorchFunctionMode):
-    """A context in which layer, group, instance and batch normalisation use elementary operations.
-
-    The same values (to rounding) as the fused kernels, with derivatives of every
-    order right: in torch 2.13 the third derivatives of the fused ``layer_norm``,
-    ``instance_norm`` and training-mode ``batch_norm`` are wrong, and ``torch.func``
-    cannot always transform ``group_norm``. ``batch_norm`` and ``instance_norm`` with
-    running statistics keep the fused kernel (affine in the input). Statistics
-    are not updated inside it (curvkit never updates them: a
-    :class:`~curvkit.Problem` in training mode works on copies of the buffers).
-
-    Example:
-        >>> x = torch.randn(4, 6, dtype=torch.float64)
-        >>> with CompositeNorms():
-        ...     y = torch.nn.LayerNorm(6).double()(x)
-        >>> torch.allclose(y, F.layer_norm(x, (6,)))
-        True
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        composite = _COMPOSITES.get(func)
-        if composite is not None:
-            return composite(*args, **kwargs)
-        return func(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the product

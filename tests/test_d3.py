@@ -21,13 +21,14 @@ import json
 import pytest
 import torch
 from curvkit.cli.main import app
-from curvkit.plugins.d3 import D3_WAYS, CompositeNorms, D3Operator, d3_batch_product, dense_d3_reference
+from curvkit.plugins.d3 import D3_WAYS, D3Operator, d3_batch_product, dense_d3_reference
 from torch import nn
 from torch.func import grad as func_grad
 from torch.func import jacfwd, jvp
 from typer.testing import CliRunner
 
 import curvkit
+from curvkit import CompositeNorms
 from curvkit.datasets import bundled_file
 from curvkit.registry import BUILTIN_PLUGINS
 from curvkit.store import ResultsStore

@@ -152,11 +152,12 @@ def test_partitions_and_their_errors():
         newton_summary(problem, "wb", torch.ones(3, dtype=DT))
 
 
-def test_third_derivatives_through_layernorm_are_wrong_in_torch_autodiff_so_auto_takes_differences():
-    """Records torch 2.13's bug: every autodiff route to third derivatives through LayerNorm is wrong
-    (along the first layer's weights it gives -0.0063 where differences of the loss give -0.0043453);
-    "auto" sees the LayerNorm and takes finite differences of Hessian-vector products instead."""
-    from curvkit.autodiff import third_directional_derivatives
+def test_third_derivatives_through_fused_layernorm_are_wrong_in_torch_so_curvkit_uses_composites():
+    """Records torch 2.13's bug: triple backward through the fused LayerNorm is wrong (along the first
+    layer's weights it gives -0.0063 where differences of the loss give -0.0043453); under
+    CompositeNorms, as every curvkit third derivative is taken, it is right, and so are the
+    finite differences of Hessian-vector products."""
+    from curvkit.third_order import directional_summary, third_directional_derivatives
 
     _, problem = model_and_problem(norm=True)
     _, g = problem.loss_and_gradient()
@@ -173,10 +174,15 @@ def test_third_derivatives_through_layernorm_are_wrong_in_torch_autodiff_so_auto
     set_flat(problem, theta)
     truth = (-f[3] + 8 * f[2] - 13 * f[1] + 13 * f[-1] - 8 * f[-2] + f[-3]) / (8 * h**3)
     assert result.D3[0].item() == pytest.approx(truth.item(), rel=1e-5)
-    wrong = third_directional_derivatives(problem, V[:, :1], "autodiff")[0]
-    assert abs(wrong - truth) > 0.1 * abs(
-        truth
-    )  # if this fails, torch fixed it: revisit THIRD_ORDER_UNRELIABLE
+    differences = third_directional_derivatives(problem, V[:, :1], "finite-difference")[0]
+    assert differences.item() == pytest.approx(truth.item(), rel=1e-5)
+
+    leaves = [p.detach().requires_grad_(True) for p in problem.params]
+    inputs, targets = next(iter(problem.batches()))  # one batch of all 12 samples
+    total, count = problem.loss_terms(leaves, inputs, targets)  # the fused kernels
+    direction = problem.layout.unflatten(V[:, 0])
+    wrong = directional_summary(total / count, leaves, [direction])[2][0]
+    assert abs(wrong - truth) > 0.1 * abs(truth)  # if this fails, torch fixed it: CompositeNorms may go
     with pytest.raises(curvkit.CurvkitError, match="unknown third-derivative method"):
         third_directional_derivatives(problem, V, "magic")
 
