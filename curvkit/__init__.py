@@ -13,6 +13,8 @@ The public API::
     dens = curvkit.density(H, steps=100, runs=5)  # stochastic Lanczos quadrature
     curvkit.per_layer(H)                          # top eigenvalue and trace per layer
     curvkit.analyze(["ckpt.pt"], output="results.h5")  # what `curvkit analyze` does
+    curvkit.newton_summary(problem, "canonical")   # Wolinski's g_bar, H_bar, D3
+    opt = curvkit.NewtonSummary(param_groups, full_loss, hg_loader)  # also curvkit.optim
 
 ``import curvkit`` does not import typer, h5py or matplotlib.
 """
@@ -70,6 +72,7 @@ from curvkit.operator import (
     ScaledOperator,
     SumOperator,
 )
+from curvkit.optim import NewtonSummary
 from curvkit.problem import ModelSnapshot, Problem
 from curvkit.problem_operator import ProblemOperator
 from curvkit.registry import (
@@ -114,6 +117,7 @@ __all__ = [
     "IhvpResult",
     "SolverCurve",
     "SummaryResult",
+    "NewtonSummary",
     "EstimatorSpec",
     "IdentityOperator",
     "InverseOperator",
