@@ -1,10 +1,10 @@
 """Run the benchmarks: ``python -m benchmarks [--only SECTION,...] [--problems mlp,...] [--quick]``.
 
-Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers (default: all).
+Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers, newton (default: all).
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
 A full run takes about twenty minutes on 2 cores (the ``solvers`` section about
-five); ``--quick`` (fewer rounds and seeds, spectral and solver sections on the
+five, ``newton`` about ten); ``--quick`` (fewer rounds and seeds, spectral and solver sections on the
 MLP only) a few.
 
 A run of some sections or problems (``--only`` or ``--problems``) **merges**
@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 from benchmarks.ggn import evaluate_ggn_goals, run_ggn  # noqa: E402
 from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
 from benchmarks.kfac import KFAC_PROBLEMS, evaluate_kfac_goals, run_kfac  # noqa: E402
+from benchmarks.newton import run_newton  # noqa: E402
 from benchmarks.peers import backend_versions, peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
 from benchmarks.report import (  # noqa: E402
@@ -58,7 +59,7 @@ from benchmarks.spectral import (  # noqa: E402
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
 from curvkit.choice import AUTO_TRIALS  # noqa: E402
 
-SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS, "solvers")
+SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS, "solvers", "newton")
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         type=_csv(SECTIONS),
         default=list(SECTIONS),
-        help="sections, e.g. hvp,matmat, ggn, eigen,trace,density or solvers (default: all); merges "
+        help="sections, e.g. hvp,matmat, ggn, eigen,trace,density, solvers or newton (default: all); merges "
         "into the results in --out",
     )
     parser.add_argument(
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     solver_results, solver_settings = (
         run_solvers(args.problems, args.quick) if "solvers" in args.only else ([], None)
     )
+    newton_results = run_newton(args.problems, args.quick, args.out) if "newton" in args.only else []
     meta = {
         "commit": commit,
         "command": " ".join(
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start,
         "other_load": whole_run.stop(),
     }
-    run = Recorded(results, ggn_results, kfac_results, spectral, solver_results)
+    run = Recorded(results, ggn_results, kfac_results, spectral, solver_results, newton_results)
     partial = set(args.only) != set(SECTIONS) or args.problems is not None
     old = load_recorded(args.out / "results.json") if partial and not args.no_merge else None
     merged = merge_recorded(old, run, args.only, meta)
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         merged.ggn,
         merged.kfac,
         merged.solvers,
+        merged.newton,
         merged.provenance,
     )
     write_results(args.out, meta, *parts)

@@ -23,6 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow
 from benchmarks.hvp import Goal, K, ProblemResult
 from benchmarks.kfac import DAMPING, KFACResult
+from benchmarks.newton import NewtonResult, render_newton
 from benchmarks.peers import NO_HVP
 from benchmarks.problems import PROBLEMS
 from benchmarks.solvers import CG_EPS, GARBAGE, SolverResult, SolverRow, SolverSystem
@@ -199,6 +200,7 @@ def render_markdown(
     ggn: Sequence[GGNResult] = (),
     kfac: Sequence[KFACResult] = (),
     solvers: Sequence[SolverResult] = (),
+    newton: Sequence[NewtonResult] = (),
     provenance: dict[str, list[dict]] | None = None,
 ) -> str:
     """The report as Markdown.
@@ -293,6 +295,8 @@ def render_markdown(
         out += lines + render_spectral(spectral)
     if solvers:
         out += _recorded_line("solvers", meta, provenance) + render_solvers(solvers)
+    if newton:
+        out += _recorded_line("newton", meta, provenance) + render_newton(newton)
     if results:
         out += ["## How each method is called", ""] + _notes(results) + [""]
     return "\n".join(out)
@@ -307,13 +311,15 @@ def write_results(
     ggn: Sequence[GGNResult] = (),
     kfac: Sequence[KFACResult] = (),
     solvers: Sequence[SolverResult] = (),
+    newton: Sequence[NewtonResult] = (),
     provenance: dict[str, list[dict]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
     md.write_text(
-        render_markdown(meta, results, goals, spectral, ggn, kfac, solvers, provenance), encoding="utf-8"
+        render_markdown(meta, results, goals, spectral, ggn, kfac, solvers, newton, provenance),
+        encoding="utf-8",
     )
     payload = {
         "meta": meta,
@@ -323,6 +329,7 @@ def write_results(
         "ggn": [r.to_dict() for r in ggn],
         "kfac": [r.to_dict() for r in kfac],
         "solvers": [r.to_dict() for r in solvers],
+        "newton": [r.to_dict() for r in newton],
     }
     if spectral is not None:
         payload["spectral"] = spectral.to_dict()
@@ -331,7 +338,7 @@ def write_results(
 
 
 # ------------------------------------------------------------------ merging with the recorded results
-SECTION_ORDER = ("hvp", "matmat", "ggn", "kfac", "eigen", "trace", "density", "solvers")
+SECTION_ORDER = ("hvp", "matmat", "ggn", "kfac", "eigen", "trace", "density", "solvers", "newton")
 PROBLEM_ORDER = ("mlp-trained", *PROBLEMS)
 SPECTRAL_SETTING_OF = {
     "eigen": ("eigen_rounds", "cross_check"),
@@ -350,6 +357,7 @@ class Recorded:
     kfac: list[KFACResult] = field(default_factory=list)
     spectral: SpectralResults | None = None
     solvers: list[SolverResult] = field(default_factory=list)
+    newton: list[NewtonResult] = field(default_factory=list)
     provenance: dict[str, list[dict]] = field(default_factory=dict)
 
     def covered(self, section: str) -> list[str]:
@@ -410,6 +418,7 @@ def load_recorded(path: Path) -> Recorded | None:
         "kfac": ("kfac", list[KFACResult]),
         "spectral": ("spectral", SpectralResults),
         "solvers": ("solvers", list[SolverResult]),
+        "newton": ("newton", list[NewtonResult]),
     }
     for attr, (key, tp) in parts.items():
         try:
@@ -482,7 +491,7 @@ def merge_recorded(
         base.description, base.params, base.samples = res.description, res.params, res.samples
         base.other_load = res.other_load
     merged.results = [by_name[n] for n in sorted(by_name, key=_order)]
-    for attr in ("ggn", "kfac", "solvers"):
+    for attr in ("ggn", "kfac", "solvers", "newton"):
         setattr(merged, attr, _merge_list(getattr(old, attr), getattr(new, attr), ran.get(attr, [])))
 
     # spectral: three lists and the settings each ran with

@@ -64,8 +64,8 @@ def directional_summary(
         directions: ``S`` directions, each one tensor per leaf shaped like it, or
             ``None`` where the direction is zero (a subset's direction: ``u`` on the
             subset's leaves, ``None`` elsewhere).
-        hessian: ``False`` leaves ``H_bar``'s off-diagonal entries zero (they cost
-            ``S^2`` dot products, no extra pass).
+        hessian: ``False`` leaves ``H_bar``'s off-diagonal entries zero (they cost one
+            ``[P, S]`` matrix product per direction, no extra pass).
 
     Returns:
         Detached tensors in the loss's dtype; ``H_bar`` is the measured matrix
@@ -74,23 +74,34 @@ def directional_summary(
     leaves = list(leaves)
     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     S = len(directions)
-    g_bar = torch.zeros(S, dtype=loss.dtype, device=loss.device)
-    H_bar = torch.zeros(S, S, dtype=loss.dtype, device=loss.device)
-    D3 = torch.zeros(S, dtype=loss.dtype, device=loss.device)
+    options = {"dtype": loss.dtype, "device": loss.device}
+    g_bar = torch.zeros(S, **options)
+    H_bar = torch.zeros(S, S, **options)
+    D3 = torch.zeros(S, **options)
+    # the directions as one [P, S] matrix: a column of H_bar is one product with it
+    V = torch.stack([_flat(v, leaves) for v in directions], dim=1) if hessian else None
     for s, v in enumerate(directions):
         gv = _dot(grads, v)
         g_bar[s] = gv.detach()
         if not gv.requires_grad:  # the loss is affine along v_s
             continue
         hv = torch.autograd.grad(gv, leaves, create_graph=True, allow_unused=True)
-        for t, w in enumerate(directions):
-            if hessian or t == s:
-                H_bar[t, s] = _dot(hv, w).detach()
+        if V is not None:
+            H_bar[:, s] = V.T @ _flat(hv, leaves).detach()
         vhv = _dot(hv, v)
+        if V is None:
+            H_bar[s, s] = vhv.detach()
         if vhv.requires_grad:  # else the loss is quadratic along v_s: D3_s = 0
             tv = torch.autograd.grad(vhv, leaves, retain_graph=True, allow_unused=True)
             D3[s] = _dot(tv, v).detach()
     return g_bar, H_bar, D3
+
+
+def _flat(parts: Sequence[Tensor | None], leaves: Sequence[Tensor]) -> Tensor:
+    """Per-leaf parts (``None``: zeros) as one flat ``[P]`` vector."""
+    return torch.cat(
+        [(torch.zeros_like(leaf) if part is None else part).reshape(-1) for part, leaf in zip(parts, leaves)]
+    )
 
 
 def third_directional_derivatives(problem: Problem, V: Tensor, method: str = "autodiff") -> Tensor:

@@ -355,8 +355,9 @@ class NewtonSummary(torch.optim.Optimizer):
             directions.append(
                 [self.state[p].get("momentum_buffer") if id(p) in members else None for p in leaves]
             )
-        with torch.enable_grad(), CompositeNorms():
-            loss = self.full_loss(x, target)
+        with torch.enable_grad():
+            with CompositeNorms():  # the forward pass only: the graph holds elementary operations
+                loss = self.full_loss(x, target)
             if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
                 raise ValueError(
                     "full_loss(x, target) must return a scalar tensor computed from the parameters, got "
