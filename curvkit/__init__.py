@@ -32,6 +32,7 @@ from curvkit.checkpoints import (
     trusted_factory,
 )
 from curvkit.composite_norms import CompositeNorms
+from curvkit.directions import DIRECTIONS, resolve_direction
 from curvkit.errors import (
     CurvkitError,
     CurvkitWarning,
@@ -107,6 +108,7 @@ __all__ = [
     "CurvkitError",
     "CurvkitWarning",
     "DataError",
+    "DIRECTIONS",
     "DenseOperator",
     "DiagonalOperator",
     "DenseTooLargeError",
@@ -153,6 +155,7 @@ __all__ = [
     "curvature",
     "density",
     "diagonal",
+    "resolve_direction",
     "eigenvalues",
     "ihvp_accuracy",
     "newton_summary",

@@ -34,6 +34,7 @@ import torch
 
 from curvkit.errors import CurvkitError
 from curvkit.kinds.checks import REFERENCE_TOL
+from curvkit.linalg.ihvp import DENSE_REFERENCE_MAX_DIM
 from curvkit.linalg.lanczos import REORTHOGONALISATION
 from curvkit.linalg.trace import METHODS as TRACE_METHODS
 
@@ -46,13 +47,6 @@ __all__ = [
     "estimator_reference",
     "run_plan",
 ]
-
-DENSE_REFERENCE_MAX_DIM = 2000
-"""Largest number of parameters for which a callable reference's dense matrix is built.
-
-A callable reference (``EstimatorSpec(reference=function)``) returns a dense
-``[P, P]`` matrix: 32 MB at ``P = 2000`` in float64, and typically ``P`` products
-to build. Above this size the agreement check is not done, and says so."""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.directions import resolve_direction
 from curvkit.errors import CurvkitError, ShapeMismatchError
 
 __all__ = ["SummaryResult", "newton_summary", "subset_directions"]
@@ -151,7 +152,7 @@ def newton_summary(
     direction: str | Tensor = "gradient",
     *,
     curvature: Any = None,
-    seed: int = 0,
+    seed: int | None = 0,
     damping_int: float = 0.0,
 ) -> SummaryResult:
     """``(g_bar, H_bar, D3)`` of ``problem`` over ``partition`` along ``direction``.
@@ -163,38 +164,24 @@ def newton_summary(
             name_groups)`` pair from :mod:`curvkit.partition`, or subsets for
             :func:`curvkit.partition.custom`. Subsets name parameters the problem analyses.
         direction: ``"gradient"`` (the full-data gradient), ``"random"`` (seeded
-            standard normal) or a ``[P]`` tensor.
+            standard normal) or a ``[P]`` tensor (:func:`curvkit.resolve_direction`).
         curvature: The operator ``H_bar`` is built from (default: the Hessian of
             ``problem``, ``curvkit.curvature("hessian", problem)``).
-        seed: Seed of a random direction.
+        seed: Seed of a random direction (``None``: a fresh one).
         damping_int: Kept in the result for :meth:`SummaryResult.learning_rates`.
 
     Raises:
-        CurvkitError: A bad partition or direction, a non-finite summary.
-        ShapeMismatchError: A direction tensor of the wrong size.
+        CurvkitError: A bad partition or direction (a tensor with NaN or infinite
+            entries too), a non-finite summary.
+        ShapeMismatchError: A direction tensor of the wrong size, or not floating point.
     """
     from curvkit.registry import curvature as build
     from curvkit.third_order import third_directional_derivatives
 
     name, subsets = _subsets(problem, partition)
     _, g = problem.loss_and_gradient()
-    if isinstance(direction, Tensor):
-        if direction.dim() != 1 or direction.shape[0] != problem.dim or not direction.is_floating_point():
-            raise ShapeMismatchError(
-                f"the direction must be a floating-point [P] tensor with P = {problem.dim:,}, got "
-                f"{tuple(direction.shape)} {direction.dtype}"
-            )
-        u, label = direction.to(device=g.device, dtype=g.dtype), "tensor"
-    elif direction == "gradient":
-        u, label = g, "gradient"
-    elif direction == "random":
-        generator = torch.Generator().manual_seed(seed)
-        u = torch.randn(problem.dim, generator=generator, dtype=torch.float64).to(
-            device=g.device, dtype=g.dtype
-        )
-        label = "random"
-    else:
-        raise CurvkitError(f"unknown direction {direction!r}: use 'gradient', 'random' or a [P] tensor")
+    u = resolve_direction(problem, direction, seed, gradient=g)
+    label = direction if isinstance(direction, str) else "tensor"
     V = subset_directions(problem, subsets, u)
     A = curvature if curvature is not None else build("hessian", problem)
     if A.shape[0] != problem.dim:

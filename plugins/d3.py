@@ -55,8 +55,8 @@ __all__ = [
     "resolve_direction",
 ]
 
-DIRECTIONS = ("gradient", "random")
-"""The named directions; a ``[P]`` tensor is the third way."""
+DIRECTIONS = curvkit.DIRECTIONS
+"""The named directions (:data:`curvkit.DIRECTIONS`); a ``[P]`` tensor is the third way."""
 
 
 # ----------------------------------------------------------------------------- the product
@@ -152,6 +152,8 @@ def _reverse_product(problem, params, inputs, targets, U, V):
 def resolve_direction(problem: curvkit.Problem, direction: str | Tensor, seed: int | None = 0) -> Tensor:
     """The flat ``[P]`` direction ``u`` of :class:`D3Operator`, in the problem's dtype and device.
 
+    :func:`curvkit.resolve_direction`, its errors calling it the d3 direction.
+
     Args:
         problem: The problem.
         direction: ``"gradient"`` (the full-data gradient, one pass over the data),
@@ -159,35 +161,10 @@ def resolve_direction(problem: curvkit.Problem, direction: str | Tensor, seed: i
         seed: Seed of ``"random"`` (``None``: a fresh one).
 
     Raises:
-        ShapeMismatchError: A tensor that is not ``[P]``.
-        CurvkitError: Another name, a tensor not floating-point or not finite.
+        ShapeMismatchError: A tensor that is not ``[P]`` or not floating-point.
+        CurvkitError: Another name or type, a tensor not finite.
     """
-    P = problem.dim
-    if isinstance(direction, str):
-        if direction == "gradient":
-            problem.ensure_deterministic()
-            return problem.loss_and_gradient()[1].detach().to(problem.dtype)
-        if direction == "random":
-            generator = torch.Generator()
-            generator.manual_seed(generator.seed() if seed is None else int(seed))  # None: a fresh draw
-            u = torch.randn(P, generator=generator, dtype=torch.float64)
-            return u.to(device=problem.device, dtype=problem.dtype)
-        raise curvkit.CurvkitError(
-            f"unknown d3 direction {direction!r}; use 'gradient', 'random' or a [P] tensor (P={P})"
-        )
-    if not isinstance(direction, Tensor):
-        raise curvkit.CurvkitError(
-            f"the d3 direction must be 'gradient', 'random' or a [P] tensor, got {type(direction).__name__}"
-        )
-    if tuple(direction.shape) != (P,):
-        raise curvkit.ShapeMismatchError(
-            f"the d3 direction must be a flat [P] tensor with P={P}, got shape {tuple(direction.shape)}"
-        )
-    if not direction.is_floating_point():
-        raise curvkit.CurvkitError(f"the d3 direction must be floating-point, got {direction.dtype}")
-    if not torch.isfinite(direction).all():
-        raise curvkit.CurvkitError("the d3 direction has NaN or infinite entries")
-    return direction.detach().to(device=problem.device, dtype=problem.dtype).clone()
+    return curvkit.resolve_direction(problem, direction, seed, what="d3 direction")
 
 
 class D3Operator(curvkit.ProblemOperator):
@@ -218,9 +195,8 @@ class D3Operator(curvkit.ProblemOperator):
         direction: The flat ``[P]`` direction ``u`` in use.
 
     Raises:
-        CurvkitError: An unknown direction or strategy, a tensor that is not
-            floating-point or not finite.
-        ShapeMismatchError: A direction tensor that is not ``[P]``.
+        CurvkitError: An unknown direction or strategy, a tensor that is not finite.
+        ShapeMismatchError: A direction tensor that is not ``[P]`` or not floating-point.
 
     Example:
         >>> model = torch.nn.Linear(1, 1, bias=False).double()

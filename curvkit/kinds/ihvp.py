@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from curvkit.directions import DIRECTIONS
 from curvkit.errors import CurvkitError
 from curvkit.kinds import AnalysisContext, AnalysisKind, ResultTable, Row
 from curvkit.kinds.hdf5 import attr, tensor
@@ -45,7 +46,7 @@ def _options(plan: Any) -> dict[str, Any]:
 
 
 def _vector_name(vector: str) -> str:
-    if vector in ("gradient", "random"):
+    if vector in DIRECTIONS:
         return vector
     stem = re.sub(r"[^A-Za-z0-9.+-]+", "-", Path(vector).stem).strip("-.") or "vector"
     return f"file-{stem}"
@@ -78,7 +79,7 @@ def _check(options: Mapping[str, Any]) -> None:
     if given["reference"] not in REFERENCES:
         raise CurvkitError(f"unknown ihvp reference {given['reference']!r}; use one of {list(REFERENCES)}")
     vector = given["vector"]
-    if not isinstance(vector, str) or (vector not in ("gradient", "random") and not Path(vector).is_file()):
+    if not isinstance(vector, str) or (vector not in DIRECTIONS and not Path(vector).is_file()):
         raise CurvkitError(f"--ihvp-vector must be gradient, random or an existing .pt file, got {vector!r}")
     extra = given["solver_options"]
     if not isinstance(extra, Mapping) or any(not isinstance(v, Mapping) for v in extra.values()):
@@ -97,7 +98,7 @@ def _keys(plan: Any, psd: bool, estimator: str | None) -> list[str]:
 def _request(plan: Any, key: str) -> dict[str, Any]:
     options = _options(plan)
     request = {**options, "solvers": list(options["solvers"]), "seed": plan.seed}
-    if options["vector"] not in ("gradient", "random"):  # the file's content, not its name
+    if options["vector"] not in DIRECTIONS:  # the file's content, not its name
         request["vector_sha256"] = hashlib.sha256(Path(options["vector"]).read_bytes()).hexdigest()
     return request
 
@@ -115,7 +116,7 @@ def _load_vector(path: str) -> torch.Tensor:
 def _compute(context: AnalysisContext, key: str) -> IhvpResult:
     options = _options(context.plan)
     vector = options["vector"]
-    given = vector if vector in ("gradient", "random") else _load_vector(vector)
+    given = vector if vector in DIRECTIONS else _load_vector(vector)
     return ihvp_accuracy(
         context.op,
         options["solvers"],

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from curvkit.directions import DIRECTIONS
 from curvkit.errors import CurvkitError
 from curvkit.kinds import AnalysisContext, AnalysisKind, ResultTable, Row
 from curvkit.kinds.hdf5 import attr, tensor
@@ -52,7 +53,7 @@ def _check(options: Mapping[str, Any]) -> None:
     given = {**DEFAULTS, **options}
     if given["partition"] not in PARTITIONS:
         raise CurvkitError(f"--summary must be one of {', '.join(PARTITIONS)}, got {given['partition']!r}")
-    if given["direction"] not in ("gradient", "random"):
+    if given["direction"] not in DIRECTIONS:
         raise CurvkitError(f"the summary direction must be gradient or random, got {given['direction']!r}")
     damping = given["damping_int"]
     if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:

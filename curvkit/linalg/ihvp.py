@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import CurvkitError, ShapeMismatchError
+from curvkit.directions import resolve_direction
+from curvkit.errors import CurvkitError
 from curvkit.linalg._common import Progress
 
 __all__ = [
@@ -45,14 +46,19 @@ __all__ = [
     "IhvpResult",
     "SolverCurve",
     "ihvp_accuracy",
-    "ihvp_vector",
 ]
 
 REFERENCE_TOL = 1e-10
 """Relative residual the float64 iterative reference solve is run to."""
 
 DENSE_REFERENCE_MAX_DIM = 2000
-"""Largest ``P`` for which the reference is the exact dense solve (by default)."""
+"""Largest ``P`` for which a dense ``[P, P]`` float64 reference is built (by default).
+
+32 MB at ``P = 2000``, and typically ``P`` products to build. Here, the exact
+dense solve is the default reference up to this size (``reference="auto"``);
+:mod:`curvkit.analysis` (which re-exports it) builds a callable reference's dense
+matrix for ``checks/agreement`` up to it, and above it the agreement check is not
+done, and says so."""
 
 REFERENCES = ("auto", "exact", "minres", "cg")
 
@@ -131,36 +137,6 @@ class IhvpResult:
         }
 
 
-def ihvp_vector(A: Any, vector: str | Tensor, seed: int = 0) -> Tensor:
-    """The right-hand side ``v``: ``"gradient"`` (the full-data gradient of ``A``'s
-    problem), ``"random"`` (a seeded standard normal vector), or a ``[P]`` tensor.
-
-    Raises:
-        CurvkitError: ``"gradient"`` for an operator without a problem, another word.
-        ShapeMismatchError: A tensor of the wrong size, or not floating point.
-    """
-    P = A.shape[0]
-    if isinstance(vector, Tensor):
-        if vector.dim() != 1 or vector.shape[0] != P or not vector.is_floating_point():
-            raise ShapeMismatchError(
-                f"the vector must be a floating-point [P] tensor with P = {P:,}, got {tuple(vector.shape)} "
-                f"{vector.dtype}"
-            )
-        return vector.to(device=A.device, dtype=A.dtype)
-    if vector == "gradient":
-        problem = getattr(A, "problem", None)
-        if problem is None:
-            raise CurvkitError(
-                f"vector 'gradient' needs a data-backed operator (one with a problem), not a "
-                f"{type(A).__name__}: give 'random' or a tensor"
-            )
-        return problem.loss_and_gradient()[1].to(dtype=A.dtype)
-    if vector == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn(P, generator=generator, dtype=torch.float64).to(device=A.device, dtype=A.dtype)
-    raise CurvkitError(f"unknown vector {vector!r}: use 'gradient', 'random' or a [P] tensor")
-
-
 def _float64(A: Any) -> Any:
     """``A`` in float64: itself, or the same estimator rebuilt on a float64 copy of its problem."""
     if A.dtype == torch.float64:
@@ -221,7 +197,8 @@ def ihvp_accuracy(
     Args:
         A: The curvature operator (any precision).
         solvers: Registered solvers (:func:`curvkit.solvers`).
-        vector: ``"gradient"``, ``"random"`` or a ``[P]`` tensor (:func:`ihvp_vector`).
+        vector: ``"gradient"`` (the full-data gradient of ``A``'s problem), ``"random"``
+            (seeded standard normal) or a ``[P]`` tensor (:func:`curvkit.resolve_direction`).
         damping: Non-negative damping.
         tol: Relative residual each solver stops at.
         maxiter: Iteration cap of each solver.
@@ -239,7 +216,9 @@ def ihvp_accuracy(
 
     Raises:
         CurvkitError: A negative damping, an unknown solver or reference, no solver,
-            a singular system for the exact reference.
+            a singular system for the exact reference, an unknown vector,
+            ``"gradient"`` for an operator without a problem.
+        ShapeMismatchError: A vector tensor of the wrong size, or not floating point.
     """
     from curvkit.linalg.solve import solve
     from curvkit.linalg.solve import solvers as registered
@@ -255,7 +234,7 @@ def ihvp_accuracy(
         raise CurvkitError(
             f"unknown solver {', '.join(unknown) or '(none given)'}; available: {', '.join(sorted(known))}"
         )
-    v = ihvp_vector(A, vector, seed)
+    v = resolve_direction(A, vector, seed, what="vector")
     label = vector if isinstance(vector, str) else (vector_name or "tensor")
     A64 = precise if precise is not None else _float64(A)
     v64 = v.to(torch.float64)
