@@ -58,12 +58,14 @@ SEEDS = 3
 BATCH = 64
 HG_BATCH = 256
 EVAL_EVERY = 20
+DIVERGED = 1e3
+"""A training loss above which (or NaN) a run has diverged and stops (log 10 = 2.3 at the start)."""
 PERIOD_HG = 10
 COST_ROUNDS = 15
 GRIDS: dict[str, Sequence[float]] = {
-    "SGD": (0.03, 0.1, 0.3),
-    "Adam": (1e-3, 3e-3, 1e-2),
-    "NewtonSummary": (0.1, 0.3, 1.0),
+    "SGD": (0.03, 0.1, 0.3, 1.0),
+    "Adam": (1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+    "NewtonSummary": (0.03, 0.1, 0.3, 1.0, 3.0),
 }
 """Per family, the learning rates (SGD, Adam) or ``damping`` values (NewtonSummary) tried."""
 FIGURE = "newton_training.png"
@@ -81,6 +83,7 @@ class Curve:
     loss: list[float] = field(default_factory=list)
     test_accuracy: float | None = None
     skipped_steps: int = 0
+    diverged: bool = False
 
     def at_step(self, step: int) -> float:
         """The loss at ``step`` (the last evaluation at or before it)."""
@@ -105,6 +108,7 @@ class OptimizerRow:
     ms_per_step: list[float] = field(default_factory=list)
     test_accuracy: list[float] = field(default_factory=list)
     skipped_steps: int = 0
+    diverged: int = 0
 
 
 @dataclass
@@ -179,7 +183,8 @@ def _train(
         curve.steps.append(step)
         curve.seconds.append(elapsed)
         curve.loss.append(loss)
-        return loss == loss and loss < 1e6  # stop a diverged run
+        curve.diverged = not (loss == loss and loss < DIVERGED)
+        return not curve.diverged  # a diverged run stops
 
     step, elapsed = 0, 0.0
     going = evaluate(0, 0.0)
@@ -244,6 +249,7 @@ def _rows(curves: Sequence[Curve], steps: int, seconds: float) -> list[Optimizer
         row.ms_per_step.append(1e3 * c.seconds[at] / max(c.steps[at], 1))
         row.test_accuracy.append(c.test_accuracy or 0.0)
         row.skipped_steps += c.skipped_steps
+        row.diverged += c.diverged
     for family in GRIDS:
         mine = [r for r in rows.values() if r.family == family]
         best = min(mine, key=lambda r: statistics.median(r.loss_at_steps))
@@ -392,11 +398,12 @@ def render_newton(results: Sequence[NewtonResult]) -> list[str]:
             name = f"**{r.family}**" if r.chosen else r.family
             setting = f"{'damping' if r.family == 'NewtonSummary' else 'lr'} {r.setting:g}"
             skipped = f" ({r.skipped_steps} steps skipped)" if r.skipped_steps else ""
+            skipped += f" (diverged: {r.diverged} of {res.seeds} seeds)" if r.diverged else ""
             cells = [
                 f"{name}{skipped}",
                 setting,
-                _stat(r.loss_at_steps, ".4f"),
-                _stat(r.loss_at_time, ".4f"),
+                _stat(r.loss_at_steps, ".3g"),
+                _stat(r.loss_at_time, ".3g"),
                 _stat(r.steps_in_time, ".0f"),
                 _stat(r.ms_per_step, ".2f"),
                 _stat(r.test_accuracy, ".3f"),
