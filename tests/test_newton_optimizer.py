@@ -349,3 +349,22 @@ def test_a_group_can_override_the_hyper_parameters():
         curvkit.NewtonSummary(
             [{"params": list(first.parameters()), "mom_lrs": 2.0}], lambda x, t: 0, batches(1)
         )
+
+
+def test_a_parameter_without_gradient_is_left_alone_as_in_sgd():
+    """Its momentum is neither updated nor applied and it is no part of the summary's direction
+    (a zero subset: a flat direction of the model, rate 0)."""
+    model, data = tiny(), batches()
+    optimizer = make(model, batches(1, size=16, seed=3), dct_nesterov={"use": True, "damping_int": 10.0})
+    train(model, optimizer, data, 1)
+    frozen = model[2].bias
+    before, buffer = frozen.detach().clone(), optimizer.state[frozen]["momentum_buffer"].clone()
+    x, target = data[1]
+    optimizer.zero_grad()
+    loss_fn(model(x), target).backward()
+    frozen.grad = None
+    optimizer.step()
+    assert torch.equal(frozen, before) and torch.equal(optimizer.state[frozen]["momentum_buffer"], buffer)
+    summary = optimizer.last_summary
+    assert summary.summary.g_bar[3] == 0 and summary.summary.D3[3] == 0 and summary.cubic.eta[3] == 0
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -21,7 +21,10 @@ the parameters (one ``torch.optim`` parameter group per subset,
    (:func:`curvkit.cubic.cubic_step`, in float64). Negative rates are set to zero
    if ``remove_negative``; then each group's ``lr <- mom_lrs * lr + (1 - mom_lrs)
    * damping * eta_s`` (``mom_lrs`` is not applied to the first rates).
-4. **Step**, every step: ``theta_s <- theta_s - lr_s u_s``.
+4. **Step**, every step: ``theta_s <- theta_s - lr_s u_s``. As in
+   :class:`torch.optim.SGD`, a parameter without a gradient (``.grad`` is
+   ``None``) is left alone: its momentum is neither updated nor applied, and it
+   is not part of that step's direction.
 
 These are the reference package's semantics (``grnewt``): its README's minimal
 example runs with ``grnewt`` replaced by ``curvkit`` (``docs/newton.md``). What
@@ -289,9 +292,8 @@ class NewtonSummary(torch.optim.Optimizer):
         with torch.no_grad():
             for group in self.param_groups:
                 for p in group["params"]:
-                    buffer = self.state[p].get("momentum_buffer")
-                    if buffer is not None:
-                        p.add_(buffer, alpha=-group["lr"])
+                    if p.grad is not None:  # as torch.optim.SGD: a parameter without gradient stays
+                        p.add_(self.state[p]["momentum_buffer"], alpha=-group["lr"])
         self._steps += 1
         return loss
 
@@ -353,7 +355,10 @@ class NewtonSummary(torch.optim.Optimizer):
         for group in self.param_groups:
             members = {id(p) for p in group["params"]}
             directions.append(
-                [self.state[p].get("momentum_buffer") if id(p) in members else None for p in leaves]
+                [
+                    self.state[p]["momentum_buffer"] if id(p) in members and p.grad is not None else None
+                    for p in leaves
+                ]
             )
         with torch.enable_grad():
             with CompositeNorms():  # the forward pass only: the graph holds elementary operations
