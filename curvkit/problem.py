@@ -75,6 +75,22 @@ class ModelSnapshot:
         return all(torch.equal(t.detach(), v) for t, v in zip(tensors, self.values))
 
 
+class _UntrackedState(ModelSnapshot):
+    """The model state of a problem that does not track it: always current, nothing copied.
+
+    For :meth:`Problem.on_batch`: a problem used within one training step, while
+    the model does not change, so the caches keyed on it (gradient graphs) stay
+    valid without a copy of the parameters or a comparison per product.
+    """
+
+    def __init__(self, model: nn.Module):  # noqa: D107 - no copy, on purpose
+        self.model = model
+
+    def is_current(self) -> bool:
+        """Always: the problem's user promises the model does not change while it is used."""
+        return True
+
+
 class Problem:
     """A model, a loss and data: the function whose curvature curvkit computes.
 
@@ -103,6 +119,12 @@ class Problem:
             keeps state between calls).
         forward_kwargs: Extra keyword arguments of every call of the model, e.g.
             ``{"sr": 16000}`` for a model called as ``model(x, sr)``.
+        track_state: Notice changes of the model's parameters and buffers
+            (default): a copy of them per model state, compared before every
+            product, so that cached work (gradient graphs, the determinism probe)
+            is redone when the model changes. ``False`` is for a problem used while
+            the model does not change (one training step, :meth:`on_batch`): no
+            copy, no comparison, no host-device synchronisation per product.
 
     Example:
         >>> import torch, curvkit
@@ -129,6 +151,7 @@ class Problem:
         eval_mode: bool = True,
         check_deterministic: bool = True,
         forward_kwargs: Mapping[str, Any] | None = None,
+        track_state: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise DataError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -147,7 +170,8 @@ class Problem:
         first = selected[0][1]
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
-        self._snapshot: ModelSnapshot | None = None
+        self.track_state = track_state
+        self._snapshot: ModelSnapshot | None = None if track_state else _UntrackedState(model)
         self._determinism_snapshot: ModelSnapshot | None = None
 
     # ------------------------------------------------------------------ basics
@@ -202,6 +226,38 @@ class Problem:
         if self._snapshot is None or not self._snapshot.is_current():
             self._snapshot = ModelSnapshot(self.model)
         return self._snapshot
+
+    def on_batch(self, inputs: Any, targets: Any) -> Problem:
+        """The same model and loss on one mini-batch, light enough for every training step.
+
+        The optimizers' path (:mod:`curvkit.optim`): the curvature of the loss of
+        ``(inputs, targets)`` alone (normalised like this problem's: the mean over
+        its loss terms, or their sum), for the estimators' same per-batch products
+        as the analyses use. Unlike a problem built for analysis it copies nothing
+        (the batch is used as given, the model's state is not tracked:
+        ``track_state=False``) and runs no determinism probe, so it is valid while
+        the model does not change: build a new one after each step.
+
+        Example:
+            >>> import torch, curvkit
+            >>> model = torch.nn.Linear(2, 1)
+            >>> template = curvkit.Problem(model, "mse", (torch.zeros(4, 2), torch.zeros(4, 1)))
+            >>> step = template.on_batch(torch.ones(3, 2), torch.ones(3, 1))
+            >>> step.num_samples(), step.check_deterministic, step.track_state
+            (3, False, False)
+        """
+        return Problem(
+            self.model,
+            self._loss_arg,
+            (inputs, targets),
+            params=self._selection,
+            batch_size=max(batch_size_of(inputs, targets), 1),
+            reduction=self.loss.reduction,
+            eval_mode=self.eval_mode,
+            check_deterministic=False,
+            forward_kwargs=self.forward_kwargs,
+            track_state=False,
+        )
 
     def with_params(self, params: str | Sequence[str] | None) -> Problem:
         """The same model, loss and data, differentiated w.r.t. other parameters."""
@@ -283,6 +339,7 @@ class Problem:
             eval_mode=self.eval_mode,
             check_deterministic=self.check_deterministic,
             forward_kwargs=self.forward_kwargs,
+            track_state=self.track_state,
         )
 
     def __repr__(self) -> str:

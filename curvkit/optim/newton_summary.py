@@ -60,7 +60,6 @@ summary was.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ from curvkit.composite_norms import CompositeNorms
 from curvkit.cubic import CubicStep
 from curvkit.errors import CurvkitWarning, DataError, UnboundedModelError
 from curvkit.newton import SummaryResult
+from curvkit.optim.base import CurvatureOptimizer, check_fraction, check_integer, check_positive
 from curvkit.third_order import directional_summary
 
 __all__ = ["NESTEROV_KEYS", "NewtonSummary", "SummaryStep"]
@@ -101,14 +101,6 @@ class SummaryStep:
     kept: str = ""
 
 
-def _fraction(name: str, value: Any, *, below_one: bool = False) -> float:
-    top = "[0, 1)" if below_one else "[0, 1]"
-    ok = isinstance(value, (int, float)) and 0.0 <= value and (value < 1.0 if below_one else value <= 1.0)
-    if not ok:
-        raise ValueError(f"{name} must be a number in {top}, got {value!r}")
-    return float(value)
-
-
 def _nesterov(dct: Any) -> tuple[bool, float]:
     """``(use, damping_int)`` from ``dct_nesterov`` (``None``: not used)."""
     if dct is None:
@@ -125,10 +117,7 @@ def _nesterov(dct: Any) -> tuple[bool, float]:
         return False, 0.0
     if "damping_int" not in dct:
         raise ValueError("dct_nesterov['damping_int'] is needed when dct_nesterov['use'] is True")
-    lam = dct["damping_int"]
-    if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"dct_nesterov['damping_int'] must be a finite number >= 0, got {lam!r}")
-    return True, float(lam)
+    return True, check_positive("dct_nesterov['damping_int']", dct["damping_int"], zero=True)
 
 
 def _loss_leaves(loss: Tensor) -> list[Tensor]:
@@ -148,7 +137,7 @@ def _loss_leaves(loss: Tensor) -> list[Tensor]:
     return found
 
 
-class NewtonSummary(torch.optim.Optimizer):
+class NewtonSummary(CurvatureOptimizer):
     """SGD with momentum and per-subset learning rates from the Newton summary (see the module docstring).
 
     Example (``docs/newton.md`` has the whole training script)::
@@ -211,8 +200,7 @@ class NewtonSummary(torch.optim.Optimizer):
             raise ValueError(
                 f"hg_loader must be an iterable of (x, target) batches, got {type(hg_loader).__name__}"
             )
-        if isinstance(period_hg, bool) or not isinstance(period_hg, int) or period_hg < 1:
-            raise ValueError(f"period_hg must be an integer >= 1, got {period_hg!r}")
+        check_integer("period_hg", period_hg)
         if not isinstance(remove_negative, bool):
             raise ValueError(f"remove_negative must be True or False, got {remove_negative!r}")
         self.use_nesterov, self.damping_int = _nesterov(dct_nesterov)
@@ -229,7 +217,6 @@ class NewtonSummary(torch.optim.Optimizer):
         }
         self.last_summary: SummaryStep | None = None
         self.summaries = 0
-        self.skipped_steps = 0
         self._steps = 0  # steps taken (the summary is due when steps % period_hg == 0)
         self._has_lrs = False  # a summary has set the learning rates
         self._iterator: Iterator[Any] | None = None
@@ -257,12 +244,10 @@ class NewtonSummary(torch.optim.Optimizer):
                     )
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
-        damping = group["damping"]
-        if not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
-            raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
-        _fraction("momentum", group["momentum"])
-        _fraction("momentum_damp", group["momentum_damp"])
-        _fraction("mom_lrs", group["mom_lrs"], below_one=True)
+        check_positive("damping", group["damping"])
+        check_fraction("momentum", group["momentum"])
+        check_fraction("momentum_damp", group["momentum_damp"])
+        check_fraction("mom_lrs", group["mom_lrs"], below_one=True)
 
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -273,10 +258,7 @@ class NewtonSummary(torch.optim.Optimizer):
             ValueError: ``full_loss`` depends on parameters outside the partition,
                 or does not return a scalar tensor with a graph to the parameters.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.evaluate(closure)
         if not self._gradient_is_finite():
             self.skipped_steps += 1
             warnings.warn(
@@ -430,32 +412,23 @@ class NewtonSummary(torch.optim.Optimizer):
         self.last_summary = SummaryStep(self._steps, summary, cubic, rates, kept)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim``'s state (momentum buffers, groups with their ``lr``) and the schedule's."""
-        state = super().state_dict()
-        state["newton_summary"] = {
+    def extra_state(self) -> dict[str, Any]:
+        """The schedule: steps, whether rates were set, how far ``hg_loader`` was read."""
+        return {
             "steps": self._steps,
             "has_lrs": self._has_lrs,
             "hg_position": self._position,
             "hg_passes": self._passes,
             "summaries": self.summaries,
-            "skipped_steps": self.skipped_steps,
             "checked_partition": self._checked_partition,
         }
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; the next summary reads the batch the saved run would have."""
-        state_dict = dict(state_dict)
-        schedule = state_dict.pop("newton_summary", None)
-        if schedule is None:
-            raise ValueError("not a NewtonSummary state_dict: it has no 'newton_summary' entry")
-        super().load_state_dict(state_dict)
-        self._steps = int(schedule["steps"])
-        self._has_lrs = bool(schedule["has_lrs"])
-        self._position = int(schedule["hg_position"])
-        self._passes = max(0, int(schedule["hg_passes"]) - 1)  # the current pass is started again
-        self.summaries = int(schedule["summaries"])
-        self.skipped_steps = int(schedule["skipped_steps"])
-        self._checked_partition = bool(schedule["checked_partition"])
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores the schedule; the next summary reads the batch the saved run would have."""
+        self._steps = int(state["steps"])
+        self._has_lrs = bool(state["has_lrs"])
+        self._position = int(state["hg_position"])
+        self._passes = max(0, int(state["hg_passes"]) - 1)  # the current pass is started again
+        self.summaries = int(state["summaries"])
+        self._checked_partition = bool(state["checked_partition"])
         self._iterator = None

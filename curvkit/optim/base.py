@@ -1,0 +1,196 @@
+"""What every curvkit optimizer shares: checked hyper-parameters, never-NaN steps, the batch's problem, state.
+
+:class:`CurvatureOptimizer` is a :class:`torch.optim.Optimizer` with
+
+* **checked hyper-parameters**: :func:`check_positive`, :func:`check_fraction`,
+  :func:`check_integer` and :func:`check_choice` raise one-line
+  :class:`ValueError` s naming the hyper-parameter and the accepted range;
+* **never NaN parameters**: :meth:`CurvatureOptimizer.apply_updates` adds the
+  step's updates only when every one is finite (one host-device
+  synchronisation for all of them); otherwise the parameters are left as they
+  were, :attr:`~CurvatureOptimizer.skipped_steps` counts it and a
+  :class:`curvkit.CurvkitWarning` says why;
+* **the batch's problem**: optimizers that use a curvature estimator take the
+  model (``model=``) and the loss (``loss_fn=``, as :class:`curvkit.Problem`
+  takes it) and build :meth:`~CurvatureOptimizer.batch_problem` for each step:
+  a :class:`curvkit.Problem` of the current mini-batch through
+  :meth:`curvkit.Problem.on_batch` (no copy, no determinism probe), whose
+  estimators run the very per-batch products the analyses run;
+* **state**: :meth:`~CurvatureOptimizer.state_dict` adds what a subclass keeps
+  outside ``torch.optim``'s per-parameter state (:meth:`extra_state` /
+  :meth:`load_extra_state`), so that training resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.errors import CurvkitWarning
+from curvkit.problem import Problem
+
+__all__ = [
+    "CurvatureOptimizer",
+    "check_choice",
+    "check_fraction",
+    "check_integer",
+    "check_positive",
+]
+
+
+def check_positive(name: str, value: Any, *, zero: bool = False) -> float:
+    """``value`` as a float if it is finite and ``> 0`` (``>= 0`` with ``zero``), else a ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any, *, below_one: bool = False) -> float:
+    """``value`` as a float if it is in ``[0, 1]`` (``[0, 1)`` with ``below_one``), else a ValueError."""
+    top = "[0, 1)" if below_one else "[0, 1]"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value
+    ok = ok and (value < 1.0 if below_one else value <= 1.0)
+    if not ok:
+        raise ValueError(f"{name} must be a number in {top}, got {value!r}")
+    return float(value)
+
+
+def check_integer(name: str, value: Any, *, minimum: int = 1) -> int:
+    """``value`` if it is an integer ``>= minimum``, else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base class of curvkit's optimizers (see the module docstring).
+
+    Args:
+        params: Parameters or parameter groups, as :class:`torch.optim.Optimizer` takes them.
+        defaults: Per-group defaults.
+        model: The network, for optimizers that use a curvature estimator.
+        loss_fn: Its loss, as :class:`curvkit.Problem` takes it (``"cross_entropy"``,
+            ``"mse"``, a loss module, or ``(outputs, targets) -> mean loss``).
+        eval_mode: Whether the curvature is that of the model in evaluation mode
+            (dropout off, BatchNorm's running statistics), as the analyses use.
+
+    Attributes:
+        skipped_steps: Steps whose update was not finite, hence not applied.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        model: nn.Module | None = None,
+        loss_fn: Any = None,
+        eval_mode: bool = True,
+    ) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.eval_mode = eval_mode
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ the batch's problem
+    def batch_problem(self, inputs: Any, targets: Any) -> Problem:
+        """The :class:`curvkit.Problem` of one mini-batch over this optimizer's parameters.
+
+        Raises:
+            ValueError: The optimizer was built without ``model=`` or ``loss_fn=``,
+                or optimizes a tensor that is not a parameter of the model.
+        """
+        if self.model is None or self.loss_fn is None:
+            raise ValueError(f"{type(self).__name__} needs model= and loss_fn= to build a batch's problem")
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        mine = [p for group in self.param_groups for p in group["params"]]
+        missing = [p for p in mine if id(p) not in names]
+        if missing:
+            shapes = [tuple(p.shape) for p in missing[:3]]
+            raise ValueError(
+                f"{len(missing)} optimized tensor(s) (shapes {shapes}) are not parameters of the model"
+            )
+        return Problem(
+            self.model,
+            self.loss_fn,
+            (inputs, targets),
+            params=[names[id(p)] for p in mine],
+            batch_size=max(int(targets.shape[0]), 1),
+            eval_mode=self.eval_mode,
+            check_deterministic=False,
+            track_state=False,
+        )
+
+    # ------------------------------------------------------------------ closure and updates
+    @staticmethod
+    def evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
+        """The closure's loss, evaluated with gradients enabled (``None`` without a closure)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def apply_updates(self, updates: Sequence[tuple[Tensor, Tensor]], what: str = "update") -> bool:
+        """``p += delta`` for every pair, if every ``delta`` is finite; else nothing, with a warning.
+
+        Returns:
+            Whether the updates were applied.
+        """
+        if updates and not bool(torch.stack([torch.isfinite(d).all() for _, d in updates]).all()):
+            self.skipped_steps += 1
+            warnings.warn(
+                f"{type(self).__name__}: step skipped: the {what} is not finite (parameters unchanged)",
+                CurvkitWarning,
+                stacklevel=3,
+            )
+            return False
+        with torch.no_grad():
+            for p, delta in updates:
+                p.add_(delta)
+        return True
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Any]:
+        """What a subclass keeps outside the per-parameter state (plain data or tensors)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`extra_state`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state, with :meth:`extra_state` and the skipped steps under ``"curvkit"``."""
+        state = super().state_dict()
+        state["curvkit"] = {"skipped_steps": self.skipped_steps, **self.extra_state()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`.
+
+        Raises:
+            ValueError: A state dict not written by this kind of optimizer.
+        """
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("curvkit", None)
+        if extra is None:
+            raise ValueError(f"not a {type(self).__name__} state_dict: it has no 'curvkit' entry")
+        super().load_state_dict(state_dict)
+        extra = dict(extra)
+        self.skipped_steps = int(extra.pop("skipped_steps", 0))
+        self.load_extra_state(extra)
