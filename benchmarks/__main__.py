@@ -1,6 +1,6 @@
 """Run the benchmarks: ``python -m benchmarks [--only SECTION,...] [--problems mlp,...] [--quick]``.
 
-Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers, newton (default: all).
+Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers, newton, optimizers (default: all).
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
 A full run takes about twenty minutes on 2 cores (the ``solvers`` section about
@@ -41,6 +41,7 @@ from benchmarks.ggn import evaluate_ggn_goals, run_ggn  # noqa: E402
 from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
 from benchmarks.kfac import KFAC_PROBLEMS, evaluate_kfac_goals, run_kfac  # noqa: E402
 from benchmarks.newton import run_newton  # noqa: E402
+from benchmarks.optimizers import evaluate_optimizer_goals, run_optimizers  # noqa: E402
 from benchmarks.peers import backend_versions, peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
 from benchmarks.report import (  # noqa: E402
@@ -59,7 +60,7 @@ from benchmarks.spectral import (  # noqa: E402
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
 from curvkit.choice import AUTO_TRIALS  # noqa: E402
 
-SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS, "solvers", "newton")
+SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS, "solvers", "newton", "optimizers")
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -132,6 +133,7 @@ def _goals(rec: Recorded) -> list:
         + evaluate_kfac_goals(rec.kfac)
         + (evaluate_spectral_goals(rec.spectral) if rec.spectral else [])
         + evaluate_solver_goals(rec.solvers)
+        + evaluate_optimizer_goals(rec.optimizers)
     )
 
 
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         run_solvers(args.problems, args.quick) if "solvers" in args.only else ([], None)
     )
     newton_results = run_newton(args.problems, args.quick, args.out) if "newton" in args.only else []
+    optimizer_results = (
+        run_optimizers(args.problems, args.quick, args.out) if "optimizers" in args.only else []
+    )
     meta = {
         "commit": commit,
         "command": " ".join(
@@ -206,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start,
         "other_load": whole_run.stop(),
     }
-    run = Recorded(results, ggn_results, kfac_results, spectral, solver_results, newton_results)
+    run = Recorded(
+        results, ggn_results, kfac_results, spectral, solver_results, newton_results, optimizer_results
+    )
     partial = set(args.only) != set(SECTIONS) or args.problems is not None
     old = load_recorded(args.out / "results.json") if partial and not args.no_merge else None
     merged = merge_recorded(old, run, args.only, meta)
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         merged.kfac,
         merged.solvers,
         merged.newton,
+        merged.optimizers,
         merged.provenance,
     )
     write_results(args.out, meta, *parts)

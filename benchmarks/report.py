@@ -24,6 +24,7 @@ from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow
 from benchmarks.hvp import Goal, K, ProblemResult
 from benchmarks.kfac import DAMPING, KFACResult
 from benchmarks.newton import NewtonResult, render_newton
+from benchmarks.optimizers import OptimizersResult, render_optimizers
 from benchmarks.peers import NO_HVP
 from benchmarks.problems import PROBLEMS
 from benchmarks.solvers import CG_EPS, GARBAGE, SolverResult, SolverRow, SolverSystem
@@ -201,6 +202,7 @@ def render_markdown(
     kfac: Sequence[KFACResult] = (),
     solvers: Sequence[SolverResult] = (),
     newton: Sequence[NewtonResult] = (),
+    optimizers: Sequence[OptimizersResult] = (),
     provenance: dict[str, list[dict]] | None = None,
 ) -> str:
     """The report as Markdown.
@@ -297,6 +299,8 @@ def render_markdown(
         out += _recorded_line("solvers", meta, provenance) + render_solvers(solvers)
     if newton:
         out += _recorded_line("newton", meta, provenance) + render_newton(newton)
+    if optimizers:
+        out += _recorded_line("optimizers", meta, provenance) + render_optimizers(optimizers)
     if results:
         out += ["## How each method is called", ""] + _notes(results) + [""]
     return "\n".join(out)
@@ -312,13 +316,14 @@ def write_results(
     kfac: Sequence[KFACResult] = (),
     solvers: Sequence[SolverResult] = (),
     newton: Sequence[NewtonResult] = (),
+    optimizers: Sequence[OptimizersResult] = (),
     provenance: dict[str, list[dict]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
     md.write_text(
-        render_markdown(meta, results, goals, spectral, ggn, kfac, solvers, newton, provenance),
+        render_markdown(meta, results, goals, spectral, ggn, kfac, solvers, newton, optimizers, provenance),
         encoding="utf-8",
     )
     payload = {
@@ -330,6 +335,7 @@ def write_results(
         "kfac": [r.to_dict() for r in kfac],
         "solvers": [r.to_dict() for r in solvers],
         "newton": [r.to_dict() for r in newton],
+        "optimizers": [r.to_dict() for r in optimizers],
     }
     if spectral is not None:
         payload["spectral"] = spectral.to_dict()
@@ -338,7 +344,18 @@ def write_results(
 
 
 # ------------------------------------------------------------------ merging with the recorded results
-SECTION_ORDER = ("hvp", "matmat", "ggn", "kfac", "eigen", "trace", "density", "solvers", "newton")
+SECTION_ORDER = (
+    "hvp",
+    "matmat",
+    "ggn",
+    "kfac",
+    "eigen",
+    "trace",
+    "density",
+    "solvers",
+    "newton",
+    "optimizers",
+)
 PROBLEM_ORDER = ("mlp-trained", *PROBLEMS)
 SPECTRAL_SETTING_OF = {
     "eigen": ("eigen_rounds", "cross_check"),
@@ -358,6 +375,7 @@ class Recorded:
     spectral: SpectralResults | None = None
     solvers: list[SolverResult] = field(default_factory=list)
     newton: list[NewtonResult] = field(default_factory=list)
+    optimizers: list[OptimizersResult] = field(default_factory=list)
     provenance: dict[str, list[dict]] = field(default_factory=dict)
 
     def covered(self, section: str) -> list[str]:
@@ -419,6 +437,7 @@ def load_recorded(path: Path) -> Recorded | None:
         "spectral": ("spectral", SpectralResults),
         "solvers": ("solvers", list[SolverResult]),
         "newton": ("newton", list[NewtonResult]),
+        "optimizers": ("optimizers", list[OptimizersResult]),
     }
     for attr, (key, tp) in parts.items():
         try:
@@ -491,7 +510,7 @@ def merge_recorded(
         base.description, base.params, base.samples = res.description, res.params, res.samples
         base.other_load = res.other_load
     merged.results = [by_name[n] for n in sorted(by_name, key=_order)]
-    for attr in ("ggn", "kfac", "solvers", "newton"):
+    for attr in ("ggn", "kfac", "solvers", "newton", "optimizers"):
         setattr(merged, attr, _merge_list(getattr(old, attr), getattr(new, attr), ran.get(attr, [])))
 
     # spectral: three lists and the settings each ran with

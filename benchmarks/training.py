@@ -259,20 +259,22 @@ def _rows(
 def run_families(
     name: str,
     families: Sequence[Family],
-    reference: str,
+    reference: str | None,
     steps: int,
     seeds: int,
     quick: bool,
     data: TrainingData,
+    seconds_budget: float = 0.0,
 ) -> tuple[list[OptimizerRow], list[Curve], float]:
     """Every configuration of every family, every seed: rows, the chosen curves and the time budget.
 
     ``reference`` (a family's name) runs first, for the step budget; the median
-    time it takes is the time budget the others also run to.
+    time it takes is the time budget the others also run to. Without a
+    reference, every family runs to ``steps`` and ``seconds_budget``.
     """
     ordered = sorted(families, key=lambda f: f.name != reference)
     curves: list[Curve] = []
-    budget = 0.0
+    budget = seconds_budget
     for family in ordered:
         grid = family.grid[:1] if quick else family.grid
         seconds = 0.0 if family.name == reference else budget
