@@ -158,7 +158,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"{type(self).__name__}: step skipped: the {what} is not finite (parameters unchanged)",
                 CurvkitWarning,
-                stacklevel=3,
+                stacklevel=4,  # apply_updates, step, torch.optim's step wrapper, the caller
             )
             return False
         with torch.no_grad():

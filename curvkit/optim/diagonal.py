@@ -1,0 +1,558 @@
+r"""Diagonal second-order optimizers from Hutchinson probes: ``DiagonalNewton``, ``AdaHessian``, ``SophiaH``.
+
+All three precondition the gradient by an estimate of the Hessian's diagonal,
+obtained with Hutchinson's estimator (M. F. Hutchinson, "A stochastic
+estimator of the trace of the influence matrix for Laplacian smoothing
+splines", 1989; C. Bekas, E. Kokiopoulou and Y. Saad, "An estimator for the
+diagonal of a matrix", 2007): for Rademacher probes ``z`` (entries ``+-1``
+with probability 1/2 each),
+
+.. math::
+
+    \mathbb{E}[z \odot (H z)] = \operatorname{diag}(H), \qquad
+    (z \odot H z)_i = H_{ii} + \sum_{j \ne i} H_{ij} z_i z_j ,
+
+so the estimate is exact, whatever the probe, when ``H`` is diagonal.
+
+**Hessian-vector products on the current batch, without another forward pass.**
+As in the peers (torch-optimizer's ``Adahessian``, pytorch-optimizer's
+``AdaHessian`` and ``SophiaH``), the user differentiates the loss with its
+graph, ``loss.backward(create_graph=True)``; :meth:`step` then takes
+``H z = d/dtheta <grad, z>`` through that graph with curvkit's core primitive
+:func:`curvkit.autodiff.backward_products` (one backward pass per probe), and
+afterwards replaces every ``p.grad`` by its detached value, which frees the
+graph (and breaks the parameter/gradient reference cycle torch warns about);
+the gradients keep their values, so gradient clipping or logging may follow.
+``step(closure)`` accepts a closure that does it all::
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward(create_graph=True)
+        return loss
+
+    optimizer.step(closure)
+
+The diagonal is refreshed every ``update_each`` (``update_period``) steps only,
+from the first (and at any step where a parameter with a gradient has not been
+estimated yet); :attr:`HutchinsonOptimizer.hessian_due` says whether the next
+step refreshes it, so that the other steps may use a plain ``loss.backward()``::
+
+    loss.backward(create_graph=optimizer.hessian_due)
+
+A refresh without any gradient graph raises a one-line :class:`ValueError`. A parameter whose
+gradient has no graph while others have one (its loss term is linear in it) has
+a zero Hessian row: its estimate is zero. (A loss linear in every parameter has
+no gradient graph even with ``create_graph=True``, and so raises as well.)
+
+**Reproducible probes.** The probes come from a :class:`torch.Generator` on the
+parameters' device, seeded by ``seed``; its state is in :meth:`state_dict`
+(:meth:`~HutchinsonOptimizer.extra_state`), so that a run resumed from a state
+dict draws the probes the original run would have drawn and continues
+bit-identically.
+
+**Never NaN parameters.** A step whose gradient or Hutchinson estimate is not
+finite is skipped with a :class:`curvkit.CurvkitWarning`: parameters, moments,
+estimates and step count unchanged (after a non-finite estimate the generator
+has drawn its probes, so a retried step draws new ones). Every update goes
+through :meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`, which
+skips (with the warning) one that is not finite; the moments have then been
+updated already.
+
+A parameter without a gradient (``.grad`` is ``None``) is left alone, as
+``torch.optim`` does: no estimate, no moment update, no step.
+
+Example: the diagonal quadratic ``1/2 sum_i d_i x_i^2 - sum_i x_i`` is solved in
+one Newton step, since its Hutchinson estimate is exact:
+
+>>> import torch
+>>> from curvkit.optim.diagonal import DiagonalNewton
+>>> x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+>>> d = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+>>> optimizer = DiagonalNewton([x], lr=1.0, damping=1e-12, clip=None)
+>>> loss = 0.5 * (d * x**2).sum() - x.sum()
+>>> loss.backward(create_graph=True)
+>>> optimizer.step()
+>>> x.detach()
+tensor([1.0000, 0.5000, 0.2500], dtype=torch.float64)
+>>> x.grad.requires_grad  # the graph was freed
+False
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit.autodiff import backward_products
+from curvkit.errors import CurvkitWarning
+from curvkit.optim.base import CurvatureOptimizer, check_fraction, check_integer, check_positive
+
+__all__ = ["AdaHessian", "DiagonalNewton", "HutchinsonOptimizer", "SophiaH", "rademacher"]
+
+
+def rademacher(shape: Sequence[int], like: Tensor, generator: torch.Generator) -> Tensor:
+    """Rademacher probes (entries ``+-1``, probability 1/2 each) of ``like``'s dtype, drawn by ``generator``.
+
+    They are drawn on the generator's device and moved to ``like``'s.
+
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> z = rademacher((2, 3), torch.zeros(3), generator)
+    >>> z.shape, sorted(set(z.flatten().tolist())) <= [-1.0, 1.0]
+    (torch.Size([2, 3]), True)
+    """
+    z = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
+    return z.mul_(2).sub_(1).to(like.device)
+
+
+def _check_betas(betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return (
+        check_fraction("betas[0]", betas[0], below_one=True),
+        check_fraction("betas[1]", betas[1], below_one=True),
+    )
+
+
+def _ema_(average: Tensor, value: Tensor, beta: float) -> Tensor:
+    """``average <- beta * average + (1 - beta) * value``, in place."""
+    return average.mul_(beta).add_(value, alpha=1.0 - beta)
+
+
+class HutchinsonOptimizer(CurvatureOptimizer):
+    """The machinery of :class:`DiagonalNewton`, :class:`AdaHessian` and :class:`SophiaH` (module docstring).
+
+    The step: evaluate the closure; skip with a warning if a gradient is not
+    finite; on a refresh step (every ``period`` steps, from the first), draw the
+    probes, take their Hessian products through the gradients' graph and form the
+    Hutchinson estimate ``mean_k z_k * (H z_k)`` per parameter (skip with a warning
+    if it is not finite); hand each parameter's gradient and estimate (``None``
+    between refreshes) to the subclass's :meth:`_update`, apply the updates; free
+    the graph.
+
+    Args:
+        params: Parameters or parameter groups.
+        defaults: Per-group hyper-parameters (checked by :meth:`_check_group`).
+        period: Steps between two estimates of the diagonal (``>= 1``).
+        probes: Probes per estimate (``>= 1``), averaged.
+        seed: Seed of the probes' generator (an integer ``>= 0``).
+
+    Attributes:
+        steps: Steps taken (skipped ones excluded).
+        refreshes: Estimates of the diagonal computed.
+        generator: The probes' :class:`torch.Generator`, on the first parameter's device.
+        skipped_steps: Steps skipped because the gradient, the estimate or the update was not finite.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        period: int,
+        probes: int,
+        seed: int,
+    ) -> None:
+        self.period = check_integer("update period", period)
+        self.probes = check_integer("probes", probes)
+        self.seed = check_integer("seed", seed, minimum=0)
+        self.steps = 0
+        self.refreshes = 0
+        super().__init__(params, defaults)
+        device = self.param_groups[0]["params"][0].device
+        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+
+    # ------------------------------------------------------------------ hyper-parameters
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a parameter group and checks its hyper-parameters (a :class:`ValueError` if invalid)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not group["params"]:
+            raise ValueError(f"parameter group {len(self.param_groups) - 1} is empty")
+        self._check_group(group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raises a :class:`ValueError` for an invalid hyper-parameter of ``group``."""
+        check_positive("lr", group["lr"])
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def hessian_due(self) -> bool:
+        """Whether the next :meth:`step` estimates the diagonal, and so needs ``backward(create_graph=True)``.
+
+        It does every ``period`` steps from the first, and whenever a parameter
+        that requires grad has not been estimated yet (so a parameter that never
+        gets a gradient keeps this ``True``: leave it out of the optimizer).
+        """
+        return self.steps % self.period == 0 or any(
+            p.requires_grad and not self.state.get(p, {}).get("hessian_step", 0)
+            for group in self.param_groups
+            for p in group["params"]
+        )
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One step (see the module docstring); the closure's loss if one is given.
+
+        Args:
+            closure: Optional: zeroes the gradients, computes the loss, calls
+                ``loss.backward(create_graph=True)`` and returns the loss.
+
+        Raises:
+            ValueError: The diagonal is due but no gradient has a graph (the loss
+                was differentiated without ``create_graph=True``).
+        """
+        loss = self.evaluate(closure)
+        pairs = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        try:
+            self._step(pairs)
+        finally:
+            for _, p in pairs:  # frees the graph of the gradients
+                if p.grad is not None and p.grad.requires_grad:
+                    p.grad = p.grad.detach()
+        return loss
+
+    def _step(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> None:
+        if not pairs:
+            return
+        grads = [p.grad for _, p in pairs]
+        if not self._finite(grads):
+            self._skip("the gradient is not finite")
+            return
+        estimates: list[Tensor | None] = [None] * len(pairs)
+        due = self.steps % self.period == 0 or any(not self.state[p].get("hessian_step", 0) for _, p in pairs)
+        if due:  # on schedule, or a parameter has no estimate yet
+            estimates = list(self._hutchinson([p for _, p in pairs], grads))
+            if not self._finite(estimates):
+                self._skip("the Hutchinson estimate of the Hessian's diagonal is not finite")
+                return
+            self.refreshes += 1
+            for _, p in pairs:
+                self.state[p]["hessian_step"] = self.state[p].get("hessian_step", 0) + 1
+        with torch.no_grad():
+            updates = [
+                (p, self._update(group, p, g.detach(), d))
+                for (group, p), g, d in zip(pairs, grads, estimates)
+            ]
+        self.apply_updates(updates)
+        self.steps += 1
+
+    @staticmethod
+    def _finite(tensors: Sequence[Tensor | None]) -> bool:
+        checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+        return not checks or bool(torch.stack(checks).all())
+
+    def _skip(self, why: str) -> None:
+        self.skipped_steps += 1
+        warnings.warn(
+            f"{type(self).__name__}: step {self.steps} skipped: {why} (parameters and moments unchanged)",
+            CurvkitWarning,
+            stacklevel=5,  # _skip, _step, step, torch's step wrapper, the caller
+        )
+
+    def _hutchinson(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Per parameter, ``mean_k z_k * (H z_k)`` over ``probes`` Rademacher probes."""
+        if not any(g.requires_grad for g in grads):
+            raise ValueError(
+                f"{type(self).__name__} needs the gradient's graph for its Hessian-vector products: call "
+                "loss.backward(create_graph=True) before step(), or pass step() a closure that does"
+            )
+        V = [rademacher((self.probes, *p.shape), p, self.generator) for p in params]
+        HV = backward_products(grads, params, V, batched=False)
+        return [(z * hz).mean(0) for z, hz in zip(V, HV)]
+
+    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
+        """Updates ``p``'s state and returns its step ``delta`` (``p += delta``).
+
+        Args:
+            group: ``p``'s parameter group.
+            p: The parameter.
+            grad: Its gradient (detached).
+            estimate: Its Hutchinson estimate, ``None`` between refreshes.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Any]:
+        """The schedule and the probes' generator (its state and device)."""
+        return {
+            "steps": self.steps,
+            "refreshes": self.refreshes,
+            "seed": self.seed,
+            "generator_state": self.generator.get_state(),
+            "generator_device": str(self.generator.device),
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores the schedule and the probes' generator.
+
+        A generator saved on another kind of device cannot be restored: the
+        generator is then seeded with ``seed + steps`` and a
+        :class:`curvkit.CurvkitWarning` says that the probes differ from the saved run's.
+        """
+        self.steps = int(state["steps"])
+        self.refreshes = int(state["refreshes"])
+        self.seed = int(state["seed"])
+        saved = torch.device(state["generator_device"])
+        if saved.type == self.generator.device.type:
+            self.generator.set_state(state["generator_state"].cpu())
+        else:
+            self.generator.manual_seed(self.seed + self.steps)
+            warnings.warn(
+                f"{type(self).__name__}: the probes' generator was saved on {saved.type} and cannot be "
+                f"restored on {self.generator.device.type}: reseeded, the probes differ from the saved run's",
+                CurvkitWarning,
+                stacklevel=3,
+            )
+
+
+class DiagonalNewton(HutchinsonOptimizer):
+    r"""Newton's method with a diagonal Hessian estimated by Hutchinson probes (Becker and LeCun, 1989).
+
+    S. Becker and Y. LeCun ("Improving the convergence of back-propagation
+    learning with second order methods", Proceedings of the 1988 Connectionist
+    Models Summer School, 1989) step each weight by its gradient over its
+    (absolute, damped) diagonal curvature, ``-eps g_i / (|h_ii| + mu)``. Here
+    ``h`` is the Hutchinson estimate ``d = mean_k z_k * (H z_k)`` over ``probes``
+    Rademacher probes, refreshed every ``update_each`` steps (kept in between),
+    and the step of parameter entry ``i`` is
+
+    .. math::
+
+        \Delta\theta_i = -\operatorname{clamp}\Big(
+            \frac{\mathrm{lr}\, g_i}{|d_i|^{k} + \mathrm{damping}}, -\mathrm{clip}, \mathrm{clip}\Big),
+
+    with ``k = hessian_power``; equivalently, the denominator is clipped from
+    below: ``lr g_i / max(|d_i|^k + damping, lr |g_i| / clip)``. ``clip=None``
+    leaves the step unclipped. On a quadratic with diagonal Hessian, ``lr=1``,
+    ``k=1`` and a negligible damping, one step reaches the minimiser; the clip is
+    the trust region that keeps a single noisy, nearly zero estimate ``d_i`` (one
+    probe: ``d_i = H_ii + sum_{j != i} H_ij z_i z_j``) from making a huge step.
+
+    Args:
+        params: Parameters or parameter groups (which may override ``lr``,
+            ``damping``, ``clip`` and ``hessian_power``).
+        lr: Step size (``> 0``).
+        damping: ``mu``, added to ``|d|^k`` (``> 0``).
+        clip: Largest step per entry (``> 0``), or ``None``.
+        hessian_power: ``k``, in ``[0, 1]`` (``0``: gradient descent with step ``lr / (1 + damping)``).
+        probes: Rademacher probes per estimate (``>= 1``).
+        update_each: Steps between estimates (``>= 1``).
+        seed: Seed of the probes' generator.
+
+    State per parameter: ``"diagonal"``, the last estimate ``d``, and ``"hessian_step"``,
+    the estimates it received.
+
+    Raises:
+        ValueError: An invalid hyper-parameter.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        damping: float = 1e-4,
+        clip: float | None = 0.1,
+        hessian_power: float = 1.0,
+        probes: int = 1,
+        update_each: int = 1,
+        seed: int = 0,
+    ) -> None:
+        check_integer("update_each", update_each)
+        defaults = {"lr": lr, "damping": damping, "clip": clip, "hessian_power": hessian_power}
+        super().__init__(params, defaults, period=update_each, probes=probes, seed=seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_positive("damping", group["damping"])
+        if group["clip"] is not None:
+            check_positive("clip", group["clip"])
+        check_fraction("hessian_power", group["hessian_power"])
+
+    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
+        state = self.state[p]
+        if estimate is not None:
+            state["diagonal"] = estimate
+        denominator = state["diagonal"].abs().pow(group["hessian_power"]).add_(group["damping"])
+        step = grad.div(denominator).mul_(-group["lr"])
+        if group["clip"] is not None:
+            step.clamp_(-group["clip"], group["clip"])
+        return step
+
+
+class AdaHessian(HutchinsonOptimizer):
+    r"""AdaHessian (Z. Yao, A. Gholami, S. Shen, M. Mustafa, K. Keutzer and M. W. Mahoney, AAAI 2021).
+
+    "ADAHESSIAN: An adaptive second order optimizer for machine learning": Adam
+    with the squared gradient replaced by the squared Hutchinson diagonal. With
+    ``g_t`` the gradient and ``D_t = z * (H z)`` (one Rademacher probe),
+
+    * **spatial averaging** (``spatial_averaging``; 4-d parameters, convolution
+      kernels ``[out, in, kh, kw]``): ``D_t`` is replaced by the mean of
+      ``|D_t|`` over the kernel's positions (dims 2 and 3), broadcast back, as
+      the authors' implementation does;
+    * ``m_t = beta1 m_{t-1} + (1 - beta1) g_t``, every step;
+    * ``v <- beta2 v + (1 - beta2) D^2`` when the diagonal is refreshed (every
+      ``update_each`` steps; ``n`` refreshes so far), unchanged in between;
+    * ``theta <- theta - lr lambda theta - lr (m_t / (1 - beta1^t)) /
+      ((v / (1 - beta2^n))^{k/2} + eps)``, with ``k = hessian_power`` and the
+      decoupled (AdamW-style) weight decay ``lambda``.
+
+    ``t`` and ``n`` are counted per parameter (steps in which it had a gradient),
+    so the bias corrections stay right for a parameter that sometimes has none.
+    With ``update_each=1`` this is the paper's Algorithm 1; with more, the second
+    moment is a moving average of the estimates it receives (as Sophia's).
+
+    Args:
+        params: Parameters or parameter groups (which may override every
+            hyper-parameter but ``update_each`` and ``seed``).
+        lr: Step size (``> 0``).
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``.
+        eps: Added to the denominator (``> 0``).
+        weight_decay: Decoupled weight decay ``lambda`` (``>= 0``).
+        hessian_power: ``k``, in ``[0, 1]``.
+        update_each: Steps between estimates of the diagonal (``>= 1``).
+        spatial_averaging: Average over the kernel positions of 4-d parameters.
+        seed: Seed of the probes' generator.
+
+    State per parameter: ``"step"`` (``t``), ``"hessian_step"`` (``n``),
+    ``"exp_avg"`` (``m``) and ``"exp_hessian_diag_sq"`` (``v``).
+
+    Raises:
+        ValueError: An invalid hyper-parameter.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        update_each: int = 1,
+        spatial_averaging: bool = True,
+        seed: int = 0,
+    ) -> None:
+        check_integer("update_each", update_each)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "hessian_power": hessian_power,
+            "spatial_averaging": spatial_averaging,
+        }
+        super().__init__(params, defaults, period=update_each, probes=1, seed=seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["betas"] = _check_betas(group["betas"])
+        check_positive("eps", group["eps"])
+        check_positive("weight_decay", group["weight_decay"], zero=True)
+        check_fraction("hessian_power", group["hessian_power"])
+        if not isinstance(group["spatial_averaging"], bool):
+            raise ValueError(f"spatial_averaging must be True or False, got {group['spatial_averaging']!r}")
+
+    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_hessian_diag_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        _ema_(state["exp_avg"], grad, beta1)
+        if estimate is not None:
+            if group["spatial_averaging"] and estimate.dim() == 4:
+                estimate = estimate.abs().mean(dim=(2, 3), keepdim=True).expand_as(estimate)
+            _ema_(state["exp_hessian_diag_sq"], estimate.square(), beta2)
+        k = group["hessian_power"]
+        v_hat = state["exp_hessian_diag_sq"] / (1.0 - beta2 ** state["hessian_step"])
+        denominator = v_hat.pow_(k / 2).add_(group["eps"])
+        step = state["exp_avg"].div(denominator).mul_(-group["lr"] / (1.0 - beta1 ** state["step"]))
+        if group["weight_decay"]:
+            step.add_(p.detach(), alpha=-group["lr"] * group["weight_decay"])
+        return step
+
+
+class SophiaH(HutchinsonOptimizer):
+    r"""Sophia with the Hutchinson estimator (H. Liu, Z. Li, D. Hall, P. Liang and T. Ma, 2023).
+
+    "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+    Pre-training" (arXiv 2305.14342), Algorithm 3 with the Hutchinson estimator
+    ``h_hat = z * (H z)`` (one Rademacher probe). With ``g_t`` the gradient,
+    ``k = update_period`` and ``gamma = rho``, at step ``t = 1, 2, ...``:
+
+    * ``m_t = beta1 m_{t-1} + (1 - beta1) g_t``;
+    * if ``t mod k = 1``: ``h_t = beta2 h_{t-k} + (1 - beta2) h_hat_t``; else ``h_t = h_{t-1}``
+      (``h_0 = 0``);
+    * ``theta <- theta - lr lambda theta`` (decoupled weight decay);
+    * ``theta <- theta - lr clip(m_t / max(gamma h_t, eps), 1)``, with
+      ``clip(x, 1) = max(min(x, 1), -1)`` element-wise.
+
+    No bias correction, as in the paper. Every entry moves by at most ``lr``
+    (plus the weight decay); where the curvature estimate is negative, zero or
+    small, the step is ``lr`` times the sign of the momentum. The first version
+    of the paper (and pytorch-optimizer's ``SophiaH``, with ``p`` for ``rho``)
+    wrote ``theta <- theta - lr' clip(m_t / max(h_t, eps'), rho')``; since
+    ``clip(x, rho') = rho' clip(x / rho', 1)``, that is this update with
+    ``lr = lr' rho'``, ``gamma = rho'`` and ``eps = rho' eps'``.
+
+    Args:
+        params: Parameters or parameter groups (which may override every
+            hyper-parameter but ``update_period`` and ``seed``).
+        lr: Step size, the largest change of an entry per step (``> 0``).
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``.
+        weight_decay: Decoupled weight decay ``lambda`` (``>= 0``).
+        eps: Floor of the denominator ``gamma h`` (``> 0``).
+        rho: ``gamma``, the scale of the curvature in the denominator (``> 0``).
+        update_period: ``k``, steps between estimates of the diagonal (``>= 1``).
+        seed: Seed of the probes' generator.
+
+    State per parameter: ``"exp_avg"`` (``m``), ``"hessian"`` (``h``) and
+    ``"hessian_step"``, the estimates it received.
+
+    Raises:
+        ValueError: An invalid hyper-parameter.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 6e-2,
+        betas: tuple[float, float] = (0.96, 0.99),
+        weight_decay: float = 0.0,
+        eps: float = 1e-12,
+        rho: float = 0.04,
+        update_period: int = 10,
+        seed: int = 0,
+    ) -> None:
+        check_integer("update_period", update_period)
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps, "rho": rho}
+        super().__init__(params, defaults, period=update_period, probes=1, seed=seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["betas"] = _check_betas(group["betas"])
+        check_positive("weight_decay", group["weight_decay"], zero=True)
+        check_positive("eps", group["eps"])
+        check_positive("rho", group["rho"])
+
+    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["hessian"] = torch.zeros_like(p)
+        _ema_(state["exp_avg"], grad, beta1)
+        if estimate is not None:
+            _ema_(state["hessian"], estimate, beta2)
+        denominator = state["hessian"].mul(group["rho"]).clamp_(min=group["eps"])
+        step = state["exp_avg"].div(denominator).clamp_(-1.0, 1.0).mul_(-group["lr"])
+        if group["weight_decay"]:
+            step.add_(p.detach(), alpha=-group["lr"] * group["weight_decay"])
+        return step

@@ -1,0 +1,282 @@
+"""``CurvaturePreconditioner``: any registered estimator as a preconditioner of a first-order optimizer.
+
+Like kfac-pytorch's preconditioner (J. G. Pauloski, Z. Zhang, L. Huang, W. Xu
+and I. T. Foster, "Convolutional neural network training with distributed
+K-FAC", SC 2020), it is not an optimizer: between ``loss.backward()`` and the
+user's ``optimizer.step()``, :meth:`CurvaturePreconditioner.step` rewrites each
+parameter's ``.grad`` in place with
+
+.. math:: \\tilde g = (A + \\lambda I)^{-1} g,
+
+with ``A = curvkit.curvature(estimator, problem of the batch)``, so that
+``torch.optim.SGD(lr=1)`` then takes the damped step
+``theta - (A + lambda I)^-1 g``: with ``A`` the GGN or the Fisher, the natural
+gradient (S. Amari, "Natural gradient works efficiently in learning", Neural
+Computation 10(2), 1998); with KFAC, K-FAC (J. Martens and R. Grosse,
+"Optimizing neural networks with Kronecker-factored approximate curvature",
+ICML 2015). Any registered estimator serves, a third party's included
+(:func:`curvkit.register_plugin`, the ``curvkit`` entry-point group).
+
+The inverse: with ``solver="auto"``, the operator's structured inverse where it
+has one (``"inverse"`` in its ``STRUCTURE``: KFAC's Kronecker factors, a
+diagonal, ``scale * I``: exact), otherwise conjugate gradients
+(:func:`curvkit.inverse` with ``method="cg"``); any other registered solver by
+name (:func:`curvkit.solvers`: ``"exact"``, ``"cg"``, ``"minres"``, ``"kfac"``,
+...), with ``solver_options`` (``tol``, ``maxiter``, ...).
+
+Every ``update_freq`` steps the operator (and a structured inverse) is rebuilt
+on the step's batch; in between, the latest one is reused, as kfac-pytorch
+reuses its factors: a structured inverse is that of the update's batch and
+parameters; a matrix-free operator multiplies on the update's batch (at the
+current parameters, unless the estimator caches work per model state, as the
+Hessian's gradient graphs).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvkit.data import batch_size_of
+from curvkit.errors import CurvkitWarning, UnknownEstimatorError
+from curvkit.layout import select_parameters
+from curvkit.linalg.solve import InverseOperator, inverse, solvers
+from curvkit.operator import CurvatureOperator
+from curvkit.optim.base import check_integer, check_positive
+from curvkit.problem import Problem
+from curvkit.registry import check_options, curvature, get_estimator
+
+__all__ = ["CurvaturePreconditioner"]
+
+
+class CurvaturePreconditioner:
+    """Rewrites ``.grad`` with ``(A + damping I)^-1 grad``, ``A`` a registered estimator (module docstring).
+
+    Usage::
+
+        precond = CurvaturePreconditioner(model, "kfac", loss_fn="cross_entropy", damping=1e-3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            precond.step(batch=(x, y))
+            optimizer.step()
+
+    The gradient is the ``.grad`` the user's backward pass left (of the mean loss,
+    for the curvature of the mean loss that ``loss_fn`` defines). Parameters
+    whose ``.grad`` is ``None`` count as a zero gradient and keep ``None``.
+
+    Args:
+        model: The network.
+        estimator: A registered estimator name (``"kfac"``, ``"ggn"``, ``"fisher"``,
+            ``"hessian"``, ``"empirical-fisher"``, a third party's).
+        loss_fn: Its loss, as :class:`curvkit.Problem` takes it.
+        damping: ``lambda >= 0``, added to ``A``.
+        solver: ``"auto"`` (the structured inverse, else ``"cg"``) or a registered
+            solver's name.
+        update_freq: Rebuild ``A`` every this many steps (kfac-pytorch's
+            ``factor_update_steps`` and ``inv_update_steps`` in one).
+        params: The parameters preconditioned, as :class:`curvkit.Problem` takes them
+            (``None``: every trainable one; names, glob patterns, module prefixes).
+        eval_mode: The curvature of the model in evaluation mode (dropout off,
+            BatchNorm's running statistics), as the analyses use.
+        solver_options: Passed to the solver (``tol``, ``maxiter``, ...).
+        **estimator_options: Passed to the estimator (``mode="exact"``, ...).
+
+    Attributes:
+        steps: Calls of :meth:`step`.
+        updates: Times ``A`` was built.
+        skipped_steps: Steps whose gradient or preconditioned gradient was not
+            finite (``.grad`` left unchanged).
+        operator: The latest ``A`` (``None`` before the first step).
+        last_solve: The :class:`curvkit.SolveResult` of the latest solve by a
+            solver (``None`` for a structured inverse).
+
+    Raises:
+        ValueError: An invalid hyper-parameter, an unknown estimator or solver, or
+            a parameter selection that matches nothing.
+        UnknownOptionError: An option the estimator does not take.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        estimator: str = "kfac",
+        *,
+        loss_fn: Any,
+        damping: float = 1e-3,
+        solver: str = "auto",
+        update_freq: int = 1,
+        params: str | Sequence[str] | None = None,
+        eval_mode: bool = True,
+        solver_options: Mapping[str, Any] | None = None,
+        **estimator_options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is None:
+            raise ValueError("CurvaturePreconditioner needs loss_fn=")
+        self.model, self.loss_fn, self.eval_mode = model, loss_fn, eval_mode
+        self.params = params
+        self.param_names = tuple(name for name, _ in select_parameters(model, params))
+        self._configure(estimator, damping, solver, update_freq, solver_options, estimator_options)
+        self.steps = self.updates = self.skipped_steps = 0
+        self.operator: CurvatureOperator | None = None
+        self.last_solve: Any = None
+        self._inverse: CurvatureOperator | None = None
+
+    def _configure(
+        self,
+        estimator: str,
+        damping: float,
+        solver: str,
+        update_freq: int,
+        solver_options: Mapping[str, Any] | None,
+        estimator_options: Mapping[str, Any],
+    ) -> None:
+        """Check and set the options (shared by the constructor and :meth:`load_state_dict`)."""
+        try:
+            spec = get_estimator(estimator)
+        except UnknownEstimatorError as exc:
+            raise ValueError(exc.args[0]) from None
+        check_options(spec, estimator_options)
+        names = [s.name for s in solvers()]
+        if solver != "auto" and solver not in names:
+            raise ValueError(f"solver must be 'auto' or one of {names}, got {solver!r}")
+        if solver_options is not None and not isinstance(solver_options, Mapping):
+            raise ValueError(f"solver_options must be a dict, got {type(solver_options).__name__}")
+        self.estimator = estimator
+        self.damping = check_positive("damping", damping, zero=True)
+        self.solver = solver
+        self.update_freq = check_integer("update_freq", update_freq)
+        self.solver_options = dict(solver_options or {})
+        self.estimator_options = dict(estimator_options)
+
+    # ------------------------------------------------------------------ the batch's problem
+    def batch_problem(self, inputs: Any, targets: Any) -> Problem:
+        """The light :class:`curvkit.Problem` of one mini-batch (no copy, no determinism probe)."""
+        return Problem(
+            self.model,
+            self.loss_fn,
+            (inputs, targets),
+            params=list(self.param_names),
+            batch_size=max(batch_size_of(inputs, targets), 1),
+            eval_mode=self.eval_mode,
+            check_deterministic=False,
+            track_state=False,
+        )
+
+    def update(self, inputs: Any, targets: Any) -> CurvatureOperator:
+        """Build ``A`` on the batch and its damped inverse (every ``update_freq`` steps)."""
+        self.operator = curvature(
+            self.estimator, self.batch_problem(inputs, targets), **self.estimator_options
+        )
+        if self.solver == "auto" and "inverse" in self.operator.STRUCTURE:
+            self._inverse = self.operator.inverse(self.damping)
+        else:
+            method = "cg" if self.solver == "auto" else self.solver
+            self._inverse = inverse(self.operator, method=method, damping=self.damping, **self.solver_options)
+        self.updates += 1
+        return self.operator
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, batch: Sequence[Any] | None = None) -> bool:
+        """Precondition every ``.grad`` in place; ``batch=(inputs, targets)`` is needed at updates.
+
+        Returns:
+            Whether the gradients were rewritten (``False``: not finite, left as they were).
+
+        Raises:
+            ValueError: No parameter has a gradient, or no batch at an update step.
+        """
+        named = dict(self.model.named_parameters())
+        params = [named[n] for n in self.param_names]
+        if all(p.grad is None for p in params):
+            raise ValueError(
+                "CurvaturePreconditioner.step: no parameter has a .grad; call loss.backward() first"
+            )
+        due = self._inverse is None or self.steps % self.update_freq == 0
+        if due:
+            if batch is None or len(batch) != 2:
+                raise ValueError(
+                    "CurvaturePreconditioner.step needs batch=(inputs, targets) at an update step"
+                )
+            with torch.enable_grad():
+                self.update(*batch)
+        self.steps += 1
+        assert self._inverse is not None
+        gradient = torch.cat(
+            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+        ).to(self._inverse.dtype)
+        finite_in = torch.isfinite(gradient).all()
+        with torch.enable_grad():
+            preconditioned = self._inverse @ gradient
+        self.last_solve = self._inverse.last if isinstance(self._inverse, InverseOperator) else None
+        reason = getattr(self.last_solve, "reason", "")
+        if reason.startswith("non-finite") or not bool(finite_in & torch.isfinite(preconditioned).all()):
+            self.skipped_steps += 1
+            warnings.warn(
+                "CurvaturePreconditioner: gradients left unchanged: the "
+                + ("gradient" if not bool(finite_in) else "preconditioned gradient")
+                + " is not finite",
+                CurvkitWarning,
+                stacklevel=2,
+            )
+            return False
+        for p, part in zip(params, torch.split(preconditioned, [p.numel() for p in params])):
+            if p.grad is not None:
+                p.grad.copy_(part.reshape(p.shape))
+        return True
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and the options (the operator is rebuilt at the next step after loading)."""
+        return {
+            "steps": self.steps,
+            "updates": self.updates,
+            "skipped_steps": self.skipped_steps,
+            "estimator": self.estimator,
+            "damping": self.damping,
+            "solver": self.solver,
+            "update_freq": self.update_freq,
+            "solver_options": dict(self.solver_options),
+            "estimator_options": dict(self.estimator_options),
+            "params": self.param_names,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the next :meth:`step` rebuilds ``A`` on its batch.
+
+        Resuming at an update step (``steps`` a multiple of ``update_freq``, always
+        with ``update_freq=1``) continues exactly as the original run; in between,
+        ``A`` is rebuilt one update early.
+
+        Raises:
+            ValueError: Not a state of a preconditioner of the same parameters, or
+                invalid options.
+        """
+        missing = {"steps", "estimator", "params"} - set(state_dict)
+        if missing:
+            raise ValueError(f"not a CurvaturePreconditioner state_dict: it lacks {sorted(missing)}")
+        if tuple(state_dict["params"]) != self.param_names:
+            raise ValueError(
+                f"this state_dict preconditions parameters {list(state_dict['params'])}, "
+                f"not {list(self.param_names)}"
+            )
+        self._configure(
+            state_dict["estimator"],
+            state_dict.get("damping", self.damping),
+            state_dict.get("solver", self.solver),
+            state_dict.get("update_freq", self.update_freq),
+            state_dict.get("solver_options", self.solver_options),
+            state_dict.get("estimator_options", self.estimator_options),
+        )
+        self.steps = check_integer("steps", state_dict["steps"], minimum=0)
+        self.updates = check_integer("updates", state_dict.get("updates", 0), minimum=0)
+        self.skipped_steps = check_integer("skipped_steps", state_dict.get("skipped_steps", 0), minimum=0)
+        self.operator = self._inverse = self.last_solve = None
