@@ -4,6 +4,8 @@
   from the Newton summary and its third-order regularisation (Wolinski 2023).
 * :class:`Newton` (exact, damped, saddle-free, trust-region) and
   :class:`HessianFree` (Martens 2010): the batch's Hessian or GGN, dense or by CG.
+* :class:`KFAC` and :class:`EKFAC` (Martens and Grosse 2015; George et al.
+  2018): moving averages of the Kronecker factors, adaptive damping, KL clipping.
 * :class:`NaturalGradient`: the batch's low-rank GGN or Fisher, solved in the
   batch x outputs space.
 * :class:`DiagonalNewton`, :class:`AdaHessian` (Yao et al. 2021) and
@@ -18,6 +20,7 @@
 from curvkit.optim.base import CurvatureOptimizer
 from curvkit.optim.diagonal import AdaHessian, DiagonalNewton, SophiaH
 from curvkit.optim.hessian_free import HessianFree
+from curvkit.optim.kfac import EKFAC, KFAC
 from curvkit.optim.natural_gradient import NaturalGradient
 from curvkit.optim.newton import Newton
 from curvkit.optim.newton_summary import NewtonSummary, SummaryStep
@@ -29,7 +32,9 @@ __all__ = [
     "CurvatureOptimizer",
     "CurvaturePreconditioner",
     "DiagonalNewton",
+    "EKFAC",
     "HessianFree",
+    "KFAC",
     "NaturalGradient",
     "Newton",
     "NewtonSummary",
