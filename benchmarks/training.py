@@ -167,6 +167,7 @@ class Curve:
     test_accuracy: float | None = None
     skipped_steps: int = 0
     diverged: bool = False
+    error: str = ""
 
     def at_step(self, step: int) -> float:
         """The loss at ``step`` (the last evaluation at or before it)."""
@@ -192,6 +193,7 @@ class OptimizerRow:
     test_accuracy: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     diverged: int = 0
+    errors: list[str] = field(default_factory=list)
 
 
 def train(
@@ -221,7 +223,12 @@ def train(
     while going and (step < steps or elapsed < seconds):
         for x, target in batches:
             start = time.perf_counter()
-            step_once(x, target)
+            try:
+                step_once(x, target)
+            except Exception as exc:  # a peer that raises on a diverging run: recorded, the run stops
+                curve.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+                curve.diverged, going = True, False
+                break
             elapsed += time.perf_counter() - start
             step += 1
             if step % EVAL_EVERY == 0:
@@ -249,6 +256,8 @@ def _rows(
         row.test_accuracy.append(c.test_accuracy or 0.0)
         row.skipped_steps += c.skipped_steps
         row.diverged += c.diverged
+        if c.error:
+            row.errors.append(c.error)
     for family in families:
         mine = [r for r in rows.values() if r.family == family.name]
         if mine:
@@ -367,6 +376,7 @@ def training_table(res: Any, families: Sequence[Family]) -> list[str]:
         name = f"**{r.family}**" if r.chosen else r.family
         notes = f" ({r.skipped_steps} steps skipped)" if r.skipped_steps else ""
         notes += f" (diverged: {r.diverged} of {res.seeds} seeds)" if r.diverged else ""
+        notes += f" (raised: {r.errors[0]})" if r.errors else ""
         cells = [
             f"{name}{notes}",
             f"{setting.get(r.family, 'lr')} {r.setting:g}",

@@ -280,7 +280,12 @@ def test_backtracking_takes_a_kept_iterate_no_worse_than_the_last_and_warm_start
     model, (X, y) = mlp(1), teacher_data(64, seed=1)
     backtracked = []
     optimizer = HessianFree(
-        model.parameters(), model=model, loss_fn="cross_entropy", damping=1e-3, cg_maxiter=30
+        model.parameters(),
+        model=model,
+        loss_fn="cross_entropy",
+        damping=1e-3,
+        cg_maxiter=30,
+        line_search=False,
     )
     for _ in range(2):
         theta = flat(model)

@@ -219,16 +219,18 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         if not pairs:
             return
         grads = [p.grad for _, p in pairs]
-        if not self._finite(grads):
-            self._skip("the gradient is not finite")
-            return
         estimates: list[Tensor | None] = [None] * len(pairs)
         due = self.steps % self.period == 0 or any(not self.state[p].get("hessian_step", 0) for _, p in pairs)
         if due:  # on schedule, or a parameter has no estimate yet
             estimates = list(self._hutchinson([p for _, p in pairs], grads))
-            if not self._finite(estimates):
-                self._skip("the Hutchinson estimate of the Hessian's diagonal is not finite")
-                return
+        if not self._finite(grads + [e for e in estimates if e is not None]):  # one check for both
+            self._skip(
+                "the gradient is not finite"
+                if not self._finite(grads)
+                else "the Hutchinson estimate of the Hessian's diagonal is not finite"
+            )
+            return
+        if due:
             self.refreshes += 1
             for _, p in pairs:
                 self.state[p]["hessian_step"] = self.state[p].get("hessian_step", 0) + 1

@@ -132,7 +132,9 @@ class HessianFree(CurvatureOptimizer):
         warm_start_decay: ``zeta`` in ``[0, 1]``.
         preconditioner: ``None`` or ``"diagonal"`` (needs ``curvature="ggn"``).
         preconditioner_exponent: ``alpha`` in ``[0, 1]`` of the diagonal preconditioner.
-        line_search: Armijo backtracking on the chosen step.
+        line_search: Armijo backtracking on the chosen step (default: on; without it,
+            mini-batches of 64 of the bundled digits MLP diverge at ``lr = 1``, as
+            ``tests/test_docs_optimizers.py`` would show).
         curvature_options: Options of the estimator (default ``{"strategy": "reverse"}``:
             plain autograd, pinned, so that products, hence runs and resumed runs,
             are bit-for-bit repeatable; ``"auto"`` times its ways and may keep either).
@@ -184,7 +186,7 @@ class HessianFree(CurvatureOptimizer):
         warm_start_decay: float = 0.95,
         preconditioner: str | None = None,
         preconditioner_exponent: float = 0.75,
-        line_search: bool = False,
+        line_search: bool = True,
         curvature_options: Mapping[str, Any] | None = None,
         eval_mode: bool = True,
     ) -> None:
