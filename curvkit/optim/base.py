@@ -36,11 +36,31 @@ from curvkit.problem import Problem
 
 __all__ = [
     "CurvatureOptimizer",
+    "all_finite",
     "check_choice",
     "check_fraction",
     "check_integer",
     "check_positive",
 ]
+
+
+def all_finite(tensors: Iterable[Tensor | None]) -> bool:
+    """Whether every entry of every tensor (``None`` skipped) is finite, in one host-device synchronisation.
+
+    From the tensors' max-norms ``max |t_i|``, taken in one fused call
+    (``torch._foreach_norm``, as :func:`torch.nn.utils.clip_grad_norm_` takes its
+    norms): a max-norm is finite exactly when every entry is (it cannot overflow,
+    and NaN propagates). About twice as fast as a check per tensor on small
+    models, where it is a visible share of a step.
+    """
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return True
+    with torch.no_grad():
+        norms = torch._foreach_norm(present, math.inf)
+    if len({(n.dtype, n.device) for n in norms}) > 1:  # mixed dtypes or devices: one of each to stack
+        norms = [n.to(device=norms[0].device, dtype=torch.float64) for n in norms]
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 def check_positive(name: str, value: Any, *, zero: bool = False) -> float:
@@ -153,7 +173,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Returns:
             Whether the updates were applied.
         """
-        if updates and not bool(torch.stack([torch.isfinite(d).all() for _, d in updates]).all()):
+        if not all_finite(d for _, d in updates):
             self.skipped_steps += 1
             warnings.warn(
                 f"{type(self).__name__}: step skipped: the {what} is not finite (parameters unchanged)",

@@ -90,7 +90,7 @@ from torch import Tensor
 
 from curvkit.autodiff import backward_products
 from curvkit.errors import CurvkitWarning
-from curvkit.optim.base import CurvatureOptimizer, check_fraction, check_integer, check_positive
+from curvkit.optim.base import CurvatureOptimizer, all_finite, check_fraction, check_integer, check_positive
 
 __all__ = ["AdaHessian", "DiagonalNewton", "HutchinsonOptimizer", "SophiaH", "rademacher"]
 
@@ -244,8 +244,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
 
     @staticmethod
     def _finite(tensors: Sequence[Tensor | None]) -> bool:
-        checks = [torch.isfinite(t).all() for t in tensors if t is not None]
-        return not checks or bool(torch.stack(checks).all())
+        return all_finite(tensors)
 
     def _skip(self, why: str) -> None:
         self.skipped_steps += 1

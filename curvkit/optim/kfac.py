@@ -114,7 +114,7 @@ from curvkit.errors import CurvkitError, CurvkitWarning
 from curvkit.kronecker import KroneckerBlock, KroneckerOperator
 from curvkit.layout import ParameterLayout
 from curvkit.operator import CurvatureOperator
-from curvkit.optim.base import CurvatureOptimizer, check_fraction, check_integer, check_positive
+from curvkit.optim.base import CurvatureOptimizer, all_finite, check_fraction, check_integer, check_positive
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
 
@@ -293,7 +293,7 @@ class KFAC(CurvatureOptimizer):
 
         kron = self._batch_kronecker(problem)
         average = self._fold_factors(kron, layout)
-        if not bool(torch.stack([torch.isfinite(t).all() for f in average.values() for t in f]).all()):
+        if not all_finite(t for f in average.values() for t in f):
             self._skip("the Kronecker factors are not finite")
             return loss if closure is not None else batch_loss
         refresh = (

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from curvkit.errors import CurvkitError, CurvkitWarning
 from curvkit.optim.base import CurvatureOptimizer, check_choice, check_integer, check_positive
+from curvkit.optim.base import all_finite as finite
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
 
@@ -200,8 +201,8 @@ def skip_step(optimizer: CurvatureOptimizer, reason: str) -> None:
 
 
 def all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry of every tensor is finite (one synchronisation)."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """Whether every entry of every tensor is finite (:func:`curvkit.optim.base.all_finite`)."""
+    return finite(tensors)
 
 
 def trust_region_multiplier(c: Tensor, mu: Tensor, radius: float, *, maxiter: int = 100) -> float:

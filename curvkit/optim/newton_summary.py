@@ -72,7 +72,7 @@ from curvkit.composite_norms import CompositeNorms
 from curvkit.cubic import CubicStep
 from curvkit.errors import CurvkitWarning, DataError, UnboundedModelError
 from curvkit.newton import SummaryResult
-from curvkit.optim.base import CurvatureOptimizer, check_fraction, check_integer, check_positive
+from curvkit.optim.base import CurvatureOptimizer, all_finite, check_fraction, check_integer, check_positive
 from curvkit.third_order import directional_summary
 
 __all__ = ["NESTEROV_KEYS", "NewtonSummary", "SummaryStep"]
@@ -281,7 +281,7 @@ class NewtonSummary(CurvatureOptimizer):
 
     def _gradient_is_finite(self) -> bool:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return all_finite(grads)
 
     @torch.no_grad()
     def _update_momentum(self) -> None:
