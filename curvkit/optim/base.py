@@ -41,7 +41,33 @@ __all__ = [
     "check_fraction",
     "check_integer",
     "check_positive",
+    "unpack_batch",
 ]
+
+
+def unpack_batch(owner: str, batch: Any, when: str = "") -> tuple[Any, Tensor]:
+    """``(inputs, targets)`` of ``step(batch=...)``, or a one-line ValueError saying how to call the step.
+
+    Args:
+        owner: The class whose ``step`` it is, for the message.
+        batch: What ``step`` was given.
+        when: Appended to the message (``" at an update step"``).
+    """
+    if batch is None:
+        raise ValueError(
+            f"{owner}.step needs batch=(inputs, targets){when}: the mini-batch whose curvature it uses, "
+            "e.g. optimizer.step(batch=(x, y))"
+        )
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(
+            f"{owner}.step(batch=...) must be an (inputs, targets) pair, got {type(batch).__name__}"
+        )
+    inputs, targets = batch
+    if not isinstance(targets, Tensor):
+        raise ValueError(
+            f"{owner}.step(batch=...): the targets must be a tensor, got {type(targets).__name__}"
+        )
+    return inputs, targets
 
 
 def all_finite(tensors: Iterable[Tensor | None]) -> bool:

@@ -66,7 +66,14 @@ from torch import Tensor, nn
 from curvkit.errors import CurvkitWarning
 from curvkit.linalg.solve import SolveResult, solve
 from curvkit.operator import CurvatureOperator, DiagonalOperator
-from curvkit.optim.base import CurvatureOptimizer, check_choice, check_fraction, check_integer, check_positive
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    check_choice,
+    check_fraction,
+    check_integer,
+    check_positive,
+    unpack_batch,
+)
 from curvkit.optim.newton import (
     all_finite,
     check_curvature_options,
@@ -76,7 +83,6 @@ from curvkit.optim.newton import (
     learning_rates,
     loss_at,
     skip_step,
-    unpack_batch,
     updates_of,
 )
 from curvkit.problem import Problem

@@ -114,7 +114,14 @@ from curvkit.errors import CurvkitError, CurvkitWarning
 from curvkit.kronecker import KroneckerBlock, KroneckerOperator
 from curvkit.layout import ParameterLayout
 from curvkit.operator import CurvatureOperator
-from curvkit.optim.base import CurvatureOptimizer, all_finite, check_fraction, check_integer, check_positive
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    all_finite,
+    check_fraction,
+    check_integer,
+    check_positive,
+    unpack_batch,
+)
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
 
@@ -268,9 +275,7 @@ class KFAC(CurvatureOptimizer):
             ValueError: No batch.
         """
         loss = self.evaluate(closure)
-        if batch is None:
-            raise ValueError(f"{type(self).__name__}.step needs batch=(inputs, targets)")
-        inputs, targets = batch
+        inputs, targets = unpack_batch(type(self).__name__, batch)
         problem = self.batch_problem(inputs, targets)
         layout = problem.layout
         members = self._members(layout)

@@ -66,7 +66,14 @@ from torch import Tensor, nn
 from curvkit.errors import CurvkitError, CurvkitWarning
 from curvkit.jacobians import factor_cotangents, output_vjp, per_sample_vjp, samples_interact
 from curvkit.losses import CustomLoss, resolve_loss
-from curvkit.optim.base import CurvatureOptimizer, check_choice, check_fraction, check_integer, check_positive
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    check_choice,
+    check_fraction,
+    check_integer,
+    check_positive,
+    unpack_batch,
+)
 from curvkit.problem import Problem
 
 __all__ = ["CURVATURES", "NaturalGradient", "low_rank_factor", "woodbury_solve"]
@@ -354,10 +361,9 @@ class NaturalGradient(CurvatureOptimizer):
             ValueError: No batch.
             CurvkitError: The batch's low-rank system is above ``max_rank``.
         """
-        if batch is None or len(batch) != 2:
-            raise ValueError("NaturalGradient.step needs batch=(inputs, targets)")
+        inputs, targets = unpack_batch(type(self).__name__, batch)
         closure_loss = self.evaluate(closure)
-        problem, data, loss, gradient, Ut = self.low_rank_system(*batch)
+        problem, data, loss, gradient, Ut = self.low_rank_system(inputs, targets)
         self.steps += 1
         self.last_loss = loss.detach()
         result = closure_loss if closure is not None else loss

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import CurvkitError, CurvkitWarning
-from curvkit.optim.base import CurvatureOptimizer, check_choice, check_integer, check_positive
+from curvkit.optim.base import CurvatureOptimizer, check_choice, check_integer, check_positive, unpack_batch
 from curvkit.optim.base import all_finite as finite
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
@@ -116,25 +116,6 @@ def check_curvature_options(
     except CurvkitError as exc:
         raise ValueError(str(exc)) from None
     return dict(options)
-
-
-def unpack_batch(owner: str, batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of ``step(batch=...)``, or a ValueError saying how to call the step."""
-    if batch is None:
-        raise ValueError(
-            f"{owner}.step needs the mini-batch whose curvature it uses: call "
-            f"{owner.lower()}.step(batch=(inputs, targets))"
-        )
-    if not isinstance(batch, tuple | list) or len(batch) != 2:
-        raise ValueError(
-            f"{owner}.step(batch=...) must be an (inputs, targets) pair, got {type(batch).__name__}"
-        )
-    inputs, targets = batch
-    if not isinstance(targets, Tensor):
-        raise ValueError(
-            f"{owner}.step(batch=...): the targets must be a tensor, got {type(targets).__name__}"
-        )
-    return inputs, targets
 
 
 def check_model_owns(optimizer: CurvatureOptimizer) -> None:

@@ -46,7 +46,7 @@ from curvkit.errors import CurvkitWarning, UnknownEstimatorError
 from curvkit.layout import select_parameters
 from curvkit.linalg.solve import InverseOperator, inverse, solvers
 from curvkit.operator import CurvatureOperator
-from curvkit.optim.base import check_integer, check_positive
+from curvkit.optim.base import check_integer, check_positive, unpack_batch
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
 
@@ -202,12 +202,9 @@ class CurvaturePreconditioner:
             )
         due = self._inverse is None or self.steps % self.update_freq == 0
         if due:
-            if batch is None or len(batch) != 2:
-                raise ValueError(
-                    "CurvaturePreconditioner.step needs batch=(inputs, targets) at an update step"
-                )
+            inputs, targets = unpack_batch(type(self).__name__, batch, " at an update step")
             with torch.enable_grad():
-                self.update(*batch)
+                self.update(inputs, targets)
         self.steps += 1
         assert self._inverse is not None
         gradient = torch.cat(
