@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -138,6 +138,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         skipped_steps: Steps whose update was not finite, hence not applied.
     """
 
+    GLOBAL: tuple[str, ...] = ()
+    """Hyper-parameters of the whole optimizer (one joint solve): a parameter group may not set them."""
+
+    GROUP_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {}
+    """Hyper-parameters a group may set, each with its check ``check(name, value)``, run on every group."""
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -154,6 +160,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.eval_mode = eval_mode
         self.skipped_steps = 0
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group: refuses one that sets a :attr:`GLOBAL` hyper-parameter, checks :attr:`GROUP_CHECKS`.
+
+        Raises:
+            ValueError: Naming the hyper-parameter.
+        """
+        shared = sorted(set(param_group) & set(self.GLOBAL))
+        if shared:
+            per_group, names = ", ".join(sorted(self.GROUP_CHECKS)) or "params", ", ".join(shared)
+            raise ValueError(
+                f"{type(self).__name__} takes only {per_group} per parameter group: {names} apply to the "
+                "whole model (one joint solve); pass them to the constructor"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name, check in self.GROUP_CHECKS.items():
+            check(name, group[name])
 
     # ------------------------------------------------------------------ the batch's problem
     def batch_problem(self, inputs: Any, targets: Any) -> Problem:

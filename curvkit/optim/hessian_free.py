@@ -78,7 +78,6 @@ from curvkit.optim.newton import (
     all_finite,
     check_curvature_options,
     check_flag,
-    check_group_keys,
     check_model_owns,
     learning_rates,
     loss_at,
@@ -174,6 +173,7 @@ class HessianFree(CurvatureOptimizer):
         "line_search",
         "curvature_options",
     )
+    GROUP_CHECKS = {"lr": check_positive}
 
     def __init__(
         self,
@@ -222,12 +222,6 @@ class HessianFree(CurvatureOptimizer):
         self.last_info: dict[str, Any] = {}
         super().__init__(params, {"lr": lr}, model=model, loss_fn=loss_fn, eval_mode=eval_mode)
         check_model_owns(self)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group; it may set its ``lr`` only (checked ``> 0``)."""
-        check_group_keys(type(self).__name__, param_group, self.GLOBAL)
-        super().add_param_group(param_group)
-        check_positive("lr", self.param_groups[-1]["lr"])
 
     # ------------------------------------------------------------------ the step
     def step(  # type: ignore[override]

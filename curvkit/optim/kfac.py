@@ -101,6 +101,7 @@ so training resumes bit-identically.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -195,6 +196,12 @@ class KFAC(CurvatureOptimizer):
         True
     """
 
+    GROUP_CHECKS = {
+        "lr": check_positive,
+        "momentum": functools.partial(check_fraction, below_one=True),
+        "weight_decay": functools.partial(check_positive, zero=True),
+    }
+
     ESTIMATOR = "kfac"
     """The registered estimator whose factors precondition."""
 
@@ -247,14 +254,6 @@ class KFAC(CurvatureOptimizer):
         self._frozen_op: KroneckerOperator | None = None  # a cache of _frozen with its eigenbases
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         super().__init__(params, defaults, model=model, loss_fn=loss_fn, eval_mode=eval_mode)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group, checking its ``lr``, ``momentum`` and ``weight_decay``."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_positive("lr", group["lr"])
-        check_fraction("momentum", group["momentum"], below_one=True)
-        check_positive("weight_decay", group["weight_decay"], zero=True)
 
     # ------------------------------------------------------------------ the step
     def step(

@@ -138,16 +138,6 @@ def check_model_owns(optimizer: CurvatureOptimizer) -> None:
         )
 
 
-def check_group_keys(owner: str, group: Mapping[str, Any], global_names: Iterable[str]) -> None:
-    """Refuse a parameter group that sets a hyper-parameter of the whole model (one joint solve)."""
-    shared = sorted(set(group) & set(global_names))
-    if shared:
-        raise ValueError(
-            f"{owner} takes only lr per parameter group: {', '.join(shared)} apply to the whole model "
-            "(one joint solve); pass them to the constructor"
-        )
-
-
 def learning_rates(optimizer: CurvatureOptimizer, problem: Problem) -> Tensor:
     """The flat ``[P]`` vector of each entry's group learning rate, in ``problem.layout`` order."""
     rates = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
@@ -257,6 +247,7 @@ class Newton(CurvatureOptimizer):
     """
 
     GLOBAL = ("damping", "mode", "max_dim", "trust_radius", "curvature", "curvature_options")
+    GROUP_CHECKS = {"lr": check_positive}
 
     def __init__(
         self,
@@ -296,12 +287,6 @@ class Newton(CurvatureOptimizer):
                 f"Newton needs the dense P x P Hessian: P={P:,} parameters exceeds max_dim={self.max_dim:,} "
                 "(raise max_dim, optimize fewer parameters, or use HessianFree)"
             )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group; it may set its ``lr`` only (checked ``> 0``)."""
-        check_group_keys(type(self).__name__, param_group, self.GLOBAL)
-        super().add_param_group(param_group)
-        check_positive("lr", self.param_groups[-1]["lr"])
 
     def step(  # type: ignore[override]
         self, closure: Callable[[], Tensor] | None = None, *, batch: tuple[Any, Tensor] | None = None
