@@ -246,16 +246,46 @@ class Problem:
             >>> step.num_samples(), step.check_deterministic, step.track_state
             (3, False, False)
         """
-        return Problem(
+        return Problem.for_batch(
             self.model,
             self._loss_arg,
-            (inputs, targets),
+            inputs,
+            targets,
             params=self._selection,
-            batch_size=max(batch_size_of(inputs, targets), 1),
             reduction=self.loss.reduction,
             eval_mode=self.eval_mode,
-            check_deterministic=False,
             forward_kwargs=self.forward_kwargs,
+        )
+
+    @classmethod
+    def for_batch(
+        cls,
+        model: nn.Module,
+        loss: str | nn.Module | Callable[[Any, Tensor], Tensor],
+        inputs: Any,
+        targets: Tensor,
+        *,
+        params: str | Sequence[str] | None = None,
+        reduction: str | None = None,
+        eval_mode: bool = True,
+        forward_kwargs: Mapping[str, Any] | None = None,
+    ) -> Problem:
+        """The light problem of one mini-batch (see :meth:`on_batch`), without a template problem.
+
+        One batch of all of ``(inputs, targets)``, no determinism probe, the model's
+        state not tracked; the other arguments as :class:`Problem` takes them. What
+        :meth:`on_batch` builds, and :meth:`curvkit.optim.CurvatureOptimizer.batch_problem`.
+        """
+        return cls(
+            model,
+            loss,
+            (inputs, targets),
+            params=params,
+            batch_size=max(batch_size_of(inputs, targets), 1),
+            reduction=reduction,
+            eval_mode=eval_mode,
+            check_deterministic=False,
+            forward_kwargs=forward_kwargs,
             track_state=False,
         )
 

@@ -197,15 +197,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{len(missing)} optimized tensor(s) (shapes {shapes}) are not parameters of the model"
             )
-        return Problem(
-            self.model,
-            self.loss_fn,
-            (inputs, targets),
-            params=[names[id(p)] for p in mine],
-            batch_size=max(int(targets.shape[0]), 1),
-            eval_mode=self.eval_mode,
-            check_deterministic=False,
-            track_state=False,
+        params = [names[id(p)] for p in mine]
+        return Problem.for_batch(
+            self.model, self.loss_fn, inputs, targets, params=params, eval_mode=self.eval_mode
         )
 
     # ------------------------------------------------------------------ closure and updates

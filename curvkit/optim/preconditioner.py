@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.data import batch_size_of
 from curvkit.errors import CurvkitWarning, UnknownEstimatorError
 from curvkit.layout import select_parameters
 from curvkit.linalg.solve import InverseOperator, inverse, solvers
@@ -159,15 +158,9 @@ class CurvaturePreconditioner:
     # ------------------------------------------------------------------ the batch's problem
     def batch_problem(self, inputs: Any, targets: Any) -> Problem:
         """The light :class:`curvkit.Problem` of one mini-batch (no copy, no determinism probe)."""
-        return Problem(
-            self.model,
-            self.loss_fn,
-            (inputs, targets),
-            params=list(self.param_names),
-            batch_size=max(batch_size_of(inputs, targets), 1),
-            eval_mode=self.eval_mode,
-            check_deterministic=False,
-            track_state=False,
+        params = list(self.param_names)
+        return Problem.for_batch(
+            self.model, self.loss_fn, inputs, targets, params=params, eval_mode=self.eval_mode
         )
 
     def update(self, inputs: Any, targets: Any) -> CurvatureOperator:
