@@ -130,8 +130,11 @@ def curvkit_register_solvers() -> list[SolverSpec]:
         maxiter, x0, preconditioner, **options)`` gets ``B`` as ``[P, K]`` (``x0``
         the same, or ``None``) and returns a :class:`curvkit.SolveResult` with
         ``x`` of that shape; it must say ``converged`` only for a measured relative
-        residual within ``tol``, give its ``reason`` otherwise, and keep a
-        ``history`` (:class:`curvkit.linalg.solve.SolveHistory` keeps it). When
+        residual within ``tol``, give why it stopped as a ``status`` token of
+        :data:`curvkit.linalg.solve.SOLVE_STATUSES` (what callers branch on; an
+        unknown one is refused in one line) and a ``reason`` in words, and keep a
+        ``history`` (:class:`curvkit.linalg.solve.SolveHistory` keeps it, and its
+        ``result`` / ``measured`` take the status). When
         the caller gives one, it also gets ``callback``: called with each
         recorded iterate, its numbers join that row of the history (the
         inverse-HVP accuracy analysis measures each iterate's error this way; a

@@ -269,7 +269,7 @@ def plot_ihvp(result: Any, x: str = "matvecs", axes: Any = None, title: str | No
     for name, curve in result.curves.items():
         if not curve.columns or not len(curve.columns["error"]):
             continue
-        label = name if curve.converged else f"{name} ({curve.reason.split(':')[0]})"
+        label = name if curve.converged else f"{name} ({curve.status})"
         xs = curve.columns[x].tolist()
         error_ax.plot(xs, [max(e, tiny) for e in curve.columns["error"].tolist()], marker=".", label=label)
         cosine_ax.plot(xs, curve.columns["cosine"].tolist(), marker=".", label=label)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import curvkit
 from curvkit.linalg.krylov import conjugate_gradient
+from curvkit.linalg.solve import SOLVE_STATUSES, SolveHistory, SolveResult
 
 DT = torch.float64
 
@@ -49,7 +52,7 @@ def test_solvers_equal_the_dense_solve(method):
 def test_cg_stops_at_non_positive_curvature_and_minres_solves_the_indefinite_system():
     D = torch.diag(torch.linspace(-1.0, 2.0, 30, dtype=DT))
     A = curvkit.DenseOperator(D)
-    b = torch.ones(30, dtype=DT)
+    b = torch.torch.ones(30, dtype=DT)
     with pytest.warns(curvkit.CurvkitWarning, match="'cg' needs A \\+ damping I positive definite"):
         res = curvkit.solve(A, b, "cg", tol=1e-10)
     assert not res.converged and "non-positive curvature" in res.reason and "iteration" in res.reason
@@ -111,14 +114,14 @@ class NaNAfter(curvkit.DenseOperator):
 @pytest.mark.parametrize("method", ["cg", "minres"])
 def test_a_non_finite_product_stops_the_solve_with_the_last_finite_iterate(method):
     A = NaNAfter(spd().to_dense(), 4)
-    res = curvkit.solve(A, torch.ones(30, dtype=DT), method, tol=1e-12)
+    res = curvkit.solve(A, torch.torch.ones(30, dtype=DT), method, tol=1e-12)
     assert not res.converged and res.reason == "non-finite value at iteration 5"
     assert torch.isfinite(res.x).all() and res.x.norm() > 0
 
 
 def test_bad_input():
     A = spd()
-    b = torch.ones(30, dtype=DT)
+    b = torch.torch.ones(30, dtype=DT)
     with pytest.raises(curvkit.CurvkitError, match="damping must be a non-negative number"):
         curvkit.solve(A, b, damping=-1.0)
     with pytest.raises(curvkit.ShapeMismatchError, match=r"must be \[P\] or \[P, K\] with P = 30"):
@@ -147,7 +150,7 @@ def test_a_plugin_adds_a_solver():
     curvkit.register_plugin(plugin, name="cg-again")
     try:
         assert "cg-again" in [s.name for s in curvkit.solvers()]
-        res = curvkit.solve(spd(), torch.ones(30, dtype=DT), "cg-again", tol=1e-10)
+        res = curvkit.solve(spd(), torch.torch.ones(30, dtype=DT), "cg-again", tol=1e-10)
         assert res.converged and res.method == "cg-again"
     finally:
         curvkit.unregister_plugin(plugin)
@@ -305,7 +308,7 @@ def test_lissa_stops_when_it_diverges_or_meets_a_non_finite_value_and_refuses_ba
     assert not res.converged and res.reason.startswith("diverging at iteration") and "repeat 1" in res.reason
     assert torch.isfinite(res.x).all() and res.iterations < 200
     A = NaNAfter(spd().to_dense(), 4)
-    res = curvkit.solve(A, torch.ones(30, dtype=DT), "lissa", scale=0.1, maxiter=50)
+    res = curvkit.solve(A, torch.torch.ones(30, dtype=DT), "lissa", scale=0.1, maxiter=50)
     assert not res.converged and res.reason == "non-finite value at iteration 5"
     assert torch.isfinite(res.x).all() and res.x.norm() > 0
     for options, message in [
@@ -344,7 +347,7 @@ def test_kfac_solvers_apply_the_inverse_of_the_dense_approximation(estimator):
 
 
 def test_kfac_solvers_refuse_what_they_cannot_build():
-    b = torch.ones(30, dtype=DT)
+    b = torch.torch.ones(30, dtype=DT)
     with pytest.raises(curvkit.CurvkitError, match="solver 'kfac' builds KFAC on the operator's problem"):
         curvkit.solve(spd(), b, "kfac", damping=0.1)
     problem = mlp_problem(N=20)
@@ -429,3 +432,169 @@ def test_lissa_counts_the_samples_its_products_ran_through():
         curvkit.DenseOperator(G.to_dense(), psd=True), v, "lissa", damping=0.5, maxiter=5, scale=0.5
     )
     assert all("samples" not in row for row in dense.history)  # no data: nothing to count
+
+
+# ---------------------------------------------------------------- statuses: why a solve stopped, as a token
+def float32_ill_conditioned() -> curvkit.DenseOperator:
+    """Condition number 1e3, P = 300, in float32: CG asked for 1e-5 stagnates above it."""
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, dtype=DT, generator=gen))
+    M = Q @ torch.diag(torch.logspace(0, 3, 300, dtype=DT)) @ Q.T
+    return curvkit.DenseOperator(((M + M.T) / 2).float(), psd=True)
+
+
+def diagonal(*values: float) -> curvkit.DenseOperator:
+    """``diag(values)``, flagged PSD whatever the values so that no solver warns (the stops are tested)."""
+    return curvkit.DenseOperator(torch.diag(torch.tensor(values, dtype=DT)), psd=True)
+
+
+def rank3() -> curvkit.DenseOperator:
+    U = torch.linalg.qr(torch.randn(20, 3, dtype=DT, generator=torch.Generator().manual_seed(0)))[0]
+    return curvkit.DenseOperator(U @ torch.diag(torch.tensor([5.0, 2.0, 0.5], dtype=DT)) @ U.T, psd=True)
+
+
+def ggn() -> curvkit.CurvatureOperator:
+    return curvkit.curvature("ggn", mlp_problem(N=20))
+
+
+def nan_after_4() -> curvkit.DenseOperator:
+    return NaNAfter(spd().to_dense(), 4)
+
+
+def indefinite() -> curvkit.DenseOperator:
+    return diagonal(*torch.linspace(-1.0, 2.0, 30).tolist())
+
+
+def negative() -> curvkit.DenseOperator:
+    return diagonal(-1.0, -2.0, -3.0)
+
+
+def spread() -> curvkit.DenseOperator:
+    """Eigenvalues from 0.1 to 1: a scale of 3 puts the largest of ``scale A`` at 3, outside ``(0, 2)``."""
+    return diagonal(*torch.linspace(0.1, 1.0, 30).tolist())
+
+
+def nan_diagonal() -> curvkit.DiagonalOperator:
+    return curvkit.DiagonalOperator(torch.tensor([math.nan, 1.0], dtype=DT))
+
+
+def kfac() -> curvkit.CurvatureOperator:
+    return curvkit.curvature("kfac", mlp_problem(N=20))
+
+
+STOPS = {  # every built-in solver's ways to stop: (operator, solver, options, status), solving A x = ones
+    "cg converged": (spd, "cg", {"tol": 1e-10}, "converged"),
+    "cg maxiter": (spd, "cg", {"tol": 1e-10, "maxiter": 3}, "maxiter"),
+    "cg stagnated": (float32_ill_conditioned, "cg", {"tol": 1e-5, "maxiter": 3000}, "stagnated"),
+    "cg indefinite": (indefinite, "cg", {}, "non-positive-curvature"),
+    "cg nan": (nan_after_4, "cg", {}, "non-finite"),
+    "minres converged": (indefinite, "minres", {}, "converged"),
+    "minres maxiter": (spd, "minres", {"tol": 1e-10, "maxiter": 3}, "maxiter"),
+    "minres stagnated": (float32_ill_conditioned, "minres", {"tol": 1e-5, "maxiter": 3000}, "stagnated"),
+    "minres nan": (nan_after_4, "minres", {}, "non-finite"),
+    "neumann converged": (spd, "neumann", {"damping": 0.5, "maxiter": 5000}, "converged"),
+    "neumann maxiter": (spd, "neumann", {"damping": 0.5, "maxiter": 3}, "maxiter"),
+    "neumann scale too large": (spread, "neumann", {"scale": 3.0}, "diverging"),
+    "neumann negative definite": (negative, "neumann", {}, "non-positive-curvature"),
+    "neumann nan": (nan_after_4, "neumann", {"scale": 0.1}, "non-finite"),
+    "lissa unmeasured": (ggn, "lissa", {"damping": 0.5}, "unmeasured"),
+    "lissa measured above tol": (ggn, "lissa", {"damping": 0.5, "maxiter": 4, "check_every": 2}, "maxiter"),
+    "lissa measured within tol": (lambda: diagonal(1.0, 1.0), "lissa", {"check_every": 1}, "converged"),
+    "lissa scale too large": (spread, "lissa", {"scale": 3.0}, "diverging"),
+    "lissa negative definite": (negative, "lissa", {}, "non-positive-curvature"),
+    "lissa nan": (nan_after_4, "lissa", {"scale": 0.1}, "non-finite"),
+    "exact converged": (spd, "exact", {}, "converged"),
+    "exact above tol": (spd, "exact", {"tol": 1e-30}, "above-tol"),
+    "exact nan": (nan_diagonal, "exact", {}, "non-finite"),
+    "kfac of the ggn": (ggn, "kfac", {"damping": 0.1}, "approximate"),
+    "ekfac of the ggn": (ggn, "ekfac", {"damping": 0.1}, "approximate"),
+    "kfac of itself": (kfac, "kfac", {"damping": 0.1}, "converged"),
+    "lowrank within reach": (rank3, "lowrank", {"damping": 0.1, "rank": 3, "tol": 1e-8}, "converged"),
+    "lowrank truncated": (rank3, "lowrank", {"damping": 0.1, "rank": 2}, "approximate"),
+    "lowrank negative definite": (negative, "lowrank", {"damping": 0.1, "rank": 2}, "non-positive-curvature"),
+}
+UNREACHED = {"breakdown"}
+"""Statuses no case reaches: MINRES' breakdown (``beta <= tiny`` while a column is active) comes second in
+practice, since ``beta = 0`` makes ``sn = beta / gamma``, hence the recurrence's residual ``phibar``, zero
+first and the column inactive (only subnormal ``beta`` and ``gbar`` could reach it)."""
+
+
+@pytest.mark.parametrize("case", STOPS)
+def test_every_way_a_builtin_solver_stops_has_its_status(case):
+    operator, method, options, expected = STOPS[case]
+    A = operator()
+    res = curvkit.solve(A, torch.ones(A.shape[0], dtype=A.dtype), method, **options)
+    assert res.status == expected, (case, res.status, res.reason)
+    assert res.converged == (expected == "converged") and res.status in SOLVE_STATUSES
+
+
+def test_the_cases_reach_every_status_of_the_table():
+    assert {case[-1] for case in STOPS.values()} | UNREACHED == set(SOLVE_STATUSES)
+    assert {case[1] for case in STOPS.values()} == {spec.name for spec in curvkit.solvers()}
+    assert all(meaning and "\n" not in meaning for meaning in SOLVE_STATUSES.values())
+    doc = curvkit.linalg.solve.__doc__
+    assert all(f"``{token}``" in doc for token in SOLVE_STATUSES), "the module docstring lists every status"
+
+
+class ReturnsStatus:
+    """A plugin solver ``returns-status`` answering ``B`` itself, with ``converged`` and ``status`` as set."""
+
+    converged, status = False, "maxiter"
+
+    @curvkit.hookimpl
+    def curvkit_register_solvers(self):
+        def solve(A, B, **_):
+            return SolveResult(B, self.converged, "as told", 0, 0, float("nan"), status=self.status)
+
+        return [curvkit.SolverSpec("returns-status", solve, "answers B, stopping as told")]
+
+
+@pytest.mark.parametrize(
+    "converged, status, message",
+    [
+        (False, "done", "the status 'done'"),
+        (False, "", "the status ''"),  # none given
+        (False, "Converged", "the status 'Converged'"),
+        (True, "maxiter", "returned converged=True with the status 'maxiter'"),
+        (False, "converged", "returned converged=False with the status 'converged'"),
+    ],
+)
+def test_a_plugin_solver_must_give_a_known_status_that_agrees_with_converged(converged, status, message):
+    plugin = ReturnsStatus()
+    plugin.converged, plugin.status = converged, status
+    curvkit.register_plugin(plugin, name="returns-status")
+    try:
+        with pytest.raises(curvkit.CurvkitError) as raised:
+            curvkit.solve(spd(), torch.ones(30, dtype=DT), "returns-status")
+        text = str(raised.value)
+        assert "\n" not in text and "solver 'returns-status'" in text and message in text
+        if "with the status" not in message:
+            assert ", ".join(SOLVE_STATUSES) in text  # the known tokens, named
+        plugin.converged, plugin.status = False, "maxiter"
+        assert curvkit.solve(spd(), torch.ones(30, dtype=DT), "returns-status").status == "maxiter"
+    finally:
+        curvkit.unregister_plugin(plugin)
+
+
+def test_a_plugin_solver_gives_its_status_through_the_history():
+    """``SolveHistory.result`` and ``measured`` take the status token; ``converged`` follows from it."""
+
+    class Jacobi:
+        @curvkit.hookimpl
+        def curvkit_register_solvers(self):
+            def solve(A, B, *, damping, tol, maxiter, callback=None, **_):
+                history = SolveHistory(A, damping, B, callback)
+                X = B / (A.diagonal()[:, None] + damping)
+                return history.measured(B, X, 1, tol, "approximate", "Jacobi: relative residual {residual}")
+
+            return [curvkit.SolverSpec("jacobi", solve, "the inverse of the diagonal")]
+
+    plugin = Jacobi()
+    curvkit.register_plugin(plugin, name="jacobi")
+    try:
+        diagonal = curvkit.DenseOperator(torch.diag(torch.arange(1.0, 31.0, dtype=DT)), psd=True)
+        assert curvkit.solve(diagonal, torch.ones(30, dtype=DT), "jacobi").status == "converged"
+        res = curvkit.solve(spd(), torch.ones(30, dtype=DT), "jacobi")
+        assert (res.status, res.converged) == ("approximate", False) and res.reason.startswith("Jacobi: ")
+    finally:
+        curvkit.unregister_plugin(plugin)

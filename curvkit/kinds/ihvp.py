@@ -147,6 +147,7 @@ def _write(g: Any, result: IhvpResult) -> None:
         s = solvers.create_group(name)
         s.attrs["converged"] = bool(curve.converged)
         s.attrs["reason"] = curve.reason
+        s.attrs["status"] = curve.status
         for column, values in curve.columns.items():
             s.create_dataset(column, data=values.numpy())
 
@@ -163,9 +164,10 @@ def _read(g: Any) -> IhvpResult:
     )
     for name, s in g["solvers"].items():
         columns = {c: tensor(s[c]).to(torch.float64) for c in CURVE_COLUMNS if c in s}
-        result.curves[name] = SolverCurve(
-            name, bool(attr(s.attrs["converged"])), attr(s.attrs["reason"]), columns
-        )
+        converged = bool(attr(s.attrs["converged"]))
+        # a store written before statuses were recorded has none: only convergence is known
+        status = attr(s.attrs["status"]) if "status" in s.attrs else ("converged" if converged else "unknown")
+        result.curves[name] = SolverCurve(name, converged, attr(s.attrs["reason"]), columns, status)
     return result
 
 

@@ -14,7 +14,8 @@
 
 Each computes its relative residual against ``A`` with one more product:
 ``converged`` is that measurement against ``tol`` (an approximation rarely
-reaches it, and its ``reason`` says how far it is).
+reaches it: its status is then ``"approximate"``, ``"above-tol"`` for the exact
+solve, and its ``reason`` says how far it is).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def exact_solve(
     compares it with ``tol`` like every solver.
     """
     history = SolveHistory(A, damping, B, callback)
-    return history.measured(B, A.solve(B, damping), 1, tol, "residual above tol")
+    return history.measured(B, A.solve(B, damping), 1, tol, "above-tol", "residual above tol")
 
 
 def approximate_inverse(
@@ -119,9 +120,8 @@ def approximate_inverse(
         raise CurvkitError(f"estimator {estimator!r} has no structured inverse (STRUCTURE lacks 'inverse')")
     history = SolveHistory(A, damping, B, callback)
     X = K.solve(B, damping)
-    return history.measured(
-        B, X, 1, tol, f"approximate inverse ({estimator}): relative residual {{residual}} against A"
-    )
+    why = f"approximate inverse ({estimator}): relative residual {{residual}} against A"
+    return history.measured(B, X, 1, tol, "approximate", why)
 
 
 def lowrank(
@@ -185,10 +185,9 @@ def lowrank(
     shifted = values + damping
     if not bool((shifted > 0).all()):
         why = f"an eigenvalue of A + damping I is {shifted.min().item():.3g} <= 0: not positive definite"
-        return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+        return history.result(torch.zeros_like(B), "non-positive-curvature", why, 0, float("nan"))
     C = U.T @ B
     X = U @ (C / shifted[:, None]) + (B - U @ C) / damping
     eigen = "" if pairs.converged else f"; eigenpairs not converged ({pairs.stop_reason})"
-    return history.measured(
-        B, X, 1, tol, f"rank-{rank} approximation: relative residual {{residual}} against A{eigen}"
-    )
+    why = f"rank-{rank} approximation: relative residual {{residual}} against A{eigen}"
+    return history.measured(B, X, 1, tol, "approximate", why)

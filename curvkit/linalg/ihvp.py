@@ -73,16 +73,21 @@ class SolverCurve:
     Attributes:
         method: The solver.
         converged: Its relative residual reached ``tol`` (measured).
-        reason: Why it stopped (the solver's :attr:`~curvkit.SolveResult.reason`,
+        reason: Why it stopped, in words (the solver's :attr:`~curvkit.SolveResult.reason`,
             or why it could not run).
         columns: :data:`CURVE_COLUMNS` -> float64 tensor, one value per
             iteration (empty when the solver could not run).
+        status: Why it stopped, as a token: the solver's
+            :attr:`~curvkit.SolveResult.status` (:data:`curvkit.linalg.solve.SOLVE_STATUSES`),
+            ``"not-run"`` when it could not run, ``"unknown"`` when read from a store
+            written before statuses were recorded (of a solver that did not converge).
     """
 
     method: str
     converged: bool
     reason: str
     columns: dict[str, Tensor] = field(default_factory=dict)
+    status: str = "unknown"
 
     def final(self, column: str) -> float:
         """The last value of a column (NaN when there is none)."""
@@ -130,6 +135,7 @@ class IhvpResult:
                 name: {
                     "converged": c.converged,
                     "reason": c.reason,
+                    "status": c.status,
                     **{k: v.tolist() for k, v in c.columns.items()},
                 }
                 for name, c in self.curves.items()
@@ -264,11 +270,11 @@ def ihvp_accuracy(
                 **options.get(name, {}),
             )
         except CurvkitError as exc:  # the solver cannot run here: say why, keep the others
-            result.curves[name] = SolverCurve(name, False, f"could not run: {exc}")
+            result.curves[name] = SolverCurve(name, False, f"could not run: {exc}", status="not-run")
             continue
         columns = {
             column: torch.tensor([row.get(column, math.nan) for row in solved.history], dtype=torch.float64)
             for column in CURVE_COLUMNS
         }
-        result.curves[name] = SolverCurve(name, solved.converged, solved.reason, columns)
+        result.curves[name] = SolverCurve(name, solved.converged, solved.reason, columns, solved.status)
     return result

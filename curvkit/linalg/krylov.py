@@ -46,7 +46,8 @@ def conjugate_gradient(
 
     Stops at the first non-positive curvature ``p^T (A + damping I) p <= 0`` of any
     column (the system is not positive definite: no CG guarantee), or a non-finite
-    value, returning the last iterate with ``converged=False`` and the iteration in
+    value, returning the last iterate with ``converged=False``, the status
+    ``"non-positive-curvature"`` or ``"non-finite"`` and the iteration in
     ``reason``. Converged columns are frozen while the others go on. Convergence
     is confirmed by the true residual, restarting from it when the recurrence's
     has drifted (:meth:`~curvkit.linalg.solve.SolveHistory.confirmed`).
@@ -77,7 +78,8 @@ def conjugate_gradient(
                     f"{iteration} (column {column}): the damped system is not positive definite; add damping "
                     "or use minres"
                 )
-                return X, step, history.result(X, False, why, iteration, history.last_residual)
+                stopped = history.result(X, "non-positive-curvature", why, iteration, history.last_residual)
+                return X, step, stopped
             alpha = torch.where(active, rz / torch.where(active, curvature, torch.ones_like(curvature)), 0.0)
             X = X + alpha * P_
             R = R - alpha * AP
@@ -163,7 +165,7 @@ def minres(
             if not bool(active.any()):
                 return X, step, "claimed"
             if bool((active & (beta <= tiny)).any()):  # an invariant subspace: the Krylov space is exhausted
-                return X, step, history.result(X, False, "breakdown", iteration, history.last_residual)
+                return X, step, history.result(X, "breakdown", "breakdown", iteration, history.last_residual)
         return X, budget, "maxiter"
 
     return history.confirmed(B, X, R, tol=tol, maxiter=maxiter, cycle=cycle)

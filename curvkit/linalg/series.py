@@ -34,7 +34,8 @@ def _series_scale(A: CurvatureOperator, damping: float, history: SolveHistory) -
     """``eta = 1 / (lambda_max + damping)`` of a Neumann series, ``lambda_max`` by Lanczos to 1%.
 
     Its products are counted in ``history``. Returns ``(None, why)`` when
-    ``lambda_max + damping <= 0`` (no positive scale makes the series converge).
+    ``lambda_max + damping <= 0`` (no positive scale makes the series converge:
+    the status ``"non-positive-curvature"``).
     """
     from curvkit.linalg.eigen import eigenvalues
 
@@ -79,7 +80,7 @@ def neumann(
     if scale is None:
         scale, why = _series_scale(A, damping, history)
         if scale is None:
-            return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+            return history.result(torch.zeros_like(B), "non-positive-curvature", why, 0, float("nan"))
     if not scale > 0:
         raise CurvkitError(f"scale must be positive, got {scale!r}")
     X, R = history.initial(B, x0)
@@ -103,7 +104,7 @@ def neumann(
                     f"{scale:.3g} (A + damping I) is not inside (0, 2); add damping, lower the scale, or use "
                     "minres"
                 )
-                return X, step, history.result(X, False, why, iteration, residual)
+                return X, step, history.result(X, "diverging", why, iteration, residual)
         return X, budget, "claimed" if residual <= tol else "maxiter"
 
     return history.confirmed(B, X, R, tol=tol, maxiter=maxiter, cycle=cycle)
@@ -156,12 +157,12 @@ def lissa(
     **What is measured.** A stochastic iterate's residual is unknown without a
     product with the full operator. With ``check_every=None`` (default) none is
     made: the history's residuals are NaN, ``residual`` is NaN and ``converged``
-    is ``False`` (``reason``: ``"depth reached: ... (stochastic: residual not
-    measured; ...)"``). With ``check_every=c`` the relative residual of the current
-    repeat's iterate ``eta x_j`` is computed with the full operator every ``c``
-    steps, and that of the returned average after the last step, so
-    ``converged`` is then that measurement against ``tol``; the run does not stop
-    early. Its products are counted.
+    is ``False`` (``status``: ``"unmeasured"``; ``reason``: ``"depth reached: ...
+    (stochastic: residual not measured; ...)"``). With ``check_every=c`` the
+    relative residual of the current repeat's iterate ``eta x_j`` is computed with
+    the full operator every ``c`` steps, and that of the returned average after the
+    last step, so ``converged`` is then that measurement against ``tol`` (above it:
+    the status ``"maxiter"``); the run does not stop early. Its products are counted.
 
     A step stops the run on a non-finite value (returning the average of the
     finished repeats and the current one's last finite iterate) or when the
@@ -204,7 +205,7 @@ def lissa(
     if scale is None:
         scale, why = _series_scale(A, damping, history)
         if scale is None:
-            return history.result(torch.zeros_like(B), False, why, 0, float("nan"))
+            return history.result(torch.zeros_like(B), "non-positive-curvature", why, 0, float("nan"))
     if not scale > 0:
         raise CurvkitError(f"scale must be positive, got {scale!r}")
     depth, K = maxiter, B.shape[1]
@@ -222,17 +223,14 @@ def lissa(
             AX = sample().matmat(X)
             X_next = B + X - scale * (AX + damping * X if damping else AX)
             if not bool(torch.isfinite(X_next).all()):
-                answer = (total + scale * X) / (repeat + 1)
-                return history.result(
-                    answer, False, f"non-finite value at iteration {iteration}", iteration, residual
-                )
+                return history.non_finite((total + scale * X) / (repeat + 1), iteration, residual)
             X = X_next
             growth = (X.norm(dim=0) / (bounds[0] + j * bounds[1]).clamp_min(tiny)).max().item()
             if not growth <= DIVERGENCE:
                 history.record(iteration, None)
                 return history.result(
                     (total + scale * X) / (repeat + 1),
-                    False,
+                    "diverging",
                     f"diverging at iteration {iteration} (repeat {repeat + 1}, step {j}): the iterate's "
                     f"norm is {growth:.3g} times the bound ||x_0|| + j ||v|| of a contracting series, so the "
                     f"spectrum of {scale:.3g} (A_S + damping I) left [0, 2] ({sample.source}); lower the "
@@ -253,8 +251,10 @@ def lissa(
     if check_every is None:
         history.record(iteration, None, X)
         why = f"{done} (stochastic: residual not measured; pass check_every to measure it)"
-        return history.result(X, False, why, iteration, float("nan"))
-    return history.measured(B, X, iteration, tol, f"{done}: relative residual {{residual}} measured")
+        return history.result(X, "unmeasured", why, iteration, float("nan"))
+    return history.measured(
+        B, X, iteration, tol, "maxiter", f"{done}: relative residual {{residual}} measured"
+    )
 
 
 class _MiniBatches:

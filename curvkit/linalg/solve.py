@@ -22,6 +22,14 @@ the last finite iterate) and never reports convergence it has not measured:
 ``converged`` means ``||B - (A + damping I) X|| <= tol ||B||`` column by column,
 with the residual of the recurrence (CG, MINRES, Neumann) or a computed one
 (exact, kfac, ekfac, lowrank; lissa when asked to measure).
+
+Why a solve stopped is :attr:`SolveResult.status`, one token of
+:data:`SOLVE_STATUSES` (what callers compare), and :attr:`SolveResult.reason`,
+a sentence for people (never parsed). The tokens: ``converged``, ``maxiter``,
+``stagnated``, ``non-positive-curvature``, ``non-finite``, ``diverging``,
+``breakdown``, ``above-tol``, ``approximate`` and ``unmeasured``;
+:func:`solve` refuses a solver's result with another status, or whose
+``converged`` disagrees with it.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from curvkit.operator import CurvatureOperator
 from curvkit.solver_spec import SolverSpec
 
 __all__ = [
+    "SOLVE_STATUSES",
     "Cycle",
     "InverseOperator",
     "SolveHistory",
@@ -53,15 +62,35 @@ __all__ = [
 ]
 
 
+SOLVE_STATUSES: dict[str, str] = {
+    "converged": "the measured relative residual is within tol for every column",
+    "maxiter": "the iterations (maxiter; lissa's depth) ran out with the measured residual above tol",
+    "stagnated": "restarts from the true residual stopped halving it above tol: the products' precision",
+    "non-positive-curvature": "A + damping I is not positive definite: a curvature p^T (A + damping I) p "
+    "(cg) or an eigenvalue (neumann's and lissa's scale, lowrank's pairs) at or below zero",
+    "non-finite": "a product or the answer was not finite; the last finite iterate is returned",
+    "diverging": "the series' residual or iterate grew past DIVERGENCE times its bound (neumann, lissa)",
+    "breakdown": "the Krylov space is exhausted (an invariant subspace) with the residual above tol (minres)",
+    "above-tol": "a direct solve (exact) answered with its measured residual above tol",
+    "approximate": "the inverse of an approximation of A (kfac, ekfac, lowrank): its measured residual "
+    "against A is above tol",
+    "unmeasured": "the residual was not measured, so convergence is not claimed (lissa without check_every)",
+}
+"""Every :attr:`SolveResult.status`: token -> what it means. ``"converged"`` is the only one with
+``converged=True``."""
+
+
 @dataclass
 class SolveResult:
     """The answer of a solver and how it got there.
 
     Attributes:
         x: The solution, shaped like the right-hand side (``[P]`` or ``[P, K]``).
-        converged: Every column's relative residual is within ``tol``.
-        reason: ``"converged"``, ``"maxiter"``, ``"non-positive curvature at
-            iteration i"``, ``"non-finite value at iteration i"``, ...: why it stopped.
+        converged: Every column's relative residual is within ``tol``
+            (``status == "converged"``).
+        reason: Why it stopped, in words for people (``"converged"``, ``"maxiter"``,
+            ``"non-positive curvature ... at iteration i (column k): ..."``, ``"non-finite
+            value at iteration i"``, ...); compare :attr:`status`, never this text.
         iterations: Iterations run.
         matvecs: Products with the operator (columns multiplied).
         residual: The final largest relative residual over the columns (NaN when
@@ -70,6 +99,9 @@ class SolveResult:
             (``residual``: the largest relative residual over the columns, NaN
             when not measured), and a solver's own counts (``lissa``: ``samples``).
         method: The solver's name.
+        status: Why it stopped, one token of :data:`SOLVE_STATUSES` (``"converged"``,
+            ``"maxiter"``, ``"non-positive-curvature"``, ``"non-finite"``, ...).
+            Keyword-only; :func:`solve` refuses a solver's result without a known one.
     """
 
     x: Tensor
@@ -80,6 +112,7 @@ class SolveResult:
     residual: float
     history: list[dict[str, float]] = field(default_factory=list)
     method: str = ""
+    status: str = field(default="", kw_only=True)
 
 
 def solvers() -> list[SolverSpec]:
@@ -131,7 +164,8 @@ def solve(
 
     Raises:
         CurvkitError: An unknown solver, a negative damping, a ``tol`` or
-            ``maxiter`` that is not positive.
+            ``maxiter`` that is not positive; a solver whose result has no known
+            :attr:`~SolveResult.status`, or a ``converged`` that disagrees with it.
         ShapeMismatchError: ``v`` or ``x0`` of the wrong size.
     """
     spec = _solver(method)
@@ -167,10 +201,26 @@ def solve(
         **({} if callback is None else {"callback": callback}),
         **options,
     )
+    _check_status(spec, result)
     result.method = spec.name
     if v.dim() == 1:
         result.x = result.x[:, 0]
     return result
+
+
+def _check_status(spec: SolverSpec, result: SolveResult) -> None:
+    """Refuse a solver's result without a known status, or whose ``converged`` disagrees with it."""
+    status = getattr(result, "status", None)
+    if status not in SOLVE_STATUSES:
+        raise CurvkitError(
+            f"solver {spec.name!r} returned the status {status!r}; a SolveResult's status must be one of "
+            f"{', '.join(SOLVE_STATUSES)} (curvkit.linalg.solve.SOLVE_STATUSES)"
+        )
+    if bool(result.converged) != (status == "converged"):
+        raise CurvkitError(
+            f"solver {spec.name!r} returned converged={result.converged!r} with the status {status!r}; "
+            "converged=True goes with the status 'converged' only"
+        )
 
 
 def _as_columns(v: Tensor, P: int, what: str) -> Tensor:
@@ -220,7 +270,8 @@ class SolveHistory:
     A solver (a plugin's too) makes one with the solve's ``callback``, applies
     ``A + damping I`` through :meth:`apply` (which counts the products),
     records each iteration with :meth:`record` (the iterate passed, for the
-    callback) and returns :meth:`result`, :meth:`measured` or :meth:`non_finite`.
+    callback) and returns :meth:`result`, :meth:`measured` or :meth:`non_finite`,
+    each given the status token (:data:`SOLVE_STATUSES`) and the reason in words.
     """
 
     def __init__(
@@ -247,7 +298,7 @@ class SolveHistory:
 
     def non_finite(self, X: Tensor, iteration: int, residual: float) -> SolveResult:
         """The result when a product at ``iteration`` is not finite: the last finite iterate."""
-        return self.result(X, False, f"non-finite value at iteration {iteration}", iteration, residual)
+        return self.result(X, "non-finite", f"non-finite value at iteration {iteration}", iteration, residual)
 
     def apply(self, X: Tensor) -> Tensor:
         """``(A + damping I) X``."""
@@ -277,20 +328,21 @@ class SolveHistory:
         self.rows.append(row)
         return relative
 
-    def measured(self, B: Tensor, X: Tensor, iteration: int, tol: float, reason: str) -> SolveResult:
+    def measured(
+        self, B: Tensor, X: Tensor, iteration: int, tol: float, status: str, reason: str
+    ) -> SolveResult:
         """The result for ``X`` with its residual computed (one product), recorded and compared with ``tol``.
 
-        ``reason`` is given when the residual is above ``tol`` (``"converged"``
-        otherwise), with ``{residual}`` replaced by the relative residual.
+        ``status`` and ``reason`` are given when the residual is above ``tol``
+        (``"converged"`` otherwise), with ``{residual}`` in ``reason`` replaced by
+        the relative residual.
         """
         residual = self.record(iteration, (B - self.apply(X)).norm(dim=0), X)
         if not bool(torch.isfinite(X).all()):
-            return self.result(
-                X, False, f"non-finite value at iteration {iteration}", iteration, float("nan")
-            )
-        converged = residual <= tol
-        reason = "converged" if converged else reason.format(residual=f"{residual:.3g}")
-        return self.result(X, converged, reason, iteration, residual)
+            return self.non_finite(X, iteration, float("nan"))
+        if residual <= tol:
+            return self.result(X, "converged", "converged", iteration, residual)
+        return self.result(X, status, reason.format(residual=f"{residual:.3g}"), iteration, residual)
 
     @property
     def last_residual(self) -> float:
@@ -334,13 +386,13 @@ class SolveHistory:
                 return self.non_finite(X, done, self.last_residual)
             residual = self.record(done, R.norm(dim=0), X)
             if residual <= tol:
-                return self.result(X, True, "converged", done, residual)
+                return self.result(X, "converged", "converged", done, residual)
             if outcome != "claimed" or done >= maxiter:
-                return self.result(X, False, "maxiter", done, residual)
+                return self.result(X, "maxiter", "maxiter", done, residual)
             if not residual < 0.5 * previous:
                 return self.result(
                     X,
-                    False,
+                    "stagnated",
                     f"stagnated at a true relative residual of {residual:.2g} (the recurrence's fell below "
                     f"{tol:g}): the products' precision; use float64 or a larger tol",
                     done,
@@ -348,10 +400,15 @@ class SolveHistory:
                 )
             previous = residual
 
-    def result(
-        self, x: Tensor, converged: bool, reason: str, iterations: int, residual: float
-    ) -> SolveResult:
-        return SolveResult(x, converged, reason, iterations, self.matvecs, residual, self.rows)
+    def result(self, x: Tensor, status: str, reason: str, iterations: int, residual: float) -> SolveResult:
+        """The :class:`SolveResult`, with this history's products and rows.
+
+        ``status`` is a token of :data:`SOLVE_STATUSES` (``converged`` follows from
+        it), ``reason`` says the same in words.
+        """
+        return SolveResult(
+            x, status == "converged", reason, iterations, self.matvecs, residual, self.rows, status=status
+        )
 
 
 def refuse_options(method: str, unknown: dict[str, Any]) -> None:
