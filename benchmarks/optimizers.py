@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from benchmarks.hvp import Goal, ProblemRecord
@@ -117,6 +118,13 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family("curvkit SophiaH", "lr", (0.01, 0.03, 0.1), _curvkit("SophiaH"), "create_graph"),
     Family(
+        "curvkit SophiaH, graph when due",
+        "lr",
+        (0.01, 0.03, 0.1),
+        _curvkit("SophiaH"),
+        "graph_when_due",
+    ),
+    Family(
         "pytorch-optimizer SophiaH",
         "lr",
         (0.01, 0.03, 0.1),
@@ -124,6 +132,12 @@ FAMILIES: tuple[Family, ...] = (
         "create_graph",
     ),
     Family("curvkit Shampoo", "lr", (0.03, 0.1, 0.3), _curvkit("Shampoo")),
+    Family(
+        "curvkit Shampoo, float32",
+        "lr",
+        (0.03, 0.1, 0.3),
+        _curvkit("Shampoo", preconditioner_dtype=torch.float32, epsilon=1e-6),
+    ),
     Family("torch-optimizer Shampoo", "lr", (0.03, 0.1, 0.3), _peer("torch_optimizer", "Shampoo")),
     Family("pytorch-optimizer Shampoo", "lr", (0.03, 0.1, 0.3), _peer("pytorch_optimizer", "Shampoo")),
 )
@@ -133,10 +147,20 @@ PAIRS = (
     ("curvkit AdaHessian", "torch-optimizer Adahessian"),
     ("curvkit AdaHessian", "pytorch-optimizer AdaHessian"),
     ("curvkit SophiaH", "pytorch-optimizer SophiaH"),
+    ("curvkit SophiaH, graph when due", "pytorch-optimizer SophiaH"),
     ("curvkit Shampoo", "torch-optimizer Shampoo"),
     ("curvkit Shampoo", "pytorch-optimizer Shampoo"),
+    ("curvkit Shampoo, float32", "torch-optimizer Shampoo"),
+    ("curvkit Shampoo, float32", "pytorch-optimizer Shampoo"),
 )
-"""(curvkit, peer) rows of the same method, compared by the goals."""
+"""(curvkit, peer) rows of the same method, compared by the goals.
+
+Each method's first curvkit row takes its step as the peer does (a gradient
+graph at every step; Shampoo's default float64 preconditioners); the others show
+what curvkit adds: SophiaH's graph built only on the steps that estimate the
+diagonal (``hessian_due``), Shampoo in float32 with the peers' precision (and an
+``epsilon`` of 1e-6, as pytorch-optimizer's).
+"""
 
 
 @dataclass

@@ -10,7 +10,9 @@ generator: the same batches for every optimizer of one seed).
 A :class:`Family` is an optimizer with a grid of one setting (a learning rate, a
 damping) and the way its step is taken (:data:`STEPPERS`: the usual ``zero_grad``,
 ``backward``, ``step``; a ``backward(create_graph=True)`` for Hutchinson
-optimizers; ``step(batch=(x, y))`` for those that take the batch's curvature).
+optimizers, at every step as the peers need, or only when curvkit's
+``hessian_due`` says the step estimates the diagonal; ``step(batch=(x, y))`` for
+those that take the batch's curvature).
 :func:`run_families` trains every configuration with every seed: the reference
 family (the slowest) for the step budget, whose median time is the time budget;
 the others until both budgets are spent. Wall time counts training only: the full
@@ -118,6 +120,15 @@ def _create_graph(optimizer: Any, model: nn.Module, criterion: nn.Module) -> Ste
     return step
 
 
+def _graph_when_due(optimizer: Any, model: nn.Module, criterion: nn.Module) -> Step:
+    def step(x: Tensor, target: Tensor) -> None:
+        optimizer.zero_grad()
+        criterion(model(x), target).backward(create_graph=optimizer.hessian_due)
+        optimizer.step()
+
+    return step
+
+
 def _batch(optimizer: Any, model: nn.Module, criterion: nn.Module) -> Step:
     def step(x: Tensor, target: Tensor) -> None:
         optimizer.zero_grad()
@@ -130,6 +141,7 @@ def _batch(optimizer: Any, model: nn.Module, criterion: nn.Module) -> Step:
 STEPPERS: dict[str, Callable[[Any, nn.Module, nn.Module], Step]] = {
     "usual": _usual,
     "create_graph": _create_graph,
+    "graph_when_due": _graph_when_due,
     "batch": _batch,
 }
 """How a family's step is taken, by name."""

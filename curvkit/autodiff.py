@@ -132,27 +132,30 @@ def backward_products(
         Per leaf, the ``[K, *shape]`` products (zeros where nothing depends on it).
     """
     K = V[0].shape[0]
-    out = [leaf.new_zeros(K, *leaf.shape) for leaf in leaves]
+    out: list[Tensor | None] = [None] * len(leaves)
     used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    if not used:
-        return out
     outputs, inputs = [grads[i] for i in used], [leaves[i] for i in used]
-    if batched:
+    if not used:
+        pass
+    elif batched or K == 1:  # one pass; with one direction, its products are the result, without a copy
+        directions = [V[i] if batched else V[i][0] for i in used]
         hv = torch.autograd.grad(
-            outputs, inputs, [V[i] for i in used], retain_graph=True, allow_unused=True, is_grads_batched=True
+            outputs, inputs, directions, retain_graph=True, allow_unused=True, is_grads_batched=batched
         )
         for i, h in zip(used, hv):
             if h is not None:
-                out[i] = h
-        return out
-    for k in range(K):
-        hv = torch.autograd.grad(
-            outputs, inputs, [V[i][k] for i in used], retain_graph=True, allow_unused=True
-        )
-        for i, h in zip(used, hv):
-            if h is not None:
-                out[i][k] = h
-    return out
+                out[i] = h if batched else h.unsqueeze(0)
+    else:
+        for i in used:
+            out[i] = leaves[i].new_zeros(K, *leaves[i].shape)
+        for k in range(K):
+            hv = torch.autograd.grad(
+                outputs, inputs, [V[i][k] for i in used], retain_graph=True, allow_unused=True
+            )
+            for i, h in zip(used, hv):
+                if h is not None:
+                    out[i][k] = h  # type: ignore[index]
+    return [h if h is not None else leaf.new_zeros(K, *leaf.shape) for h, leaf in zip(out, leaves)]
 
 
 def hessian_batch_product(

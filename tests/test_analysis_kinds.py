@@ -266,7 +266,8 @@ def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
         "--damping",
         "1e-2",
     ]
-    args += ["--max-samples", "300", "-o", str(out)]
+    # float32: a tolerance an order above the rounding floor (1e-6 stagnates at 1.1e-6 on AVX-512 CPUs)
+    args += ["--ihvp-tol", "1e-5", "--max-samples", "300", "-o", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if "ihvp/gradient" in line)

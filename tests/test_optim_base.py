@@ -7,7 +7,16 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.optim.base import CurvatureOptimizer, check_choice, check_fraction, check_integer, check_positive
+from curvkit.autodiff import backward_products
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    all_finite,
+    check_choice,
+    check_fraction,
+    check_integer,
+    check_positive,
+    first_non_finite,
+)
 
 DT = torch.float64
 
@@ -79,3 +88,69 @@ def test_the_checks_name_the_hyper_parameter_and_its_range():
         check_integer("every", 0)
     with pytest.raises(ValueError, match=r"mode must be one of \['a', 'b'\], got 'c'"):
         check_choice("mode", "c", ("a", "b"))
+
+
+BATCH_OPTIMIZERS = ("Newton", "HessianFree", "KFAC", "EKFAC", "NaturalGradient")
+GRADIENT_OPTIMIZERS = ("DiagonalNewton", "AdaHessian", "SophiaH", "Shampoo")
+
+
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
+def test_a_skipped_step_warns_once_at_the_callers_line_and_leaves_the_parameters(name):
+    model, X, y = model_and_batch()
+    X[0, 0] = float("nan")  # a non-finite loss and gradient
+    cls = getattr(curvkit.optim, name)
+    batch = name in BATCH_OPTIMIZERS
+    optimizer = cls(model.parameters(), **({"model": model, "loss_fn": "cross_entropy"} if batch else {}))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward(create_graph=name in GRADIENT_OPTIMIZERS[:3])
+    with pytest.warns(
+        curvkit.CurvkitWarning, match=rf"^{name}: step skipped: the .* not finite \("
+    ) as record:
+        optimizer.step(batch=(X, y)) if batch else optimizer.step()  # the line the warning must name
+    (warning,) = [w for w in record if issubclass(w.category, curvkit.CurvkitWarning)]
+    assert warning.filename == __file__, (warning.filename, warning.lineno)
+    assert optimizer.skipped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_all_finite_checks_every_floating_entry_in_one_fused_call_and_leaves_the_values():
+    nan, inf = float("nan"), float("inf")
+    finite = [torch.randn(3, 4), torch.randn(5, dtype=DT), torch.tensor([1e38, -1e38])]  # no overflow
+    kept = [t.clone() for t in finite]
+    assert all_finite(finite) and all_finite([]) and all_finite([None, torch.tensor([1, 2])])
+    assert all(torch.equal(t, k) for t, k in zip(finite, kept))  # multiplied by 1: unchanged
+    for bad in (nan, inf, -inf):
+        assert not all_finite([*finite, torch.tensor([0.0, bad], dtype=DT)])
+        assert not all_finite([torch.tensor([bad], dtype=torch.bfloat16)])
+        assert not all_finite([torch.tensor([complex(1.0, bad)])])  # through the real view
+    w = nn.Parameter(torch.ones(3))
+    (gradient,) = torch.autograd.grad((w**3).sum(), w, create_graph=True)
+    assert all_finite([w, gradient])  # tensors in a graph are checked through detached views
+    (second,) = torch.autograd.grad(gradient.sum(), w)  # the graph still works
+    torch.testing.assert_close(second, 6 * torch.ones(3))
+
+
+def test_first_non_finite_names_the_first_pair_with_a_non_finite_entry():
+    good, bad = [torch.ones(2)], [torch.tensor([1.0, float("nan")])]
+    assert first_non_finite([("gradient", good), ("state", good)]) is None
+    assert first_non_finite([("gradient", good), ("state", bad), ("update", bad)]) == "state"
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_backward_products_equal_a_product_per_direction_and_zeros_where_unused(K):
+    torch.manual_seed(0)
+    a, b, unused = (nn.Parameter(torch.randn(n, dtype=DT)) for n in (3, 2, 4))
+    loss = (a.sum() ** 2) * b.prod() + (a**3).sum()
+    grads = torch.autograd.grad(loss, [a, b], create_graph=True)
+    V = [torch.randn(K, 3, dtype=DT), torch.randn(K, 2, dtype=DT), torch.randn(K, 4, dtype=DT)]
+    H = torch.autograd.functional.hessian(
+        lambda x, y: (x.sum() ** 2) * y.prod() + (x**3).sum(), (a.detach(), b.detach())
+    )
+    dense = torch.cat([torch.cat([H[0][0], H[0][1]], 1), torch.cat([H[1][0], H[1][1]], 1)])
+    expected = torch.cat([V[0], V[1]], 1) @ dense.T
+    for batched in (False, True):
+        out = backward_products([*grads, None], [a, b, unused], V, batched=batched)
+        assert [tuple(o.shape) for o in out] == [(K, 3), (K, 2), (K, 4)]
+        torch.testing.assert_close(torch.cat(out[:2], 1), expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(out[2], torch.zeros(K, 4, dtype=DT))

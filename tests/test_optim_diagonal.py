@@ -372,7 +372,7 @@ def test_a_nan_gradient_skips_the_step_with_a_warning(cls):
     b_nan = b.clone()
     b_nan[2] = float("nan")
     with pytest.warns(
-        curvkit.CurvkitWarning, match=f"{cls.__name__}: step 0 skipped: the gradient is not finite"
+        curvkit.CurvkitWarning, match=f"{cls.__name__}: step skipped: the gradient is not finite"
     ):
         quadratic_step(optimizer, x, d, b_nan)
     assert torch.equal(x.detach(), x0) and optimizer.skipped_steps == 1

@@ -470,7 +470,7 @@ def test_a_non_finite_gradient_skips_the_step_with_a_warning():
     backward(model, "cross_entropy", X, y)
     model[0].weight.grad[0, 0] = float("nan")
     before = flat(model)
-    with pytest.warns(curvkit.CurvkitWarning, match=r"EKFAC: step 0 skipped: the gradient is not finite"):
+    with pytest.warns(curvkit.CurvkitWarning, match=r"EKFAC: step skipped: the gradient is not finite"):
         optimizer.step(batch=(X, y))
     assert torch.equal(flat(model), before) and optimizer.skipped_steps == 1 and optimizer.steps == 0
     assert optimizer.kronecker() is None and not optimizer.state  # no factors, no momentum

@@ -356,7 +356,8 @@ def test_a_non_finite_gradient_skips_the_step_and_leaves_parameters_and_state_un
     state = copy.deepcopy(optimizer.state_dict()["state"])
     backward()
     model[0].weight.grad[1, 2] = bad
-    with pytest.warns(curvkit.CurvkitWarning, match="Shampoo: step skipped: the update .* is not finite"):
+    skipped = r"Shampoo: step skipped: the gradient is not finite \(parameters and state unchanged\)"
+    with pytest.warns(curvkit.CurvkitWarning, match=skipped):
         optimizer.step()
     assert optimizer.skipped_steps == 1 and optimizer.steps == 1
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
@@ -388,3 +389,61 @@ def test_decoupled_weight_decay_a_zero_gradient_and_parameters_without_gradient(
     p.grad = g
     optimizer.step()
     torch.testing.assert_close(p.detach() - before, -0.1 * (g + 0.5 * before), rtol=0, atol=1e-15)
+
+
+def test_the_batched_roots_are_each_factors_inverse_root():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4)).to(DT)  # factors of sizes 4 and 5
+    optimizer = Shampoo(model.parameters(), lr=1e-2, betas=(0.9, 0.99), epsilon=1e-8)
+    X, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        optimizer.step()
+    correction = 1 - 0.99**3
+    for p in model.parameters():
+        state = optimizer.state[p]
+        for i in range(p.ndim):
+            expected = inverse_root(state[f"statistic_{i}"] / correction, 2 * p.ndim, 1e-8)
+            torch.testing.assert_close(state[f"preconditioner_{i}"], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_failed_eigendecomposition_keeps_the_previous_root_or_takes_the_diagonal_one(monkeypatch):
+    torch.manual_seed(4)
+    w = nn.Parameter(torch.randn(3, 2, dtype=DT))
+    optimizer = Shampoo([w], lr=1e-2, betas=(0.0, 1.0), epsilon=1e-6)
+    eigh = torch.linalg.eigh
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+
+    def step():
+        w.grad = torch.randn(3, 2, dtype=DT)
+        optimizer.step()
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.warns(curvkit.CurvkitWarning, match="its inverse root is that of its diagonal"):
+        step()
+    statistic = optimizer.state[w]["statistic_0"]
+    diagonal = torch.diag((torch.diagonal(statistic) + 1e-6) ** -0.25)
+    torch.testing.assert_close(optimizer.state[w]["preconditioner_0"], diagonal, rtol=1e-12, atol=0)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    step()
+    kept = optimizer.state[w]["preconditioner_0"].clone()
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.warns(curvkit.CurvkitWarning, match="its inverse root is the previous one"):
+        step()
+    assert torch.equal(optimizer.state[w]["preconditioner_0"], kept) and optimizer.steps == 3
+
+
+def test_float32_preconditioners_are_computed_in_float32_and_agree_with_float64():
+    torch.manual_seed(5)
+    G = torch.randn(6, 4)
+    options = {"lr": 1.0, "betas": (0.0, 0.999), "epsilon": 1e-3, "grafting": "none"}
+    delta64, optimizer64 = one_step(G, **options)
+    delta32, optimizer32 = one_step(G, **options, preconditioner_dtype=torch.float32)
+    (state32,) = optimizer32.state.values()
+    assert all(state32[f"preconditioner_{i}"].dtype == torch.float32 for i in range(2))
+    (state64,) = optimizer64.state.values()
+    assert all(state64[f"preconditioner_{i}"].dtype == DT for i in range(2))
+    torch.testing.assert_close(delta32, delta64, rtol=1e-5, atol=1e-6)

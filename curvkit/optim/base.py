@@ -41,6 +41,7 @@ __all__ = [
     "check_fraction",
     "check_integer",
     "check_positive",
+    "first_non_finite",
     "unpack_batch",
 ]
 
@@ -71,22 +72,47 @@ def unpack_batch(owner: str, batch: Any, when: str = "") -> tuple[Any, Tensor]:
 
 
 def all_finite(tensors: Iterable[Tensor | None]) -> bool:
-    """Whether every entry of every tensor (``None`` skipped) is finite, in one host-device synchronisation.
+    """Whether every entry of every tensor (``None`` skipped) is finite, in one synchronisation per device.
 
-    From the tensors' max-norms ``max |t_i|``, taken in one fused call
-    (``torch._foreach_norm``, as :func:`torch.nn.utils.clip_grad_norm_` takes its
-    norms): a max-norm is finite exactly when every entry is (it cannot overflow,
-    and NaN propagates). About twice as fast as a check per tensor on small
-    models, where it is a visible share of a step.
+    With the fused check :class:`torch.amp.GradScaler` runs on gradients,
+    ``torch._amp_foreach_non_finite_check_and_unscale_``, given the scale 1 (so
+    the values are multiplied by 1, i.e. left as they are): one call per device
+    raises a flag if any entry of any of its tensors is infinite or NaN, and
+    only the flags come back to the host. On small models that is about ten
+    times faster than max-norms per tensor (``torch._foreach_norm``) and twenty
+    times faster than a check per tensor, a visible share of a cheap
+    optimizer's step. Integer tensors are always finite and are skipped;
+    complex ones are checked through their real view.
     """
-    present = [t for t in tensors if t is not None]
-    if not present:
-        return True
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        if t.requires_grad:
+            t = t.detach()
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        elif not t.is_floating_point():
+            continue
+        by_device.setdefault(t.device, []).append(t)
+    flags = []
     with torch.no_grad():
-        norms = torch._foreach_norm(present, math.inf)
-    if len({(n.dtype, n.device) for n in norms}) > 1:  # mixed dtypes or devices: one of each to stack
-        norms = [n.to(device=norms[0].device, dtype=torch.float64) for n in norms]
-    return bool(torch.isfinite(torch.stack(norms)).all())
+        for device, group in by_device.items():
+            found = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
+            flags.append(found)
+    return not any(bool(found) for found in flags)  # one synchronisation per device
+
+
+def first_non_finite(checks: Sequence[tuple[str, Sequence[Tensor | None]]]) -> str | None:
+    """The name of the first ``(name, tensors)`` pair with a non-finite entry, or ``None`` if all are finite.
+
+    All the tensors are checked in one :func:`all_finite` call; only when one is
+    not finite are the pairs checked one by one, to name it.
+    """
+    if all_finite([t for _, tensors in checks for t in tensors]):
+        return None
+    return next(name for name, tensors in checks if not all_finite(tensors))
 
 
 def check_positive(name: str, value: Any, *, zero: bool = False) -> float:
@@ -211,24 +237,59 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
-    def apply_updates(self, updates: Sequence[tuple[Tensor, Tensor]], what: str = "update") -> bool:
-        """``p += delta`` for every pair, if every ``delta`` is finite; else nothing, with a warning.
+    def apply_updates(
+        self,
+        updates: Sequence[tuple[Tensor, Tensor]],
+        what: str = "update",
+        *,
+        checks: Sequence[tuple[str, Sequence[Tensor | None]]] = (),
+        unchanged: str = "parameters unchanged",
+        stacklevel: int = 4,
+    ) -> bool:
+        """``p += delta`` for every pair, if every ``delta`` and every tensor of ``checks`` is finite.
+
+        Otherwise nothing is added: :attr:`skipped_steps` counts the step and a
+        :class:`curvkit.CurvkitWarning` names the first non-finite thing, in the
+        order of ``checks`` and then ``what``. Everything is checked in one
+        host-device synchronisation (:func:`all_finite`), and the updates are
+        added in one fused call (``torch._foreach_add_``).
+
+        Args:
+            updates: ``(parameter, delta)`` pairs.
+            what: What the deltas are, for the warning.
+            checks: ``(name, tensors)`` pairs checked with the updates: what the
+                step was computed from (``"gradient"``) and the new state a caller
+                keeps only if the step is applied (``"moments"``).
+            unchanged: What the warning says is left as it was.
+            stacklevel: The warning's, counted from here (4: the caller of an
+                optimizer whose ``step`` calls this method).
 
         Returns:
             Whether the updates were applied.
         """
-        if not all_finite(d for _, d in updates):
-            self.skipped_steps += 1
-            warnings.warn(
-                f"{type(self).__name__}: step skipped: the {what} is not finite (parameters unchanged)",
-                CurvkitWarning,
-                stacklevel=4,  # apply_updates, step, torch.optim's step wrapper, the caller
-            )
+        deltas = [d for _, d in updates]
+        why = first_non_finite([*checks, (what, deltas)])
+        if why is not None:
+            self.skip(f"the {why} is not finite", unchanged=unchanged, stacklevel=stacklevel + 1)
             return False
-        with torch.no_grad():
-            for p, delta in updates:
-                p.add_(delta)
+        if updates:
+            with torch.no_grad():
+                torch._foreach_add_([p for p, _ in updates], deltas)
         return True
+
+    def skip(self, why: str, *, unchanged: str = "parameters unchanged", stacklevel: int = 4) -> None:
+        """Counts a skipped step in :attr:`skipped_steps` and warns ``"<class>: step skipped: <why>"``.
+
+        Args:
+            why: The reason (``"the gradient is not finite"``).
+            unchanged: What is left as it was, said in parentheses.
+            stacklevel: The warning's, counted from here (4: the caller of a
+                ``step`` that calls this method, through torch.optim's wrapper).
+        """
+        self.skipped_steps += 1
+        warnings.warn(
+            f"{type(self).__name__}: step skipped: {why} ({unchanged})", CurvkitWarning, stacklevel=stacklevel
+        )
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:

@@ -90,7 +90,7 @@ from torch import Tensor
 
 from curvkit.autodiff import backward_products
 from curvkit.errors import CurvkitWarning
-from curvkit.optim.base import CurvatureOptimizer, all_finite, check_fraction, check_integer, check_positive
+from curvkit.optim.base import CurvatureOptimizer, check_fraction, check_integer, check_positive
 
 __all__ = ["AdaHessian", "DiagonalNewton", "HutchinsonOptimizer", "SophiaH", "rademacher"]
 
@@ -118,9 +118,42 @@ def _check_betas(betas: Any) -> tuple[float, float]:
     )
 
 
-def _ema_(average: Tensor, value: Tensor, beta: float) -> Tensor:
-    """``average <- beta * average + (1 - beta) * value``, in place."""
-    return average.mul_(beta).add_(value, alpha=1.0 - beta)
+def _ema(averages: list[Tensor], values: list[Tensor], beta: float) -> list[Tensor]:
+    """``beta * average + (1 - beta) * value`` per pair, out of place, in one fused call (``lerp``)."""
+    return torch._foreach_lerp(averages, values, 1.0 - beta)
+
+
+def _scale_(tensors: list[Tensor], factor: float) -> None:
+    """``t *= factor`` for every tensor, in one fused call.
+
+    The factor goes in as a 0-d float64 tensor (rounded to each tensor's dtype,
+    as a Python number is): on CPU, torch 2.13's foreach overload for a Python
+    number is three times slower than the one for a 0-d tensor.
+    """
+    torch._foreach_mul_(tensors, _number(factor, tensors))
+
+
+def _number(value: float, like: list[Tensor]) -> Tensor:
+    """``value`` as a 0-d float64 tensor on the device of ``like`` (see :func:`_scale_`)."""
+    return torch.scalar_tensor(value, dtype=torch.float64, device=like[0].device)
+
+
+def _by_group(pairs: list[tuple[dict[str, Any], Tensor]]) -> list[tuple[dict[str, Any], list[int]]]:
+    """The groups of ``(group, parameter)`` pairs, each with the positions of its pairs."""
+    groups: dict[int, tuple[dict[str, Any], list[int]]] = {}
+    for i, (group, _) in enumerate(pairs):
+        groups.setdefault(id(group), (group, []))[1].append(i)
+    return list(groups.values())
+
+
+def _spatial_average(estimate: Tensor) -> Tensor:
+    """A convolution kernel's ``|estimate|`` averaged over its positions (dims 2, 3), broadcast back."""
+    return estimate.abs().mean(dim=(2, 3), keepdim=True).expand_as(estimate)
+
+
+def _entries(states: list[dict[str, Any]], params: list[Tensor], key: str) -> list[Tensor]:
+    """Each parameter's ``state[key]``, or zeros like it where it has none yet (not stored)."""
+    return [state[key] if key in state else torch.zeros_like(p) for state, p in zip(states, params)]
 
 
 class HutchinsonOptimizer(CurvatureOptimizer):
@@ -208,7 +241,8 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         loss = self.evaluate(closure)
         pairs = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         try:
-            self._step(pairs)
+            if pairs:
+                self._step(pairs)
         finally:
             for _, p in pairs:  # frees the graph of the gradients
                 if p.grad is not None and p.grad.requires_grad:
@@ -216,43 +250,49 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         return loss
 
     def _step(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> None:
-        if not pairs:
-            return
-        grads = [p.grad for _, p in pairs]
-        estimates: list[Tensor | None] = [None] * len(pairs)
-        due = self.steps % self.period == 0 or any(not self.state[p].get("hessian_step", 0) for _, p in pairs)
-        if due:  # on schedule, or a parameter has no estimate yet
-            estimates = list(self._hutchinson([p for _, p in pairs], grads))
-        if not self._finite(grads + [e for e in estimates if e is not None]):  # one check for both
-            self._skip(
-                "the gradient is not finite"
-                if not self._finite(grads)
-                else "the Hutchinson estimate of the Hessian's diagonal is not finite"
-            )
-            return
-        if due:
-            self.refreshes += 1
-            for _, p in pairs:
-                self.state[p]["hessian_step"] = self.state[p].get("hessian_step", 0) + 1
+        """The step on the parameters with a gradient: new state and updates computed aside, then kept.
+
+        Everything (gradients, estimates, new state, updates) is checked at once
+        by :meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`; the new
+        state is kept only if the updates were applied.
+        """
+        params = [p for _, p in pairs]
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        # on schedule, or a parameter has no estimate yet
+        due = self.steps % self.period == 0 or any(not state.get("hessian_step", 0) for state in states)
+        estimates = self._hutchinson(params, grads) if due else None
+        new_states: list[dict[str, Any]] = []
+        deltas: list[Tensor] = []
         with torch.no_grad():
-            updates = [
-                (p, self._update(group, p, g.detach(), d))
-                for (group, p), g, d in zip(pairs, grads, estimates)
-            ]
-        self.apply_updates(updates)
+            detached = [g.detach() for g in grads]
+            for group, members in _by_group(pairs):
+                new, group_deltas = self._updates(
+                    group,
+                    [params[i] for i in members],
+                    [states[i] for i in members],
+                    [detached[i] for i in members],
+                    None if estimates is None else [estimates[i] for i in members],
+                )
+                new_states += new
+                deltas += group_deltas
+        checks = [("gradient", detached)]
+        if estimates is not None:
+            checks.append(("Hutchinson estimate of the Hessian's diagonal", estimates))
+        checks.append(("new state", [t for new in new_states for t in new.values() if isinstance(t, Tensor)]))
+        if not self.apply_updates(
+            list(zip(params, deltas)),
+            checks=checks,
+            unchanged="parameters and moments unchanged",
+            stacklevel=5,  # apply_updates, _step, step, torch.optim's step wrapper, the caller
+        ):
+            return
+        for state, new in zip(states, new_states):
+            state.update(new)
+            if due:
+                state["hessian_step"] = state.get("hessian_step", 0) + 1
+        self.refreshes += int(due)
         self.steps += 1
-
-    @staticmethod
-    def _finite(tensors: Sequence[Tensor | None]) -> bool:
-        return all_finite(tensors)
-
-    def _skip(self, why: str) -> None:
-        self.skipped_steps += 1
-        warnings.warn(
-            f"{type(self).__name__}: step {self.steps} skipped: {why} (parameters and moments unchanged)",
-            CurvkitWarning,
-            stacklevel=5,  # _skip, _step, step, torch's step wrapper, the caller
-        )
 
     def _hutchinson(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Per parameter, ``mean_k z_k * (H z_k)`` over ``probes`` Rademacher probes."""
@@ -261,18 +301,46 @@ class HutchinsonOptimizer(CurvatureOptimizer):
                 f"{type(self).__name__} needs the gradient's graph for its Hessian-vector products: call "
                 "loss.backward(create_graph=True) before step(), or pass step() a closure that does"
             )
-        V = [rademacher((self.probes, *p.shape), p, self.generator) for p in params]
+        V = self._probes(params)
         HV = backward_products(grads, params, V, batched=False)
+        if self.probes == 1:
+            return torch._foreach_mul([z[0] for z in V], [hz[0] for hz in HV])
         return [(z * hz).mean(0) for z, hz in zip(V, HV)]
 
-    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
-        """Updates ``p``'s state and returns its step ``delta`` (``p += delta``).
+    def _probes(self, params: list[Tensor]) -> list[Tensor]:
+        """Per parameter, its ``[probes, *shape]`` Rademacher probes, cut from one draw for all of them.
+
+        Probe ``k`` is the ``k``-th row of one ``[probes, P]`` draw (``P`` entries
+        in all), in the order of ``params``: with one probe, the same numbers as
+        one draw per parameter in turn.
+        """
+        sizes = [p.numel() for p in params]
+        flat = rademacher((self.probes, sum(sizes)), params[0], self.generator)
+        return [
+            z.reshape(self.probes, *p.shape).to(device=p.device, dtype=p.dtype)
+            for z, p in zip(flat.split(sizes, dim=1), params)
+        ]
+
+    def _updates(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        grads: list[Tensor],
+        estimates: list[Tensor] | None,
+    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
+        """One group's new state and steps, computed aside (``self.state`` is not changed).
 
         Args:
-            group: ``p``'s parameter group.
-            p: The parameter.
-            grad: Its gradient (detached).
-            estimate: Its Hutchinson estimate, ``None`` between refreshes.
+            group: The parameter group.
+            params: Its parameters with a gradient.
+            states: Their states (read, not changed).
+            grads: Their gradients (detached).
+            estimates: Their Hutchinson estimates on a refresh step, else ``None``.
+
+        Returns:
+            Per parameter, the state entries to keep if the step is applied, and
+            its step ``delta`` (``p += delta``); fused (``torch._foreach_*``) over the group.
         """
         raise NotImplementedError
 
@@ -373,15 +441,24 @@ class DiagonalNewton(HutchinsonOptimizer):
             check_positive("clip", group["clip"])
         check_fraction("hessian_power", group["hessian_power"])
 
-    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
-        state = self.state[p]
-        if estimate is not None:
-            state["diagonal"] = estimate
-        denominator = state["diagonal"].abs().pow(group["hessian_power"]).add_(group["damping"])
-        step = grad.div(denominator).mul_(-group["lr"])
+    def _updates(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        grads: list[Tensor],
+        estimates: list[Tensor] | None,
+    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
+        diagonals = estimates if estimates is not None else [state["diagonal"] for state in states]
+        denominators = torch._foreach_abs(diagonals)
+        torch._foreach_pow_(denominators, group["hessian_power"])
+        torch._foreach_add_(denominators, group["damping"])
+        steps = torch._foreach_div(grads, denominators)
+        _scale_(steps, -group["lr"])
         if group["clip"] is not None:
-            step.clamp_(-group["clip"], group["clip"])
-        return step
+            torch._foreach_clamp_min_(steps, -group["clip"])
+            torch._foreach_clamp_max_(steps, group["clip"])
+        return [{"diagonal": d} for d in diagonals], steps
 
 
 class AdaHessian(HutchinsonOptimizer):
@@ -458,26 +535,38 @@ class AdaHessian(HutchinsonOptimizer):
         if not isinstance(group["spatial_averaging"], bool):
             raise ValueError(f"spatial_averaging must be True or False, got {group['spatial_averaging']!r}")
 
-    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
+    def _updates(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        grads: list[Tensor],
+        estimates: list[Tensor] | None,
+    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
         beta1, beta2 = group["betas"]
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_hessian_diag_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        _ema_(state["exp_avg"], grad, beta1)
-        if estimate is not None:
-            if group["spatial_averaging"] and estimate.dim() == 4:
-                estimate = estimate.abs().mean(dim=(2, 3), keepdim=True).expand_as(estimate)
-            _ema_(state["exp_hessian_diag_sq"], estimate.square(), beta2)
-        k = group["hessian_power"]
-        v_hat = state["exp_hessian_diag_sq"] / (1.0 - beta2 ** state["hessian_step"])
-        denominator = v_hat.pow_(k / 2).add_(group["eps"])
-        step = state["exp_avg"].div(denominator).mul_(-group["lr"] / (1.0 - beta1 ** state["step"]))
+        t = [state.get("step", 0) + 1 for state in states]
+        n = [state.get("hessian_step", 0) + (estimates is not None) for state in states]
+        exp_avg = _ema(_entries(states, params, "exp_avg"), grads, beta1)
+        exp_hessian_diag_sq = _entries(states, params, "exp_hessian_diag_sq")
+        if estimates is not None:
+            if group["spatial_averaging"]:
+                estimates = [
+                    e.abs().mean(dim=(2, 3), keepdim=True).expand_as(e) if e.dim() == 4 else e
+                    for e in estimates
+                ]
+            exp_hessian_diag_sq = _ema(exp_hessian_diag_sq, torch._foreach_mul(estimates, estimates), beta2)
+        denominators = torch._foreach_div(exp_hessian_diag_sq, [1.0 - beta2**k for k in n])
+        torch._foreach_pow_(denominators, group["hessian_power"] / 2)
+        torch._foreach_add_(denominators, group["eps"])
+        steps = torch._foreach_div(exp_avg, denominators)
+        torch._foreach_mul_(steps, [-group["lr"] / (1.0 - beta1**k) for k in t])
         if group["weight_decay"]:
-            step.add_(p.detach(), alpha=-group["lr"] * group["weight_decay"])
-        return step
+            torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
+        new = [
+            {"step": k, "exp_avg": m, "exp_hessian_diag_sq": v}
+            for k, m, v in zip(t, exp_avg, exp_hessian_diag_sq)
+        ]
+        return new, steps
 
 
 class SophiaH(HutchinsonOptimizer):
@@ -543,17 +632,25 @@ class SophiaH(HutchinsonOptimizer):
         check_positive("eps", group["eps"])
         check_positive("rho", group["rho"])
 
-    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor, estimate: Tensor | None) -> Tensor:
+    def _updates(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        grads: list[Tensor],
+        estimates: list[Tensor] | None,
+    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
         beta1, beta2 = group["betas"]
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["hessian"] = torch.zeros_like(p)
-        _ema_(state["exp_avg"], grad, beta1)
-        if estimate is not None:
-            _ema_(state["hessian"], estimate, beta2)
-        denominator = state["hessian"].mul(group["rho"]).clamp_(min=group["eps"])
-        step = state["exp_avg"].div(denominator).clamp_(-1.0, 1.0).mul_(-group["lr"])
+        exp_avg = _ema(_entries(states, params, "exp_avg"), grads, beta1)
+        hessian = _entries(states, params, "hessian")
+        if estimates is not None:
+            hessian = _ema(hessian, estimates, beta2)
+        denominators = torch._foreach_mul(hessian, _number(group["rho"], hessian))
+        torch._foreach_clamp_min_(denominators, group["eps"])
+        steps = torch._foreach_div(exp_avg, denominators)
+        torch._foreach_clamp_min_(steps, -1.0)
+        torch._foreach_clamp_max_(steps, 1.0)
+        _scale_(steps, -group["lr"])
         if group["weight_decay"]:
-            step.add_(p.detach(), alpha=-group["lr"] * group["weight_decay"])
-        return step
+            torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
+        return [{"exp_avg": m, "hessian": h} for m, h in zip(exp_avg, hessian)], steps

@@ -81,7 +81,6 @@ from curvkit.optim.newton import (
     check_model_owns,
     learning_rates,
     loss_at,
-    skip_step,
     updates_of,
 )
 from curvkit.problem import Problem
@@ -150,8 +149,9 @@ class HessianFree(CurvatureOptimizer):
         last_solve: The :class:`curvkit.SolveResult` of the latest step's CG.
         last_info: Of the latest step: ``loss`` (before), ``loss_after`` (at the
             chosen iterate, before any line search), ``cg_iteration`` (chosen),
-            ``cg_iterations``, ``cg_reason`` (why CG stopped), ``rho``, ``damping``
-            (used), ``alpha`` (line search), ``skipped``.
+            ``cg_iterations``, ``cg_reason`` (why CG stopped, in words),
+            ``cg_status`` (the same as a :data:`curvkit.linalg.solve.SOLVE_STATUSES`
+            token), ``rho``, ``damping`` (used), ``alpha`` (line search), ``skipped``.
         skipped_steps: Steps skipped.
 
     Raises:
@@ -250,7 +250,7 @@ class HessianFree(CurvatureOptimizer):
         lam = self.damping
         self.last_info = {"loss": float(loss), "damping": lam, "skipped": True}
         if not all_finite(loss, g):
-            skip_step(self, "the batch's loss or gradient is not finite")
+            self.skip("the batch's loss or gradient is not finite")
             return result
         with torch.enable_grad():
             G = curvature_of(self.curvature, problem, **self.curvature_options)
@@ -265,23 +265,24 @@ class HessianFree(CurvatureOptimizer):
             good = model_change < 0 and math.isfinite(float(loss_after))
             rho = (float(loss_after) - float(loss)) / model_change if good else -math.inf
         assert self.last_solve is not None
-        reason = self.last_solve.reason
+        status = self.last_solve.status
         self.last_info.update(
-            loss_after=float(loss_after), cg_iteration=chosen, cg_iterations=final, cg_reason=reason, rho=rho,
-            alpha=1.0,
+            loss_after=float(loss_after), cg_iteration=chosen, cg_iterations=final,
+            cg_reason=self.last_solve.reason, cg_status=status, rho=rho, alpha=1.0,
         )  # fmt: skip
-        if self.adapt_damping and (bool(delta.any()) or reason.startswith("non-positive curvature")):
-            if rho < 0.25 or reason.startswith("non-positive curvature"):
+        indefinite = status == "non-positive-curvature"
+        if self.adapt_damping and (bool(delta.any()) or indefinite):
+            if rho < 0.25 or indefinite:
                 self.damping = lam * 1.5
             elif rho > 0.75:
                 self.damping = lam * (2.0 / 3.0)
         if not math.isfinite(float(loss_after)):
-            skip_step(self, "the batch's loss after the step would not be finite")
+            self.skip("the batch's loss after the step would not be finite")
             return result
         alpha = self._line_search(problem, loss, slope, delta, loss_after) if self.line_search else 1.0
         self.last_info["alpha"] = alpha
         if alpha == 0.0:
-            skip_step(self, "the line search found no sufficient decrease of the batch's loss")
+            self.skip("the line search found no sufficient decrease of the batch's loss")
             return result
         applied = self.apply_updates(
             updates_of(problem, alpha * delta if alpha != 1.0 else delta), what="step"

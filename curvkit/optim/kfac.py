@@ -103,7 +103,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -111,7 +110,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import CurvkitError, CurvkitWarning
+from curvkit.errors import CurvkitError
 from curvkit.kronecker import KroneckerBlock, KroneckerOperator
 from curvkit.layout import ParameterLayout
 from curvkit.operator import CurvatureOperator
@@ -127,6 +126,8 @@ from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
 
 __all__ = ["DAMPING_RANGE", "EKFAC", "KFAC"]
+
+_UNCHANGED = "parameters, factors and momentum unchanged"
 
 DAMPING_RANGE = (1e-8, 1e8)
 """The range :class:`KFAC`'s Levenberg-Marquardt rule keeps the damping in."""
@@ -292,13 +293,13 @@ class KFAC(CurvatureOptimizer):
         else:
             batch_loss, gradient = problem.loss_and_gradient()
         if not bool(torch.isfinite(gradient).all()):
-            self._skip("the gradient is not finite")
+            self.skip("the gradient is not finite", unchanged=_UNCHANGED)
             return loss if closure is not None else batch_loss
 
         kron = self._batch_kronecker(problem)
         average = self._fold_factors(kron, layout)
         if not all_finite(t for f in average.values() for t in f):
-            self._skip("the Kronecker factors are not finite")
+            self.skip("the Kronecker factors are not finite", unchanged=_UNCHANGED)
             return loss if closure is not None else batch_loss
         refresh = (
             self.steps % self.inv_update_freq == 0
@@ -321,7 +322,7 @@ class KFAC(CurvatureOptimizer):
         try:
             inverse = used.inverse(self.damping)
         except CurvkitError as exc:
-            self._skip(f"the damped curvature cannot be inverted ({exc})")
+            self.skip(f"the damped curvature cannot be inverted ({exc})", unchanged=_UNCHANGED)
             return loss if closure is not None else batch_loss
         v = layout.unflatten(inverse @ gradient)
         g = layout.unflatten(gradient)
@@ -374,15 +375,6 @@ class KFAC(CurvatureOptimizer):
         names = {id(p): name for name, p in self.model.named_parameters()}
         index = {name: i for i, name in enumerate(layout.names)}
         return [(group, p, index[names[id(p)]]) for group in self.param_groups for p in group["params"]]
-
-    def _skip(self, why: str) -> None:
-        self.skipped_steps += 1
-        warnings.warn(
-            f"{type(self).__name__}: step {self.steps} skipped: {why} (parameters, factors and momentum "
-            "unchanged)",
-            CurvkitWarning,
-            stacklevel=3,
-        )
 
     # ------------------------------------------------------------------ factors
     def _batch_kronecker(self, problem: Problem) -> KroneckerOperator:

@@ -56,14 +56,13 @@ log-probabilities is zero).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import CurvkitError, CurvkitWarning
+from curvkit.errors import CurvkitError
 from curvkit.jacobians import factor_cotangents, output_vjp, per_sample_vjp, samples_interact
 from curvkit.losses import CustomLoss, resolve_loss
 from curvkit.optim.base import (
@@ -383,7 +382,7 @@ class NaturalGradient(CurvatureOptimizer):
                     buffer = d.clone() if previous is None else group["momentum"] * previous + d
                     buffers.append((p, buffer))
                 updates.append((p, -group["lr"] * buffer))
-            if not self.apply_updates(updates, what="natural-gradient step"):
+            if not self.apply_updates(updates, what="natural-gradient step", stacklevel=5):
                 return result
             if self.adaptive_damping:
                 accepted, damping = self._adapt(problem, data, loss, gradient, Ut, updates, damping)
@@ -396,14 +395,7 @@ class NaturalGradient(CurvatureOptimizer):
                 self.state[p]["momentum_buffer"] = buffer
             self.damping = damping
             return result
-        self.skipped_steps += 1
-        warnings.warn(
-            f"NaturalGradient: step skipped: the batch loss did not decrease with a damping up to "
-            f"{damping:.3g} "
-            "(parameters unchanged)",
-            CurvkitWarning,
-            stacklevel=2,
-        )
+        self.skip(f"the batch loss did not decrease with a damping up to {damping:.3g}", stacklevel=5)
         return result
 
     def _adapt(

@@ -60,14 +60,13 @@ with blocks of basis vectors) and an ``O(P^3)`` eigendecomposition, hence
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import CurvkitError, CurvkitWarning
+from curvkit.errors import CurvkitError
 from curvkit.optim.base import CurvatureOptimizer, check_choice, check_integer, check_positive, unpack_batch
 from curvkit.optim.base import all_finite as finite
 from curvkit.problem import Problem
@@ -159,16 +158,6 @@ def loss_at(problem: Problem, delta: Tensor) -> Tensor:
     trial = [p.detach() + d for p, d in zip(problem.params, problem.layout.unflatten(delta))]
     with torch.no_grad():
         return problem.data_mean(lambda inputs, targets: problem.loss_terms(trial, inputs, targets))
-
-
-def skip_step(optimizer: CurvatureOptimizer, reason: str) -> None:
-    """Count a skipped step and say why (parameters unchanged), as :meth:`apply_updates` does."""
-    optimizer.skipped_steps += 1
-    warnings.warn(
-        f"{type(optimizer).__name__}: step skipped: {reason} (parameters unchanged)",
-        CurvkitWarning,
-        stacklevel=4,
-    )
 
 
 def all_finite(*tensors: Tensor) -> bool:
@@ -313,19 +302,19 @@ class Newton(CurvatureOptimizer):
         self.last_info = {"loss": float(loss), "skipped": True}
         result = closure_loss if closure is not None else loss
         if not all_finite(loss, g):
-            skip_step(self, "the batch's loss or gradient is not finite")
+            self.skip("the batch's loss or gradient is not finite")
             return result
         with torch.enable_grad():
             op = curvature(self.curvature, problem, **self.curvature_options)
             H = op.to_dense(max_dim=self.max_dim)
         if not all_finite(H):
-            skip_step(self, f"the {self.curvature} matrix is not finite")
+            self.skip(f"the {self.curvature} matrix is not finite")
             return result
         lam, Q = torch.linalg.eigh((H + H.T) / 2)
         self.last_info["eigenvalues"] = (float(lam[0]), float(lam[-1]))
         mu, why = self._inverted_eigenvalues(lam)
         if why:
-            skip_step(self, why)
+            self.skip(why)
             return result
         c = Q.T @ g
         sigma = 0.0

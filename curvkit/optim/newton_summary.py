@@ -260,13 +260,7 @@ class NewtonSummary(CurvatureOptimizer):
         """
         loss = self.evaluate(closure)
         if not self._gradient_is_finite():
-            self.skipped_steps += 1
-            warnings.warn(
-                f"NewtonSummary: step {self._steps} skipped: the gradient is not finite "
-                "(parameters and momentum unchanged)",
-                CurvkitWarning,
-                stacklevel=2,
-            )
+            self.skip("the gradient is not finite", unchanged="parameters and momentum unchanged")
             return loss
         self._update_momentum()
         if self._steps % self.period_hg == 0:

@@ -207,8 +207,8 @@ class CurvaturePreconditioner:
         with torch.enable_grad():
             preconditioned = self._inverse @ gradient
         self.last_solve = self._inverse.last if isinstance(self._inverse, InverseOperator) else None
-        reason = getattr(self.last_solve, "reason", "")
-        if reason.startswith("non-finite") or not bool(finite_in & torch.isfinite(preconditioned).all()):
+        stopped_non_finite = self.last_solve is not None and self.last_solve.status == "non-finite"
+        if stopped_non_finite or not bool(finite_in & torch.isfinite(preconditioned).all()):
             self.skipped_steps += 1
             warnings.warn(
                 "CurvaturePreconditioner: gradients left unchanged: the "

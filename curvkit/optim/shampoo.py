@@ -29,12 +29,13 @@ few steps, grafting and a start-up period. At the step ``t`` of a parameter
 
        P_i = (H_i / c_t + epsilon I)^(-1 / (2k))
 
-   computed in float64 by :func:`inverse_root` (symmetrised, eigendecomposed,
-   eigenvalues clamped at 0 before ``epsilon`` is added; elementwise for a
-   diagonal factor). Between refreshes the last ``P_i`` are used: early on,
-   while a statistic is rank-deficient, a new gradient's component outside its
-   range is amplified by up to ``epsilon^(-1/(2k))``. Grafting (the default)
-   bounds the step's norm; without it, use a larger ``epsilon``, a later
+   computed in ``preconditioner_dtype`` (eigendecomposed, eigenvalues clamped
+   at 0 before ``epsilon`` is added; elementwise for a diagonal factor), the
+   factors of one size together in one batched eigendecomposition. Between
+   refreshes the last ``P_i`` are used: early on, while a statistic is
+   rank-deficient, a new gradient's component outside its range is amplified
+   by up to ``epsilon^(-1/(2k))``. Grafting (the default) bounds the step's
+   norm; without it, use a larger ``epsilon``, a later
    ``start_preconditioning_step`` or ``update_freq=1``.
 4. **Direction** (from ``t >= start_preconditioning_step``)::
 
@@ -63,14 +64,20 @@ What curvkit adds:
 * **Never NaN parameters, nor state.** The new statistics, preconditioners and
   momentum are computed aside and kept only when the whole step is finite: a
   non-finite gradient (or statistic) skips the step with a
-  :class:`curvkit.CurvkitWarning` (one host-device synchronisation per step, in
-  :meth:`~curvkit.optim.CurvatureOptimizer.apply_updates`). An eigendecomposition
+  :class:`curvkit.CurvkitWarning`. The gradients and statistics are checked
+  before the eigendecompositions, the momentum and updates at the end
+  (:meth:`~curvkit.optim.CurvatureOptimizer.apply_updates`): two host-device
+  synchronisations per step, each one fused check. An eigendecomposition
   that does not converge keeps the previous inverse root (the diagonal one the
   first time), with a warning.
-* **Precision.** The statistics and inverse roots are kept, and applied to the
-  gradient, in ``preconditioner_dtype`` (float64 by default, also for float32
-  parameters: an inverse root of a rank-deficient statistic amplifies rounding
-  by up to ``epsilon^(-1/(2k))``; float32 is faster on GPUs with slow float64);
+* **Precision.** The statistics and inverse roots are kept, computed, and
+  applied to the gradient in ``preconditioner_dtype``: float64 by default, also
+  for float32 parameters, since an inverse root of a rank-deficient statistic
+  amplifies the rounding of its small eigenvalues by up to
+  ``epsilon^(-1/(2k))``. float32 is faster (about twice for the
+  eigendecompositions on CPUs, more on GPUs with slow float64); use it with a
+  larger ``epsilon`` (the peers' 1e-6 to 1e-4), since float32's rounding of the
+  eigenvalues, about ``1e-7`` of the largest, swamps a smaller one;
   ``state_dict()`` / ``load_state_dict`` keep every tensor's dtype, so training
   resumes bit-identically.
 * **Checked hyper-parameters**, per parameter group: one :class:`ValueError`
@@ -98,6 +105,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -105,7 +113,14 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitWarning
-from curvkit.optim.base import CurvatureOptimizer, check_choice, check_fraction, check_integer, check_positive
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    check_choice,
+    check_fraction,
+    check_integer,
+    check_positive,
+    first_non_finite,
+)
 
 __all__ = ["GRAFTINGS", "PRECONDITIONER_DTYPES", "Shampoo", "inverse_root"]
 
@@ -116,27 +131,31 @@ PRECONDITIONER_DTYPES = (torch.float64, torch.float32)
 """The values of ``preconditioner_dtype``."""
 
 
-def inverse_root(matrix: Tensor, exponent: float, epsilon: float) -> Tensor:
-    """``(A + epsilon I)^(-1/exponent)`` of a symmetric positive semi-definite matrix, in float64.
+def inverse_root(matrix: Tensor, exponent: float | Tensor, epsilon: float | Tensor) -> Tensor:
+    """``(A + epsilon I)^(-1/exponent)`` of symmetric positive semi-definite matrices, in float64.
 
     ``A`` is symmetrised (``(A + A^T) / 2``) and eigendecomposed in float64,
     ``A = Q diag(lambda) Q^T``; rounding's negative eigenvalues are clamped at 0::
 
         (A + epsilon I)^(-1/exponent) = Q diag((max(lambda, 0) + epsilon)^(-1/exponent)) Q^T
 
-    A matrix with a non-finite entry gives a matrix of NaNs, without an exception
-    or a host-device synchronisation.
+    A batch ``[..., n, n]`` is decomposed in one call (one eigendecomposition per
+    matrix, without a Python loop), each with its own exponent and epsilon. A
+    matrix with a non-finite entry gives a matrix of NaNs, without an exception
+    or a host-device synchronisation (its neighbours in the batch are unaffected).
 
     Args:
-        matrix: ``A``, ``n x n``, of any floating dtype and device.
-        exponent: ``p > 0`` (4 for Shampoo's matrix factors, ``2k`` for order ``k``).
-        epsilon: ``>= 0``, added to the eigenvalues (``> 0`` for a singular ``A``).
+        matrix: ``A``, ``[..., n, n]``, of any floating dtype and device.
+        exponent: ``p > 0`` (4 for Shampoo's matrix factors, ``2k`` for order ``k``),
+            a number or a tensor of the batch's shape ``[...]``.
+        epsilon: ``>= 0``, added to the eigenvalues (``> 0`` for a singular ``A``);
+            a number or a tensor of the batch's shape.
 
     Returns:
-        The float64 ``n x n`` matrix, on ``matrix``'s device.
+        The float64 ``[..., n, n]`` roots, on ``matrix``'s device.
 
     Raises:
-        torch.linalg.LinAlgError: The eigendecomposition did not converge.
+        torch.linalg.LinAlgError: An eigendecomposition did not converge.
 
     Example:
         >>> A = torch.tensor([[4.0, 0.0], [0.0, 16.0]])
@@ -145,13 +164,25 @@ def inverse_root(matrix: Tensor, exponent: float, epsilon: float) -> Tensor:
                 [0.0000, 0.2500]], dtype=torch.float64)
     """
     A = matrix.to(torch.float64)
-    finite = torch.isfinite(A).all()
+    finite = torch.isfinite(A).flatten(-2).all(-1)[..., None, None]
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     A = torch.where(finite, (A + A.mT) / 2, eye)
-    values, vectors = torch.linalg.eigh(A)
-    roots = (values.clamp(min=0.0) + epsilon).pow(-1.0 / exponent)
-    root = (vectors * roots) @ vectors.mT
+    exponent = torch.as_tensor(exponent, dtype=torch.float64, device=A.device)[..., None]
+    epsilon = torch.as_tensor(epsilon, dtype=torch.float64, device=A.device)[..., None]
+    root = _inverse_root_of_finite(A, exponent, epsilon)
     return torch.where(finite, root, torch.full_like(root, math.nan))
+
+
+def _inverse_root_of_finite(A: Tensor, exponent: float | Tensor, epsilon: float | Tensor) -> Tensor:
+    """:func:`inverse_root` of finite matrices ``[..., n, n]``, in their dtype, without its guards.
+
+    Only the lower triangles are read (by ``torch.linalg.eigh``): a matrix that is
+    symmetric up to rounding need not be symmetrised. ``exponent`` and
+    ``epsilon``: numbers, or ``[..., 1]`` tensors.
+    """
+    values, vectors = torch.linalg.eigh(A)
+    roots = values.clamp_(min=0.0).add_(epsilon).pow_(-1.0 / exponent)
+    return (vectors * roots.unsqueeze(-2)) @ vectors.mT
 
 
 def _diagonal_inverse_root(diagonal: Tensor, exponent: float, epsilon: float) -> Tensor:
@@ -164,14 +195,34 @@ def _dims(p: Tensor) -> tuple[int, ...]:
     return tuple(n for n in p.shape if n != 1) or (1,)
 
 
-def _mode_statistic(G: Tensor, mode: int, diagonal: bool) -> Tensor:
-    """``G_(i) G_(i)^T`` for the mode-``i`` unfolding of ``G`` (its diagonal only with ``diagonal``)."""
+def _mode_statistic(
+    G: Tensor, mode: int, diagonal: bool, old: Tensor | None, beta: float, weight: float
+) -> Tensor:
+    """``beta * old + weight * G_(i) G_(i)^T``, ``G_(i)`` the mode-``i`` unfolding of ``G``, in one call.
+
+    Only the diagonal (the slices' sums of squares) with ``diagonal``; ``old``
+    ``None`` stands for zeros.
+    """
     unfolded = G.movedim(mode, 0).reshape(G.shape[mode], -1)
-    return (unfolded * unfolded).sum(dim=1) if diagonal else unfolded @ unfolded.mT
+    if diagonal:
+        squares = (unfolded * unfolded).sum(dim=1).mul_(weight)
+        return squares if old is None else squares.add_(old, alpha=beta)
+    if old is None:
+        return torch.mm(unfolded, unfolded.mT).mul_(weight)
+    return torch.addmm(old, unfolded, unfolded.mT, beta=beta, alpha=weight)
 
 
 def _precondition(G: Tensor, roots: list[Tensor]) -> Tensor:
-    """``G x_1 P_1 ... x_k P_k`` (``P_i`` symmetric matrices, or vectors for diagonal factors)."""
+    """``G x_1 P_1 ... x_k P_k`` (``P_i`` symmetric matrices, or vectors for diagonal factors).
+
+    A vector or a matrix with full factors takes one or two matrix products
+    (``P g``, ``P_1 G P_2``); other orders contract one axis at a time.
+    """
+    if all(P.ndim == 2 for P in roots):
+        if G.ndim == 1:
+            return roots[0] @ G
+        if G.ndim == 2:
+            return roots[0] @ G @ roots[1]
     X = G
     for P in roots:  # each contracts the leading axis and appends the result last: k steps restore the order
         if P.ndim == 1:
@@ -179,6 +230,31 @@ def _precondition(G: Tensor, roots: list[Tensor]) -> Tensor:
         else:
             X = torch.tensordot(X, P, dims=([0], [0]))
     return X
+
+
+@dataclass
+class _Staged:
+    """One parameter's step, computed aside: kept (``new``) only if the whole step is finite."""
+
+    p: Tensor
+    group: dict[str, Any]
+    t: int
+    grad: Tensor
+    """The gradient (with coupled weight decay) in the working dtype."""
+    G: Tensor
+    """The gradient shaped as Shampoo's dimensions, in the preconditioner's dtype."""
+    new: dict[str, Any]
+    momentum: Tensor | None = None
+    """The momentum buffer before this step (``None`` before the first)."""
+    roots: list[Tensor | None] = field(default_factory=list)
+
+
+def _by_group(staged: list[_Staged]) -> list[tuple[dict[str, Any], list[_Staged]]]:
+    """The staged parameters by parameter group, in order."""
+    groups: dict[int, tuple[dict[str, Any], list[_Staged]]] = {}
+    for item in staged:
+        groups.setdefault(id(item.group), (item.group, []))[1].append(item)
+    return list(groups.values())
 
 
 class Shampoo(CurvatureOptimizer):
@@ -301,106 +377,195 @@ class Shampoo(CurvatureOptimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One Shampoo step (see the module docstring); the closure's loss if one is given.
 
-        Parameters without a gradient are left alone (their state too). A step whose
-        update, gradient or statistics are not finite changes neither the parameters
-        nor the state, and warns (:class:`curvkit.CurvkitWarning`).
+        Three passes over the parameters with a gradient: their statistics (and
+        AdaGrad's sums); the inverse roots due, one batched eigendecomposition
+        per size (:func:`inverse_root`); the directions, grafting and momentum.
+        Everything is computed aside and kept only if the gradients, statistics,
+        momentum and updates are all finite (one check). Parameters without a
+        gradient are left alone (their state too). A step that is not finite
+        changes neither the parameters nor the state, and warns
+        (:class:`curvkit.CurvkitWarning`).
 
         Raises:
             RuntimeError: A sparse gradient.
         """
         loss = self.evaluate(closure)
-        updates: list[tuple[Tensor, Tensor]] = []
-        staged: list[tuple[Tensor, dict[str, Any]]] = []
-        refreshed = False
+        staged: list[_Staged] = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Shampoo does not support sparse gradients")
-                new, delta, refresh = self._parameter_step(p, group)
-                updates.append((p, delta))
-                staged.append((p, new))
-                refreshed = refreshed or refresh
-        if self.apply_updates(updates, what="update (gradient, statistics or direction)"):
-            for p, new in staged:
-                self.state[p].update(new)
+                staged.append(self._statistics(p, group))
+        self._graft_sums(staged)
+        statistics = [v for item in staged for v in item.new.values() if isinstance(v, Tensor)]
+        why = first_non_finite([("gradient", [item.p.grad for item in staged]), ("statistics", statistics)])
+        if why is not None:  # checked before the eigendecompositions, which a non-finite matrix would fail
+            self.skip(f"the {why} is not finite", unchanged="parameters and state unchanged", stacklevel=5)
+            return loss
+        refreshed = self._refresh_roots(staged)
+        updates = list(zip([item.p for item in staged], self._updates(staged)))
+        momenta = [item.new["momentum_buffer"] for item in staged if "momentum_buffer" in item.new]
+        if self.apply_updates(
+            updates,
+            checks=[("momentum", momenta)],
+            unchanged="parameters and state unchanged",
+            stacklevel=5,  # apply_updates, step, torch.no_grad's wrapper, torch.optim's wrapper, the caller
+        ):
+            for item in staged:
+                self.state[item.p].update(item.new)
             self.steps += 1
             self.refreshes += int(refreshed)
         return loss
 
-    def _parameter_step(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], Tensor, bool]:
-        """``(new state entries, update, whether an inverse root was recomputed)`` of one parameter."""
+    def _statistics(self, p: Tensor, group: dict[str, Any]) -> _Staged:
+        """Pass 1: the new statistics of ``p``."""
         state = self.state[p]
-        beta1, beta2 = group["betas"]
-        lr, epsilon, wd = group["lr"], group["epsilon"], group["weight_decay"]
+        beta2, wd = group["betas"][1], group["weight_decay"]
         t = int(state.get("step", 0)) + 1
         weight = 1.0 if beta2 == 1.0 else 1.0 - beta2  # of the new statistic
-        correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**t  # bias correction of the averages
         work = torch.promote_types(p.dtype, torch.float32)
-        precision = group["preconditioner_dtype"]
         grad = p.grad.to(work)
         if wd and not group["decoupled_weight_decay"]:
             grad = grad + wd * p.to(work)
-        new: dict[str, Any] = {"step": t}
-        finite_check: list[Tensor] = []  # new statistics: 0 * their sum is NaN where one is not finite
-
-        # statistics and inverse roots, one factor per dimension
         dims = _dims(p)
-        G = grad.reshape(dims).to(precision)
-        exponent = 2.0 * len(dims)
-        start, freq = group["start_preconditioning_step"], group["update_freq"]
-        preconditioning = t >= start
-        refresh = False
-        roots: list[Tensor] = []
+        G = grad.reshape(dims).to(group["preconditioner_dtype"])
+        item = _Staged(p, group, t, grad, G, {"step": t}, state.get("momentum_buffer"))
         for i, n in enumerate(dims):
             diagonal = n > group["max_preconditioner_dim"]
-            statistic = _mode_statistic(G, i, diagonal)
-            old = state.get(f"statistic_{i}")
-            statistic = statistic * weight if old is None else old * beta2 + statistic * weight
-            new[f"statistic_{i}"] = statistic
-            finite_check.append(statistic.sum())
-            if not preconditioning:
+            item.new[f"statistic_{i}"] = _mode_statistic(
+                item.G, i, diagonal, state.get(f"statistic_{i}"), beta2, weight
+            )
+        return item
+
+    def _graft_sums(self, staged: list[_Staged]) -> None:
+        """Pass 1, AdaGrad's grafting: ``S <- beta2 S + (1 - beta2) G**2`` (``S + G**2`` if ``beta2 = 1``).
+
+        Fused over each group's parameters (``torch._foreach_*``).
+        """
+        for group, items in _by_group(staged):
+            if group["grafting"] != "adagrad" or not items:
                 continue
-            root = state.get(f"preconditioner_{i}")
-            if root is None or (t - start) % freq == 0:
-                root = self._inverse_root(statistic / correction, exponent, epsilon, diagonal, root)
-                root = root.to(precision)
-                new[f"preconditioner_{i}"] = root
-                refresh = True
-            roots.append(root)
+            beta2 = group["betas"][1]
+            squares = torch._foreach_mul([item.grad for item in items], [item.grad for item in items])
+            olds = [self.state[item.p].get("graft_sum") for item in items]
+            if all(old is None for old in olds):
+                sums = squares if beta2 == 1.0 else torch._foreach_mul(squares, 1.0 - beta2)
+            else:
+                olds = [torch.zeros_like(item.grad) if old is None else old for item, old in zip(items, olds)]
+                sums = (
+                    torch._foreach_add(olds, squares)
+                    if beta2 == 1.0
+                    else torch._foreach_lerp(olds, squares, 1.0 - beta2)
+                )
+            for item, total in zip(items, sums):
+                item.new["graft_sum"] = total
 
-        # the grafted optimizer's step
-        graft: Tensor | None = None
-        if group["grafting"] == "sgd":
-            graft = grad
-        elif group["grafting"] == "adagrad":
-            old = state.get("graft_sum")
-            squares = grad * grad * weight if old is None else old * beta2 + grad * grad * weight
-            new["graft_sum"] = squares
-            finite_check.append(squares.sum())
-            graft = grad / ((squares / correction).sqrt() + group["graft_epsilon"])
+    def _refresh_roots(self, staged: list[_Staged]) -> bool:
+        """Pass 2: every preconditioning parameter's inverse roots, those due recomputed; whether any was.
 
-        if preconditioning:
-            direction = _precondition(G, roots).reshape(p.shape).to(work)
-            if graft is not None:
-                norm = torch.linalg.vector_norm(direction)
-                scale = torch.linalg.vector_norm(graft) / norm
-                direction = direction * torch.where(norm > 0, scale, torch.zeros_like(scale))
-        else:
-            direction = grad if graft is None else graft
+        The statistics are finite (checked by :meth:`step`). The full factors
+        due are decomposed together, one batched eigendecomposition per size,
+        dtype and device (each factor with its exponent, epsilon and bias
+        correction); a batch whose decomposition fails is done again one
+        factor at a time (:meth:`_inverse_root`, with its fallback).
+        """
+        # (size, dtype, device) -> [(item, dimension, exponent, epsilon, correction)]
+        batches: dict[
+            tuple[int, torch.dtype, torch.device], list[tuple[_Staged, int, float, float, float]]
+        ] = {}
+        refreshed = False
+        for item in staged:
+            group, state = item.group, self.state[item.p]
+            start = group["start_preconditioning_step"]
+            if item.t < start:
+                continue
+            beta2, epsilon = group["betas"][1], group["epsilon"]
+            correction = 1.0 if beta2 == 1.0 else 1.0 - beta2**item.t  # bias correction of the averages
+            exponent = 2.0 * item.G.ndim
+            item.roots = [state.get(f"preconditioner_{i}") for i in range(item.G.ndim)]
+            for i, root in enumerate(item.roots):
+                if root is not None and (item.t - start) % group["update_freq"] != 0:
+                    continue
+                refreshed = True
+                statistic = item.new[f"statistic_{i}"]
+                if statistic.ndim == 1:  # a diagonal factor
+                    root = _diagonal_inverse_root(statistic / correction, exponent, epsilon)
+                    item.roots[i] = item.new[f"preconditioner_{i}"] = root.to(statistic.dtype)
+                    continue
+                key = (statistic.shape[0], statistic.dtype, statistic.device)
+                batches.setdefault(key, []).append((item, i, exponent, epsilon, correction))
+        for (_, dtype, device), requests in batches.items():
+            statistics = [item.new[f"statistic_{i}"] for item, i, *_ in requests]
+            exponents, epsilons, corrections = torch.tensor(
+                [request[2:] for request in requests], dtype=dtype, device=device
+            ).unbind(1)
+            try:  # in the statistics' dtype, preconditioner_dtype
+                A = torch.stack(statistics).div_(corrections[:, None, None])
+                roots = _inverse_root_of_finite(A, exponents[:, None], epsilons[:, None]).unbind()
+            except torch.linalg.LinAlgError:
+                roots = [
+                    self._inverse_root(
+                        statistic / correction, exponent, epsilon, diagonal=False, previous=item.roots[i]
+                    ).to(dtype)
+                    for (item, i, exponent, epsilon, correction), statistic in zip(requests, statistics)
+                ]
+            for (item, i, *_), root in zip(requests, roots):
+                item.roots[i] = item.new[f"preconditioner_{i}"] = root
+        return refreshed
 
-        if beta1 > 0:
-            old = state.get("momentum_buffer")
-            momentum = direction * (1.0 - beta1) if old is None else old * beta1 + direction * (1.0 - beta1)
-            new["momentum_buffer"] = momentum
-            direction = momentum / (1.0 - beta1**t)
+    @staticmethod
+    def _updates(staged: list[_Staged]) -> list[Tensor]:
+        """Pass 3: the directions (preconditioned or grafted), grafting, momentum; the updates.
 
-        delta = direction * -lr
-        if wd and group["decoupled_weight_decay"]:
-            delta = delta - (lr * wd) * p.to(work)
-        delta = delta + 0.0 * torch.stack(finite_check).sum().to(work)  # a non-finite statistic skips
-        return new, delta.to(p.dtype), refresh
+        Fused over each group's parameters (``torch._foreach_*``) but for the
+        preconditioning itself (one or two matrix products per parameter).
+        """
+        deltas: dict[int, Tensor] = {}
+        for group, items in _by_group(staged):
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            grads = [item.grad for item in items]
+            grafts: list[Tensor] | None = None
+            if group["grafting"] == "sgd":
+                grafts = grads
+            elif group["grafting"] == "adagrad":
+                corrections = [1.0 if beta2 == 1.0 else 1.0 - beta2**item.t for item in items]
+                denominators = torch._foreach_div([item.new["graft_sum"] for item in items], corrections)
+                torch._foreach_sqrt_(denominators)
+                torch._foreach_add_(denominators, group["graft_epsilon"])
+                grafts = torch._foreach_div(grads, denominators)
+            directions = list(grads if grafts is None else grafts)
+            preconditioned = [k for k, item in enumerate(items) if item.roots]
+            for k in preconditioned:
+                item = items[k]
+                directions[k] = _precondition(item.G, item.roots).reshape(item.p.shape).to(item.grad.dtype)  # type: ignore[arg-type]
+            if grafts is not None and preconditioned:  # D <- (||A|| / ||D||) D
+                norms = torch.stack(torch._foreach_norm([directions[k] for k in preconditioned]))
+                targets = torch.stack(torch._foreach_norm([grafts[k] for k in preconditioned]))
+                scales = torch.where(norms > 0, targets / norms, 0.0).to(directions[0].dtype)
+                scaled = torch._foreach_mul([directions[k] for k in preconditioned], scales.unbind())
+                for k, direction in zip(preconditioned, scaled):
+                    directions[k] = direction
+            if beta1 > 0:
+                olds = [
+                    torch.zeros_like(d) if item.momentum is None else item.momentum
+                    for item, d in zip(items, directions)
+                ]
+                momenta = torch._foreach_lerp(olds, directions, 1.0 - beta1)
+                for item, momentum in zip(items, momenta):
+                    item.new["momentum_buffer"] = momentum
+                group_deltas = torch._foreach_mul(momenta, [-lr / (1.0 - beta1**item.t) for item in items])
+            else:
+                group_deltas = torch._foreach_mul(directions, -lr)
+            if wd and group["decoupled_weight_decay"]:
+                torch._foreach_add_(
+                    group_deltas, [item.p.to(d.dtype) for item, d in zip(items, group_deltas)], alpha=-lr * wd
+                )
+            for item, delta in zip(items, group_deltas):
+                deltas[id(item)] = delta.to(item.p.dtype)
+        return [deltas[id(item)] for item in staged]
 
     @staticmethod
     def _inverse_root(
