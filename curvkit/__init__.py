@@ -88,6 +88,7 @@ from curvkit.registry import (
     register_plugin,
     unregister_plugin,
 )
+from curvkit.running import RunningCurvature
 from curvkit.runs import AnalyzeReport, ProblemSettings, analyze
 
 __all__ = [
@@ -142,6 +143,7 @@ __all__ = [
     "Problem",
     "ProblemOperator",
     "RestrictedOperator",
+    "RunningCurvature",
     "ScaledOperator",
     "SolveResult",
     "SolverSpec",

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvkit.choice import AUTO_TRIALS, Choice
+from curvkit.errors import NonFiniteError
+from curvkit.finite import all_finite
 from curvkit.problem import Problem
 
 __all__ = [
@@ -451,6 +453,11 @@ class LayerCapture:
             retain_graph=True,
             allow_unused=True,
         )
+        if not all_finite(grads):
+            raise NonFiniteError(
+                "the first batch's gradients are not finite: the layer rules cannot be checked against "
+                "autograd on it"
+            )
         truths = iter(grads[len(keys) :])
         kept: Layers = {}
         for key, g in zip(keys, grads[: len(keys)]):

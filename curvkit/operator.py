@@ -246,6 +246,17 @@ class CurvatureOperator:
             )
         return x.to(device=self.device, dtype=self.dtype)
 
+    def structured(self) -> CurvatureOperator:
+        """The operator that holds this one's structure: itself by default.
+
+        An operator that builds its structure when first used (the ``kfac``
+        estimator's, whose Kronecker factors take a pass over the data) returns
+        what it builds, a :class:`curvkit.KroneckerOperator`. Code that works on
+        the structure itself (:class:`curvkit.RunningCurvature` averages it) asks
+        for it here.
+        """
+        return self
+
     def to_dense(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
         """The dense ``[P, P]`` matrix, built from products with blocks of basis vectors.
 

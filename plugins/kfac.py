@@ -357,6 +357,10 @@ class KFACOperator(curvkit.ProblemOperator):
         reduced = self.problem.full_data(total, count) if total is not None else []
         return dict(zip(keys, reduced))
 
+    def structured(self) -> curvkit.KroneckerOperator:
+        """The Kronecker-factored operator (:meth:`kronecker`), what holds this operator's structure."""
+        return self.kronecker()
+
     def kronecker(self) -> curvkit.KroneckerOperator:
         """The Kronecker-factored operator of the current model state (factors computed once per state)."""
         snapshot = self.problem.current_snapshot()

@@ -312,6 +312,14 @@ def backward(model: nn.Module, X, y, loss: str = "cross_entropy") -> None:
     value.backward()
 
 
+def train_steps(model, precond, sgd, batches):
+    """``backward``, ``precond.step`` and ``sgd.step`` on each batch in turn."""
+    for b in batches:
+        backward(model, *b)
+        precond.step(batch=b)
+        sgd.step()
+
+
 @pytest.mark.parametrize(("solver", "tolerance"), [("exact", 1e-9), ("auto", 1e-7)])
 def test_the_ggn_preconditioner_with_sgd_is_the_damped_natural_step(solver, tolerance):
     model = mlp()
@@ -477,18 +485,12 @@ def test_update_freq_reuses_the_operator_and_the_state_dict_round_trip_resumes_e
     def make(m):
         return CurvaturePreconditioner(m, "kfac", loss_fn="cross_entropy", damping=0.1, update_freq=2)
 
-    def train(m, precond, sgd, steps):
-        for b in steps:
-            backward(m, *b)
-            precond.step(batch=b)
-            sgd.step()
-
     precond = make(model)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train(model, precond, sgd, batches[:2])
+    train_steps(model, precond, sgd, batches[:2])
     assert precond.steps == 2 and precond.updates == 1  # the second step reused the first's KFAC
     saved = copy.deepcopy((model.state_dict(), sgd.state_dict(), precond.state_dict()))
-    train(model, precond, sgd, batches[2:])
+    train_steps(model, precond, sgd, batches[2:])
     assert precond.updates == 3
     resumed = mlp(seed=3)
     resumed.load_state_dict(saved[0])
@@ -497,7 +499,7 @@ def test_update_freq_reuses_the_operator_and_the_state_dict_round_trip_resumes_e
     precond2 = CurvaturePreconditioner(resumed, "ggn", loss_fn="cross_entropy")  # options come from the state
     precond2.load_state_dict(saved[2])
     assert (precond2.estimator, precond2.damping, precond2.update_freq) == ("kfac", 0.1, 2)
-    train(resumed, precond2, sgd2, batches[2:])
+    train_steps(resumed, precond2, sgd2, batches[2:])
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     assert precond2.state_dict() == precond.state_dict()
     with pytest.raises(ValueError, match="not a CurvaturePreconditioner state_dict"):
@@ -522,3 +524,62 @@ def test_invalid_preconditioner_options_raise_value_errors(options, message):
         CurvaturePreconditioner(model, **kwargs)
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
         CurvaturePreconditioner("net", loss_fn="mse")
+
+
+def test_decay_preconditions_with_the_running_average_of_the_update_batches():
+    model = mlp()
+    X, y = batch("cross_entropy", n=12)
+    batches = [(X[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)]
+    precond = CurvaturePreconditioner(model, "kfac", loss_fn="cross_entropy", damping=0.1, decay=0.6)
+    reference = curvkit.RunningCurvature("kfac", decay=0.6)
+    template = curvkit.Problem(model, "cross_entropy", batches[0])
+    for b in batches:  # without an optimizer step the parameters stay: the averages are comparable
+        backward(model, *b)
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        average = reference.update(template.on_batch(*b)).to_dense()
+        assert precond.step(batch=b)
+        expected = torch.linalg.solve(average + 0.1 * torch.eye(len(g), dtype=DT), g)
+        torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), expected)
+    assert precond.running.updates == 3
+    with pytest.raises(curvkit.CurvkitError, match="has no structure to average"):
+        hessian = CurvaturePreconditioner(model, "hessian", loss_fn="cross_entropy", decay=0.9)
+        hessian.step(batch=batches[0])
+    with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\)"):
+        CurvaturePreconditioner(model, "kfac", loss_fn="cross_entropy", decay=1.0)
+
+
+def test_decay_a_non_finite_batch_is_skipped_and_the_state_resumes_exactly_between_updates():
+    model = mlp()
+    X, y = batch("cross_entropy", n=16)
+    batches = [(X[i : i + 4], y[i : i + 4]) for i in (0, 4, 8, 12)] * 2
+
+    def make(m):
+        return CurvaturePreconditioner(
+            m, "kfac", loss_fn="cross_entropy", damping=0.1, update_freq=2, decay=0.5
+        )
+
+    precond = make(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(model, precond, sgd, batches[:3])  # stops between two updates (steps 0 and 2 update)
+    saved = copy.deepcopy((model.state_dict(), sgd.state_dict(), precond.state_dict()))
+    train_steps(model, precond, sgd, batches[3:])
+    resumed = mlp(seed=3)
+    resumed.load_state_dict(saved[0])
+    sgd2 = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    sgd2.load_state_dict(saved[1])
+    precond2 = CurvaturePreconditioner(resumed, "kfac", loss_fn="cross_entropy")
+    precond2.load_state_dict(saved[2])
+    assert precond2.running is not None and precond2.running.updates == 2
+    train_steps(resumed, precond2, sgd2, batches[3:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    bad = (batches[0][0].clone(), batches[0][1])
+    bad[0][0, 0] = float("nan")
+    backward(model, *batches[0])
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = precond.running.operator().to_dense()
+    precond.steps = 0  # an update step
+    with pytest.warns(curvkit.CurvkitWarning, match="gradients left unchanged: .*not finite") as record:
+        assert not precond.step(batch=bad)
+    assert record[0].filename == __file__
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(precond.running.operator().to_dense(), before)

@@ -11,7 +11,8 @@ given each mini-batch, ``optimizer.step(batch=(x, y))``. A step ``t``:
 2. **Factors.** The registered estimator (``curvkit.curvature("kfac", problem,
    **estimator_options)``, or ``"ekfac"``) gives each layer's factors ``A_t``
    (inputs) and ``B_t`` (output gradients) on the batch's
-   :class:`curvkit.Problem`; their running averages (``epsilon =
+   :class:`curvkit.Problem`; their running averages, kept by the core's
+   :class:`curvkit.RunningCurvature` (attribute ``running``; ``epsilon =
    factor_decay``; the first step's factors start them)
 
    .. math:: \\bar A \\leftarrow \\epsilon \\bar A + (1 - \\epsilon) A_t, \\qquad
@@ -93,7 +94,7 @@ product for the preconditioning, the eigendecompositions every ``T`` steps, and
 two forward passes every ``adapt_every`` steps for the damping.
 
 **State.** ``state_dict()`` holds the momentum buffers (per parameter), the
-running averages, the frozen factors (their eigendecomposition is recomputed
+running averages (``running.state_dict()``), the frozen factors (their eigendecomposition is recomputed
 after ``load_state_dict``, deterministically), the current damping, the step
 count and the Monte-Carlo seed (``fisher_type="mc"`` draws with ``seed + step``),
 so training resumes bit-identically.
@@ -124,6 +125,7 @@ from curvkit.optim.base import (
 )
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
+from curvkit.running import Parts, RunningCurvature, kronecker_key
 
 __all__ = ["DAMPING_RANGE", "EKFAC", "KFAC"]
 
@@ -131,8 +133,6 @@ _UNCHANGED = "parameters, factors and momentum unchanged"
 
 DAMPING_RANGE = (1e-8, 1e8)
 """The range :class:`KFAC`'s Levenberg-Marquardt rule keeps the damping in."""
-
-_Factors = tuple[Tensor, Tensor]
 
 
 def _check_kl_clip(value: Any) -> float | None:
@@ -247,10 +247,8 @@ class KFAC(CurvatureOptimizer):
         self.steps = 0
         self.last_reduction_ratio: float | None = None
         self._seed = int(torch.Generator().seed()) % 2**62 if seed is None else seed
-        self._layout: ParameterLayout | None = None
-        self._meta: dict[str, tuple[str, str | None, str | None]] = {}  # key -> (layer, weight, bias)
-        self._average: dict[str, _Factors] = {}
-        self._frozen: dict[str, _Factors] = {}
+        self.running = RunningCurvature(self.ESTIMATOR, decay=self.factor_decay)
+        self._frozen: Parts = {}
         self._scalings: dict[str, Tensor] = {}
         self._frozen_op: KroneckerOperator | None = None  # a cache of _frozen with its eigenbases
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
@@ -297,21 +295,23 @@ class KFAC(CurvatureOptimizer):
             return loss if closure is not None else batch_loss
 
         kron = self._batch_kronecker(problem)
-        average = self._fold_factors(kron, layout)
-        if not all_finite(t for f in average.values() for t in f):
+        factors = _factors_only(kron)
+        average = self.running.fold(factors)
+        if not all_finite(t for part in average.values() for name, t in part.items() if name != "meta"):
             self.skip("the Kronecker factors are not finite", unchanged=_UNCHANGED)
             return loss if closure is not None else batch_loss
         refresh = (
             self.steps % self.inv_update_freq == 0
             or not self._frozen
             or set(average) != set(self._frozen)
-            or self._layout != layout
+            or self.running.layout != layout
         )
         # the previous eigenbases: used between refreshes, and to carry EKFAC's scalings over one
         old_frozen_op = self._frozen_operator() if not refresh or self._scalings else None
         if refresh:
             frozen = dict(average)
-            frozen_op = self._operator(frozen, layout, problem.dtype, problem.device)
+            frozen_op = self.running.operator(frozen, like=factors)
+            assert isinstance(frozen_op, KroneckerOperator)
             for block in frozen_op.blocks:
                 block.eig()
         else:
@@ -359,8 +359,8 @@ class KFAC(CurvatureOptimizer):
         # the step is taken: commit its state
         for p, buffer in buffers.items():
             self.state[p]["momentum_buffer"] = buffer
-        self._average, self._frozen, self._scalings = average, frozen, scalings
-        self._frozen_op, self._layout = frozen_op, layout
+        self.running.commit(average, factors)
+        self._frozen, self._scalings, self._frozen_op = frozen, scalings, frozen_op
         self.steps += 1
         if before is not None:  # the Levenberg-Marquardt rule is due
             deltas = [torch.zeros(s, dtype=problem.dtype, device=problem.device) for s in layout.shapes]
@@ -380,37 +380,13 @@ class KFAC(CurvatureOptimizer):
     def _batch_kronecker(self, problem: Problem) -> KroneckerOperator:
         """The estimator's Kronecker operator on the batch (seeded ``seed + step`` for Monte-Carlo)."""
         op = curvature(self.ESTIMATOR, problem, **self.estimator_options, seed=self._seed + self.steps)
-        if isinstance(op, KroneckerOperator):
-            return op
-        kronecker = getattr(op, "kronecker", None)
-        result = kronecker() if callable(kronecker) else None
-        if not isinstance(result, KroneckerOperator):
+        structured = op.structured()
+        if not isinstance(structured, KroneckerOperator):
             raise CurvkitError(
-                f"estimator {self.ESTIMATOR!r} returned {type(op).__name__}, which gives no Kronecker "
-                "factors (neither a KroneckerOperator nor a .kronecker() method returning one)"
+                f"estimator {self.ESTIMATOR!r} returned {type(op).__name__}, holding no Kronecker factors "
+                f"(its structured() form is a {type(structured).__name__})"
             )
-        return result
-
-    def _key(self, block: KroneckerBlock, layout: ParameterLayout) -> str:
-        weight = None if block.weight is None else layout.names[block.weight]
-        bias = None if block.bias is None else layout.names[block.bias]
-        key = f"{block.name}|{weight}|{bias}"
-        self._meta.setdefault(key, (block.name, weight, bias))
-        return key
-
-    def _fold_factors(self, kron: KroneckerOperator, layout: ParameterLayout) -> dict[str, _Factors]:
-        """The running averages with this batch's factors folded in (not yet committed)."""
-        eps = self.factor_decay
-        average: dict[str, _Factors] = {}
-        for block in kron.blocks:
-            key = self._key(block, layout)
-            old = self._average.get(key)
-            A, B = block.A.detach(), block.B.detach()
-            if old is None or old[0].shape != A.shape or old[1].shape != B.shape:
-                average[key] = (A.clone(), B.clone())
-            else:
-                average[key] = (eps * old[0] + (1 - eps) * A, eps * old[1] + (1 - eps) * B)
-        return average
+        return structured
 
     def _fold_scalings(
         self, kron: KroneckerOperator, frozen_op: KroneckerOperator, previous: KroneckerOperator | None
@@ -418,33 +394,16 @@ class KFAC(CurvatureOptimizer):
         """EKFAC's running average of the scalings in the frozen eigenbasis (KFAC: none)."""
         return {}
 
-    def _operator(
-        self, factors: dict[str, _Factors], layout: ParameterLayout, dtype: torch.dtype, device: Any
-    ) -> KroneckerOperator:
-        index = {name: i for i, name in enumerate(layout.names)}
-        blocks = []
-        for key, (A, B) in factors.items():
-            name, weight, bias = self._meta[key]
-            blocks.append(
-                KroneckerBlock(
-                    weight=None if weight is None else index[weight],
-                    bias=None if bias is None else index[bias],
-                    A=A,
-                    B=B,
-                    name=name,
-                )
-            )
-        return KroneckerOperator(layout, blocks, dtype=dtype, device=device)
-
     def _with_scalings(self, op: KroneckerOperator, scalings: dict[str, Tensor]) -> KroneckerOperator:
         """The operator whose damped inverse preconditions (KFAC: the frozen one itself)."""
         return op
 
     def _frozen_operator(self) -> KroneckerOperator | None:
         """The frozen factors as an operator, their eigendecompositions cached (rebuilt after loading)."""
-        if self._frozen_op is None and self._frozen and self._layout is not None:
-            A = next(iter(self._frozen.values()))[0]
-            self._frozen_op = self._operator(self._frozen, self._layout, A.dtype, A.device)
+        if self._frozen_op is None and self._frozen and self.running.layout is not None:
+            frozen = self.running.operator(self._frozen)
+            assert isinstance(frozen, KroneckerOperator)
+            self._frozen_op = frozen
             for block in self._frozen_op.blocks:
                 block.eig()
         return self._frozen_op
@@ -484,10 +443,9 @@ class KFAC(CurvatureOptimizer):
 
         ``None`` before the first step.
         """
-        if not self._average or self._layout is None:
-            return None
-        A = next(iter(self._average.values()))[0]
-        return self._operator(self._average, self._layout, A.dtype, A.device)
+        average = self.running.operator()
+        assert average is None or isinstance(average, KroneckerOperator)
+        return average
 
     def kronecker(self) -> KroneckerOperator | None:
         """The curvature the last step preconditioned with (``None`` before a step).
@@ -508,19 +466,14 @@ class KFAC(CurvatureOptimizer):
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
-        """The step count, damping, seed, the averaged and frozen factors (and EKFAC's scalings)."""
-        layout = None
-        if self._layout is not None:
-            layout = {"names": list(self._layout.names), "shapes": [list(s) for s in self._layout.shapes]}
+        """The step count, damping, seed, the running factors, the frozen ones (and EKFAC's scalings)."""
         return {
             "steps": self.steps,
             "damping": self.damping,
             "seed": self._seed,
             "last_reduction_ratio": self.last_reduction_ratio,
-            "layout": layout,
-            "blocks": {key: list(meta) for key, meta in self._meta.items()},
-            "average": {key: {"A": A, "B": B} for key, (A, B) in self._average.items()},
-            "frozen": {key: {"A": A, "B": B} for key, (A, B) in self._frozen.items()},
+            "running": self.running.state_dict(),
+            "frozen": {key: dict(part) for key, part in self._frozen.items()},
             "scalings": dict(self._scalings),
         }
 
@@ -531,15 +484,11 @@ class KFAC(CurvatureOptimizer):
         self._seed = int(state["seed"])
         ratio = state.get("last_reduction_ratio")
         self.last_reduction_ratio = None if ratio is None else float(ratio)
-        layout = state["layout"]
-        self._layout = (
-            None
-            if layout is None
-            else ParameterLayout(tuple(layout["names"]), tuple(torch.Size(s) for s in layout["shapes"]))
-        )
-        self._meta = {key: (meta[0], meta[1], meta[2]) for key, meta in state["blocks"].items()}
-        self._average = {key: (f["A"].clone(), f["B"].clone()) for key, f in state["average"].items()}
-        self._frozen = {key: (f["A"].clone(), f["B"].clone()) for key, f in state["frozen"].items()}
+        self.running.load_state_dict(state["running"])
+        self._frozen = {
+            key: {name: v.clone() if isinstance(v, Tensor) else v for name, v in part.items()}
+            for key, part in state["frozen"].items()
+        }
         self._scalings = {key: s.clone() for key, s in state["scalings"].items()}
         self._frozen_op = None
 
@@ -562,11 +511,11 @@ class EKFAC(KFAC):
     ) -> dict[str, Tensor]:
         eps = self.factor_decay
         layout = frozen_op.layout
-        target = {self._key(block, layout): block for block in frozen_op.blocks}
-        before = {} if previous is None else {self._key(b, previous.layout): b for b in previous.blocks}
+        target = {kronecker_key(block, layout): block for block in frozen_op.blocks}
+        before = {} if previous is None else {kronecker_key(b, previous.layout): b for b in previous.blocks}
         scalings: dict[str, Tensor] = {}
         for block in kron.blocks:
-            key = self._key(block, layout)
+            key = kronecker_key(block, layout)
             new = _project(block.eigenvalues(), block, target[key]).to(block.A.dtype)
             old = self._scalings.get(key)
             if old is not None and key in before:  # a refresh: carried into the new eigenbasis
@@ -576,8 +525,16 @@ class EKFAC(KFAC):
 
     def _with_scalings(self, op: KroneckerOperator, scalings: dict[str, Tensor]) -> KroneckerOperator:
         layout = op.layout
-        blocks = [replace(b, scalings=scalings[self._key(b, layout)]) for b in op.blocks]
+        blocks = [replace(b, scalings=scalings[kronecker_key(b, layout)]) for b in op.blocks]
         return KroneckerOperator(layout, blocks, dtype=op.dtype, device=op.device)
+
+
+def _factors_only(op: KroneckerOperator) -> KroneckerOperator:
+    """``op``'s Kronecker factors, without eigenvalue corrections: what the running average keeps."""
+    if all(block.scalings is None for block in op.blocks):
+        return op
+    blocks = [KroneckerBlock(b.weight, b.bias, b.A, b.B, name=b.name) for b in op.blocks]
+    return KroneckerOperator(op.layout, blocks, dtype=op.dtype, device=op.device)
 
 
 def _project(values: Tensor, source: KroneckerBlock, target: KroneckerBlock) -> Tensor:

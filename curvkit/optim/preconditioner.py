@@ -41,13 +41,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.errors import CurvkitWarning, UnknownEstimatorError
+from curvkit.errors import CurvkitWarning, NonFiniteError, UnknownEstimatorError
 from curvkit.layout import select_parameters
 from curvkit.linalg.solve import InverseOperator, inverse, solvers
 from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import check_integer, check_positive, unpack_batch
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
+from curvkit.running import RunningCurvature
 
 __all__ = ["CurvaturePreconditioner"]
 
@@ -79,6 +80,14 @@ class CurvaturePreconditioner:
             solver's name.
         update_freq: Rebuild ``A`` every this many steps (kfac-pytorch's
             ``factor_update_steps`` and ``inv_update_steps`` in one).
+        decay: ``None`` (the default): ``A`` is the update batch's curvature.
+            A number in ``[0, 1)``: ``A`` is the running average of the update
+            batches' curvatures, ``A <- decay A + (1 - decay) A_batch``
+            (:class:`curvkit.RunningCurvature`, kept in the curvature's structure:
+            K-FAC's factors averaged separately, as Martens and Grosse and
+            kfac-pytorch's ``factor_decay`` do; a diagonal; a dense matrix). An
+            estimator whose operator has no such structure (the Hessian's or the
+            GGN's products) is refused.
         params: The parameters preconditioned, as :class:`curvkit.Problem` takes them
             (``None``: every trainable one; names, glob patterns, module prefixes).
         eval_mode: The curvature of the model in evaluation mode (dropout off,
@@ -92,6 +101,7 @@ class CurvaturePreconditioner:
         skipped_steps: Steps whose gradient or preconditioned gradient was not
             finite (``.grad`` left unchanged).
         operator: The latest ``A`` (``None`` before the first step).
+        running: The :class:`curvkit.RunningCurvature` with ``decay``, else ``None``.
         last_solve: The :class:`curvkit.SolveResult` of the latest solve by a
             solver (``None`` for a structured inverse).
 
@@ -110,6 +120,7 @@ class CurvaturePreconditioner:
         damping: float = 1e-3,
         solver: str = "auto",
         update_freq: int = 1,
+        decay: float | None = None,
         params: str | Sequence[str] | None = None,
         eval_mode: bool = True,
         solver_options: Mapping[str, Any] | None = None,
@@ -122,7 +133,7 @@ class CurvaturePreconditioner:
         self.model, self.loss_fn, self.eval_mode = model, loss_fn, eval_mode
         self.params = params
         self.param_names = tuple(name for name, _ in select_parameters(model, params))
-        self._configure(estimator, damping, solver, update_freq, solver_options, estimator_options)
+        self._configure(estimator, damping, solver, update_freq, decay, solver_options, estimator_options)
         self.steps = self.updates = self.skipped_steps = 0
         self.operator: CurvatureOperator | None = None
         self.last_solve: Any = None
@@ -134,6 +145,7 @@ class CurvaturePreconditioner:
         damping: float,
         solver: str,
         update_freq: int,
+        decay: float | None,
         solver_options: Mapping[str, Any] | None,
         estimator_options: Mapping[str, Any],
     ) -> None:
@@ -154,6 +166,7 @@ class CurvaturePreconditioner:
         self.update_freq = check_integer("update_freq", update_freq)
         self.solver_options = dict(solver_options or {})
         self.estimator_options = dict(estimator_options)
+        self.running = None if decay is None else RunningCurvature(estimator, decay, **estimator_options)
 
     # ------------------------------------------------------------------ the batch's problem
     def batch_problem(self, inputs: Any, targets: Any) -> Problem:
@@ -164,17 +177,29 @@ class CurvaturePreconditioner:
         )
 
     def update(self, inputs: Any, targets: Any) -> CurvatureOperator:
-        """Build ``A`` on the batch and its damped inverse (every ``update_freq`` steps)."""
-        self.operator = curvature(
-            self.estimator, self.batch_problem(inputs, targets), **self.estimator_options
-        )
-        if self.solver == "auto" and "inverse" in self.operator.STRUCTURE:
-            self._inverse = self.operator.inverse(self.damping)
+        """Build ``A`` on the batch (folded into the running average with ``decay``) and its damped inverse.
+
+        Raises:
+            NonFiniteError: With ``decay``, the batch's curvature is not finite (the
+                average, ``A`` and its inverse are left as they were).
+        """
+        problem = self.batch_problem(inputs, targets)
+        if self.running is not None:
+            operator = self.running.update(problem)
+        else:
+            operator = curvature(self.estimator, problem, **self.estimator_options)
+        self._use(operator)
+        self.updates += 1
+        return operator
+
+    def _use(self, operator: CurvatureOperator) -> None:
+        """Make ``operator`` the ``A`` that preconditions, with its damped inverse."""
+        self.operator = operator
+        if self.solver == "auto" and "inverse" in operator.STRUCTURE:
+            self._inverse = operator.inverse(self.damping)
         else:
             method = "cg" if self.solver == "auto" else self.solver
-            self._inverse = inverse(self.operator, method=method, damping=self.damping, **self.solver_options)
-        self.updates += 1
-        return self.operator
+            self._inverse = inverse(operator, method=method, damping=self.damping, **self.solver_options)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -196,8 +221,12 @@ class CurvaturePreconditioner:
         due = self._inverse is None or self.steps % self.update_freq == 0
         if due:
             inputs, targets = unpack_batch(type(self).__name__, batch, " at an update step")
-            with torch.enable_grad():
-                self.update(inputs, targets)
+            try:
+                with torch.enable_grad():
+                    self.update(inputs, targets)
+            except NonFiniteError as exc:  # the running average refused the batch
+                self.steps += 1
+                return self._skip(f"{exc} (gradients and running average unchanged)")
         self.steps += 1
         assert self._inverse is not None
         gradient = torch.cat(
@@ -209,23 +238,29 @@ class CurvaturePreconditioner:
         self.last_solve = self._inverse.last if isinstance(self._inverse, InverseOperator) else None
         stopped_non_finite = self.last_solve is not None and self.last_solve.status == "non-finite"
         if stopped_non_finite or not bool(finite_in & torch.isfinite(preconditioned).all()):
-            self.skipped_steps += 1
-            warnings.warn(
-                "CurvaturePreconditioner: gradients left unchanged: the "
-                + ("gradient" if not bool(finite_in) else "preconditioned gradient")
-                + " is not finite",
-                CurvkitWarning,
-                stacklevel=2,
-            )
-            return False
+            what = "gradient" if not bool(finite_in) else "preconditioned gradient"
+            return self._skip(f"the {what} is not finite")
         for p, part in zip(params, torch.split(preconditioned, [p.numel() for p in params])):
             if p.grad is not None:
                 p.grad.copy_(part.reshape(p.shape))
         return True
 
+    def _skip(self, why: str) -> bool:
+        """Counts a step whose gradients are left unchanged and warns (at the caller of :meth:`step`)."""
+        self.skipped_steps += 1
+        warnings.warn(
+            f"CurvaturePreconditioner: gradients left unchanged: {why}",
+            CurvkitWarning,
+            stacklevel=4,  # _skip, step, torch.no_grad's wrapper, the caller
+        )
+        return False
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The counters and the options (the operator is rebuilt at the next step after loading)."""
+        """The counters, the options and, with ``decay``, the running average.
+
+        Without ``decay`` the operator is rebuilt at the next step after loading.
+        """
         return {
             "steps": self.steps,
             "updates": self.updates,
@@ -237,14 +272,18 @@ class CurvaturePreconditioner:
             "solver_options": dict(self.solver_options),
             "estimator_options": dict(self.estimator_options),
             "params": self.param_names,
+            "decay": None if self.running is None else self.running.decay,
+            "running": None if self.running is None else self.running.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict`; the next :meth:`step` rebuilds ``A`` on its batch.
+        """Restores :meth:`state_dict`.
 
-        Resuming at an update step (``steps`` a multiple of ``update_freq``, always
-        with ``update_freq=1``) continues exactly as the original run; in between,
-        ``A`` is rebuilt one update early.
+        With ``decay``, ``A`` is the restored running average and training
+        continues exactly as the original run. Without, the next :meth:`step`
+        rebuilds ``A`` on its batch: resuming at an update step (``steps`` a
+        multiple of ``update_freq``, always with ``update_freq=1``) continues
+        exactly as the original run; in between, ``A`` is rebuilt one update early.
 
         Raises:
             ValueError: Not a state of a preconditioner of the same parameters, or
@@ -263,6 +302,7 @@ class CurvaturePreconditioner:
             state_dict.get("damping", self.damping),
             state_dict.get("solver", self.solver),
             state_dict.get("update_freq", self.update_freq),
+            state_dict.get("decay"),
             state_dict.get("solver_options", self.solver_options),
             state_dict.get("estimator_options", self.estimator_options),
         )
@@ -270,3 +310,8 @@ class CurvaturePreconditioner:
         self.updates = check_integer("updates", state_dict.get("updates", 0), minimum=0)
         self.skipped_steps = check_integer("skipped_steps", state_dict.get("skipped_steps", 0), minimum=0)
         self.operator = self._inverse = self.last_solve = None
+        if self.running is not None and state_dict.get("running") is not None:
+            self.running.load_state_dict(state_dict["running"])
+            average = self.running.operator()
+            if average is not None:
+                self._use(average)
