@@ -87,6 +87,15 @@ def _peer(module: str, cls: str, **options: Any) -> Callable[[float, nn.Module, 
     return make
 
 
+SOPHIA_GRID = (1e-4, 3e-4, 1e-3)
+"""curvkit SophiaH's learning rates: pytorch-optimizer's grid (0.01, 0.03, 0.1) times its ``p = 0.01``.
+
+pytorch-optimizer's ``SophiaH`` steps ``lr' clip(m / max(h, eps'), p')``; curvkit's
+with ``rho = p'``, ``eps = p' eps'`` and ``lr = p' lr'`` is the same update (see
+:class:`curvkit.optim.SophiaH`), so both rows run the same settings. One difference
+stays: the peer draws Gaussian probes, curvkit Rademacher ones.
+"""
+
 FAMILIES: tuple[Family, ...] = (
     Family("SGD", "lr", (0.1, 0.3, 1.0), sgd),
     Family("Adam", "lr", (3e-3, 1e-2, 3e-2), adam),
@@ -116,13 +125,11 @@ FAMILIES: tuple[Family, ...] = (
         _peer("pytorch_optimizer", "AdaHessian"),
         "create_graph",
     ),
-    Family("curvkit SophiaH", "lr", (0.01, 0.03, 0.1), _curvkit("SophiaH"), "create_graph"),
-    Family(
-        "curvkit SophiaH, graph when due",
-        "lr",
-        (0.01, 0.03, 0.1),
-        _curvkit("SophiaH"),
-        "graph_when_due",
+    *(
+        Family(
+            "curvkit SophiaH" + suffix, "lr", SOPHIA_GRID, _curvkit("SophiaH", rho=0.01, eps=1e-14), stepper
+        )
+        for suffix, stepper in (("", "create_graph"), (", graph when due", "graph_when_due"))
     ),
     Family(
         "pytorch-optimizer SophiaH",

@@ -154,3 +154,21 @@ def test_backward_products_equal_a_product_per_direction_and_zeros_where_unused(
         assert [tuple(o.shape) for o in out] == [(K, 3), (K, 2), (K, 4)]
         torch.testing.assert_close(torch.cat(out[:2], 1), expected, rtol=1e-12, atol=1e-12)
         assert torch.equal(out[2], torch.zeros(K, 4, dtype=DT))
+
+
+def test_a_group_is_checked_from_the_table_kept_normalised_and_not_added_when_invalid():
+    model, _, _ = model_and_batch()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    optimizer = curvkit.optim.AdaHessian([{"params": first, "betas": [0.5, 0.25]}])
+    assert optimizer.param_groups[0]["betas"] == (0.5, 0.25)  # the check's value is kept
+    with pytest.raises(
+        ValueError, match=r"^parameter group 1: betas\[1\] must be a number in \[0, 1\), got 1"
+    ):
+        optimizer.add_param_group({"params": second, "betas": (0.9, 1)})
+    with pytest.raises(ValueError, match=r"^parameter group 1 is empty$"):
+        optimizer.add_param_group({"params": []})
+    assert len(optimizer.param_groups) == 1  # neither was added
+    optimizer.add_param_group({"params": second})
+    assert len(optimizer.param_groups) == 2
+    with pytest.raises(ValueError, match="real floating-point tensors, got one of dtype torch.int64"):
+        curvkit.optim.Shampoo([torch.zeros(2, dtype=torch.long)])

@@ -274,7 +274,7 @@ def test_invalid_hyper_parameters_raise_value_errors(options, message):
 
 def test_invalid_groups_and_strangers_raise_value_errors():
     model = mlp()
-    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"parameter group 1: lr must be a finite number > 0"):
         NaturalGradient(
             [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": -1.0}],
             model=model,

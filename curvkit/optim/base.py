@@ -38,11 +38,15 @@ from curvkit.problem import Problem
 __all__ = [
     "CurvatureOptimizer",
     "all_finite",
+    "check_betas",
     "check_choice",
+    "check_flag",
     "check_fraction",
     "check_integer",
     "check_positive",
     "first_non_finite",
+    "floating_tensors",
+    "optional",
     "unpack_batch",
 ]
 
@@ -98,6 +102,44 @@ def check_integer(name: str, value: Any, *, minimum: int = 1) -> int:
     return value
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``, else a ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_betas(name: str, value: Any, *, second_below_one: bool = True) -> tuple[float, float]:
+    """``(beta1, beta2)`` as floats, each in ``[0, 1)`` (``beta2`` in ``[0, 1]`` if not ``second_below_one``).
+
+    Raises:
+        ValueError: Not a pair, or a value out of range.
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    return (
+        check_fraction(f"{name}[0]", value[0], below_one=True),
+        check_fraction(f"{name}[1]", value[1], below_one=second_below_one),
+    )
+
+
+def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check`` that lets ``None`` through (a hyper-parameter that may be switched off)."""
+
+    def checked(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+
+    return checked
+
+
+def floating_tensors(name: str, params: Any) -> Any:
+    """``params`` if every one is a real floating-point tensor, else a ValueError (a ``"params"`` check)."""
+    for p in params:
+        if not p.is_floating_point():
+            raise ValueError(f"the optimizer takes real floating-point tensors, got one of dtype {p.dtype}")
+    return params
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a ValueError listing them."""
     if value not in choices:
@@ -125,7 +167,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """Hyper-parameters of the whole optimizer (one joint solve): a parameter group may not set them."""
 
     GROUP_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {}
-    """Hyper-parameters a group may set, each with its check ``check(name, value)``, run on every group."""
+    """Hyper-parameters a group may set (and ``"params"``), each with its check ``check(name, value)``,
+    run on every group: it returns the value the group keeps, or raises a one-line ValueError."""
 
     def __init__(
         self,
@@ -147,8 +190,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group: refuses one that sets a :attr:`GLOBAL` hyper-parameter, checks :attr:`GROUP_CHECKS`.
 
+        Every entry of :attr:`GROUP_CHECKS` runs on the group (its defaults
+        filled in) and the group keeps the value it returns (``betas`` as a
+        tuple of floats, say). A group that fails, or has no parameter, is not
+        added.
+
         Raises:
-            ValueError: Naming the hyper-parameter.
+            ValueError: Naming the group and the hyper-parameter, or the empty group.
         """
         shared = sorted(set(param_group) & set(self.GLOBAL))
         if shared:
@@ -159,8 +207,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for name, check in self.GROUP_CHECKS.items():
-            check(name, group[name])
+        index = len(self.param_groups) - 1
+        if not group["params"]:
+            self.param_groups.pop()
+            raise ValueError(f"parameter group {index} is empty")
+        try:
+            for name, check in self.GROUP_CHECKS.items():
+                group[name] = check(name, group[name])
+        except ValueError as exc:
+            self.param_groups.pop()
+            raise ValueError(f"parameter group {index}: {exc}") from None
 
     # ------------------------------------------------------------------ the batch's problem
     def batch_problem(self, inputs: Any, targets: Any) -> Problem:

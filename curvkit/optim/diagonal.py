@@ -81,6 +81,7 @@ False
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -90,7 +91,15 @@ from torch import Tensor
 
 from curvkit.autodiff import backward_products
 from curvkit.errors import CurvkitWarning
-from curvkit.optim.base import CurvatureOptimizer, check_fraction, check_integer, check_positive
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    check_betas,
+    check_flag,
+    check_fraction,
+    check_integer,
+    check_positive,
+    optional,
+)
 
 __all__ = ["AdaHessian", "DiagonalNewton", "HutchinsonOptimizer", "SophiaH", "rademacher"]
 
@@ -107,15 +116,6 @@ def rademacher(shape: Sequence[int], like: Tensor, generator: torch.Generator) -
     """
     z = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
     return z.mul_(2).sub_(1).to(like.device)
-
-
-def _check_betas(betas: Any) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    return (
-        check_fraction("betas[0]", betas[0], below_one=True),
-        check_fraction("betas[1]", betas[1], below_one=True),
-    )
 
 
 def _ema(averages: list[Tensor], values: list[Tensor], beta: float) -> list[Tensor]:
@@ -169,7 +169,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
 
     Args:
         params: Parameters or parameter groups.
-        defaults: Per-group hyper-parameters (checked by :meth:`_check_group`).
+        defaults: Per-group hyper-parameters (checked by the subclass's :attr:`GROUP_CHECKS`).
         period: Steps between two estimates of the diagonal (``>= 1``).
         probes: Probes per estimate (``>= 1``), averaged.
         seed: Seed of the probes' generator (an integer ``>= 0``).
@@ -198,19 +198,6 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
-
-    # ------------------------------------------------------------------ hyper-parameters
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a parameter group and checks its hyper-parameters (a :class:`ValueError` if invalid)."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if not group["params"]:
-            raise ValueError(f"parameter group {len(self.param_groups) - 1} is empty")
-        self._check_group(group)
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Raises a :class:`ValueError` for an invalid hyper-parameter of ``group``."""
-        check_positive("lr", group["lr"])
 
     # ------------------------------------------------------------------ the step
     @property
@@ -419,6 +406,13 @@ class DiagonalNewton(HutchinsonOptimizer):
         ValueError: An invalid hyper-parameter.
     """
 
+    GROUP_CHECKS = {
+        "lr": check_positive,
+        "damping": check_positive,
+        "clip": optional(check_positive),
+        "hessian_power": check_fraction,
+    }
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -433,13 +427,6 @@ class DiagonalNewton(HutchinsonOptimizer):
         check_integer("update_each", update_each)
         defaults = {"lr": lr, "damping": damping, "clip": clip, "hessian_power": hessian_power}
         super().__init__(params, defaults, period=update_each, probes=probes, seed=seed)
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        check_positive("damping", group["damping"])
-        if group["clip"] is not None:
-            check_positive("clip", group["clip"])
-        check_fraction("hessian_power", group["hessian_power"])
 
     def _updates(
         self,
@@ -503,6 +490,15 @@ class AdaHessian(HutchinsonOptimizer):
         ValueError: An invalid hyper-parameter.
     """
 
+    GROUP_CHECKS = {
+        "lr": check_positive,
+        "betas": check_betas,
+        "eps": check_positive,
+        "weight_decay": functools.partial(check_positive, zero=True),
+        "hessian_power": check_fraction,
+        "spatial_averaging": check_flag,
+    }
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -525,15 +521,6 @@ class AdaHessian(HutchinsonOptimizer):
             "spatial_averaging": spatial_averaging,
         }
         super().__init__(params, defaults, period=update_each, probes=1, seed=seed)
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        group["betas"] = _check_betas(group["betas"])
-        check_positive("eps", group["eps"])
-        check_positive("weight_decay", group["weight_decay"], zero=True)
-        check_fraction("hessian_power", group["hessian_power"])
-        if not isinstance(group["spatial_averaging"], bool):
-            raise ValueError(f"spatial_averaging must be True or False, got {group['spatial_averaging']!r}")
 
     def _updates(
         self,
@@ -610,6 +597,14 @@ class SophiaH(HutchinsonOptimizer):
         ValueError: An invalid hyper-parameter.
     """
 
+    GROUP_CHECKS = {
+        "lr": check_positive,
+        "betas": check_betas,
+        "weight_decay": functools.partial(check_positive, zero=True),
+        "eps": check_positive,
+        "rho": check_positive,
+    }
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -624,13 +619,6 @@ class SophiaH(HutchinsonOptimizer):
         check_integer("update_period", update_period)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps, "rho": rho}
         super().__init__(params, defaults, period=update_period, probes=1, seed=seed)
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        group["betas"] = _check_betas(group["betas"])
-        check_positive("weight_decay", group["weight_decay"], zero=True)
-        check_positive("eps", group["eps"])
-        check_positive("rho", group["rho"])
 
     def _updates(
         self,

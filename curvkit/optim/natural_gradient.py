@@ -55,6 +55,7 @@ log-probabilities is zero).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -258,6 +259,8 @@ class NaturalGradient(CurvatureOptimizer):
         True
     """
 
+    GROUP_CHECKS = {"lr": check_positive, "momentum": functools.partial(check_fraction, below_one=True)}
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -280,14 +283,8 @@ class NaturalGradient(CurvatureOptimizer):
         self.max_rank = check_integer("max_rank", max_rank)
         if model is None or loss_fn is None:
             raise ValueError("NaturalGradient needs model= and loss_fn=")
-        defaults = {
-            "lr": check_positive("lr", lr),
-            "momentum": check_fraction("momentum", momentum, below_one=True),
-        }
+        defaults = {"lr": lr, "momentum": momentum}
         super().__init__(params, defaults, model=model, loss_fn=loss_fn, eval_mode=eval_mode)
-        for i, group in enumerate(self.param_groups):
-            check_positive(f"param_groups[{i}]['lr']", group["lr"])
-            check_fraction(f"param_groups[{i}]['momentum']", group["momentum"], below_one=True)
         if curvature == "fisher":
             loss = resolve_loss(loss_fn)
             if not loss.is_negative_log_likelihood:

@@ -60,6 +60,7 @@ summary was.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -72,7 +73,14 @@ from curvkit.composite_norms import CompositeNorms
 from curvkit.cubic import CubicStep
 from curvkit.errors import CurvkitWarning, DataError, UnboundedModelError
 from curvkit.newton import SummaryResult
-from curvkit.optim.base import CurvatureOptimizer, all_finite, check_fraction, check_integer, check_positive
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    all_finite,
+    check_flag,
+    check_fraction,
+    check_integer,
+    check_positive,
+)
 from curvkit.third_order import directional_summary
 
 __all__ = ["NESTEROV_KEYS", "NewtonSummary", "SummaryStep"]
@@ -178,6 +186,13 @@ class NewtonSummary(CurvatureOptimizer):
             hyper-parameters, a ``hg_loader`` that is not iterable.
     """
 
+    GROUP_CHECKS = {
+        "damping": check_positive,
+        "momentum": check_fraction,
+        "momentum_damp": check_fraction,
+        "mom_lrs": functools.partial(check_fraction, below_one=True),
+    }
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -201,8 +216,7 @@ class NewtonSummary(CurvatureOptimizer):
                 f"hg_loader must be an iterable of (x, target) batches, got {type(hg_loader).__name__}"
             )
         check_integer("period_hg", period_hg)
-        if not isinstance(remove_negative, bool):
-            raise ValueError(f"remove_negative must be True or False, got {remove_negative!r}")
+        check_flag("remove_negative", remove_negative)
         self.use_nesterov, self.damping_int = _nesterov(dct_nesterov)
         self.full_loss = full_loss
         self.hg_loader = hg_loader
@@ -243,11 +257,6 @@ class NewtonSummary(CurvatureOptimizer):
                         "partition: each parameter belongs to exactly one"
                     )
         super().add_param_group({**param_group, "params": params})
-        group = self.param_groups[-1]
-        check_positive("damping", group["damping"])
-        check_fraction("momentum", group["momentum"])
-        check_fraction("momentum_damp", group["momentum_damp"])
-        check_fraction("mom_lrs", group["mom_lrs"], below_one=True)
 
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

@@ -102,6 +102,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -115,11 +116,13 @@ from torch import Tensor
 from curvkit.errors import CurvkitWarning
 from curvkit.optim.base import (
     CurvatureOptimizer,
+    check_betas,
     check_choice,
-    check_fraction,
+    check_flag,
     check_integer,
     check_positive,
     first_non_finite,
+    floating_tensors,
 )
 
 __all__ = ["GRAFTINGS", "PRECONDITIONER_DTYPES", "Shampoo", "inverse_root"]
@@ -303,6 +306,21 @@ class Shampoo(CurvatureOptimizer):
             floating-point tensor.
     """
 
+    GROUP_CHECKS = {
+        "params": floating_tensors,
+        "lr": functools.partial(check_positive, zero=True),
+        "betas": functools.partial(check_betas, second_below_one=False),
+        "epsilon": check_positive,
+        "weight_decay": functools.partial(check_positive, zero=True),
+        "update_freq": check_integer,
+        "start_preconditioning_step": check_integer,
+        "max_preconditioner_dim": check_integer,
+        "grafting": functools.partial(check_choice, choices=GRAFTINGS),
+        "graft_epsilon": check_positive,
+        "decoupled_weight_decay": check_flag,
+        "preconditioner_dtype": functools.partial(check_choice, choices=PRECONDITIONER_DTYPES),
+    }
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -335,42 +353,6 @@ class Shampoo(CurvatureOptimizer):
         self.steps = 0
         self.refreshes = 0
         super().__init__(params, defaults)
-
-    # ------------------------------------------------------------------ parameter groups
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group, refusing invalid hyper-parameters and parameters that are not real floats."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._check_group(group)
-        except ValueError:
-            self.param_groups.pop()
-            raise
-
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"], zero=True)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_fraction("betas[0]", betas[0], below_one=True)
-        check_fraction("betas[1]", betas[1])
-        group["betas"] = (float(betas[0]), float(betas[1]))
-        check_positive("epsilon", group["epsilon"])
-        check_positive("weight_decay", group["weight_decay"], zero=True)
-        check_integer("update_freq", group["update_freq"])
-        check_integer("start_preconditioning_step", group["start_preconditioning_step"])
-        check_integer("max_preconditioner_dim", group["max_preconditioner_dim"])
-        check_choice("grafting", group["grafting"], GRAFTINGS)
-        check_positive("graft_epsilon", group["graft_epsilon"])
-        if not isinstance(group["decoupled_weight_decay"], bool):
-            raise ValueError(
-                f"decoupled_weight_decay must be True or False, got {group['decoupled_weight_decay']!r}"
-            )
-        check_choice("preconditioner_dtype", group["preconditioner_dtype"], PRECONDITIONER_DTYPES)
-        for p in group["params"]:
-            if not p.is_floating_point():
-                raise ValueError(f"Shampoo optimizes real floating-point tensors, got one of dtype {p.dtype}")
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
