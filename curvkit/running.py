@@ -65,7 +65,15 @@ from curvkit.operator import CurvatureOperator, DenseOperator, DiagonalOperator
 if TYPE_CHECKING:
     from curvkit.problem import Problem
 
-__all__ = ["STRUCTURES", "Parts", "RunningCurvature", "Structure", "kronecker_key", "structure_of"]
+__all__ = [
+    "STRUCTURES",
+    "Parts",
+    "RunningCurvature",
+    "Structure",
+    "kronecker_key",
+    "parts_finite",
+    "structure_of",
+]
 
 Parts = dict[str, dict[str, Any]]
 """A curvature's averaged pieces: per piece (a Kronecker block, the diagonal,
@@ -159,6 +167,11 @@ STRUCTURES: tuple[Structure, ...] = (
 """The operators :class:`RunningCurvature` averages, one row each (module docstring)."""
 
 
+def parts_finite(parts: Parts) -> bool:
+    """Whether every tensor of ``parts`` is finite (one fused check, :func:`curvkit.finite.all_finite`)."""
+    return all_finite(t for part in parts.values() for t in part.values() if isinstance(t, Tensor))
+
+
 def structure_of(op: CurvatureOperator, estimator: str = "") -> Structure:
     """The :data:`STRUCTURES` row of ``op``'s class, or a one-line :class:`CurvkitError`.
 
@@ -220,7 +233,7 @@ class RunningCurvature:
 
         op = curvature(self.estimator, problem, **{**self.options, **options}).structured()
         parts = self.fold(op)
-        if not all_finite(t for part in parts.values() for t in part.values() if isinstance(t, Tensor)):
+        if not parts_finite(parts):
             raise NonFiniteError(
                 f"the {self.estimator!r} curvature of this batch is not finite: not folded into the average"
             )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +35,12 @@ from curvkit.errors import CurvkitWarning
 from curvkit.finite import all_finite, first_non_finite
 from curvkit.problem import Problem
 
+T = TypeVar("T")
+
 __all__ = [
     "CurvatureOptimizer",
     "all_finite",
+    "by_group",
     "check_betas",
     "check_choice",
     "check_flag",
@@ -74,6 +77,21 @@ def unpack_batch(owner: str, batch: Any, when: str = "") -> tuple[Any, Tensor]:
             f"{owner}.step(batch=...): the targets must be a tensor, got {type(targets).__name__}"
         )
     return inputs, targets
+
+
+def by_group(
+    items: Sequence[T], group_of: Callable[[T], dict[str, Any]]
+) -> list[tuple[dict[str, Any], list[T]]]:
+    """``items`` by parameter group (``group_of(item)``), groups and items in their first order.
+
+    For steps fused over a group's parameters (``torch._foreach_*`` with the
+    group's hyper-parameters).
+    """
+    groups: dict[int, tuple[dict[str, Any], list[T]]] = {}
+    for item in items:
+        group = group_of(item)
+        groups.setdefault(id(group), (group, []))[1].append(item)
+    return list(groups.values())
 
 
 def check_positive(name: str, value: Any, *, zero: bool = False) -> float:

@@ -93,6 +93,7 @@ from curvkit.autodiff import backward_products
 from curvkit.errors import CurvkitWarning
 from curvkit.optim.base import (
     CurvatureOptimizer,
+    by_group,
     check_betas,
     check_flag,
     check_fraction,
@@ -136,14 +137,6 @@ def _scale_(tensors: list[Tensor], factor: float) -> None:
 def _number(value: float, like: list[Tensor]) -> Tensor:
     """``value`` as a 0-d float64 tensor on the device of ``like`` (see :func:`_scale_`)."""
     return torch.scalar_tensor(value, dtype=torch.float64, device=like[0].device)
-
-
-def _by_group(pairs: list[tuple[dict[str, Any], Tensor]]) -> list[tuple[dict[str, Any], list[int]]]:
-    """The groups of ``(group, parameter)`` pairs, each with the positions of its pairs."""
-    groups: dict[int, tuple[dict[str, Any], list[int]]] = {}
-    for i, (group, _) in enumerate(pairs):
-        groups.setdefault(id(group), (group, []))[1].append(i)
-    return list(groups.values())
 
 
 def _spatial_average(estimate: Tensor) -> Tensor:
@@ -253,7 +246,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         deltas: list[Tensor] = []
         with torch.no_grad():
             detached = [g.detach() for g in grads]
-            for group, members in _by_group(pairs):
+            for group, members in by_group(range(len(pairs)), lambda i: pairs[i][0]):
                 new, group_deltas = self._updates(
                     group,
                     [params[i] for i in members],

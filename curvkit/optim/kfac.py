@@ -117,7 +117,6 @@ from curvkit.layout import ParameterLayout
 from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import (
     CurvatureOptimizer,
-    all_finite,
     check_fraction,
     check_integer,
     check_positive,
@@ -125,7 +124,7 @@ from curvkit.optim.base import (
 )
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
-from curvkit.running import Parts, RunningCurvature, kronecker_key
+from curvkit.running import Parts, RunningCurvature, kronecker_key, parts_finite
 
 __all__ = ["DAMPING_RANGE", "EKFAC", "KFAC"]
 
@@ -297,7 +296,7 @@ class KFAC(CurvatureOptimizer):
         kron = self._batch_kronecker(problem)
         factors = _factors_only(kron)
         average = self.running.fold(factors)
-        if not all_finite(t for part in average.values() for name, t in part.items() if name != "meta"):
+        if not parts_finite(average):
             self.skip("the Kronecker factors are not finite", unchanged=_UNCHANGED)
             return loss if closure is not None else batch_loss
         refresh = (

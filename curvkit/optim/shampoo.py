@@ -116,6 +116,7 @@ from torch import Tensor
 from curvkit.errors import CurvkitWarning
 from curvkit.optim.base import (
     CurvatureOptimizer,
+    by_group,
     check_betas,
     check_choice,
     check_flag,
@@ -250,14 +251,6 @@ class _Staged:
     momentum: Tensor | None = None
     """The momentum buffer before this step (``None`` before the first)."""
     roots: list[Tensor | None] = field(default_factory=list)
-
-
-def _by_group(staged: list[_Staged]) -> list[tuple[dict[str, Any], list[_Staged]]]:
-    """The staged parameters by parameter group, in order."""
-    groups: dict[int, tuple[dict[str, Any], list[_Staged]]] = {}
-    for item in staged:
-        groups.setdefault(id(item.group), (item.group, []))[1].append(item)
-    return list(groups.values())
 
 
 class Shampoo(CurvatureOptimizer):
@@ -426,7 +419,7 @@ class Shampoo(CurvatureOptimizer):
 
         Fused over each group's parameters (``torch._foreach_*``).
         """
-        for group, items in _by_group(staged):
+        for group, items in by_group(staged, lambda item: item.group):
             if group["grafting"] != "adagrad" or not items:
                 continue
             beta2 = group["betas"][1]
@@ -505,7 +498,7 @@ class Shampoo(CurvatureOptimizer):
         preconditioning itself (one or two matrix products per parameter).
         """
         deltas: dict[int, Tensor] = {}
-        for group, items in _by_group(staged):
+        for group, items in by_group(staged, lambda item: item.group):
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
             grads = [item.grad for item in items]
