@@ -32,11 +32,10 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if t.requires_grad:
-            t = t.detach()
-        if t.is_complex():
+        dtype = t.dtype
+        if dtype.is_complex:
             t = torch.view_as_real(t)
-        elif not t.is_floating_point():
+        elif not dtype.is_floating_point:
             continue
         by_device.setdefault(t.device, []).append(t)
     flags = []

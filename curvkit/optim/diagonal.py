@@ -56,8 +56,9 @@ finite is skipped with a :class:`curvkit.CurvkitWarning`: parameters, moments,
 estimates and step count unchanged (after a non-finite estimate the generator
 has drawn its probes, so a retried step draws new ones). Every update goes
 through :meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`, which
-skips (with the warning) one that is not finite; the moments have then been
-updated already.
+checks the gradients, estimates, new moments and updates at once and skips the
+step (with the warning) if any is not finite; the new moments are kept only
+with the step.
 
 A parameter without a gradient (``.grad`` is ``None``) is left alone, as
 ``torch.optim`` does: no estimate, no moment update, no step.
@@ -91,9 +92,9 @@ from torch import Tensor
 
 from curvkit.autodiff import backward_products
 from curvkit.errors import CurvkitWarning
+from curvkit.optim import fused
 from curvkit.optim.base import (
     CurvatureOptimizer,
-    by_group,
     check_betas,
     check_flag,
     check_fraction,
@@ -117,26 +118,6 @@ def rademacher(shape: Sequence[int], like: Tensor, generator: torch.Generator) -
     """
     z = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
     return z.mul_(2).sub_(1).to(like.device)
-
-
-def _ema(averages: list[Tensor], values: list[Tensor], beta: float) -> list[Tensor]:
-    """``beta * average + (1 - beta) * value`` per pair, out of place, in one fused call (``lerp``)."""
-    return torch._foreach_lerp(averages, values, 1.0 - beta)
-
-
-def _scale_(tensors: list[Tensor], factor: float) -> None:
-    """``t *= factor`` for every tensor, in one fused call.
-
-    The factor goes in as a 0-d float64 tensor (rounded to each tensor's dtype,
-    as a Python number is): on CPU, torch 2.13's foreach overload for a Python
-    number is three times slower than the one for a 0-d tensor.
-    """
-    torch._foreach_mul_(tensors, _number(factor, tensors))
-
-
-def _number(value: float, like: list[Tensor]) -> Tensor:
-    """``value`` as a 0-d float64 tensor on the device of ``like`` (see :func:`_scale_`)."""
-    return torch.scalar_tensor(value, dtype=torch.float64, device=like[0].device)
 
 
 def _spatial_average(estimate: Tensor) -> Tensor:
@@ -219,25 +200,33 @@ class HutchinsonOptimizer(CurvatureOptimizer):
                 was differentiated without ``create_graph=True``).
         """
         loss = self.evaluate(closure)
-        pairs = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        groups = [(group, params) for group, params in groups if params]
+        params = [p for _, members in groups for p in members]
+        grads = [p.grad for p in params]
         try:
-            if pairs:
-                self._step(pairs)
+            if params:
+                self._step(groups, params, grads)
         finally:
-            for _, p in pairs:  # frees the graph of the gradients
-                if p.grad is not None and p.grad.requires_grad:
-                    p.grad = p.grad.detach()
+            for p, g in zip(params, grads):  # frees the graph of the gradients
+                if g.requires_grad and p.grad is g:
+                    p.grad = g.detach()
         return loss
 
-    def _step(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> None:
+    def _step(
+        self, groups: list[tuple[dict[str, Any], list[Tensor]]], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
         """The step on the parameters with a gradient: new state and updates computed aside, then kept.
 
         Everything (gradients, estimates, new state, updates) is checked at once
         by :meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`; the new
         state is kept only if the updates were applied.
+
+        Args:
+            groups: Each parameter group with its parameters that have a gradient (none empty).
+            params: Those parameters, group after group.
+            grads: Their gradients.
         """
-        params = [p for _, p in pairs]
-        grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
         # on schedule, or a parameter has no estimate yet
         due = self.steps % self.period == 0 or any(not state.get("hessian_step", 0) for state in states)
@@ -245,21 +234,30 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         new_states: list[dict[str, Any]] = []
         deltas: list[Tensor] = []
         with torch.no_grad():
-            detached = [g.detach() for g in grads]
-            for group, members in by_group(range(len(pairs)), lambda i: pairs[i][0]):
+            detached = [g.detach() if g.requires_grad else g for g in grads]
+            start = 0
+            for group, members in groups:
+                stop = start + len(members)
                 new, group_deltas = self._updates(
                     group,
-                    [params[i] for i in members],
-                    [states[i] for i in members],
-                    [detached[i] for i in members],
-                    None if estimates is None else [estimates[i] for i in members],
+                    members,
+                    states[start:stop],
+                    detached[start:stop],
+                    None if estimates is None else estimates[start:stop],
                 )
                 new_states += new
                 deltas += group_deltas
+                start = stop
         checks = [("gradient", detached)]
         if estimates is not None:
             checks.append(("Hutchinson estimate of the Hessian's diagonal", estimates))
-        checks.append(("new state", [t for new in new_states for t in new.values() if isinstance(t, Tensor)]))
+        fresh = [  # state a step leaves as it was (a diagonal between refreshes) was checked when made
+            t
+            for state, new in zip(states, new_states)
+            for key, t in new.items()
+            if isinstance(t, Tensor) and t is not state.get(key)
+        ]
+        checks.append(("new state", fresh))
         if not self.apply_updates(
             list(zip(params, deltas)),
             checks=checks,
@@ -431,10 +429,11 @@ class DiagonalNewton(HutchinsonOptimizer):
     ) -> tuple[list[dict[str, Any]], list[Tensor]]:
         diagonals = estimates if estimates is not None else [state["diagonal"] for state in states]
         denominators = torch._foreach_abs(diagonals)
-        torch._foreach_pow_(denominators, group["hessian_power"])
-        torch._foreach_add_(denominators, group["damping"])
+        if group["hessian_power"] != 1.0:
+            torch._foreach_pow_(denominators, group["hessian_power"])
+        fused.add_(denominators, group["damping"])
         steps = torch._foreach_div(grads, denominators)
-        _scale_(steps, -group["lr"])
+        fused.scale_(steps, -group["lr"])
         if group["clip"] is not None:
             torch._foreach_clamp_min_(steps, -group["clip"])
             torch._foreach_clamp_max_(steps, group["clip"])
@@ -526,20 +525,21 @@ class AdaHessian(HutchinsonOptimizer):
         beta1, beta2 = group["betas"]
         t = [state.get("step", 0) + 1 for state in states]
         n = [state.get("hessian_step", 0) + (estimates is not None) for state in states]
-        exp_avg = _ema(_entries(states, params, "exp_avg"), grads, beta1)
+        exp_avg = fused.lerp(_entries(states, params, "exp_avg"), grads, 1.0 - beta1)
         exp_hessian_diag_sq = _entries(states, params, "exp_hessian_diag_sq")
         if estimates is not None:
             if group["spatial_averaging"]:
-                estimates = [
-                    e.abs().mean(dim=(2, 3), keepdim=True).expand_as(e) if e.dim() == 4 else e
-                    for e in estimates
-                ]
-            exp_hessian_diag_sq = _ema(exp_hessian_diag_sq, torch._foreach_mul(estimates, estimates), beta2)
-        denominators = torch._foreach_div(exp_hessian_diag_sq, [1.0 - beta2**k for k in n])
-        torch._foreach_pow_(denominators, group["hessian_power"] / 2)
-        torch._foreach_add_(denominators, group["eps"])
+                estimates = [_spatial_average(e) if e.dim() == 4 else e for e in estimates]
+            squares = torch._foreach_mul(estimates, estimates)
+            exp_hessian_diag_sq = fused.lerp(exp_hessian_diag_sq, squares, 1.0 - beta2)
+        denominators = fused.divide(exp_hessian_diag_sq, [1.0 - beta2**k for k in n])
+        if group["hessian_power"] == 1.0:
+            torch._foreach_sqrt_(denominators)
+        else:
+            torch._foreach_pow_(denominators, group["hessian_power"] / 2)
+        fused.add_(denominators, group["eps"])
         steps = torch._foreach_div(exp_avg, denominators)
-        torch._foreach_mul_(steps, [-group["lr"] / (1.0 - beta1**k) for k in t])
+        fused.scale_(steps, [-group["lr"] / (1.0 - beta1**k) for k in t])
         if group["weight_decay"]:
             torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
         new = [
@@ -622,16 +622,17 @@ class SophiaH(HutchinsonOptimizer):
         estimates: list[Tensor] | None,
     ) -> tuple[list[dict[str, Any]], list[Tensor]]:
         beta1, beta2 = group["betas"]
-        exp_avg = _ema(_entries(states, params, "exp_avg"), grads, beta1)
+        exp_avg = fused.lerp(_entries(states, params, "exp_avg"), grads, 1.0 - beta1)
         hessian = _entries(states, params, "hessian")
         if estimates is not None:
-            hessian = _ema(hessian, estimates, beta2)
-        denominators = torch._foreach_mul(hessian, _number(group["rho"], hessian))
-        torch._foreach_clamp_min_(denominators, group["eps"])
-        steps = torch._foreach_div(exp_avg, denominators)
-        torch._foreach_clamp_min_(steps, -1.0)
-        torch._foreach_clamp_max_(steps, 1.0)
-        _scale_(steps, -group["lr"])
+            hessian = fused.lerp(hessian, estimates, 1.0 - beta2)
+        # lr clip(m / max(rho h, eps), 1) = (lr / rho) clip(m / max(h, eps / rho), rho): one product fewer
+        rho = group["rho"]
+        floors = torch._foreach_clamp_min(hessian, group["eps"] / rho)
+        steps = torch._foreach_div(exp_avg, floors)
+        torch._foreach_clamp_min_(steps, -rho)
+        torch._foreach_clamp_max_(steps, rho)
+        fused.scale_(steps, -group["lr"] / rho)
         if group["weight_decay"]:
             torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
         return [{"exp_avg": m, "hessian": h} for m, h in zip(exp_avg, hessian)], steps

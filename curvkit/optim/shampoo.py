@@ -114,6 +114,7 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitWarning
+from curvkit.optim import fused
 from curvkit.optim.base import (
     CurvatureOptimizer,
     by_group,
@@ -171,22 +172,30 @@ def inverse_root(matrix: Tensor, exponent: float | Tensor, epsilon: float | Tens
     finite = torch.isfinite(A).flatten(-2).all(-1)[..., None, None]
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     A = torch.where(finite, (A + A.mT) / 2, eye)
-    exponent = torch.as_tensor(exponent, dtype=torch.float64, device=A.device)[..., None]
+    power = -1.0 / torch.as_tensor(exponent, dtype=torch.float64, device=A.device)[..., None]
     epsilon = torch.as_tensor(epsilon, dtype=torch.float64, device=A.device)[..., None]
-    root = _inverse_root_of_finite(A, exponent, epsilon)
+    root = _inverse_root_of_finite(A, power, epsilon)
     return torch.where(finite, root, torch.full_like(root, math.nan))
 
 
-def _inverse_root_of_finite(A: Tensor, exponent: float | Tensor, epsilon: float | Tensor) -> Tensor:
-    """:func:`inverse_root` of finite matrices ``[..., n, n]``, in their dtype, without its guards.
+def _inverse_root_of_finite(A: Tensor, power: float | Tensor, epsilon: float | Tensor) -> Tensor:
+    """``(A + epsilon I)^power`` of finite symmetric matrices ``[..., n, n]``, in their dtype, without guards.
 
-    Only the lower triangles are read (by ``torch.linalg.eigh``): a matrix that is
-    symmetric up to rounding need not be symmetrised. ``exponent`` and
-    ``epsilon``: numbers, or ``[..., 1]`` tensors.
+    :func:`inverse_root` with ``power = -1/exponent``. Only the lower triangles
+    are read (by ``torch.linalg.eigh``): a matrix that is symmetric up to
+    rounding need not be symmetrised. ``power`` and ``epsilon``: numbers, or
+    ``[..., 1]`` tensors.
     """
     values, vectors = torch.linalg.eigh(A)
-    roots = values.clamp_(min=0.0).add_(epsilon).pow_(-1.0 / exponent)
+    roots = values.clamp_(min=0.0).add_(epsilon).pow_(power)
     return (vectors * roots.unsqueeze(-2)) @ vectors.mT
+
+
+def _per_matrix(values: list[float], dtype: torch.dtype, device: torch.device) -> float | Tensor:
+    """A batch's numbers, one per matrix: one number if all are equal, else a ``[batch, 1]`` tensor."""
+    if all(value == values[0] for value in values):
+        return values[0]
+    return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
 
 def _diagonal_inverse_root(diagonal: Tensor, exponent: float, epsilon: float) -> Tensor:
@@ -426,13 +435,13 @@ class Shampoo(CurvatureOptimizer):
             squares = torch._foreach_mul([item.grad for item in items], [item.grad for item in items])
             olds = [self.state[item.p].get("graft_sum") for item in items]
             if all(old is None for old in olds):
-                sums = squares if beta2 == 1.0 else torch._foreach_mul(squares, 1.0 - beta2)
+                sums = squares if beta2 == 1.0 else fused.multiply(squares, 1.0 - beta2)
             else:
                 olds = [torch.zeros_like(item.grad) if old is None else old for item, old in zip(items, olds)]
                 sums = (
                     torch._foreach_add(olds, squares)
                     if beta2 == 1.0
-                    else torch._foreach_lerp(olds, squares, 1.0 - beta2)
+                    else fused.lerp(olds, squares, 1.0 - beta2)
                 )
             for item, total in zip(items, sums):
                 item.new["graft_sum"] = total
@@ -473,12 +482,14 @@ class Shampoo(CurvatureOptimizer):
                 batches.setdefault(key, []).append((item, i, exponent, epsilon, correction))
         for (_, dtype, device), requests in batches.items():
             statistics = [item.new[f"statistic_{i}"] for item, i, *_ in requests]
-            exponents, epsilons, corrections = torch.tensor(
-                [request[2:] for request in requests], dtype=dtype, device=device
-            ).unbind(1)
+            powers = _per_matrix([-1.0 / exponent for _, _, exponent, _, _ in requests], dtype, device)
+            epsilons = _per_matrix([epsilon for _, _, _, epsilon, _ in requests], dtype, device)
+            corrections = [correction for *_, correction in requests]
             try:  # in the statistics' dtype, preconditioner_dtype
-                A = torch.stack(statistics).div_(corrections[:, None, None])
-                roots = _inverse_root_of_finite(A, exponents[:, None], epsilons[:, None]).unbind()
+                A = torch.stack(statistics)
+                if any(correction != 1.0 for correction in corrections):
+                    A.div_(torch.tensor(corrections, dtype=dtype, device=device)[:, None, None])
+                roots = _inverse_root_of_finite(A, powers, epsilons).unbind()
             except torch.linalg.LinAlgError:
                 roots = [
                     self._inverse_root(
@@ -507,9 +518,9 @@ class Shampoo(CurvatureOptimizer):
                 grafts = grads
             elif group["grafting"] == "adagrad":
                 corrections = [1.0 if beta2 == 1.0 else 1.0 - beta2**item.t for item in items]
-                denominators = torch._foreach_div([item.new["graft_sum"] for item in items], corrections)
+                denominators = fused.divide([item.new["graft_sum"] for item in items], corrections)
                 torch._foreach_sqrt_(denominators)
-                torch._foreach_add_(denominators, group["graft_epsilon"])
+                fused.add_(denominators, group["graft_epsilon"])
                 grafts = torch._foreach_div(grads, denominators)
             directions = list(grads if grafts is None else grafts)
             preconditioned = [k for k, item in enumerate(items) if item.roots]
@@ -528,12 +539,12 @@ class Shampoo(CurvatureOptimizer):
                     torch.zeros_like(d) if item.momentum is None else item.momentum
                     for item, d in zip(items, directions)
                 ]
-                momenta = torch._foreach_lerp(olds, directions, 1.0 - beta1)
+                momenta = fused.lerp(olds, directions, 1.0 - beta1)
                 for item, momentum in zip(items, momenta):
                     item.new["momentum_buffer"] = momentum
-                group_deltas = torch._foreach_mul(momenta, [-lr / (1.0 - beta1**item.t) for item in items])
+                group_deltas = fused.multiply(momenta, [-lr / (1.0 - beta1**item.t) for item in items])
             else:
-                group_deltas = torch._foreach_mul(directions, -lr)
+                group_deltas = fused.multiply(directions, -lr)
             if wd and group["decoupled_weight_decay"]:
                 torch._foreach_add_(
                     group_deltas, [item.p.to(d.dtype) for item, d in zip(items, group_deltas)], alpha=-lr * wd
