@@ -13,13 +13,15 @@ The public API::
     dens = curvkit.density(H, steps=100, runs=5)  # stochastic Lanczos quadrature
     curvkit.per_layer(H)                          # top eigenvalue and trace per layer
     curvkit.analyze(["ckpt.pt"], output="results.h5")  # what `curvkit analyze` does
+    # under torchrun, after torch.distributed.init_process_group(): every process its
+    # shard of the data, the sums reduced (curvkit.distributed, curvkit.LocalShard)
     curvkit.newton_summary(problem, "canonical")   # Wolinski's g_bar, H_bar, D3
     opt = curvkit.NewtonSummary(param_groups, full_loss, hg_loader)  # also curvkit.optim
 
 ``import curvkit`` does not import typer, h5py or matplotlib.
 """
 
-from curvkit import partition
+from curvkit import distributed, partition
 from curvkit._version import __version__
 from curvkit.analysis import AnalysisPlan
 from curvkit.checkpoints import (
@@ -32,6 +34,7 @@ from curvkit.checkpoints import (
     trusted_factory,
 )
 from curvkit.composite_norms import CompositeNorms
+from curvkit.data import LocalShard
 from curvkit.directions import DIRECTIONS, resolve_direction
 from curvkit.errors import (
     CurvkitError,
@@ -105,6 +108,7 @@ __all__ = [
     "save_checkpoint",
     "trusted_factory",
     "CompositeNorms",
+    "LocalShard",
     "CurvatureOperator",
     "CurvkitError",
     "CurvkitWarning",
@@ -162,6 +166,7 @@ __all__ = [
     "ihvp_accuracy",
     "newton_summary",
     "partition",
+    "distributed",
     "estimators",
     "get_estimator",
     "hookimpl",

@@ -14,6 +14,13 @@ decides from real products, so that deciding costs no extra work:
   calls per remaining way are timed, the ways taking turns, and the way with the
   smallest best time is kept for that key.
 
+In a data-parallel run (:mod:`curvkit.distributed`) each process times and
+decides for itself: a choice made per batch is reached a different number of
+times in processes with shards of different sizes, so no collective can decide
+for all of them there. Nothing depends on their agreeing: each process's
+contribution is rounded its way, and the one reduction hands every process the
+same sum.
+
 The ways compute the same product but may round differently (in float32 about
 one unit in the last place), so which one is kept, and hence the last bits of a
 product, can change between runs; an estimator offers a ``strategy`` option that

@@ -24,6 +24,7 @@ from curvkit.errors import DataError
 __all__ = [
     "BatchSource",
     "DataSummary",
+    "LocalShard",
     "batch_size_of",
     "rebatchable_types",
     "slice_batch",
@@ -92,6 +93,26 @@ class _DatasetBatches(DataLoader):
     """A Dataset split in order into batches of ``batch_size`` by curvkit."""
 
 
+class LocalShard:
+    """Data that hold only this process's shard of a data-parallel run (see :mod:`curvkit.distributed`).
+
+    ``Problem(model, loss, LocalShard(data))`` iterates ``data`` as given in every
+    process (each process passes its own), and still reduces the sums over the
+    processes: for data the user has sharded already, such as a DataLoader with
+    a sampler of its own, or files read per process. The shards must not overlap
+    (a :class:`torch.utils.data.DistributedSampler` with ``drop_last=False`` repeats
+    samples to even them out, which would count them twice).
+
+    Args:
+        data: This process's data, in any form :class:`BatchSource` accepts.
+    """
+
+    def __init__(self, data: Any):
+        if isinstance(data, LocalShard):
+            data = data.data
+        self.data = data
+
+
 class BatchSource:
     """A re-iterable source of ``(inputs, targets)`` batches.
 
@@ -107,6 +128,10 @@ class BatchSource:
         if max_samples is not None and max_samples < 1:
             raise DataError(f"max_samples must be positive, got {max_samples}")
         self.max_samples = max_samples
+        self.local_shard = isinstance(data, LocalShard)
+        """Whether the data are this process's shard already (:class:`LocalShard`)."""
+        if self.local_shard:
+            data = data.data
         if (
             isinstance(data, tuple | list)
             and len(data) == 2
@@ -130,6 +155,49 @@ class BatchSource:
                 "data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader "
                 f"or a re-iterable of (inputs, targets) batches; got {type(data).__name__}"
             )
+
+    def shard(self, rank: int, size: int) -> Iterator[tuple[Inputs, Tensor]]:
+        """Process ``rank``'s batches, of ``size`` processes: the shards cover the data once.
+
+        * A tensor pair or a Dataset (batched by curvkit): the contiguous samples
+          ``[floor(rank n / size), floor((rank + 1) n / size))`` of the ``n`` samples
+          (within ``max_samples``), in batches of the batch size: shard sizes differ
+          by at most one sample, and each process reads only its own samples.
+        * Batches fixed by the user (a DataLoader, a list of batches): batches
+          ``rank, rank + size, ...`` (the ``max_samples`` cut applied first): shard
+          sizes differ by at most one batch; every process iterates all the
+          batches to reach its own (a DataLoader loads them all), so pass a
+          Dataset, or a :class:`LocalShard`, to read each sample once.
+        * A :class:`LocalShard`: the data as given.
+        """
+        source = self._source
+        if self.local_shard or size == 1:
+            yield from self
+            return
+        if isinstance(source, _TensorPairBatches | _DatasetBatches):
+            available = source.n if isinstance(source, _TensorPairBatches) else len(source.dataset)
+            n = min(available, self.max_samples or available)
+            lo, hi = rank * n // size, (rank + 1) * n // size
+            if hi <= lo:
+                return
+            if isinstance(source, _TensorPairBatches):
+                inputs = (
+                    {k: v[lo:hi] for k, v in source.inputs.items()}
+                    if isinstance(source.inputs, Mapping)
+                    else source.inputs[lo:hi]
+                )
+                part: Iterable = _TensorPairBatches(inputs, source.targets[lo:hi], source.batch_size)
+            else:
+                part = _DatasetBatches(
+                    torch.utils.data.Subset(source.dataset, range(lo, hi)),
+                    batch_size=source.batch_size,
+                    shuffle=False,
+                )
+            yield from BatchSource(part, batch_size=source.batch_size)
+            return
+        for i, batch in enumerate(self):
+            if i % size == rank:
+                yield batch
 
     def subset(self, indices: Sequence[int] | Tensor) -> Any:
         """The samples at ``indices`` (positions in iteration order, within ``max_samples``), as data.

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.distributed import shared_seed
 from curvkit.errors import CurvkitError, ShapeMismatchError
 from curvkit.problem import Problem
 
@@ -91,8 +92,9 @@ def resolve_direction(
                 )
             return gradient.detach().to(device=device, dtype=dtype)
         if direction == "random":
-            generator = torch.Generator()
-            generator.manual_seed(generator.seed() if seed is None else int(seed))  # None: a fresh draw
+            generator = torch.Generator().manual_seed(
+                shared_seed() if seed is None else int(seed)
+            )  # None: fresh
             u = torch.randn(P, generator=generator, dtype=torch.float64)
             return u.to(device=device, dtype=dtype)
         raise CurvkitError(

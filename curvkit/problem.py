@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvkit import distributed
 from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_device
 from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
 from curvkit.layout import ParameterLayout, select_parameters
@@ -125,6 +126,13 @@ class Problem:
             is redone when the model changes. ``False`` is for a problem used while
             the model does not change (one training step, :meth:`on_batch`): no
             copy, no comparison, no host-device synchronisation per product.
+        data_parallel: In a :mod:`torch.distributed` run of several processes
+            (``torchrun``), each process iterates its shard of the data and the
+            sums are reduced over the processes (default; see
+            :mod:`curvkit.distributed`), so that every process gets the
+            full-data curvature. ``False``: this process's data are the whole
+            data (a training step's own mini-batch): no shard, no reduction.
+            Without several processes both mean the same.
 
     Example:
         >>> import torch, curvkit
@@ -152,6 +160,7 @@ class Problem:
         check_deterministic: bool = True,
         forward_kwargs: Mapping[str, Any] | None = None,
         track_state: bool = True,
+        data_parallel: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise DataError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -171,6 +180,7 @@ class Problem:
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
         self.track_state = track_state
+        self.data_parallel = data_parallel
         self._snapshot: ModelSnapshot | None = None if track_state else _UntrackedState(model)
         self._determinism_snapshot: ModelSnapshot | None = None
 
@@ -273,7 +283,9 @@ class Problem:
         """The light problem of one mini-batch (see :meth:`on_batch`), without a template problem.
 
         One batch of all of ``(inputs, targets)``, no determinism probe, the model's
-        state not tracked; the other arguments as :class:`Problem` takes them. What
+        state not tracked, the batch this process's alone (``data_parallel=False``:
+        in a data-parallel run each process has its own); the other arguments as
+        :class:`Problem` takes them. What
         :meth:`on_batch` builds, and :meth:`curvkit.optim.CurvatureOptimizer.batch_problem`.
         """
         return cls(
@@ -287,6 +299,7 @@ class Problem:
             check_deterministic=False,
             forward_kwargs=forward_kwargs,
             track_state=False,
+            data_parallel=False,
         )
 
     def with_params(self, params: str | Sequence[str] | None) -> Problem:
@@ -370,6 +383,7 @@ class Problem:
             check_deterministic=self.check_deterministic,
             forward_kwargs=self.forward_kwargs,
             track_state=self.track_state,
+            data_parallel=self.data_parallel,
         )
 
     def __repr__(self) -> str:
@@ -395,11 +409,22 @@ class Problem:
                 m.training = mode
 
     def batches(self) -> Iterator[tuple[Any, Tensor]]:
-        """The data's batches, moved to the problem's device and dtype."""
+        """The data's batches (in a data-parallel run this process's shard), on the problem's device, dtype.
+
+        Raises:
+            DataError: No batch (in a data-parallel run: for this process; each
+                process needs one).
+        """
+        rank, size = distributed.process() if self.data_parallel else (0, 1)
         empty = True
-        for inputs, targets in self.data:
+        for inputs, targets in self.data.shard(rank, size):
             empty = False
             yield to_device(inputs, self.device, self.dtype), to_device(targets, self.device, self.dtype)
+        if empty and size > 1:
+            raise DataError(
+                f"process {rank} of {size} has no batch of the data: give every process at least one "
+                "(fewer processes, or smaller batches)"
+            )
         if empty:
             raise DataError("the data yielded no batch")
 
@@ -476,12 +501,21 @@ class Problem:
         """The full-dataset quantity from the sums of :meth:`batch_sums`: reduced, then normalised.
 
         The reduction is the one place where sums over the data meet: the sum of
-        every process's ``local_sum`` and ``local_count`` (the identity in one
-        process; a data-parallel run all-reduces here and nowhere else). The
-        result is multiplied by :meth:`normalizer` of the total count, so that it
-        belongs to the full-dataset loss ``L = (1/C) sum_b S_b``.
+        every process's ``local_sum`` and ``local_count``
+        (:func:`curvkit.distributed.reduce_sums`: the identity in one process, or
+        with ``data_parallel=False``; a data-parallel run all-reduces here and
+        nowhere else). The result is multiplied by :meth:`normalizer` of the
+        total count, so that it belongs to the full-dataset loss
+        ``L = (1/C) sum_b S_b``.
         """
-        total, count = reduce_sums(local_sum, local_count)
+        total, count = (
+            distributed.reduce_sums(local_sum, local_count)
+            if self.data_parallel
+            else (
+                local_sum,
+                local_count,
+            )
+        )
         return _scale(total, self.normalizer(count))
 
     def data_mean(self, per_batch: Callable[[Any, Tensor], tuple[Any, float]]) -> Any:
@@ -571,14 +605,6 @@ class Problem:
 def _listing(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
-    """Sums and counts of every process: the data-parallel reduction point.
-
-    In one process (the only mode so far) the local sums are the totals.
-    """
-    return local_sum, local_count
 
 
 def _add(total: Any, part: Any) -> Any:

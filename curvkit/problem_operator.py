@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.distributed import process_seed, shared_seed
 from curvkit.operator import CurvatureOperator, _resolve_names
 from curvkit.problem import ModelSnapshot, Problem
 
@@ -106,7 +107,7 @@ class ProblemOperator(CurvatureOperator):
         self.name = type(self).__name__
         self.seed: int | None = None
         if self.STOCHASTIC:
-            self.seed = torch.Generator().seed() if seed is None else int(seed)  # not the global RNG
+            self.seed = shared_seed() if seed is None else int(seed)  # not the global RNG; one per run
         self.products = 0
 
     # ---------------------------------------------------------------- subclasses
@@ -189,13 +190,14 @@ class ProblemOperator(CurvatureOperator):
 
         Seeded with :attr:`seed` for every product, so that the estimator is a
         fixed linear map; with ``RESAMPLES``, seeded with ``seed`` plus the number
-        of products so far, a new (reproducible) draw each time.
+        of products so far, a new (reproducible) draw each time. In a data-parallel
+        run each process draws its shard's samples from its own stream
+        (:func:`curvkit.distributed.process_seed`).
         """
         if not self.STOCHASTIC:
             return None
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + (self.products if self.RESAMPLES else 0))
-        return generator
+        seed = self.seed + (self.products if self.RESAMPLES else 0)
+        return torch.Generator().manual_seed(process_seed(seed, self.problem.data_parallel))
 
     def _matmat(self, M: Tensor) -> Tensor:
         snapshot = self.problem.current_snapshot()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.distributed import shared_seed
 from curvkit.errors import CurvkitError, NonFiniteError, ShapeMismatchError
 from curvkit.operator import CurvatureOperator, basis_diagonal
 
@@ -105,14 +106,11 @@ def probe_generator(seed: int | None) -> torch.Generator:
     """A CPU generator, so that a seed gives the same probes on every device.
 
     ``seed=None`` means fresh randomness (a seed from the operating system), as in
-    NumPy and PyTorch; the seed used is ``generator.initial_seed()``.
+    NumPy and PyTorch, the same in every process of a data-parallel run
+    (:func:`curvkit.distributed.shared_seed`); the seed used is
+    ``generator.initial_seed()``.
     """
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
+    return torch.Generator().manual_seed(shared_seed() if seed is None else seed)
 
 
 def rademacher(P: int, K: int, gen: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:

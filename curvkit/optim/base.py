@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from curvkit.distributed import is_data_parallel
 from curvkit.errors import CurvkitWarning
 from curvkit.finite import all_finite, first_non_finite
 from curvkit.problem import Problem
@@ -92,6 +93,27 @@ def by_group(
         group = group_of(item)
         groups.setdefault(id(group), (group, []))[1].append(item)
     return list(groups.values())
+
+
+def warn_if_data_parallel(owner: object) -> None:
+    """Warns that ``owner``'s curvature is this process's alone, in a data-parallel run.
+
+    Called where an optimizer (or :class:`~curvkit.optim.CurvaturePreconditioner`)
+    measures curvature on its mini-batch: the batch's problem, Hutchinson's
+    products through the gradient's graph. Under
+    :class:`torch.nn.parallel.DistributedDataParallel` the gradients are averaged
+    over the processes but such curvature is not, so the processes' steps, and
+    then their parameters, differ. (Shampoo, whose statistics come from the
+    averaged gradients, does not call it.) Python shows the warning once per
+    calling line.
+    """
+    if is_data_parallel():
+        warnings.warn(
+            f"{type(owner).__name__} measures curvature on this process's mini-batch only; in a "
+            "data-parallel run (DistributedDataParallel) the processes' steps and parameters will differ",
+            CurvkitWarning,
+            stacklevel=3,
+        )
 
 
 def check_positive(name: str, value: Any, *, zero: bool = False) -> float:
@@ -255,6 +277,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"{len(missing)} optimized tensor(s) (shapes {shapes}) are not parameters of the model"
             )
         params = [names[id(p)] for p in mine]
+        warn_if_data_parallel(self)
         return Problem.for_batch(
             self.model, self.loss_fn, inputs, targets, params=params, eval_mode=self.eval_mode
         )

@@ -101,6 +101,7 @@ from curvkit.optim.base import (
     check_integer,
     check_positive,
     optional,
+    warn_if_data_parallel,
 )
 
 __all__ = ["AdaHessian", "DiagonalNewton", "HutchinsonOptimizer", "SophiaH", "rademacher"]
@@ -279,6 +280,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
                 f"{type(self).__name__} needs the gradient's graph for its Hessian-vector products: call "
                 "loss.backward(create_graph=True) before step(), or pass step() a closure that does"
             )
+        warn_if_data_parallel(self)
         V = self._probes(params)
         HV = backward_products(grads, params, V, batched=False)
         if self.probes == 1:

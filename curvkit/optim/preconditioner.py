@@ -45,7 +45,7 @@ from curvkit.errors import CurvkitWarning, NonFiniteError, UnknownEstimatorError
 from curvkit.layout import select_parameters
 from curvkit.linalg.solve import InverseOperator, inverse, solvers
 from curvkit.operator import CurvatureOperator
-from curvkit.optim.base import check_integer, check_positive, unpack_batch
+from curvkit.optim.base import check_integer, check_positive, unpack_batch, warn_if_data_parallel
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
 from curvkit.running import RunningCurvature
@@ -172,6 +172,7 @@ class CurvaturePreconditioner:
     def batch_problem(self, inputs: Any, targets: Any) -> Problem:
         """The light :class:`curvkit.Problem` of one mini-batch (no copy, no determinism probe)."""
         params = list(self.param_names)
+        warn_if_data_parallel(self)
         return Problem.for_batch(
             self.model, self.loss_fn, inputs, targets, params=params, eval_mode=self.eval_mode
         )

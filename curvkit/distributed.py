@@ -1,0 +1,189 @@
+r"""Data-parallel curvature on :mod:`torch.distributed`: each process a shard of the data, one reduction.
+
+Every data-backed quantity of curvkit (loss and gradient, Hessian, GGN and Fisher
+products, KFAC factors, the D3 summary, diagonals) is a sum over the data,
+normalised by the count of loss terms,
+
+.. math:: A V = \frac{1}{C} \sum_b A_b V, \qquad C = \sum_b c_b ,
+
+formed by :meth:`curvkit.Problem.batch_sums` (the one loop over the data) and
+finished by :meth:`curvkit.Problem.full_data` (the one reduction). When
+:mod:`torch.distributed` is initialised with more than one process (the processes
+``torchrun --nproc-per-node N`` starts, each calling
+``torch.distributed.init_process_group()``), a problem built with
+``data_parallel=True`` (the default)
+
+* iterates only its process's **shard** of the data
+  (:meth:`curvkit.data.BatchSource.shard`): a contiguous range of the samples
+  when curvkit batches the data itself (a tensor pair, a Dataset), every
+  ``W``-th batch when the batches are the user's (a DataLoader, a list of
+  batches), or, for data wrapped in :class:`~curvkit.data.LocalShard`, the data
+  as given, which the user has sharded already;
+* **reduces** at :meth:`~curvkit.Problem.full_data`: the sums of every process and
+  their counts are added by one all-reduce (:func:`reduce_sums`), and the total
+  is normalised by the total count.
+
+The result is the one-process result on the whole data, up to the rounding of a
+different summation order, for shards of any sizes (uneven shards included; each
+process needs at least one batch). Every process then holds the same reduced
+values, so every analysis built on the products (Lanczos, traces, solvers, checks)
+takes the same steps and decisions in every process. A Monte-Carlo estimator
+(a Fisher with sampled targets) draws the samples of each shard from a stream of
+its own (:func:`process_seed`): it is another draw of the same estimator, equal
+to the one-process operator in expectation rather than to rounding. What is not computed from
+the data is agreed on explicitly: a fresh seed (``seed=None``) is drawn by
+process 0 and broadcast (:func:`shared_seed`), so that random probes are the same
+in every process (a probe that differed would mix in the reduction). A way of
+computing chosen by timing (``strategy="auto"``) may differ between processes,
+which changes only how each process's contribution is rounded (see
+:mod:`curvkit.choice`). Every process must make the same curvkit calls, in the
+same order, as with any collective code.
+
+A problem with ``data_parallel=False`` (the light problem of a training step's own
+mini-batch, :meth:`curvkit.Problem.on_batch`) neither shards nor reduces.
+
+The collectives run on the process group's device: the current CUDA device for
+NCCL, the CPU for gloo. Nothing here starts processes or initialises the group:
+``torchrun`` and the caller do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from curvkit.errors import CurvkitError
+
+__all__ = ["from_first_process", "is_data_parallel", "process", "process_seed", "reduce_sums", "shared_seed"]
+
+
+def process() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` unless :mod:`torch.distributed` is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_data_parallel() -> bool:
+    """Whether this process is one of several of an initialised :mod:`torch.distributed` group."""
+    return process()[1] > 1
+
+
+def _collective_device() -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
+    """The sums and counts of every process, added: the data-parallel reduction point.
+
+    ``local_sum`` is what :meth:`curvkit.Problem.batch_sums` returns: a tensor, a
+    number, ``None``, or a tuple or list of them (nested). In one process it is
+    returned as is. In several, the counts are gathered (with the number of
+    entries, checked to agree) and added in the order of the ranks, and the
+    tensors are all-reduced (summed), one collective per dtype over their
+    concatenation (numbers as float64 tensors); every process gets the same totals.
+
+    Raises:
+        CurvkitError: The processes' sums differ in shape (their number of
+            entries), which a bug in an estimator would cause; every process raises.
+    """
+    _, size = process()
+    if size == 1:
+        return local_sum, local_count
+    leaves: list[Any] = []
+    rebuild = _flatten(local_sum, leaves)
+    device = _collective_device()
+    tensors = [
+        torch.tensor(float(leaf), dtype=torch.float64, device=device) if _is_number(leaf) else leaf
+        for leaf in leaves
+        if leaf is not None
+    ]
+    entries = sum(t.numel() for t in tensors)
+    header = torch.tensor([float(local_count), float(entries)], dtype=torch.float64, device=device)
+    headers = [torch.empty_like(header) for _ in range(size)]
+    dist.all_gather(headers, header)
+    if any(float(h[1]) != entries for h in headers):
+        raise CurvkitError(
+            "the processes' data sums differ in size ("
+            + ", ".join(f"process {r}: {int(h[1])} entries" for r, h in enumerate(headers))
+            + "): each process must compute the same quantity on its shard"
+        )
+    count = sum(float(h[0]) for h in headers)  # in the order of the ranks, the same in every process
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    reduced: dict[int, Tensor] = {}
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1).to(device) for t in group])
+        dist.all_reduce(flat)
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            reduced[id(t)] = part.reshape(t.shape).to(t.device)
+    totals = iter(reduced[id(t)] for t in tensors)
+    summed = [None if leaf is None else next(totals) for leaf in leaves]
+    summed = [float(new) if _is_number(old) else new for old, new in zip(leaves, summed)]
+    return rebuild(iter(summed)), count
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _flatten(value: Any, leaves: list[Any]) -> Callable[[Any], Any]:
+    """Appends ``value``'s leaves (tensors, numbers, ``None``) to ``leaves``; returns the inverse.
+
+    The inverse takes an iterator over new leaves, in the same order, and
+    rebuilds the nesting of tuples and lists.
+    """
+    if isinstance(value, tuple | list):
+        parts = [_flatten(v, leaves) for v in value]
+        kind = type(value)
+        return lambda it: kind(part(it) for part in parts)
+    if value is None or isinstance(value, Tensor) or _is_number(value):
+        leaves.append(value)
+        return lambda it: next(it)
+    raise CurvkitError(f"a data sum must hold tensors, numbers or None, not {type(value).__name__}")
+
+
+def shared_seed() -> int:
+    """A fresh seed (from the operating system), the same in every process: drawn by process 0, broadcast.
+
+    What ``seed=None`` means for a Monte-Carlo estimator, a probe generator or a
+    random direction; in one process simply a fresh seed.
+    """
+    return from_first_process(torch.Generator().seed() % 2**62)
+
+
+def process_seed(seed: int, data_parallel: bool = True) -> int:
+    """The seed of this process's share of a Monte-Carlo draw over the data: ``seed`` in process 0.
+
+    Each process draws the samples of its own shard (a Fisher's sampled targets),
+    so the processes need independent streams: process ``r`` seeds its generator
+    with ``seed + r * 0x9E3779B97F4A7C15`` (mod ``2**63``; the golden-ratio
+    increment keeps the streams of nearby seeds apart). Process 0, and one
+    process, or ``data_parallel=False``, use ``seed`` itself, so that a run on one
+    process is unchanged. The estimator is then another draw of the same
+    distribution: equal to the one-process operator in expectation, not to rounding.
+    """
+    rank = process()[0] if data_parallel else 0
+    return (int(seed) + rank * 0x9E3779B97F4A7C15) % 2**63
+
+
+def from_first_process(value: int) -> int:
+    """Process 0's ``value`` in every process (an integer, e.g. an index); ``value`` in one process.
+
+    For decisions that processes would otherwise take apart and could take
+    differently: a seed drawn from the clock or the operating system, a way chosen
+    by timing.
+    """
+    if not is_data_parallel():
+        return value
+    carrier = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(carrier, src=0)
+    return int(carrier.item())

@@ -1,0 +1,100 @@
+"""The data-parallel battery's worker: run by ``torchrun`` (several processes) or alone (the reference).
+
+``python tests/distributed_worker.py OUT [MODE]``: computes, on small float64
+problems, every registered estimator's products, a loss and gradient, eigenvalues
+and a trace, for each form of data, and saves them to ``OUT/rank<r>.pt`` (every
+process saves its own, so that the test can check that the processes agree with
+each other and with a run of one process). ``MODE`` ``fail`` makes process 1
+raise after the first product, to check that the others end too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import curvkit
+from curvkit.data import LocalShard
+from curvkit.testing.cases import get_case
+
+CASES = ("tanh-mlp-ce", "cnn-pool-ce", "dict-inputs-nll", "batchnorm-eval-bce")
+"""Conformance cases run (13, 9, 10 and 10 samples: uneven shards for 2 and 3 processes)."""
+
+OPTIONS = {"fisher": {"mode": "exact"}}
+"""Estimator options for a comparison to rounding (the Monte-Carlo Fisher is run apart)."""
+
+
+MC_SEEDS = 24
+"""Seeds of the Monte-Carlo Fisher, whose data-parallel products are another draw (equal in expectation)."""
+
+
+def _forms(case_name: str) -> dict[str, object]:
+    """The case's data in each form a problem accepts: keyed by the form's name."""
+    case = get_case(case_name)
+    _, inputs, targets = case.build(torch.float64)
+    rank, size = curvkit.distributed.process()
+    n = targets.shape[0]
+    pair = (inputs, targets)
+    forms: dict[str, object] = {"pair": pair}
+    if isinstance(inputs, torch.Tensor):
+        forms["dataset"] = torch.utils.data.TensorDataset(inputs, targets)
+        forms["batches"] = [(inputs[i : i + 4], targets[i : i + 4]) for i in range(0, n, 4)]
+        lo, hi = rank * n // size, (rank + 1) * n // size  # the user's own shard of the samples
+        forms["local-shard"] = LocalShard((inputs[lo:hi], targets[lo:hi]))
+    return forms
+
+
+def battery(fail: bool = False) -> dict[str, object]:
+    """Every figure of the battery, keyed by case, form and what was computed."""
+    results: dict[str, object] = {}
+    rank = curvkit.distributed.process()[0]
+    for case_name in CASES:
+        case = get_case(case_name)
+        for form, data in _forms(case_name).items():
+            torch.manual_seed(0)
+            model, _, _ = case.build(torch.float64)
+            problem = curvkit.Problem(model, case.loss, data, batch_size=3)
+            key = f"{case_name}/{form}"
+            loss, gradient = problem.loss_and_gradient()
+            results[f"{key}/loss"], results[f"{key}/gradient"] = loss, gradient
+            V = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            for spec in curvkit.estimators():
+                operator = curvkit.curvature(spec.name, problem, **OPTIONS.get(spec.name, {}))
+                results[f"{key}/{spec.name}"] = operator @ V
+                if fail and rank == 1:
+                    raise RuntimeError("process 1 fails on purpose")
+            if form != "pair":
+                continue
+            H = curvkit.curvature("hessian", problem)
+            eigen = curvkit.eigenvalues(H, k=2, seed=0)
+            results[f"{key}/eigenvalues"] = torch.as_tensor(eigen.values)
+            results[f"{key}/trace"] = torch.as_tensor(
+                curvkit.trace(H, method="hutchinson", matvecs=8, seed=0).estimate
+            )
+            results[f"{key}/fisher-mc"] = torch.stack(
+                [curvkit.curvature("fisher", problem, mode="mc", seed=seed) @ V for seed in range(MC_SEEDS)]
+            )
+            results[f"{key}/fresh-seed"] = torch.tensor(curvkit.curvature("fisher", problem).seed)
+    return results
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    fail = len(sys.argv) > 2 and sys.argv[2] == "fail"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    try:
+        results = battery(fail)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(results, out / f"rank{curvkit.distributed.process()[0]}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
