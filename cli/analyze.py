@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from curvkit import distributed
 from curvkit.analysis import AnalysisPlan
 from curvkit.errors import CurvkitError
 from curvkit.linalg.lanczos import REORTHOGONALISATION
-from curvkit.runs import AnalyzeEvent, AnalyzeReport, ProblemSettings, RunOutcome, analyze
+from curvkit.runs import AnalyzeEvent, AnalyzeReport, ProblemSettings, RunOutcome, analyze, resolve_device
 from curvkit.store import ResultsStore
 from curvkit.summaries import summarize
 
@@ -339,12 +340,23 @@ def analyze_command(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON document on stdout."),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        help="Processes to run data-parallel on this machine (torch.distributed; launches them as "
+        "torchrun does). Under torchrun, its processes are used instead.",
+    ),
 ) -> None:
     """Analyse the curvature of checkpoints and store every result in one HDF5 file.
 
     With no analysis flag: the top-5 eigenvalues with certificates, the trace and the
     spectral density. Running the same command again resumes and skips finished work.
     """
+    if nproc < 1:
+        raise CurvkitError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and distributed.launched_processes() == 1:
+        status = distributed.launch_local(nproc, [sys.executable, "-m", "curvkit.cli.main", *sys.argv[1:]])
+        raise typer.Exit(status)
     solvers = _comma_separated(ihvp)
     explicit = (
         top_k is not None
@@ -400,6 +412,24 @@ def analyze_command(
         trust_pickle=trust_pickle,
         check_deterministic=check_deterministic,
     )
+    with distributed.joined(resolve_device(device)) as (rank, _):
+        if rank != 0:  # process 0 prints for all; the others compute
+            quiet, as_json = True, False
+        _analyze_and_print(checkpoints, output, plan, settings, curvature, options, skip_bad, quiet, as_json)
+
+
+def _analyze_and_print(
+    checkpoints: list[str],
+    output: Path,
+    plan: AnalysisPlan,
+    settings: ProblemSettings,
+    curvature: list[str],
+    options: dict[str, Any] | None,
+    skip_bad: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Runs :func:`curvkit.runs.analyze` with progress bars and interrupts; prints the report."""
     show_bars = not quiet and sys.stderr.isatty()
     try:
         with (

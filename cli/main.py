@@ -96,7 +96,8 @@ def _show_warning(
 ) -> None:
     """curvkit's own warnings as one line, like its errors; others as Python shows them."""
     if issubclass(category, curvkit.CurvkitWarning):
-        typer.echo(f"curvkit: warning: {message}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0's warnings stand for all
+            typer.echo(f"curvkit: warning: {message}", err=True)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 
@@ -109,7 +110,9 @@ def main() -> None:
 
     The current directory goes first on the module path, as with ``python -m``, so
     that ``--model mymodels:Net`` and ``--data mydata:load`` find ``mymodels.py``
-    and ``mydata.py`` there.
+    and ``mydata.py`` there. Under ``torchrun`` only process 0 prints curvkit's
+    errors and warnings: the processes run the same command on the same inputs,
+    so they meet the same ones.
     """
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -117,7 +120,8 @@ def main() -> None:
     try:
         app()
     except curvkit.CurvkitError as exc:
-        typer.echo(f"curvkit: error: {exc}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all (same error)
+            typer.echo(f"curvkit: error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
 
 

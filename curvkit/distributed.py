@@ -49,7 +49,9 @@ NCCL, the CPU for gloo. Nothing here starts processes or initialises the group:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -58,7 +60,18 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError
 
-__all__ = ["from_first_process", "is_data_parallel", "process", "process_seed", "reduce_sums", "shared_seed"]
+__all__ = [
+    "broadcast_object",
+    "from_first_process",
+    "is_data_parallel",
+    "joined",
+    "launch_local",
+    "launched_processes",
+    "process",
+    "process_seed",
+    "reduce_sums",
+    "shared_seed",
+]
 
 
 def process() -> tuple[int, int]:
@@ -187,3 +200,107 @@ def from_first_process(value: int) -> int:
     carrier = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.broadcast(carrier, src=0)
     return int(carrier.item())
+
+
+def broadcast_object(value: Any) -> Any:
+    """Process 0's ``value`` (any picklable object) in every process; ``value`` in one process.
+
+    For what process 0 alone knows: the results a resumed run already holds in
+    the file only process 0 opens.
+    """
+    if not is_data_parallel():
+        return value
+    carrier = [value]
+    dist.broadcast_object_list(carrier, src=0)
+    return carrier[0]
+
+
+def launched_processes() -> int:
+    """The number of processes ``torchrun`` started for this job (its ``WORLD_SIZE``), 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def joined(device: str | torch.device = "cpu") -> Iterator[tuple[int, int]]:
+    """Joins, for the duration, the process group ``torchrun`` describes; yields ``(rank, world size)``.
+
+    Under ``torchrun`` (its environment variables: ``WORLD_SIZE`` above 1,
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and with no group
+    initialised yet, initialises one, NCCL for a CUDA ``device`` (each process
+    on the GPU of its ``LOCAL_RANK``) and gloo otherwise, and destroys it on
+    exit. Otherwise (one process, or a group the caller initialised) it does
+    nothing. What ``curvkit analyze`` runs in.
+
+    Raises:
+        CurvkitError: A CUDA device, and fewer GPUs than processes on this machine.
+    """
+    if launched_processes() <= 1 or dist.is_initialized():
+        yield process()
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise CurvkitError(
+                f"process {local} of this machine needs a GPU of its own, but there are "
+                f"{torch.cuda.device_count()}: start at most that many processes per machine"
+            )
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield process()
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_local(processes: int, command: list[str]) -> int:
+    """Runs ``command`` in ``processes`` processes on this machine, as ``torchrun --standalone`` would.
+
+    The processes are started by torch's elastic launcher (what ``torchrun``
+    runs), with a rendezvous on a free local port and no restarts, each with
+    the environment ``torchrun`` gives (``RANK``, ``WORLD_SIZE``, ...), and
+    ``OMP_NUM_THREADS`` set to the CPU cores over the processes unless it is set
+    already (``torchrun`` sets 1). Their output goes where this process's goes.
+    A process that fails, or Ctrl-C, ends them all; the launcher's own report
+    of it is silenced, since the processes report their errors themselves
+    (``curvkit analyze``: process 0, in one line).
+
+    Args:
+        processes: How many (``>= 2``).
+        command: The program and its arguments, e.g. ``[sys.executable, "-m", "curvkit.cli.main", ...]``.
+
+    Returns:
+        The exit status: 0, or the first failed process's (130 when interrupted).
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    for name in list(logging.root.manager.loggerDict):  # the launcher's and its agent's, made at import
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, command[0])(*command[1:])
+    except ChildFailedError as exc:
+        failure = exc.get_first_failure()[1]
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the launcher ended the processes
+        return 128 + int(exc.sigval)
+    except KeyboardInterrupt:
+        return 130
+    return 0

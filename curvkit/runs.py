@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from curvkit import checkpoints as _checkpoints
+from curvkit import distributed
 from curvkit._version import __version__
 from curvkit.analysis import (
     DENSE_REFERENCE_MAX_DIM,
@@ -596,6 +597,12 @@ def analyze(
     interrupted call loses nothing finished, and calling again with the same
     arguments resumes.
 
+    In a data-parallel run (every process of a :mod:`torch.distributed` group
+    calling it alike, e.g. under ``torchrun``; see :mod:`curvkit.distributed`)
+    each process analyses its shard of the data, every product is reduced over
+    the processes, and process 0 alone writes the file and reports ``progress``;
+    the others learn from it what a resumed run holds.
+
     Args:
         checkpoints: Files, folders and globs (:func:`expand_checkpoints`).
         output: The HDF5 results file (created, or appended to).
@@ -680,7 +687,9 @@ def analyze(
 
     extra = {} if command_line is None else {"command_line": command_line}
     shared: dict[str, Any] = {}  # the baseline's results on the current checkpoint
-    with ResultsStore(output) as store:
+    first = distributed.process()[0] == 0  # in a data-parallel run, process 0 writes and reports
+    progress = progress if first else None
+    with ResultsStore(output) if first else _OtherProcessStore() as store:
         for i, run in enumerate(targets):
             if i == 0 or run.index != targets[i - 1].index:
                 shared = {}
@@ -705,6 +714,40 @@ def analyze(
                 if run.run_id is None:  # failed before its run was begun
                     _record_bad(store, run, str(exc), extra, progress)
     return AnalyzeReport(Path(output), targets)
+
+
+class _OtherRecord:
+    """The run record of a process other than process 0 in a data-parallel :func:`analyze`: writes nothing.
+
+    Process 0 alone opens the results file and writes; the other processes
+    compute the same analyses (every product is a collective) and learn what a
+    resumed run already holds from process 0 (:func:`curvkit.distributed.broadcast_object`).
+    """
+
+    def has(self, key: str, request: Mapping[str, Any] | None = None) -> bool:
+        return False
+
+    def write(self, key: str, result: Any, *, request: Mapping[str, Any] | None = None) -> None:
+        pass
+
+    def write_timing(self, key: str, seconds: float) -> None:
+        pass
+
+    def finish(self, status: str = "complete", error: str | None = None) -> None:
+        pass
+
+
+class _OtherProcessStore:
+    """The results store of a process other than process 0 (see :class:`_OtherRecord`)."""
+
+    def __enter__(self) -> _OtherProcessStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def begin_run(self, run_id: str, provenance: Any = None, **options: Any) -> _OtherRecord:
+        return _OtherRecord()
 
 
 def _raise_bad(targets: list[RunOutcome], failures: dict[int, CurvkitError]) -> None:
@@ -775,6 +818,7 @@ def _analyze_one(
         requests[f"compare/{baseline.name}"]["baseline_options"] = dict(baseline.options)
     run.resumed = [key for key in run.keys if record.has(key, requests[key])]
     run.results = {key: record.read(key) for key in run.resumed}
+    run.resumed, run.results = distributed.broadcast_object((run.resumed, run.results))  # process 0's file
     if progress is not None:
         progress(AnalyzeEvent("run-started", run))
 

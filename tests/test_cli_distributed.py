@@ -1,0 +1,127 @@
+"""``curvkit analyze --nproc 2``: two data-parallel processes, one results file, one report, resumable.
+
+The console script launches two gloo processes (as ``torchrun --standalone`` does);
+process 0 writes the file and prints, the other computes silently. The results
+equal a one-process run's to rounding (float64), a bad input is one line and exit
+status 2, and Ctrl-C marks the run interrupted so that the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from curvkit.datasets import bundled_file
+from curvkit.store import ResultsStore
+
+MLP = str(bundled_file("digits_mlp.pt"))
+ANALYSES = ["--top-k", "3", "--trace", "hutchinson", "--trace-matvecs", "30", "--dtype", "float64"]
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+
+
+def _read(path):
+    with ResultsStore(path, mode="r") as store:
+        (run,) = store.runs()
+        assert run.provenance["command_line"].startswith("curvkit analyze")
+        return run.status, run.read("eigen/largest"), run.read("trace/hutchinson")
+
+
+def test_two_processes_write_one_file_equal_to_one_process(tmp_path, run_curvkit):
+    one = run_curvkit(
+        "analyze", MLP, *ANALYSES, "-o", str(tmp_path / "one.h5"), "--json", "--quiet", cwd=tmp_path
+    )
+    two = run_curvkit(
+        "analyze",
+        MLP,
+        *ANALYSES,
+        "--nproc",
+        "2",
+        "-o",
+        str(tmp_path / "two.h5"),
+        "--json",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    document = json.loads(two.stdout)  # one document: process 1 printed nothing
+    assert len(document["runs"]) == 1
+    status, top, trace = _read(tmp_path / "two.h5")
+    _, top_one, trace_one = _read(tmp_path / "one.h5")
+    assert status == "complete"
+    with ResultsStore(tmp_path / "two.h5", mode="r") as store:
+        assert "--nproc 2" in store.runs()[0].provenance["command_line"]
+    assert top.converged
+    assert torch.allclose(torch.as_tensor(top.values), torch.as_tensor(top_one.values), rtol=1e-10, atol=0)
+    assert trace.estimate == pytest.approx(trace_one.estimate, rel=1e-10)
+
+
+def test_a_bad_input_is_one_line_from_process_0(tmp_path, run_curvkit):
+    done = run_curvkit("analyze", MLP, "--curvature", "no-such-estimator", "--nproc", "2", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("curvkit: error:") and "no-such-estimator" in lines[0], (
+        done.stderr
+    )
+
+
+def test_nproc_must_be_positive(tmp_path, run_curvkit):
+    done = run_curvkit("analyze", MLP, "--nproc", "0", cwd=tmp_path)
+    assert done.returncode == 2 and "--nproc must be at least 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_every_process_and_the_command_resumes(
+    tmp_path, curvkit_command, script_env, run_curvkit
+):
+    out = tmp_path / "results.h5"
+    long = ["--top-k", "3", "--trace", "hutchinson", "--trace-matvecs", "1500", "--dtype", "float64"]
+    command = [*curvkit_command, "analyze", MLP, *long, "--nproc", "2", "-o", str(out)]
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=script_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.monotonic() + 240
+    while not _has_eigen(out):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the launcher and both processes
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "interrupted" in lines[0], stderr
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        assert run.status == "failed" and run.error == "interrupted"
+    resumed = run_curvkit(*command[len(curvkit_command) :], "--json", "--quiet", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    (summary,) = json.loads(resumed.stdout)["runs"]
+    assert summary["resumed"] == ["eigen/largest"]
+    with ResultsStore(out, mode="r") as store:
+        (run,) = store.runs()
+        assert run.status == "complete" and run.attempts == 2
+
+
+def _has_eigen(path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return any("largest" in f["runs"][name].get("eigen", {}) for name in f["runs"])
+    except Exception:  # not yet there, or caught mid-write: try again
+        return False
