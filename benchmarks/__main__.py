@@ -1,6 +1,7 @@
 """Run the benchmarks: ``python -m benchmarks [--only SECTION,...] [--problems mlp,...] [--quick]``.
 
-Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers, newton, optimizers (default: all).
+Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers, newton, optimizers, distributed
+(default: all).
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
 A full run takes about twenty minutes on 2 cores (the ``solvers`` section about
@@ -37,6 +38,7 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from benchmarks.distributed import evaluate_distributed_goals, run_distributed  # noqa: E402
 from benchmarks.ggn import evaluate_ggn_goals, run_ggn  # noqa: E402
 from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
 from benchmarks.kfac import KFAC_PROBLEMS, evaluate_kfac_goals, run_kfac  # noqa: E402
@@ -60,7 +62,17 @@ from benchmarks.spectral import (  # noqa: E402
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
 from curvkit.choice import AUTO_TRIALS  # noqa: E402
 
-SECTIONS = ("hvp", "matmat", "ggn", "kfac", *SPECTRAL_SECTIONS, "solvers", "newton", "optimizers")
+SECTIONS = (
+    "hvp",
+    "matmat",
+    "ggn",
+    "kfac",
+    *SPECTRAL_SECTIONS,
+    "solvers",
+    "newton",
+    "optimizers",
+    "distributed",
+)
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -134,6 +146,7 @@ def _goals(rec: Recorded) -> list:
         + (evaluate_spectral_goals(rec.spectral) if rec.spectral else [])
         + evaluate_solver_goals(rec.solvers)
         + evaluate_optimizer_goals(rec.optimizers)
+        + evaluate_distributed_goals(rec.distributed)
     )
 
 
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer_results = (
         run_optimizers(args.problems, args.quick, args.out) if "optimizers" in args.only else []
     )
+    distributed_results = run_distributed(args.problems, args.quick) if "distributed" in args.only else []
     meta = {
         "commit": commit,
         "command": " ".join(
@@ -212,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         "other_load": whole_run.stop(),
     }
     run = Recorded(
-        results, ggn_results, kfac_results, spectral, solver_results, newton_results, optimizer_results
+        results,
+        ggn_results,
+        kfac_results,
+        spectral,
+        solver_results,
+        newton_results,
+        optimizer_results,
+        distributed_results,
     )
     partial = set(args.only) != set(SECTIONS) or args.problems is not None
     old = load_recorded(args.out / "results.json") if partial and not args.no_merge else None
@@ -227,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         merged.solvers,
         merged.newton,
         merged.optimizers,
+        merged.distributed,
         merged.provenance,
     )
     write_results(args.out, meta, *parts)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from benchmarks.distributed import DistributedResult, render_distributed
 from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow
 from benchmarks.hvp import Goal, K, ProblemResult
 from benchmarks.kfac import DAMPING, KFACResult
@@ -203,6 +204,7 @@ def render_markdown(
     solvers: Sequence[SolverResult] = (),
     newton: Sequence[NewtonResult] = (),
     optimizers: Sequence[OptimizersResult] = (),
+    distributed: Sequence[DistributedResult] = (),
     provenance: dict[str, list[dict]] | None = None,
 ) -> str:
     """The report as Markdown.
@@ -301,6 +303,8 @@ def render_markdown(
         out += _recorded_line("newton", meta, provenance) + render_newton(newton)
     if optimizers:
         out += _recorded_line("optimizers", meta, provenance) + render_optimizers(optimizers)
+    if distributed:
+        out += _recorded_line("distributed", meta, provenance) + render_distributed(distributed)
     if results:
         out += ["## How each method is called", ""] + _notes(results) + [""]
     return "\n".join(out)
@@ -317,13 +321,16 @@ def write_results(
     solvers: Sequence[SolverResult] = (),
     newton: Sequence[NewtonResult] = (),
     optimizers: Sequence[OptimizersResult] = (),
+    distributed: Sequence[DistributedResult] = (),
     provenance: dict[str, list[dict]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
     md.write_text(
-        render_markdown(meta, results, goals, spectral, ggn, kfac, solvers, newton, optimizers, provenance),
+        render_markdown(
+            meta, results, goals, spectral, ggn, kfac, solvers, newton, optimizers, distributed, provenance
+        ),
         encoding="utf-8",
     )
     payload = {
@@ -336,6 +343,7 @@ def write_results(
         "solvers": [r.to_dict() for r in solvers],
         "newton": [r.to_dict() for r in newton],
         "optimizers": [r.to_dict() for r in optimizers],
+        "distributed": [r.to_dict() for r in distributed],
     }
     if spectral is not None:
         payload["spectral"] = spectral.to_dict()
@@ -355,6 +363,7 @@ SECTION_ORDER = (
     "solvers",
     "newton",
     "optimizers",
+    "distributed",
 )
 PROBLEM_ORDER = ("mlp-trained", *PROBLEMS)
 SPECTRAL_SETTING_OF = {
@@ -376,6 +385,7 @@ class Recorded:
     solvers: list[SolverResult] = field(default_factory=list)
     newton: list[NewtonResult] = field(default_factory=list)
     optimizers: list[OptimizersResult] = field(default_factory=list)
+    distributed: list[DistributedResult] = field(default_factory=list)
     provenance: dict[str, list[dict]] = field(default_factory=dict)
 
     def covered(self, section: str) -> list[str]:
@@ -438,6 +448,7 @@ def load_recorded(path: Path) -> Recorded | None:
         "solvers": ("solvers", list[SolverResult]),
         "newton": ("newton", list[NewtonResult]),
         "optimizers": ("optimizers", list[OptimizersResult]),
+        "distributed": ("distributed", list[DistributedResult]),
     }
     for attr, (key, tp) in parts.items():
         try:
@@ -510,7 +521,7 @@ def merge_recorded(
         base.description, base.params, base.samples = res.description, res.params, res.samples
         base.other_load = res.other_load
     merged.results = [by_name[n] for n in sorted(by_name, key=_order)]
-    for attr in ("ggn", "kfac", "solvers", "newton", "optimizers"):
+    for attr in ("ggn", "kfac", "solvers", "newton", "optimizers", "distributed"):
         setattr(merged, attr, _merge_list(getattr(old, attr), getattr(new, attr), ran.get(attr, [])))
 
     # spectral: three lists and the settings each ran with

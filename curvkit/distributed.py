@@ -98,16 +98,16 @@ def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
 
     ``local_sum`` is what :meth:`curvkit.Problem.batch_sums` returns: a tensor, a
     number, ``None``, or a tuple or list of them (nested). In one process it is
-    returned as is. In several, the counts are gathered (with the number of
-    entries, checked to agree) and added in the order of the ranks, and the
-    tensors are all-reduced (summed), one collective per dtype over their
-    concatenation (numbers as float64 tensors); every process gets the same totals.
+    returned as is. In several, two all-reduces (sums) give every process the
+    same totals: one of the counts in float64 (with the number of entries, and
+    its square, to check that the processes agree on it), one per dtype of the
+    tensors' concatenation (numbers as float64 tensors).
 
     Raises:
         CurvkitError: The processes' sums differ in shape (their number of
             entries), which a bug in an estimator would cause; every process raises.
     """
-    _, size = process()
+    rank, size = process()
     if size == 1:
         return local_sum, local_count
     leaves: list[Any] = []
@@ -119,16 +119,17 @@ def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
         if leaf is not None
     ]
     entries = sum(t.numel() for t in tensors)
-    header = torch.tensor([float(local_count), float(entries)], dtype=torch.float64, device=device)
-    headers = [torch.empty_like(header) for _ in range(size)]
-    dist.all_gather(headers, header)
-    if any(float(h[1]) != entries for h in headers):
+    # count, entries and entries^2 summed: the entries agree iff W * sum(e^2) = sum(e)^2 (exact in float64)
+    header = torch.tensor(
+        [float(local_count), float(entries), float(entries) ** 2], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(header)
+    count, total, squares = header.tolist()
+    if size * squares != total**2:
         raise CurvkitError(
-            "the processes' data sums differ in size ("
-            + ", ".join(f"process {r}: {int(h[1])} entries" for r, h in enumerate(headers))
-            + "): each process must compute the same quantity on its shard"
+            f"the processes' data sums differ in size (this process {rank}: {entries} entries, "
+            f"{total / size:g} on average over the {size}): each process must compute the same quantity"
         )
-    count = sum(float(h[0]) for h in headers)  # in the order of the ranks, the same in every process
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
