@@ -110,8 +110,9 @@ class OtherLoad:
 
 
 def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (a section's worker runs)."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def configure_threads(threads: int | None) -> int:
