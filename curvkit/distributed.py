@@ -20,8 +20,8 @@ finished by :meth:`curvkit.Problem.full_data` (the one reduction). When
   batches), or, for data wrapped in :class:`~curvkit.data.LocalShard`, the data
   as given, which the user has sharded already;
 * **reduces** at :meth:`~curvkit.Problem.full_data`: the sums of every process and
-  their counts are added by one all-reduce (:func:`reduce_sums`), and the total
-  is normalised by the total count.
+  their counts are added (:func:`reduce_sums`: two all-reduces, the counts and the
+  tensors), and the total is normalised by the total count.
 
 The result is the one-process result on the whole data, up to the rounding of a
 different summation order, for shards of any sizes (uneven shards included; each
@@ -30,8 +30,8 @@ values, so every analysis built on the products (Lanczos, traces, solvers, check
 takes the same steps and decisions in every process. A Monte-Carlo estimator
 (a Fisher with sampled targets) draws the samples of each shard from a stream of
 its own (:func:`process_seed`): it is another draw of the same estimator, equal
-to the one-process operator in expectation rather than to rounding. What is not computed from
-the data is agreed on explicitly: a fresh seed (``seed=None``) is drawn by
+to the one-process operator in expectation rather than to rounding. What is not
+computed from the data is agreed on explicitly: a fresh seed (``seed=None``) is drawn by
 process 0 and broadcast (:func:`shared_seed`), so that random probes are the same
 in every process (a probe that differed would mix in the reduction). A way of
 computing chosen by timing (``strategy="auto"``) may differ between processes,
@@ -43,8 +43,9 @@ A problem with ``data_parallel=False`` (the light problem of a training step's o
 mini-batch, :meth:`curvkit.Problem.on_batch`) neither shards nor reduces.
 
 The collectives run on the process group's device: the current CUDA device for
-NCCL, the CPU for gloo. Nothing here starts processes or initialises the group:
-``torchrun`` and the caller do.
+NCCL, the CPU for gloo. A script initialises the group itself (under
+``torchrun``); ``curvkit analyze`` joins ``torchrun``'s processes with
+:func:`joined`, and its ``--nproc`` starts them with :func:`launch_local`.
 """
 
 from __future__ import annotations
