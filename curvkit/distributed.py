@@ -120,16 +120,11 @@ def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
         if leaf is not None
     ]
     entries = sum(t.numel() for t in tensors)
-    # count, entries and entries^2 summed: the entries agree iff W * sum(e^2) = sum(e)^2 (exact in float64)
-    header = torch.tensor(
-        [float(local_count), float(entries), float(entries) ** 2], dtype=torch.float64, device=device
-    )
-    dist.all_reduce(header)
-    count, total, squares = header.tolist()
-    if size * squares != total**2:
+    count, agree = _reduce_header(float(local_count), entries, size, device)
+    if not agree:
         raise CurvkitError(
-            f"the processes' data sums differ in size (this process {rank}: {entries} entries, "
-            f"{total / size:g} on average over the {size}): each process must compute the same quantity"
+            f"the processes' data sums differ in size (process {rank}: {entries} entries): each process "
+            "must compute the same quantity on its shard"
         )
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
@@ -144,6 +139,24 @@ def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
     summed = [None if leaf is None else next(totals) for leaf in leaves]
     summed = [float(new) if _is_number(old) else new for old, new in zip(leaves, summed)]
     return rebuild(iter(summed)), count
+
+
+def _reduce_header(count: float, entries: int, size: int, device: torch.device) -> tuple[float, bool]:
+    """The total count, and whether every process has ``entries`` entries, in one float64 all-reduce.
+
+    The entries (fewer than ``2^40``) are split as ``e = a 2^20 + b`` with ``a``
+    and ``b`` below ``2^20``, and ``a``, ``a^2``, ``b``, ``b^2`` are summed with
+    the count: the processes agree iff ``W sum(a^2) = (sum a)^2`` and the same
+    for ``b`` (equality in the Cauchy-Schwarz inequality). The sums are integers
+    below ``2^53`` for fewer than 8,192 processes, so float64 holds them exactly
+    and the comparison is made in Python integers. Every process decides from
+    the same sums, so all raise or none does.
+    """
+    high, low = divmod(entries, 2**20)
+    header = torch.tensor([count, high, high**2, low, low**2], dtype=torch.float64, device=device)
+    dist.all_reduce(header)
+    total, a, a2, b, b2 = header.tolist()
+    return total, size * int(a2) == int(a) ** 2 and size * int(b2) == int(b) ** 2
 
 
 def _is_number(value: Any) -> bool:

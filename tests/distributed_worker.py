@@ -5,7 +5,8 @@ problems, every registered estimator's products, a loss and gradient, eigenvalue
 and a trace, for each form of data, and saves them to ``OUT/rank<r>.pt`` (every
 process saves its own, so that the test can check that the processes agree with
 each other and with a run of one process). ``MODE`` ``fail`` makes process 1
-raise after the first product, to check that the others end too.
+raise after the first product, to check that the others end too; ``mismatch``
+reduces sums of different sizes, which every process must refuse.
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def main() -> None:
     fail = len(sys.argv) > 2 and sys.argv[2] == "fail"
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
+    if len(sys.argv) > 2 and sys.argv[2] == "mismatch":  # sums of different sizes: every process raises
+        rank = curvkit.distributed.process()[0]
+        try:
+            curvkit.distributed.reduce_sums((torch.zeros(3 + rank), 1.0), 2.0)
+            message = "no error"
+        except curvkit.CurvkitError as exc:
+            message = str(exc)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{rank}.txt").write_text(message)
+        dist.destroy_process_group()
+        return
     try:
         results = battery(fail)
         out.mkdir(parents=True, exist_ok=True)

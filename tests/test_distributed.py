@@ -161,3 +161,11 @@ def test_optimizers_warn_that_their_curvature_is_the_process_s(monkeypatch):
     torch.nn.functional.cross_entropy(model(X), y).backward(create_graph=True)
     with pytest.warns(curvkit.CurvkitWarning, match="AdaHessian measures curvature"):
         ada.step()
+
+
+def test_sums_of_different_sizes_are_refused_by_every_process(tmp_path):
+    done = _run(tmp_path / "mismatch", 2, "mismatch", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in (0, 1):
+        message = (tmp_path / "mismatch" / f"rank{rank}.txt").read_text()
+        assert "the processes' data sums differ in size" in message, message
