@@ -161,6 +161,12 @@ def test_optimizers_warn_that_their_curvature_is_the_process_s(monkeypatch):
     torch.nn.functional.cross_entropy(model(X), y).backward(create_graph=True)
     with pytest.warns(curvkit.CurvkitWarning, match="AdaHessian measures curvature"):
         ada.step()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    summary = curvkit.NewtonSummary(model.parameters(), lambda x, t: loss_fn(model(x), t), [(X, y)])
+    summary.zero_grad()
+    loss_fn(model(X), y).backward()
+    with pytest.warns(curvkit.CurvkitWarning, match="NewtonSummary measures curvature"):
+        summary.step()
 
 
 def test_sums_of_different_sizes_are_refused_by_every_process(tmp_path):

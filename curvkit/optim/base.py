@@ -100,7 +100,7 @@ def warn_if_data_parallel(owner: object) -> None:
 
     Called where an optimizer (or :class:`~curvkit.optim.CurvaturePreconditioner`)
     measures curvature on its mini-batch: the batch's problem, Hutchinson's
-    products through the gradient's graph. Under
+    products through the gradient's graph, NewtonSummary's summary batch. Under
     :class:`torch.nn.parallel.DistributedDataParallel` the gradients are averaged
     over the processes but such curvature is not, so the processes' steps, and
     then their parameters, differ. (Shampoo, whose statistics come from the

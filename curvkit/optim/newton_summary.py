@@ -80,6 +80,7 @@ from curvkit.optim.base import (
     check_fraction,
     check_integer,
     check_positive,
+    warn_if_data_parallel,
 )
 from curvkit.third_order import directional_summary
 
@@ -356,6 +357,7 @@ class NewtonSummary(CurvatureOptimizer):
                 )
             if not self._checked_partition:
                 self._check_partition(loss, leaves)
+            warn_if_data_parallel(self)
             g_bar, H_bar, D3 = directional_summary(loss.reshape(()), leaves, directions)
         return SummaryResult(
             "custom",
