@@ -31,7 +31,7 @@ import torch
 import curvkit
 from benchmarks.hvp import Goal, ProblemRecord
 from benchmarks.problems import make_cnn
-from benchmarks.timing import OtherLoad
+from benchmarks.timing import OtherLoad, percent
 
 PRODUCTS = 20
 """Timed Hessian-vector products per run."""
@@ -195,11 +195,12 @@ def render_distributed(results: Sequence[DistributedResult]) -> list[str]:
     """The section as Markdown lines."""
     out = list(DISTRIBUTED_READING)
     for res in results:
-        load = "unknown" if res.other_load is None else f"{100 * res.other_load:.0f}%"
+        load = percent(res.other_load)
         out += [
             f"### {res.name}: {res.description}",
             "",
-            f"P = {res.params:,} parameters, {res.cores} cores. CPU used by other processes: {load}.",
+            f"P = {res.params:,} parameters, {res.cores} cores. CPU used by other processes meanwhile: "
+            f"{load}.",
             "",
             "| run | processes x threads | ms per product, median [min, max] | top-5 eigenvalues, s | "
             "speed-up of two processes (product, eigenvalues) |",

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 import curvkit
 from benchmarks.hvp import ProblemRecord
-from benchmarks.timing import OtherLoad, time_interleaved
+from benchmarks.timing import OtherLoad, percent, time_interleaved
 from benchmarks.training import (
     SEEDS,
     Curve,
@@ -191,7 +191,7 @@ def render_newton(results: Sequence[NewtonResult]) -> list[str]:
     out = list(NEWTON_READING)
     for res in results:
         c = res.costs_ms
-        load = "unknown" if res.other_load is None else f"{100 * res.other_load:.0f}%"
+        load = percent(res.other_load)
         per_step = c["summary"] / c["gradient"] / PERIOD_HG
         out += [
             f"### {res.name}: {res.description}",

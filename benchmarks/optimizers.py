@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from benchmarks.hvp import Goal, ProblemRecord
-from benchmarks.timing import OtherLoad
+from benchmarks.timing import OtherLoad, percent
 from benchmarks.training import (
     BATCH,
     STEPPERS,
@@ -422,7 +422,7 @@ def render_optimizers(results: Sequence[OptimizersResult]) -> list[str]:
     """The section as Markdown lines."""
     out = list(OPTIMIZERS_READING)
     for res in results:
-        load = "unknown" if res.other_load is None else f"{100 * res.other_load:.0f}%"
+        load = percent(res.other_load)
         out += [
             f"### {res.name}: {res.description}",
             "",

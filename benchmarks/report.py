@@ -31,6 +31,7 @@ from benchmarks.problems import PROBLEMS
 from benchmarks.solvers import CG_EPS, GARBAGE, SolverResult, SolverRow, SolverSystem
 from benchmarks.solvers import TARGET as SOLVE_TARGET
 from benchmarks.spectral import TARGET, SpectralResults, SpectralSettings
+from benchmarks.timing import percent
 from curvkit.choice import AUTO_TRIALS
 
 __all__ = [
@@ -75,10 +76,6 @@ def _error(x: float | None) -> str:
     if x is None:
         return "-"
     return f"**{x:.1e} (disagrees)**" if x > DISAGREE else f"{x:.1e}"
-
-
-def _pct(x: float | None) -> str:
-    return "unknown" if x is None else f"{100 * x:.0f}%"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -257,7 +254,7 @@ def render_markdown(
         "matches; agreement with curvkit is checked per method (relative 2-norm error on a fixed vector; "
         f"above {DISAGREE:g} a row is marked as disagreeing: float32 rounding alone stays near 1e-7).",
         f"- Wall time of the run: {meta['wall_s']:.0f} s. CPU used by other processes during the run: "
-        f"{_pct(meta['other_load'])} of the machine (per problem below)."
+        f"{percent(meta['other_load'])} of the machine (per problem below)."
         + (LOAD_WARNING if (meta["other_load"] or 0) > LOAD_LIMIT else ""),
         "",
         "Peers: "
@@ -280,7 +277,7 @@ def render_markdown(
             f"## {res.name}: {res.description}",
             "",
             f"P = {res.params:,} parameters, {res.samples} samples; CPU used by other processes "
-            f"meanwhile: {_pct(res.other_load)}.",
+            f"meanwhile: {percent(res.other_load)}.",
             "",
         ]
         if res.hvp:
@@ -589,9 +586,9 @@ def _eigen_section(spectral: SpectralResults) -> list[str]:
         out += [
             f"### {res.name}: {res.description}",
             "",
-            f"P = {res.params:,}; CPU used by other processes meanwhile: {_pct(res.other_load)}. Reference: "
-            f"{ref} (ARPACK `eigsh(H.to_scipy(), k=5, which='LA', tol=1e-10)` on curvkit's float32 "
-            f"operator, {res.reference_matvecs} HVPs{cross}).",
+            f"P = {res.params:,}; CPU used by other processes meanwhile: {percent(res.other_load)}. "
+            f"Reference: {ref} (ARPACK `eigsh(H.to_scipy(), k=5, which='LA', tol=1e-10)` on curvkit's "
+            f"float32 operator, {res.reference_matvecs} HVPs{cross}).",
             "",
         ]
         rows = []
@@ -666,7 +663,7 @@ def _trace_section(spectral: SpectralResults) -> list[str]:
             f"sum of H_ii^2 = {res.diagonal_sq:.3g}: Hutchinson with 99 Rademacher probes should have a mean "
             f"relative error near {res.expected_hutchinson_error:.2e} (sqrt(2/pi) x its standard deviation "
             f"sqrt(2 (||H||_F^2 - sum H_ii^2) / 99) / |tr H|). CPU used by other processes meanwhile: "
-            f"{_pct(res.other_load)}.",
+            f"{percent(res.other_load)}.",
             "",
         ]
         rows = [
@@ -715,7 +712,7 @@ def _density_section(spectral: SpectralResults) -> list[str]:
         out += [
             f"### {res.name}: {res.description}",
             "",
-            f"P = {res.params:,}{lam}. CPU used by other processes meanwhile: {_pct(res.other_load)}.",
+            f"P = {res.params:,}{lam}. CPU used by other processes meanwhile: {percent(res.other_load)}.",
             "",
         ]
         rows = []
@@ -776,7 +773,7 @@ def _timed_header(res: Any, kind: str) -> list[str]:
         "",
         f"P = {res.params:,} parameters, {res.samples} samples; "
         f"gradient {_num(res.gradient_ms, '.2f')} ms; "
-        f"CPU used by other processes meanwhile: {_pct(res.other_load)}.",
+        f"CPU used by other processes meanwhile: {percent(res.other_load)}.",
         "",
     ]
 
@@ -1046,7 +1043,7 @@ def render_solvers(results: Sequence[SolverResult]) -> list[str]:
             "",
             f"P = {res.params:,} parameters, {res.samples} samples, on a float64 copy of the model; "
             f"right-hand side the full-data gradient g (||g|| = {_num(res.rhs_norm, '.4g')}). CPU used by "
-            f"other processes meanwhile: {_pct(res.other_load)}.",
+            f"other processes meanwhile: {percent(res.other_load)}.",
             "",
         ]
         psd, indefinite, f32 = res.system("psd"), res.system("indefinite"), res.system("float32")

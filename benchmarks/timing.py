@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OtherLoad", "Timing", "configure_threads", "machine_info", "time_interleaved"]
+__all__ = ["OtherLoad", "Timing", "configure_threads", "machine_info", "percent", "time_interleaved"]
 
 
 @dataclass
@@ -107,6 +107,11 @@ class OtherLoad:
         wall = time.perf_counter() - self._t0
         others = (busy - self._busy0) - (_own_cpu_seconds() - self._self0)
         return round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
+
+
+def percent(share: float | None) -> str:
+    """A share of the machine (:meth:`OtherLoad.stop`) as ``"12%"``; ``"unknown"`` when not measured."""
+    return "unknown" if share is None else f"{100 * share:.0f}%"
 
 
 def _own_cpu_seconds() -> float:
