@@ -206,7 +206,9 @@ class BatchSource:
         :class:`torch.utils.data.Subset`, without reading other samples; data in
         batches fixed by the user (a DataLoader, a list of batches) are read once
         to gather the chosen samples, which are then held in memory as a tensor
-        pair. Any order; a repeated index repeats the sample.
+        pair. Any order; a repeated index repeats the sample. The subset of a
+        :class:`LocalShard` (indices into this process's own samples) is a
+        :class:`LocalShard` again: a shard's samples are not sharded a second time.
 
         Raises:
             DataError: No index, a non-integer one, or one outside the data.
@@ -222,9 +224,12 @@ class BatchSource:
             available = source.n if isinstance(source, _TensorPairBatches) else len(source.dataset)
             _check_indices(index, min(available, self.max_samples or available))
             if isinstance(source, _TensorPairBatches):
-                return _take(source.inputs, index), _take(source.targets, index)
-            return torch.utils.data.Subset(source.dataset, index.tolist())
-        return self._gather(index)
+                chosen: Any = (_take(source.inputs, index), _take(source.targets, index))
+            else:
+                chosen = torch.utils.data.Subset(source.dataset, index.tolist())
+        else:
+            chosen = self._gather(index)
+        return LocalShard(chosen) if self.local_shard else chosen  # a shard's samples stay its own
 
     def _gather(self, index: Tensor) -> tuple[Inputs, Tensor]:
         """The samples at ``index`` of data in fixed batches, in one reading pass."""

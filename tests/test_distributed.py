@@ -108,6 +108,9 @@ def test_shards_cover_the_data_once():
             assert max(counts) - min(counts) <= (4 if data is batches else 1)
     local = BatchSource(LocalShard((X[:5], y[:5])))
     assert [t.tolist() for _, t in local.shard(1, 2)] == [list(range(5))]  # the user's shard, as given
+    chosen = local.subset([4, 0])  # of this process's own samples, and not sharded again
+    assert isinstance(chosen, LocalShard)
+    assert [t.tolist() for _, t in BatchSource(chosen).shard(1, 2)] == [[4, 0]]
 
 
 def test_max_samples_is_cut_before_sharding():
