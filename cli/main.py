@@ -96,13 +96,18 @@ def _show_warning(
 ) -> None:
     """curvkit's own warnings as one line, like its errors; others as Python shows them."""
     if issubclass(category, curvkit.CurvkitWarning):
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0's warnings stand for all
+        if _first_process():
             typer.echo(f"curvkit: warning: {message}", err=True)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 
 
 _python_show_warning = warnings.showwarning
+
+
+def _first_process() -> bool:
+    """Whether this is process 0 of those ``torchrun`` started (or the only one), which speaks for all."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main() -> None:
@@ -120,7 +125,7 @@ def main() -> None:
     try:
         app()
     except curvkit.CurvkitError as exc:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all (same error)
+        if _first_process():
             typer.echo(f"curvkit: error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
 

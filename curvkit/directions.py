@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.distributed import shared_seed
 from curvkit.errors import CurvkitError, ShapeMismatchError
+from curvkit.linalg._common import probe_generator
 from curvkit.problem import Problem
 
 __all__ = ["DIRECTIONS", "resolve_direction"]
@@ -92,10 +92,7 @@ def resolve_direction(
                 )
             return gradient.detach().to(device=device, dtype=dtype)
         if direction == "random":
-            generator = torch.Generator().manual_seed(
-                shared_seed() if seed is None else int(seed)
-            )  # None: fresh
-            u = torch.randn(P, generator=generator, dtype=torch.float64)
+            u = torch.randn(P, generator=probe_generator(seed), dtype=torch.float64)  # None: fresh
             return u.to(device=device, dtype=dtype)
         raise CurvkitError(
             f"unknown {what} {direction!r}; use 'gradient', 'random' or a [P] tensor (P = {P:,})"

@@ -206,9 +206,8 @@ def process_seed(seed: int, data_parallel: bool = True) -> int:
 def from_first_process(value: int) -> int:
     """Process 0's ``value`` in every process (an integer, e.g. an index); ``value`` in one process.
 
-    For decisions that processes would otherwise take apart and could take
-    differently: a seed drawn from the clock or the operating system, a way chosen
-    by timing.
+    For what processes would otherwise draw apart and could draw differently: a
+    seed from the operating system (:func:`shared_seed`).
     """
     if not is_data_parallel():
         return value

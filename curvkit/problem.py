@@ -508,14 +508,9 @@ class Problem:
         total count, so that it belongs to the full-dataset loss
         ``L = (1/C) sum_b S_b``.
         """
-        total, count = (
-            distributed.reduce_sums(local_sum, local_count)
-            if self.data_parallel
-            else (
-                local_sum,
-                local_count,
-            )
-        )
+        total, count = local_sum, local_count
+        if self.data_parallel:
+            total, count = distributed.reduce_sums(total, count)
         return _scale(total, self.normalizer(count))
 
     def data_mean(self, per_batch: Callable[[Any, Tensor], tuple[Any, float]]) -> Any:

@@ -110,7 +110,7 @@ def probe_generator(seed: int | None) -> torch.Generator:
     (:func:`curvkit.distributed.shared_seed`); the seed used is
     ``generator.initial_seed()``.
     """
-    return torch.Generator().manual_seed(shared_seed() if seed is None else seed)
+    return torch.Generator().manual_seed(shared_seed() if seed is None else int(seed))
 
 
 def rademacher(P: int, K: int, gen: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:

@@ -160,7 +160,7 @@ def diagonal(
         check_matvecs(matvecs, 1, "diagonal method 'hutchinson'")
     dtype = getattr(A, "dtype", torch.float64)
     device = getattr(A, "device", torch.device("cpu"))
-    generator = probe_generator(None if seed is None else int(seed))
+    generator = probe_generator(seed)
     total = P if method == "exact" else matvecs
     block = batch_size if batch_size is not None else DEFAULT_BATCH_SIZE
     apply = Products(A, max(1, min(block, max(total, 1))), total, progress, "the diagonal estimate", method)

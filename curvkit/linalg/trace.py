@@ -486,7 +486,7 @@ def trace(
         raise CurvkitError(f"adaptive must be True or False, got {adaptive!r}")
     dtype = getattr(A, "dtype", torch.float64)
     device = getattr(A, "device", torch.device("cpu"))
-    generator = probe_generator(None if seed is None else int(seed))
+    generator = probe_generator(seed)
     seed = generator.initial_seed()
     passes_before = getattr(A, "data_passes", None)
     if "trace" in getattr(A, "STRUCTURE", ()):
