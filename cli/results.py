@@ -155,6 +155,9 @@ def show(results: Path = typer.Argument(..., help="HDF5 results file written by 
             timings = ", ".join(f"{k} {v:.3g} s" for k, v in run.timings.items())
             if timings:
                 console.print(f"  {'timings':<11} {timings}", markup=False)
+            peaks = ", ".join(f"{k} {v / 2**20:.4g} MiB" for k, v in run.peak_memory.items())
+            if peaks:
+                console.print(f"  {'peak memory':<11} {peaks}", markup=False)
         if comparisons:
             console.print(_comparisons_table(comparisons))
 

@@ -12,6 +12,8 @@ The public API::
     d = curvkit.diagonal(H, method="hutchinson", matvecs=100)  # or A.diagonal(), exact
     dens = curvkit.density(H, steps=100, runs=5)  # stochastic Lanczos quadrature
     curvkit.per_layer(H)                          # top eigenvalue and trace per layer
+    with curvkit.fixed_model_state():             # your own loop of products: the model's
+        ys = [H @ v for v in vs]                  #   contents compared once (GPU: one sync)
     curvkit.analyze(["ckpt.pt"], output="results.h5")  # what `curvkit analyze` does
     # under torchrun, after torch.distributed.init_process_group(): every process its
     # shard of the data, the sums reduced (curvkit.distributed, curvkit.LocalShard)
@@ -93,6 +95,7 @@ from curvkit.registry import (
 )
 from curvkit.running import RunningCurvature
 from curvkit.runs import AnalyzeReport, ProblemSettings, analyze
+from curvkit.snapshot import fixed_model_state
 
 __all__ = [
     "AnalysisPlan",
@@ -133,6 +136,7 @@ __all__ = [
     "LayerRow",
     "LayerTable",
     "ModelSnapshot",
+    "fixed_model_state",
     "NoExactFisherError",
     "UnboundedModelError",
     "UnsupportedModelError",

@@ -37,6 +37,8 @@ from curvkit.kinds.checks import REFERENCE_TOL
 from curvkit.linalg.ihvp import DENSE_REFERENCE_MAX_DIM
 from curvkit.linalg.lanczos import REORTHOGONALISATION
 from curvkit.linalg.trace import METHODS as TRACE_METHODS
+from curvkit.memory import peak_memory
+from curvkit.snapshot import fixed_model_state
 
 __all__ = [
     "DENSE_REFERENCE_MAX_DIM",
@@ -272,6 +274,7 @@ class AnalysisPlan:
         return plan_kinds(self.options)[key.partition("/")[0]].request(self, key)
 
 
+@fixed_model_state()
 def run_plan(
     op: Any,
     plan: AnalysisPlan,
@@ -304,7 +307,10 @@ def run_plan(
             plan compares and ``op`` is not the baseline.
         precise: Returns the same curvature in float64, for the reference solve
             of ``ihvp/<vector>`` (default: ``op`` itself, in its own precision).
-        on_result: Called as ``on_result(key, result, seconds)`` after each analysis.
+        on_result: Called as ``on_result(key, result, seconds, peak_memory_bytes)``
+            after each analysis: its wall time and the peak memory allocated on
+            the operator's device meanwhile (``None`` on the CPU; see
+            :mod:`curvkit.memory`).
         progress: Called as ``progress(key, counters)`` while each analysis works.
 
     Returns:
@@ -333,8 +339,9 @@ def run_plan(
         if key in done:
             continue
         start = time.perf_counter()
-        result = kinds[key.partition("/")[0]].compute(context, key)
+        with peak_memory(getattr(op, "device", "cpu")) as memory:
+            result = kinds[key.partition("/")[0]].compute(context, key)
         context.computed[key] = result
         if on_result is not None:
-            on_result(key, result, time.perf_counter() - start)
+            on_result(key, result, time.perf_counter() - start, memory.bytes)
     return dict(context.computed)

@@ -38,6 +38,7 @@ from curvkit.linalg._common import (
     staged,
 )
 from curvkit.linalg.eigen import EigenResult, eigenvalues
+from curvkit.snapshot import fixed_model_state
 
 __all__ = [
     "CheckResult",
@@ -105,6 +106,7 @@ def _products(A: Any, X: Tensor, progress: Progress | None) -> Tensor:
     return out
 
 
+@fixed_model_state()
 def check_residuals(
     A: Any, result: EigenResult, tol: float | None = None, progress: Progress | None = None
 ) -> CheckResult:
@@ -136,6 +138,7 @@ def check_residuals(
     )
 
 
+@fixed_model_state()
 def check_symmetry(
     A: Any, trials: int = 3, seed: int = 0, tol: float | None = None, progress: Progress | None = None
 ) -> CheckResult:
@@ -159,6 +162,7 @@ def check_symmetry(
     return CheckResult("symmetry", worst <= tol, worst, tol, "max |v.Aw - w.Av| / (|v||Aw| + |w||Av|)")
 
 
+@fixed_model_state()
 def check_psd(A: Any, tol: float = 1e-6, seed: int = 0, eig_tol: float = 1e-6, **kwargs: Any) -> CheckResult:
     """Positive semi-definiteness: ``lambda_min >= -tol * lambda_max``.
 
@@ -225,6 +229,7 @@ def agreement_accuracy(tol: float, dtype: torch.dtype) -> float:
     return max(float(tol), math.sqrt(torch.finfo(dtype).eps))
 
 
+@fixed_model_state()
 def check_agreement(
     A: Any,
     reference: Any,

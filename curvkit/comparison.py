@@ -41,6 +41,7 @@ from torch import Tensor
 from curvkit.checks import largest_principal_angle
 from curvkit.linalg.eigen import EigenResult
 from curvkit.linalg.trace import TraceResult
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["ComparisonResult", "compare_spectra"]
 
@@ -123,6 +124,7 @@ class ComparisonResult:
         }
 
 
+@fixed_model_state()
 def compare_spectra(
     estimate: EigenResult,
     baseline: EigenResult,

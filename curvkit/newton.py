@@ -36,6 +36,7 @@ from torch import Tensor
 
 from curvkit.directions import resolve_direction
 from curvkit.errors import CurvkitError, ShapeMismatchError
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["SummaryResult", "newton_summary", "subset_directions"]
 
@@ -146,6 +147,7 @@ def _subsets(problem: Any, partition: Any) -> tuple[str, list[list[str]]]:
     return "custom", partitions.custom(problem.model, partition)[1]
 
 
+@fixed_model_state()
 def newton_summary(
     problem: Any,
     partition: Any = "canonical",

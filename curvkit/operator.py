@@ -71,6 +71,7 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError, DenseTooLargeError, PluginError, ShapeMismatchError
 from curvkit.layout import ParameterLayout
+from curvkit.snapshot import fixed_model_state
 
 __all__ = [
     "CurvatureOperator",
@@ -115,6 +116,7 @@ def basis_blocks(
         yield rows, E
 
 
+@fixed_model_state()
 def basis_diagonal(
     matmat: Callable[[Tensor], Tensor],
     P: int,
@@ -257,6 +259,7 @@ class CurvatureOperator:
         """
         return self
 
+    @fixed_model_state()
     def to_dense(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
         """The dense ``[P, P]`` matrix, built from products with blocks of basis vectors.
 

@@ -30,6 +30,7 @@ from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_devic
 from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
 from curvkit.layout import ParameterLayout, select_parameters
 from curvkit.losses import BatchLoss, resolve_loss
+from curvkit.snapshot import ModelSnapshot
 
 __all__ = ["ModelSnapshot", "Problem"]
 
@@ -41,39 +42,6 @@ def _outputs_tensor(out: Any) -> Any:
     if isinstance(out, Mapping) and "logits" in out:
         return out["logits"]
     return getattr(out, "logits", out) if not isinstance(out, Tensor) else out
-
-
-class ModelSnapshot:
-    """The state of a model's parameters and buffers at one moment.
-
-    :meth:`is_current` is true while no parameter or buffer has been replaced or
-    changed. It compares version counters first (cheap), then contents, so that
-    edits through ``.data`` (which bypass version counters) are noticed too. The
-    copy costs one parameter-sized buffer; the comparison is O(P), negligible
-    next to a pass over the data.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.tensors = self._tensors()
-        self.keys = [self._key(t) for t in self.tensors]
-        self.values = [t.detach().clone() for t in self.tensors]
-
-    def _tensors(self) -> list[Tensor]:
-        return list(self.model.parameters()) + list(self.model.buffers())
-
-    @staticmethod
-    def _key(t: Tensor) -> tuple:
-        return (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
-
-    def is_current(self) -> bool:
-        """Whether the model still has exactly these parameters and buffers."""
-        tensors = self._tensors()
-        if len(tensors) != len(self.tensors) or any(
-            a is not b or self._key(a) != k for a, b, k in zip(tensors, self.tensors, self.keys)
-        ):
-            return False
-        return all(torch.equal(t.detach(), v) for t, v in zip(tensors, self.values))
 
 
 class _UntrackedState(ModelSnapshot):
@@ -231,7 +199,9 @@ class Problem:
         one. Operators that cache work (gradient graphs, dense matrices, the
         determinism probe) keep the snapshot they computed under; the work stays
         valid while this returns the very same object (compare with ``is``), so
-        one check per product serves every cache.
+        one check per product serves every cache. Within an analysis
+        (:func:`curvkit.snapshot.fixed_model_state`) the contents are compared
+        once, the version counters at every product.
         """
         if self._snapshot is None or not self._snapshot.is_current():
             self._snapshot = ModelSnapshot(self.model)

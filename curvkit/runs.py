@@ -556,6 +556,8 @@ class AnalyzeEvent:
         key: The analysis (``"counters"`` and ``"result"``).
         counters: The analysis's counters (``"counters"``).
         seconds: Time the analysis took (``"result"``).
+        peak_memory_bytes: The peak memory allocated on the device while it
+            ran (``"result"``; ``None`` on the CPU, see :mod:`curvkit.memory`).
     """
 
     kind: str
@@ -563,6 +565,7 @@ class AnalyzeEvent:
     key: str | None = None
     counters: Mapping[str, Any] | None = None
     seconds: float | None = None
+    peak_memory_bytes: int | None = None
 
 
 @dataclass
@@ -730,7 +733,7 @@ class _OtherRecord:
     def write(self, key: str, result: Any, *, request: Mapping[str, Any] | None = None) -> None:
         pass
 
-    def write_timing(self, key: str, seconds: float) -> None:
+    def write_timing(self, key: str, seconds: float, peak_memory_bytes: int | None = None) -> None:
         pass
 
     def finish(self, status: str = "complete", error: str | None = None) -> None:
@@ -822,12 +825,13 @@ def _analyze_one(
     if progress is not None:
         progress(AnalyzeEvent("run-started", run))
 
-    def on_result(key: str, result: Any, seconds: float) -> None:
+    def on_result(key: str, result: Any, seconds: float, peak_memory_bytes: int | None) -> None:
         record.write(key, result, request=requests[key])
-        record.write_timing(key, seconds)
+        record.write_timing(key, seconds, peak_memory_bytes)
         run.results[key] = result
         if progress is not None:
-            progress(AnalyzeEvent("result", run, key=key, seconds=seconds))
+            event = AnalyzeEvent("result", run, key=key, seconds=seconds, peak_memory_bytes=peak_memory_bytes)
+            progress(event)
 
     def on_counters(key: str, counters: dict[str, Any]) -> None:
         if progress is not None:

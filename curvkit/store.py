@@ -747,6 +747,13 @@ class Run:
             return {}
         return {k: float(v) for k, v in _read_attrs(self._group["timings"].attrs).items()}
 
+    @property
+    def peak_memory(self) -> dict[str, int]:
+        """Peak device memory in bytes by key, from :meth:`write_timing` (empty for a CPU run)."""
+        if "peak_memory" not in self._group:
+            return {}
+        return {k: int(v) for k, v in _read_attrs(self._group["peak_memory"].attrs).items()}
+
     def analyses(self) -> list[str]:
         """The finished analyses, as ``"kind/name"``, kinds in :func:`curvkit.kinds.analysis_kinds` order."""
         out = []
@@ -846,12 +853,18 @@ class Run:
             raise TypeError(f"write_eigen needs an EigenResult, got {type(result).__name__}")
         self._write("eigen", name, lambda group: eigen.write(group, result, vectors), request)
 
-    def write_timing(self, key: str, seconds: float) -> None:
-        """Record ``seconds`` under ``key`` in the run's ``timings`` (flushed at once)."""
+    def write_timing(self, key: str, seconds: float, peak_memory_bytes: int | None = None) -> None:
+        """Record ``seconds`` under ``key`` in the run's ``timings`` (flushed at once).
+
+        With ``peak_memory_bytes`` (the peak device memory of the work, see
+        :mod:`curvkit.memory`), that too, under ``key`` in ``peak_memory``.
+        """
         self._writable()
         if not isinstance(key, str) or not key:
             raise StoreError(f"invalid timing key {key!r}: use a non-empty string")
         self._group.require_group("timings").attrs[key] = float(seconds)
+        if peak_memory_bytes is not None:
+            self._group.require_group("peak_memory").attrs[key] = int(peak_memory_bytes)
         self._store._flush()
 
     def finish(self, status: str = COMPLETE, error: str | None = None) -> None:
@@ -915,6 +928,7 @@ class Run:
                 "key": self.key,
                 "provenance": self.provenance,
                 "timings": self.timings,
+                "peak_memory": self.peak_memory,
                 "analyses": {key: _plain(self.read(key).to_dict()) for key in self.analyses()},
             }
         )
@@ -926,6 +940,8 @@ class Run:
                 yield key, quantity, item, value
         for key, seconds in self.timings.items():
             yield "timings", key, None, seconds
+        for key, size in self.peak_memory.items():
+            yield "peak_memory", key, None, size
 
 
 def _kinds() -> dict[str, Any]:

@@ -47,6 +47,7 @@ def test_json_holds_numbers_not_formatted_text(analysed):
     assert prov["sample_count"] == 300 and prov["dtype"] == "float32" and prov["seed"] == 0
     assert prov["checkpoint_sha256"] and prov["data_fingerprint"] and prov["estimator"] == "hessian"
     assert set(run["timings"]) == {"prepare", "eigen/largest", "trace/hutchinson", "density/slq"}
+    assert run["peak_memory"] == {}  # a CPU run: no device counter, no number
     with ResultsStore(out, mode="r") as store:  # the same document `curvkit export` writes
         assert store.run(run["run_id"]).to_dict()["analyses"] == run["analyses"]
 
@@ -162,3 +163,29 @@ def test_densities_are_drawn_on_a_log_axis_above_an_undrawn_floor(analysed):
     ax = plotting.plot_eigenvalues(top, title="digits_mlp.pt [hessian]")
     assert all(float(t).is_integer() for t in ax.get_xticks())
     assert ax.get_legend() is not None and "digits_mlp.pt" in ax.get_title()
+
+
+def test_peak_device_memory_is_stored_and_shown_with_each_result(tmp_path, monkeypatch):
+    """The path from the device's counter to the file, ``--json`` and ``show``, with a simulated counter."""
+    import contextlib
+
+    import curvkit.analysis
+    from curvkit.memory import PeakMemory
+
+    peaks = iter(range(1, 100))
+
+    @contextlib.contextmanager
+    def simulated(device):
+        measured = PeakMemory(torch.device(device))
+        yield measured
+        measured.bytes = next(peaks) * 2**20
+
+    monkeypatch.setattr(curvkit.analysis, "peak_memory", simulated)
+    out = tmp_path / "results.h5"
+    args = ["analyze", MLP, "--top-k", "1", "--trace", "hutchinson", "--trace-matvecs", "4"]
+    result = runner.invoke(app, [*args, "--max-samples", "100", "-o", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads(result.stdout)["runs"]
+    assert run["peak_memory"] == {"eigen/largest": 2**20, "trace/hutchinson": 2 * 2**20}
+    shown = runner.invoke(app, ["show", str(out)], env={"COLUMNS": "200"}).stdout
+    assert "peak memory eigen/largest 1 MiB, trace/hutchinson 2 MiB" in shown

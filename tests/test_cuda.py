@@ -43,3 +43,29 @@ def test_spectral_analyses_on_cuda():
     assert abs(tr.estimate - truth.sum().item()) < 1e-9 * truth.abs().sum().item()
     dens = curvkit.density(H, steps=10, runs=2)
     assert dens.density.device.type == "cuda"
+
+
+def test_peak_memory_is_measured_per_analysis_on_cuda():
+    from curvkit.analysis import AnalysisPlan, run_plan
+
+    cpu = CASES[0].problem()
+    H = curvkit.curvature("hessian", cpu.to(device="cuda"))
+    peaks = {}
+    run_plan(H, AnalysisPlan(top_k=1, trace="hutchinson"), on_result=lambda k, r, s, m: peaks.update({k: m}))
+    assert peaks and all(isinstance(m, int) and m > 0 for m in peaks.values())
+
+
+def test_products_within_an_analysis_do_not_compare_contents_on_cuda():
+    """The snapshot check inside an analysis reads version counters only: no sync for it per product."""
+    cpu = CASES[0].problem()
+    gpu = cpu.to(device="cuda")
+    H = curvkit.curvature("hessian", gpu)
+    v = torch.randn(cpu.dim, dtype=torch.float64, device="cuda")
+    with curvkit.fixed_model_state():
+        H @ v
+        snapshot = gpu.current_snapshot()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert gpu.current_snapshot() is snapshot
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

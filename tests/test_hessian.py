@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import curvkit
+import curvkit.snapshot
 from curvkit.testing import CASES, dense_hessian_reference, finite_difference_hessian, get_case
 
 
@@ -153,6 +154,54 @@ def test_edits_through_data_are_noticed(name):
     H @ v
     problem.params[0].data.mul_(1.5)  # bypasses the version counter
     assert rel(H @ v, dense_hessian_reference(problem) @ v) < 1e-12
+
+
+def _counting_comparisons(monkeypatch) -> list[int]:
+    """Counts the content comparisons of model snapshots from now on (one entry per comparison)."""
+    calls: list[int] = []
+    compare = curvkit.snapshot.contents_equal
+
+    def counted(tensors, values):
+        calls.append(1)
+        return compare(tensors, values)
+
+    monkeypatch.setattr(curvkit.snapshot, "contents_equal", counted)
+    return calls
+
+
+def test_an_analysis_compares_the_models_contents_once(monkeypatch):
+    problem = get_case("tanh-mlp-ce").problem()
+    H = curvkit.curvature("hessian", problem)
+    H @ torch.randn(problem.dim, dtype=torch.float64)
+    calls = _counting_comparisons(monkeypatch)
+    res = curvkit.eigenvalues(H, k=2, tol=1e-8)
+    assert res.matvecs > 10 and len(calls) == 1  # not one per product (a sync each on a GPU)
+    curvkit.trace(H, method="hutchinson", matvecs=8, batch_size=1)
+    assert len(calls) == 2
+    for _ in range(3):  # products outside an analysis: each compared
+        H @ torch.randn(problem.dim, dtype=torch.float64)
+    assert len(calls) == 5
+
+
+def test_changes_within_an_analysis_that_move_version_counters_are_noticed():
+    problem = get_case("tanh-mlp-ce").problem()
+    H = curvkit.curvature("hessian", problem)
+    v = torch.randn(problem.dim, dtype=torch.float64)
+    with curvkit.fixed_model_state():
+        H @ v
+        with torch.no_grad():
+            problem.params[0].mul_(1.5)  # moves the version counter
+        assert rel(H @ v, dense_hessian_reference(problem) @ v) < 1e-12
+
+
+def test_edits_through_data_between_analyses_are_noticed():
+    problem = get_case("tanh-mlp-ce").problem()
+    H = curvkit.curvature("hessian", problem)
+    before = curvkit.eigenvalues(H, k=1, tol=1e-10).values
+    problem.params[0].data.mul_(1.5)  # bypasses the version counter
+    after = curvkit.eigenvalues(H, k=1, tol=1e-10).values
+    truth = torch.linalg.eigvalsh(dense_hessian_reference(problem))[-1]
+    assert rel(after, truth.reshape(1)) < 1e-8 and rel(before, after) > 1e-3
 
 
 def test_train_mode_batchnorm_keeps_running_statistics():

@@ -50,6 +50,7 @@ from curvkit.linalg._common import (
     exact_diagonal,
     probe_generator,
 )
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["DIAGONAL_METHODS", "DiagonalResult", "diagonal"]
 
@@ -108,6 +109,7 @@ class _RunningMoments:
         return (self.squares / (self.n - 1)).sqrt() / math.sqrt(self.n)
 
 
+@fixed_model_state()
 def diagonal(
     A: Any,
     method: str = "hutchinson",

@@ -30,10 +30,12 @@ from curvkit.errors import CurvkitError
 from curvkit.linalg.solve import SolveHistory, SolveResult, refuse_options
 from curvkit.operator import CurvatureOperator
 from curvkit.problem_operator import ProblemOperator
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["approximate_inverse", "exact_solve", "lowrank"]
 
 
+@fixed_model_state()
 def exact_solve(
     A: CurvatureOperator,
     B: Tensor,
@@ -53,6 +55,7 @@ def exact_solve(
     return history.measured(B, A.solve(B, damping), 1, tol, "above-tol", "residual above tol")
 
 
+@fixed_model_state()
 def approximate_inverse(
     A: CurvatureOperator,
     B: Tensor,
@@ -124,6 +127,7 @@ def approximate_inverse(
     return history.measured(B, X, 1, tol, "approximate", why)
 
 
+@fixed_model_state()
 def lowrank(
     A: CurvatureOperator,
     B: Tensor,

@@ -51,6 +51,7 @@ from curvkit.linalg._common import (
     require_fixed_map,
 )
 from curvkit.linalg.lanczos import REORTHOGONALISATION, WHICH, thick_restart_lanczos
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["EigenResult", "eigenvalues"]
 
@@ -132,6 +133,7 @@ def _order(values: Tensor, which: str) -> Tensor:
     return torch.argsort(values, descending=True)
 
 
+@fixed_model_state()
 def eigenvalues(
     A: Any,
     k: int = 5,

@@ -38,6 +38,7 @@ from torch import Tensor
 from curvkit.directions import resolve_direction
 from curvkit.errors import CurvkitError
 from curvkit.linalg._common import Progress
+from curvkit.snapshot import fixed_model_state
 
 __all__ = [
     "DENSE_REFERENCE_MAX_DIM",
@@ -183,6 +184,7 @@ def _reference(
     return result.x, label, result.residual, result.converged, result.matvecs
 
 
+@fixed_model_state()
 def ihvp_accuracy(
     A: Any,
     solvers: Sequence[str] = ("cg", "minres", "neumann"),

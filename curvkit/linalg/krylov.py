@@ -26,10 +26,12 @@ from torch import Tensor
 from curvkit.errors import CurvkitError
 from curvkit.linalg.solve import SolveHistory, SolveResult
 from curvkit.operator import CurvatureOperator
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["conjugate_gradient", "minres"]
 
 
+@fixed_model_state()
 def conjugate_gradient(
     A: CurvatureOperator,
     B: Tensor,
@@ -96,6 +98,7 @@ def conjugate_gradient(
     return history.confirmed(B, X, R, tol=tol, maxiter=maxiter, cycle=cycle)
 
 
+@fixed_model_state()
 def minres(
     A: CurvatureOperator,
     B: Tensor,

@@ -86,6 +86,7 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg._common import non_finite_error, product_name
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["LanczosState", "default_max_matvecs", "select_ritz", "thick_restart_lanczos"]
 
@@ -499,6 +500,7 @@ def _refined_restart(
     return p
 
 
+@fixed_model_state()
 def thick_restart_lanczos(
     matvec: Callable[[Tensor], Tensor],
     dim: int,

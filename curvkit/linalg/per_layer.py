@@ -16,6 +16,7 @@ from curvkit.errors import CurvkitError
 from curvkit.linalg._common import Progress
 from curvkit.linalg.eigen import eigenvalues
 from curvkit.linalg.trace import trace
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["LayerRow", "LayerTable", "layer_blocks", "per_layer"]
 
@@ -73,6 +74,7 @@ def layer_blocks(names: Sequence[str], by: str = "module") -> dict[str, list[str
     return blocks
 
 
+@fixed_model_state()
 def per_layer(
     A: Any,
     by: str = "module",

@@ -21,6 +21,7 @@ from curvkit.errors import CurvkitError
 from curvkit.linalg.solve import SolveHistory, SolveResult, refuse_options
 from curvkit.operator import CurvatureOperator
 from curvkit.problem_operator import ProblemOperator
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["DIVERGENCE", "lissa", "neumann"]
 
@@ -47,6 +48,7 @@ def _series_scale(A: CurvatureOperator, damping: float, history: SolveHistory) -
     return 1.0 / largest, ""
 
 
+@fixed_model_state()
 def neumann(
     A: CurvatureOperator,
     B: Tensor,
@@ -110,6 +112,7 @@ def neumann(
     return history.confirmed(B, X, R, tol=tol, maxiter=maxiter, cycle=cycle)
 
 
+@fixed_model_state()
 def lissa(
     A: CurvatureOperator,
     B: Tensor,

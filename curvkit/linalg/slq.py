@@ -67,6 +67,7 @@ from curvkit.linalg._common import (
     rademacher,
     require_fixed_map,
 )
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["DensityResult", "density", "gaussian_broadening", "lanczos_quadrature"]
 
@@ -155,6 +156,7 @@ def _start_vectors(P: int, runs: int, seed: int | None, dtype: torch.dtype, devi
     return rademacher(P, runs, probe_generator(seed), dtype, device) / math.sqrt(P)
 
 
+@fixed_model_state()
 def lanczos_quadrature(
     A: Any,
     start: Tensor,
@@ -340,6 +342,7 @@ def _default_sigma(lo: float, hi: float) -> float:
     return SIGMA_FRACTION * span
 
 
+@fixed_model_state()
 def density(
     A: Any,
     steps: int = 100,

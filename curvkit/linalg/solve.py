@@ -46,6 +46,7 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError, CurvkitWarning, ShapeMismatchError
 from curvkit.operator import CurvatureOperator
+from curvkit.snapshot import fixed_model_state
 from curvkit.solver_spec import SolverSpec
 
 __all__ = [
@@ -131,6 +132,7 @@ def _solver(method: str) -> SolverSpec:
     return registered[method]
 
 
+@fixed_model_state()
 def solve(
     A: CurvatureOperator,
     v: Tensor,

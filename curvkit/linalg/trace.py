@@ -209,6 +209,7 @@ from curvkit.linalg._common import (
     exact_diagonal,
     probe_generator,
 )
+from curvkit.snapshot import fixed_model_state
 
 __all__ = ["METHODS", "TraceResult", "trace"]
 
@@ -406,6 +407,7 @@ def _check_arguments(method: Any, matvecs: Any, batch_size: Any) -> str:
     return method
 
 
+@fixed_model_state()
 def trace(
     A: Any,
     method: str = "hutch++",
