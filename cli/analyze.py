@@ -322,7 +322,9 @@ def analyze_command(
     batch_size: int = typer.Option(1024, "--batch-size", help="Batch size of the passes over the data."),
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use only the first N samples."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32, float64, or bfloat16 (bfloat16 products, float32 analyses)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of every random vector."),
     output: Path = typer.Option(Path("results.h5"), "--output", "-o", help="HDF5 results file."),
     trust_pickle: bool = typer.Option(

@@ -260,7 +260,7 @@ def check_agreement(
         k: Number of eigenpairs compared.
         which: ``"largest"``, ``"smallest"`` or ``"largest_magnitude"``.
         value_rtol: Bound on ``max_i |lambda_i - mu_i| / max_i |mu_i|``; default
-            ``eps_A = agreement_accuracy(tol, A.dtype)``: a residual within
+            ``eps_A = agreement_accuracy(tol, A.product_dtype)``: a residual within
             ``tol * ||A||`` puts an eigenvalue within that distance (Weyl).
         max_angle: Bound (radians) on the largest principal angle between the two
             k-dimensional eigenspaces; default from the Davis-Kahan sin-theta
@@ -323,7 +323,7 @@ def check_agreement(
     scale = mu.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     value_error = ((lam.to(mu) - mu).abs().max() / scale).item()
     angle = largest_principal_angle(U, V)
-    accuracy = agreement_accuracy(tol, A.dtype)
+    accuracy = agreement_accuracy(tol, getattr(A, "product_dtype", A.dtype))
     if value_rtol is None:
         value_rtol = accuracy
     if max_angle is None:

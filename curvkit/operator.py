@@ -79,6 +79,7 @@ __all__ = [
     "DiagonalOperator",
     "IdentityOperator",
     "STRUCTURE_METHODS",
+    "ConvertedOperator",
     "RestrictedOperator",
     "ScaledOperator",
     "SumOperator",
@@ -142,6 +143,10 @@ class CurvatureOperator:
         layout: The parameters behind the flat vectors.
         dtype: Dtype of the products.
         device: Device of the products.
+        product_dtype: The precision the products are computed in, when lower
+            than ``dtype`` (an operator converted by :meth:`astype`); default ``dtype``.
+            Analyses judge what the products can resolve by it (the accuracy of
+            :func:`curvkit.checks.check_agreement`, the precision warnings).
     """
 
     SYMMETRIC: bool = True
@@ -152,9 +157,17 @@ class CurvatureOperator:
     CHEAP_DIAGONAL: bool = False
     STRUCTURE: frozenset[str] = frozenset()
 
-    def __init__(self, layout: ParameterLayout, *, dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        layout: ParameterLayout,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        product_dtype: torch.dtype | None = None,
+    ):
         self.layout = layout
         self.dtype = dtype
+        self.product_dtype = dtype if product_dtype is None else product_dtype
         self.device = torch.device(device)
         self.matvecs = 0
         self.data_passes = 0
@@ -520,6 +533,29 @@ class CurvatureOperator:
             return NotImplemented
         return SumOperator([self, -other])
 
+    def astype(self, dtype: torch.dtype) -> CurvatureOperator:
+        """The same operator on ``dtype`` vectors, its products still computed in its own precision.
+
+        For mixed precision: the products of a ``bfloat16`` problem (forward and
+        backward passes in bfloat16, where a GPU's tensor cores gain) inside
+        analyses whose own arithmetic (Krylov bases, orthogonalisation,
+        tridiagonal eigenproblems, probe sums) runs in ``float32``. Each product
+        converts its input to the operator's dtype and its result back;
+        :attr:`product_dtype` keeps the products' precision, by which the
+        analyses judge what they can certify. Flags and the layout are kept;
+        structure (an exact trace, inverse, eigenpairs) is not, since it would
+        be computed in the lower precision.
+
+        Example:
+            >>> A = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.bfloat16))
+            >>> B = A.astype(torch.float32)
+            >>> (B @ torch.ones(2)).dtype, B.product_dtype
+            (torch.float32, torch.bfloat16)
+        """
+        if dtype == self.dtype:
+            return self
+        return ConvertedOperator(self, dtype)
+
     def damped(self, damping: float) -> CurvatureOperator:
         """``A + damping * I``."""
         return self + IdentityOperator(self.layout, scale=damping, dtype=self.dtype, device=self.device)
@@ -576,7 +612,7 @@ def _resolve_names(layout: ParameterLayout, params: str | Sequence[str]) -> list
 
 class _TransposedOperator(CurvatureOperator):
     def __init__(self, op: CurvatureOperator):
-        super().__init__(op.layout, dtype=op.dtype, device=op.device)
+        super().__init__(op.layout, dtype=op.dtype, device=op.device, product_dtype=op.product_dtype)
         self.op = op
         for f in (*FLAGS, "CHEAP_DIAGONAL"):
             setattr(self, f, getattr(op, f))
@@ -597,7 +633,7 @@ class ScaledOperator(CurvatureOperator):
     the eigenpairs of ``A`` scaled (the other end of ``A``'s spectrum for ``alpha < 0``)."""
 
     def __init__(self, op: CurvatureOperator, alpha: float):
-        super().__init__(op.layout, dtype=op.dtype, device=op.device)
+        super().__init__(op.layout, dtype=op.dtype, device=op.device, product_dtype=op.product_dtype)
         self.op, self.alpha = op, alpha
         self.SYMMETRIC, self.EXACT, self.STOCHASTIC = op.SYMMETRIC, op.EXACT, op.STOCHASTIC
         self.RESAMPLES, self.CHEAP_DIAGONAL = op.RESAMPLES, op.CHEAP_DIAGONAL
@@ -649,7 +685,8 @@ class SumOperator(CurvatureOperator):
         dtype = first.dtype
         for op in ops[1:]:
             dtype = torch.promote_types(dtype, op.dtype)
-        super().__init__(first.layout, dtype=dtype, device=first.device)
+        coarsest = max((op.product_dtype for op in ops), key=lambda t: torch.finfo(t).eps)
+        super().__init__(first.layout, dtype=dtype, device=first.device, product_dtype=coarsest)
         flat: list[CurvatureOperator] = []
         for op in ops:
             flat += op.ops if isinstance(op, SumOperator) else [op]
@@ -854,12 +891,40 @@ class DenseOperator(CurvatureOperator):
         return block
 
 
+class ConvertedOperator(CurvatureOperator):
+    """``A`` on vectors of another dtype: each product converts its input to ``A``'s dtype and back.
+
+    Built by :meth:`CurvatureOperator.astype`; :attr:`product_dtype` is ``A``'s.
+    """
+
+    def __init__(self, op: CurvatureOperator, dtype: torch.dtype):
+        super().__init__(op.layout, dtype=dtype, device=op.device, product_dtype=op.product_dtype)
+        self.op = op
+        for f in (*FLAGS, "CHEAP_DIAGONAL"):
+            setattr(self, f, getattr(op, f))
+        if hasattr(op, "name"):  # the estimator's, set by curvkit.curvature
+            self.name = op.name
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        return self.op.matmat(M.to(self.op.dtype)).to(self.dtype)
+
+    def _rmatmat(self, M: Tensor) -> Tensor:
+        return self.op.rmatmat(M.to(self.op.dtype)).to(self.dtype)
+
+    def diagonal(self, max_dim: int | None = None, block_size: int = 256) -> Tensor:
+        return self.op.diagonal(max_dim, block_size).to(self.dtype)
+
+    def restrict(self, params: str | Sequence[str]) -> CurvatureOperator:
+        """``A[S, S]`` converted: the block by ``A``'s own ``restrict``."""
+        return ConvertedOperator(self.op.restrict(params), self.dtype)
+
+
 class RestrictedOperator(CurvatureOperator):
     """The diagonal block ``A[S, S]`` of an operator, by embedding (generic fallback)."""
 
     def __init__(self, op: CurvatureOperator, names: Sequence[str]):
         sub = op.layout.sub_layout(names)
-        super().__init__(sub, dtype=op.dtype, device=op.device)
+        super().__init__(sub, dtype=op.dtype, device=op.device, product_dtype=op.product_dtype)
         self.op = op
         self.index = op.layout.indices(sub.names).to(op.device)
         for f in (*FLAGS, "CHEAP_DIAGONAL"):

@@ -92,8 +92,15 @@ more than rounding (a fixed bug, another normalisation), so that a results file
 never mixes the old numbers with the new under one run. Version 2: runs keyed
 by everything that determines them."""
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-"""The precisions ``curvkit analyze`` runs in."""
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+"""The precisions of the model and its products in ``curvkit analyze``."""
+
+ANALYSIS_DTYPES = {"bfloat16": torch.float32}
+"""The analyses' own arithmetic where it differs from the products' (mixed precision).
+
+bfloat16 keeps 8 significant bits: enough for the forward and backward passes of
+a product (where a GPU gains), far too few for a Krylov basis or a tridiagonal
+eigenproblem, so those run in float32 (:meth:`curvkit.CurvatureOperator.astype`)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,8 @@ class ProblemSettings:
         batch_size: Batch size of the passes over the data.
         max_samples: Use only the first ``max_samples`` samples.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        dtype: ``"float32"`` or ``"float64"``.
+        dtype: ``"float32"``, ``"float64"`` or ``"bfloat16"`` (products in
+            bfloat16, analyses in float32: :data:`ANALYSIS_DTYPES`).
         trust_pickle: Allow unpickling code from the checkpoint.
         check_deterministic: Run the determinism probe (two passes compared).
     """
@@ -418,12 +426,14 @@ def prepare_analysis(
     problem.check_batch()
     problem.ensure_deterministic()
     options = _seeded(estimator, estimator_options, seed)
-    operator = curvature(estimator, problem, **options)
+    analysis_dtype = ANALYSIS_DTYPES.get(settings.dtype, problem.dtype)
+    operator = curvature(estimator, problem, **options).astype(analysis_dtype)
     spec = get_estimator(estimator)
     reference = estimator_reference(spec, problem, max_dense_dim=reference_max_dim, options=options)
     other = None
     if baseline is not None and baseline != estimator:
         other = curvature(baseline, problem, **_seeded(baseline, baseline_options, seed))
+        other = other.astype(analysis_dtype)
     model = settings.model or meta.get("model_factory") or type(net).__name__
     model_kwargs = settings.model_kwargs if settings.model_kwargs is not None else meta.get("model_kwargs")
     key = run_key(

@@ -207,3 +207,19 @@ def test_solver_budget_and_reorthogonalisation_from_the_command_line(tmp_path):
     with ResultsStore(out, mode="r") as store:
         (stored,) = store.runs()
         assert stored.request("eigen/largest")["reorthogonalisation"] == "full"
+
+
+def test_bfloat16_products_with_float32_analyses(analysed, tmp_path):
+    out = tmp_path / "bf16.h5"
+    result = invoke(
+        "analyze", MLP, "--dtype", "bfloat16", "--top-k", "2", "--tol", "1e-2", "--check",
+        "-o", str(out), "--json", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads(result.stdout)["runs"]
+    assert run["provenance"]["dtype"] == "bfloat16" and run["status"] == "complete"
+    top = run["analyses"]["eigen/largest"]
+    assert top["converged"]  # 1e-2 is within bfloat16's reach; the solve's arithmetic is float32's
+    float32_top = analysed[1]["runs"][0]["analyses"]["eigen/largest"]["values"][0]
+    assert abs(top["values"][0] - float32_top) < 2e-2 * abs(float32_top)
+    assert run["analyses"]["checks/agreement"]["passed"]

@@ -527,3 +527,33 @@ def test_restrict_leaves_the_model_alone_and_matches_a_closed_form():
     dense = H.to_dense()
     w_idx = [0, 1, 2, 6]  # first output row of the weight, and its bias
     _close(dense[w_idx][:, w_idx], per_output, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- mixed precision (astype)
+def test_astype_computes_products_in_the_operators_precision():
+    matrix = torch.randn(P, P, generator=_gen(7), dtype=DT)
+    matrix = matrix + matrix.T
+    low = curvkit.DenseOperator(matrix.to(torch.bfloat16), LAYOUT)
+    A = low.astype(torch.float32)
+    assert A.dtype == torch.float32 and A.product_dtype == torch.bfloat16 and A.SYMMETRIC
+    M = torch.randn(P, 3, generator=_gen(8))
+    expected = (low @ M.to(torch.bfloat16)).float()  # the bfloat16 product, converted
+    assert torch.equal(A @ M, expected) and (A @ M).dtype == torch.float32
+    assert torch.equal(A.diagonal(), low.diagonal().float())
+    assert torch.equal(A.restrict("lin.bias").to_dense(), low.restrict("lin.bias").to_dense().float())
+    assert (2.0 * A).product_dtype == torch.bfloat16 and A.T.product_dtype == torch.bfloat16
+    assert (A + curvkit.DenseOperator(matrix.float(), LAYOUT)).product_dtype == torch.bfloat16
+    assert low.astype(torch.bfloat16) is low and not A.STRUCTURE
+
+
+def test_bfloat16_products_with_float32_analyses_find_the_spectrum_to_bfloat16_accuracy():
+    problem = get_case("tanh-mlp-ce").problem()
+    truth = torch.linalg.eigvalsh(dense_hessian_reference(problem)).flip(0)[:2]
+    H = curvkit.curvature("hessian", problem.to(torch.bfloat16)).astype(torch.float32)
+    with pytest.warns(curvkit.CurvkitWarning, match="torch.bfloat16 products can certify"):
+        res = curvkit.eigenvalues(H, k=2, tol=1e-8)
+    assert res.values.dtype == torch.float32 and not res.converged and res.precision_floor > 1e-5
+    assert ((res.values.double() - truth).abs() / truth.abs()).max() < 2e-2
+    assert curvkit.checks.agreement_accuracy(1e-4, H.product_dtype) == pytest.approx(2.0**-3.5)
+    dens = curvkit.density(H, steps=12, runs=1)  # the float32 basis keeps its steps
+    assert dens.density.dtype == torch.float32 and dens.run_steps[0] == 12

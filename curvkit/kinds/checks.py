@@ -60,7 +60,7 @@ def _psd(context: AnalysisContext, key: str) -> CheckResult:
     :func:`~curvkit.checks.agreement_accuracy` (the extreme eigenvalues are known to
     ``tol * ||A||``, never below half the digits of the operator's precision)."""
     op, plan = context.op, context.plan
-    accuracy = checks.agreement_accuracy(plan.tol, op.dtype)
+    accuracy = checks.agreement_accuracy(plan.tol, getattr(op, "product_dtype", op.dtype))
     return checks.check_psd(op, tol=accuracy, eig_tol=plan.tol, seed=plan.seed, progress=context.report(key))
 
 

@@ -288,7 +288,7 @@ def eigenvalues(
         stop_reason = "stagnated"
     if stop_reason == "stagnated" and method == "lanczos":
         floor = max(floor or 0.0, residuals.max().item() / scale)
-        _warn_precision_floor(tol, floor, used, A.dtype)
+        _warn_precision_floor(tol, floor, used, getattr(A, "product_dtype", A.dtype))
     return _ordered(
         A,
         values,
