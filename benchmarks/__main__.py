@@ -38,27 +38,24 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.distributed import evaluate_distributed_goals, run_distributed  # noqa: E402
-from benchmarks.ggn import evaluate_ggn_goals, run_ggn  # noqa: E402
-from benchmarks.hvp import ProblemResult, evaluate_goals, run_hvp, run_matmat  # noqa: E402
-from benchmarks.kfac import KFAC_PROBLEMS, evaluate_kfac_goals, run_kfac  # noqa: E402
+from benchmarks.distributed import run_distributed  # noqa: E402
+from benchmarks.ggn import run_ggn  # noqa: E402
+from benchmarks.hvp import ProblemResult, run_hvp, run_matmat  # noqa: E402
+from benchmarks.kfac import KFAC_PROBLEMS, run_kfac  # noqa: E402
 from benchmarks.newton import run_newton  # noqa: E402
-from benchmarks.optimizers import evaluate_optimizer_goals, run_optimizers  # noqa: E402
+from benchmarks.optimizers import run_optimizers  # noqa: E402
 from benchmarks.peers import backend_versions, peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
 from benchmarks.report import (  # noqa: E402
     Recorded,
+    all_goals,
     load_recorded,
     merge_recorded,
     render_markdown,
     write_results,
 )
-from benchmarks.solvers import evaluate_solver_goals, run_solvers  # noqa: E402
-from benchmarks.spectral import (  # noqa: E402
-    SPECTRAL_SECTIONS,
-    evaluate_spectral_goals,
-    run_spectral,
-)
+from benchmarks.solvers import run_solvers  # noqa: E402
+from benchmarks.spectral import SPECTRAL_SECTIONS, run_spectral  # noqa: E402
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
 from curvkit.choice import AUTO_TRIALS  # noqa: E402
 
@@ -137,19 +134,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _goals(rec: Recorded) -> list:
-    """Every section's goals over the (merged) results."""
-    return (
-        evaluate_goals(rec.results)
-        + evaluate_ggn_goals(rec.ggn)
-        + evaluate_kfac_goals(rec.kfac)
-        + (evaluate_spectral_goals(rec.spectral) if rec.spectral else [])
-        + evaluate_solver_goals(rec.solvers)
-        + evaluate_optimizer_goals(rec.optimizers)
-        + evaluate_distributed_goals(rec.distributed)
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the selected sections on the selected problems and write the report."""
     args = parse_args(argv)
@@ -225,32 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - start,
         "other_load": whole_run.stop(),
     }
-    run = Recorded(
-        results,
-        ggn_results,
-        kfac_results,
-        spectral,
-        solver_results,
-        newton_results,
-        optimizer_results,
-        distributed_results,
-    )
+    lists = {
+        "ggn": ggn_results,
+        "kfac": kfac_results,
+        "solvers": solver_results,
+        "newton": newton_results,
+        "optimizers": optimizer_results,
+        "distributed": distributed_results,
+    }
+    run = Recorded(results, spectral, lists)
     partial = set(args.only) != set(SECTIONS) or args.problems is not None
     old = load_recorded(args.out / "results.json") if partial and not args.no_merge else None
     merged = merge_recorded(old, run, args.only, meta)
-    goals = _goals(merged)
-    parts = (
-        merged.results,
-        goals,
-        merged.spectral,
-        merged.ggn,
-        merged.kfac,
-        merged.solvers,
-        merged.newton,
-        merged.optimizers,
-        merged.distributed,
-        merged.provenance,
-    )
+    goals = all_goals(merged)
+    parts = (merged.results, goals, merged.spectral, merged.lists, merged.provenance)
     write_results(args.out, meta, *parts)
     print(render_markdown(meta, *parts))
     return 0

@@ -15,27 +15,30 @@ from __future__ import annotations
 import json
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from benchmarks.distributed import DistributedResult, render_distributed
-from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow
-from benchmarks.hvp import Goal, K, ProblemResult
-from benchmarks.kfac import DAMPING, KFACResult
+from benchmarks.distributed import DistributedResult, evaluate_distributed_goals, render_distributed
+from benchmarks.ggn import AGREEMENT, GGNResult, GGNRow, evaluate_ggn_goals
+from benchmarks.hvp import Goal, K, ProblemResult, evaluate_goals
+from benchmarks.kfac import DAMPING, KFACResult, evaluate_kfac_goals
 from benchmarks.newton import NewtonResult, render_newton
-from benchmarks.optimizers import OptimizersResult, render_optimizers
+from benchmarks.optimizers import OptimizersResult, evaluate_optimizer_goals, render_optimizers
 from benchmarks.peers import NO_HVP
 from benchmarks.problems import PROBLEMS
-from benchmarks.solvers import CG_EPS, GARBAGE, SolverResult, SolverRow, SolverSystem
+from benchmarks.solvers import CG_EPS, GARBAGE, SolverResult, SolverRow, SolverSystem, evaluate_solver_goals
 from benchmarks.solvers import TARGET as SOLVE_TARGET
-from benchmarks.spectral import TARGET, SpectralResults, SpectralSettings
+from benchmarks.spectral import TARGET, SpectralResults, SpectralSettings, evaluate_spectral_goals
 from benchmarks.timing import percent
 from curvkit.choice import AUTO_TRIALS
 
 __all__ = [
+    "LIST_SECTIONS",
+    "ListSection",
     "Recorded",
+    "all_goals",
     "load_recorded",
     "merge_recorded",
     "provenance_record",
@@ -196,21 +199,18 @@ def render_markdown(
     results: Sequence[ProblemResult],
     goals: Sequence[Goal],
     spectral: SpectralResults | None = None,
-    ggn: Sequence[GGNResult] = (),
-    kfac: Sequence[KFACResult] = (),
-    solvers: Sequence[SolverResult] = (),
-    newton: Sequence[NewtonResult] = (),
-    optimizers: Sequence[OptimizersResult] = (),
-    distributed: Sequence[DistributedResult] = (),
+    lists: dict[str, Sequence[Any]] | None = None,
     provenance: dict[str, list[dict]] | None = None,
 ) -> str:
     """The report as Markdown.
 
+    ``lists`` holds the results of each of :data:`LIST_SECTIONS`, by name.
     ``provenance`` (section -> records of the runs that measured it, see
     :func:`provenance_record`) adds a provenance table and a line under each
     section when the report holds figures of more than one run; the HVP timing
     settings are those of the run that recorded the HVP rows.
     """
+    lists = lists or {}
     m = meta["machine"]
     timing = _run_meta(meta, provenance, "hvp" if any(r.hvp for r in results) else "matmat")
     out = [
@@ -248,7 +248,7 @@ def render_markdown(
         ]
     out += [
         "- Function: the full-data mean cross-entropy, model in eval mode, float32"
-        + (" (the solver section: float64)" if solvers else "")
+        + (" (the solver section: float64)" if lists.get("solvers") else "")
         + ". Peers get the "
         "whole data set as one batch with `nn.CrossEntropyLoss()` (mean), so their normalisation "
         "matches; agreement with curvkit is checked per method (relative 2-norm error on a fixed vector; "
@@ -284,24 +284,17 @@ def render_markdown(
             out += ["HVP (one product `H @ v`):", ""] + _hvp_table(res) + [""]
         if res.matmat:
             out += [f"matmat (K = {K} vectors):", ""] + _matmat_table(res) + [""]
-    if ggn:
-        out += _recorded_line("ggn", meta, provenance) + render_ggn(ggn, meta)
-    if kfac:
-        out += _recorded_line("kfac", meta, provenance) + render_kfac(kfac)
-    if spectral is not None:
-        lines = []
-        for section in ("eigen", "trace", "density"):
-            if getattr(spectral, section):
-                lines += _recorded_line(section, meta, provenance)
-        out += lines + render_spectral(spectral)
-    if solvers:
-        out += _recorded_line("solvers", meta, provenance) + render_solvers(solvers)
-    if newton:
-        out += _recorded_line("newton", meta, provenance) + render_newton(newton)
-    if optimizers:
-        out += _recorded_line("optimizers", meta, provenance) + render_optimizers(optimizers)
-    if distributed:
-        out += _recorded_line("distributed", meta, provenance) + render_distributed(distributed)
+    for section in SECTION_ORDER:  # hvp and matmat above; the spectral sections as one
+        if section in LIST_BY_NAME and lists.get(section):
+            out += _recorded_line(section, meta, provenance) + LIST_BY_NAME[section].render(
+                lists[section], meta
+            )
+        elif section == "eigen" and spectral is not None:
+            lines = []
+            for part in SPECTRAL_SETTING_OF:
+                if getattr(spectral, part):
+                    lines += _recorded_line(part, meta, provenance)
+            out += lines + render_spectral(spectral)
     if results:
         out += ["## How each method is called", ""] + _notes(results) + [""]
     return "\n".join(out)
@@ -313,34 +306,20 @@ def write_results(
     results: Sequence[ProblemResult],
     goals: Sequence[Goal],
     spectral: SpectralResults | None = None,
-    ggn: Sequence[GGNResult] = (),
-    kfac: Sequence[KFACResult] = (),
-    solvers: Sequence[SolverResult] = (),
-    newton: Sequence[NewtonResult] = (),
-    optimizers: Sequence[OptimizersResult] = (),
-    distributed: Sequence[DistributedResult] = (),
+    lists: dict[str, Sequence[Any]] | None = None,
     provenance: dict[str, list[dict]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``RESULTS.md`` and ``results.json`` into ``directory``; return their paths."""
+    lists = lists or {}
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "RESULTS.md", directory / "results.json"
-    md.write_text(
-        render_markdown(
-            meta, results, goals, spectral, ggn, kfac, solvers, newton, optimizers, distributed, provenance
-        ),
-        encoding="utf-8",
-    )
+    md.write_text(render_markdown(meta, results, goals, spectral, lists, provenance), encoding="utf-8")
     payload = {
         "meta": meta,
         "provenance": provenance or {},
         "goals": [asdict(g) for g in goals],
         "problems": [r.to_dict() for r in results],
-        "ggn": [r.to_dict() for r in ggn],
-        "kfac": [r.to_dict() for r in kfac],
-        "solvers": [r.to_dict() for r in solvers],
-        "newton": [r.to_dict() for r in newton],
-        "optimizers": [r.to_dict() for r in optimizers],
-        "distributed": [r.to_dict() for r in distributed],
+        **{s.name: [r.to_dict() for r in lists.get(s.name, ())] for s in LIST_SECTIONS},
     }
     if spectral is not None:
         payload["spectral"] = spectral.to_dict()
@@ -371,18 +350,42 @@ SPECTRAL_SETTING_OF = {
 """The spectral settings each spectral section ran with."""
 
 
+@dataclass(frozen=True)
+class ListSection:
+    """A section recorded as one result per problem: how it is read back, rendered and judged.
+
+    The table behind :class:`Recorded`, ``results.json``, merging and the report
+    for every such section; the HVP and matmat rows (one record per problem for
+    both) and the spectral sections (three lists and their settings) have shapes
+    of their own.
+
+    Attributes:
+        name: The section (``--only`` name, ``results.json`` key).
+        record: The dataclass of one problem's result (read back by :func:`_build`).
+        render: ``render(results, meta)``: the section's Markdown lines.
+        goals: ``goals(results)``: the section's goals.
+    """
+
+    name: str
+    record: type
+    render: Callable[[Sequence[Any], dict[str, Any]], list[str]]
+    goals: Callable[[Sequence[Any]], list[Goal]] = lambda results: []
+
+
 @dataclass
 class Recorded:
-    """Everything a ``results.json`` holds, as result objects, with the provenance of each section."""
+    """Everything a ``results.json`` holds, as result objects, with the provenance of each section.
+
+    Attributes:
+        results: The HVP and matmat rows, one record per problem.
+        spectral: The eigen, trace and density sections.
+        lists: The results of each of :data:`LIST_SECTIONS`, by name.
+        provenance: Per section, the runs that recorded it (:func:`provenance_record`).
+    """
 
     results: list[ProblemResult] = field(default_factory=list)
-    ggn: list[GGNResult] = field(default_factory=list)
-    kfac: list[KFACResult] = field(default_factory=list)
     spectral: SpectralResults | None = None
-    solvers: list[SolverResult] = field(default_factory=list)
-    newton: list[NewtonResult] = field(default_factory=list)
-    optimizers: list[OptimizersResult] = field(default_factory=list)
-    distributed: list[DistributedResult] = field(default_factory=list)
+    lists: dict[str, list[Any]] = field(default_factory=dict)
     provenance: dict[str, list[dict]] = field(default_factory=dict)
 
     def covered(self, section: str) -> list[str]:
@@ -393,7 +396,18 @@ class Recorded:
             return [r.name for r in self.results if r.matmat]
         if section in SPECTRAL_SETTING_OF:
             return [r.name for r in getattr(self.spectral, section)] if self.spectral else []
-        return [r.name for r in getattr(self, section)]
+        return [r.name for r in self.lists.get(section, [])]
+
+
+def all_goals(rec: Recorded) -> list[Goal]:
+    """Every section's goals over the (merged) results, in :data:`SECTION_ORDER`."""
+    goals = evaluate_goals(rec.results)  # the hvp and matmat goals
+    for section in SECTION_ORDER:
+        if section in LIST_BY_NAME:
+            goals += LIST_BY_NAME[section].goals(rec.lists.get(section, []))
+        elif section == "eigen" and rec.spectral is not None:
+            goals += evaluate_spectral_goals(rec.spectral)
+    return goals
 
 
 def _build(tp: Any, value: Any) -> Any:
@@ -437,24 +451,20 @@ def load_recorded(path: Path) -> Recorded | None:
         return None
     payload = json.loads(path.read_text(encoding="utf-8"))
     rec = Recorded()
-    parts = {
-        "results": ("problems", list[ProblemResult]),
-        "ggn": ("ggn", list[GGNResult]),
-        "kfac": ("kfac", list[KFACResult]),
-        "spectral": ("spectral", SpectralResults),
-        "solvers": ("solvers", list[SolverResult]),
-        "newton": ("newton", list[NewtonResult]),
-        "optimizers": ("optimizers", list[OptimizersResult]),
-        "distributed": ("distributed", list[DistributedResult]),
-    }
-    for attr, (key, tp) in parts.items():
+
+    def read(key: str, tp: Any) -> Any:
         try:
-            value = _build(tp, payload.get(key))
+            return _build(tp, payload.get(key))
         except Exception as exc:  # schema drift: keep the rest
             print(f"[merge] could not read the recorded {key!r} ({exc}); dropped", file=sys.stderr)
-            value = None
+            return None
+
+    rec.results = read("problems", list[ProblemResult]) or []
+    rec.spectral = read("spectral", SpectralResults)
+    for section in LIST_SECTIONS:
+        value = read(section.name, list[section.record])  # type: ignore[name-defined]
         if value is not None:
-            setattr(rec, attr, value)
+            rec.lists[section.name] = value
     provenance = payload.get("provenance")
     if not provenance:
         meta = payload.get("meta") or {}
@@ -518,8 +528,9 @@ def merge_recorded(
         base.description, base.params, base.samples = res.description, res.params, res.samples
         base.other_load = res.other_load
     merged.results = [by_name[n] for n in sorted(by_name, key=_order)]
-    for attr in ("ggn", "kfac", "solvers", "newton", "optimizers", "distributed"):
-        setattr(merged, attr, _merge_list(getattr(old, attr), getattr(new, attr), ran.get(attr, [])))
+    for section in LIST_SECTIONS:
+        name = section.name
+        merged.lists[name] = _merge_list(old.lists.get(name, []), new.lists.get(name, []), ran.get(name, []))
 
     # spectral: three lists and the settings each ran with
     if old.spectral is None and new.spectral is None:
@@ -1108,3 +1119,23 @@ def render_solvers(results: Sequence[SolverResult]) -> list[str]:
         "",
     ]
     return out
+
+
+# ------------------------------------------------------------------ the list sections
+def _without_meta(render: Callable[[Sequence[Any]], list[str]]) -> Callable[[Sequence[Any], dict], list[str]]:
+    return lambda results, meta: render(results)
+
+
+LIST_SECTIONS = (
+    ListSection("ggn", GGNResult, render_ggn, evaluate_ggn_goals),
+    ListSection("kfac", KFACResult, _without_meta(render_kfac), evaluate_kfac_goals),
+    ListSection("solvers", SolverResult, _without_meta(render_solvers), evaluate_solver_goals),
+    ListSection("newton", NewtonResult, _without_meta(render_newton)),
+    ListSection("optimizers", OptimizersResult, _without_meta(render_optimizers), evaluate_optimizer_goals),
+    ListSection(
+        "distributed", DistributedResult, _without_meta(render_distributed), evaluate_distributed_goals
+    ),
+)
+"""Every section recorded as a list of per-problem results, in :data:`SECTION_ORDER`."""
+
+LIST_BY_NAME = {s.name: s for s in LIST_SECTIONS}
