@@ -19,6 +19,13 @@ Modules:
 * :mod:`benchmarks.solvers`: inverse-HVP solvers against curvlinops' inverse
   operators: products and time to a relative residual of 1e-6, and what each
   returns on an indefinite system.
+* :mod:`benchmarks.newton`, :mod:`benchmarks.optimizers`, :mod:`benchmarks.training`:
+  NewtonSummary and the optimizers trained side by side with the peers'.
+* :mod:`benchmarks.distributed`: two gloo processes against one.
+* :mod:`benchmarks.resnet`: ResNet-18 on one device (``--device``): HVP against a
+  gradient and top-5 eigenvalues, curvkit and the peers.
 * :mod:`benchmarks.report`: ``RESULTS.md`` and ``results.json``; a run of some
-  sections (``--only``) merges them into the recorded ones.
+  sections (``--only``) merges them into the recorded ones
+  (:data:`~benchmarks.report.LIST_SECTIONS`: how each per-problem section is read
+  back, merged, rendered and judged).
 """

@@ -1,7 +1,9 @@
 """Run the benchmarks: ``python -m benchmarks [--only SECTION,...] [--problems mlp,...] [--quick]``.
 
-Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers, newton, optimizers, distributed
-(default: all).
+Sections: hvp, matmat, ggn, kfac, eigen, trace, density, solvers, newton, optimizers, distributed,
+resnet (default: all). Every section runs on the CPU but ``resnet`` (ResNet-18's HVP against a
+gradient and its top-5 eigenvalues, curvkit and the peers), which runs on ``--device`` (default:
+CUDA when available) and takes about ten minutes on 2 CPU cores.
 Run from the repository root. Writes ``benchmarks/RESULTS.md`` and
 ``benchmarks/results.json`` (or into ``--out``) and prints the Markdown report.
 A full run takes about twenty minutes on 2 cores (the ``solvers`` section about
@@ -54,6 +56,7 @@ from benchmarks.report import (  # noqa: E402
     render_markdown,
     write_results,
 )
+from benchmarks.resnet import run_resnet  # noqa: E402
 from benchmarks.solvers import run_solvers  # noqa: E402
 from benchmarks.spectral import SPECTRAL_SECTIONS, run_spectral  # noqa: E402
 from benchmarks.timing import OtherLoad, configure_threads, machine_info  # noqa: E402
@@ -69,6 +72,7 @@ SECTIONS = (
     "newton",
     "optimizers",
     "distributed",
+    "resnet",
 )
 
 
@@ -125,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "otherwise)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU cores)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="device of the resnet section (default auto: CUDA when available); the others run on the CPU",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="where to write the results")
     parser.add_argument(
         "--no-merge",
@@ -188,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         run_optimizers(args.problems, args.quick, args.out) if "optimizers" in args.only else []
     )
     distributed_results = run_distributed(args.problems, args.quick) if "distributed" in args.only else []
+    resnet_results = run_resnet(args.device, args.quick) if "resnet" in args.only else []
     meta = {
         "commit": commit,
         "command": " ".join(
@@ -216,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "newton": newton_results,
         "optimizers": optimizer_results,
         "distributed": distributed_results,
+        "resnet": resnet_results,
     }
     run = Recorded(results, spectral, lists)
     partial = set(args.only) != set(SECTIONS) or args.problems is not None

@@ -109,7 +109,10 @@ def pyhessian_dataloader(problem: BenchProblem) -> Product:
     pyhessian = _require("pyhessian")
     _clear_grads(problem)
     comp = pyhessian.hessian(
-        problem.model, problem.criterion(), dataloader=[(problem.inputs, problem.targets)], cuda=False
+        problem.model,
+        problem.criterion(),
+        dataloader=[(problem.inputs, problem.targets)],
+        cuda=problem.inputs.is_cuda,
     )
 
     def product(v: Tensor) -> Tensor:
@@ -128,7 +131,10 @@ def pyhessian_computer(problem: BenchProblem) -> Any:
     _clear_grads(problem)
     with _quiet():
         comp = pyhessian.hessian(
-            problem.model, problem.criterion(), data=(problem.inputs, problem.targets), cuda=False
+            problem.model,
+            problem.criterion(),
+            data=(problem.inputs, problem.targets),
+            cuda=problem.inputs.is_cuda,
         )
     _clear_grads(problem)
     return comp

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import curvkit
 
-__all__ = ["PROBLEMS", "BenchProblem", "build_problems", "make_trained_mlp"]
+__all__ = ["PROBLEMS", "BenchProblem", "build_problems", "make_trained_mlp", "teacher_labels"]
 
 NUM_CLASSES = 10
 
@@ -91,10 +91,10 @@ class BenchProblem:
     def random_vectors(self, count: int, seed: int) -> list[Tensor]:
         """``count`` fixed-seed standard normal ``[P]`` vectors."""
         gen = torch.Generator().manual_seed(seed)
-        return [torch.randn(self.dim, generator=gen) for _ in range(count)]
+        return [torch.randn(self.dim, generator=gen).to(self.inputs.device) for _ in range(count)]
 
 
-def _teacher_labels(inputs: Tensor, gen: torch.Generator) -> Tensor:
+def teacher_labels(inputs: Tensor, gen: torch.Generator) -> Tensor:
     """Labels of a random linear teacher on the flattened inputs."""
     flat = inputs.reshape(inputs.shape[0], -1).float()
     weights = torch.randn(flat.shape[1], NUM_CLASSES, generator=gen)
@@ -105,7 +105,7 @@ def make_mlp(seed: int = 0) -> BenchProblem:
     """784-128-64-10 ReLU MLP on 512 digit-sized samples."""
     gen = torch.Generator().manual_seed(seed)
     inputs = torch.randn(512, 784, generator=gen)
-    targets = _teacher_labels(inputs, gen)
+    targets = teacher_labels(inputs, gen)
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES)
@@ -117,7 +117,7 @@ def make_cnn(seed: int = 0) -> BenchProblem:
     """CIFAR-shaped CNN: two Conv2d + ReLU + MaxPool2d stages and a linear head, 256 samples."""
     gen = torch.Generator().manual_seed(seed)
     inputs = torch.randn(256, 3, 32, 32, generator=gen)
-    targets = _teacher_labels(inputs, gen)
+    targets = teacher_labels(inputs, gen)
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -198,7 +198,7 @@ def make_transformer(seed: int = 0) -> BenchProblem:
     """One transformer block, sequences of 16 tokens, width 32, 128 samples."""
     gen = torch.Generator().manual_seed(seed)
     inputs = torch.randint(0, 64, (128, 16), generator=gen)
-    targets = _teacher_labels(torch.nn.functional.one_hot(inputs, 64), gen)
+    targets = teacher_labels(torch.nn.functional.one_hot(inputs, 64), gen)
     torch.manual_seed(seed)
     model = TransformerClassifier()
     return BenchProblem(
@@ -214,7 +214,7 @@ def make_batchnorm(seed: int = 0) -> BenchProblem:
     """Two Conv2d-BatchNorm2d-ReLU stages and a linear head, in eval mode, 256 samples of 3x16x16."""
     gen = torch.Generator().manual_seed(seed)
     inputs = torch.randn(256, 3, 16, 16, generator=gen)
-    targets = _teacher_labels(inputs, gen)
+    targets = teacher_labels(inputs, gen)
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),

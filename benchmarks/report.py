@@ -28,9 +28,16 @@ from benchmarks.newton import NewtonResult, render_newton
 from benchmarks.optimizers import OptimizersResult, evaluate_optimizer_goals, render_optimizers
 from benchmarks.peers import NO_HVP
 from benchmarks.problems import PROBLEMS
+from benchmarks.resnet import HVP_GOAL, ResnetResult, evaluate_resnet_goals
 from benchmarks.solvers import CG_EPS, GARBAGE, SolverResult, SolverRow, SolverSystem, evaluate_solver_goals
 from benchmarks.solvers import TARGET as SOLVE_TARGET
-from benchmarks.spectral import TARGET, SpectralResults, SpectralSettings, evaluate_spectral_goals
+from benchmarks.spectral import (
+    TARGET,
+    EigenProblem,
+    SpectralResults,
+    SpectralSettings,
+    evaluate_spectral_goals,
+)
 from benchmarks.timing import percent
 from curvkit.choice import AUTO_TRIALS
 
@@ -81,6 +88,11 @@ def _error(x: float | None) -> str:
     return f"**{x:.1e} (disagrees)**" if x > DISAGREE else f"{x:.1e}"
 
 
+def _named(row: Any) -> str:
+    """A row's method, with why it was skipped where it was."""
+    return row.method + (f" (skipped: {row.skipped})" if row.skipped else "")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
@@ -106,7 +118,7 @@ def _hvp_table(res: ProblemResult) -> list[str]:
 def _matmat_table(res: ProblemResult) -> list[str]:
     rows = [
         [
-            r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+            _named(r),
             _num(r.median_ms, ".1f"),
             _num(r.per_vector_ms, ".2f"),
             "-" if r.speedup_vs_loop is None else f"{r.speedup_vs_loop:.2f}x",
@@ -340,6 +352,7 @@ SECTION_ORDER = (
     "newton",
     "optimizers",
     "distributed",
+    "resnet",
 )
 PROBLEM_ORDER = ("mlp-trained", *PROBLEMS)
 SPECTRAL_SETTING_OF = {
@@ -587,64 +600,70 @@ def _eigen_section(spectral: SpectralResults) -> list[str]:
         "",
     ]
     for res in spectral.eigen:
-        cross = (
-            f"; curvkit at tol 1e-6 from another start vector agrees to {res.reference_cross_check:.1e}, "
-            f"certified residual / |lambda_max| <= {res.check_rel_residual:.1e}"
-            if res.reference_cross_check is not None
-            else " (not cross-checked in this run)"
+        out += _eigen_problem(res, st.eigen_rounds)
+    return out
+
+
+def _eigen_problem(res: EigenProblem, rounds: int) -> list[str]:
+    """One problem's top-5 rows: its heading, reference and table (timed over ``rounds`` rounds)."""
+    cross = (
+        f"; curvkit at tol 1e-6 from another start vector agrees to {res.reference_cross_check:.1e}, "
+        f"certified residual / |lambda_max| <= {res.check_rel_residual:.1e}"
+        if res.reference_cross_check is not None
+        else " (not cross-checked in this run)"
+    )
+    ref = ", ".join(f"{v:.6g}" for v in res.reference)
+    out = [
+        f"### {res.name}: {res.description}",
+        "",
+        f"P = {res.params:,}; CPU used by other processes meanwhile: {percent(res.other_load)}. "
+        f"Reference: {ref} (ARPACK `eigsh(H.to_scipy(), k=5, which='LA', tol=1e-10)` on curvkit's "
+        f"float32 operator, {res.reference_matvecs} HVPs{cross}).",
+        "",
+    ]
+    rows = []
+    for r in res.rows:
+        notes = []
+        if r.rounds is not None and r.rounds < rounds:
+            notes.append(f"timed in {r.rounds} round")
+        if r.order and r.order != "descending":
+            notes.append(f"returned {r.order}")
+        if r.negative:
+            notes.append("negative values")
+        if r.converged is False:
+            notes.append("not converged")
+        if r.max_rel_residual is not None:
+            notes.append(f"certified: residual / |lambda_max| <= {r.max_rel_residual:.1e}")
+        if r.reported_matvecs is not None and r.reported_matvecs != r.matvecs:
+            notes.append(f"reports {r.reported_matvecs} HVPs")
+        reached = r.rel_error is not None and r.rel_error <= TARGET
+        rows.append(
+            [
+                _named(r),
+                r.settings,
+                _num(r.median_s, ".2f"),
+                _num(r.first_s, ".2f"),
+                _num(r.matvecs, "d"),
+                "-" if not r.matvecs or r.median_s is None else f"{1e3 * r.median_s / r.matvecs:.1f}",
+                _num(r.time_ratio, ".2f"),
+                "-" if r.rel_error is None else f"{r.rel_error:.1e}",
+                "-" if r.rel_error is None else _mark(reached),
+                "; ".join(notes),
+            ]
         )
-        ref = ", ".join(f"{v:.6g}" for v in res.reference)
-        out += [
-            f"### {res.name}: {res.description}",
-            "",
-            f"P = {res.params:,}; CPU used by other processes meanwhile: {percent(res.other_load)}. "
-            f"Reference: {ref} (ARPACK `eigsh(H.to_scipy(), k=5, which='LA', tol=1e-10)` on curvkit's "
-            f"float32 operator, {res.reference_matvecs} HVPs{cross}).",
-            "",
-        ]
-        rows = []
-        for r in res.rows:
-            notes = []
-            if r.rounds is not None and r.rounds < st.eigen_rounds:
-                notes.append(f"timed in {r.rounds} round")
-            if r.order and r.order != "descending":
-                notes.append(f"returned {r.order}")
-            if r.negative:
-                notes.append("negative values")
-            if r.converged is False:
-                notes.append("not converged")
-            if r.max_rel_residual is not None:
-                notes.append(f"certified: residual / |lambda_max| <= {r.max_rel_residual:.1e}")
-            if r.reported_matvecs is not None and r.reported_matvecs != r.matvecs:
-                notes.append(f"reports {r.reported_matvecs} HVPs")
-            reached = r.rel_error is not None and r.rel_error <= TARGET
-            rows.append(
-                [
-                    r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
-                    r.settings,
-                    _num(r.median_s, ".2f"),
-                    _num(r.first_s, ".2f"),
-                    _num(r.matvecs, "d"),
-                    "-" if not r.matvecs or r.median_s is None else f"{1e3 * r.median_s / r.matvecs:.1f}",
-                    _num(r.time_ratio, ".2f"),
-                    "-" if r.rel_error is None else f"{r.rel_error:.1e}",
-                    "-" if r.rel_error is None else _mark(reached),
-                    "; ".join(notes),
-                ]
-            )
-        header = [
-            "method",
-            "settings",
-            "median s",
-            "first s",
-            "HVPs",
-            "ms per HVP",
-            "/ curvkit",
-            "error",
-            f"<= {TARGET:g}",
-            "notes",
-        ]
-        out += _table(header, rows) + [""]
+    header = [
+        "method",
+        "settings",
+        "median s",
+        "first s",
+        "HVPs",
+        "ms per HVP",
+        "/ curvkit",
+        "error",
+        f"<= {TARGET:g}",
+        "notes",
+    ]
+    out += _table(header, rows) + [""]
     return out
 
 
@@ -679,7 +698,7 @@ def _trace_section(spectral: SpectralResults) -> list[str]:
         ]
         rows = [
             [
-                r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+                _named(r),
                 r.settings,
                 _num(r.matvecs, "d"),
                 "-"
@@ -738,7 +757,7 @@ def _density_section(spectral: SpectralResults) -> list[str]:
             )
             rows.append(
                 [
-                    r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+                    _named(r),
                     r.settings,
                     _num(r.median_s, ".2f"),
                     _num(r.matvecs, "d"),
@@ -884,7 +903,7 @@ KFAC_READING = [
 def _kfac_table(rows: Sequence[GGNRow]) -> list[str]:
     body = [
         [
-            r.method + (f" (skipped: {r.skipped})" if r.skipped else ""),
+            _named(r),
             r.quantity,
             _num(r.median_ms, ".2f"),
             "-" if r.median_ms is None else f"{r.min_ms:.2f}-{r.max_ms:.2f}",
@@ -1121,6 +1140,32 @@ def render_solvers(results: Sequence[SolverResult]) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------ ResNet-18 on one device
+def render_resnet(results: Sequence[ResnetResult]) -> list[str]:
+    """The ResNet-18 section: HVP rows against the gradient, and the top-5 rows, with the device named."""
+    out = [
+        "## ResNet-18 on one device",
+        "",
+        "`python -m benchmarks --only resnet [--device cuda]` (see `benchmarks/resnet.py`): every library "
+        "on the same device, float32, one batch of all the samples, each timed call ended by a device "
+        f"synchronisation. The goal: curvkit's Hessian-vector product at most {HVP_GOAL:g} gradients "
+        "(curvlinops measured 2.25x compiled, 7.9x eager, on a GPU).",
+        "",
+    ]
+    for res in results:
+        out += [
+            f"### {res.name}: {res.description}",
+            "",
+            f"Device: {res.device}. P = {res.params:,}; HVP rows: median of {res.repeats} interleaved "
+            f"rounds; CPU used by other processes meanwhile: {percent(res.other_load)}.",
+            "",
+        ]
+        out += _hvp_table(res) + [""]
+        if res.eigen is not None:
+            out += ["Top-5 eigenvalues (one round):", ""] + _eigen_problem(res.eigen, 1)[2:]
+    return out
+
+
 # ------------------------------------------------------------------ the list sections
 def _without_meta(render: Callable[[Sequence[Any]], list[str]]) -> Callable[[Sequence[Any], dict], list[str]]:
     return lambda results, meta: render(results)
@@ -1135,6 +1180,7 @@ LIST_SECTIONS = (
     ListSection(
         "distributed", DistributedResult, _without_meta(render_distributed), evaluate_distributed_goals
     ),
+    ListSection("resnet", ResnetResult, _without_meta(render_resnet), evaluate_resnet_goals),
 )
 """Every section recorded as a list of per-problem results, in :data:`SECTION_ORDER`."""
 

@@ -307,8 +307,10 @@ def _accuracy(values: Sequence[float], reference: Sequence[float]) -> float:
     return max(abs(a - b) / abs(b) for a, b in zip(ordered, reference))
 
 
-def run_eigen(problem: BenchProblem, settings: SpectralSettings) -> EigenProblem:
-    """The top-5 rows of one problem."""
+def run_eigen(
+    problem: BenchProblem, settings: SpectralSettings, methods: Sequence[SpectralMethod] = EIGEN_METHODS
+) -> EigenProblem:
+    """The top-5 rows of one problem, by ``methods`` (the first: the reference of the time ratios)."""
     result = EigenProblem(problem.name, problem.description, problem.dim, problem.num_samples)
     ref = eigen_reference(problem, settings.cross_check)
     result.reference = ref["values"]
@@ -316,10 +318,10 @@ def run_eigen(problem: BenchProblem, settings: SpectralSettings) -> EigenProblem
     result.reference_cross_check = ref["cross_check"]
     result.check_rel_residual = ref["check_rel_residual"]
     load = OtherLoad().start()
-    timings, outcomes, skipped = _timed_runs(problem, EIGEN_METHODS, settings.eigen_rounds, lambda r: 0)
+    timings, outcomes, skipped = _timed_runs(problem, methods, settings.eigen_rounds, lambda r: 0)
     result.other_load = load.stop()
-    base = timings.get(EIGEN_METHODS[0].name)
-    for m in EIGEN_METHODS:
+    base = timings.get(methods[0].name)
+    for m in methods:
         row = EigenRow(m.name, m.family, m.settings, m.note, skipped=skipped.get(m.name))
         if m.name in timings and outcomes[m.name]:
             out = outcomes[m.name][0]

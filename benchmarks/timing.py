@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["OtherLoad", "Timing", "configure_threads", "machine_info", "percent", "time_interleaved"]
+__all__ = [
+    "OtherLoad",
+    "Timing",
+    "configure_threads",
+    "machine_info",
+    "percent",
+    "synchronize",
+    "time_interleaved",
+]
 
 
 @dataclass
@@ -66,10 +74,18 @@ def time_interleaved(
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            synchronize()
             start = time.perf_counter()
             calls[name](r)
+            synchronize()
             timings[name].samples.append(time.perf_counter() - start)
     return timings
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, where CUDA is in use, so that a call's time includes its kernels."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _busy_cpu_seconds() -> float | None:
