@@ -550,8 +550,9 @@ def test_bfloat16_products_with_float32_analyses_find_the_spectrum_to_bfloat16_a
     problem = get_case("tanh-mlp-ce").problem()
     truth = torch.linalg.eigvalsh(dense_hessian_reference(problem)).flip(0)[:2]
     H = curvkit.curvature("hessian", problem.to(torch.bfloat16)).astype(torch.float32)
-    with pytest.warns(curvkit.CurvkitWarning, match="torch.bfloat16 products can certify"):
+    with pytest.warns(curvkit.CurvkitWarning, match="torch.bfloat16 products can certify") as warned:
         res = curvkit.eigenvalues(H, k=2, tol=1e-8)
+    assert warned[0].filename == __file__  # the warning points at the caller's line
     assert res.values.dtype == torch.float32 and not res.converged and res.precision_floor > 1e-5
     assert ((res.values.double() - truth).abs() / truth.abs()).max() < 2e-2
     assert curvkit.checks.agreement_accuracy(1e-4, H.product_dtype) == pytest.approx(2.0**-3.5)

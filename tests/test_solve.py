@@ -184,8 +184,9 @@ def test_the_seed_notebook_done_right():
     assert values[0] < 0 < values[-1]  # indefinite
     cosine = lambda a, b: (a @ b / (a.norm() * b.norm())).item()  # noqa: E731
     exact = torch.linalg.solve(dense, g)
-    with pytest.warns(curvkit.CurvkitWarning, match="not known to be positive semi-definite"):
+    with pytest.warns(curvkit.CurvkitWarning, match="not known to be positive semi-definite") as warned:
         cg = curvkit.solve(H, g, "cg", maxiter=40)
+    assert warned[0].filename == __file__  # the warning points at the caller's line
     assert not cg.converged and ("non-positive curvature" in cg.reason or cg.reason == "maxiter")
     mr = curvkit.solve(H, g, "minres", tol=1e-12, maxiter=200)
     assert mr.converged and cosine(mr.x, exact) > 0.999

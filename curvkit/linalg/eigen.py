@@ -365,7 +365,7 @@ def _warn_precision_floor(tol: float, floor: float, matvecs: int, dtype: torch.d
         f"rounding, after {matvecs} products; converged=False. Use a float64 operator "
         f"(e.g. problem.to(torch.float64)) or tol >= {reachable:g}",
         CurvkitWarning,
-        stacklevel=3,
+        stacklevel=4,  # here, eigenvalues, its fixed_model_state wrapper, the caller
     )
 
 

@@ -188,7 +188,7 @@ def solve(
             "be positive semi-definite: a non-positive curvature will stop it (minres solves indefinite "
             "systems)",
             CurvkitWarning,
-            stacklevel=2,
+            stacklevel=3,  # solve, its fixed_model_state wrapper, the caller
         )
     if X0 is not None and X0.shape != B.shape:
         raise ShapeMismatchError(f"x0 has shape {tuple(x0.shape)}; the right-hand side {tuple(v.shape)}")
