@@ -10,17 +10,24 @@ that (``memory_reserved``) is not counted; it is torch's, not the analysis's.
 On the CPU no such counter exists per piece of work (the process's peak
 resident size only grows), so nothing is measured and the result says so
 (``None``), rather than a number that means something else.
+
+:func:`fits` says whether a copy of some size fits on a device (half its free
+memory), for data moved there once instead of batch by batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PeakMemory", "peak_memory"]
+__all__ = ["PeakMemory", "fits", "peak_memory"]
+
+FREE_SHARE = 0.5
+"""The share of a device's free memory that :func:`fits` lets one copy take."""
 
 
 @dataclass
@@ -57,3 +64,24 @@ def peak_memory(device: torch.device | str) -> Iterator[PeakMemory]:
     torch.cuda.reset_peak_memory_stats(measured.device)
     yield measured
     measured.bytes = int(torch.cuda.max_memory_allocated(measured.device))
+
+
+def fits(nbytes: int, device: torch.device | str) -> bool:
+    """Whether ``nbytes`` take at most :data:`FREE_SHARE` of ``device``'s free memory.
+
+    Free memory: :func:`torch.cuda.mem_get_info` on a CUDA device, the
+    available physical memory (``sysconf``) on the CPU; where neither can be
+    read, ``True`` (the copy is then attempted, as it would be anyway).
+
+    >>> fits(1024, "cpu")
+    True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return True
+    return nbytes <= FREE_SHARE * free

@@ -63,8 +63,9 @@ from curvkit.analysis import (
     estimator_reference,
     run_plan,
 )
-from curvkit.data import BatchSource, DataSummary, summarize_data
+from curvkit.data import BatchSource, DataSummary, summarize_data, to_device
 from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError
+from curvkit.memory import fits
 
 __all__ = [
     "DTYPES",
@@ -155,6 +156,29 @@ class ProblemSettings:
         resolve_device(self.device)
 
 
+def place_tensor_pair(data: Any, device: torch.device, dtype: torch.dtype, max_samples: int | None) -> Any:
+    """A tensor pair's first ``max_samples`` samples moved once to ``device`` (floating ones to ``dtype``).
+
+    Other data (a Dataset, a DataLoader), and a pair whose moved copy would not
+    fit in half the device's free memory, are returned as given: the problem
+    then moves each batch as it uses it.
+    """
+    if not (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], torch.Tensor)):
+        return data
+    inputs, targets = data
+    tensors = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return data
+    n = targets.shape[0] if max_samples is None else min(max_samples, targets.shape[0])
+    moved = [t[:n] for t in [*tensors, targets]]
+    needed = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in moved)
+    already = all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in moved)
+    if already or not fits(needed, device):
+        return data
+    cut_inputs = {k: v[:n] for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs[:n]
+    return to_device(cut_inputs, device, dtype), to_device(targets[:n], device, dtype)
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` as a device.
 
@@ -202,11 +226,27 @@ class PreparedAnalysis:
 
 
 class _DataCache:
-    """Data sets loaded once per spec, and fingerprinted once per spec and sample count."""
+    """Data sets loaded once per spec, fingerprinted once per spec and sample count, and moved once.
+
+    A tensor pair (what data files and bundled sets give) is moved to the run's
+    device and dtype once per spec, sample count, device and dtype
+    (:meth:`placed`), so that the passes over the data of every product do not
+    copy it again (on a GPU, a host-to-device copy per batch and product), where
+    it fits in half the device's free memory (:func:`curvkit.memory.fits`);
+    otherwise, and for Datasets and DataLoaders, each batch is moved as it is used.
+    """
 
     def __init__(self) -> None:
         self._data: dict[str, Any] = {}
         self._summaries: dict[tuple[str, int | None], DataSummary] = {}
+        self._placed: dict[tuple[str, int | None, torch.device, torch.dtype], Any] = {}
+
+    def placed(self, spec: str, settings: ProblemSettings, device: torch.device, dtype: torch.dtype) -> Any:
+        """The loaded data (:meth:`load` first) within ``max_samples``, moved once where they fit."""
+        key = (spec, settings.max_samples, device, dtype)
+        if key not in self._placed:
+            self._placed[key] = place_tensor_pair(self._data[spec], device, dtype, settings.max_samples)
+        return self._placed[key]
 
     def load(self, spec: str, settings: ProblemSettings) -> tuple[Any, DataSummary]:
         from curvkit import datasets
@@ -411,8 +451,10 @@ def prepare_analysis(
         raise CurvkitError(f"{checkpoint}: no --data given and the checkpoint names no data set")
     data_spec = str(data_spec)
     loss_name = settings.loss or meta.get("loss") or "cross_entropy"
-    data, summary = (_data or _DataCache()).load(data_spec, settings)
+    cache = _data or _DataCache()
+    _, summary = cache.load(data_spec, settings)
     net = loaded.model.to(device=target, dtype=DTYPES[settings.dtype])
+    data = cache.placed(data_spec, settings, target, DTYPES[settings.dtype])
     problem = Problem(
         net,
         loss_name,
