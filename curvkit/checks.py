@@ -93,7 +93,10 @@ class CheckResult:
 
 
 def _default_tol(dtype: torch.dtype) -> float:
-    return 1e-10 if dtype == torch.float64 else 1e-4
+    """1e-10 for float64 products, 1e-4 for float32, ten rounding units for coarser ones (bfloat16: 0.078)."""
+    if dtype == torch.float64:
+        return 1e-10
+    return max(1e-4, 10 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
 
 
 def _products(A: Any, X: Tensor, progress: Progress | None) -> Tensor:
@@ -149,7 +152,7 @@ def check_symmetry(
     """
     P = check_square(A)
     require_fixed_map(A, "check_symmetry")
-    tol = _default_tol(A.dtype) if tol is None else tol
+    tol = _default_tol(getattr(A, "product_dtype", A.dtype)) if tol is None else tol
     X = gaussian(P, 2 * trials, probe_generator(seed), A.dtype, A.device)
     AX = _products(A, X, progress)
     check_finite(AX, 1, "check_symmetry")
@@ -305,7 +308,7 @@ def check_agreement(
     if estimate is not None and (estimate.vectors is None or len(estimate.values) < k):
         raise ValueError(f"check_agreement needs an estimate with at least {k} eigenvectors")
     if tol is None:
-        tol = estimate.tol if estimate is not None else _default_tol(A.dtype)
+        tol = estimate.tol if estimate is not None else _default_tol(getattr(A, "product_dtype", A.dtype))
     if reference_tol is None:
         reference_tol = _default_tol(reference.dtype)
     mu, U, reference_matvecs, stop = _reference_pairs(

@@ -188,7 +188,7 @@ def newton_summary(
     A = curvature if curvature is not None else build("hessian", problem)
     if A.shape[0] != problem.dim:
         raise ShapeMismatchError(f"the curvature has P = {A.shape[0]:,}, the problem P = {problem.dim:,}")
-    AV = A.matmat(V)
+    AV = A.matmat(V.to(A.dtype)).to(V.dtype)  # an operator in another dtype (astype) computes in its own
     H_bar = V.T @ AV
     scale = H_bar.norm().clamp_min(torch.finfo(H_bar.dtype).tiny)
     asymmetry = float((H_bar - H_bar.T).norm() / scale)

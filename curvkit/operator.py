@@ -542,9 +542,9 @@ class CurvatureOperator:
         tridiagonal eigenproblems, probe sums) runs in ``float32``. Each product
         converts its input to the operator's dtype and its result back;
         :attr:`product_dtype` keeps the products' precision, by which the
-        analyses judge what they can certify. Flags and the layout are kept;
-        structure (an exact trace, inverse, eigenpairs) is not, since it would
-        be computed in the lower precision.
+        analyses judge what they can certify. Flags, the layout, the structure
+        (an exact trace, inverse, eigenpairs: computed by this operator, in its
+        own precision) and a data-backed operator's problem are kept.
 
         Example:
             >>> A = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.bfloat16))
@@ -685,7 +685,8 @@ class SumOperator(CurvatureOperator):
         dtype = first.dtype
         for op in ops[1:]:
             dtype = torch.promote_types(dtype, op.dtype)
-        coarsest = max((op.product_dtype for op in ops), key=lambda t: torch.finfo(t).eps)
+        precisions = [op.product_dtype for op in ops if op.product_dtype.is_floating_point]
+        coarsest = max(precisions, key=lambda t: torch.finfo(t).eps) if precisions else dtype
         super().__init__(first.layout, dtype=dtype, device=first.device, product_dtype=coarsest)
         flat: list[CurvatureOperator] = []
         for op in ops:
@@ -895,15 +896,48 @@ class ConvertedOperator(CurvatureOperator):
     """``A`` on vectors of another dtype: each product converts its input to ``A``'s dtype and back.
 
     Built by :meth:`CurvatureOperator.astype`; :attr:`product_dtype` is ``A``'s.
+    Everything else is ``A``'s, converted: flags, structure (an exact trace,
+    inverse, log-determinant or eigenpairs, computed by ``A`` in its precision),
+    the data passes, and for a data-backed ``A`` (a
+    :class:`~curvkit.ProblemOperator`) its ``problem`` and ``with_problem``, so
+    that mini-batch solvers (``lissa``) and approximations built on the
+    operator's problem (the ``kfac`` solver) work on the converted operator too.
     """
 
     def __init__(self, op: CurvatureOperator, dtype: torch.dtype):
         super().__init__(op.layout, dtype=dtype, device=op.device, product_dtype=op.product_dtype)
         self.op = op
-        for f in (*FLAGS, "CHEAP_DIAGONAL"):
+        for f in (*FLAGS, "CHEAP_DIAGONAL", "STRUCTURE"):
             setattr(self, f, getattr(op, f))
         if hasattr(op, "name"):  # the estimator's, set by curvkit.curvature
             self.name = op.name
+        if hasattr(op, "problem"):
+            self.problem = op.problem
+
+    @property
+    def data_passes(self) -> int:  # type: ignore[override] - A's passes over the data
+        return self.op.data_passes
+
+    @data_passes.setter
+    def data_passes(self, value: int) -> None:  # the base class's initial 0: A counts its own
+        pass
+
+    def with_problem(self, problem: Any) -> CurvatureOperator:
+        """``A`` on another problem (a mini-batch of the data), converted alike."""
+        return ConvertedOperator(self.op.with_problem(problem), self.dtype)
+
+    def _trace(self) -> float:
+        return self.op.trace()
+
+    def _inverse(self, damping: float) -> CurvatureOperator:
+        return self.op.inverse(damping).astype(self.dtype)
+
+    def _logdet(self, damping: float) -> float:
+        return self.op.logdet(damping)
+
+    def _eigenpairs(self, k: int, which: str) -> tuple[Tensor, Tensor]:
+        values, vectors = self.op.eigenvalues(k, which)
+        return values.to(self.dtype), vectors.to(self.dtype)
 
     def _matmat(self, M: Tensor) -> Tensor:
         return self.op.matmat(M.to(self.op.dtype)).to(self.dtype)

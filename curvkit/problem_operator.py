@@ -68,10 +68,10 @@ import torch
 from torch import Tensor
 
 from curvkit.distributed import process_seed, shared_seed
-from curvkit.operator import CurvatureOperator, _resolve_names
+from curvkit.operator import ConvertedOperator, CurvatureOperator, _resolve_names
 from curvkit.problem import ModelSnapshot, Problem
 
-__all__ = ["ProblemOperator"]
+__all__ = ["ProblemOperator", "data_backed"]
 
 
 class ProblemOperator(CurvatureOperator):
@@ -244,3 +244,16 @@ def _constructor_options(cls: type, self: Any, args: tuple, kwargs: dict[str, An
             given.update(given.pop(name))
     given.pop("problem", None)
     return given
+
+
+def data_backed(A: Any) -> bool:
+    """Whether ``A`` is computed from a problem's data and can be rebuilt on another problem.
+
+    A :class:`ProblemOperator`, or one converted to another dtype
+    (:meth:`~curvkit.CurvatureOperator.astype`); both have ``problem`` and
+    ``with_problem``. Mini-batch solvers (``lissa``) and approximations built on
+    the operator's problem (the ``kfac`` solver) need one.
+    """
+    if isinstance(A, ConvertedOperator):
+        return data_backed(A.op)
+    return isinstance(A, ProblemOperator)

@@ -159,10 +159,13 @@ class ProblemSettings:
 def place_tensor_pair(data: Any, device: torch.device, dtype: torch.dtype, max_samples: int | None) -> Any:
     """A tensor pair's first ``max_samples`` samples moved once to ``device`` (floating ones to ``dtype``).
 
-    Other data (a Dataset, a DataLoader), and a pair whose moved copy would not
-    fit in half the device's free memory, are returned as given: the problem
-    then moves each batch as it uses it.
+    Other data (a Dataset, a DataLoader), a pair whose moved copy would not fit
+    in half the device's free memory, and any data in a data-parallel run (where
+    each process reads only its shard, batch by batch) are returned as given: the
+    problem then moves each batch as it uses it.
     """
+    if distributed.process()[1] > 1:
+        return data
     if not (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], torch.Tensor)):
         return data
     inputs, targets = data
@@ -172,11 +175,16 @@ def place_tensor_pair(data: Any, device: torch.device, dtype: torch.dtype, max_s
     n = targets.shape[0] if max_samples is None else min(max_samples, targets.shape[0])
     moved = [t[:n] for t in [*tensors, targets]]
     needed = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in moved)
-    already = all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in moved)
+    already = all(_on(t, device) and (not t.is_floating_point() or t.dtype == dtype) for t in moved)
     if already or not fits(needed, device):
         return data
     cut_inputs = {k: v[:n] for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs[:n]
     return to_device(cut_inputs, device, dtype), to_device(targets[:n], device, dtype)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` is on ``device`` (``cuda`` without an index: any CUDA device, the current one)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -68,10 +69,13 @@ class ModelSnapshot:
         return True
 
 
-_VERIFIED: contextvars.ContextVar[set[ModelSnapshot] | None] = contextvars.ContextVar(
+_VERIFIED: contextvars.ContextVar[weakref.WeakSet[ModelSnapshot] | None] = contextvars.ContextVar(
     "curvkit_verified_snapshots", default=None
 )
-"""The snapshots whose contents were compared within the current :func:`fixed_model_state` (else ``None``)."""
+"""The snapshots whose contents were compared within the current :func:`fixed_model_state` (else ``None``).
+
+Weak references: a snapshot replaced by a newer one (the model was updated within
+the scope, as in a training loop) is freed with its copy of the parameters."""
 
 
 @contextlib.contextmanager
@@ -94,7 +98,7 @@ def fixed_model_state() -> Iterator[None]:
     if _VERIFIED.get() is not None:
         yield
         return
-    token = _VERIFIED.set(set())
+    token = _VERIFIED.set(weakref.WeakSet())
     try:
         yield
     finally:

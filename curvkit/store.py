@@ -864,7 +864,9 @@ class Run:
             raise StoreError(f"invalid timing key {key!r}: use a non-empty string")
         self._group.require_group("timings").attrs[key] = float(seconds)
         if peak_memory_bytes is not None:
-            self._group.require_group("peak_memory").attrs[key] = int(peak_memory_bytes)
+            if "peak_memory" not in self._group:
+                self._group.create_group("peak_memory", track_order=True)
+            self._group["peak_memory"].attrs[key] = int(peak_memory_bytes)
         self._store._flush()
 
     def finish(self, status: str = COMPLETE, error: str | None = None) -> None:

@@ -222,4 +222,5 @@ def test_bfloat16_products_with_float32_analyses(analysed, tmp_path):
     assert top["converged"]  # 1e-2 is within bfloat16's reach; the solve's arithmetic is float32's
     float32_top = analysed[1]["runs"][0]["analyses"]["eigen/largest"]["values"][0]
     assert abs(top["values"][0] - float32_top) < 2e-2 * abs(float32_top)
-    assert run["analyses"]["checks/agreement"]["passed"]
+    assert run["analyses"]["checks/agreement"]["passed"] and run["analyses"]["checks/symmetry"]["passed"]
+    assert top["data_passes"] > 0  # counted by the bfloat16 operator, reported through the conversion

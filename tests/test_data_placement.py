@@ -22,6 +22,8 @@ def test_a_tensor_pair_is_cut_and_converted_once():
     assert targets.dtype == torch.int64 and torch.equal(targets, y[:7])  # class indices keep their dtype
     dict_inputs, _ = place_tensor_pair(({"a": X, "b": y}, y), torch.device("cpu"), torch.float64, None)
     assert dict_inputs["a"].dtype == torch.float64 and dict_inputs["b"].dtype == torch.int64
+    _, regression = place_tensor_pair((X, X[:, 0]), torch.device("cpu"), torch.float64, None)
+    assert regression.dtype == torch.float64  # floating targets (mse) follow the run's dtype
 
 
 def test_data_already_in_place_or_not_a_pair_are_left_as_given(monkeypatch):
@@ -30,6 +32,9 @@ def test_data_already_in_place_or_not_a_pair_are_left_as_given(monkeypatch):
     assert place_tensor_pair(data, torch.device("cpu"), torch.float32, None) is data
     dataset = TensorDataset(X, y)
     assert place_tensor_pair(dataset, torch.device("cpu"), torch.float64, None) is dataset
+    monkeypatch.setattr(curvkit.distributed, "process", lambda: (0, 2))  # each process reads its shard
+    assert place_tensor_pair(data, torch.device("cpu"), torch.float64, None) is data
+    monkeypatch.undo()
     monkeypatch.setattr(curvkit.runs, "fits", lambda nbytes, device: False)  # too large for the device
     assert place_tensor_pair(data, torch.device("cpu"), torch.float64, None) is data
 

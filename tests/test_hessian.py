@@ -204,6 +204,25 @@ def test_edits_through_data_between_analyses_are_noticed():
     assert rel(after, truth.reshape(1)) < 1e-8 and rel(before, after) > 1e-3
 
 
+def test_snapshots_replaced_within_a_scope_are_freed():
+    import gc
+    import weakref
+
+    problem = get_case("tanh-mlp-ce").problem()
+    H = curvkit.curvature("hessian", problem)
+    v = torch.randn(problem.dim, dtype=torch.float64)
+    with curvkit.fixed_model_state():
+        H @ v
+        first = weakref.ref(problem.current_snapshot())
+        for _ in range(3):  # a training loop inside the scope: each update replaces the snapshot
+            with torch.no_grad():
+                problem.params[0].mul_(0.9)
+            H @ v
+        gc.collect()
+        assert first() is None  # not kept alive by the scope (each holds a copy of the parameters)
+        assert rel(H @ v, dense_hessian_reference(problem) @ v) < 1e-12
+
+
 def test_train_mode_batchnorm_keeps_running_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().train()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import curvkit
+import curvkit.problem_operator
 from curvkit.testing import CASES, dense_hessian_reference, get_case
 
 DT = torch.float64
@@ -558,3 +559,28 @@ def test_bfloat16_products_with_float32_analyses_find_the_spectrum_to_bfloat16_a
     assert curvkit.checks.agreement_accuracy(1e-4, H.product_dtype) == pytest.approx(2.0**-3.5)
     dens = curvkit.density(H, steps=12, runs=1)  # the float32 basis keeps its steps
     assert dens.density.dtype == torch.float32 and dens.run_steps[0] == 12
+
+
+def test_a_converted_data_backed_operator_keeps_its_problem_structure_and_passes():
+    problem = get_case("tanh-mlp-ce").problem()
+    G = curvkit.curvature("ggn", problem.to(torch.float32))
+    A = G.astype(DT)
+    assert A.problem is G.problem and curvkit.problem_operator.data_backed(A)
+    v = torch.randn(problem.dim, generator=_gen(3), dtype=DT)
+    before = G.data_passes
+    A @ v
+    assert A.data_passes == G.data_passes == before + 1  # the operator's own passes, reported through
+    res = curvkit.solve(A, v, "lissa", damping=1.0, maxiter=3, batch_size=4, scale=0.5)
+    assert [row["samples"] for row in res.history][:3] == [0, 4, 8]  # mini-batches, not the whole data
+    K = curvkit.curvature("kfac", problem.to(torch.float32))
+    solved = curvkit.solve(A, v, "kfac", damping=0.1)  # KFAC built on the operator's problem, converted
+    assert solved.x.dtype == DT and torch.allclose(solved.x, K.solve(v.float(), 0.1).double(), rtol=1e-5)
+    B = K.astype(DT)
+    assert B.STRUCTURE == K.STRUCTURE and abs(B.trace() - K.trace()) <= 1e-6 * abs(K.trace())
+    assert curvkit.inverse(A, damping=1.0, method="cg").product_dtype == torch.float32
+
+
+def test_sums_of_integer_operators_keep_working():
+    M = torch.arange(4).reshape(2, 2)
+    S = curvkit.DenseOperator(M, symmetric=False) + curvkit.DenseOperator(M, symmetric=False)
+    assert torch.equal(S.to_dense(), 2 * M) and S.product_dtype == torch.int64

@@ -252,13 +252,14 @@ def test_provenance_and_timings_round_trip(path):
     }
     with ResultsStore(path) as store, store.begin_run("r", provenance, index=3) as run:
         run.write_timing("load", 0.25)
+        run.write_timing("trace/hutchinson", 0.5, peak_memory_bytes=2**30)
         run.write_timing("eigen/largest", 1.5, peak_memory_bytes=3 * 2**30)
     with ResultsStore(path, "r") as store:
         run = store.run("r")
         assert run.provenance == provenance
-        assert run.timings == {"load": 0.25, "eigen/largest": 1.5}
-        assert run.peak_memory == {"eigen/largest": 3 * 2**30}  # measured on a GPU only
-        assert run.to_dict()["peak_memory"] == {"eigen/largest": 3 * 2**30}
+        assert run.timings == {"load": 0.25, "trace/hutchinson": 0.5, "eigen/largest": 1.5}
+        assert list(run.peak_memory.items()) == [("trace/hutchinson", 2**30), ("eigen/largest", 3 * 2**30)]
+        assert run.to_dict()["peak_memory"] == run.peak_memory  # measured on a GPU only, in written order
         assert ("peak_memory", "eigen/largest", None, 3 * 2**30) in list(run._csv_values())
         assert run.index == 3 and run.status == "complete" and run.error is None and run.attempts == 1
     # non-JSON types are stored as plain values

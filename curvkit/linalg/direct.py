@@ -29,7 +29,7 @@ from torch import Tensor
 from curvkit.errors import CurvkitError
 from curvkit.linalg.solve import SolveHistory, SolveResult, refuse_options
 from curvkit.operator import CurvatureOperator
-from curvkit.problem_operator import ProblemOperator
+from curvkit.problem_operator import data_backed
 from curvkit.snapshot import fixed_model_state
 
 __all__ = ["approximate_inverse", "exact_solve", "lowrank"]
@@ -111,8 +111,8 @@ def approximate_inverse(
                 "not be used; build it with them instead"
             )
         K = A
-    elif isinstance(A, ProblemOperator):
-        K = curvature(estimator, A.problem, **options)
+    elif data_backed(A):
+        K = curvature(estimator, A.problem, **options).astype(A.dtype)
     else:
         raise CurvkitError(
             f"solver {estimator!r} builds {estimator.upper()} on the operator's problem, and "

@@ -20,7 +20,7 @@ from torch import Tensor
 from curvkit.errors import CurvkitError
 from curvkit.linalg.solve import SolveHistory, SolveResult, refuse_options
 from curvkit.operator import CurvatureOperator
-from curvkit.problem_operator import ProblemOperator
+from curvkit.problem_operator import data_backed
 from curvkit.snapshot import fixed_model_state
 
 __all__ = ["DIVERGENCE", "lissa", "neumann"]
@@ -271,7 +271,7 @@ class _MiniBatches:
         self.A = A
         self.generator = torch.Generator().manual_seed(int(seed))
         self.samples, self.passes = 0, 0
-        if not isinstance(A, ProblemOperator):
+        if not data_backed(A):
             self.source = (
                 f"the whole operator at every step: {type(A).__name__} has no data to sample, so this is "
                 "the Neumann series"
@@ -294,12 +294,12 @@ class _MiniBatches:
 
     def counts(self) -> dict[str, float]:
         """The history's ``samples``: those of the mini-batch products and of the full-data ones since."""
-        if not isinstance(self.A, ProblemOperator):
+        if not data_backed(self.A):
             return {}
         return {"samples": self.samples + (self.A.data_passes - self.passes) * self.N}
 
     def __call__(self) -> CurvatureOperator:
-        if not isinstance(self.A, ProblemOperator):
+        if not data_backed(self.A):
             return self.A
         chosen = torch.randperm(self.N, generator=self.generator)[: self.batch_size]
         self.samples += self.batch_size

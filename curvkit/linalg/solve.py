@@ -242,7 +242,7 @@ class InverseOperator(CurvatureOperator):
     """
 
     def __init__(self, A: CurvatureOperator, method: str, damping: float, **settings: Any):
-        super().__init__(A.layout, dtype=A.dtype, device=A.device)
+        super().__init__(A.layout, dtype=A.dtype, device=A.device, product_dtype=A.product_dtype)
         self.A, self.method, self.damping, self.settings = A, method, damping, settings
         self.SYMMETRIC, self.PSD, self.EXACT = A.SYMMETRIC, A.PSD, method == "exact" and A.EXACT
         self.last: SolveResult | None = None
