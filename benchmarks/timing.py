@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from curvkit.choice import synchronize
+
 __all__ = [
     "OtherLoad",
     "Timing",
@@ -80,12 +82,6 @@ def time_interleaved(
             synchronize()
             timings[name].samples.append(time.perf_counter() - start)
     return timings
-
-
-def synchronize() -> None:
-    """Wait for the GPU's queued work, where CUDA is in use, so that a call's time includes its kernels."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def _busy_cpu_seconds() -> float | None:

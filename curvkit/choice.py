@@ -37,7 +37,7 @@ import torch
 
 from curvkit.errors import CurvkitError
 
-__all__ = ["AUTO_TRIALS", "Choice", "strategy_choice"]
+__all__ = ["AUTO_TRIALS", "Choice", "strategy_choice", "synchronize"]
 
 AUTO_TRIALS = 3
 """Timed products per way before a timed :class:`Choice` decides."""
@@ -117,9 +117,11 @@ class Choice(Generic[W, T]):
                 if len(remaining) == 1:
                     return compute(remaining[0])
                 way = self._next_trial(key, remaining)
+            synchronize()
             start = time.perf_counter()
             try:
                 result = compute(way)
+                synchronize()
             except self.errors:
                 self.ruled_out.append(way)
                 if key in self._chosen and self._chosen[key] == way:
@@ -168,3 +170,13 @@ def strategy_choice(
     if strategy != "auto":
         choice.pin(strategy)
     return choice
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work where CUDA is in use: a timed call then counts its kernels, not their launch.
+
+    :class:`Choice` synchronises around its timed trials only (the first
+    ``2 * trials`` calls per key); the calls after the choice run unsynchronised.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -27,6 +27,7 @@ __all__ = [
     "LocalShard",
     "batch_size_of",
     "rebatchable_types",
+    "same_device",
     "slice_batch",
     "summarize_data",
     "to_device",
@@ -47,6 +48,20 @@ def slice_batch(inputs: Inputs, targets: Tensor, stop: int) -> tuple[Inputs, Ten
     if isinstance(inputs, Mapping):
         return {k: v[:stop] for k, v in inputs.items()}, targets[:stop]
     return inputs[:stop], targets[:stop]
+
+
+def same_device(actual: torch.device, wanted: torch.device | str) -> bool:
+    """Whether a tensor on ``actual`` is on ``wanted``; ``cuda`` without an index is any CUDA device.
+
+    ``torch.device("cuda") != torch.device("cuda", 0)``, yet tensors moved to
+    ``"cuda"`` land on ``cuda:0`` (the current device): compare types, and
+    indices only where ``wanted`` names one.
+
+    >>> same_device(torch.device("cuda", 0), "cuda"), same_device(torch.device("cuda", 1), "cuda:0")
+    (True, False)
+    """
+    wanted = torch.device(wanted)
+    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
 
 
 def to_device(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:

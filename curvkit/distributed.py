@@ -63,6 +63,7 @@ from curvkit.errors import CurvkitError
 
 __all__ = [
     "broadcast_object",
+    "collective_device",
     "from_first_process",
     "is_data_parallel",
     "joined",
@@ -87,11 +88,27 @@ def is_data_parallel() -> bool:
     return process()[1] > 1
 
 
-def _collective_device() -> torch.device:
-    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def collective_device(data: torch.device | None = None) -> torch.device:
+    """Where the group's collectives take tensors: the data's device where the group can reduce there.
+
+    The group's backends by device type come from
+    :func:`torch.distributed.get_backend_config` (``"cpu:gloo,cuda:nccl"`` for a
+    group initialised without naming a backend where CUDA is available, whose
+    :func:`~torch.distributed.get_backend` says only ``"undefined"``). CUDA data
+    are reduced on their GPU (NCCL, no copy through the host) where the group has
+    a CUDA backend; otherwise on the CPU where it has a CPU backend, else on the
+    current CUDA device (a group of NCCL alone).
+    """
+    types = {part.split(":")[0] for part in dist.get_backend_config().split(",")}
+    if data is not None and data.type in types:
+        return (
+            data
+            if data.type != "cuda" or data.index is not None
+            else torch.device("cuda", torch.cuda.current_device())
+        )
+    if "cpu" in types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
@@ -113,7 +130,7 @@ def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
         return local_sum, local_count
     leaves: list[Any] = []
     rebuild = _flatten(local_sum, leaves)
-    device = _collective_device()
+    device = collective_device(next((leaf.device for leaf in leaves if isinstance(leaf, Tensor)), None))
     tensors = [
         torch.tensor(float(leaf), dtype=torch.float64, device=device) if _is_number(leaf) else leaf
         for leaf in leaves
@@ -211,7 +228,7 @@ def from_first_process(value: int) -> int:
     """
     if not is_data_parallel():
         return value
-    carrier = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    carrier = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.broadcast(carrier, src=0)
     return int(carrier.item())
 

@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.data import same_device
 from curvkit.errors import CurvkitError, DenseTooLargeError, PluginError, ShapeMismatchError
 from curvkit.layout import ParameterLayout
 from curvkit.snapshot import fixed_model_state
@@ -341,7 +342,7 @@ class CurvatureOperator:
                 f"estimator {name!r} returned {got} for {what}: it must be {form} = {shape} in "
                 f"{self.dtype} on {self.device}"
             )
-        if out.device != self.device:
+        if not same_device(out.device, self.device):
             raise PluginError(
                 f"estimator {name!r} returned {what} on {out.device}; it must be on {self.device}"
             )

@@ -329,6 +329,17 @@ class RunningCurvature:
             "average": {key: dict(part) for key, part in self._average.items()},
         }
 
+    def to(self, device: torch.device | str) -> RunningCurvature:
+        """Moves the average to ``device`` (after loading a state saved on another device); returns self."""
+        device = torch.device(device)
+        self._average = {
+            key: {n: v.to(device) if isinstance(v, Tensor) else v for n, v in part.items()}
+            for key, part in self._average.items()
+        }
+        if self._device is not None:
+            self._device = device
+        return self
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` (the estimator and its options stay this object's).
 

@@ -63,7 +63,7 @@ from curvkit.analysis import (
     estimator_reference,
     run_plan,
 )
-from curvkit.data import BatchSource, DataSummary, summarize_data, to_device
+from curvkit.data import BatchSource, DataSummary, same_device, summarize_data, to_device
 from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError
 from curvkit.memory import fits
 
@@ -175,16 +175,13 @@ def place_tensor_pair(data: Any, device: torch.device, dtype: torch.dtype, max_s
     n = targets.shape[0] if max_samples is None else min(max_samples, targets.shape[0])
     moved = [t[:n] for t in [*tensors, targets]]
     needed = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in moved)
-    already = all(_on(t, device) and (not t.is_floating_point() or t.dtype == dtype) for t in moved)
+    already = all(
+        same_device(t.device, device) and (not t.is_floating_point() or t.dtype == dtype) for t in moved
+    )
     if already or not fits(needed, device):
         return data
     cut_inputs = {k: v[:n] for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs[:n]
     return to_device(cut_inputs, device, dtype), to_device(targets[:n], device, dtype)
-
-
-def _on(t: torch.Tensor, device: torch.device) -> bool:
-    """Whether ``t`` is on ``device`` (``cuda`` without an index: any CUDA device, the current one)."""
-    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -160,7 +160,7 @@ def _third_by_differences(problem: Problem, V: Tensor) -> Tensor:
         for s, h in enumerate(steps):
             v = V[:, s]
             if h == 0.0:
-                values.append(torch.zeros((), dtype=torch.float64))
+                values.append(V.new_zeros(()))
                 continue
             parts = problem.layout.unflatten(v.unsqueeze(0).T)  # per parameter [1, *shape]
             parts = [p.movedim(-1, 0) for p in parts]

@@ -69,3 +69,55 @@ def test_products_within_an_analysis_do_not_compare_contents_on_cuda():
             assert gpu.current_snapshot() is snapshot
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_kfac_resumes_on_the_gpu_from_a_state_loaded_on_the_cpu():
+    import io
+
+    from curvkit.optim import KFAC
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).cuda()
+    X, y = torch.randn(32, 4, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
+    optimizer = KFAC(model.parameters(), model=model, loss_fn="cross_entropy", inv_update_freq=2)
+    for _ in range(3):
+        optimizer.step(batch=(X, y))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = KFAC(model.parameters(), model=model, loss_fn="cross_entropy", inv_update_freq=2)
+    resumed.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+    resumed.step(batch=(X, y))  # the running factors were moved back to the parameters' GPU
+    assert resumed.steps == 4 and resumed.skipped_steps == 0
+
+
+def test_conv_layer_rules_are_accepted_under_cudnn_tf32():
+    torch.backends.cudnn.allow_tf32 = True  # cuDNN's default on Ampere and later
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 3)
+    ).cuda()
+    X, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+    K = curvkit.curvature("kfac", curvkit.Problem(model, "cross_entropy", (X, y)))  # unsupported="error"
+    assert torch.isfinite(K @ torch.randn(K.shape[0], device="cuda")).all()
+
+
+def test_recurrent_models_on_cuda_run_without_cudnn_and_match_the_cpu():
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(3, 5, batch_first=True)
+            self.head = torch.nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent().double()
+    X, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    cpu = curvkit.Problem(model, "cross_entropy", (X, y))
+    gpu = curvkit.Problem(Recurrent().double().cuda(), "cross_entropy", (X.cuda(), y.cuda()))
+    gpu.model.load_state_dict(model.state_dict())
+    v = torch.randn(cpu.dim, dtype=torch.float64)
+    truth = curvkit.curvature("hessian", cpu) @ v
+    out = curvkit.curvature("hessian", gpu) @ v.cuda()  # cuDNN's LSTM has no double backward
+    assert ((out.cpu() - truth).norm() / truth.norm()).item() < 1e-10

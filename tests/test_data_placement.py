@@ -49,3 +49,11 @@ def test_the_passes_of_a_problem_on_placed_data_copy_nothing():
     assert first == second and first[0] == data[0].data_ptr()  # views of the one converted copy
     unplaced = curvkit.Problem(model, "cross_entropy", (X, y), batch_size=5)
     assert [i.data_ptr() for i, _ in unplaced.batches()][0] != X.data_ptr()  # converted per pass
+
+
+def test_cuda_without_an_index_is_the_current_cuda_device():
+    from curvkit.data import same_device
+
+    assert same_device(torch.device("cuda", 0), torch.device("cuda"))
+    assert not same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not same_device(torch.device("cpu"), torch.device("cuda"))

@@ -178,3 +178,22 @@ def test_sums_of_different_sizes_are_refused_by_every_process(tmp_path):
     for rank in (0, 1):
         message = (tmp_path / "mismatch" / f"rank{rank}.txt").read_text()
         assert "the processes' data sums differ in size" in message, message
+
+
+@pytest.mark.parametrize(
+    "config, data, expected",
+    [
+        ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),  # init_process_group() without a backend, CUDA data
+        ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+        ("cpu:gloo,cuda:nccl", None, "cpu"),
+        ("cuda:nccl", "cuda:0", "cuda:0"),
+        ("cpu:gloo", "cuda:0", "cpu"),  # a group of gloo on CPUs only: CUDA data go through the host
+        ("cpu:gloo,cuda:gloo", "cpu", "cpu"),
+    ],
+)
+def test_sums_are_reduced_where_the_group_has_a_backend_for_the_datas_device(
+    monkeypatch, config, data, expected
+):
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda: config)
+    device = None if data is None else torch.device(data)
+    assert curvkit.distributed.collective_device(device) == torch.device(expected)

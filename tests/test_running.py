@@ -129,3 +129,14 @@ def test_the_state_round_trips_through_weights_only_loading_and_training_continu
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="a RunningCurvature state of estimator 'kfac', not 'ggn'"):
         RunningCurvature("ggn").load_state_dict(running.state_dict())
+
+
+def test_to_moves_the_average_to_another_device():
+    problem, batches = problem_and_batches(2)
+    running = RunningCurvature("kfac", decay=0.8)
+    for b in batches:
+        running.update(problem.on_batch(*b))
+    moved = running.to("meta")  # a device without data: where a state loaded on the CPU goes to a GPU
+    tensors = [v for part in moved._average.values() for v in part.values() if isinstance(v, torch.Tensor)]
+    assert moved is running and tensors and all(t.device.type == "meta" for t in tensors)
+    assert running.state_dict()["device"] == "meta"

@@ -483,12 +483,14 @@ class KFAC(CurvatureOptimizer):
         self._seed = int(state["seed"])
         ratio = state.get("last_reduction_ratio")
         self.last_reduction_ratio = None if ratio is None else float(ratio)
+        device = self.param_groups[0]["params"][0].device  # a state saved on another device comes here
         self.running.load_state_dict(state["running"])
+        self.running.to(device)
         self._frozen = {
-            key: {name: v.clone() if isinstance(v, Tensor) else v for name, v in part.items()}
+            key: {name: v.to(device, copy=True) if isinstance(v, Tensor) else v for name, v in part.items()}
             for key, part in state["frozen"].items()
         }
-        self._scalings = {key: s.clone() for key, s in state["scalings"].items()}
+        self._scalings = {key: s.to(device, copy=True) for key, s in state["scalings"].items()}
         self._frozen_op = None
 
 
