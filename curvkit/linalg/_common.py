@@ -169,12 +169,13 @@ def check_finite(products: Tensor, first: int, analysis: str) -> None:
 def draw_probes(kind: str, P: int, K: int, gen: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
     """``[P, K]`` probes (``"rademacher"`` or ``"gaussian"``), one column at a time.
 
-    So blocks of any size give the same columns.
+    So blocks of any size give the same columns. They are drawn where the
+    generator is (the CPU) and moved to ``device`` once, as one block.
     """
     draw = rademacher if kind == "rademacher" else gaussian
     if K == 0:
         return torch.zeros(P, 0, dtype=dtype, device=device)
-    return torch.cat([draw(P, 1, gen, dtype, device) for _ in range(K)], dim=1)
+    return torch.cat([draw(P, 1, gen, dtype, gen.device) for _ in range(K)], dim=1).to(device)
 
 
 class Products:
