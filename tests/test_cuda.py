@@ -81,12 +81,16 @@ def test_kfac_resumes_on_the_gpu_from_a_state_loaded_on_the_cpu():
     X, y = torch.randn(32, 4, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
     optimizer = KFAC(model.parameters(), model=model, loss_fn="cross_entropy", inv_update_freq=2)
     for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
         optimizer.step(batch=(X, y))
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
     resumed = KFAC(model.parameters(), model=model, loss_fn="cross_entropy", inv_update_freq=2)
     resumed.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+    resumed.zero_grad()
+    torch.nn.functional.cross_entropy(model(X), y).backward()
     resumed.step(batch=(X, y))  # the running factors were moved back to the parameters' GPU
     assert resumed.steps == 4 and resumed.skipped_steps == 0
 
