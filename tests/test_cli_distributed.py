@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -61,6 +62,46 @@ def test_two_processes_write_one_file_equal_to_one_process(tmp_path, run_curvkit
     with ResultsStore(tmp_path / "two.h5", mode="r") as store:
         assert "--nproc 2" in store.runs()[0].provenance["command_line"]
     assert top.converged
+    assert torch.allclose(torch.as_tensor(top.values), torch.as_tensor(top_one.values), rtol=1e-10, atol=0)
+    assert trace.estimate == pytest.approx(trace_one.estimate, rel=1e-10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_joined_by_torchrun_rendezvous_write_one_file(tmp_path, run_curvkit):
+    """The multi-node command of docs/distributed.md, two torchrun launches on this machine as the nodes."""
+    port = _free_port()
+    launches = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"),
+                *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"),
+                *("-m", "curvkit.cli.main", "analyze", MLP, *ANALYSES),
+                *("-o", str(tmp_path / f"node{node}.h5"), "--json", "--quiet"),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for node in (0, 1)
+    ]
+    outputs = [launch.communicate(timeout=240) for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], [err for _, err in outputs]
+    written = sorted(p.name for p in tmp_path.glob("node*.h5"))
+    assert len(written) == 1  # process 0 of the whole job alone writes, on its node
+    assert sum(bool(out.strip()) for out, _ in outputs) == 1  # and prints
+    one = run_curvkit("analyze", MLP, *ANALYSES, "-o", str(tmp_path / "one.h5"), "--quiet", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    _, top, trace = _read(tmp_path / written[0])
+    _, top_one, trace_one = _read(tmp_path / "one.h5")
     assert torch.allclose(torch.as_tensor(top.values), torch.as_tensor(top_one.values), rtol=1e-10, atol=0)
     assert trace.estimate == pytest.approx(trace_one.estimate, rel=1e-10)
 
