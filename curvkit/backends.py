@@ -1,47 +1,52 @@
-"""PyTorch back-end settings changed for one scope, the others kept.
+"""PyTorch back-end settings changed for one scope and restored exactly afterwards.
 
-``torch.backends.cudnn.flags(...)`` resets every flag it is not given to its own
-default (``enabled=False`` among them), so a scope that changes one flag must
-pass the others as they are; :func:`cudnn_settings` does, and :func:`without_tf32`
-also switches TF32 off for CUDA matrix products. Both are harmless on the CPU.
+``torch.backends.cudnn.flags(...)`` resets every flag it is not given (and the
+newer ``fp32_precision`` settings with them) for its scope, and reading the
+legacy ``allow_tf32`` flags raises once a user has set the newer
+``fp32_precision`` ones. So each function here changes only the settings it names,
+through the API the installed torch uses, and restores them as they were. The
+settings are the process's: scopes entered from several threads at once may
+restore each other's values.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["cudnn_settings", "without_tf32"]
+__all__ = ["without_cudnn", "without_tf32"]
 
 
 @contextlib.contextmanager
-def cudnn_settings(*, enabled: bool | None = None, allow_tf32: bool | None = None) -> Iterator[None]:
-    """cuDNN ``enabled`` and ``allow_tf32`` as given (``None``: as they are) while the scope runs."""
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(
-        enabled=cudnn.enabled if enabled is None else enabled,
-        benchmark=cudnn.benchmark,
-        deterministic=cudnn.deterministic,
-        allow_tf32=cudnn.allow_tf32 if allow_tf32 is None else allow_tf32,
-    ):
+def _set(settings: list[tuple[Any, str]], value: Any) -> Iterator[None]:
+    """Each ``(object, attribute)`` set to ``value`` while the scope runs, then restored."""
+    saved = [getattr(owner, name) for owner, name in settings]
+    try:
+        for owner, name in settings:
+            setattr(owner, name, value)
         yield
+    finally:
+        for (owner, name), old in zip(settings, saved):
+            setattr(owner, name, old)
 
 
-@contextlib.contextmanager
-def without_tf32() -> Iterator[None]:
-    """TF32 off for cuDNN and for CUDA matrix products while the scope runs.
+def without_cudnn() -> contextlib.AbstractContextManager[None]:
+    """cuDNN off while the scope runs (PyTorch's own kernels instead), the other settings untouched."""
+    return _set([(torch.backends.cudnn, "enabled")], False)
+
+
+def without_tf32() -> contextlib.AbstractContextManager[None]:
+    """TF32 off for CUDA matrix products and cuDNN convolutions while the scope runs.
 
     TF32 (the default of cuDNN's convolutions on Ampere and later GPUs) keeps 10
     bits of mantissa: about 3e-4 relative error in a convolution's gradient,
-    beyond float32 comparisons at 1e-4.
+    beyond float32 comparisons at 1e-4. torch 2.9 and later: ``fp32_precision =
+    "ieee"``; earlier: ``allow_tf32 = False``.
     """
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
-    try:
-        matmul.allow_tf32 = False
-        with cudnn_settings(allow_tf32=False):
-            yield
-    finally:
-        matmul.allow_tf32 = saved
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        return _set([(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision")], "ieee")
+    return _set([(matmul, "allow_tf32"), (cudnn, "allow_tf32")], False)

@@ -117,11 +117,14 @@ class Choice(Generic[W, T]):
                 if len(remaining) == 1:
                     return compute(remaining[0])
                 way = self._next_trial(key, remaining)
-            synchronize()
+            timed = self.trials > 0 and key not in self._chosen  # a trial: its time decides
+            if timed:
+                synchronize()
             start = time.perf_counter()
             try:
                 result = compute(way)
-                synchronize()
+                if timed:
+                    synchronize()
             except self.errors:
                 self.ruled_out.append(way)
                 if key in self._chosen and self._chosen[key] == way:

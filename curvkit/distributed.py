@@ -92,12 +92,14 @@ def collective_device(data: torch.device | None = None) -> torch.device:
     """Where the group's collectives take tensors: the data's device where the group can reduce there.
 
     The group's backends by device type come from
-    :func:`torch.distributed.get_backend_config` (``"cpu:gloo,cuda:nccl"`` for a
-    group initialised without naming a backend where CUDA is available, whose
-    :func:`~torch.distributed.get_backend` says only ``"undefined"``). CUDA data
-    are reduced on their GPU (NCCL, no copy through the host) where the group has
-    a CUDA backend; otherwise on the CPU where it has a CPU backend, else on the
-    current CUDA device (a group of NCCL alone).
+    :func:`torch.distributed.get_backend_config`: ``"cuda:nccl"`` for a group
+    initialised without naming a backend on a machine with CUDA (torch 2.13;
+    ``"cpu:gloo,cuda:nccl"`` in older versions), whose
+    :func:`~torch.distributed.get_backend` says only ``"undefined"``;
+    ``"cpu:gloo,cuda:gloo"`` for ``"gloo"``. Data are reduced on their own device
+    where the group has a backend for its type (CUDA data on their GPU, by NCCL
+    or gloo, without a copy through the host); otherwise on the CPU where it has
+    a CPU backend, else on the current CUDA device (a group of NCCL alone).
     """
     types = {part.split(":")[0] for part in dist.get_backend_config().split(",")}
     if data is not None and data.type in types:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvkit import distributed
-from curvkit.backends import cudnn_settings
+from curvkit.backends import without_cudnn
 from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_device
 from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
 from curvkit.layout import ParameterLayout, select_parameters
@@ -36,6 +36,8 @@ from curvkit.snapshot import ModelSnapshot
 __all__ = ["ModelSnapshot", "Problem"]
 
 _REBATCHABLE = rebatchable_types()
+_RECURRENT = {"RNN", "LSTM", "GRU"}
+"""Class names of torch's recurrent modules, as TorchScript keeps them (``original_name``)."""
 
 
 def _outputs_tensor(out: Any) -> Any:
@@ -151,9 +153,12 @@ class Problem:
         self.track_state = track_state
         self.data_parallel = data_parallel
         # cuDNN's recurrent kernels refuse a backward pass in evaluation mode and have no second
-        # backward: recurrent models run on the GPU without cuDNN (PyTorch's own, differentiable kernels)
+        # backward: recurrent models run on the GPU without cuDNN (PyTorch's own fused cells, whose
+        # double backward is differentiable; they have no forward mode, so "forward-over-reverse"
+        # is not available for them there). TorchScript modules keep the class name in original_name.
         self._without_cudnn = self.device.type == "cuda" and any(
-            isinstance(m, nn.RNNBase) for m in model.modules()
+            isinstance(m, nn.RNNBase) or getattr(m, "original_name", None) in _RECURRENT
+            for m in model.modules()
         )
         self._snapshot: ModelSnapshot | None = None if track_state else _UntrackedState(model)
         self._determinism_snapshot: ModelSnapshot | None = None
@@ -413,7 +418,7 @@ class Problem:
         if not self.eval_mode:  # train-mode BatchNorm must not update the model's statistics
             for name, b in self.model.named_buffers():
                 values[name] = b.clone()
-        with cudnn_settings(enabled=False) if self._without_cudnn else contextlib.nullcontext():
+        with without_cudnn() if self._without_cudnn else contextlib.nullcontext():
             if isinstance(inputs, Mapping):
                 out = functional_call(self.model, values, args=(), kwargs={**inputs, **self.forward_kwargs})
             else:

@@ -183,7 +183,8 @@ def test_sums_of_different_sizes_are_refused_by_every_process(tmp_path):
 @pytest.mark.parametrize(
     "config, data, expected",
     [
-        ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),  # init_process_group() without a backend, CUDA data
+        ("cuda:nccl", "cuda:1", "cuda:1"),  # init_process_group() without a backend, on a GPU machine
+        ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),  # the same in torch before 2.6
         ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
         ("cpu:gloo,cuda:nccl", None, "cpu"),
         ("cuda:nccl", "cuda:0", "cuda:0"),
