@@ -38,6 +38,7 @@ from curvkit.linalg._common import (
     staged,
 )
 from curvkit.linalg.eigen import EigenResult, eigenvalues
+from curvkit.precision import rounding_tolerance
 from curvkit.snapshot import fixed_model_state
 
 __all__ = [
@@ -90,13 +91,6 @@ class CheckResult:
             return f"{self.name}: {self.detail}"
         bound = "" if math.isnan(self.threshold) else f" (threshold {self.threshold:.3g})"
         return f"{status} {self.name}: {self.measured:.4g}{bound} {self.detail}"
-
-
-def _default_tol(dtype: torch.dtype) -> float:
-    """1e-10 for float64 products, 1e-4 for float32, ten rounding units for coarser ones (bfloat16: 0.078)."""
-    if dtype == torch.float64:
-        return 1e-10
-    return max(1e-4, 10 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
 
 
 def _products(A: Any, X: Tensor, progress: Progress | None) -> Tensor:
@@ -152,7 +146,7 @@ def check_symmetry(
     """
     P = check_square(A)
     require_fixed_map(A, "check_symmetry")
-    tol = _default_tol(getattr(A, "product_dtype", A.dtype)) if tol is None else tol
+    tol = rounding_tolerance(getattr(A, "product_dtype", A.dtype)) if tol is None else tol
     X = gaussian(P, 2 * trials, probe_generator(seed), A.dtype, A.device)
     AX = _products(A, X, progress)
     check_finite(AX, 1, "check_symmetry")
@@ -307,10 +301,12 @@ def check_agreement(
     P = int(A.shape[0])
     if estimate is not None and (estimate.vectors is None or len(estimate.values) < k):
         raise ValueError(f"check_agreement needs an estimate with at least {k} eigenvectors")
+    if tol is None and estimate is not None:
+        tol = estimate.tol
     if tol is None:
-        tol = estimate.tol if estimate is not None else _default_tol(getattr(A, "product_dtype", A.dtype))
+        tol = rounding_tolerance(getattr(A, "product_dtype", A.dtype))
     if reference_tol is None:
-        reference_tol = _default_tol(reference.dtype)
+        reference_tol = rounding_tolerance(reference.dtype)
     mu, U, reference_matvecs, stop = _reference_pairs(
         reference, min(k + 1, P), which, reference_tol, seed, progress
     )

@@ -48,6 +48,7 @@ from curvkit.backends import without_tf32
 from curvkit.choice import AUTO_TRIALS, Choice
 from curvkit.errors import NonFiniteError
 from curvkit.finite import all_finite
+from curvkit.precision import rounding_tolerance
 from curvkit.problem import Problem
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
     "squared_gradient_sums",
 ]
 
-_CHECK_RTOL = 1e-4  # float32 rounding of a sum of per-sample gradients, relative to its size
 CHUNK_BYTES = 2**28
 """Memory for the output gradients of one chunk of cotangents (256 MiB)."""
 
@@ -556,8 +556,7 @@ def _output_gradients(outputs: Tensor, zs: list[Tensor], U: Tensor, batched: boo
 def _close(a: Tensor, b: Tensor) -> bool:
     """Equal to the rounding of a sum of per-sample gradients (float32: 1e-4 of the largest entry)."""
     scale = max(b.abs().max().item(), a.abs().max().item(), 1e-30)
-    tol = 1e-10 if a.dtype == torch.float64 else _CHECK_RTOL
-    return (a - b).abs().max().item() <= tol * scale
+    return (a - b).abs().max().item() <= rounding_tolerance(a.dtype) * scale
 
 
 def _shared_parameter_names(model: nn.Module) -> set[str]:

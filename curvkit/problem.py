@@ -31,6 +31,7 @@ from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_devic
 from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
 from curvkit.layout import ParameterLayout, select_parameters
 from curvkit.losses import BatchLoss, resolve_loss
+from curvkit.precision import rounding_tolerance
 from curvkit.snapshot import ModelSnapshot
 
 __all__ = ["ModelSnapshot", "Problem"]
@@ -539,9 +540,7 @@ class Problem:
         buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
         loss1, grad1 = self.loss_and_gradient()
         loss2, grad2 = self.loss_and_gradient()
-        # float32: 1e-4, enough for a GPU's non-deterministic reductions (atomics, cuDNN); coarser
-        # dtypes ten of their rounding units (bfloat16: 0.078)
-        rtol = 1e-10 if self.dtype == torch.float64 else max(1e-4, 10 * torch.finfo(self.dtype).eps)
+        rtol = rounding_tolerance(self.dtype)
         scale = max(grad1.abs().max().item(), 1e-30)
         if not torch.isfinite(loss1) or not torch.isfinite(grad1).all():
             raise DataError("the loss or its gradient is not finite (NaN/Inf in weights or data?)")
