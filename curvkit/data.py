@@ -26,6 +26,7 @@ __all__ = [
     "DataSummary",
     "LocalShard",
     "batch_size_of",
+    "is_tensor_pair",
     "rebatchable_types",
     "same_device",
     "slice_batch",
@@ -41,6 +42,16 @@ def batch_size_of(inputs: Inputs, targets: Tensor) -> int:
     if not isinstance(targets, Tensor) or targets.dim() == 0:
         raise DataError("targets must be a tensor with a batch dimension first")
     return targets.shape[0]
+
+
+def is_tensor_pair(data: Any) -> bool:
+    """Whether ``data`` is an in-memory ``(inputs, targets)`` pair (inputs a tensor or a dict of tensors)."""
+    return (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and isinstance(data[1], Tensor)
+        and isinstance(data[0], Tensor | Mapping)
+    )
 
 
 def slice_batch(inputs: Inputs, targets: Tensor, stop: int) -> tuple[Inputs, Tensor]:
@@ -147,12 +158,7 @@ class BatchSource:
         """Whether the data are this process's shard already (:class:`LocalShard`)."""
         if self.local_shard:
             data = data.data
-        if (
-            isinstance(data, tuple | list)
-            and len(data) == 2
-            and isinstance(data[1], Tensor)
-            and (isinstance(data[0], Tensor | Mapping))
-        ):
+        if is_tensor_pair(data):
             self._source: Iterable = _TensorPairBatches(data[0], data[1], batch_size)
         elif isinstance(data, DataLoader):
             self._source = data

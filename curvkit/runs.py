@@ -63,7 +63,15 @@ from curvkit.analysis import (
     estimator_reference,
     run_plan,
 )
-from curvkit.data import BatchSource, DataSummary, same_device, summarize_data, to_device
+from curvkit.data import (
+    BatchSource,
+    DataSummary,
+    is_tensor_pair,
+    same_device,
+    slice_batch,
+    summarize_data,
+    to_device,
+)
 from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError
 from curvkit.memory import fits
 
@@ -164,24 +172,21 @@ def place_tensor_pair(data: Any, device: torch.device, dtype: torch.dtype, max_s
     each process reads only its shard, batch by batch) are returned as given: the
     problem then moves each batch as it uses it.
     """
-    if distributed.process()[1] > 1:
+    if distributed.process()[1] > 1 or not is_tensor_pair(data):
         return data
-    if not (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], torch.Tensor)):
-        return data
-    inputs, targets = data
+    n = data[1].shape[0] if max_samples is None else min(max_samples, data[1].shape[0])
+    inputs, targets = slice_batch(data[0], data[1], n)
     tensors = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return data
-    n = targets.shape[0] if max_samples is None else min(max_samples, targets.shape[0])
-    moved = [t[:n] for t in [*tensors, targets]]
+    moved = [*tensors, targets]
     needed = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in moved)
     already = all(
         same_device(t.device, device) and (not t.is_floating_point() or t.dtype == dtype) for t in moved
     )
     if already or not fits(needed, device):
         return data
-    cut_inputs = {k: v[:n] for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs[:n]
-    return to_device(cut_inputs, device, dtype), to_device(targets[:n], device, dtype)
+    return to_device(inputs, device, dtype), to_device(targets, device, dtype)
 
 
 def resolve_device(device: str) -> torch.device:
