@@ -205,17 +205,22 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         groups = [(group, params) for group, params in groups if params]
         params = [p for _, members in groups for p in members]
         grads = [p.grad for p in params]
+        detached = [g.detach() if g.requires_grad else g for g in grads]
         try:
             if params:
-                self._step(groups, params, grads)
+                self._step(groups, params, grads, detached)
         finally:
-            for p, g in zip(params, grads):  # frees the graph of the gradients
-                if g.requires_grad and p.grad is g:
-                    p.grad = g.detach()
+            for p, g, d in zip(params, grads, detached):  # frees the graph of the gradients
+                if d is not g and p.grad is g:
+                    p.grad = d
         return loss
 
     def _step(
-        self, groups: list[tuple[dict[str, Any], list[Tensor]]], params: list[Tensor], grads: list[Tensor]
+        self,
+        groups: list[tuple[dict[str, Any], list[Tensor]]],
+        params: list[Tensor],
+        grads: list[Tensor],
+        detached: list[Tensor],
     ) -> None:
         """The step on the parameters with a gradient: new state and updates computed aside, then kept.
 
@@ -226,7 +231,8 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         Args:
             groups: Each parameter group with its parameters that have a gradient (none empty).
             params: Those parameters, group after group.
-            grads: Their gradients.
+            grads: Their gradients, with their graph where there is one.
+            detached: The same gradients without a graph (those that have none as they are).
         """
         states = [self.state[p] for p in params]
         # on schedule, or a parameter has no estimate yet
@@ -235,7 +241,6 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         new_states: list[dict[str, Any]] = []
         deltas: list[Tensor] = []
         with torch.no_grad():
-            detached = [g.detach() if g.requires_grad else g for g in grads]
             start = 0
             for group, members in groups:
                 stop = start + len(members)
