@@ -136,7 +136,7 @@ def output_gradient(loss: BatchLoss, outputs: Tensor, targets: Tensor) -> Tensor
     """
     leaf = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        total, _ = loss.sum_and_count(leaf, targets)
+        total = loss.sum_of_terms(leaf, targets)
         if not total.requires_grad:
             return torch.zeros_like(leaf)
         (gradient,) = torch.autograd.grad(total, leaf, allow_unused=True)

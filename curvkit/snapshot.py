@@ -5,6 +5,9 @@ A :class:`~curvkit.Problem` caches work that depends on the model's state
 that state is still the one the work was done for, and
 :func:`fixed_model_state` lets an analysis compare contents once instead of
 before every product (one host-device synchronisation per analysis on a GPU).
+Within the same scope, :func:`cached_in_analysis` remembers what was read from
+a piece of the data (a loss's check of its class indices, their count), so
+that the passes after the first read nothing back to the host.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelSnapshot", "contents_equal", "fixed_model_state"]
+__all__ = ["ModelSnapshot", "cached_in_analysis", "contents_equal", "fixed_model_state"]
+
+T = TypeVar("T")
 
 
 class ModelSnapshot:
@@ -99,10 +105,57 @@ def fixed_model_state() -> Iterator[None]:
         yield
         return
     token = _VERIFIED.set(weakref.WeakSet())
+    cache_token = _DATA_FACTS.set({})
     try:
         yield
     finally:
+        _DATA_FACTS.reset(cache_token)
         _VERIFIED.reset(token)
+
+
+_DATA_FACTS: contextvars.ContextVar[dict[tuple, tuple[weakref.ref, int, Any]] | None] = (
+    contextvars.ContextVar("curvkit_data_facts", default=None)
+)
+"""Within :func:`fixed_model_state`, what :func:`cached_in_analysis` computed, by region and key.
+
+``None`` outside the scope."""
+
+
+def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, a fact about ``tensor``'s values, computed once per analysis for the same values.
+
+    Within :func:`fixed_model_state` the result is remembered for the region of
+    memory ``tensor`` views (its base tensor, storage offset, shape, strides and
+    dtype) and ``key``, and returned again while the base is alive and its
+    version counter unchanged: a batch cut again from the same data tensor on a
+    later pass (:func:`curvkit.data.slice_batch` gives views) reuses it.
+    ``compute`` must depend on nothing but the region's values and ``key``. The
+    data stays fixed during an analysis on the same terms as the model: an edit
+    that bypasses version counters (through ``.data`` or a NumPy view) made
+    during the analysis itself goes unnoticed. Outside the scope, and for
+    inference tensors (which have no version counter), ``compute()`` runs every
+    time.
+
+    On a GPU this turns a host-device synchronisation per batch and pass (a
+    loss's ``bool(...)`` check of its targets, ``float(...)`` of their count)
+    into one per batch and analysis, for data that lives on the device.
+
+    Args:
+        tensor: The data the fact is about (a batch's targets).
+        key: What is computed, and any setting it depends on besides the values.
+        compute: Computes the fact.
+    """
+    facts = _DATA_FACTS.get()
+    if facts is None or tensor.is_inference():
+        return compute()
+    base = tensor if tensor._base is None else tensor._base
+    region = (id(base), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, key)
+    known = facts.get(region)
+    if known is not None and known[0]() is base and known[1] == tensor._version:
+        return known[2]
+    value = compute()
+    facts[region] = (weakref.ref(base), tensor._version, value)
+    return value
 
 
 def contents_equal(tensors: Sequence[Tensor], values: Sequence[Tensor]) -> bool:

@@ -113,6 +113,15 @@ class BatchLoss(abc.ABC):
         self._validate(outputs, targets)
         return self._sum(outputs, targets), self._count(outputs, targets)
 
+    def sum_of_terms(self, outputs: Any, targets: Tensor) -> Tensor:
+        """``S_b`` alone: :meth:`sum_and_count` without the count (which may be read back from a GPU).
+
+        Raises:
+            UnknownLossError: The outputs and targets do not fit the loss.
+        """
+        self._validate(outputs, targets)
+        return self._sum(outputs, targets)
+
     def __call__(self, outputs: Any, targets: Tensor) -> Tensor:
         """The batch's loss reduced as PyTorch would: ``S_b / c_b`` (``"mean"``) or ``S_b`` (``"sum"``)."""
         total, count = self.sum_and_count(outputs, targets)

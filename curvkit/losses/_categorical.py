@@ -72,6 +72,7 @@ from curvkit.losses._base import (
     random_like,
     shape_of,
 )
+from curvkit.snapshot import cached_in_analysis
 
 __all__ = ["CrossEntropy", "NegativeLogLikelihood"]
 
@@ -128,12 +129,22 @@ class _ClassTargetLoss(ClosedFormLoss):
                 f"{tuple(outputs.shape)}, got {shape_of(targets)}"
                 + (f" ({targets.dtype})" if isinstance(targets, Tensor) else "")
             )
-        kept = self._kept(targets)
-        if bool((kept & ((targets < 0) | (targets >= classes))).any()):
+        if not cached_in_analysis(
+            targets, self._range_key(classes), lambda: self._indices_in_range(targets, classes)
+        ):
             raise UnknownLossError(
                 f"{self.name}: class index out of bounds: targets must lie in [0, {classes}) or equal "
                 f"ignore_index={self.ignore_index}"
             )
+
+    def _range_key(self, classes: int) -> tuple:
+        """The :func:`~curvkit.snapshot.cached_in_analysis` key of :meth:`_indices_in_range`."""
+        return ("class indices in range", classes, self.ignore_index)
+
+    def _indices_in_range(self, targets: Tensor, classes: int) -> bool:
+        """Whether every class index that counts lies in ``[0, classes)`` (read back to the host)."""
+        kept = self._kept(targets)
+        return not bool((kept & ((targets < 0) | (targets >= classes))).any())
 
     def _kept(self, targets: Tensor) -> Tensor:
         """Which positions count: ``[N, d1, ...]`` booleans (all, for probability targets)."""
@@ -147,11 +158,15 @@ class _ClassTargetLoss(ClosedFormLoss):
     def _count(self, outputs: Tensor, targets: Tensor) -> float:
         if targets.is_floating_point():
             return float(outputs.numel() // outputs.shape[1])
-        kept = self._kept(targets)
-        weight = self._class_weights(outputs)
-        if weight is None:
-            return float(kept.sum())
-        return float(weight[targets[kept]].sum())
+
+        def count() -> float:  # read back to the host: remembered for the analysis (the loss's weights fixed)
+            kept = self._kept(targets)
+            weight = self._class_weights(outputs)
+            if weight is None:
+                return float(kept.sum())
+            return float(weight[targets[kept]].sum())
+
+        return cached_in_analysis(targets, ("count", self, outputs.dtype), count)
 
     # ----------------------------------------------------------- predictive
     def _counted_outcomes(self, outputs: Tensor) -> Tensor:
@@ -169,8 +184,12 @@ class _ClassTargetLoss(ClosedFormLoss):
         """
         uniform = random_like(torch.rand, outputs[:, :1], generator)  # [N, 1, d1, ...]
         cumulative = torch.softmax(outputs.to(uniform.dtype), dim=1).cumsum(dim=1)
-        sampled = (cumulative <= uniform).sum(dim=1).clamp_(max=outputs.shape[1] - 1)
-        return sampled.masked_fill_(~self._kept(targets), self.ignore_index)
+        classes = outputs.shape[1]
+        sampled = (cumulative <= uniform).sum(dim=1).clamp_(max=classes - 1)
+        sampled.masked_fill_(~self._kept(targets), self.ignore_index)
+        # in range by construction: recorded, so that the loss's check of them reads nothing back
+        cached_in_analysis(sampled, self._range_key(classes), lambda: True)
+        return sampled
 
 
 class CrossEntropy(_ClassTargetLoss):
