@@ -154,7 +154,8 @@ def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[], T]) 
     if known is not None and known[0]() is base and known[1] == tensor._version:
         return known[2]
     value = compute()
-    facts[region] = (weakref.ref(base), tensor._version, value)
+    # the entry goes with its base: a pass over fresh batches (a DataLoader's) leaves nothing behind
+    facts[region] = (weakref.ref(base, lambda _: facts.pop(region, None)), tensor._version, value)
     return value
 
 

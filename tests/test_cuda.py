@@ -71,6 +71,30 @@ def test_products_within_an_analysis_do_not_compare_contents_on_cuda():
             torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("estimator", ["hessian", "ggn", "fisher", "empirical-fisher", "kfac", "d3"])
+def test_later_products_of_an_analysis_do_not_synchronise_on_cuda(estimator):
+    """With the data on the GPU (as ``curvkit analyze`` places a tensor pair), after the first pass
+    (class-index checks and counts read once), a product waits for nothing."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double().cuda()
+    data = (X.cuda(), y.cuda())
+    gpu = curvkit.Problem(model, nn.CrossEntropyLoss(ignore_index=1), data, batch_size=8)
+    A = curvkit.curvature(estimator, gpu)
+    v = torch.randn(gpu.dim, dtype=torch.float64, device="cuda")
+    with curvkit.fixed_model_state():
+        first = A @ v
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            second = A @ v
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    if estimator != "fisher":  # Monte-Carlo: new targets per product
+        torch.testing.assert_close(second, first, rtol=1e-10, atol=0)
+
+
 def test_kfac_resumes_on_the_gpu_from_a_state_loaded_on_the_cpu():
     import io
 

@@ -148,10 +148,15 @@ def test_cached_in_analysis_recomputes_outside_a_scope_and_after_a_change():
     assert len(calls) == 6  # the scope's facts are gone with it
 
 
-def test_cached_in_analysis_does_not_confuse_a_freed_tensor_with_a_new_one():
+def test_cached_in_analysis_forgets_freed_tensors():
+    from curvkit import snapshot
+
     with curvkit.fixed_model_state():
+        kept = torch.zeros(2)
+        cached_in_analysis(kept, "first", lambda: 0.0)
         for value in range(20):  # new tensors, often at a freed one's id
             t = torch.full((3,), float(value))
             assert cached_in_analysis(t, "first", lambda t=t: float(t[0])) == value
             del t
             gc.collect()
+        assert len(snapshot._DATA_FACTS.get()) == 1  # the freed batches' entries went with them

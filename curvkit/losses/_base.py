@@ -338,10 +338,13 @@ def random_like(draw: Callable[..., Tensor], like: Tensor, generator: torch.Gene
     """``draw`` (``torch.rand`` or ``torch.randn``) of ``like``'s shape, on ``like``'s device.
 
     The numbers are drawn on the generator's device, then moved; the dtype is
-    ``like``'s, promoted to at least float32.
+    ``like``'s, promoted to at least float32. A move from the host does not wait
+    for the device (``non_blocking``: CUDA stages host memory at once, so the
+    copy needs no stream synchronisation, once per batch otherwise).
     """
     dtype = torch.promote_types(like.dtype, torch.float32)
-    return draw(like.shape, generator=generator, device=generator.device, dtype=dtype).to(like.device)
+    drawn = draw(like.shape, generator=generator, device=generator.device, dtype=dtype)
+    return drawn.to(like.device, non_blocking=drawn.device.type == "cpu")
 
 
 def shape_of(x: Any) -> Any:
