@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelSnapshot", "cached_in_analysis", "contents_equal", "fixed_model_state"]
+__all__ = ["ModelSnapshot", "cached_in_analysis", "contents_equal", "fixed_model_state", "record_in_analysis"]
 
 T = TypeVar("T")
 
@@ -105,12 +105,14 @@ def fixed_model_state() -> Iterator[None]:
         yield
         return
     token = _VERIFIED.set(weakref.WeakSet())
-    cache_token = _DATA_FACTS.set({})
+    facts: dict[tuple, tuple[weakref.ref, int, Any]] = {}
+    facts_token = _DATA_FACTS.set(facts)
     try:
         yield
     finally:
-        _DATA_FACTS.reset(cache_token)
+        _DATA_FACTS.reset(facts_token)
         _VERIFIED.reset(token)
+        facts.clear()  # its entries' callbacks refer to it: freed now, not by the cycle collector
 
 
 _DATA_FACTS: contextvars.ContextVar[dict[tuple, tuple[weakref.ref, int, Any]] | None] = (
@@ -124,16 +126,20 @@ _DATA_FACTS: contextvars.ContextVar[dict[tuple, tuple[weakref.ref, int, Any]] | 
 def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[], T]) -> T:
     """``compute()``, a fact about ``tensor``'s values, computed once per analysis for the same values.
 
-    Within :func:`fixed_model_state` the result is remembered for the region of
-    memory ``tensor`` views (its base tensor, storage offset, shape, strides and
-    dtype) and ``key``, and returned again while the base is alive and its
-    version counter unchanged: a batch cut again from the same data tensor on a
-    later pass (:func:`curvkit.data.slice_batch` gives views) reuses it.
-    ``compute`` must depend on nothing but the region's values and ``key``. The
-    data stays fixed during an analysis on the same terms as the model: an edit
-    that bypasses version counters (through ``.data`` or a NumPy view) made
-    during the analysis itself goes unnoticed. Outside the scope, and for
-    inference tensors (which have no version counter), ``compute()`` runs every
+    Within :func:`fixed_model_state` the result for a view (a batch cut from a
+    data tensor: :func:`curvkit.data.slice_batch` gives views) is remembered for
+    the region of memory it views (its base tensor, address, storage offset,
+    shape, strides and dtype) and ``key``, and returned again while the base is
+    alive and its version counter unchanged: the same batch cut again on a later
+    pass reuses it. ``compute`` must depend on nothing but the region's values
+    and ``key``. The data stay fixed during an analysis on the same terms as the
+    model: an edit that bypasses version counters (through ``.data`` or a NumPy
+    view) made during the analysis itself goes unnoticed. Results for tensors
+    that are not views are not remembered: a data loader may refill one buffer
+    for every batch, as loaders writing through NumPy or DLPack do, without
+    moving its version counter (what :func:`record_in_analysis` records about a
+    tensor its caller made is found, though). Outside the scope and for
+    inference tensors (which have no version counter) ``compute()`` runs every
     time.
 
     On a GPU this turns a host-device synchronisation per batch and pass (a
@@ -148,15 +154,49 @@ def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[], T]) 
     facts = _DATA_FACTS.get()
     if facts is None or tensor.is_inference():
         return compute()
-    base = tensor if tensor._base is None else tensor._base
-    region = (id(base), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, key)
+    base, region = _region(tensor, key)
     known = facts.get(region)
     if known is not None and known[0]() is base and known[1] == tensor._version:
         return known[2]
     value = compute()
-    # the entry goes with its base: a pass over fresh batches (a DataLoader's) leaves nothing behind
-    facts[region] = (weakref.ref(base, lambda _: facts.pop(region, None)), tensor._version, value)
+    if tensor._base is not None:
+        _remember(facts, base, region, tensor._version, value)
     return value
+
+
+def record_in_analysis(tensor: Tensor, key: Hashable, value: Any) -> None:
+    """Records a fact known without reading ``tensor`` (``value``), found by :func:`cached_in_analysis`.
+
+    For a tensor its caller has just made and hands on, which nothing refills
+    (sampled targets, in range by construction); within :func:`fixed_model_state`
+    only, and until the tensor's version counter moves.
+    """
+    facts = _DATA_FACTS.get()
+    if facts is None or tensor.is_inference():
+        return
+    base, region = _region(tensor, key)
+    _remember(facts, base, region, tensor._version, value)
+
+
+def _region(tensor: Tensor, key: Hashable) -> tuple[Tensor, tuple]:
+    """``tensor``'s base and the key of the memory region it views, with ``key``."""
+    base = tensor if tensor._base is None else tensor._base
+    # the address too: a view's storage can be replaced (set_) while its base stays
+    region = (
+        id(base),
+        tensor.data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        key,
+    )
+    return base, region
+
+
+def _remember(facts: dict, base: Tensor, region: tuple, version: int, value: Any) -> None:
+    """Stores a fact; the entry goes with its base, so a pass over fresh batches leaves nothing behind."""
+    facts[region] = (weakref.ref(base, lambda _: facts.pop(region, None)), version, value)
 
 
 def contents_equal(tensors: Sequence[Tensor], values: Sequence[Tensor]) -> bool:

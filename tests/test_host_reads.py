@@ -11,7 +11,6 @@ registered estimator, and that what is remembered is still checked.
 from __future__ import annotations
 
 import collections
-import gc
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 
 import curvkit
 from curvkit import registry
-from curvkit.snapshot import cached_in_analysis
+from curvkit.snapshot import cached_in_analysis, record_in_analysis
 
 HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
 
@@ -137,26 +136,79 @@ def test_cached_in_analysis_recomputes_outside_a_scope_and_after_a_change():
     with curvkit.fixed_model_state():
         assert fact(base[:3]) == 3.0 and fact(base[:3]) == 3.0 and len(calls) == 3  # a new view, same region
         assert fact(base[3:]) == 12.0 and len(calls) == 4  # another region
+        assert fact(base[:3].view(3, 1)) == 3.0 and len(calls) == 5  # another shape
         base[0] = 10.0  # version counter
-        assert fact(base[:3]) == 13.0 and len(calls) == 5
+        assert fact(base[:3]) == 13.0 and len(calls) == 6
         assert cached_in_analysis(base[:3], "other key", lambda: "other") == "other"
+        fact(base)
+        fact(base)
+        assert len(calls) == 8  # not a view: never remembered (a loader may refill one buffer)
+        made = torch.zeros(4)
+        record_in_analysis(made, "fact", 0.0)  # known by its maker, who hands it on
+        assert fact(made) == 0.0 and len(calls) == 8
+        made += 1  # version counter
+        assert fact(made) == 4.0 and len(calls) == 9
         with torch.inference_mode():
-            frozen = torch.ones(2)
+            frozen = torch.ones(3)[:2]
         assert cached_in_analysis(frozen, "fact", lambda: "a") == "a"
         assert cached_in_analysis(frozen, "fact", lambda: "b") == "b"  # no version counter: never cached
     fact(base[:3])
-    assert len(calls) == 6  # the scope's facts are gone with it
+    assert len(calls) == 10  # the scope's facts are gone with it
 
 
-def test_cached_in_analysis_forgets_freed_tensors():
+def test_cached_in_analysis_tells_a_view_moved_to_other_memory_from_its_base():
+    with curvkit.fixed_model_state():
+        y = torch.zeros(6, dtype=torch.long)
+        moved = y[0:3]
+        with torch.no_grad():
+            moved.set_(torch.full((3,), 9))  # other memory, same base and version counter
+        assert moved._base is y
+        assert cached_in_analysis(moved, "values", lambda: moved.tolist()) == [9, 9, 9]
+        assert cached_in_analysis(y[0:3], "values", lambda: y[0:3].tolist()) == [0, 0, 0]
+
+
+def test_a_loader_refilling_one_buffer_out_of_band_gets_each_batch_counted():
+    """A loader writing each batch's targets into one buffer through NumPy (no version counter moves)."""
+    torch.manual_seed(0)
+    X = torch.randn(8, 5, dtype=torch.float64)
+    labels = [torch.tensor([1, 1, 1, 0]), torch.tensor([0, 2, 2, 0])]  # ignore_index=1: 1 counted, then 4
+
+    class Refill:
+        def __init__(self):
+            self.buffer = torch.zeros(4, dtype=torch.long)
+
+        def __iter__(self):
+            for i, batch_labels in enumerate(labels):
+                self.buffer.numpy()[:] = batch_labels.numpy()
+                yield X[4 * i : 4 * i + 4], self.buffer
+
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    problem = curvkit.Problem(model, nn.CrossEntropyLoss(ignore_index=1), Refill(), check_deterministic=False)
+    G = curvkit.curvature("ggn", problem, strategy="reverse")
+    v = torch.randn(problem.dim, dtype=torch.float64)
+    outside = G @ v
+    with curvkit.fixed_model_state():
+        inside = G @ v
+    torch.testing.assert_close(inside, outside, rtol=1e-12, atol=0)
+
+
+def test_cached_in_analysis_forgets_freed_tensors_and_its_keys_with_the_scope():
+    import weakref
+
     from curvkit import snapshot
 
+    class Owner:  # stands for a loss, held in a key
+        pass
+
+    owner = Owner()
     with curvkit.fixed_model_state():
-        kept = torch.zeros(2)
-        cached_in_analysis(kept, "first", lambda: 0.0)
+        kept = torch.zeros(3)
+        cached_in_analysis(kept[:2], ("first", owner), lambda: 0.0)
         for value in range(20):  # new tensors, often at a freed one's id
-            t = torch.full((3,), float(value))
-            assert cached_in_analysis(t, "first", lambda t=t: float(t[0])) == value
+            t = torch.full((4,), float(value))
+            assert cached_in_analysis(t[:3], ("first", owner), lambda t=t: float(t[0])) == value
             del t
-            gc.collect()
         assert len(snapshot._DATA_FACTS.get()) == 1  # the freed batches' entries went with them
+    gone = weakref.ref(owner)
+    del owner
+    assert gone() is None  # not kept by the closed scope's entries until the cycle collector runs

@@ -338,13 +338,15 @@ def random_like(draw: Callable[..., Tensor], like: Tensor, generator: torch.Gene
     """``draw`` (``torch.rand`` or ``torch.randn``) of ``like``'s shape, on ``like``'s device.
 
     The numbers are drawn on the generator's device, then moved; the dtype is
-    ``like``'s, promoted to at least float32. A move from the host does not wait
-    for the device (``non_blocking``: CUDA stages host memory at once, so the
-    copy needs no stream synchronisation, once per batch otherwise).
+    ``like``'s, promoted to at least float32. A move from the host to a CUDA
+    device does not wait for the device (``non_blocking``: CUDA stages host
+    memory before the call returns, so the copy needs no stream
+    synchronisation, once per batch otherwise); other devices copy as usual
+    (MPS may read a non-blocking copy's source after it is freed).
     """
     dtype = torch.promote_types(like.dtype, torch.float32)
     drawn = draw(like.shape, generator=generator, device=generator.device, dtype=dtype)
-    return drawn.to(like.device, non_blocking=drawn.device.type == "cpu")
+    return drawn.to(like.device, non_blocking=drawn.device.type == "cpu" and like.device.type == "cuda")
 
 
 def shape_of(x: Any) -> Any:
