@@ -56,6 +56,7 @@ __all__ = [
     "AUTO_TRIALS",
     "HVP_STRATEGIES",
     "HessianVectorProduct",
+    "backward_product",
     "backward_products",
     "default_graph_cache_bytes",
     "hessian_batch_product",
@@ -115,6 +116,32 @@ def make_batch_hvp(
     return batch_hvp
 
 
+def backward_product(
+    grads: Sequence[Tensor | None], leaves: Sequence[Tensor], v: Sequence[Tensor]
+) -> list[Tensor]:
+    """``d/dtheta <g, v>`` for one direction: :func:`backward_products` without the directions' dim.
+
+    Args:
+        grads: The gradient (with its graph, ``create_graph=True``) per leaf, or
+            ``None`` for a leaf the loss does not depend on.
+        leaves: The leaves it was taken with respect to.
+        v: Per leaf, the direction, of the leaf's shape.
+
+    Returns:
+        Per leaf, the product, of the leaf's shape (zeros where nothing depends on it).
+    """
+    out: list[Tensor | None] = [None] * len(leaves)
+    used = _with_graph(grads)
+    if used:
+        hv = torch.autograd.grad(
+            [grads[i] for i in used], [leaves[i] for i in used], [v[i] for i in used],
+            retain_graph=True, allow_unused=True,
+        )  # fmt: skip
+        for i, h in zip(used, hv):
+            out[i] = h
+    return [h if h is not None else torch.zeros_like(leaf) for h, leaf in zip(out, leaves)]
+
+
 def backward_products(
     grads: Sequence[Tensor | None], leaves: Sequence[Tensor], V: Sequence[Tensor], batched: bool = False
 ) -> list[Tensor]:
@@ -126,36 +153,32 @@ def backward_products(
         leaves: The leaves it was taken with respect to.
         V: Per leaf, the directions as ``[K, *shape]``.
         batched: One vectorised backward pass (``is_grads_batched``) instead of
-            one pass per direction.
+            one pass per direction (:func:`backward_product`).
 
     Returns:
         Per leaf, the ``[K, *shape]`` products (zeros where nothing depends on it).
     """
     K = V[0].shape[0]
+    if not batched:
+        products = [backward_product(grads, leaves, [v[k] for v in V]) for k in range(K)]
+        if K == 1:
+            return [h.unsqueeze(0) for h in products[0]]  # views, no copy
+        return [torch.stack(per_direction) for per_direction in zip(*products)]
     out: list[Tensor | None] = [None] * len(leaves)
-    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    outputs, inputs = [grads[i] for i in used], [leaves[i] for i in used]
-    if not used:
-        pass
-    elif batched or K == 1:  # one pass; with one direction, its products are the result, without a copy
-        directions = [V[i] if batched else V[i][0] for i in used]
+    used = _with_graph(grads)
+    if used:
         hv = torch.autograd.grad(
-            outputs, inputs, directions, retain_graph=True, allow_unused=True, is_grads_batched=batched
-        )
+            [grads[i] for i in used], [leaves[i] for i in used], [V[i] for i in used],
+            retain_graph=True, allow_unused=True, is_grads_batched=True,
+        )  # fmt: skip
         for i, h in zip(used, hv):
-            if h is not None:
-                out[i] = h if batched else h.unsqueeze(0)
-    else:
-        for i in used:
-            out[i] = leaves[i].new_zeros(K, *leaves[i].shape)
-        for k in range(K):
-            hv = torch.autograd.grad(
-                outputs, inputs, [V[i][k] for i in used], retain_graph=True, allow_unused=True
-            )
-            for i, h in zip(used, hv):
-                if h is not None:
-                    out[i][k] = h  # type: ignore[index]
+            out[i] = h
     return [h if h is not None else leaf.new_zeros(K, *leaf.shape) for h, leaf in zip(out, leaves)]
+
+
+def _with_graph(grads: Sequence[Tensor | None]) -> list[int]:
+    """The positions of the gradients that have a graph to differentiate."""
+    return [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
 
 def hessian_batch_product(

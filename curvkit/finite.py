@@ -7,7 +7,7 @@ which refuses to fold a non-finite batch into its average.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -51,12 +51,23 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
     return not any(bool(found) for found in flags)  # one synchronisation per device
 
 
-def first_non_finite(checks: Sequence[tuple[str, Sequence[Tensor | None]]]) -> str | None:
+def first_non_finite(
+    checks: Sequence[tuple[str, Sequence[Tensor | None]]], implied: Collection[str] = ()
+) -> str | None:
     """The name of the first ``(name, tensors)`` pair with a non-finite entry, or ``None`` if all are finite.
 
     All the tensors are checked in one :func:`all_finite` call; only when one is
     not finite are the pairs checked one by one, to name it.
+
+    Args:
+        checks: ``(name, tensors)`` pairs, in the order in which to name them.
+        implied: Names whose tensors the one call leaves out because another
+            pair's tensors carry them: every entry of theirs reaches a checked
+            tensor through arithmetic that keeps a non-finite value non-finite
+            (an optimizer's gradient, in a moving average of weight ``> 0`` of
+            it that is checked as new state). They are still checked, in their
+            place, to name the culprit when something is not finite.
     """
-    if all_finite([t for _, tensors in checks for t in tensors]):
+    if all_finite([t for name, tensors in checks if name not in implied for t in tensors]):
         return None
-    return next(name for name, tensors in checks if not all_finite(tensors))
+    return next((name for name, tensors in checks if not all_finite(tensors)), None)

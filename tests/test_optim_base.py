@@ -137,6 +137,15 @@ def test_first_non_finite_names_the_first_pair_with_a_non_finite_entry():
     assert first_non_finite([("gradient", good), ("state", bad), ("update", bad)]) == "state"
 
 
+def test_first_non_finite_leaves_implied_pairs_to_the_pairs_that_carry_them():
+    good, bad = [torch.ones(2)], [torch.tensor([1.0, float("inf")])]
+    # the contract: an implied pair is not checked on its own while the rest is finite ...
+    assert first_non_finite([("gradient", bad), ("state", good)], implied={"gradient"}) is None
+    # ... and is named, in its place, when the pair that carries it is not finite
+    assert first_non_finite([("gradient", bad), ("state", bad)], implied={"gradient"}) == "gradient"
+    assert first_non_finite([("gradient", good), ("state", bad)], implied={"gradient"}) == "state"
+
+
 @pytest.mark.parametrize("K", [1, 3])
 def test_backward_products_equal_a_product_per_direction_and_zeros_where_unused(K):
     torch.manual_seed(0)

@@ -385,6 +385,28 @@ def test_a_nan_gradient_skips_the_step_with_a_warning(cls):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("refresh", [True, False], ids=["refresh", "between-refreshes"])
+def test_every_non_finite_gradient_is_caught_whatever_the_state_carries(cls, bad, refresh):
+    """The one check of new state and updates also covers what the state carries (CARRIED_BY_STATE):
+    an infinite gradient a clipped step would turn finite is still caught and named."""
+    d, b, x0 = quadratic()
+    x = nn.Parameter(x0.clone())
+    optimizer = cls([x], **({"update_period": 2} if cls is SophiaH else {"update_each": 2}))
+    if not refresh:
+        quadratic_step(optimizer, x, d, b)  # the next step keeps the diagonal
+        assert not optimizer.hessian_due
+    before = x.detach().clone()
+    b_bad = b.clone()
+    b_bad[2] = bad
+    with pytest.warns(
+        curvkit.CurvkitWarning, match=f"{cls.__name__}: step skipped: the gradient is not finite"
+    ):
+        quadratic_step(optimizer, x, d, b_bad, create_graph=refresh)
+    assert torch.equal(x.detach(), before) and optimizer.skipped_steps == 1
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 def test_a_non_finite_curvature_estimate_skips_the_step(cls):
     x = nn.Parameter(torch.zeros(3, dtype=DT))
     optimizer = cls([x])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -297,6 +297,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         what: str = "update",
         *,
         checks: Sequence[tuple[str, Sequence[Tensor | None]]] = (),
+        implied: Collection[str] = (),
         unchanged: str = "parameters unchanged",
         stacklevel: int = 4,
     ) -> bool:
@@ -314,6 +315,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             checks: ``(name, tensors)`` pairs checked with the updates: what the
                 step was computed from (``"gradient"``) and the new state a caller
                 keeps only if the step is applied (``"moments"``).
+            implied: Names in ``checks`` that another entry's tensors carry
+                (:func:`curvkit.finite.first_non_finite`): not checked on their own
+                when all is finite.
             unchanged: What the warning says is left as it was.
             stacklevel: The warning's, counted from here (4: the caller of an
                 optimizer whose ``step`` calls this method).
@@ -322,7 +326,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             Whether the updates were applied.
         """
         deltas = [d for _, d in updates]
-        why = first_non_finite([*checks, (what, deltas)])
+        why = first_non_finite([*checks, (what, deltas)], implied)
         if why is not None:
             self.skip(f"the {why} is not finite", unchanged=unchanged, stacklevel=stacklevel + 1)
             return False

@@ -19,7 +19,7 @@ As in the peers (torch-optimizer's ``Adahessian``, pytorch-optimizer's
 ``AdaHessian`` and ``SophiaH``), the user differentiates the loss with its
 graph, ``loss.backward(create_graph=True)``; :meth:`step` then takes
 ``H z = d/dtheta <grad, z>`` through that graph with curvkit's core primitive
-:func:`curvkit.autodiff.backward_products` (one backward pass per probe), and
+:func:`curvkit.autodiff.backward_product` (one backward pass per probe), and
 afterwards replaces every ``p.grad`` by its detached value, which frees the
 graph (and breaks the parameter/gradient reference cycle torch warns about);
 the gradients keep their values, so gradient clipping or logging may follow.
@@ -85,12 +85,12 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from curvkit.autodiff import backward_products
+from curvkit.autodiff import backward_product, backward_products
 from curvkit.errors import CurvkitWarning
 from curvkit.optim import fused
 from curvkit.optim.base import (
@@ -104,7 +104,15 @@ from curvkit.optim.base import (
     warn_if_data_parallel,
 )
 
-__all__ = ["AdaHessian", "DiagonalNewton", "HutchinsonOptimizer", "SophiaH", "rademacher"]
+__all__ = [
+    "ESTIMATE",
+    "GRADIENT",
+    "AdaHessian",
+    "DiagonalNewton",
+    "HutchinsonOptimizer",
+    "SophiaH",
+    "rademacher",
+]
 
 
 def rademacher(shape: Sequence[int], like: Tensor, generator: torch.Generator) -> Tensor:
@@ -131,6 +139,11 @@ def _entries(states: list[dict[str, Any]], params: list[Tensor], key: str) -> li
     return [state[key] if key in state else torch.zeros_like(p) for state, p in zip(states, params)]
 
 
+GRADIENT = "gradient"
+ESTIMATE = "Hutchinson estimate of the Hessian's diagonal"
+"""The names of a step's inputs in its finiteness check (and in the warning of a skipped step)."""
+
+
 class HutchinsonOptimizer(CurvatureOptimizer):
     """The machinery of :class:`DiagonalNewton`, :class:`AdaHessian` and :class:`SophiaH` (module docstring).
 
@@ -155,6 +168,13 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         generator: The probes' :class:`torch.Generator`, on the first parameter's device.
         skipped_steps: Steps skipped because the gradient, the estimate or the update was not finite.
     """
+
+    CARRIED_BY_STATE: ClassVar[frozenset[str]] = frozenset()
+    """The inputs (:data:`GRADIENT`, :data:`ESTIMATE`) a subclass's new state carries: every entry of
+    them enters a tensor of the new state through arithmetic that keeps a non-finite value non-finite
+    (a moving average of weight ``> 0``, or the estimate kept as it is), so that the step's one check
+    of its new state and updates checks them too (:func:`curvkit.finite.first_non_finite`'s
+    ``implied``); they are checked on their own only to name the culprit of a skipped step."""
 
     def __init__(
         self,
@@ -254,9 +274,9 @@ class HutchinsonOptimizer(CurvatureOptimizer):
                 new_states += new
                 deltas += group_deltas
                 start = stop
-        checks = [("gradient", detached)]
+        checks = [(GRADIENT, detached)]
         if estimates is not None:
-            checks.append(("Hutchinson estimate of the Hessian's diagonal", estimates))
+            checks.append((ESTIMATE, estimates))
         fresh = [  # state a step leaves as it was (a diagonal between refreshes) was checked when made
             t
             for state, new in zip(states, new_states)
@@ -267,6 +287,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         if not self.apply_updates(
             list(zip(params, deltas)),
             checks=checks,
+            implied=self.CARRIED_BY_STATE,
             unchanged="parameters and moments unchanged",
             stacklevel=5,  # apply_updates, _step, step, torch.optim's step wrapper, the caller
         ):
@@ -287,23 +308,24 @@ class HutchinsonOptimizer(CurvatureOptimizer):
             )
         warn_if_data_parallel(self)
         V = self._probes(params)
+        if self.probes == 1:  # one direction, without the probes' dim (fewer views per step)
+            return torch._foreach_mul(V, backward_product(grads, params, V))
         HV = backward_products(grads, params, V, batched=False)
-        if self.probes == 1:
-            return torch._foreach_mul([z[0] for z in V], [hz[0] for hz in HV])
         return [(z * hz).mean(0) for z, hz in zip(V, HV)]
 
     def _probes(self, params: list[Tensor]) -> list[Tensor]:
-        """Per parameter, its ``[probes, *shape]`` Rademacher probes, cut from one draw for all of them.
+        """Per parameter, its ``[probes, *shape]`` Rademacher probes (one probe: its shape), from one draw.
 
         Probe ``k`` is the ``k``-th row of one ``[probes, P]`` draw (``P`` entries
         in all), in the order of ``params``: with one probe, the same numbers as
         one draw per parameter in turn.
         """
         sizes = [p.numel() for p in params]
-        flat = rademacher((self.probes, sum(sizes)), params[0], self.generator)
+        lead = () if self.probes == 1 else (self.probes,)
+        flat = rademacher((*lead, sum(sizes)), params[0], self.generator)
         return [
-            z.reshape(self.probes, *p.shape).to(device=p.device, dtype=p.dtype)
-            for z, p in zip(flat.split(sizes, dim=1), params)
+            z.reshape(*lead, *p.shape).to(device=p.device, dtype=p.dtype)
+            for z, p in zip(flat.split(sizes, dim=-1), params)
         ]
 
     def _updates(
@@ -410,6 +432,7 @@ class DiagonalNewton(HutchinsonOptimizer):
         "clip": optional(check_positive),
         "hessian_power": check_fraction,
     }
+    CARRIED_BY_STATE = frozenset({ESTIMATE})  # the new diagonal is the estimate; no moment of the gradient
 
     def __init__(
         self,
@@ -497,6 +520,8 @@ class AdaHessian(HutchinsonOptimizer):
         "hessian_power": check_fraction,
         "spatial_averaging": check_flag,
     }
+    # m and v are moving averages (weights 1 - beta > 0) of g and of the squared (averaged) estimate
+    CARRIED_BY_STATE = frozenset({GRADIENT, ESTIMATE})
 
     def __init__(
         self,
@@ -604,6 +629,7 @@ class SophiaH(HutchinsonOptimizer):
         "eps": check_positive,
         "rho": check_positive,
     }
+    CARRIED_BY_STATE = frozenset({GRADIENT, ESTIMATE})  # m and h: moving averages of g and the estimate
 
     def __init__(
         self,
