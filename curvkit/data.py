@@ -76,14 +76,23 @@ def same_device(actual: torch.device, wanted: torch.device | str) -> bool:
 
 
 def to_device(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Move a tensor or dict of tensors; floating tensors are also cast to ``dtype``."""
+    """Move a tensor or dict of tensors; floating tensors are also cast to ``dtype``.
+
+    A move from the host to a CUDA device is ``non_blocking``: CUDA copies host
+    memory (pinned or not) to its staging area before the call returns, so the
+    source may go at once, and no stream synchronisation waits for the work
+    queued on the device (a blocking copy would, once per batch and pass).
+    Other moves (to the host above all, whose data must be complete when read)
+    block as usual.
+    """
     if isinstance(x, Mapping):
         return {k: to_device(v, device, dtype) for k, v in x.items()}
     if not isinstance(x, Tensor):
         raise DataError(f"batch entries must be tensors or dicts of tensors, got {type(x).__name__}")
+    non_blocking = device.type == "cuda" and x.is_cpu
     if dtype is not None and x.is_floating_point():
-        return x.to(device=device, dtype=dtype)
-    return x.to(device=device)
+        return x.to(device=device, dtype=dtype, non_blocking=non_blocking)
+    return x.to(device=device, non_blocking=non_blocking)
 
 
 class _TensorPairBatches:

@@ -99,6 +99,19 @@ def test_later_products_of_an_analysis_do_not_synchronise_on_cuda(estimator):
         torch.testing.assert_close(second, first, rtol=1e-10, atol=0)
 
 
+def test_batches_move_from_the_host_without_synchronising_on_cuda():
+    """A problem on the GPU with its data in host memory: each batch's copy waits for nothing queued."""
+    cpu = CASES[0].problem()
+    gpu = cpu.to(device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(gpu.batches())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for (inputs, targets), (x, y) in zip(batches, cpu.batches()):
+        assert inputs.device.type == "cuda" and torch.equal(inputs.cpu(), x) and torch.equal(targets.cpu(), y)
+
+
 def test_kfac_resumes_on_the_gpu_from_a_state_loaded_on_the_cpu():
     import io
 
