@@ -130,15 +130,7 @@ def backward_product(
     Returns:
         Per leaf, the product, of the leaf's shape (zeros where nothing depends on it).
     """
-    out: list[Tensor | None] = [None] * len(leaves)
-    used = _with_graph(grads)
-    if used:
-        hv = torch.autograd.grad(
-            [grads[i] for i in used], [leaves[i] for i in used], [v[i] for i in used],
-            retain_graph=True, allow_unused=True,
-        )  # fmt: skip
-        for i, h in zip(used, hv):
-            out[i] = h
+    out = _through_graph(grads, leaves, v, batched=False)
     return [h if h is not None else torch.zeros_like(leaf) for h, leaf in zip(out, leaves)]
 
 
@@ -164,21 +156,24 @@ def backward_products(
         if K == 1:
             return [h.unsqueeze(0) for h in products[0]]  # views, no copy
         return [torch.stack(per_direction) for per_direction in zip(*products)]
-    out: list[Tensor | None] = [None] * len(leaves)
-    used = _with_graph(grads)
-    if used:
-        hv = torch.autograd.grad(
-            [grads[i] for i in used], [leaves[i] for i in used], [V[i] for i in used],
-            retain_graph=True, allow_unused=True, is_grads_batched=True,
-        )  # fmt: skip
-        for i, h in zip(used, hv):
-            out[i] = h
+    out = _through_graph(grads, leaves, V, batched=True)
     return [h if h is not None else leaf.new_zeros(K, *leaf.shape) for h, leaf in zip(out, leaves)]
 
 
-def _with_graph(grads: Sequence[Tensor | None]) -> list[int]:
-    """The positions of the gradients that have a graph to differentiate."""
-    return [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+def _through_graph(
+    grads: Sequence[Tensor | None], leaves: Sequence[Tensor], directions: Sequence[Tensor], batched: bool
+) -> list[Tensor | None]:
+    """Per leaf, ``d/dtheta <g, v>`` through the gradients that have a graph (``None`` elsewhere)."""
+    out: list[Tensor | None] = [None] * len(leaves)
+    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if used:
+        hv = torch.autograd.grad(
+            [grads[i] for i in used], [leaves[i] for i in used], [directions[i] for i in used],
+            retain_graph=True, allow_unused=True, is_grads_batched=batched,
+        )  # fmt: skip
+        for i, h in zip(used, hv):
+            out[i] = h
+    return out
 
 
 def hessian_batch_product(
