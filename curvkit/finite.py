@@ -7,15 +7,28 @@ which refuses to fold a non-finite batch into its average.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "first_non_finite"]
+__all__ = ["all_finite", "first_non_finite", "outside_autograd"]
 
 _REAL_FLOATING = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 """The usual real floating dtypes, checked as they are (others go through the slower dtype tests)."""
+
+
+def outside_autograd() -> contextlib.AbstractContextManager:
+    """:func:`torch.no_grad` if gradients are being recorded, else a context that does nothing.
+
+    For in-place work on tensors that may require grad (a check, an
+    optimizer's update of its parameters) called both inside and outside
+    ``torch.no_grad``: entering ``torch.no_grad`` costs about 1.6 microseconds on
+    the CPU (an eighth of a small model's finiteness check), a no-op context a
+    fifth of that.
+    """
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 def all_finite(tensors: Iterable[Tensor | None]) -> bool:
@@ -30,7 +43,15 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
     times faster than a check per tensor, a visible share of a cheap
     optimizer's step. Integer tensors are always finite and are skipped;
     complex ones are checked through their real view.
+
+    The check works in place (times 1), so it runs :func:`outside_autograd`.
     """
+    with outside_autograd():
+        return _all_finite(tensors)
+
+
+def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
+    """:func:`all_finite`'s work, outside autograd's record."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         if t is None:
@@ -43,12 +64,26 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
                 continue
         by_device.setdefault(t.device, []).append(t)
     flags = []
-    with torch.no_grad():
-        for device, group in by_device.items():
-            found = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
-            flags.append(found)
+    for device, group in by_device.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, _unit_scale(device))
+        flags.append(found)
     return not any(bool(found) for found in flags)  # one synchronisation per device
+
+
+_CPU = torch.device("cpu")
+_CPU_UNIT_SCALE = torch.ones(1)
+"""The check's scale on the CPU, made once (the kernel only reads it): a tensor's creation is a
+microsecond, a twelfth of the whole check on small models."""
+
+
+def _unit_scale(device: torch.device) -> Tensor:
+    """A one-entry tensor holding 1 on ``device``: the CPU's shared one, a new one elsewhere.
+
+    On an accelerator the tensor is made per call, on the current stream, so that
+    the check never reads one whose filling another stream may not have finished.
+    """
+    return _CPU_UNIT_SCALE if device == _CPU else torch.ones(1, device=device)
 
 
 def first_non_finite(
@@ -61,12 +96,14 @@ def first_non_finite(
 
     Args:
         checks: ``(name, tensors)`` pairs, in the order in which to name them.
-        implied: Names whose tensors the one call leaves out because another
-            pair's tensors carry them: every entry of theirs reaches a checked
-            tensor through arithmetic that keeps a non-finite value non-finite
-            (an optimizer's gradient, in a moving average of weight ``> 0`` of
-            it that is checked as new state). They are still checked, in their
-            place, to name the culprit when something is not finite.
+        implied: Names whose tensors the one call leaves out because they are
+            finite whenever the checked ones are: either another pair's tensors
+            carry them (every entry reaches a checked tensor through arithmetic
+            that keeps a non-finite value non-finite: an optimizer's gradient, in
+            a checked moving average of weight ``> 0`` of it), or they are a
+            bounded function of checked tensors (SophiaH's clipped step of its
+            checked moments). They are still checked, in their place, to name
+            the culprit when something is not finite.
     """
     if all_finite([t for name, tensors in checks if name not in implied for t in tensors]):
         return None

@@ -114,6 +114,25 @@ def test_a_skipped_step_warns_once_at_the_callers_line_and_leaves_the_parameters
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_apply_updates_scales_each_delta_as_it_adds_it_and_checks_the_deltas():
+    params = [nn.Parameter(torch.zeros(2, dtype=DT)) for _ in range(4)]
+    deltas = [torch.full((2,), float(i + 1), dtype=DT) for i in range(4)]
+    optimizer = CurvatureOptimizer(params, {"lr": 0.1})
+    scales = [2.0, 2.0, -0.5, 2.0]  # runs of equal scales: three fused additions
+    assert optimizer.apply_updates(list(zip(params, deltas)), scales=scales)
+    for p, d, scale in zip(params, deltas, scales):
+        assert torch.equal(p.detach(), scale * d)
+    assert optimizer.apply_updates(list(zip(params, deltas)), scales=[-1.0] * 4)  # one addition
+    assert all(torch.equal(p.detach(), (scale - 1) * d) for p, d, scale in zip(params, deltas, scales))
+    deltas[1] = torch.tensor([1.0, float("inf")], dtype=DT)
+    with pytest.warns(curvkit.CurvkitWarning, match="the update is not finite"):
+        assert not optimizer.apply_updates(list(zip(params, deltas)), scales=scales)
+    with pytest.warns(curvkit.CurvkitWarning, match="the update is not finite"), torch.no_grad():
+        assert not optimizer.apply_updates(list(zip(params, deltas)))  # and under no_grad
+    assert all(torch.equal(p.detach(), (scale - 1) * torch.full((2,), float(i + 1), dtype=DT))
+               for i, (p, scale) in enumerate(zip(params, scales)))  # fmt: skip
+
+
 def test_all_finite_checks_every_floating_entry_in_one_fused_call_and_leaves_the_values():
     nan, inf = float("nan"), float("inf")
     finite = [torch.randn(3, 4), torch.randn(5, dtype=DT), torch.tensor([1e38, -1e38])]  # no overflow
@@ -127,6 +146,9 @@ def test_all_finite_checks_every_floating_entry_in_one_fused_call_and_leaves_the
     w = nn.Parameter(torch.ones(3))
     (gradient,) = torch.autograd.grad((w**3).sum(), w, create_graph=True)
     assert all_finite([w, gradient])  # tensors in a graph are checked through detached views
+    with torch.no_grad():  # and from inside no_grad, which the check does not enter again
+        assert all_finite([w, gradient]) and not all_finite([w, gradient, torch.tensor([nan])])
+    assert torch.is_grad_enabled()
     (second,) = torch.autograd.grad(gradient.sum(), w)  # the graph still works
     torch.testing.assert_close(second, 6 * torch.ones(3))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -190,6 +191,46 @@ def test_sophia_weight_decay_is_decoupled():
     without = SophiaH([y := nn.Parameter(x0.clone())], lr=0.01)
     delta = quadratic_step(optimizer, x, d, b)
     torch.testing.assert_close(delta, quadratic_step(without, y, d, b) - 0.01 * 0.5 * x0)
+
+
+def test_sophia_moves_every_entry_by_at_most_lr_for_any_finite_moments():
+    """Why SophiaH's update needs no finiteness check of its own without weight decay: for finite
+    moments, however extreme (float32 overflow of m / h, zero, negative, subnormal h), every entry of
+    the step is finite and at most lr (``SophiaH._implied``)."""
+    big, tiny = torch.finfo(torch.float32).max, torch.finfo(torch.float32).smallest_normal
+    m = torch.tensor([big, -big, 1e30, -1e-30, 0.0, 1.0, -1.0, big])
+    h = torch.tensor([tiny, 1e-45, 0.0, 1e-38, 0.0, -big, big, -1e-40])
+    x = nn.Parameter(torch.zeros(8))
+    lr = 0.5
+    optimizer = SophiaH([x], lr=lr, rho=0.04, eps=1e-12, update_period=100)
+    (0.5 * (x**2).sum()).backward(create_graph=True)
+    optimizer.step()  # the first step estimates h; then the moments are set to the extremes
+    optimizer.state[x].update(exp_avg=m, hessian=h)
+    before = x.detach().clone()
+    optimizer.zero_grad()
+    (0.5 * (x**2).sum()).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvkit.CurvkitWarning)  # not skipped
+        optimizer.step()
+    delta = x.detach() - before
+    assert torch.isfinite(delta).all() and delta.abs().max().item() <= lr
+
+
+def test_sophia_with_weight_decay_checks_its_update_and_never_makes_an_infinite_parameter_nan():
+    """With weight decay the update holds ``lr wd theta``: it is checked, so an infinite entry (set by
+    hand; its loss term linear, so the gradient stays finite) skips the step instead of becoming NaN."""
+    d, b, x0 = quadratic()
+    x = nn.Parameter(x0.clone())
+    optimizer = SophiaH([x], lr=0.01, weight_decay=0.5, update_period=100)
+    quadratic_step(optimizer, x, d, b)
+    with torch.no_grad():
+        x[0] = float("inf")
+    optimizer.zero_grad()
+    (0.5 * (d[1:] * x[1:] ** 2).sum() - (b * x).sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.warns(curvkit.CurvkitWarning, match="SophiaH: step skipped: the update is not finite"):
+        optimizer.step()
+    assert not torch.isnan(x).any() and x[0].item() == float("inf") and optimizer.skipped_steps == 1
 
 
 # ---------------------------------------------------------------------------- training

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from curvkit.distributed import is_data_parallel
 from curvkit.errors import CurvkitWarning
-from curvkit.finite import all_finite, first_non_finite
+from curvkit.finite import all_finite, first_non_finite, outside_autograd
 from curvkit.problem import Problem
 
 T = TypeVar("T")
@@ -187,6 +188,18 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
+def _add_scaled(params: list[Tensor], deltas: list[Tensor], scales: Sequence[float] | None) -> None:
+    """``p += scale * delta`` per pair: one ``torch._foreach_add_`` per run of equal scales (``None``: 1)."""
+    if not params:
+        return
+    if scales is None or scales.count(scales[0]) == len(scales):  # the usual case: one call
+        torch._foreach_add_(params, deltas, alpha=1.0 if scales is None else scales[0])
+        return
+    for scale, run in itertools.groupby(range(len(params)), key=scales.__getitem__):
+        indices = list(run)
+        torch._foreach_add_([params[i] for i in indices], [deltas[i] for i in indices], alpha=scale)
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class of curvkit's optimizers (see the module docstring).
 
@@ -298,16 +311,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         *,
         checks: Sequence[tuple[str, Sequence[Tensor | None]]] = (),
         implied: Collection[str] = (),
+        scales: Sequence[float] | None = None,
         unchanged: str = "parameters unchanged",
         stacklevel: int = 4,
     ) -> bool:
-        """``p += delta`` for every pair, if every ``delta`` and every tensor of ``checks`` is finite.
+        """``p += scale * delta`` for every pair, if every ``delta`` and every tensor of ``checks`` is finite.
 
         Otherwise nothing is added: :attr:`skipped_steps` counts the step and a
         :class:`curvkit.CurvkitWarning` names the first non-finite thing, in the
         order of ``checks`` and then ``what``. Everything is checked in one
         host-device synchronisation (:func:`all_finite`), and the updates are
-        added in one fused call (``torch._foreach_add_``).
+        added in one fused call (``torch._foreach_add_``) per run of equal scales.
 
         Args:
             updates: ``(parameter, delta)`` pairs.
@@ -315,9 +329,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             checks: ``(name, tensors)`` pairs checked with the updates: what the
                 step was computed from (``"gradient"``) and the new state a caller
                 keeps only if the step is applied (``"moments"``).
-            implied: Names in ``checks`` that another entry's tensors carry
-                (:func:`curvkit.finite.first_non_finite`): not checked on their own
-                when all is finite.
+            implied: Names in ``checks``, or ``what``, that are finite whenever the
+                rest is (:func:`curvkit.finite.first_non_finite`): not checked on
+                their own when all is finite.
+            scales: Per pair, a factor of its delta, applied as the fused
+                addition's ``alpha`` (one operation fewer than scaling the deltas);
+                ``None``: 1. The deltas are checked as they are, so a caller
+                passes a scale only where ``scale * delta`` is finite whenever
+                ``delta`` is (a bounded delta, such as SophiaH's clipped step).
             unchanged: What the warning says is left as it was.
             stacklevel: The warning's, counted from here (4: the caller of an
                 optimizer whose ``step`` calls this method).
@@ -330,9 +349,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if why is not None:
             self.skip(f"the {why} is not finite", unchanged=unchanged, stacklevel=stacklevel + 1)
             return False
-        if updates:
-            with torch.no_grad():
-                torch._foreach_add_([p for p, _ in updates], deltas)
+        with outside_autograd():  # the parameters are leaves that require grad
+            _add_scaled([p for p, _ in updates], deltas, scales)
         return True
 
     def skip(self, why: str, *, unchanged: str = "parameters unchanged", stacklevel: int = 4) -> None:

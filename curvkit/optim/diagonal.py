@@ -58,7 +58,11 @@ has drawn its probes, so a retried step draws new ones). Every update goes
 through :meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`, which
 checks the gradients, estimates, new moments and updates at once and skips the
 step (with the warning) if any is not finite; the new moments are kept only
-with the step.
+with the step. What is finite whenever the rest is does not enter the one fused
+check (:meth:`HutchinsonOptimizer._implied`): inputs a moving average carries
+into the new moments, and SophiaH's clipped update without weight decay (at
+most ``lr`` per entry for finite moments); it is still checked to name the
+culprit of a skipped step.
 
 A parameter without a gradient (``.grad`` is ``None``) is left alone, as
 ``torch.optim`` does: no estimate, no moment update, no step.
@@ -107,6 +111,7 @@ from curvkit.optim.base import (
 __all__ = [
     "ESTIMATE",
     "GRADIENT",
+    "UPDATE",
     "AdaHessian",
     "DiagonalNewton",
     "HutchinsonOptimizer",
@@ -125,8 +130,12 @@ def rademacher(shape: Sequence[int], like: Tensor, generator: torch.Generator) -
     >>> z.shape, sorted(set(z.flatten().tolist())) <= [-1.0, 1.0]
     (torch.Size([2, 3]), True)
     """
-    z = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
-    return z.mul_(2).sub_(1).to(like.device)
+    bits = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device, dtype=like.dtype)
+    return torch.add(_MINUS_ONE, bits, alpha=2).to(like.device)  # 2 b - 1 in one operation
+
+
+_MINUS_ONE = torch.tensor(-1.0)
+"""A 0-d CPU tensor: an operand of any device's and floating dtype's arithmetic (exact in all of them)."""
 
 
 def _spatial_average(estimate: Tensor) -> Tensor:
@@ -141,7 +150,8 @@ def _entries(states: list[dict[str, Any]], params: list[Tensor], key: str) -> li
 
 GRADIENT = "gradient"
 ESTIMATE = "Hutchinson estimate of the Hessian's diagonal"
-"""The names of a step's inputs in its finiteness check (and in the warning of a skipped step)."""
+UPDATE = "update"
+"""The names of a step's inputs and updates in its finiteness check (and in the warning of a skipped step)."""
 
 
 class HutchinsonOptimizer(CurvatureOptimizer):
@@ -258,13 +268,14 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         # on schedule, or a parameter has no estimate yet
         due = self.steps % self.period == 0 or any(not state.get("hessian_step", 0) for state in states)
         estimates = self._hutchinson(params, grads) if due else None
-        new_states: list[dict[str, Any]] = []
-        deltas: list[Tensor] = []
-        with torch.no_grad():
+        with torch.no_grad():  # once for the whole update (entering it costs as much as a small fused op)
+            new_states: list[dict[str, Any]] = []
+            deltas: list[Tensor] = []
+            scales: list[float] = []
             start = 0
             for group, members in groups:
                 stop = start + len(members)
-                new, group_deltas = self._updates(
+                new, group_deltas, scale = self._updates(
                     group,
                     members,
                     states[start:stop],
@@ -273,31 +284,45 @@ class HutchinsonOptimizer(CurvatureOptimizer):
                 )
                 new_states += new
                 deltas += group_deltas
+                scales += [scale] * len(members)
                 start = stop
-        checks = [(GRADIENT, detached)]
-        if estimates is not None:
-            checks.append((ESTIMATE, estimates))
-        fresh = [  # state a step leaves as it was (a diagonal between refreshes) was checked when made
-            t
-            for state, new in zip(states, new_states)
-            for key, t in new.items()
-            if isinstance(t, Tensor) and t is not state.get(key)
-        ]
-        checks.append(("new state", fresh))
-        if not self.apply_updates(
-            list(zip(params, deltas)),
-            checks=checks,
-            implied=self.CARRIED_BY_STATE,
-            unchanged="parameters and moments unchanged",
-            stacklevel=5,  # apply_updates, _step, step, torch.optim's step wrapper, the caller
-        ):
-            return
+            checks = [(GRADIENT, detached)]
+            if estimates is not None:
+                checks.append((ESTIMATE, estimates))
+            fresh = [  # state a step leaves as it was (a diagonal between refreshes) was checked when made
+                t
+                for state, new in zip(states, new_states)
+                for key, t in new.items()
+                if isinstance(t, Tensor) and t is not state.get(key)
+            ]
+            checks.append(("new state", fresh))
+            if not self.apply_updates(
+                list(zip(params, deltas)),
+                UPDATE,
+                checks=checks,
+                implied=self._implied([group for group, _ in groups]),
+                scales=scales,
+                unchanged="parameters and moments unchanged",
+                stacklevel=5,  # apply_updates, _step, step, torch.optim's step wrapper, the caller
+            ):
+                return
         for state, new in zip(states, new_states):
             state.update(new)
             if due:
                 state["hessian_step"] = state.get("hessian_step", 0) + 1
         self.refreshes += int(due)
         self.steps += 1
+
+    def _implied(self, groups: list[dict[str, Any]]) -> frozenset[str]:
+        """The step's checks that are finite whenever the others are (``apply_updates``'s ``implied``).
+
+        Args:
+            groups: The parameter groups that take part in the step.
+
+        Returns:
+            :attr:`CARRIED_BY_STATE`; a subclass whose updates are bounded adds :data:`UPDATE`.
+        """
+        return self.CARRIED_BY_STATE
 
     def _hutchinson(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Per parameter, ``mean_k z_k * (H z_k)`` over ``probes`` Rademacher probes."""
@@ -323,10 +348,14 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         sizes = [p.numel() for p in params]
         lead = () if self.probes == 1 else (self.probes,)
         flat = rademacher((*lead, sum(sizes)), params[0], self.generator)
-        return [
-            z.reshape(*lead, *p.shape).to(device=p.device, dtype=p.dtype)
-            for z, p in zip(flat.split(sizes, dim=-1), params)
-        ]
+        if lead:
+            probes = [z.reshape(*lead, *p.shape) for z, p in zip(flat.split(sizes, dim=-1), params)]
+        else:  # the views DDP cuts from its flat buffers, in one call (2 us per view made in Python)
+            probes = list(torch._C._nn.unflatten_dense_tensors(flat, params))
+        dtype, device = flat.dtype, flat.device
+        if all(p.dtype == dtype and p.device == device for p in params):  # the usual case: no copies
+            return probes
+        return [z.to(device=p.device, dtype=p.dtype) for z, p in zip(probes, params)]
 
     def _updates(
         self,
@@ -335,7 +364,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
+    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
         """One group's new state and steps, computed aside (``self.state`` is not changed).
 
         Args:
@@ -347,7 +376,12 @@ class HutchinsonOptimizer(CurvatureOptimizer):
 
         Returns:
             Per parameter, the state entries to keep if the step is applied, and
-            its step ``delta`` (``p += delta``); fused (``torch._foreach_*``) over the group.
+            its step ``delta``; fused (``torch._foreach_*``) over the group. Then
+            the group's ``scale``: ``p += scale * delta``, applied by the fused
+            addition (:meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`'s
+            ``scales``), which checks ``delta`` before scaling; so a scale other
+            than 1 only where ``scale * delta`` is finite whenever ``delta`` is
+            (a bounded delta).
         """
         raise NotImplementedError
 
@@ -456,7 +490,7 @@ class DiagonalNewton(HutchinsonOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
+    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
         diagonals = estimates if estimates is not None else [state["diagonal"] for state in states]
         denominators = torch._foreach_abs(diagonals)
         if group["hessian_power"] != 1.0:
@@ -467,7 +501,7 @@ class DiagonalNewton(HutchinsonOptimizer):
         if group["clip"] is not None:
             torch._foreach_clamp_min_(steps, -group["clip"])
             torch._foreach_clamp_max_(steps, group["clip"])
-        return [{"diagonal": d} for d in diagonals], steps
+        return [{"diagonal": d} for d in diagonals], steps, 1.0  # clipped after scaling: scaled here
 
 
 class AdaHessian(HutchinsonOptimizer):
@@ -553,7 +587,7 @@ class AdaHessian(HutchinsonOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
+    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
         beta1, beta2 = group["betas"]
         t = [state.get("step", 0) + 1 for state in states]
         n = [state.get("hessian_step", 0) + (estimates is not None) for state in states]
@@ -564,21 +598,24 @@ class AdaHessian(HutchinsonOptimizer):
                 estimates = [_spatial_average(e) if e.dim() == 4 else e for e in estimates]
             squares = torch._foreach_mul(estimates, estimates)
             exp_hessian_diag_sq = fused.lerp(exp_hessian_diag_sq, squares, 1.0 - beta2)
-        denominators = fused.divide(exp_hessian_diag_sq, [1.0 - beta2**k for k in n])
-        if group["hessian_power"] == 1.0:
-            torch._foreach_sqrt_(denominators)
+        # with c = (1 - beta2^n)^(k/2): m / ((v / (1 - beta2^n))^(k/2) + eps) = c m / (v^(k/2) + c eps),
+        # which folds the second bias correction into the two scalings (one operation fewer)
+        power = group["hessian_power"] / 2
+        corrections = [(1.0 - beta2**k) ** power for k in n]
+        if power == 0.5:
+            denominators = torch._foreach_sqrt(exp_hessian_diag_sq)
         else:
-            torch._foreach_pow_(denominators, group["hessian_power"] / 2)
-        fused.add_(denominators, group["eps"])
+            denominators = torch._foreach_pow(exp_hessian_diag_sq, power)
+        fused.add_(denominators, [group["eps"] * c for c in corrections])
         steps = torch._foreach_div(exp_avg, denominators)
-        fused.scale_(steps, [-group["lr"] / (1.0 - beta1**k) for k in t])
+        fused.scale_(steps, [-group["lr"] * c / (1.0 - beta1**k) for c, k in zip(corrections, t)])
         if group["weight_decay"]:
             torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
         new = [
             {"step": k, "exp_avg": m, "exp_hessian_diag_sq": v}
             for k, m, v in zip(t, exp_avg, exp_hessian_diag_sq)
         ]
-        return new, steps
+        return new, steps, 1.0  # m / (sqrt(v) + eps) is not bounded: checked after scaling
 
 
 class SophiaH(HutchinsonOptimizer):
@@ -653,7 +690,7 @@ class SophiaH(HutchinsonOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor]]:
+    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
         beta1, beta2 = group["betas"]
         exp_avg = fused.lerp(_entries(states, params, "exp_avg"), grads, 1.0 - beta1)
         hessian = _entries(states, params, "hessian")
@@ -665,7 +702,22 @@ class SophiaH(HutchinsonOptimizer):
         steps = torch._foreach_div(exp_avg, floors)
         torch._foreach_clamp_min_(steps, -rho)
         torch._foreach_clamp_max_(steps, rho)
-        fused.scale_(steps, -group["lr"] / rho)
-        if group["weight_decay"]:
-            torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
-        return [{"exp_avg": m, "hessian": h} for m, h in zip(exp_avg, hessian)], steps
+        if group["weight_decay"]:  # lr wd theta = (lr / rho) rho wd theta
+            torch._foreach_add_(steps, params, alpha=rho * group["weight_decay"])
+        new = [{"exp_avg": m, "hessian": h} for m, h in zip(exp_avg, hessian)]
+        # |delta| <= rho (plus rho wd |theta|): scaled by lr / rho, it is finite whenever delta is
+        return new, steps, -group["lr"] / rho
+
+    def _implied(self, groups: list[dict[str, Any]]) -> frozenset[str]:
+        """Without weight decay, also the update: every entry moves by at most ``lr``, finite with ``m, h``.
+
+        The step ``(lr / rho) clip(m / max(h, eps / rho), rho)`` is finite
+        whenever ``m`` and ``h`` are (the floor ``eps / rho > 0`` keeps the
+        quotient from being NaN; an infinite one is clipped), and ``m`` (new) and
+        ``h`` (new, or checked when made) are checked. Weight decay adds
+        ``lr wd theta``, which is checked with the update, since a parameter set
+        to an infinite value by hand would make it infinite.
+        """
+        if any(group["weight_decay"] for group in groups):
+            return self.CARRIED_BY_STATE
+        return self.CARRIED_BY_STATE | {UPDATE}

@@ -18,6 +18,9 @@ arithmetic once:
 [[1.5, 1.5], [1.5, 1.5, 1.5]]
 >>> [t.tolist() for t in multiply(tensors, [2.0, 4.0])]
 [[3.0, 3.0], [6.0, 6.0, 6.0]]
+>>> add_(tensors, [1.0, -1.0])
+>>> [t.tolist() for t in tensors]
+[[2.5, 2.5], [0.5, 0.5, 0.5]]
 """
 
 from __future__ import annotations
@@ -75,13 +78,13 @@ def scale_(tensors: Sequence[Tensor], factors: float | Sequence[float]) -> None:
     torch._foreach_mul_(list(tensors), _operand(factors, tensors))
 
 
-def add_(tensors: Sequence[Tensor], value: float) -> None:
-    """``t += value`` for every tensor, in place.
+def add_(tensors: Sequence[Tensor], values: float | Sequence[float]) -> None:
+    """``t += value`` per tensor, in place: one value for all or one per tensor.
 
     The tensor overload of ``torch._foreach_add_`` takes a list, so the 0-d
     tensor is repeated (the list holds one tensor, not copies).
     """
-    operand = constant(value, tensors)
+    operand = _operand(values, tensors)
     if isinstance(operand, Tensor):
         torch._foreach_add_(list(tensors), [operand] * len(tensors))
     else:
