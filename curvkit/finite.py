@@ -8,6 +8,7 @@ which refuses to fold a non-finite batch into its average.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Collection, Iterable, Sequence
 
 import torch
@@ -64,26 +65,47 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
                 continue
         by_device.setdefault(t.device, []).append(t)
     flags = []
-    for device, group in by_device.items():
-        found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found, _unit_scale(device))
-        flags.append(found)
-    return not any(bool(found) for found in flags)  # one synchronisation per device
+    try:
+        for device, group in by_device.items():
+            found, one = _flag_and_unit(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+            flags.append(found)
+        finite = not any(bool(found) for found in flags)  # one synchronisation per device
+    except BaseException:
+        finite = False
+        raise
+    finally:
+        if not finite:  # a raised (or unknown) flag is not used again
+            _cpu_scratch.flag = None
+    return finite
 
 
 _CPU = torch.device("cpu")
-_CPU_UNIT_SCALE = torch.ones(1)
-"""The check's scale on the CPU, made once (the kernel only reads it): a tensor's creation is a
-microsecond, a twelfth of the whole check on small models."""
+_CPU_UNIT = torch.ones(1)
+"""The check's scale on the CPU (the kernel only reads it)."""
+
+_cpu_scratch = threading.local()
+"""Per thread, the CPU check's flag while it is down (``flag``), so that a check makes no tensor."""
 
 
-def _unit_scale(device: torch.device) -> Tensor:
-    """A one-entry tensor holding 1 on ``device``: the CPU's shared one, a new one elsewhere.
+def _flag_and_unit(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The check's flag (a zero) and its scale (a one), one-entry tensors on ``device``.
 
-    On an accelerator the tensor is made per call, on the current stream, so that
-    the check never reads one whose filling another stream may not have finished.
+    On the CPU both are made once (the flag once per thread, and again after it
+    was raised): a tensor's creation is a microsecond, a tenth of the whole check
+    on small models. On an accelerator both are made per call, on the current
+    stream, so that the check never reads one whose filling another stream may
+    not have finished. The flag is made outside inference mode: torch forbids
+    in-place writes to an inference tensor outside it (the fused kernel does not
+    enforce that in torch 2.13, so this is for the versions that will).
     """
-    return _CPU_UNIT_SCALE if device == _CPU else torch.ones(1, device=device)
+    if device != _CPU:
+        return torch.zeros(1, device=device), torch.ones(1, device=device)
+    flag = getattr(_cpu_scratch, "flag", None)
+    if flag is None:
+        with torch.inference_mode(False):
+            flag = _cpu_scratch.flag = torch.zeros(1)
+    return flag, _CPU_UNIT
 
 
 def first_non_finite(

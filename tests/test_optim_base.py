@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -151,6 +153,25 @@ def test_all_finite_checks_every_floating_entry_in_one_fused_call_and_leaves_the
     assert torch.is_grad_enabled()
     (second,) = torch.autograd.grad(gradient.sum(), w)  # the graph still works
     torch.testing.assert_close(second, 6 * torch.ones(3))
+
+
+def test_all_finite_never_reuses_a_raised_flag_across_calls_threads_or_inference_mode():
+    good, bad = [torch.ones(2), torch.zeros(3, dtype=DT)], [torch.ones(2), torch.tensor([float("nan")])]
+    with torch.inference_mode():  # the CPU flag made here must serve checks outside it too
+        assert all_finite(good) and not all_finite(bad) and all_finite(good)
+    assert all_finite(good) and not all_finite(bad) and all_finite(good) and all_finite(good)
+    expected = [i % 3 != 0 for i in range(300)]
+    answers: dict[int, list[bool]] = {}
+
+    def check(worker: int) -> None:
+        answers[worker] = [all_finite(good if finite else bad) for finite in expected]
+
+    threads = [threading.Thread(target=check, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(answers[worker] == expected for worker in range(4))
 
 
 def test_first_non_finite_names_the_first_pair_with_a_non_finite_entry():

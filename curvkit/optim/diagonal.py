@@ -293,7 +293,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
                 t
                 for state, new in zip(states, new_states)
                 for key, t in new.items()
-                if isinstance(t, Tensor) and t is not state.get(key)
+                if t is not state.get(key) and isinstance(t, Tensor)
             ]
             checks.append(("new state", fresh))
             if not self.apply_updates(
@@ -667,6 +667,7 @@ class SophiaH(HutchinsonOptimizer):
         "rho": check_positive,
     }
     CARRIED_BY_STATE = frozenset({GRADIENT, ESTIMATE})  # m and h: moving averages of g and the estimate
+    _CARRIED_AND_UPDATE = CARRIED_BY_STATE | {UPDATE}
 
     def __init__(
         self,
@@ -720,4 +721,4 @@ class SophiaH(HutchinsonOptimizer):
         """
         if any(group["weight_decay"] for group in groups):
             return self.CARRIED_BY_STATE
-        return self.CARRIED_BY_STATE | {UPDATE}
+        return self._CARRIED_AND_UPDATE
