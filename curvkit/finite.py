@@ -81,8 +81,9 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
 
 
 _CPU = torch.device("cpu")
-_CPU_UNIT = torch.ones(1)
-"""The check's scale on the CPU (the kernel only reads it)."""
+_CPU_UNIT = torch.ones(1, dtype=torch.float32)
+"""The check's scale on the CPU (the kernel only reads it). Flag and scale are float32 whatever
+the default dtype (``torch.set_default_dtype(torch.float64)``), as the kernel requires."""
 
 _cpu_scratch = threading.local()
 """Per thread, the CPU check's flag while it is down (``flag``), so that a check makes no tensor."""
@@ -100,11 +101,12 @@ def _flag_and_unit(device: torch.device) -> tuple[Tensor, Tensor]:
     enforce that in torch 2.13, so this is for the versions that will).
     """
     if device != _CPU:
-        return torch.zeros(1, device=device), torch.ones(1, device=device)
+        options = {"device": device, "dtype": torch.float32}
+        return torch.zeros(1, **options), torch.ones(1, **options)
     flag = getattr(_cpu_scratch, "flag", None)
     if flag is None:
         with torch.inference_mode(False):
-            flag = _cpu_scratch.flag = torch.zeros(1)
+            flag = _cpu_scratch.flag = torch.zeros(1, dtype=torch.float32)
     return flag, _CPU_UNIT
 
 

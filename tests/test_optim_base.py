@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import curvkit
+import curvkit.finite as finite_module
 from curvkit.autodiff import backward_products
 from curvkit.optim.base import (
     CurvatureOptimizer,
@@ -133,6 +134,10 @@ def test_apply_updates_scales_each_delta_as_it_adds_it_and_checks_the_deltas():
         assert not optimizer.apply_updates(list(zip(params, deltas)))  # and under no_grad
     assert all(torch.equal(p.detach(), (scale - 1) * torch.full((2,), float(i + 1), dtype=DT))
                for i, (p, scale) in enumerate(zip(params, scales)))  # fmt: skip
+    with pytest.raises(ValueError, match="apply_updates: 2 scales for 4 updates"):
+        optimizer.apply_updates(list(zip(params, deltas)), scales=[1.0, 2.0])  # nothing applied either
+    assert all(torch.equal(p.detach(), (scale - 1) * torch.full((2,), float(i + 1), dtype=DT))
+               for i, (p, scale) in enumerate(zip(params, scales)))  # fmt: skip
 
 
 def test_all_finite_checks_every_floating_entry_in_one_fused_call_and_leaves_the_values():
@@ -166,12 +171,29 @@ def test_all_finite_never_reuses_a_raised_flag_across_calls_threads_or_inference
     def check(worker: int) -> None:
         answers[worker] = [all_finite(good if finite else bad) for finite in expected]
 
+    flags: dict[int, torch.Tensor] = {}
+
+    def flag(worker: int) -> None:  # each thread's flag is its own: one shared flag races
+        flags[worker] = finite_module._flag_and_unit(torch.device("cpu"))[0]  # kept alive: no id reused
+
     threads = [threading.Thread(target=check, args=(worker,)) for worker in range(4)]
+    threads += [threading.Thread(target=flag, args=(worker,)) for worker in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert all(answers[worker] == expected for worker in range(4))
+    assert len({id(f) for f in flags.values()}) == 4
+
+
+def test_all_finite_works_whatever_the_default_dtype():
+    assert not all_finite([torch.tensor([float("nan")])])  # drops this thread's flag: made anew below
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the fused check needs float32 flags and scales
+    try:
+        assert all_finite([torch.ones(2)]) and not all_finite([torch.tensor([float("inf")])])
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def test_first_non_finite_names_the_first_pair_with_a_non_finite_entry():

@@ -193,16 +193,19 @@ def test_sophia_weight_decay_is_decoupled():
     torch.testing.assert_close(delta, quadratic_step(without, y, d, b) - 0.01 * 0.5 * x0)
 
 
-def test_sophia_moves_every_entry_by_at_most_lr_for_any_finite_moments():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_sophia_moves_every_entry_by_at_most_lr_for_any_finite_moments(dtype):
     """Why SophiaH's update needs no finiteness check of its own without weight decay: for finite
-    moments, however extreme (float32 overflow of m / h, zero, negative, subnormal h), every entry of
-    the step is finite and at most lr (``SophiaH._implied``)."""
-    big, tiny = torch.finfo(torch.float32).max, torch.finfo(torch.float32).smallest_normal
-    m = torch.tensor([big, -big, 1e30, -1e-30, 0.0, 1.0, -1.0, big])
-    h = torch.tensor([tiny, 1e-45, 0.0, 1e-38, 0.0, -big, big, -1e-40])
-    x = nn.Parameter(torch.zeros(8))
+    moments, however extreme (m at the dtype's largest value, h zero, negative or subnormal, m = h = 0
+    where the default floor eps / rho = 2.5e-11 is zero in float16), every entry of the step is
+    finite and at most lr (``SophiaH._implied``)."""
+    info = torch.finfo(dtype)
+    big, tiny = info.max, info.tiny
+    m = torch.tensor([big, -big, big / 2, -tiny, 0.0, 1.0, -1.0, big, 0.0], dtype=dtype)
+    h = torch.tensor([tiny, tiny / 4, 0.0, tiny, 0.0, -big, big, -tiny, -1.0], dtype=dtype)
+    x = nn.Parameter(torch.zeros(9, dtype=dtype))
     lr = 0.5
-    optimizer = SophiaH([x], lr=lr, rho=0.04, eps=1e-12, update_period=100)
+    optimizer = SophiaH([x], lr=lr, update_period=100)
     (0.5 * (x**2).sum()).backward(create_graph=True)
     optimizer.step()  # the first step estimates h; then the moments are set to the extremes
     optimizer.state[x].update(exp_avg=m, hessian=h)
@@ -212,8 +215,74 @@ def test_sophia_moves_every_entry_by_at_most_lr_for_any_finite_moments():
     with warnings.catch_warnings():
         warnings.simplefilter("error", curvkit.CurvkitWarning)  # not skipped
         optimizer.step()
-    delta = x.detach() - before
-    assert torch.isfinite(delta).all() and delta.abs().max().item() <= lr
+    delta = (x.detach() - before).double()
+    assert torch.isfinite(delta).all() and delta.abs().max().item() <= lr * (1 + 4 * info.eps)
+    assert delta.abs().min().item() > 0 or (delta == 0).sum().item() <= 2  # the zero momenta stay put
+
+
+def test_sophia_with_a_ratio_lr_over_rho_too_large_for_float16_steps_in_the_papers_order():
+    """``lr / rho = 1e5`` is no float16 number: the step is formed as ``lr clip(x / rho, 1)`` and
+    checked, so a group with float16 and float32 parameters steps both by at most lr, and an ``lr``
+    float16 cannot hold skips the step whole (nothing applied halfway)."""
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3, dtype=torch.float16))
+    optimizer = SophiaH([a, b], lr=1.0, rho=1e-5, update_period=1)
+    before = [a.detach().clone(), b.detach().clone()]
+    ((a**2).sum() + (b.float() ** 2).sum()).backward(create_graph=True)
+    optimizer.step()
+    for p, old in zip((a, b), before):
+        delta = (p.detach() - old).double()
+        assert torch.isfinite(delta).all() and 0 < delta.abs().max().item() <= 1.0 * (1 + 1e-3)
+    assert optimizer.steps == 1 and optimizer.skipped_steps == 0
+    optimizer.param_groups[0]["lr"] = 1e6  # more than float16 holds
+    before = [a.detach().clone(), b.detach().clone()]
+    optimizer.zero_grad()
+    ((a**2).sum() + (b.float() ** 2).sum()).backward(create_graph=True)
+    with pytest.warns(curvkit.CurvkitWarning, match="SophiaH: step skipped: the update is not finite"):
+        optimizer.step()
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+
+
+def test_sophia_steps_each_group_by_its_own_lr():
+    d, b, x0 = quadratic()
+    x, y = nn.Parameter(x0.clone()), nn.Parameter(x0.clone())
+    optimizer = SophiaH([{"params": [x], "lr": 0.1}, {"params": [y], "lr": 0.01}], rho=0.04)
+    alone = [SophiaH([z := nn.Parameter(x0.clone())], lr=lr, rho=0.04) for lr in (0.1, 0.01)]
+    zs = [next(iter(o.param_groups[0]["params"])) for o in alone]
+    for _ in range(3):
+        optimizer.zero_grad()
+        (0.5 * (d * x**2).sum() - (b * x).sum() + 0.5 * (d * y**2).sum() - (b * y).sum()).backward(
+            create_graph=True
+        )
+        optimizer.step()
+        for o, z in zip(alone, zs):
+            quadratic_step(o, z, d, b)
+    torch.testing.assert_close(x.detach(), zs[0].detach(), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(y.detach(), zs[1].detach(), rtol=1e-14, atol=1e-15)
+    assert not torch.allclose(x.detach(), y.detach())
+
+
+def test_adahessian_in_float16_steps_an_entry_without_curvature():
+    """The bias corrections are applied to the momentum before the division, so no intermediate is
+    larger than the step: an entry with zero curvature (denominator eps) still steps in float16."""
+    x = nn.Parameter(torch.ones(2, dtype=torch.float16))
+    optimizer = AdaHessian([x], lr=0.15)
+    (0.5 * x[0] ** 2 + 10 * x[1]).backward(create_graph=True)
+    optimizer.step()
+    assert optimizer.skipped_steps == 0 and torch.isfinite(x).all() and (x.detach() != 1).all()
+
+
+def test_loaded_state_that_is_not_finite_is_refused():
+    d, b, x0 = quadratic()
+    x = nn.Parameter(x0.clone())
+    optimizer = SophiaH([x], update_period=5)
+    quadratic_step(optimizer, x, d, b)
+    state = optimizer.state_dict()
+    state["state"][0]["hessian"] = state["state"][0]["hessian"].clone()
+    state["state"][0]["hessian"][1] = float("nan")
+    fresh = SophiaH([nn.Parameter(x0.clone())], update_period=5)
+    with pytest.raises(ValueError, match="SophiaH: the state dict's 'hessian' of parameter 0 is not finite"):
+        fresh.load_state_dict(state)
+    assert not fresh.state
 
 
 def test_sophia_with_weight_decay_checks_its_update_and_never_makes_an_infinite_parameter_nan():

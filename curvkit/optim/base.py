@@ -336,14 +336,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 addition's ``alpha`` (one operation fewer than scaling the deltas);
                 ``None``: 1. The deltas are checked as they are, so a caller
                 passes a scale only where ``scale * delta`` is finite whenever
-                ``delta`` is (a bounded delta, such as SophiaH's clipped step).
+                ``delta`` is (a bounded delta, such as SophiaH's clipped step),
+                and only a number its parameter's dtype can hold (torch refuses
+                an ``alpha`` that overflows it).
             unchanged: What the warning says is left as it was.
             stacklevel: The warning's, counted from here (4: the caller of an
                 optimizer whose ``step`` calls this method).
 
         Returns:
             Whether the updates were applied.
+
+        Raises:
+            ValueError: ``scales`` does not hold one factor per pair.
         """
+        if scales is not None and len(scales) != len(updates):
+            raise ValueError(f"apply_updates: {len(scales)} scales for {len(updates)} updates")
         deltas = [d for _, d in updates]
         why = first_non_finite([*checks, (what, deltas)], implied)
         if why is not None:

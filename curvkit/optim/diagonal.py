@@ -96,6 +96,7 @@ from torch import Tensor
 
 from curvkit.autodiff import backward_product, backward_products
 from curvkit.errors import CurvkitWarning
+from curvkit.finite import all_finite
 from curvkit.optim import fused
 from curvkit.optim.base import (
     CurvatureOptimizer,
@@ -134,7 +135,7 @@ def rademacher(shape: Sequence[int], like: Tensor, generator: torch.Generator) -
     return torch.add(_MINUS_ONE, bits, alpha=2).to(like.device)  # 2 b - 1 in one operation
 
 
-_MINUS_ONE = torch.tensor(-1.0)
+_MINUS_ONE = torch.tensor(-1.0, dtype=torch.float32)
 """A 0-d CPU tensor: an operand of any device's and floating dtype's arithmetic (exact in all of them)."""
 
 
@@ -146,6 +147,28 @@ def _spatial_average(estimate: Tensor) -> Tensor:
 def _entries(states: list[dict[str, Any]], params: list[Tensor], key: str) -> list[Tensor]:
     """Each parameter's ``state[key]``, or zeros like it where it has none yet (not stored)."""
     return [state[key] if key in state else torch.zeros_like(p) for state, p in zip(states, params)]
+
+
+_HALF_MAX = torch.finfo(torch.float16).max
+"""The largest float16: a number at most this is a number of every floating dtype torch has."""
+
+
+def _positive_floor(floor: float, like: list[Tensor]) -> float | list[float]:
+    """``floor``, raised to the smallest normal number of each tensor's dtype where it is smaller.
+
+    A floor that rounds to zero in the dtype (SophiaH's default ``eps / rho =
+    2.5e-11`` in float16) would let ``0 / 0`` through. One number when every
+    tensor's dtype keeps ``floor``, else one per tensor.
+    """
+    if all(floor >= _SMALLEST_NORMAL.get(t.dtype, 0.0) for t in like):
+        return floor
+    return [max(floor, _SMALLEST_NORMAL.get(t.dtype, 0.0)) for t in like]
+
+
+_SMALLEST_NORMAL = {
+    dtype: torch.finfo(dtype).tiny for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+}
+"""Per floating dtype, its smallest normal number (``torch.finfo`` is slow to ask per step)."""
 
 
 GRADIENT = "gradient"
@@ -386,6 +409,26 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`, refusing per-parameter state that is not finite.
+
+        A step checks only the state it makes (state it keeps, such as the
+        diagonal between refreshes, was checked when made), and SophiaH's
+        update relies on its moments being finite (:meth:`SophiaH._implied`); so
+        loaded state is checked once here.
+
+        Raises:
+            ValueError: A state dict not written by this kind of optimizer, or a
+                non-finite entry in its per-parameter state.
+        """
+        for index, entries in state_dict.get("state", {}).items():
+            for key, value in entries.items():
+                if isinstance(value, Tensor) and not all_finite([value]):
+                    raise ValueError(
+                        f"{type(self).__name__}: the state dict's {key!r} of parameter {index} is not finite"
+                    )
+        super().load_state_dict(state_dict)
+
     def extra_state(self) -> dict[str, Any]:
         """The schedule and the probes' generator (its state and device)."""
         return {
@@ -599,7 +642,8 @@ class AdaHessian(HutchinsonOptimizer):
             squares = torch._foreach_mul(estimates, estimates)
             exp_hessian_diag_sq = fused.lerp(exp_hessian_diag_sq, squares, 1.0 - beta2)
         # with c = (1 - beta2^n)^(k/2): m / ((v / (1 - beta2^n))^(k/2) + eps) = c m / (v^(k/2) + c eps),
-        # which folds the second bias correction into the two scalings (one operation fewer)
+        # which folds the second bias correction into the two scalings (one operation fewer); the
+        # momentum is scaled before the division, so no intermediate is larger than the step (float16)
         power = group["hessian_power"] / 2
         corrections = [(1.0 - beta2**k) ** power for k in n]
         if power == 0.5:
@@ -607,8 +651,8 @@ class AdaHessian(HutchinsonOptimizer):
         else:
             denominators = torch._foreach_pow(exp_hessian_diag_sq, power)
         fused.add_(denominators, [group["eps"] * c for c in corrections])
-        steps = torch._foreach_div(exp_avg, denominators)
-        fused.scale_(steps, [-group["lr"] * c / (1.0 - beta1**k) for c, k in zip(corrections, t)])
+        steps = fused.multiply(exp_avg, [-group["lr"] * c / (1.0 - beta1**k) for c, k in zip(corrections, t)])
+        torch._foreach_div_(steps, denominators)
         if group["weight_decay"]:
             torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
         new = [
@@ -699,7 +743,7 @@ class SophiaH(HutchinsonOptimizer):
             hessian = fused.lerp(hessian, estimates, 1.0 - beta2)
         # lr clip(m / max(rho h, eps), 1) = (lr / rho) clip(m / max(h, eps / rho), rho): one product fewer
         rho = group["rho"]
-        floors = torch._foreach_clamp_min(hessian, group["eps"] / rho)
+        floors = torch._foreach_clamp_min(hessian, _positive_floor(group["eps"] / rho, params))
         steps = torch._foreach_div(exp_avg, floors)
         torch._foreach_clamp_min_(steps, -rho)
         torch._foreach_clamp_max_(steps, rho)
@@ -707,18 +751,28 @@ class SophiaH(HutchinsonOptimizer):
             torch._foreach_add_(steps, params, alpha=rho * group["weight_decay"])
         new = [{"exp_avg": m, "hessian": h} for m, h in zip(exp_avg, hessian)]
         # |delta| <= rho (plus rho wd |theta|): scaled by lr / rho, it is finite whenever delta is
-        return new, steps, -group["lr"] / rho
+        scale = -group["lr"] / rho
+        if abs(scale) <= _HALF_MAX:  # a number of every floating dtype: added as alpha
+            return new, steps, scale
+        # lr / rho may be no float16 number (it would overflow): the paper's order, lr clip(x / rho, 1),
+        # and the update is checked (_implied)
+        torch._foreach_div_(steps, rho)
+        fused.scale_(steps, -group["lr"])
+        return new, steps, 1.0
 
     def _implied(self, groups: list[dict[str, Any]]) -> frozenset[str]:
         """Without weight decay, also the update: every entry moves by at most ``lr``, finite with ``m, h``.
 
         The step ``(lr / rho) clip(m / max(h, eps / rho), rho)`` is finite
-        whenever ``m`` and ``h`` are (the floor ``eps / rho > 0`` keeps the
-        quotient from being NaN; an infinite one is clipped), and ``m`` (new) and
-        ``h`` (new, or checked when made) are checked. Weight decay adds
+        whenever ``m`` and ``h`` are (the floor, ``eps / rho`` but at least the
+        dtype's smallest normal number, :func:`_positive_floor`, keeps the
+        quotient from being NaN; an infinite one is clipped), and ``m`` (new)
+        and ``h`` (new, checked when made, or checked when loaded) are checked. Weight decay adds
         ``lr wd theta``, which is checked with the update, since a parameter set
-        to an infinite value by hand would make it infinite.
+        to an infinite value by hand would make it infinite; so is a step whose
+        ``lr / rho`` exceeds the largest float16 (formed in another order by
+        :meth:`_updates`, as ``lr`` itself may overflow a half dtype).
         """
-        if any(group["weight_decay"] for group in groups):
+        if any(group["weight_decay"] or abs(group["lr"] / group["rho"]) > _HALF_MAX for group in groups):
             return self.CARRIED_BY_STATE
         return self._CARRIED_AND_UPDATE
