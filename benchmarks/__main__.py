@@ -44,7 +44,9 @@ from benchmarks.distributed import run_distributed  # noqa: E402
 from benchmarks.ggn import run_ggn  # noqa: E402
 from benchmarks.hvp import ProblemResult, run_hvp, run_matmat  # noqa: E402
 from benchmarks.kfac import KFAC_PROBLEMS, run_kfac  # noqa: E402
+from benchmarks.newton import FIGURE as NEWTON_FIGURE  # noqa: E402
 from benchmarks.newton import run_newton  # noqa: E402
+from benchmarks.optimizers import FIGURE as OPTIMIZERS_FIGURE  # noqa: E402
 from benchmarks.optimizers import run_optimizers  # noqa: E402
 from benchmarks.peers import backend_versions, peer_versions  # noqa: E402
 from benchmarks.problems import PROBLEMS, build_problems  # noqa: E402
@@ -87,8 +89,14 @@ def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-RECORDS = ("benchmarks/RESULTS.md", "benchmarks/results.json")
-"""The files a run writes: changes to them alone do not make the measured tree differ from its commit."""
+RECORDS = (
+    "benchmarks/RESULTS.md",
+    "benchmarks/results.json",
+    f"benchmarks/{OPTIMIZERS_FIGURE}",
+    f"benchmarks/{NEWTON_FIGURE}",
+)
+"""The files a run writes (its records and figures): changes to them alone do not make the measured
+tree differ from its commit."""
 
 
 def _commit() -> str | None:
