@@ -65,17 +65,15 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
                 continue
         by_device.setdefault(t.device, []).append(t)
     flags = []
+    finite = False
     try:
         for device, group in by_device.items():
             found, one = _flag_and_unit(device)
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
             flags.append(found)
         finite = not any(bool(found) for found in flags)  # one synchronisation per device
-    except BaseException:
-        finite = False
-        raise
     finally:
-        if not finite:  # a raised (or unknown) flag is not used again
+        if not finite:  # a raised flag (or one a failed check may have raised) is not used again
             _cpu_scratch.flag = None
     return finite
 

@@ -262,8 +262,8 @@ def test_sophia_steps_each_group_by_its_own_lr():
 
 
 def test_adahessian_in_float16_steps_an_entry_without_curvature():
-    """The bias corrections are applied to the momentum before the division, so no intermediate is
-    larger than the step: an entry with zero curvature (denominator eps) still steps in float16."""
+    """The bias corrections are applied to the momentum before the division (m / (sqrt(v) + c eps)
+    alone is 1/c times the step): an entry with zero curvature (denominator c eps) steps in float16."""
     x = nn.Parameter(torch.ones(2, dtype=torch.float16))
     optimizer = AdaHessian([x], lr=0.15)
     (0.5 * x[0] ** 2 + 10 * x[1]).backward(create_graph=True)

@@ -150,7 +150,8 @@ def _entries(states: list[dict[str, Any]], params: list[Tensor], key: str) -> li
 
 
 _HALF_MAX = torch.finfo(torch.float16).max
-"""The largest float16: a number at most this is a number of every floating dtype torch has."""
+"""The largest float16: a number at most this is a number of every dtype parameters are trained in
+(float64, float32, bfloat16, float16)."""
 
 
 def _positive_floor(floor: float, like: list[Tensor]) -> float | list[float]:
@@ -643,7 +644,7 @@ class AdaHessian(HutchinsonOptimizer):
             exp_hessian_diag_sq = fused.lerp(exp_hessian_diag_sq, squares, 1.0 - beta2)
         # with c = (1 - beta2^n)^(k/2): m / ((v / (1 - beta2^n))^(k/2) + eps) = c m / (v^(k/2) + c eps),
         # which folds the second bias correction into the two scalings (one operation fewer); the
-        # momentum is scaled before the division, so no intermediate is larger than the step (float16)
+        # momentum is scaled first, as m / (v^(k/2) + c eps) alone can be 1/c times the step (float16)
         power = group["hessian_power"] / 2
         corrections = [(1.0 - beta2**k) ** power for k in n]
         if power == 0.5:
