@@ -26,6 +26,7 @@ __all__ = [
     "DataSummary",
     "LocalShard",
     "batch_size_of",
+    "copies_without_waiting",
     "is_tensor_pair",
     "rebatchable_types",
     "same_device",
@@ -75,22 +76,30 @@ def same_device(actual: torch.device, wanted: torch.device | str) -> bool:
     return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
 
 
+def copies_without_waiting(source: torch.device, target: torch.device) -> bool:
+    """Whether a copy from ``source`` to ``target`` may be ``non_blocking``: host memory to a CUDA device.
+
+    CUDA copies host memory (pinned or not) to its staging area before the call
+    returns, so the source may go at once, and no stream synchronisation waits
+    for the work queued on the device (a blocking copy would, once per batch and
+    pass). Other moves block as usual: to the host above all, whose data must be
+    complete when read, and to MPS, which may read a non-blocking copy's source
+    after it is freed (V. Moens, "A guide on good usage of non_blocking and
+    pin_memory() in PyTorch", PyTorch tutorials, 2024).
+    """
+    return source.type == "cpu" and target.type == "cuda"
+
+
 def to_device(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     """Move a tensor or dict of tensors; floating tensors are also cast to ``dtype``.
 
-    A move from the host to a CUDA device is ``non_blocking``: CUDA copies host
-    memory (pinned or not) to its staging area before the call returns, so the
-    source may go at once, and no stream synchronisation waits for the work
-    queued on the device (a blocking copy would, once per batch and pass).
-    Other moves (to the host above all, whose data must be complete when read)
-    block as usual (V. Moens, "A guide on good usage of non_blocking and
-    pin_memory() in PyTorch", PyTorch tutorials, 2024).
+    Without waiting where :func:`copies_without_waiting` allows it.
     """
     if isinstance(x, Mapping):
         return {k: to_device(v, device, dtype) for k, v in x.items()}
     if not isinstance(x, Tensor):
         raise DataError(f"batch entries must be tensors or dicts of tensors, got {type(x).__name__}")
-    non_blocking = device.type == "cuda" and x.is_cpu
+    non_blocking = copies_without_waiting(x.device, device)
     if dtype is not None and x.is_floating_point():
         return x.to(device=device, dtype=dtype, non_blocking=non_blocking)
     return x.to(device=device, non_blocking=non_blocking)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from curvkit.data import copies_without_waiting
 from curvkit.errors import (
     NonConvexLossError,
     NotNegativeLogLikelihoodError,
@@ -338,15 +339,13 @@ def random_like(draw: Callable[..., Tensor], like: Tensor, generator: torch.Gene
     """``draw`` (``torch.rand`` or ``torch.randn``) of ``like``'s shape, on ``like``'s device.
 
     The numbers are drawn on the generator's device, then moved; the dtype is
-    ``like``'s, promoted to at least float32. A move from the host to a CUDA
-    device does not wait for the device (``non_blocking``: CUDA stages host
-    memory before the call returns, so the copy needs no stream
-    synchronisation, once per batch otherwise); other devices copy as usual
-    (MPS may read a non-blocking copy's source after it is freed).
+    ``like``'s, promoted to at least float32. The move does not wait where
+    :func:`curvkit.data.copies_without_waiting` allows it (host to CUDA: no
+    stream synchronisation per batch).
     """
     dtype = torch.promote_types(like.dtype, torch.float32)
     drawn = draw(like.shape, generator=generator, device=generator.device, dtype=dtype)
-    return drawn.to(like.device, non_blocking=drawn.device.type == "cpu" and like.device.type == "cuda")
+    return drawn.to(like.device, non_blocking=copies_without_waiting(drawn.device, like.device))
 
 
 def shape_of(x: Any) -> Any:
