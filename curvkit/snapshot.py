@@ -7,7 +7,9 @@ that state is still the one the work was done for, and
 before every product (one host-device synchronisation per analysis on a GPU).
 Within the same scope, :func:`cached_in_analysis` remembers what was read from
 a piece of the data (a loss's check of its class indices, their count), so
-that the passes after the first read nothing back to the host.
+that the passes after the first read nothing back to the host; and while a
+batch copied from host memory to a device is in use (:func:`read_from_host`),
+such facts are read from the host copy, so that they wait for no device at all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelSnapshot", "cached_in_analysis", "contents_equal", "fixed_model_state", "record_in_analysis"]
+__all__ = [
+    "ModelSnapshot",
+    "cached_in_analysis",
+    "contents_equal",
+    "fixed_model_state",
+    "read_from_host",
+    "record_in_analysis",
+]
 
 T = TypeVar("T")
 
@@ -123,45 +132,103 @@ _DATA_FACTS: contextvars.ContextVar[dict[tuple, tuple[weakref.ref, int, Any]] | 
 ``None`` outside the scope."""
 
 
-def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[], T]) -> T:
-    """``compute()``, a fact about ``tensor``'s values, computed once per analysis for the same values.
+def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[Tensor], T]) -> T:
+    """``compute(values)``, a fact about ``tensor``'s values, computed once per analysis for the same values.
+
+    ``values`` is the tensor to read: ``tensor`` itself, or while ``tensor`` is a
+    batch copied from host memory (:func:`read_from_host`), the host tensor it
+    was copied from, whose values are the same and whose reading waits for no
+    device.
 
     Within :func:`fixed_model_state` the result for a view (a batch cut from a
     data tensor: :func:`curvkit.data.slice_batch` gives views) is remembered for
     the region of memory it views (its base tensor, address, storage offset,
     shape, strides and dtype) and ``key``, and returned again while the base is
     alive and its version counter unchanged: the same batch cut again on a later
-    pass reuses it. ``compute`` must depend on nothing but the region's values
-    and ``key``. The data stay fixed during an analysis on the same terms as the
+    pass reuses it. ``compute`` must depend on nothing but the values it is
+    given and ``key``. The data stay fixed during an analysis on the same terms as the
     model: an edit that bypasses version counters (through ``.data`` or a NumPy
     view) made during the analysis itself goes unnoticed. Results for tensors
     that are not views are not remembered: a data loader may refill one buffer
     for every batch, as loaders writing through NumPy or DLPack do, without
     moving its version counter (what :func:`record_in_analysis` records about a
     tensor its caller made is found, though). Outside the scope and for
-    inference tensors (which have no version counter) ``compute()`` runs every
+    inference tensors (which have no version counter) ``compute`` runs every
     time.
 
     On a GPU this turns a host-device synchronisation per batch and pass (a
     loss's ``bool(...)`` check of its targets, ``float(...)`` of their count)
-    into one per batch and analysis, for data that lives on the device.
+    into one per batch and analysis, for data that lives on the device, and
+    into none for data copied from host memory (a loader's batches).
 
     Args:
         tensor: The data the fact is about (a batch's targets).
         key: What is computed, and any setting it depends on besides the values.
-        compute: Computes the fact.
+        compute: Computes the fact from ``tensor``'s values, given as a tensor
+            (on the host, or on ``tensor``'s device).
     """
+    values = _host_copy(tensor)
     facts = _DATA_FACTS.get()
     if facts is None or tensor.is_inference():
-        return compute()
+        return compute(values)
     base, region = _region(tensor, key)
     known = facts.get(region)
     if known is not None and known[0]() is base and known[1] == tensor._version:
         return known[2]
-    value = compute()
+    value = compute(values)
     if tensor._base is not None:
         _remember(facts, base, region, tensor._version, value)
     return value
+
+
+@contextlib.contextmanager
+def read_from_host(copy: Any, source: Any) -> Iterator[None]:
+    """Within: facts about ``copy`` (:func:`cached_in_analysis`) are read from ``source``, its host original.
+
+    For a batch moved from host memory to a device (``copy = source.to(device)``,
+    dtype unchanged): reading the host tensor waits for nothing queued on the
+    device, where reading the copy would wait for all of it. The scope is the
+    time the batch is in use, :meth:`curvkit.Problem.batches`'s ``yield``: a
+    loader may refill ``source`` once asked for the next batch (it does so
+    through NumPy without moving a version counter), and by then the scope has
+    ended. An in-place change of ``copy`` (its version counter) ends it too.
+    Nothing is recorded unless ``copy`` is a tensor copied from a host tensor
+    ``source`` with the same dtype (and not an inference tensor, which has no
+    version counter): in any other case facts are read from ``copy`` itself.
+    Scopes of different copies nest and may interleave (threads, generators).
+    """
+    if not (
+        isinstance(copy, Tensor)
+        and isinstance(source, Tensor)
+        and copy is not source
+        and source.is_cpu
+        and copy.dtype == source.dtype
+        and copy.shape == source.shape
+        and not copy.is_inference()
+    ):
+        yield
+        return
+    key = id(copy)
+    _HOST_COPIES[key] = (weakref.ref(copy), copy._version, source)
+    try:
+        yield
+    finally:
+        entry = _HOST_COPIES.get(key)
+        if entry is not None and entry[0]() is copy:
+            del _HOST_COPIES[key]
+
+
+_HOST_COPIES: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+"""Batches copied from host memory that are in use (:func:`read_from_host`), by ``id``: the copy (weakly),
+its version counter when copied, and the host tensor copied."""
+
+
+def _host_copy(tensor: Tensor) -> Tensor:
+    """The host tensor ``tensor`` was copied from, while :func:`read_from_host` says so; else ``tensor``."""
+    entry = _HOST_COPIES.get(id(tensor))
+    if entry is None or entry[0]() is not tensor or entry[1] != tensor._version:
+        return tensor
+    return entry[2]
 
 
 def record_in_analysis(tensor: Tensor, key: Hashable, value: Any) -> None:

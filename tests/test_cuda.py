@@ -71,20 +71,28 @@ def test_products_within_an_analysis_do_not_compare_contents_on_cuda():
             torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("placement", ["device", "host loader"])
 @pytest.mark.parametrize("estimator", ["hessian", "ggn", "fisher", "empirical-fisher", "kfac", "d3"])
-def test_later_products_of_an_analysis_do_not_synchronise_on_cuda(estimator):
-    """With the data on the GPU (as ``curvkit analyze`` places a tensor pair), once the first pass has
-    read the class-index checks and counts and the ``auto`` strategies have finished their timed
-    trials (which synchronise), a product waits for nothing."""
+def test_later_products_of_an_analysis_do_not_synchronise_on_cuda(estimator, placement):
+    """Once the ``auto`` strategies have finished their timed trials (which synchronise), a product
+    waits for nothing: with the data on the GPU (as ``curvkit analyze`` places a tensor pair) the first
+    pass has read the class-index checks and counts; with a DataLoader in host memory (new tensors every
+    batch) they are read from the host tensors, and the class weights (on the host) were copied once."""
     from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
 
     from curvkit.choice import AUTO_TRIALS
 
     torch.manual_seed(0)
     X, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double().cuda()
-    data = (X.cuda(), y.cuda())
-    gpu = curvkit.Problem(model, nn.CrossEntropyLoss(ignore_index=1), data, batch_size=8)
+    if placement == "device":
+        data, loss = (X.cuda(), y.cuda()), nn.CrossEntropyLoss(ignore_index=1)
+    else:
+        data = DataLoader(TensorDataset(X, y), batch_size=8)
+        weight = None if estimator == "fisher" else torch.tensor([1.0, 2.0, 0.5])  # the Fisher: a likelihood
+        loss = nn.CrossEntropyLoss(weight=weight, ignore_index=1)
+    gpu = curvkit.Problem(model, loss, data, batch_size=8)
     A = curvkit.curvature(estimator, gpu)
     v = torch.randn(gpu.dim, dtype=torch.float64, device="cuda")
     with curvkit.fixed_model_state():

@@ -269,6 +269,24 @@ class ClosedFormLoss(BatchLoss):
 
     def __init__(self, options: Mapping[str, Any], reduction: str):
         super().__init__(describe_options(self.BASE_NAME, options, self.DEFAULTS), reduction, options)
+        self._copies: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+    def _on(self, fixed: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        """``fixed`` (one of the loss's weights) on ``device`` in ``dtype``, copied once for each pair.
+
+        The functional losses need their weights where the outputs are; moving
+        them per call would be a blocking copy per batch and product (from host
+        memory to a GPU, one that waits for the work queued on the device). The
+        weights are fixed at construction (:func:`non_negative_weights` copies
+        them), so each copy is kept for later calls; ``None`` stays ``None``.
+        """
+        if fixed is None:
+            return None
+        key = (id(fixed), device, dtype)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = fixed.to(device=device, dtype=dtype)
+        return copy
 
     @classmethod
     def from_module(cls, module: nn.Module, reduction: str) -> ClosedFormLoss:
@@ -318,21 +336,19 @@ def _describe_value(value: Any, limit: int = 8) -> str:
 
 
 def non_negative_weights(weight: Tensor | Sequence[float] | None, option: str) -> Tensor | None:
-    """``weight`` as a detached floating-point tensor (``None`` stays ``None``), refusing negative entries.
+    """A copy of ``weight`` as a floating-point tensor (``None`` stays ``None``), refusing negative entries.
 
-    Negative weights would make the loss concave in some outputs: no symmetric factor.
+    A copy, so that the loss's weights stay those it was made with (a later
+    in-place change of the module's would otherwise reach some of its cached
+    copies, :meth:`ClosedFormLoss._on`, and not others). Negative weights
+    would make the loss concave in some outputs: no symmetric factor.
     """
     if weight is None:
         return None
-    weight = torch.as_tensor(weight).detach()
+    weight = torch.as_tensor(weight).detach().clone()
     if not weight.is_floating_point() or bool((weight < 0).any()):
         raise UnknownLossError(f"{option} must be a floating-point tensor of non-negative weights")
     return weight
-
-
-def cast_like(weight: Tensor | None, outputs: Tensor) -> Tensor | None:
-    """``weight`` on the outputs' device and in their dtype, as PyTorch's functional losses need it."""
-    return None if weight is None else weight.to(device=outputs.device, dtype=outputs.dtype)
 
 
 def random_like(draw: Callable[..., Tensor], like: Tensor, generator: torch.Generator) -> Tensor:

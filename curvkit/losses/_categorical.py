@@ -66,7 +66,6 @@ from torch import Tensor, nn
 from curvkit.errors import UnknownLossError
 from curvkit.losses._base import (
     ClosedFormLoss,
-    cast_like,
     diagonal_factor,
     non_negative_weights,
     random_like,
@@ -130,7 +129,7 @@ class _ClassTargetLoss(ClosedFormLoss):
                 + (f" ({targets.dtype})" if isinstance(targets, Tensor) else "")
             )
         if not cached_in_analysis(
-            targets, self._range_key(classes), lambda: self._indices_in_range(targets, classes)
+            targets, self._range_key(classes), lambda values: self._indices_in_range(values, classes)
         ):
             raise UnknownLossError(
                 f"{self.name}: class index out of bounds: targets must lie in [0, {classes}) or equal "
@@ -153,18 +152,19 @@ class _ClassTargetLoss(ClosedFormLoss):
         return targets != self.ignore_index
 
     def _class_weights(self, outputs: Tensor) -> Tensor | None:
-        return cast_like(self.weight, outputs)
+        return self._on(self.weight, outputs.device, outputs.dtype)
 
     def _count(self, outputs: Tensor, targets: Tensor) -> float:
         if targets.is_floating_point():
             return float(outputs.numel() // outputs.shape[1])
 
-        def count() -> float:  # read back to the host: remembered for the analysis (the loss's weights fixed)
-            kept = self._kept(targets)
-            weight = self._class_weights(outputs)
-            if weight is None:
+        def count(values: Tensor) -> float:  # read back: remembered for the analysis (the weights are fixed)
+            kept = self._kept(values)
+            if self.weight is None:
                 return float(kept.sum())
-            return float(weight[targets[kept]].sum())
+            # in the outputs' dtype, as PyTorch's mean divides; where the values are (the host's, if copied)
+            weight = self._on(self.weight, values.device, outputs.dtype)
+            return float(weight[values[kept]].sum())
 
         return cached_in_analysis(targets, ("count", self, outputs.dtype), count)
 

@@ -53,7 +53,6 @@ from torch import Tensor, nn
 from curvkit.errors import UnknownLossError
 from curvkit.losses._base import (
     ClosedFormLoss,
-    cast_like,
     diagonal_factor,
     non_negative_weights,
     random_like,
@@ -174,7 +173,10 @@ class BinaryCrossEntropyWithLogits(_ElementwiseLoss):
 
     def _options_like(self, outputs: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """``weight`` and ``pos_weight`` on the outputs' device and dtype."""
-        return cast_like(self.weight, outputs), cast_like(self.pos_weight, outputs)
+        return (
+            self._on(self.weight, outputs.device, outputs.dtype),
+            self._on(self.pos_weight, outputs.device, outputs.dtype),
+        )
 
     def _sum(self, outputs: Tensor, targets: Tensor) -> Tensor:
         weight, pos_weight = self._options_like(outputs)
