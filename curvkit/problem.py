@@ -32,7 +32,7 @@ from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
 from curvkit.layout import ParameterLayout, select_parameters
 from curvkit.losses import BatchLoss, resolve_loss
 from curvkit.precision import rounding_tolerance
-from curvkit.snapshot import ModelSnapshot, read_from_host
+from curvkit.snapshot import ModelSnapshot, record_host_copy
 
 __all__ = ["ModelSnapshot", "Problem"]
 
@@ -393,10 +393,10 @@ class Problem:
     def batches(self) -> Iterator[tuple[Any, Tensor]]:
         """The data's batches (in a data-parallel run this process's shard), on the problem's device, dtype.
 
-        While a batch copied from host memory is in use (until the next is
-        asked for), what the loss reads of its targets (its check of the class
-        indices, their count) is read from the host tensor the data gave
-        (:func:`curvkit.snapshot.read_from_host`): on a GPU, no synchronisation for it.
+        For targets copied from host memory, what the loss reads of them (its
+        check of the class indices, their count) is read from a copy of their
+        values kept on the host (:func:`curvkit.snapshot.record_host_copy`): on
+        a GPU, no synchronisation for it.
 
         Raises:
             DataError: No batch (in a data-parallel run: for this process; each
@@ -406,12 +406,10 @@ class Problem:
         empty = True
         for inputs, targets in self.data.shard(rank, size):
             empty = False
-            inputs, moved = (
-                to_device(inputs, self.device, self.dtype),
-                to_device(targets, self.device, self.dtype),
-            )
-            with read_from_host(moved, targets):  # the loss's checks of a copied batch wait for no device
-                yield inputs, moved
+            inputs = to_device(inputs, self.device, self.dtype)
+            moved = to_device(targets, self.device, self.dtype)
+            record_host_copy(moved, targets)  # the loss's checks of a copied batch wait for no device
+            yield inputs, moved
         if empty and size > 1:
             raise DataError(
                 f"process {rank} of {size} has no batch of the data: give every process at least one "

@@ -8,8 +8,8 @@ before every product (one host-device synchronisation per analysis on a GPU).
 Within the same scope, :func:`cached_in_analysis` remembers what was read from
 a piece of the data (a loss's check of its class indices, their count), so
 that the passes after the first read nothing back to the host; and while a
-batch copied from host memory to a device is in use (:func:`read_from_host`),
-such facts are read from the host copy, so that they wait for no device at all.
+for a batch copied from host memory to a device (:func:`record_host_copy`), such
+facts are read from a copy of its values kept on the host, waiting for no device.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = [
     "cached_in_analysis",
     "contents_equal",
     "fixed_model_state",
-    "read_from_host",
+    "record_host_copy",
     "record_in_analysis",
 ]
 
@@ -135,10 +135,9 @@ _DATA_FACTS: contextvars.ContextVar[dict[tuple, tuple[weakref.ref, int, Any]] | 
 def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[Tensor], T]) -> T:
     """``compute(values)``, a fact about ``tensor``'s values, computed once per analysis for the same values.
 
-    ``values`` is the tensor to read: ``tensor`` itself, or while ``tensor`` is a
-    batch copied from host memory (:func:`read_from_host`), the host tensor it
-    was copied from, whose values are the same and whose reading waits for no
-    device.
+    ``values`` is the tensor to read: ``tensor`` itself, or for a batch copied
+    from host memory (:func:`record_host_copy`), the copy of its values kept on
+    the host, whose reading waits for no device.
 
     Within :func:`fixed_model_state` the result for a view (a batch cut from a
     data tensor: :func:`curvkit.data.slice_batch` gives views) is remembered for
@@ -181,52 +180,52 @@ def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[Tensor]
     return value
 
 
-@contextlib.contextmanager
-def read_from_host(copy: Any, source: Any) -> Iterator[None]:
-    """Within: facts about ``copy`` (:func:`cached_in_analysis`) are read from ``source``, its host original.
+def record_host_copy(copy: Any, source: Any) -> None:
+    """Records the values of ``copy``, just copied from host memory (``source``), on the host too.
 
-    For a batch moved from host memory to a device (``copy = source.to(device)``,
-    dtype unchanged): reading the host tensor waits for nothing queued on the
-    device, where reading the copy would wait for all of it. The scope is the
-    time the batch is in use, :meth:`curvkit.Problem.batches`'s ``yield``: a
-    loader may refill ``source`` once asked for the next batch (it does so
-    through NumPy without moving a version counter), and by then the scope has
-    ended. An in-place change of ``copy`` (its version counter) ends it too.
-    Nothing is recorded unless ``copy`` is a tensor copied from a host tensor
-    ``source`` with the same dtype (and not an inference tensor, which has no
-    version counter): in any other case facts are read from ``copy`` itself.
-    Scopes of different copies nest and may interleave (threads, generators).
+    For a batch's targets moved to a device (``copy = source.to(device)``, dtype
+    and shape unchanged): :func:`cached_in_analysis` then computes facts about
+    ``copy`` from the host copy of its values, whose reading waits for nothing
+    queued on the device, where reading ``copy`` would wait for all of it. The
+    values are copied on the host now (one copy of the targets, in host memory),
+    not read from ``source`` later: a loader may refill ``source`` for its next
+    batch without moving a version counter (through NumPy), while ``copy`` is
+    still in use. The record holds while ``copy`` lives and its version counter
+    stands (an in-place change of ``copy`` ends it; an edit through ``.data``
+    goes unnoticed, as within :func:`fixed_model_state`).
+
+    Recorded only for class indices and masks (integer and boolean tensors),
+    the targets whose values a loss reads (floating-point targets are counted
+    by their shape): nothing is recorded unless ``copy`` and ``source`` are such
+    tensors, ``source`` in host memory and ``copy`` a distinct tensor of its
+    dtype and shape (not an inference tensor, which has no version counter).
     """
     if not (
         isinstance(copy, Tensor)
         and isinstance(source, Tensor)
         and copy is not source
         and source.is_cpu
+        and not source.is_floating_point()
+        and not source.is_complex()
         and copy.dtype == source.dtype
         and copy.shape == source.shape
         and not copy.is_inference()
     ):
-        yield
         return
     key = id(copy)
-    _HOST_COPIES[key] = (weakref.ref(copy), copy._version, source)
-    try:
-        yield
-    finally:
-        entry = _HOST_COPIES.get(key)
-        if entry is not None and entry[0]() is copy:
-            del _HOST_COPIES[key]
+    gone = weakref.ref(copy, lambda _: _HOST_COPIES.pop(key, None))
+    _HOST_COPIES[key] = (gone, copy._version, source.clone())
 
 
 _HOST_COPIES: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-"""Batches copied from host memory that are in use (:func:`read_from_host`), by ``id``: the copy (weakly),
-its version counter when copied, and the host tensor copied."""
+"""Tensors copied from host memory (:func:`record_host_copy`), by ``id`` while they live: the copy (weakly,
+its entry leaves with it), its version counter when copied, and its values on the host."""
 
 
 def _host_copy(tensor: Tensor) -> Tensor:
-    """The host tensor ``tensor`` was copied from, while :func:`read_from_host` says so; else ``tensor``."""
+    """``tensor``'s values in host memory while :func:`record_host_copy` holds for it; else ``tensor``."""
     entry = _HOST_COPIES.get(id(tensor))
-    if entry is None or entry[0]() is not tensor or entry[1] != tensor._version:
+    if entry is None or entry[1] != tensor._version:
         return tensor
     return entry[2]
 

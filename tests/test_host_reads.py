@@ -95,7 +95,7 @@ def test_without_an_analysis_every_pass_reads_its_batches(host_reads):
     counting[0] = True
     G @ v
     counting[0] = False
-    assert reads["__float__"] == 4 and reads["__bool__"] >= 4  # 4 batches
+    assert reads["__float__"] >= 4 and reads["__bool__"] >= 4  # at least a check and a count per batch (4)
 
 
 def test_an_analysis_checks_and_counts_each_batch_once(monkeypatch):
@@ -117,6 +117,27 @@ def test_an_analysis_checks_and_counts_each_batch_once(monkeypatch):
     curvkit.curvature("ggn", problem) @ torch.randn(problem.dim, dtype=torch.float64)
     # outside an analysis: every time (the check once per call of the loss, two calls per batch)
     assert computed["count"] == 8 and computed["class indices in range"] == 4 + 2 * 4
+
+
+def test_factors_of_losses_convex_by_construction_read_nothing_back(host_reads):
+    """Class indices (weights >= 0), MSE and BCE without ``pos_weight``: the curvature is not checked
+    (on a GPU a read per batch of every factor: KFAC's, EKFAC's, the diagonals')."""
+    from curvkit.losses import BinaryCrossEntropyWithLogits, CrossEntropy, MeanSquaredError
+
+    reads, counting = host_reads
+    outputs = torch.randn(4, 3, dtype=torch.float64)
+    cases = [
+        (CrossEntropy(weight=[1.0, 2.0, 0.5], label_smoothing=0.1), torch.tensor([0, 1, 2, 1])),
+        (MeanSquaredError(), torch.randn(4, 3, dtype=torch.float64)),
+        (BinaryCrossEntropyWithLogits(weight=torch.ones(3)), torch.rand(4, 3, dtype=torch.float64)),
+    ]
+    for loss, targets in cases:
+        loss._validate(outputs, targets)  # the class-index check reads, once per batch and analysis
+        counting[0] = True
+        factor = loss._hessian_factor(outputs, targets)
+        counting[0] = False
+        assert not reads, f"{loss.name}: {dict(reads)}"
+        assert torch.isfinite(factor).all()
 
 
 def test_out_of_range_targets_still_raise_within_an_analysis():
@@ -230,6 +251,11 @@ def test_cached_in_analysis_forgets_freed_tensors_and_its_keys_with_the_scope():
 
 
 # --------------------------------------------------------------- batches copied from host memory
+class _OnDevice(torch.Tensor):
+    """Stands for a batch copied to a GPU: what is computed from it is one too (``__torch_function__``),
+    so that reading any such value back (which a GPU run would wait for) is told from a read on the host."""
+
+
 def _loader_problem(weighted: bool = True) -> curvkit.Problem:
     """The problem of :func:`_problem` with its data behind a DataLoader: new tensors for every batch."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -239,132 +265,169 @@ def _loader_problem(weighted: bool = True) -> curvkit.Problem:
 
 
 @pytest.fixture
-def copied_batches(monkeypatch):
-    """``Problem.batches`` copies every batch as if to a GPU (a clone, here); the facts the loss computes
-    are recorded as ``"host"`` (read from a tensor the loader yielded) or ``"device"`` (from anything
-    else: a copy, a view or a tensor computed from one, which a GPU run would read back)."""
+def device_reads(monkeypatch):
+    """``Problem.batches`` copies every batch as a GPU run would (a clone, as :class:`_OnDevice`); the
+    counter counts reads of values computed from such copies while ``counting[0]`` is true."""
     from curvkit import data as data_module
     from curvkit import problem as problem_module
-    from curvkit import snapshot
-    from curvkit.losses import _categorical
 
-    yielded: dict[int, torch.Tensor] = {}  # kept alive, so that their ids stay theirs
+    reads: collections.Counter = collections.Counter()
+    counting = [False]
+
+    def counted(name, method):
+        def read(self, *args, **kwargs):
+            if counting[0] and isinstance(self, _OnDevice):
+                reads[name] += 1
+            return method(self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
 
     def to_device(x, device, dtype):
         if isinstance(x, torch.Tensor):
-            yielded[id(x)] = x
-            return x.clone()
+            return x.clone().as_subclass(_OnDevice)
         return data_module.to_device(x, device, dtype)
 
-    read_from: collections.Counter = collections.Counter()
-
-    def recording(tensor, key, compute):
-        def recorded(values):
-            read_from["host" if yielded.get(id(values)) is values else "device"] += 1
-            return compute(values)
-
-        return snapshot.cached_in_analysis(tensor, key, recorded)
-
     monkeypatch.setattr(problem_module, "to_device", to_device)
-    monkeypatch.setattr(_categorical, "cached_in_analysis", recording)
-    return read_from
+    return reads, counting
 
 
 @pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "likelihood"])
-def test_facts_about_batches_copied_from_the_host_are_read_from_the_host(copied_batches, weighted):
-    """On a GPU, reading a copied batch's targets would wait for the device: the loss reads the loader's
-    host tensors instead, for every estimator, in and out of an analysis, with the same results."""
-    read_from = copied_batches
+def test_batches_copied_from_the_host_are_not_read_back(device_reads, weighted):
+    """A loader's batches, copied as to a GPU: no later product of any estimator within an analysis
+    (nor outside one, but for the Fisher's sampled targets) reads back a value computed from a copy (a
+    new copy every pass); the loss's check and count come from the values kept on the host. Same
+    results as without copies."""
+    reads, counting = device_reads
     problem = _loader_problem(weighted=weighted)
     reference = _loader_problem(weighted=weighted)
     names = []
     for (name, operator), (_, plain) in zip(_operators(problem), _operators(reference)):
         v = torch.randn(operator.shape[1], dtype=torch.float64)
-        read_from.clear()
         with curvkit.fixed_model_state():
-            inside = operator @ v
-        assert read_from["device"] == 0 and read_from["host"] >= 8, f"{name}: {dict(read_from)}"
-        names.append(name)
-        if name.startswith("fisher"):  # Monte-Carlo: new targets per product, checked outside an analysis
-            continue
+            first = (
+                operator @ v
+            )  # reads once: the determinism probe's checks, KFAC's check of its layer rules
+            counting[0] = True
+            second = operator @ v
+        counting[0] = not name.startswith("fisher")  # outside an analysis its sampled targets are checked
         outside = operator @ v
-        assert read_from["device"] == 0, f"{name}: {dict(read_from)}"
-        torch.testing.assert_close(inside, plain @ v, rtol=1e-12, atol=0)
-        torch.testing.assert_close(outside, inside, rtol=1e-12, atol=0)
+        counting[0] = False
+        assert not reads, f"{name}: {dict(reads)}"
+        names.append(name)
+        if not name.startswith("fisher"):  # Monte-Carlo: new targets per product
+            expected = plain @ v
+            for product in (first, second, outside):
+                torch.testing.assert_close(product.as_subclass(torch.Tensor), expected, rtol=1e-12, atol=0)
     assert {"ggn", "empirical-fisher", "kfac", "d3"} | ({"fisher"} if not weighted else set()) <= set(names)
-    read_from.clear()
-    result = curvkit.eigenvalues(curvkit.curvature("ggn", problem), k=1, tol=1e-8)
-    assert result.matvecs > 5 and read_from["device"] == 0 and read_from["host"] >= 8 * result.matvecs
 
 
-def test_without_the_host_original_facts_are_read_from_the_copies(copied_batches, monkeypatch):
-    """The control: the recorder tells the two apart (what a GPU run would read back)."""
-    import contextlib
-
+def test_without_the_host_values_copied_batches_are_read_back(device_reads, monkeypatch):
+    """The control: the counter sees the loss's reads of the copies, a check and a count per batch."""
     from curvkit import problem as problem_module
 
-    monkeypatch.setattr(problem_module, "read_from_host", lambda copy, source: contextlib.nullcontext())
+    reads, counting = device_reads
+    monkeypatch.setattr(problem_module, "record_host_copy", lambda copy, source: None)
     problem = _loader_problem()
     G = curvkit.curvature("ggn", problem, strategy="reverse")
-    copied_batches.clear()
-    G @ torch.randn(problem.dim, dtype=torch.float64)
-    assert copied_batches["host"] == 0 and copied_batches["device"] >= 8  # a check and a count per batch
+    v = torch.randn(problem.dim, dtype=torch.float64)
+    with curvkit.fixed_model_state():
+        G @ v  # and the determinism probe's two passes
+        counting[0] = True
+        G @ v
+    assert reads["__float__"] >= 4 and reads["__bool__"] >= 4  # at least a check and a count per batch (4)
 
 
-def test_a_loader_refilling_one_host_buffer_gets_each_copied_batch_counted(copied_batches):
-    """The host original is read only while its batch is in use: the loader refills it for the next."""
+def test_copied_batches_are_counted_from_their_values_when_copied(device_reads):
+    """The host values are copied with the batch: a loader refilling one buffer for the next batch, a
+    pass over the loader while a batch is held, an in-place change of the data after the copy, or a
+    batch taken by ``next(iter(problem.batches()))`` (its generator closed at once) change nothing."""
+    reads, counting = device_reads
     model = nn.Sequential(nn.Linear(5, 3)).double()
     loss = nn.CrossEntropyLoss(ignore_index=1)
     loader = _Refill()
     problem = curvkit.Problem(model, loss, loader, check_deterministic=False)
-    copied_batches.clear()
+    outputs = torch.zeros(4, 3, dtype=torch.float64)
+    counting[0] = True
     batches = problem.batches()
     first = next(batches)[1]
-    assert problem.loss.count(torch.zeros(4, 3), first) == 1.0  # read from the buffer, still batch 1
-    second = next(batches)[1]  # the buffer now holds batch 2; the first copy is read as itself
-    assert problem.loss.count(torch.zeros(4, 3), first) == 1.0
-    assert problem.loss.count(torch.zeros(4, 3), second) == 4.0
-    assert copied_batches == {"host": 4, "device": 2}  # each a check and a count
+    second = next(batches)[1]  # the buffer now holds batch 2
+    assert problem.loss.count(outputs, first) == 1.0 and problem.loss.count(outputs, second) == 4.0
+    loader.labels[0] = torch.tensor([7, 7, 7, 7])  # out of range, refilled by another pass
+    held = next(iter(problem.batches()))[1]  # the buffer holds [7, 7, 7, 7]; the generator is closed
+    with pytest.raises(curvkit.CurvkitError, match="class index out of bounds"):
+        problem.loss.count(outputs, held)
+    assert problem.loss.count(outputs, first) == 1.0 and problem.loss.count(outputs, second) == 4.0
     batches.close()
-    concatenated = (loader.inputs, torch.cat(loader.labels))
-    G = curvkit.curvature("ggn", problem, strategy="reverse")
-    reference = curvkit.curvature("ggn", curvkit.Problem(model, loss, concatenated, batch_size=4))
-    v = torch.randn(problem.dim, dtype=torch.float64)
-    torch.testing.assert_close(G @ v, reference @ v, rtol=1e-12, atol=0)
+    X, y = _Refill().inputs, torch.tensor([0, 2, 2, 0])
+    pair = curvkit.Problem(model, loss, (X[:4], y), check_deterministic=False)
+    targets = next(iter(pair.batches()))[1]
+    y[:] = 1  # the data changed after the copy (all ignored now): the copy has the old values
+    assert pair.loss.count(outputs, targets) == 4.0
+    counting[0] = False
+    assert not reads
 
 
-def test_read_from_host_records_only_an_unchanged_copy_of_a_host_tensor():
-    from curvkit.snapshot import _host_copy, read_from_host
+def test_record_host_copy_records_class_indices_copied_from_the_host_while_the_copy_is_unchanged():
+    from curvkit.snapshot import _HOST_COPIES, _host_copy, record_host_copy
 
     source = torch.tensor([0, 1, 2])
     copy = source.clone()
-    with read_from_host(copy, source):
-        assert _host_copy(copy) is source
-        with read_from_host(source, source):  # not a copy: nothing recorded, the outer scope stays
-            assert _host_copy(source) is source and _host_copy(copy) is source
-        copy += 0  # in place: the version counter moves, the copy is read as itself
-        assert _host_copy(copy) is copy
-    with read_from_host(copy, source):
-        pass
-    assert _host_copy(copy) is copy  # after the scope
+    record_host_copy(copy, source)
+    kept = _host_copy(copy)
+    assert kept is not copy and kept is not source and torch.equal(kept, source)
+    source[0] = 5  # the source may change (a loader refills it): the values kept are the copy's
+    assert _host_copy(copy) is kept and kept[0] == 0
+    copy += 0  # in place: the version counter moves, the copy is read as itself
+    assert _host_copy(copy) is copy
+    record_host_copy(source, source)  # not a copy
+    assert _host_copy(source) is source
     cast = source.double()
-    with read_from_host(cast, source):  # other values (another dtype): not recorded
-        assert _host_copy(cast) is cast
+    record_host_copy(cast, cast.long())  # another dtype: other values
+    record_host_copy(cast, cast.clone())  # floating point: counted by its shape, never read
+    part = source[:2].clone()
+    record_host_copy(part, source)  # another shape
+    record_host_copy(copy.clone(), {"x": source})  # not a tensor
     with torch.inference_mode():
         frozen = source.clone()
-    with read_from_host(frozen, source):  # no version counter: not recorded
-        assert _host_copy(frozen) is frozen
-    with read_from_host({"x": copy}, source):  # not a tensor
-        assert _host_copy(copy) is copy
+    record_host_copy(frozen, source)  # no version counter
+    on_meta = torch.zeros(3, dtype=torch.long, device="meta")
+    meta_copy = on_meta.clone()
+    record_host_copy(meta_copy, on_meta)  # the source is not in host memory
+    assert _host_copy(cast) is cast and _host_copy(part) is part and _host_copy(frozen) is frozen
+    assert _host_copy(meta_copy) is meta_copy
+    entries = len(_HOST_COPIES)
+    fresh = source.clone()
+    record_host_copy(fresh, source)
+    assert len(_HOST_COPIES) == entries + 1
+    del fresh
+    assert len(_HOST_COPIES) == entries  # the record leaves with its copy
 
 
-def test_a_loss_copies_its_weights_once_per_device_and_dtype_and_keeps_them():
+def test_a_loss_copies_its_weights_once_per_device_dtype_and_version():
     weight = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     loss = curvkit.losses.resolve_loss(nn.CrossEntropyLoss(weight=weight))
     outputs, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])  # float32 outputs
     first = loss._class_weights(outputs)
     assert first.dtype == torch.float32 and loss._class_weights(outputs) is first
-    weight[0] = 100.0  # the module's weights changed afterwards: the loss keeps its own
-    assert (
-        loss._class_weights(outputs.double())[0] == 1.0 and loss.count(outputs, targets) == 5.5
-    )  # 1 + 2 + 0.5 + 2
+    assert loss._class_weights(outputs.double()).dtype == torch.float64
+    weight[0] = 100.0  # the module's weights changed in place: the loss follows, as torch's would
+    assert loss._class_weights(outputs)[0] == 100.0 and loss.count(outputs, targets) == 104.5
+    fresh = curvkit.losses.resolve_loss(nn.CrossEntropyLoss(weight=weight))
+    with torch.inference_mode():  # its first float32 copy, made here, would be an inference tensor
+        fresh(outputs, targets)
+    leaf = outputs.clone().requires_grad_(True)
+    fresh(leaf, targets).backward()  # usable by autograd afterwards
+    assert leaf.grad is not None
+
+
+def test_a_weighted_count_is_summed_in_the_outputs_dtype():
+    """As PyTorch's mean divides by the weights summed in the outputs' dtype (here float32)."""
+    weight = torch.full((3,), 0.1, dtype=torch.float64)
+    loss = curvkit.losses.resolve_loss(nn.CrossEntropyLoss(weight=weight))
+    targets = torch.zeros(1000, dtype=torch.long)
+    in_float32 = float(weight.float()[targets].sum())
+    assert in_float32 != float(weight[targets].sum())  # the two differ
+    assert loss.count(torch.zeros(1000, 3), targets) == in_float32

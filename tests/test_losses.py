@@ -349,6 +349,9 @@ def test_a_loss_not_convex_in_the_outputs_has_no_factor():
     bce = BinaryCrossEntropyWithLogits(pos_weight=torch.tensor([0.1], dtype=DT))
     with pytest.raises(curvkit.NonConvexLossError, match="out of range"):  # targets of 3: negative curvature
         bce.output_hessian_factor(torch.zeros(2, 1, dtype=DT), torch.full((2, 1), 3.0, dtype=DT))
+    probabilities = torch.tensor([[1.5, -1.0], [0.5, 0.5]], dtype=DT)  # a negative total in the first row
+    with pytest.raises(curvkit.NonConvexLossError, match="out of range"):
+        CrossEntropy(weight=[1.0, 2.0]).output_hessian_factor(torch.zeros(2, 2, dtype=DT), probabilities)
 
 
 def test_the_dense_factor_of_a_callable_loss_has_a_size_limit():

@@ -232,11 +232,24 @@ class BatchLoss(abc.ABC):
                 "loss object that provides sample_targets (curvkit.losses.CustomLoss(fn, sample_targets=...))"
             )
 
-    def _curvature_root(self, curvature: Tensor) -> Tensor:
-        """``sqrt(curvature)``, refusing negative entries (a loss not convex in the outputs)."""
-        if bool((curvature < 0).any()):
+    def _curvature_root(self, curvature: Tensor, targets: Tensor) -> Tensor:
+        """``sqrt(curvature)``, refusing negative entries (a loss not convex in the outputs).
+
+        The check reads the curvature back (on a GPU, a host-device
+        synchronisation per batch), so it is left out where the loss is convex
+        for these targets by construction (:meth:`_convex_for`).
+        """
+        if not self._convex_for(targets) and bool((curvature < 0).any()):
             self._refuse_non_convex(curvature.min().item())
         return curvature.sqrt()
+
+    def _convex_for(self, targets: Tensor) -> bool:
+        """Whether the loss is convex in the outputs for these targets, whatever the outputs, by construction.
+
+        Known without reading a value (from the loss's options and the targets'
+        dtype); ``False`` where it is not known, and the curvature is checked.
+        """
+        return False
 
     def _refuse_non_convex(self, curvature: float) -> None:
         raise NonConvexLossError(
@@ -269,24 +282,29 @@ class ClosedFormLoss(BatchLoss):
 
     def __init__(self, options: Mapping[str, Any], reduction: str):
         super().__init__(describe_options(self.BASE_NAME, options, self.DEFAULTS), reduction, options)
-        self._copies: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+        self._copies: dict[tuple[int, torch.device, torch.dtype], tuple[int, Tensor]] = {}
 
     def _on(self, fixed: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """``fixed`` (one of the loss's weights) on ``device`` in ``dtype``, copied once for each pair.
+        """``fixed`` (one of the loss's weights) on ``device`` in ``dtype``, copied once while unchanged.
 
         The functional losses need their weights where the outputs are; moving
         them per call would be a blocking copy per batch and product (from host
-        memory to a GPU, one that waits for the work queued on the device). The
-        weights are fixed at construction (:func:`non_negative_weights` copies
-        them), so each copy is kept for later calls; ``None`` stays ``None``.
+        memory to a GPU, one that waits for the work queued on the device). So
+        the copy is kept, for each device and dtype, until the weights' version
+        counter moves (an in-place change of the loss module's weights, which
+        the loss shares); ``None`` stays ``None``. Made outside inference mode,
+        so that a call under ``torch.inference_mode`` leaves a copy autograd can
+        use.
         """
         if fixed is None:
             return None
         key = (id(fixed), device, dtype)
-        copy = self._copies.get(key)
-        if copy is None:
-            copy = self._copies[key] = fixed.to(device=device, dtype=dtype)
-        return copy
+        version = 0 if fixed.is_inference() else fixed._version  # an inference tensor has no counter
+        kept = self._copies.get(key)
+        if kept is None or kept[0] != version:
+            with torch.inference_mode(False):
+                kept = self._copies[key] = (version, fixed.to(device=device, dtype=dtype))
+        return kept[1]
 
     @classmethod
     def from_module(cls, module: nn.Module, reduction: str) -> ClosedFormLoss:
@@ -336,16 +354,13 @@ def _describe_value(value: Any, limit: int = 8) -> str:
 
 
 def non_negative_weights(weight: Tensor | Sequence[float] | None, option: str) -> Tensor | None:
-    """A copy of ``weight`` as a floating-point tensor (``None`` stays ``None``), refusing negative entries.
+    """``weight`` as a detached floating-point tensor (``None`` stays ``None``), refusing negative entries.
 
-    A copy, so that the loss's weights stay those it was made with (a later
-    in-place change of the module's would otherwise reach some of its cached
-    copies, :meth:`ClosedFormLoss._on`, and not others). Negative weights
-    would make the loss concave in some outputs: no symmetric factor.
+    Negative weights would make the loss concave in some outputs: no symmetric factor.
     """
     if weight is None:
         return None
-    weight = torch.as_tensor(weight).detach().clone()
+    weight = torch.as_tensor(weight).detach()
     if not weight.is_floating_point() or bool((weight < 0).any()):
         raise UnknownLossError(f"{option} must be a floating-point tensor of non-negative weights")
     return weight

@@ -275,19 +275,26 @@ class CrossEntropy(_ClassTargetLoss):
 
     def _hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         total_weight = self._target_weights(outputs, targets).sum(dim=1, keepdim=True)
-        return self._categorical_factor(torch.softmax(outputs, dim=1), total_weight)
+        return self._categorical_factor(
+            torch.softmax(outputs, dim=1), self._curvature_root(total_weight, targets)
+        )
 
     def _fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        kept = self._kept(targets).unsqueeze(1).to(outputs.dtype)
+        kept = self._kept(targets).unsqueeze(1).to(outputs.dtype)  # 0 or 1: its own square root
         # column y of the factor is -sqrt(p_y) g_y: drop the outcome the loss ignores
         return self._categorical_factor(torch.softmax(outputs, dim=1), kept) * self._counted_outcomes(outputs)
 
-    def _categorical_factor(self, p: Tensor, total_weight: Tensor) -> Tensor:
-        """``sqrt(A) (diag(sqrt p) - p sqrt(p)^T)`` per position, ``A`` of shape ``[N, 1, d1, ...]``."""
+    def _convex_for(self, targets: Tensor) -> bool:
+        # class indices: the total weight of a position is a sum of weights >= 0 (refused if negative);
+        # class probabilities may hold negative entries
+        return not targets.is_floating_point()
+
+    def _categorical_factor(self, p: Tensor, root_weight: Tensor) -> Tensor:
+        """``sqrt(A) (diag(sqrt p) - p sqrt(p)^T)`` per position, given ``sqrt(A)``, ``[N, 1, d1, ...]``."""
         p_last = p.movedim(1, -1)  # [N, d1, ..., C]
         root = p_last.sqrt()
         blocks = torch.diag_embed(root) - p_last.unsqueeze(-1) * root.unsqueeze(-2)
-        scale = self._curvature_root(total_weight).movedim(1, -1).unsqueeze(-1)  # [N, d1, ..., 1, 1]
+        scale = root_weight.movedim(1, -1).unsqueeze(-1)  # [N, d1, ..., 1, 1]
         return (scale * blocks).movedim(-2, 1)
 
 

@@ -86,7 +86,7 @@ class _ElementwiseLoss(ClosedFormLoss):
         return self._curvature(outputs, targets) * V
 
     def _hessian_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return diagonal_factor(self._curvature_root(self._curvature(outputs, targets)))
+        return diagonal_factor(self._curvature_root(self._curvature(outputs, targets), targets))
 
     def _fisher_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return self._hessian_factor(outputs, targets)  # equal whenever the loss is an NLL (module docstring)
@@ -123,6 +123,9 @@ class MeanSquaredError(_ElementwiseLoss):
 
     def _curvature(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.full_like(outputs, 2.0)
+
+    def _convex_for(self, targets: Tensor) -> bool:
+        return True  # a curvature of 2
 
     def _sample_targets(self, outputs: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
         """``y = o + eps / sqrt(2)``, ``eps ~ N(0, I)``: the Gaussian of variance 1/2."""
@@ -183,6 +186,11 @@ class BinaryCrossEntropyWithLogits(_ElementwiseLoss):
         return F.binary_cross_entropy_with_logits(
             outputs, targets, weight=weight, pos_weight=pos_weight, reduction="sum"
         )
+
+    def _convex_for(self, targets: Tensor) -> bool:
+        # s (1 - s) w >= 0 (weights refused if negative); pos_weight p adds p t + 1 - t, negative for
+        # some targets outside [0, 1]
+        return self.pos_weight is None
 
     def _curvature(self, outputs: Tensor, targets: Tensor) -> Tensor:
         weight, pos_weight = self._options_like(outputs)
