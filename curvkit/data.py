@@ -79,13 +79,18 @@ def same_device(actual: torch.device, wanted: torch.device | str) -> bool:
 def copies_without_waiting(source: torch.device, target: torch.device) -> bool:
     """Whether a copy from ``source`` to ``target`` may be ``non_blocking``: host memory to a CUDA device.
 
-    CUDA copies host memory (pinned or not) to its staging area before the call
-    returns, so the source may go at once, and no stream synchronisation waits
-    for the work queued on the device (a blocking copy would, once per batch and
-    pass). Other moves block as usual: to the host above all, whose data must be
-    complete when read, and to MPS, which may read a non-blocking copy's source
-    after it is freed (V. Moens, "A guide on good usage of non_blocking and
-    pin_memory() in PyTorch", PyTorch tutorials, 2024).
+    No stream synchronisation waits for the work queued on the device (a
+    blocking copy would, once per batch and pass). CUDA copies pageable host
+    memory to its staging area before the call returns; pinned memory (a
+    ``DataLoader(pin_memory=True)``'s batches) is read by the transfer when the
+    stream reaches it, PyTorch's caching host allocator keeping it alive until
+    then. So the source may go at once either way, but a pinned buffer must
+    keep its values until the copy is done: a loader that refills one pinned
+    buffer for every batch would change a batch still queued (a ``DataLoader``
+    pins a new buffer per batch). Other moves block as usual: to the host above
+    all, whose data must be complete when read, and to MPS, which may read a
+    non-blocking copy's source after it is freed (V. Moens, "A guide on good
+    usage of non_blocking and pin_memory() in PyTorch", PyTorch tutorials, 2024).
     """
     return source.type == "cpu" and target.type == "cuda"
 

@@ -7,9 +7,9 @@ that state is still the one the work was done for, and
 before every product (one host-device synchronisation per analysis on a GPU).
 Within the same scope, :func:`cached_in_analysis` remembers what was read from
 a piece of the data (a loss's check of its class indices, their count), so
-that the passes after the first read nothing back to the host; and while a
-for a batch copied from host memory to a device (:func:`record_host_copy`), such
-facts are read from a copy of its values kept on the host, waiting for no device.
+that the passes after the first read nothing back to the host; and for a batch
+copied from host memory to a device (:func:`record_host_copy`), such facts are
+read from a copy of its values kept on the host, waiting for no device.
 """
 
 from __future__ import annotations

@@ -174,3 +174,29 @@ def test_recurrent_models_on_cuda_run_without_cudnn_and_match_the_cpu():
     truth = curvkit.curvature("hessian", cpu) @ v
     out = curvkit.curvature("hessian", gpu) @ v.cuda()  # cuDNN's LSTM has no double backward
     assert ((out.cpu() - truth).norm() / truth.norm()).item() < 1e-10
+
+
+def test_a_loss_with_its_weights_on_the_gpu_counts_on_the_host_and_sees_in_place_edits():
+    """The count of a batch copied from the host reads the weights' host copy, kept while their version
+    counter stands; an in-place edit to a negative weight is refused by the factor again."""
+    from torch import nn
+
+    from curvkit.losses import resolve_loss
+    from curvkit.snapshot import record_host_copy
+
+    module = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5])).cuda()
+    loss = resolve_loss(module)
+    host = torch.tensor([0, 1, 2, 1])
+    targets = host.cuda()
+    record_host_copy(targets, host)
+    outputs = torch.zeros(4, 3, device="cuda")
+    assert loss.count(outputs, targets) == 5.5
+    kept = loss._on(loss.weight, torch.device("cpu"), torch.float32)
+    assert loss._on(loss.weight, torch.device("cpu"), torch.float32) is kept
+    with torch.no_grad():
+        module.weight[1] = 4.0
+    assert loss.count(outputs, targets) == 9.5
+    with torch.no_grad():
+        module.weight[1] = -1.0
+    with pytest.raises(curvkit.NonConvexLossError):
+        loss.output_hessian_factor(outputs, targets)

@@ -119,27 +119,6 @@ def test_an_analysis_checks_and_counts_each_batch_once(monkeypatch):
     assert computed["count"] == 8 and computed["class indices in range"] == 4 + 2 * 4
 
 
-def test_factors_of_losses_convex_by_construction_read_nothing_back(host_reads):
-    """Class indices (weights >= 0), MSE and BCE without ``pos_weight``: the curvature is not checked
-    (on a GPU a read per batch of every factor: KFAC's, EKFAC's, the diagonals')."""
-    from curvkit.losses import BinaryCrossEntropyWithLogits, CrossEntropy, MeanSquaredError
-
-    reads, counting = host_reads
-    outputs = torch.randn(4, 3, dtype=torch.float64)
-    cases = [
-        (CrossEntropy(weight=[1.0, 2.0, 0.5], label_smoothing=0.1), torch.tensor([0, 1, 2, 1])),
-        (MeanSquaredError(), torch.randn(4, 3, dtype=torch.float64)),
-        (BinaryCrossEntropyWithLogits(weight=torch.ones(3)), torch.rand(4, 3, dtype=torch.float64)),
-    ]
-    for loss, targets in cases:
-        loss._validate(outputs, targets)  # the class-index check reads, once per batch and analysis
-        counting[0] = True
-        factor = loss._hessian_factor(outputs, targets)
-        counting[0] = False
-        assert not reads, f"{loss.name}: {dict(reads)}"
-        assert torch.isfinite(factor).all()
-
-
 def test_out_of_range_targets_still_raise_within_an_analysis():
     problem, targets = _problem()
     G = curvkit.curvature("ggn", problem)
@@ -406,21 +385,25 @@ def test_record_host_copy_records_class_indices_copied_from_the_host_while_the_c
     assert len(_HOST_COPIES) == entries  # the record leaves with its copy
 
 
-def test_a_loss_copies_its_weights_once_per_device_dtype_and_version():
+def test_a_loss_follows_its_modules_weights_and_keeps_only_copies_that_wait():
     weight = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
-    loss = curvkit.losses.resolve_loss(nn.CrossEntropyLoss(weight=weight))
+    module = nn.CrossEntropyLoss(weight=weight)
+    loss = curvkit.losses.resolve_loss(module)
     outputs, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])  # float32 outputs
-    first = loss._class_weights(outputs)
-    assert first.dtype == torch.float32 and loss._class_weights(outputs) is first
-    assert loss._class_weights(outputs.double()).dtype == torch.float64
-    weight[0] = 100.0  # the module's weights changed in place: the loss follows, as torch's would
+    assert loss._class_weights(outputs).dtype == torch.float32
+    assert loss._class_weights(outputs.double()) is loss.weight  # on its device, in its dtype: itself
+    weight[0] = 100.0  # the module's weights edited in place: followed, as torch's loss would
     assert loss._class_weights(outputs)[0] == 100.0 and loss.count(outputs, targets) == 104.5
-    fresh = curvkit.losses.resolve_loss(nn.CrossEntropyLoss(weight=weight))
-    with torch.inference_mode():  # its first float32 copy, made here, would be an inference tensor
-        fresh(outputs, targets)
-    leaf = outputs.clone().requires_grad_(True)
-    fresh(leaf, targets).backward()  # usable by autograd afterwards
-    assert leaf.grad is not None
+    module.weight.data[0] = 3.0  # through .data (no version counter moves): a cast per call follows it
+    assert loss.count(outputs, targets) == 7.5  # 3 + 2 + 0.5 + 2
+    # a copy that waits (from a GPU to the host, here to the meta device) is kept while the version stands
+    meta = torch.device("meta")
+    with torch.inference_mode():  # made outside inference mode, so that autograd can use it later
+        kept = loss._on(loss.weight, meta, torch.float32)
+    assert not kept.is_inference() and loss._on(loss.weight, meta, torch.float32) is kept
+    assert loss._on(loss.weight, meta, torch.float64) is not kept  # another dtype
+    weight[1] = 1.0  # the version counter moves: copied again
+    assert loss._on(loss.weight, meta, torch.float32) is not kept
 
 
 def test_a_weighted_count_is_summed_in_the_outputs_dtype():
@@ -431,3 +414,31 @@ def test_a_weighted_count_is_summed_in_the_outputs_dtype():
     in_float32 = float(weight.float()[targets].sum())
     assert in_float32 != float(weight[targets].sum())  # the two differ
     assert loss.count(torch.zeros(1000, 3), targets) == in_float32
+
+
+def test_factors_of_losses_convex_by_construction_read_nothing_back(device_reads):
+    """Class indices (weights >= 0), MSE and BCE without ``pos_weight``: the curvature is not checked
+    (on a GPU a read per batch of every factor: KFAC's, EKFAC's, the diagonals'); the weights, in host
+    memory, are checked again on the host instead (after an edit, through ``.data`` too)."""
+    from curvkit.losses import BinaryCrossEntropyWithLogits, CrossEntropy, MeanSquaredError
+
+    reads, counting = device_reads
+    outputs = torch.randn(4, 3, dtype=torch.float64).as_subclass(_OnDevice)
+    cross_entropy = CrossEntropy(weight=[1.0, 2.0, 0.5], label_smoothing=0.1)
+    cases = [
+        (cross_entropy, torch.tensor([0, 1, 2, 1])),
+        (MeanSquaredError(), torch.randn(4, 3, dtype=torch.float64)),
+        (BinaryCrossEntropyWithLogits(weight=torch.ones(3)), torch.rand(4, 3, dtype=torch.float64)),
+    ]
+    for loss, targets in cases:
+        counting[0] = True
+        factor = loss._hessian_factor(outputs, targets.as_subclass(_OnDevice))
+        counting[0] = False
+        assert not reads, f"{loss.name}: {dict(reads)}"
+        assert torch.isfinite(factor).all()
+    for module in (nn.CrossEntropyLoss(weight=torch.ones(3)), nn.BCEWithLogitsLoss(weight=torch.ones(3))):
+        loss = curvkit.losses.resolve_loss(module)
+        targets = torch.tensor([0, 1, 2, 1]) if isinstance(module, nn.CrossEntropyLoss) else torch.ones(4, 3)
+        module.weight.data[1] = -1.0  # after the loss was made, bypassing the version counter
+        with pytest.raises(curvkit.NonConvexLossError):
+            loss.output_hessian_factor(torch.zeros(4, 3), targets)

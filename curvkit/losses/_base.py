@@ -283,21 +283,30 @@ class ClosedFormLoss(BatchLoss):
     def __init__(self, options: Mapping[str, Any], reduction: str):
         super().__init__(describe_options(self.BASE_NAME, options, self.DEFAULTS), reduction, options)
         self._copies: dict[tuple[int, torch.device, torch.dtype], tuple[int, Tensor]] = {}
+        # the weights' version counters when non_negative_weights checked them
+        self._checked = {
+            id(value): value._version
+            for value in options.values()
+            if isinstance(value, Tensor) and not value.is_inference()
+        }
 
     def _on(self, fixed: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """``fixed`` (one of the loss's weights) on ``device`` in ``dtype``, copied once while unchanged.
+        """``fixed`` (one of the loss's weights, shared with its module) on ``device`` in ``dtype``.
 
-        The functional losses need their weights where the outputs are; moving
-        them per call would be a blocking copy per batch and product (from host
-        memory to a GPU, one that waits for the work queued on the device). So
-        the copy is kept, for each device and dtype, until the weights' version
-        counter moves (an in-place change of the loss module's weights, which
-        the loss shares); ``None`` stays ``None``. Made outside inference mode,
-        so that a call under ``torch.inference_mode`` leaves a copy autograd can
-        use.
+        The functional losses need their weights where the outputs are. A cast
+        on the weights' device, or a copy from host memory to a CUDA device
+        (``non_blocking``: :func:`curvkit.data.copies_without_waiting`), waits
+        for nothing, so it is made per call and follows every edit of the
+        module's weights. A copy that would wait (from a device to the host,
+        where the count of a batch copied from host memory is read) is made
+        once and kept until the weights' version counter moves (an edit through
+        ``.data`` goes unnoticed there), outside inference mode so that autograd
+        can use it later. ``None`` stays ``None``.
         """
         if fixed is None:
             return None
+        if fixed.device == device or copies_without_waiting(fixed.device, device):
+            return fixed.to(device=device, dtype=dtype, non_blocking=fixed.device != device)
         key = (id(fixed), device, dtype)
         version = 0 if fixed.is_inference() else fixed._version  # an inference tensor has no counter
         kept = self._copies.get(key)
@@ -305,6 +314,21 @@ class ClosedFormLoss(BatchLoss):
             with torch.inference_mode(False):
                 kept = self._copies[key] = (version, fixed.to(device=device, dtype=dtype))
         return kept[1]
+
+    def _non_negative(self, fixed: Tensor | None) -> bool:
+        """Whether ``fixed`` (a weight) is still non-negative, as checked when the loss was made.
+
+        The loss shares its module's weights, which may be edited afterwards. In
+        host memory they are checked again (a few numbers: nothing waits for a
+        device), through ``.data`` edits too; on a device they are trusted while
+        their version counter stands, since reading them would wait for the
+        device (an edit through ``.data`` goes unnoticed there).
+        """
+        if fixed is None:
+            return True
+        if fixed.is_cpu:
+            return not bool((fixed < 0).any())
+        return not fixed.is_inference() and self._checked.get(id(fixed)) == fixed._version
 
     @classmethod
     def from_module(cls, module: nn.Module, reduction: str) -> ClosedFormLoss:

@@ -287,7 +287,7 @@ class CrossEntropy(_ClassTargetLoss):
     def _convex_for(self, targets: Tensor) -> bool:
         # class indices: the total weight of a position is a sum of weights >= 0 (refused if negative);
         # class probabilities may hold negative entries
-        return not targets.is_floating_point()
+        return not targets.is_floating_point() and self._non_negative(self.weight)
 
     def _categorical_factor(self, p: Tensor, root_weight: Tensor) -> Tensor:
         """``sqrt(A) (diag(sqrt p) - p sqrt(p)^T)`` per position, given ``sqrt(A)``, ``[N, 1, d1, ...]``."""

@@ -190,7 +190,7 @@ class BinaryCrossEntropyWithLogits(_ElementwiseLoss):
     def _convex_for(self, targets: Tensor) -> bool:
         # s (1 - s) w >= 0 (weights refused if negative); pos_weight p adds p t + 1 - t, negative for
         # some targets outside [0, 1]
-        return self.pos_weight is None
+        return self.pos_weight is None and self._non_negative(self.weight)
 
     def _curvature(self, outputs: Tensor, targets: Tensor) -> Tensor:
         weight, pos_weight = self._options_like(outputs)
