@@ -178,7 +178,8 @@ def test_recurrent_models_on_cuda_run_without_cudnn_and_match_the_cpu():
 
 def test_a_loss_with_its_weights_on_the_gpu_counts_on_the_host_and_sees_in_place_edits():
     """The count of a batch copied from the host reads the weights' host copy, kept while their version
-    counter stands; an in-place edit to a negative weight is refused by the factor again."""
+    counter stands; the weights are checked again once per in-place edit, and an edit to a negative
+    weight is refused by the factor again."""
     from torch import nn
 
     from curvkit.losses import resolve_loss
@@ -196,6 +197,12 @@ def test_a_loss_with_its_weights_on_the_gpu_counts_on_the_host_and_sees_in_place
     with torch.no_grad():
         module.weight[1] = 4.0
     assert loss.count(outputs, targets) == 9.5
+    loss.output_hessian_factor(outputs, targets)  # the weights checked again, once for this edit
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.output_hessian_factor(outputs, targets)  # convex by construction: nothing read back
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     with torch.no_grad():
         module.weight[1] = -1.0
     with pytest.raises(curvkit.NonConvexLossError):

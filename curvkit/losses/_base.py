@@ -295,18 +295,24 @@ class ClosedFormLoss(BatchLoss):
 
         The functional losses need their weights where the outputs are. A cast
         on the weights' device, or a copy from host memory to a CUDA device
-        (``non_blocking``: :func:`curvkit.data.copies_without_waiting`), waits
-        for nothing, so it is made per call and follows every edit of the
-        module's weights. A copy that would wait (from a device to the host,
-        where the count of a batch copied from host memory is read) is made
-        once and kept until the weights' version counter moves (an edit through
-        ``.data`` goes unnoticed there), outside inference mode so that autograd
-        can use it later. ``None`` stays ``None``.
+        (``non_blocking``: :func:`curvkit.data.copies_without_waiting`; pinned
+        weights are first copied on the host, since a non-blocking transfer
+        reads pinned memory later, when an edit may have changed it), does not
+        wait for the device, so it is made per call and follows every edit of
+        the module's weights. A copy that would wait (to the host from a
+        device, where the count of a batch copied from host memory is read;
+        between devices; to MPS) is made once and kept until the weights'
+        version counter moves (an edit that bypasses it, through ``.data`` or
+        a DLPack or NumPy view, goes unnoticed there), outside inference mode so
+        that autograd can use it later. ``None`` stays ``None``.
         """
         if fixed is None:
             return None
-        if fixed.device == device or copies_without_waiting(fixed.device, device):
-            return fixed.to(device=device, dtype=dtype, non_blocking=fixed.device != device)
+        if fixed.device == device:
+            return fixed.to(dtype=dtype)
+        if copies_without_waiting(fixed.device, device):
+            source = fixed.clone() if fixed.is_pinned() else fixed  # pageable: staged before the call returns
+            return source.to(device=device, dtype=dtype, non_blocking=True)
         key = (id(fixed), device, dtype)
         version = 0 if fixed.is_inference() else fixed._version  # an inference tensor has no counter
         kept = self._copies.get(key)
@@ -320,15 +326,22 @@ class ClosedFormLoss(BatchLoss):
 
         The loss shares its module's weights, which may be edited afterwards. In
         host memory they are checked again (a few numbers: nothing waits for a
-        device), through ``.data`` edits too; on a device they are trusted while
-        their version counter stands, since reading them would wait for the
-        device (an edit through ``.data`` goes unnoticed there).
+        device), through ``.data`` edits too. On a device they are checked again
+        once per edit, when their version counter has moved (one read, which
+        waits for the device); an edit that bypasses the counter (``.data``, a
+        DLPack view) goes unnoticed there.
         """
         if fixed is None:
             return True
         if fixed.is_cpu:
             return not bool((fixed < 0).any())
-        return not fixed.is_inference() and self._checked.get(id(fixed)) == fixed._version
+        if fixed.is_inference():
+            return False
+        if self._checked.get(id(fixed)) != fixed._version:
+            if bool((fixed < 0).any()):
+                return False
+            self._checked[id(fixed)] = fixed._version
+        return True
 
     @classmethod
     def from_module(cls, module: nn.Module, reduction: str) -> ClosedFormLoss:
