@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ __all__ = [
     "contents_equal",
     "fixed_model_state",
     "record_host_copy",
-    "record_in_analysis",
+    "record_fact",
 ]
 
 T = TypeVar("T")
@@ -150,10 +151,10 @@ def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[Tensor]
     view) made during the analysis itself goes unnoticed. Results for tensors
     that are not views are not remembered: a data loader may refill one buffer
     for every batch, as loaders writing through NumPy or DLPack do, without
-    moving its version counter (what :func:`record_in_analysis` records about a
-    tensor its caller made is found, though). Outside the scope and for
-    inference tensors (which have no version counter) ``compute`` runs every
-    time.
+    moving its version counter (what :func:`record_fact` records about a
+    tensor its caller made is found, though, in an analysis or not). Outside
+    the scope and for inference tensors (which have no version counter)
+    ``compute`` runs every time.
 
     On a GPU this turns a host-device synchronisation per batch and pass (a
     loss's ``bool(...)`` check of its targets, ``float(...)`` of their count)
@@ -166,6 +167,9 @@ def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[Tensor]
         compute: Computes the fact from ``tensor``'s values, given as a tensor
             (on the host, or on ``tensor``'s device).
     """
+    record = _current(tensor)
+    if record is not None and key in record.facts:
+        return record.facts[key]
     values = _host_copy(tensor)
     facts = _DATA_FACTS.get()
     if facts is None or tensor.is_inference():
@@ -212,36 +216,57 @@ def record_host_copy(copy: Any, source: Any) -> None:
         and not copy.is_inference()
     ):
         return
-    key = id(copy)
-    gone = weakref.ref(copy, lambda _: _HOST_COPIES.pop(key, None))
-    _HOST_COPIES[key] = (gone, copy._version, source.clone())
+    _record(copy).host = source.clone()
 
 
-_HOST_COPIES: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-"""Tensors copied from host memory (:func:`record_host_copy`), by ``id`` while they live: the copy (weakly,
-its entry leaves with it), its version counter when copied, and its values on the host."""
+@dataclasses.dataclass
+class _Record:
+    """What is known about a tensor its maker hands on, while it lives and its version counter stands."""
+
+    alive: weakref.ref  # the tensor, weakly: its record leaves with it
+    version: int
+    host: Tensor | None = None  # its values, copied in host memory (record_host_copy)
+    facts: dict[Hashable, Any] = dataclasses.field(default_factory=dict)  # record_fact
+
+
+_RECORDS: dict[int, _Record] = {}
+"""The records of :func:`record_host_copy` and :func:`record_fact`, by the tensor's ``id``."""
+
+
+def _record(tensor: Tensor) -> _Record:
+    """``tensor``'s record; a new one if it has none or its version counter moved (no inference tensor)."""
+    record = _current(tensor)
+    if record is None:
+        key = id(tensor)
+        record = _RECORDS[key] = _Record(
+            weakref.ref(tensor, lambda _: _RECORDS.pop(key, None)), tensor._version
+        )
+    return record
+
+
+def _current(tensor: Tensor) -> _Record | None:
+    """``tensor``'s record while its version counter stands, else ``None``."""
+    # an entry leaves with its tensor, so one found is ``tensor``'s (and it has a version counter)
+    record = _RECORDS.get(id(tensor))
+    return record if record is not None and record.version == tensor._version else None
 
 
 def _host_copy(tensor: Tensor) -> Tensor:
     """``tensor``'s values in host memory while :func:`record_host_copy` holds for it; else ``tensor``."""
-    entry = _HOST_COPIES.get(id(tensor))
-    if entry is None or entry[1] != tensor._version:
-        return tensor
-    return entry[2]
+    record = _current(tensor)
+    return tensor if record is None or record.host is None else record.host
 
 
-def record_in_analysis(tensor: Tensor, key: Hashable, value: Any) -> None:
+def record_fact(tensor: Tensor, key: Hashable, value: Any) -> None:
     """Records a fact known without reading ``tensor`` (``value``), found by :func:`cached_in_analysis`.
 
     For a tensor its caller has just made and hands on, which nothing refills
-    (sampled targets, in range by construction); within :func:`fixed_model_state`
-    only, and until the tensor's version counter moves.
+    (sampled targets, in range by construction): kept while the tensor lives
+    and its version counter stands, within an analysis or not (not for an
+    inference tensor, which has no version counter).
     """
-    facts = _DATA_FACTS.get()
-    if facts is None or tensor.is_inference():
-        return
-    base, region = _region(tensor, key)
-    _remember(facts, base, region, tensor._version, value)
+    if not tensor.is_inference():
+        _record(tensor).facts[key] = value
 
 
 def _region(tensor: Tensor, key: Hashable) -> tuple[Tensor, tuple]:

@@ -18,7 +18,7 @@ from torch import nn
 
 import curvkit
 from curvkit import registry
-from curvkit.snapshot import cached_in_analysis, record_in_analysis
+from curvkit.snapshot import cached_in_analysis, record_fact
 
 HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
 
@@ -151,18 +151,23 @@ def test_cached_in_analysis_recomputes_outside_a_scope_and_after_a_change():
         fact(base)
         assert len(calls) == 8  # not a view: never remembered (a loader may refill one buffer)
         made = torch.zeros(4)
-        record_in_analysis(made, "fact", 0.0)  # known by its maker, who hands it on
+        record_fact(made, "fact", 0.0)  # known by its maker, who hands it on
         assert fact(made) == 0.0 and len(calls) == 8
         made += 1  # version counter
         assert fact(made) == 4.0 and len(calls) == 9
         with torch.inference_mode():
             frozen = torch.ones(3)[:2]
         assert cached_in_analysis(frozen, "fact", lambda values: "a") == "a"
-        assert (
-            cached_in_analysis(frozen, "fact", lambda values: "b") == "b"
-        )  # no version counter: never cached
+        assert cached_in_analysis(frozen, "fact", lambda values: "b") == "b"  # no counter: not kept
+        record_fact(frozen, "fact", "c")  # nor recorded
+        assert cached_in_analysis(frozen, "fact", lambda values: "d") == "d"
     fact(base[:3])
     assert len(calls) == 10  # the scope's facts are gone with it
+    sampled = torch.zeros(4)
+    record_fact(sampled, "fact", 0.0)  # what its maker records holds outside an analysis too
+    assert fact(sampled) == 0.0 and len(calls) == 10
+    sampled += 1
+    assert fact(sampled) == 4.0 and len(calls) == 11
 
 
 def test_cached_in_analysis_tells_a_view_moved_to_other_memory_from_its_base():
@@ -275,10 +280,9 @@ def device_reads(monkeypatch):
 
 @pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "likelihood"])
 def test_batches_copied_from_the_host_are_not_read_back(device_reads, weighted):
-    """A loader's batches, copied as to a GPU: no later product of any estimator within an analysis
-    (nor outside one, but for the Fisher's sampled targets) reads back a value computed from a copy (a
-    new copy every pass); the loss's check and count come from the values kept on the host. Same
-    results as without copies."""
+    """A loader's batches, copied as to a GPU: no later product of any estimator within an analysis,
+    nor a product outside one, reads back a value computed from a copy (a new copy every pass); the
+    loss's check and count come from the values kept on the host. Same results as without copies."""
     reads, counting = device_reads
     problem = _loader_problem(weighted=weighted)
     reference = _loader_problem(weighted=weighted)
@@ -291,7 +295,7 @@ def test_batches_copied_from_the_host_are_not_read_back(device_reads, weighted):
             )  # reads once: the determinism probe's checks, KFAC's check of its layer rules
             counting[0] = True
             second = operator @ v
-        counting[0] = not name.startswith("fisher")  # outside an analysis its sampled targets are checked
+        counting[0] = True  # and outside an analysis (the Fisher's sampled targets are known in range)
         outside = operator @ v
         counting[0] = False
         assert not reads, f"{name}: {dict(reads)}"
@@ -350,7 +354,7 @@ def test_copied_batches_are_counted_from_their_values_when_copied(device_reads):
 
 
 def test_record_host_copy_records_class_indices_copied_from_the_host_while_the_copy_is_unchanged():
-    from curvkit.snapshot import _HOST_COPIES, _host_copy, record_host_copy
+    from curvkit.snapshot import _RECORDS, _host_copy, record_host_copy
 
     source = torch.tensor([0, 1, 2])
     copy = source.clone()
@@ -377,12 +381,12 @@ def test_record_host_copy_records_class_indices_copied_from_the_host_while_the_c
     record_host_copy(meta_copy, on_meta)  # the source is not in host memory
     assert _host_copy(cast) is cast and _host_copy(part) is part and _host_copy(frozen) is frozen
     assert _host_copy(meta_copy) is meta_copy
-    entries = len(_HOST_COPIES)
+    entries = len(_RECORDS)
     fresh = source.clone()
     record_host_copy(fresh, source)
-    assert len(_HOST_COPIES) == entries + 1
+    assert len(_RECORDS) == entries + 1
     del fresh
-    assert len(_HOST_COPIES) == entries  # the record leaves with its copy
+    assert len(_RECORDS) == entries  # the record leaves with its copy
 
 
 def test_a_loss_follows_its_modules_weights_and_keeps_only_copies_that_wait():

@@ -71,7 +71,7 @@ from curvkit.losses._base import (
     random_like,
     shape_of,
 )
-from curvkit.snapshot import cached_in_analysis, record_in_analysis
+from curvkit.snapshot import cached_in_analysis, record_fact
 
 __all__ = ["CrossEntropy", "NegativeLogLikelihood"]
 
@@ -188,7 +188,7 @@ class _ClassTargetLoss(ClosedFormLoss):
         sampled = (cumulative <= uniform).sum(dim=1).clamp_(max=classes - 1)
         sampled.masked_fill_(~self._kept(targets), self.ignore_index)
         # in range by construction: recorded, so that the loss's check of them reads nothing back
-        record_in_analysis(sampled, self._range_key(classes), True)
+        record_fact(sampled, self._range_key(classes), True)
         return sampled
 
 
