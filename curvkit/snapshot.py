@@ -29,8 +29,8 @@ __all__ = [
     "cached_in_analysis",
     "contents_equal",
     "fixed_model_state",
-    "record_host_copy",
     "record_fact",
+    "record_host_copy",
 ]
 
 T = TypeVar("T")

@@ -158,7 +158,7 @@ class _ClassTargetLoss(ClosedFormLoss):
         if targets.is_floating_point():
             return float(outputs.numel() // outputs.shape[1])
 
-        def count(values: Tensor) -> float:  # read back: remembered for the analysis (the weights are fixed)
+        def count(values: Tensor) -> float:  # read back: remembered for an analysis (weights fixed in it)
             kept = self._kept(values)
             if self.weight is None:
                 return float(kept.sum())
