@@ -170,7 +170,7 @@ def cached_in_analysis(tensor: Tensor, key: Hashable, compute: Callable[[Tensor]
     record = _current(tensor)
     if record is not None and key in record.facts:
         return record.facts[key]
-    values = _host_copy(tensor)
+    values = _host_values(tensor, record)
     facts = _DATA_FACTS.get()
     if facts is None or tensor.is_inference():
         return compute(values)
@@ -253,7 +253,11 @@ def _current(tensor: Tensor) -> _Record | None:
 
 def _host_copy(tensor: Tensor) -> Tensor:
     """``tensor``'s values in host memory while :func:`record_host_copy` holds for it; else ``tensor``."""
-    record = _current(tensor)
+    return _host_values(tensor, _current(tensor))
+
+
+def _host_values(tensor: Tensor, record: _Record | None) -> Tensor:
+    """The host copy of ``tensor``'s values its current record holds (``record``), else ``tensor``."""
     return tensor if record is None or record.host is None else record.host
 
 

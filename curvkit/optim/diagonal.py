@@ -96,7 +96,7 @@ from torch import Tensor
 
 from curvkit.autodiff import backward_product, backward_products
 from curvkit.errors import CurvkitWarning
-from curvkit.finite import all_finite
+from curvkit.finite import first_non_finite
 from curvkit.optim import fused
 from curvkit.optim.base import (
     CurvatureOptimizer,
@@ -422,12 +422,16 @@ class HutchinsonOptimizer(CurvatureOptimizer):
             ValueError: A state dict not written by this kind of optimizer, or a
                 non-finite entry in its per-parameter state.
         """
-        for index, entries in state_dict.get("state", {}).items():
-            for key, value in entries.items():
-                if isinstance(value, Tensor) and not all_finite([value]):
-                    raise ValueError(
-                        f"{type(self).__name__}: the state dict's {key!r} of parameter {index} is not finite"
-                    )
+        why = first_non_finite(
+            [
+                (f"{key!r} of parameter {index}", [value])
+                for index, entries in state_dict.get("state", {}).items()
+                for key, value in entries.items()
+                if isinstance(value, Tensor)
+            ]
+        )
+        if why is not None:
+            raise ValueError(f"{type(self).__name__}: the state dict's {why} is not finite")
         super().load_state_dict(state_dict)
 
     def extra_state(self) -> dict[str, Any]:
@@ -752,9 +756,8 @@ class SophiaH(HutchinsonOptimizer):
             torch._foreach_add_(steps, params, alpha=rho * group["weight_decay"])
         new = [{"exp_avg": m, "hessian": h} for m, h in zip(exp_avg, hessian)]
         # |delta| <= rho (plus rho wd |theta|): scaled by lr / rho, it is finite whenever delta is
-        scale = -group["lr"] / rho
-        if abs(scale) <= _HALF_MAX:  # a number of every floating dtype: added as alpha
-            return new, steps, scale
+        if self._scaled_in_addition(group):
+            return new, steps, -group["lr"] / rho
         # lr / rho may be no float16 number (it would overflow): the paper's order, lr clip(x / rho, 1),
         # and the update is checked (_implied)
         torch._foreach_div_(steps, rho)
@@ -774,6 +777,12 @@ class SophiaH(HutchinsonOptimizer):
         ``lr / rho`` exceeds the largest float16 (formed in another order by
         :meth:`_updates`, as ``lr`` itself may overflow a half dtype).
         """
-        if any(group["weight_decay"] or abs(group["lr"] / group["rho"]) > _HALF_MAX for group in groups):
+        if any(group["weight_decay"] or not self._scaled_in_addition(group) for group in groups):
             return self.CARRIED_BY_STATE
         return self._CARRIED_AND_UPDATE
+
+    @staticmethod
+    def _scaled_in_addition(group: dict[str, Any]) -> bool:
+        """Whether the group's ``lr / rho`` is a number of every floating dtype (at most the largest
+        float16), so that :meth:`_updates` leaves it to the fused addition's ``alpha``."""
+        return abs(group["lr"] / group["rho"]) <= _HALF_MAX
