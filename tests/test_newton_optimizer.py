@@ -218,6 +218,27 @@ def test_a_non_finite_gradient_skips_the_step_with_a_warning():
     assert optimizer.skipped_steps == 1
 
 
+@pytest.mark.parametrize(("curvature", "dtype"), [(1e-39, torch.float32), (1e-5, torch.float16)])
+def test_a_learning_rate_that_overflows_skips_the_step_and_keeps_everything(curvature, dtype):
+    """A nearly flat direction gives a rate ``g / h`` that the parameters' dtype cannot hold: the step
+    is skipped, parameters, momentum and rates unchanged, and the next step tries a new summary."""
+    x = nn.Parameter(torch.tensor([1.0, 0.0], dtype=dtype))
+    loss = lambda inputs, target: 0.5 * curvature * x[0].float() ** 2 + 4.0 * x[0].float()
+    optimizer = curvkit.NewtonSummary([x], loss, [(torch.zeros(1), torch.zeros(1))])
+    loss(None, None).backward()
+    with pytest.warns(curvkit.CurvkitWarning, match="step skipped: the update is not finite"):
+        optimizer.step()
+    assert torch.equal(x.detach(), torch.tensor([1.0, 0.0], dtype=dtype))
+    assert optimizer.state[x] == {} and optimizer.param_groups[0]["lr"] == 0.0
+    assert optimizer.skipped_steps == 1 and optimizer.summaries == 1
+    assert optimizer.last_summary.learning_rates == (0.0,)
+    assert optimizer.last_summary.kept == "the step with these learning rates is not finite"
+    assert optimizer.last_summary.cubic.eta.item() > torch.finfo(dtype).max  # what the solve gave
+    with pytest.warns(curvkit.CurvkitWarning, match="step skipped"):
+        optimizer.step()  # still due: the summary is taken again
+    assert optimizer.summaries == 2 and optimizer.skipped_steps == 2
+
+
 def test_a_non_finite_summary_keeps_the_rates_with_a_warning():
     model, data = tiny(), batches()
     hx, ht = batches(1, size=16, seed=3)[0]

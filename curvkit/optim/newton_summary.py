@@ -34,10 +34,13 @@ curvkit adds:
   built under :class:`curvkit.CompositeNorms` (torch 2.13's third derivatives
   through the fused ``LayerNorm`` are wrong), which also leaves training-mode
   BatchNorm's running statistics untouched by the summary.
-* **Never NaN parameters.** A step whose gradient is not finite is skipped
-  (buffers and parameters unchanged) with a :class:`curvkit.CurvkitWarning`; a
-  summary that is not finite, or whose cubic model has no minimiser nor
-  stationary point, keeps the previous learning rates with a warning that says why.
+* **Never NaN parameters.** A step whose gradient, or whose update ``lr_s u_s``,
+  is not finite (a rate from a nearly flat direction can overflow the parameters'
+  dtype) is skipped with a :class:`curvkit.CurvkitWarning`: parameters, momentum
+  buffers and learning rates unchanged (the new ones are computed aside), and a
+  summary due at that step is taken again at the next. A summary that is not
+  finite, or whose cubic model has no minimiser nor stationary point, keeps the
+  previous learning rates with a warning that says why.
 * **Checked input.** An empty subset, a parameter in two subsets, a loss that
   depends on parameters outside the partition (found by walking its autograd
   graph at the first summary), a loader that yields nothing, bad hyper-parameters:
@@ -60,6 +63,7 @@ summary was.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -180,7 +184,7 @@ class NewtonSummary(CurvatureOptimizer):
     Attributes:
         last_summary: The last :class:`SummaryStep` (``None`` before the first).
         summaries: Summaries computed so far.
-        skipped_steps: Steps skipped because the gradient was not finite.
+        skipped_steps: Steps skipped because the gradient or the update was not finite.
 
     Raises:
         ValueError: An empty subset, a parameter in two subsets, invalid
@@ -263,42 +267,70 @@ class NewtonSummary(CurvatureOptimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One training step (see the module docstring); the closure's loss if one is given.
 
+        The new momentum buffers, learning rates and updates are computed aside and
+        kept only if the updates are finite: a step whose gradient, or whose update
+        ``lr_s u_s`` (a learning rate so large that it overflows, or NaN), is not
+        finite is skipped with a :class:`curvkit.CurvkitWarning`, leaving the
+        parameters, the momentum buffers and the learning rates as they were.
+
         Raises:
             DataError: ``hg_loader`` yields nothing, or not ``(x, target)`` pairs.
             ValueError: ``full_loss`` depends on parameters outside the partition,
                 or does not return a scalar tensor with a graph to the parameters.
         """
         loss = self.evaluate(closure)
-        if not self._gradient_is_finite():
+        members = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        grads = [p.grad for params in members for p in params]  # as SGD: a parameter without one stays
+        if not all_finite(grads):
             self.skip("the gradient is not finite", unchanged="parameters and momentum unchanged")
             return loss
-        self._update_momentum()
+        buffers = self._momentum(members)
+        rates = [float(group["lr"]) for group in self.param_groups]
+        refresh = None
         if self._steps % self.period_hg == 0:
-            self._refresh_learning_rates()
+            refresh = self._new_learning_rates(buffers, rates)
+        new_rates = rates if refresh is None else list(refresh.learning_rates)
+        updates: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:  # as torch.optim.SGD: a parameter without gradient stays
-                        p.add_(self.state[p]["momentum_buffer"], alpha=-group["lr"])
+            for params, rate in zip(members, new_rates):
+                if params:  # -lr_s u_s, checked: a learning rate may overflow the parameters' dtype
+                    updates += zip(params, torch._foreach_mul([buffers[p] for p in params], -rate))
+            applied = self.apply_updates(
+                updates,
+                checks=[("momentum", list(buffers.values()))],
+                unchanged="parameters, momentum and learning rates unchanged",
+            )
+        if refresh is not None:
+            self.summaries += 1
+            if not applied:
+                why = "the step with these learning rates is not finite"
+                refresh = dataclasses.replace(refresh, learning_rates=tuple(rates), kept=why)
+            self.last_summary = refresh
+        if not applied:
+            return loss
+        for p, buffer in buffers.items():
+            self.state[p]["momentum_buffer"] = buffer
+        for group, rate in zip(self.param_groups, new_rates):
+            group["lr"] = rate
+        self._has_lrs = self._has_lrs or (refresh is not None and not refresh.kept)
         self._steps += 1
         return loss
 
-    def _gradient_is_finite(self) -> bool:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return all_finite(grads)
-
     @torch.no_grad()
-    def _update_momentum(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    state["momentum_buffer"] = p.grad.detach().clone()
-                else:
-                    buffer.mul_(group["momentum"]).add_(p.grad, alpha=1.0 - group["momentum_damp"])
+    def _momentum(self, members: list[list[Tensor]]) -> dict[Tensor, Tensor]:
+        """Each parameter's new momentum buffer, computed aside: the gradient at its first step, then
+        ``momentum * u + (1 - momentum_damp) * grad`` (per group)."""
+        buffers: dict[Tensor, Tensor] = {}
+        for group, params in zip(self.param_groups, members):
+            for p in params:
+                buffer = self.state[p].get("momentum_buffer")
+                grad = p.grad.detach()
+                buffers[p] = (
+                    grad.clone()
+                    if buffer is None
+                    else torch.add(buffer * group["momentum"], grad, alpha=1.0 - group["momentum_damp"])
+                )
+        return buffers
 
     # ------------------------------------------------------------------ the summary
     def _next_batch(self) -> tuple[Any, Any]:
@@ -333,19 +365,14 @@ class NewtonSummary(CurvatureOptimizer):
             target = target.to(device=reference.device)
         return x, target
 
-    def _summary(self) -> SummaryResult:
-        """``g_bar``, ``H_bar`` and ``D3`` of ``full_loss`` on the next batch, along the momentum."""
+    def _summary(self, buffers: dict[Tensor, Tensor]) -> SummaryResult:
+        """``g_bar``, ``H_bar`` and ``D3`` of ``full_loss`` on the next batch, along the new momentum."""
         x, target = self._next_batch()
         leaves = [p for group in self.param_groups for p in group["params"]]
         directions: list[list[Tensor | None]] = []
         for group in self.param_groups:
             members = {id(p) for p in group["params"]}
-            directions.append(
-                [
-                    self.state[p]["momentum_buffer"] if id(p) in members and p.grad is not None else None
-                    for p in leaves
-                ]
-            )
+            directions.append([buffers.get(p) if id(p) in members else None for p in leaves])
         with torch.enable_grad():
             with CompositeNorms():  # the forward pass only: the graph holds elementary operations
                 loss = self.full_loss(x, target)
@@ -384,9 +411,10 @@ class NewtonSummary(CurvatureOptimizer):
             )
         self._checked_partition = True
 
-    def _refresh_learning_rates(self) -> None:
-        summary = self._summary()
-        self.summaries += 1
+    def _new_learning_rates(self, buffers: dict[Tensor, Tensor], rates: list[float]) -> SummaryStep:
+        """The summary along ``buffers`` and the learning rates it gives (``rates``, the groups' current
+        ones, where it cannot give any: a warning says why); nothing is changed."""
+        summary = self._summary(buffers)
         cubic, kept = None, ""
         bad = [
             name
@@ -404,17 +432,18 @@ class NewtonSummary(CurvatureOptimizer):
             warnings.warn(
                 f"NewtonSummary: learning rates kept at step {self._steps}: {kept}",
                 CurvkitWarning,
-                stacklevel=3,
+                stacklevel=4,  # _new_learning_rates, step, torch.optim's step wrapper, the caller
             )
+            new = tuple(rates)
         else:
             assert cubic is not None
-            for group, eta in zip(self.param_groups, cubic.eta.tolist()):
-                rate = max(0.0, eta) if self.remove_negative else eta
-                r = group["mom_lrs"] if self._has_lrs else 0.0
-                group["lr"] = r * group["lr"] + (1.0 - r) * group["damping"] * rate
-            self._has_lrs = True
-        rates = tuple(float(group["lr"]) for group in self.param_groups)
-        self.last_summary = SummaryStep(self._steps, summary, cubic, rates, kept)
+            averaged = []
+            for group, rate, eta in zip(self.param_groups, rates, cubic.eta.tolist()):
+                eta = max(0.0, eta) if self.remove_negative else eta
+                r = group["mom_lrs"] if self._has_lrs else 0.0  # not applied to the first rates
+                averaged.append(r * rate + (1.0 - r) * group["damping"] * eta)
+            new = tuple(averaged)
+        return SummaryStep(self._steps, summary, cubic, new, kept)
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
