@@ -223,11 +223,17 @@ class ProblemOperator(CurvatureOperator):
         kept too.
         """
         options = dict(self.options)
-        if self.STOCHASTIC and "seed" in inspect.signature(type(self).__init__).parameters:
+        if self.STOCHASTIC and _takes_keyword(type(self).__init__, "seed"):
             options["seed"] = self.seed
         other = type(self)(problem, **options)
         other.name = self.name
         return other
+
+
+def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` takes the keyword argument ``name``: by name, or through ``**kwargs``."""
+    parameters = inspect.signature(function).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _constructor_options(cls: type, self: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

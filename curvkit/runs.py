@@ -74,6 +74,7 @@ from curvkit.data import (
 )
 from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError
 from curvkit.memory import fits
+from curvkit.operator import CurvatureOperator
 
 __all__ = [
     "DTYPES",
@@ -319,14 +320,32 @@ def _seeded(estimator: str, options: Mapping[str, Any] | None, seed: int) -> dic
     """``options`` with the command's ``seed`` for an estimator that takes one and was given none.
 
     A Monte-Carlo estimator draws a fresh seed when given none; the command's
-    ``--seed`` makes its numbers reproducible, and part of the run's key.
+    ``--seed`` makes its numbers reproducible, and part of the run's key. An
+    estimator takes a seed when its factory names ``seed``, or takes
+    ``**kwargs`` and is registered ``stochastic`` (the operator contract's
+    ``seed``: :mod:`curvkit.problem_operator`). One whose factory hides both
+    draws its own seed, which :func:`_drawn_seed` puts in the run's key.
     """
     from curvkit.registry import estimator_options, get_estimator
 
+    spec = get_estimator(estimator)
+    named = estimator_options(spec)
+    takes = "seed" in named if named is not None else bool(spec.flags.get("stochastic"))
     options = dict(options or {})
-    if "seed" not in options and "seed" in (estimator_options(get_estimator(estimator)) or ()):
+    if "seed" not in options and takes:
         options["seed"] = seed
     return options
+
+
+def _drawn_seed(operator: CurvatureOperator, options: Mapping[str, Any]) -> dict[str, int]:
+    """``{"estimator_seed": seed}`` for a Monte-Carlo operator that drew its own seed, else ``{}``.
+
+    Its numbers come from that seed, which no setting of the command fixes: in
+    the run's key, a second command starts another run instead of resuming
+    this one with other samples.
+    """
+    drawn = getattr(operator, "seed", None) if operator.STOCHASTIC and "seed" not in options else None
+    return {} if drawn is None else {"estimator_seed": int(drawn)}
 
 
 def resolve_estimator_options(
@@ -479,7 +498,8 @@ def prepare_analysis(
     problem.ensure_deterministic()
     options = _seeded(estimator, estimator_options, seed)
     analysis_dtype = ANALYSIS_DTYPES.get(settings.dtype, problem.dtype)
-    operator = curvature(estimator, problem, **options).astype(analysis_dtype)
+    built = curvature(estimator, problem, **options)
+    operator = built.astype(analysis_dtype)
     spec = get_estimator(estimator)
     reference = estimator_reference(spec, problem, max_dense_dim=reference_max_dim, options=options)
     other = None
@@ -503,6 +523,7 @@ def prepare_analysis(
         device=target,
         seed=seed,
     )
+    key.update(_drawn_seed(built, options))
     provenance = {  # the key's settings, as the user gave them, and what was found
         **{name: value for name, value in key.items() if name not in ("checkpoint", "device")},
         "checkpoint": str(Path(checkpoint)),

@@ -194,3 +194,66 @@ def test_kfac_eigenvalues_and_trace_come_from_its_factors(tmp_path):
     assert kfac["trace/hutchinson"]["structured"] is True and kfac["trace/hutchinson"]["matvecs"] == 0
     compare = kfac["compare/ggn"]
     assert compare["trace_method"] == "exact" and 0 < compare["value_error"] < 1 and compare["matvecs"] == 0
+
+
+class _KeywordFisher(curvkit.ProblemOperator):
+    """A Monte-Carlo Fisher whose constructor takes its options as ``**options`` (seed included)."""
+
+    SYMMETRIC, PSD, EXACT, STOCHASTIC = True, True, False, True
+
+    def __init__(self, problem, **options):
+        super().__init__(problem, **options)
+        self.fisher = curvkit.curvature("fisher", problem, seed=self.seed)
+
+    def _product(self, M, snapshot):
+        return self.fisher.matmat(M)
+
+
+@pytest.fixture
+def keyword_estimators():
+    """``kw-fisher`` (the class above) and ``hidden-seed``, a factory that hides its seed."""
+    plugin = type(json)("keyword_estimators")
+
+    @curvkit.hookimpl
+    def curvkit_register_estimators():
+        return [
+            curvkit.EstimatorSpec("kw-fisher", _KeywordFisher, "Fisher, options as **kwargs"),
+            curvkit.EstimatorSpec(
+                "hidden-seed", lambda problem, **options: _KeywordFisher(problem), "Fisher, own seed"
+            ),
+        ]
+
+    plugin.curvkit_register_estimators = curvkit_register_estimators
+    name = curvkit.register_plugin(plugin, name="keyword-estimators")
+    yield
+    curvkit.unregister_plugin(name=name)
+
+
+def test_a_monte_carlo_estimator_taking_kwargs_is_seeded_by_the_command(tmp_path, keyword_estimators):
+    first = analyze(tmp_path / "a.h5", "--curvature", "kw-fisher")[0]
+    again = analyze(tmp_path / "b.h5", "--curvature", "kw-fisher")[0]
+    assert first["key"]["estimator_options"] == {"seed": 0}
+    assert first["analyses"]["eigen/largest"]["values"] == again["analyses"]["eigen/largest"]["values"]
+
+
+def test_an_estimator_that_draws_its_own_seed_never_resumes_another_draw(tmp_path, keyword_estimators):
+    """Its seed is in the run's key: a second command starts a run of its own instead of adding
+    analyses of other samples to the first's."""
+    first = analyze(tmp_path / "a.h5", "--curvature", "hidden-seed")[0]
+    second = analyze(tmp_path / "a.h5", "--curvature", "hidden-seed")[0]
+    assert first["key"]["estimator_options"] == {} and "estimator_seed" in first["key"]
+    assert first["key"]["estimator_seed"] != second["key"]["estimator_seed"]
+    assert first["run_id"] != second["run_id"] and not second["resumed"]
+    assert "estimator_seed" not in analyze(tmp_path / "c.h5", "--curvature", "fisher")[0]["key"]
+
+
+def test_a_block_of_a_kwargs_monte_carlo_estimator_keeps_its_seed(keyword_estimators):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    data = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    problem = curvkit.Problem(model, "cross_entropy", data)
+    operator = curvkit.curvature("kw-fisher", problem)
+    block = operator.restrict(["0.weight", "0.bias"])
+    assert block.seed == operator.seed
+    n = block.shape[0]  # the first layer's entries come first
+    full = operator.to_dense()
+    assert torch.allclose(block.to_dense(), full[:n, :n], rtol=1e-12, atol=1e-14)
