@@ -295,17 +295,33 @@ def _remember(facts: dict, base: Tensor, region: tuple, version: int, value: Any
 
 
 def contents_equal(tensors: Sequence[Tensor], values: Sequence[Tensor]) -> bool:
-    """Whether each tensor equals its value entry for entry (as :func:`torch.equal`), one sync per device.
+    """Whether each tensor equals its value entry for entry, NaN equal to NaN, one sync per device.
 
-    CPU tensors are compared with :func:`torch.equal` (no synchronisation to
-    save); on other devices the per-tensor flags are reduced on the device and
-    read back once.
+    As :func:`torch.equal`, but a NaN equals a NaN in the same place: a model
+    with a NaN entry it does not use (a buffer) is unchanged, not a new model
+    to snapshot and probe at every product. CPU tensors are compared with
+    :func:`torch.equal` (no synchronisation to save); on other devices the
+    per-tensor flags are reduced on the device and read back once. NaNs are
+    looked for only where the plain comparison fails (a second pass).
     """
-    flags: dict[torch.device, list[Tensor]] = {}
+    on_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
     for t, v in zip(tensors, values):
+        t = t.detach()
         if t.device.type == "cpu":
-            if not torch.equal(t.detach(), v):
+            if not torch.equal(t, v) and not bool(_equal_or_both_nan(t, v).all()):
                 return False
         else:
-            flags.setdefault(t.device, []).append(torch.eq(t.detach(), v).all())
-    return all(bool(torch.stack(device_flags).all()) for device_flags in flags.values())
+            on_device.setdefault(t.device, []).append((t, v))
+    return all(
+        bool(torch.stack([torch.eq(t, v).all() for t, v in pairs]).all())
+        or bool(torch.stack([_equal_or_both_nan(t, v).all() for t, v in pairs]).all())
+        for pairs in on_device.values()
+    )
+
+
+def _equal_or_both_nan(a: Tensor, b: Tensor) -> Tensor:
+    """Entry by entry, ``a == b`` or both NaN (for tensors of equal shape and dtype)."""
+    same = torch.eq(a, b)
+    if a.is_floating_point() or a.is_complex():
+        same |= torch.isnan(a) & torch.isnan(b)
+    return same

@@ -207,3 +207,15 @@ def test_a_loss_with_its_weights_on_the_gpu_counts_on_the_host_and_sees_in_place
         module.weight[1] = -1.0
     with pytest.raises(curvkit.NonConvexLossError):
         loss.output_hessian_factor(outputs, targets)
+
+
+def test_snapshot_contents_on_cuda_count_a_nan_equal_to_itself():
+    from curvkit.snapshot import contents_equal
+
+    t = torch.tensor([1.0, float("nan"), 3.0], device="cuda")
+    n = torch.arange(3, device="cuda")
+    assert contents_equal([t, n], [t.clone(), n.clone()])
+    other = t.clone()
+    other[0] = 2.0
+    assert not contents_equal([t, n], [other, n.clone()])
+    assert not contents_equal([t, n], [t.clone(), n + 1])

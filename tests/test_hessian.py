@@ -247,3 +247,30 @@ def test_auto_chooses_after_timed_trials_without_extra_products():
         decided = H.engine.batched.chosen(3) is not None
         assert decided == (call >= 5)  # six alternating trials, then a choice
     assert H.data_passes == 1 and H.matvecs == 21
+
+
+def test_a_nan_the_model_does_not_use_is_no_change_of_the_model(monkeypatch):
+    """A NaN equals itself in the snapshot's comparison: products reuse the snapshot and the
+    determinism probe runs once, while a change of any other entry is still noticed."""
+    problem = get_case("tanh-mlp-ce").problem()
+    problem.model.register_buffer("unused", torch.tensor([1.0, float("nan")], dtype=torch.float64))
+    passes: list[int] = []  # the determinism probe's passes over the data
+    pass_over_data = curvkit.Problem.loss_and_gradient
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        return pass_over_data(self, *args, **kwargs)
+
+    monkeypatch.setattr(curvkit.Problem, "loss_and_gradient", counted)
+    H = curvkit.curvature("hessian", problem)
+    snapshots = {id(problem.current_snapshot()) for _ in range(3)}
+    v = torch.randn(problem.dim, dtype=torch.float64)
+    first = H @ v
+    for _ in range(3):
+        assert torch.equal(H @ v, first)
+    assert len(snapshots) == 1 and id(problem.current_snapshot()) in snapshots
+    assert len(passes) == 2  # one probe: two passes
+    problem.model.unused.data[0] = 2.0  # bypasses the version counter: found by the comparison
+    assert id(problem.current_snapshot()) not in snapshots
+    problem.params[0].data.mul_(1.5)
+    assert rel(H @ v, dense_hessian_reference(problem) @ v) < 1e-12
