@@ -117,7 +117,9 @@ def main() -> None:
     that ``--model mymodels:Net`` and ``--data mydata:load`` find ``mymodels.py``
     and ``mydata.py`` there. Under ``torchrun`` only process 0 prints curvkit's
     errors and warnings: the processes run the same command on the same inputs,
-    so they meet the same ones.
+    so they meet the same ones, and what one process's shard of the data alone
+    causes reaches process 0 as a :class:`curvkit.ProcessFailedError` with its
+    message (:func:`curvkit.distributed.shared_failures`).
     """
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

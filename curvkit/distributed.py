@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from curvkit.errors import CurvkitError
+from curvkit.errors import CurvkitError, ProcessFailedError
 
 __all__ = [
     "broadcast_object",
@@ -72,6 +72,7 @@ __all__ = [
     "process",
     "process_seed",
     "reduce_sums",
+    "shared_failures",
     "shared_seed",
 ]
 
@@ -160,7 +161,9 @@ def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
     return rebuild(iter(summed)), count
 
 
-def _reduce_header(count: float, entries: int, size: int, device: torch.device) -> tuple[float, bool]:
+def _reduce_header(
+    count: float, entries: int, size: int, device: torch.device, failure: Exception | None = None
+) -> tuple[float, bool]:
     """The total count, and whether every process has ``entries`` entries, in one float64 all-reduce.
 
     The entries (fewer than ``2^40``) are split as ``e = a 2^20 + b`` with ``a``
@@ -169,13 +172,64 @@ def _reduce_header(count: float, entries: int, size: int, device: torch.device) 
     for ``b`` (equality in the Cauchy-Schwarz inequality). The sums are integers
     below ``2^53`` for fewer than 8,192 processes, so float64 holds them exactly
     and the comparison is made in Python integers. Every process decides from
-    the same sums, so all raise or none does.
+    the same sums, so all raise or none does. The last entry counts the
+    processes whose share failed (``failure``, :func:`shared_failures`): where one
+    did, every process learns it here and all end (:func:`_end_together`).
     """
     high, low = divmod(entries, 2**20)
-    header = torch.tensor([count, high, high**2, low, low**2], dtype=torch.float64, device=device)
+    header = torch.tensor(
+        [count, high, high**2, low, low**2, float(failure is not None)], dtype=torch.float64, device=device
+    )
     dist.all_reduce(header)
-    total, a, a2, b, b2 = header.tolist()
+    total, a, a2, b, b2, failures = header.tolist()
+    if failures:
+        _end_together(failure)
     return total, size * int(a2) == int(a) ** 2 and size * int(b2) == int(b) ** 2
+
+
+@contextlib.contextmanager
+def shared_failures() -> Iterator[None]:
+    """Around a process's own share of a data pass: a failure there ends every process, with its message.
+
+    In a data-parallel run the processes meet next at the reduction of the pass
+    (:func:`reduce_sums`), where a process whose share raised (a bad batch, an
+    empty shard: what its data alone causes) would never arrive, leaving the
+    others waiting in the collective. Here it arrives with its failure instead:
+    it joins the reduction's first all-reduce saying so, every process learns
+    it there, and all end together: the failed ones with their own exception,
+    the others with a :class:`~curvkit.errors.ProcessFailedError` carrying the
+    first failed process's message (which process 0, the one that reports,
+    prints). In one process, or outside a data-parallel run, it does nothing.
+    A failure already shared (one pass inside another) is not shared again.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if is_data_parallel() and not getattr(exc, "_curvkit_shared", False):
+            exc._curvkit_shared = True  # type: ignore[attr-defined]
+            _reduce_header(0.0, 0, process()[1], collective_device(), failure=exc)  # joins the others
+        raise
+
+
+def _end_together(failure: Exception | None) -> None:
+    """Every process's failure, in one line (``None`` where there is none), gathered; a process without
+    one raises :class:`ProcessFailedError` with the first, one with a ``failure`` returns (to re-raise it).
+
+    The line is curvkit's message for a :class:`CurvkitError` (said on purpose), else the exception's
+    type and message."""
+    size = process()[1]
+    own = None
+    if failure is not None:
+        lines = str(failure).strip().splitlines()
+        own = lines[0] if lines and isinstance(failure, CurvkitError) else type(failure).__name__
+        if lines and not isinstance(failure, CurvkitError):
+            own += f": {lines[0]}"
+    messages: list[str | None] = [None] * size
+    dist.all_gather_object(messages, own)
+    if failure is not None:
+        return
+    first = next(rank for rank, message in enumerate(messages) if message is not None)
+    raise ProcessFailedError(f"process {first} of {size}: {messages[first]}", first)
 
 
 def _is_number(value: Any) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "NotNegativeLogLikelihoodError",
     "ParameterSelectionError",
     "PluginError",
+    "ProcessFailedError",
     "ShapeMismatchError",
     "UnknownEstimatorError",
     "UnknownLossError",
@@ -30,6 +31,22 @@ __all__ = [
 
 class CurvkitError(Exception):
     """Base class of every error curvkit raises on purpose."""
+
+
+class ProcessFailedError(CurvkitError):
+    """Another process of a data-parallel run failed on its shard of the data; its message is this one's.
+
+    Raised in every process but the failed one(s), at the reduction those were
+    to join (:func:`curvkit.distributed.shared_failures`), so that all end
+    together with the failure's message instead of waiting in a collective.
+
+    Attributes:
+        failed: The rank of the (first) process that failed.
+    """
+
+    def __init__(self, message: str, failed: int) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 class CurvkitWarning(UserWarning):

@@ -481,7 +481,7 @@ class Problem:
         """
         total: Any = None
         count: float = 0
-        with self.evaluation():
+        with self.evaluation(), self._shared_failures():
             for inputs, targets in self.batches():
                 part, c = per_batch(inputs, targets)
                 total = _add(total, part)
@@ -579,13 +579,18 @@ class Problem:
                 the inputs, its outputs do not fit the targets and the loss, or
                 the loss is not finite.
         """
-        with torch.no_grad(), self.evaluation():
+        with torch.no_grad(), self.evaluation(), self._shared_failures():
             inputs, targets = next(iter(self.batches()))
             total, _ = self.loss_terms([p.detach() for p in self.params], inputs, targets)
-        if not bool(torch.isfinite(total)):
-            raise DataError(
-                "the loss or its gradient is not finite on the first batch (NaN/Inf in weights or data?)"
-            )
+            if not bool(torch.isfinite(total)):
+                raise DataError(
+                    "the loss or its gradient is not finite on the first batch (NaN/Inf in weights or data?)"
+                )
+
+    def _shared_failures(self) -> contextlib.AbstractContextManager:
+        """Around this process's share of a pass: in a data-parallel run, a failure there ends every
+        process at the reduction they meet next (:func:`curvkit.distributed.shared_failures`)."""
+        return distributed.shared_failures() if self.data_parallel else contextlib.nullcontext()
 
 
 def _listing(names: Sequence[str], limit: int = 4) -> str:

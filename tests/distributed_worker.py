@@ -6,7 +6,8 @@ and a trace, for each form of data, and saves them to ``OUT/rank<r>.pt`` (every
 process saves its own, so that the test can check that the processes agree with
 each other and with a run of one process). ``MODE`` ``fail`` makes process 1
 raise after the first product, to check that the others end too; ``mismatch``
-reduces sums of different sizes, which every process must refuse.
+reduces sums of different sizes, which every process must refuse; ``bad-shard``
+puts a bad sample in process 1's shard, which must end every process with its message.
 """
 
 from __future__ import annotations
@@ -83,11 +84,44 @@ def battery(fail: bool = False) -> dict[str, object]:
     return results
 
 
+def _bad_shards() -> list[str]:
+    """What each step of a run with a bad sample in process 1's shard raised, one line each.
+
+    The case's 13 samples are split 6 and 7; a class index out of range at sample
+    6 fails process 1's first batch (``check_batch``), at sample 12 its last batch
+    of the pass. Each step checks the batch and then takes a pass, as
+    ``curvkit analyze`` does; the last step, on good data, shows that the
+    processes are still in step after the failures.
+    """
+    case = get_case("tanh-mlp-ce")
+    lines = []
+    for bad in (6, 12, None):
+        torch.manual_seed(0)
+        model, inputs, targets = case.build(torch.float64)
+        if bad is not None:
+            targets = targets.clone()
+            targets[bad] = 99
+        problem = curvkit.Problem(model, case.loss, (inputs, targets), batch_size=3)
+        try:
+            problem.check_batch()
+            loss, _ = problem.loss_and_gradient()
+            lines.append(f"loss {loss.item():.12g}")
+        except curvkit.CurvkitError as exc:
+            lines.append(f"{type(exc).__name__}: {exc}")
+    return lines
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     fail = len(sys.argv) > 2 and sys.argv[2] == "fail"
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
+    if len(sys.argv) > 2 and sys.argv[2] == "bad-shard":  # one process's data fails: all end together
+        rank = curvkit.distributed.process()[0]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{rank}.txt").write_text("\n".join(_bad_shards()))
+        dist.destroy_process_group()
+        return
     if len(sys.argv) > 2 and sys.argv[2] == "mismatch":  # sums of different sizes: every process raises
         rank = curvkit.distributed.process()[0]
         try:

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from curvkit.datasets import bundled_file
+from curvkit.datasets import bundled_file, load_dataset
 from curvkit.store import ResultsStore
 
 MLP = str(bundled_file("digits_mlp.pt"))
@@ -113,6 +113,24 @@ def test_a_bad_input_is_one_line_from_process_0(tmp_path, run_curvkit):
     assert len(lines) == 1 and lines[0].startswith("curvkit: error:") and "no-such-estimator" in lines[0], (
         done.stderr
     )
+
+
+@pytest.mark.parametrize("bad", ["shard", "empty"])
+def test_a_failure_of_one_process_s_data_is_one_line(tmp_path, run_curvkit, bad):
+    """Bad samples in process 1's shard only, or no batch for process 0: one line, the failure's,
+    whichever process met it (process 0 reports), and the others end with it instead of a traceback."""
+    if bad == "shard":
+        X, y = load_dataset("digits")
+        y = y[:64].clone()
+        y[40:] = 11  # the second half of 64 samples: process 1's shard
+        torch.save({"inputs": X[:64], "targets": y}, tmp_path / "bad.pt")
+        options, expected = ["--data", "bad.pt", "--batch-size", "16"], "process 1 of 2: cross_entropy: class"
+    else:
+        options, expected = ["--max-samples", "1"], "process 0 of 2 has no batch of the data"
+    done = run_curvkit("analyze", MLP, *options, "--top-k", "1", "--nproc", "2", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("curvkit: error: ") and expected in lines[0], done.stderr
 
 
 def test_nproc_must_be_positive(tmp_path, run_curvkit):

@@ -180,6 +180,19 @@ def test_sums_of_different_sizes_are_refused_by_every_process(tmp_path):
         assert "the processes' data sums differ in size" in message, message
 
 
+def test_a_bad_shard_ends_every_process_with_its_message(tmp_path):
+    """A failure of one process's data (its first batch, or a later one of a pass) reaches the others
+    at the reduction they meet next: all end, the others with that message, and stay in step."""
+    done = _run(tmp_path / "bad", 2, "bad-shard", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = ((tmp_path / "bad" / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    out_of_range = "class index"
+    for step in (0, 1):  # process 1 fails at check_batch, then during the pass
+        assert second[step].startswith("DataError: ") and out_of_range in second[step], second[step]
+        assert first[step] == f"ProcessFailedError: process 1 of 2: {second[step].split(': ', 1)[1]}"
+    assert first[2] == second[2] and first[2].startswith("loss ")  # good data afterwards: in step
+
+
 @pytest.mark.parametrize(
     "config, data, expected",
     [
