@@ -200,12 +200,15 @@ def shared_failures() -> Iterator[None]:
     the others with a :class:`~curvkit.errors.ProcessFailedError` carrying the
     first failed process's message (which process 0, the one that reports,
     prints). In one process, or outside a data-parallel run, it does nothing.
-    A failure already shared (one pass inside another) is not shared again.
+    A failure already shared (by a pass inside this one, or another process's, learnt
+    there) is not shared again.
     """
     try:
         yield
     except Exception as exc:
-        if is_data_parallel() and not getattr(exc, "_curvkit_shared", False):
+        # shared already: another process's failure learnt here, or this one's by an inner pass
+        shared = isinstance(exc, ProcessFailedError) or getattr(exc, "_curvkit_shared", False)
+        if is_data_parallel() and not shared:
             exc._curvkit_shared = True  # type: ignore[attr-defined]
             _reduce_header(0.0, 0, process()[1], collective_device(), failure=exc)  # joins the others
         raise
