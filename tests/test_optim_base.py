@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import threading
 
 import pytest
@@ -246,3 +248,14 @@ def test_a_group_is_checked_from_the_table_kept_normalised_and_not_added_when_in
     assert len(optimizer.param_groups) == 2
     with pytest.raises(ValueError, match="real floating-point tensors, got one of dtype torch.int64"):
         curvkit.optim.Shampoo([torch.zeros(2, dtype=torch.long)])
+
+
+def test_the_optimizer_modules_share_the_bases_checks():
+    import curvkit.optim.base as base
+
+    for info in pkgutil.iter_modules(curvkit.optim.__path__):
+        module_name = info.name
+        module = importlib.import_module(f"curvkit.optim.{module_name}")
+        for name in dir(base):
+            if name.startswith("check_") and hasattr(module, name):
+                assert getattr(module, name) is getattr(base, name), f"curvkit.optim.{module_name}.{name}"

@@ -69,6 +69,7 @@ from curvkit.operator import CurvatureOperator, DiagonalOperator
 from curvkit.optim.base import (
     CurvatureOptimizer,
     check_choice,
+    check_flag,
     check_fraction,
     check_integer,
     check_positive,
@@ -77,7 +78,6 @@ from curvkit.optim.base import (
 from curvkit.optim.newton import (
     all_finite,
     check_curvature_options,
-    check_flag,
     check_model_owns,
     learning_rates,
     loss_at,

@@ -89,13 +89,6 @@ would not be bit-identical)."""
 
 
 # ---------------------------------------------------------------------- shared helpers
-def check_flag(name: str, value: Any) -> bool:
-    """``value`` if it is ``True`` or ``False``, else a ValueError."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 def check_curvature_options(
     name: str, options: Mapping[str, Any] | None, default: Mapping[str, Any]
 ) -> dict[str, Any]:
