@@ -452,6 +452,28 @@ def test_hessian_free_skips_a_step_whose_loss_would_not_be_finite_and_raises_the
     assert torch.equal(flat(model), before) and optimizer.damping == 1.5 and optimizer.skipped_steps == 1
 
 
+@pytest.mark.parametrize(
+    "lr, why",
+    [
+        (1e300, "the batch's loss after the step would not be finite"),
+        (1e6, "the line search found no sufficient decrease"),
+    ],
+)
+def test_a_skipped_hessian_free_step_keeps_the_warm_start_of_the_last_step_taken(lr, why):
+    model, X, Y = least_squares()
+    optimizer = HessianFree(model.parameters(), model=model, loss_fn="mse", cg_maxiter=3)
+    optimizer.step(batch=(X, Y))
+    taken = optimizer.last_solve
+    kept = [optimizer.state[p]["warm_start"].clone() for p in model.parameters()]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with pytest.warns(curvkit.CurvkitWarning, match=why):
+        optimizer.step(batch=(X, 2 * Y))  # another batch: another CG solution
+    assert optimizer.last_info["skipped"] and optimizer.skipped_steps == 1
+    assert optimizer.last_solve is not taken and not torch.equal(optimizer.last_solve.x, taken.x)
+    assert all(torch.equal(optimizer.state[p]["warm_start"], w) for p, w in zip(model.parameters(), kept))
+
+
 def test_step_needs_the_batch_and_a_closure_only_gives_the_loss():
     model, X, Y = least_squares()
     for optimizer in (

@@ -22,9 +22,10 @@ registered estimator on the batch's :class:`curvkit.Problem`. Then:
    A non-positive curvature ``p^T (H + lambda I) p <= 0`` (the Hessian is
    indefinite) stops CG at its last iterate (truncated CG, still a descent
    direction) and counts as a bad step for the damping (``lambda <- 3/2 lambda``).
-2. **Warm start**: CG starts from ``zeta d_prev``, the previous step's final CG
-   solution (not the backtracked one) decayed by ``zeta = warm_start_decay``
-   (0.95, as Martens), kept per parameter in ``state[p]["warm_start"]``.
+2. **Warm start**: CG starts from ``zeta d_prev``, the final CG solution (not
+   the backtracked one) of the previous step taken, decayed by ``zeta =
+   warm_start_decay`` (0.95, as Martens), kept per parameter in
+   ``state[p]["warm_start"]``.
 3. **CG backtracking**: the iterates at iterations ``ceil(1.3^j)`` and the last
    are kept (through :func:`curvkit.solve`'s ``callback``); starting from the
    last, the batch loss ``f(theta + eta d_i)`` is evaluated going back while it
@@ -48,7 +49,9 @@ registered estimator on the batch's :class:`curvkit.Problem`. Then:
 
 A step whose batch loss after the update would not be finite is skipped (with a
 :class:`curvkit.CurvkitWarning`, ``lambda`` increased), as is one whose
-gradient is not finite (``lambda`` and the warm start kept). The gradient is
+gradient is not finite (``lambda`` kept). A skipped step (for these reasons, a
+failed line search or a non-finite update) keeps the warm start it would have
+replaced: its CG solution is kept only with the step taken. The gradient is
 that of the batch's problem, so a training loop needs neither ``zero_grad()``
 nor ``backward()``; ``p.grad`` is neither read nor written.
 """
@@ -254,7 +257,9 @@ class HessianFree(CurvatureOptimizer):
             return result
         with torch.enable_grad():
             G = curvature_of(self.curvature, problem, **self.curvature_options)
-            final, kept = self._conjugate_gradient(problem, G, g, lam)
+            solved, kept = self._conjugate_gradient(problem, G, g, lam)
+            self.last_solve = solved
+            final = solved.iterations
             rate = learning_rates(self, problem)
             chosen, loss_after = self._backtrack(problem, final, kept, rate)
             delta = rate * kept[chosen]
@@ -264,11 +269,10 @@ class HessianFree(CurvatureOptimizer):
         if self.adapt_damping:  # a model predicting no decrease, or a non-finite loss: a bad step
             good = model_change < 0 and math.isfinite(float(loss_after))
             rho = (float(loss_after) - float(loss)) / model_change if good else -math.inf
-        assert self.last_solve is not None
-        status = self.last_solve.status
+        status = solved.status
         self.last_info.update(
             loss_after=float(loss_after), cg_iteration=chosen, cg_iterations=final,
-            cg_reason=self.last_solve.reason, cg_status=status, rho=rho, alpha=1.0,
+            cg_reason=solved.reason, cg_status=status, rho=rho, alpha=1.0,
         )  # fmt: skip
         indefinite = status == "non-positive-curvature"
         if self.adapt_damping and (bool(delta.any()) or indefinite):
@@ -288,12 +292,19 @@ class HessianFree(CurvatureOptimizer):
             updates_of(problem, alpha * delta if alpha != 1.0 else delta), what="step"
         )
         self.last_info["skipped"] = not applied
+        if applied and all_finite(solved.x):  # the warm start is kept only with the step taken
+            for p, part in zip(problem.params, problem.layout.unflatten(solved.x)):
+                self.state[p]["warm_start"] = part.detach().clone()
         return result
 
     def _conjugate_gradient(
         self, problem: Problem, G: CurvatureOperator, g: Tensor, lam: float
-    ) -> tuple[int, dict[int, Tensor]]:
-        """CG on ``(G + lam I) d = -g``: the last iteration and the kept iterates by iteration."""
+    ) -> tuple[SolveResult, dict[int, Tensor]]:
+        """CG on ``(G + lam I) d = -g``: its result and the kept iterates by iteration (the last included).
+
+        Nothing is kept in the optimizer: the caller keeps the solution as the next
+        warm start only if the step is taken.
+        """
         params = problem.params
         x0 = None
         if self.warm_start and all("warm_start" in self.state[p] for p in params):
@@ -323,13 +334,8 @@ class HessianFree(CurvatureOptimizer):
                 G, -g, method="cg", damping=lam, tol=self.cg_tol, maxiter=self.cg_maxiter,
                 preconditioner=M, x0=x0, callback=record,
             )  # fmt: skip
-        self.last_solve = solved
-        final = solved.iterations
-        kept[final] = solved.x
-        if all_finite(solved.x):
-            for p, part in zip(params, problem.layout.unflatten(solved.x)):
-                self.state[p]["warm_start"] = part.detach().clone()
-        return final, kept
+        kept[solved.iterations] = solved.x
+        return solved, kept
 
     def _backtrack(
         self, problem: Problem, final: int, kept: dict[int, Tensor], rate: Tensor
