@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 
 import pytest
 import torch
@@ -435,12 +436,12 @@ def test_a_third_party_estimator_preconditions_with_its_exact_damped_solve(third
     backward(model, X, y)
     grads = [p.grad.clone() for p in model.parameters()]
     with pytest.warns(
-        curvkit.CurvkitWarning, match="left unchanged: the preconditioned gradient is not finite"
+        curvkit.CurvkitWarning,
+        match=r"left unchanged: the 'test-broken' curvature of this batch is not finite \(no curvature yet",
     ):
         assert not broken.step(batch=(X, y))
-    assert (
-        all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads)) and broken.skipped_steps == 1
-    )
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert broken.skipped_steps == 1 and broken.operator is None
     with pytest.raises(curvkit.UnknownOptionError, match="takes no option 'scale'"):
         CurvaturePreconditioner(model, "ggn", loss_fn="cross_entropy", scale=2.0)
 
@@ -578,8 +579,37 @@ def test_decay_a_non_finite_batch_is_skipped_and_the_state_resumes_exactly_betwe
     grads = [p.grad.clone() for p in model.parameters()]
     before = precond.running.operator().to_dense()
     precond.steps = 0  # an update step
-    with pytest.warns(curvkit.CurvkitWarning, match="gradients left unchanged: .*not finite") as record:
+    with pytest.warns(
+        curvkit.CurvkitWarning,
+        match=r"gradients left unchanged: .*not finite.*\(the running average unchanged\)",
+    ) as record:
         assert not precond.step(batch=bad)
     assert record[0].filename == __file__
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     assert torch.equal(precond.running.operator().to_dense(), before)
+
+
+def test_without_decay_a_non_finite_update_batch_keeps_the_previous_curvature():
+    model = mlp()
+    X, y = batch("cross_entropy", n=16)
+    bad = X[:8].clone()
+    bad[0, 0] = float("nan")
+    precond = CurvaturePreconditioner(model, "ggn", loss_fn="cross_entropy", update_freq=3)
+    backward(model, X[:8], y[:8])
+    assert precond.step(batch=(X[:8], y[:8]))  # step 0: an update
+    operator = precond.operator
+    for step, inputs in enumerate([X[8:], X[8:], bad, X[8:], X[8:]], start=1):  # step 3: an update
+        backward(model, inputs, y[8:])
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always", curvkit.CurvkitWarning)
+            rewritten = precond.step(batch=(inputs, y[8:]))
+        messages = [str(w.message) for w in record if issubclass(w.category, curvkit.CurvkitWarning)]
+        if step == 3:
+            assert not rewritten and messages == [
+                "CurvaturePreconditioner: gradients left unchanged: the 'ggn' curvature of this batch is not "
+                "finite (the previous curvature kept)"
+            ]
+        else:  # the batch before the refused one preconditions the steps after it
+            assert rewritten and messages == []
+        assert precond.operator is operator
+    assert precond.updates == 1 and precond.skipped_steps == 1 and precond.steps == 6

@@ -29,7 +29,10 @@ on the step's batch; in between, the latest one is reused, as kfac-pytorch
 reuses its factors: a structured inverse is that of the update's batch and
 parameters; a matrix-free operator multiplies on the update's batch (at the
 current parameters, unless the estimator caches work per model state, as the
-Hessian's gradient graphs).
+Hessian's gradient graphs). An update batch whose curvature is not finite is
+refused: that step leaves the gradients as they were (with a
+:class:`curvkit.CurvkitWarning`) and the latest operator (or running average)
+preconditions the steps until the next update.
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvkit.errors import CurvkitWarning, NonFiniteError, UnknownEstimatorError
+from curvkit.finite import all_finite
 from curvkit.layout import select_parameters
-from curvkit.linalg.solve import InverseOperator, inverse, solvers
+from curvkit.linalg.solve import SolveResult, solve, solvers
 from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import check_integer, check_positive, unpack_batch, warn_if_data_parallel
 from curvkit.problem import Problem
@@ -98,8 +102,8 @@ class CurvaturePreconditioner:
     Attributes:
         steps: Calls of :meth:`step`.
         updates: Times ``A`` was built.
-        skipped_steps: Steps whose gradient or preconditioned gradient was not
-            finite (``.grad`` left unchanged).
+        skipped_steps: Steps whose gradient, preconditioned gradient or update
+            batch's curvature was not finite (``.grad`` left unchanged).
         operator: The latest ``A`` (``None`` before the first step).
         running: The :class:`curvkit.RunningCurvature` with ``decay``, else ``None``.
         last_solve: The :class:`curvkit.SolveResult` of the latest solve by a
@@ -136,8 +140,8 @@ class CurvaturePreconditioner:
         self._configure(estimator, damping, solver, update_freq, decay, solver_options, estimator_options)
         self.steps = self.updates = self.skipped_steps = 0
         self.operator: CurvatureOperator | None = None
-        self.last_solve: Any = None
-        self._inverse: CurvatureOperator | None = None
+        self.last_solve: SolveResult | None = None
+        self._inverse: CurvatureOperator | None = None  # the operator's structured inverse, if it is used
 
     def _configure(
         self,
@@ -180,27 +184,40 @@ class CurvaturePreconditioner:
     def update(self, inputs: Any, targets: Any) -> CurvatureOperator:
         """Build ``A`` on the batch (folded into the running average with ``decay``) and its damped inverse.
 
+        Without ``decay``, the batch's ``A`` is kept only if its product with a
+        vector of ones is finite (one product: a NaN or an infinity anywhere in
+        ``A`` reaches it).
+
         Raises:
-            NonFiniteError: With ``decay``, the batch's curvature is not finite (the
-                average, ``A`` and its inverse are left as they were).
+            NonFiniteError: The batch's curvature is not finite (the average, ``A``
+                and its inverse are left as they were).
         """
         problem = self.batch_problem(inputs, targets)
         if self.running is not None:
             operator = self.running.update(problem)
         else:
             operator = curvature(self.estimator, problem, **self.estimator_options)
+            ones = torch.ones(operator.shape[1], dtype=operator.dtype, device=operator.device)
+            if not all_finite([operator @ ones]):
+                raise NonFiniteError(f"the {self.estimator!r} curvature of this batch is not finite")
         self._use(operator)
         self.updates += 1
         return operator
 
     def _use(self, operator: CurvatureOperator) -> None:
-        """Make ``operator`` the ``A`` that preconditions, with its damped inverse."""
+        """Make ``operator`` the ``A`` that preconditions, with its structured damped inverse where used."""
         self.operator = operator
-        if self.solver == "auto" and "inverse" in operator.STRUCTURE:
-            self._inverse = operator.inverse(self.damping)
-        else:
-            method = "cg" if self.solver == "auto" else self.solver
-            self._inverse = inverse(operator, method=method, damping=self.damping, **self.solver_options)
+        structured = self.solver == "auto" and "inverse" in operator.STRUCTURE
+        self._inverse = operator.inverse(self.damping) if structured else None
+
+    def _precondition(self, gradient: Tensor) -> tuple[Tensor, SolveResult | None]:
+        """``(A + damping I)^-1 gradient``, and the solver's result (``None`` for a structured inverse)."""
+        if self._inverse is not None:
+            return self._inverse @ gradient, None
+        assert self.operator is not None
+        method = "cg" if self.solver == "auto" else self.solver
+        solved = solve(self.operator, gradient, method, self.damping, **self.solver_options)
+        return solved.x, solved
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -219,24 +236,29 @@ class CurvaturePreconditioner:
             raise ValueError(
                 "CurvaturePreconditioner.step: no parameter has a .grad; call loss.backward() first"
             )
-        due = self._inverse is None or self.steps % self.update_freq == 0
+        due = self.operator is None or self.steps % self.update_freq == 0
         if due:
             inputs, targets = unpack_batch(type(self).__name__, batch, " at an update step")
             try:
                 with torch.enable_grad():
                     self.update(inputs, targets)
-            except NonFiniteError as exc:  # the running average refused the batch
+            except NonFiniteError as exc:  # the batch's curvature was refused
                 self.steps += 1
-                return self._skip(f"{exc} (gradients and running average unchanged)")
+                if self.running is not None:
+                    kept = "the running average unchanged"
+                elif self.operator is not None:
+                    kept = "the previous curvature kept"
+                else:
+                    kept = "no curvature yet: built at the next step"
+                return self._skip(f"{exc} ({kept})")
         self.steps += 1
-        assert self._inverse is not None
+        assert self.operator is not None
         gradient = torch.cat(
             [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
-        ).to(self._inverse.dtype)
+        ).to(self.operator.dtype)
         finite_in = torch.isfinite(gradient).all()
         with torch.enable_grad():
-            preconditioned = self._inverse @ gradient
-        self.last_solve = self._inverse.last if isinstance(self._inverse, InverseOperator) else None
+            preconditioned, self.last_solve = self._precondition(gradient)
         stopped_non_finite = self.last_solve is not None and self.last_solve.status == "non-finite"
         if stopped_non_finite or not bool(finite_in & torch.isfinite(preconditioned).all()):
             what = "gradient" if not bool(finite_in) else "preconditioned gradient"
