@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import threading
 
@@ -259,3 +260,34 @@ def test_the_optimizer_modules_share_the_bases_checks():
         for name in dir(base):
             if name.startswith("check_") and hasattr(module, name):
                 assert getattr(module, name) is getattr(base, name), f"curvkit.optim.{module_name}.{name}"
+
+
+def make_optimizer(name: str, params, model: nn.Module, **settings):
+    """Optimizer ``name`` of ``params`` (of ``model``), given the model and loss where it takes them."""
+    batch = {"model": model, "loss_fn": "cross_entropy"} if name in BATCH_OPTIMIZERS else {}
+    return getattr(curvkit.optim, name)(params, **batch, **settings)
+
+
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
+def test_a_group_setting_a_hyper_parameter_of_the_whole_optimizer_is_refused(name):
+    model, _, _ = model_and_batch()
+    optimizer = make_optimizer(name, model[0].parameters(), model)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    signature = inspect.signature(type(optimizer).__init__).parameters.values()
+    settings = {p.name for p in signature if p.kind in named} - {"self", "params", "model", "loss_fn"}
+    assert settings - set(optimizer.defaults) <= set(optimizer.GLOBAL)  # none is accepted and ignored
+    for setting in optimizer.GLOBAL:
+        with pytest.raises(
+            ValueError,
+            match=rf"^parameter group 1: {name} takes only .* per parameter group: {setting} applies to the "
+            "whole optimizer; pass it to the constructor$",
+        ):
+            optimizer.add_param_group({"params": model[2].parameters(), setting: None})
+        assert len(optimizer.param_groups) == 1
+    if name in ("KFAC", "EKFAC"):  # the estimator's options too
+        assert {"fisher_type", "mc_samples", "seed"} <= set(optimizer.GLOBAL)
+    for setting in optimizer.GLOBAL[:1]:  # at construction too
+        with pytest.raises(
+            ValueError, match=f"^parameter group 0: .* {setting} applies to the whole optimizer"
+        ):
+            make_optimizer(name, [{"params": model.parameters(), setting: None}], model)

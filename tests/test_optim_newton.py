@@ -546,7 +546,7 @@ def test_construction_needs_the_model_and_loss_and_refuses_global_settings_per_g
     with pytest.raises(ValueError, match=r"1 optimized tensor\(s\) \(shapes \[\(3,\)\]\) are not parameters"):
         cls([nn.Parameter(torch.zeros(3, dtype=DT))], model=model, loss_fn="mse")
     with pytest.raises(
-        ValueError, match="takes only lr per parameter group: damping apply to the whole model"
+        ValueError, match="takes only lr per parameter group: damping applies to the whole optimizer"
     ):
         cls([{"params": model.parameters(), "damping": 1.0}], model=model, loss_fn="mse")
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):

@@ -217,7 +217,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """
 
     GLOBAL: tuple[str, ...] = ()
-    """Hyper-parameters of the whole optimizer (one joint solve): a parameter group may not set them."""
+    """Hyper-parameters of the whole optimizer (a joint solve, a schedule, a seed): a parameter group may
+    not set them (it would be ignored), at construction, :meth:`add_param_group` or
+    :meth:`load_state_dict`."""
 
     GROUP_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {}
     """Hyper-parameters a group may set (and ``"params"``), each with its check ``check(name, value)``,
@@ -251,24 +253,40 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: Naming the group and the hyper-parameter, or the empty group.
         """
-        shared = sorted(set(param_group) & set(self.GLOBAL))
-        if shared:
-            per_group, names = ", ".join(sorted(self.GROUP_CHECKS)) or "params", ", ".join(shared)
-            raise ValueError(
-                f"{type(self).__name__} takes only {per_group} per parameter group: {names} apply to the "
-                "whole model (one joint solve); pass them to the constructor"
-            )
+        index = len(self.param_groups)
+        self._refuse_global(param_group, index)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
         if not group["params"]:
             self.param_groups.pop()
             raise ValueError(f"parameter group {index} is empty")
         try:
-            for name, check in self.GROUP_CHECKS.items():
+            self._check_group(group, index, self.GROUP_CHECKS)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _refuse_global(self, group: Mapping[str, Any], index: int) -> None:
+        """A ValueError if parameter group ``index`` sets a :attr:`GLOBAL` hyper-parameter."""
+        shared = [name for name in self.GLOBAL if name in group]
+        if shared:
+            per_group = ", ".join(sorted(self.defaults)) or "no hyper-parameter"
+            names, verb = ", ".join(shared), "applies" if len(shared) == 1 else "apply"
+            raise ValueError(
+                f"parameter group {index}: {type(self).__name__} takes only {per_group} per parameter group: "
+                f"{names} {verb} to the whole optimizer; pass {'it' if len(shared) == 1 else 'them'} to the "
+                "constructor"
+            )
+
+    @staticmethod
+    def _check_group(
+        group: dict[str, Any], index: int, checks: Mapping[str, Callable[[str, Any], Any]]
+    ) -> None:
+        """Runs ``checks`` on parameter group ``index``, which keeps their values; a ValueError naming it."""
+        try:
+            for name, check in checks.items():
                 group[name] = check(name, group[name])
         except ValueError as exc:
-            self.param_groups.pop()
             raise ValueError(f"parameter group {index}: {exc}") from None
 
     # ------------------------------------------------------------------ the batch's problem

@@ -508,6 +508,7 @@ class DiagonalNewton(HutchinsonOptimizer):
         ValueError: An invalid hyper-parameter.
     """
 
+    GLOBAL = ("probes", "update_each", "seed")
     GROUP_CHECKS = {
         "lr": check_positive,
         "damping": check_positive,
@@ -594,6 +595,7 @@ class AdaHessian(HutchinsonOptimizer):
         ValueError: An invalid hyper-parameter.
     """
 
+    GLOBAL = ("update_each", "seed")
     GROUP_CHECKS = {
         "lr": check_positive,
         "betas": check_betas,
@@ -708,6 +710,7 @@ class SophiaH(HutchinsonOptimizer):
         ValueError: An invalid hyper-parameter.
     """
 
+    GLOBAL = ("update_period", "seed")
     GROUP_CHECKS = {
         "lr": check_positive,
         "betas": check_betas,

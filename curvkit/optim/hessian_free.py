@@ -175,6 +175,7 @@ class HessianFree(CurvatureOptimizer):
         "preconditioner_exponent",
         "line_search",
         "curvature_options",
+        "eval_mode",
     )
     GROUP_CHECKS = {"lr": check_positive}
 

@@ -124,6 +124,7 @@ from curvkit.optim.base import (
 )
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
+from curvkit.registry import estimator_options as estimator_options_of
 from curvkit.running import Parts, RunningCurvature, kronecker_key, parts_finite
 
 __all__ = ["DAMPING_RANGE", "EKFAC", "KFAC"]
@@ -196,6 +197,16 @@ class KFAC(CurvatureOptimizer):
         True
     """
 
+    GLOBAL = (
+        "damping",
+        "factor_decay",
+        "inv_update_freq",
+        "adapt_damping",
+        "adapt_every",
+        "kl_clip",
+        "eval_mode",
+    )
+    """The constructor's settings of the whole optimizer; the estimator's options are added per instance."""
     GROUP_CHECKS = {
         "lr": check_positive,
         "momentum": functools.partial(check_fraction, below_one=True),
@@ -237,12 +248,14 @@ class KFAC(CurvatureOptimizer):
         seed = options.pop("seed", None)
         if seed is not None:
             seed = check_integer("seed", seed, minimum=0)
+        spec = get_estimator("kfac")  # EKFAC's estimator takes the same options
         try:
-            check_options(get_estimator("kfac"), {**options, "seed": 0})
+            check_options(spec, {**options, "seed": 0})
         except CurvkitError as exc:
             raise ValueError(str(exc)) from exc
         options.setdefault("unsupported", "skip")
         self.estimator_options = options
+        self.GLOBAL = (*type(self).GLOBAL, *(estimator_options_of(spec) or ()))  # for the whole optimizer
         self.steps = 0
         self.last_reduction_ratio: float | None = None
         self._seed = int(torch.Generator().seed()) % 2**62 if seed is None else seed

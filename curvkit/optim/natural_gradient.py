@@ -259,6 +259,7 @@ class NaturalGradient(CurvatureOptimizer):
         True
     """
 
+    GLOBAL = ("curvature", "damping", "adaptive_damping", "max_rank", "eval_mode")
     GROUP_CHECKS = {"lr": check_positive, "momentum": functools.partial(check_fraction, below_one=True)}
 
     def __init__(

@@ -228,7 +228,7 @@ class Newton(CurvatureOptimizer):
             a tensor that is not the model's, or ``P > max_dim`` (naming both).
     """
 
-    GLOBAL = ("damping", "mode", "max_dim", "trust_radius", "curvature", "curvature_options")
+    GLOBAL = ("damping", "mode", "max_dim", "trust_radius", "curvature", "curvature_options", "eval_mode")
     GROUP_CHECKS = {"lr": check_positive}
 
     def __init__(
