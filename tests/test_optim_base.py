@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import pkgutil
@@ -291,3 +292,92 @@ def test_a_group_setting_a_hyper_parameter_of_the_whole_optimizer_is_refused(nam
             ValueError, match=f"^parameter group 0: .* {setting} applies to the whole optimizer"
         ):
             make_optimizer(name, [{"params": model.parameters(), setting: None}], model)
+
+
+def stepped(name: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor, **settings):
+    """Optimizer ``name`` of ``model``'s parameters after one step on ``(X, y)``."""
+    optimizer = make_optimizer(name, model.parameters(), model, **settings)
+    optimizer.zero_grad()
+    if name in BATCH_OPTIMIZERS:
+        optimizer.step(batch=(X, y))
+    else:
+        nn.functional.cross_entropy(model(X), y).backward(create_graph=name != "Shampoo")
+        optimizer.step()
+    return optimizer
+
+
+def same(a, b) -> bool:
+    """Whether two state dicts are equal: tensors bit for bit, NaN equal to NaN."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b or (a != a and b != b)
+
+
+@pytest.mark.parametrize(
+    "loader, writer, without_kind",
+    [
+        ("AdaHessian", "Shampoo", "lacks eps, hessian_power, spatial_averaging"),
+        ("Shampoo", "AdaHessian", "lacks epsilon, update_freq"),
+        ("SophiaH", "AdaHessian", "lacks rho"),
+        ("KFAC", "EKFAC", None),  # the same groups and extra state: loaded without a kind
+        ("Newton", "HessianFree", None),
+    ],
+)
+def test_a_state_dict_of_another_kind_is_refused_before_anything_is_loaded(loader, writer, without_kind):
+    model, X, y = model_and_batch()
+    optimizer = stepped(loader, model, X, y)
+    before = copy.deepcopy(optimizer.state_dict())
+    assert before["curvkit"]["kind"] == loader
+    other = stepped(writer, model, X, y).state_dict()
+    with pytest.raises(
+        ValueError, match=rf"^this state_dict was written by {writer}, not by {loader}: not loaded$"
+    ):
+        optimizer.load_state_dict(other)
+    assert same(optimizer.state_dict(), before)
+    del other["curvkit"]["kind"]  # as written before kinds were kept: the groups are checked
+    if without_kind is not None:
+        with pytest.raises(
+            ValueError, match=rf"^{loader}.load_state_dict: the state dict's parameter group 0 {without_kind}"
+        ):
+            optimizer.load_state_dict(other)
+        assert same(optimizer.state_dict(), before)
+    own = copy.deepcopy(before)
+    del own["curvkit"]["kind"]  # its own kind's, written before kinds were kept: loaded
+    optimizer.load_state_dict(own)
+    assert same(optimizer.state_dict(), before)
+
+
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
+def test_a_state_dict_with_an_invalid_group_is_refused_before_anything_is_loaded(name):
+    model, X, y = model_and_batch()
+    optimizer = stepped(name, model, X, y)
+    before = copy.deepcopy(optimizer.state_dict())
+    fresh = make_optimizer(name, model.parameters(), model)
+    fresh_state = copy.deepcopy(fresh.state_dict())
+    invalid = copy.deepcopy(before)
+    invalid["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"parameter group 0: lr must be a finite number >=? 0, got -1.0"):
+        fresh.load_state_dict(invalid)
+    assert same(fresh.state_dict(), fresh_state)
+    if optimizer.GLOBAL:
+        setting = copy.deepcopy(before)
+        setting["param_groups"][0][optimizer.GLOBAL[0]] = None
+        with pytest.raises(ValueError, match=f"parameter group 0: {name} takes only .* whole optimizer"):
+            fresh.load_state_dict(setting)
+        assert same(fresh.state_dict(), fresh_state)
+    fresh.load_state_dict(before)
+    assert same(fresh.state_dict(), before)
+
+
+def test_natural_gradient_refuses_the_state_of_the_other_curvature_before_loading_it():
+    model, X, y = model_and_batch()
+    ggn = stepped("NaturalGradient", model, X, y, momentum=0.9, lr=0.5)
+    fisher = make_optimizer("NaturalGradient", model.parameters(), model, curvature="fisher", lr=0.1)
+    before = copy.deepcopy(fisher.state_dict())
+    with pytest.raises(ValueError, match="curvature='ggn', not 'fisher'"):
+        fisher.load_state_dict(ggn.state_dict())
+    assert same(fisher.state_dict(), before) and not fisher.state

@@ -45,6 +45,7 @@ __all__ = [
     "by_group",
     "check_betas",
     "check_choice",
+    "check_entries",
     "check_flag",
     "check_fraction",
     "check_integer",
@@ -179,6 +180,13 @@ def floating_tensors(name: str, params: Any) -> Any:
         if not p.is_floating_point():
             raise ValueError(f"the optimizer takes real floating-point tensors, got one of dtype {p.dtype}")
     return params
+
+
+def check_entries(owner: str, state: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """A ValueError if the extra state ``state`` of a ``owner`` state dict lacks one of ``keys``."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"not a {owner} state_dict: its 'curvkit' entry lacks {', '.join(missing)}")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
@@ -397,26 +405,84 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """What a subclass keeps outside the per-parameter state (plain data or tensors)."""
         return {}
 
+    def check_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuses :meth:`extra_state` that :meth:`load_extra_state` could not restore, changing nothing.
+
+        Called by :meth:`load_state_dict` before anything is loaded, so that a
+        refused state dict leaves the optimizer as it was.
+
+        Raises:
+            ValueError: Saying what is missing or invalid.
+        """
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`extra_state`."""
+        """Restores :meth:`extra_state` (checked by :meth:`check_extra_state`)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim``'s state, with :meth:`extra_state` and the skipped steps under ``"curvkit"``."""
+        """``torch.optim``'s state, with the optimizer's kind, :meth:`extra_state` and the skipped steps.
+
+        Those are under ``"curvkit"``; the kind is the class's name (``"KFAC"``).
+        """
         state = super().state_dict()
-        state["curvkit"] = {"skipped_steps": self.skipped_steps, **self.extra_state()}
+        state["curvkit"] = {
+            "kind": type(self).__name__,
+            "skipped_steps": self.skipped_steps,
+            **self.extra_state(),
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`.
+        """Restores :meth:`state_dict`, or refuses it and leaves the optimizer as it was.
+
+        Everything is checked before anything is loaded: the kind of optimizer
+        that wrote it (a state dict without one, written before kinds were
+        kept, is accepted), its parameter groups (no :attr:`GLOBAL` setting,
+        every per-group hyper-parameter there and passing :attr:`GROUP_CHECKS`,
+        whose values the groups keep) and :meth:`check_extra_state`; then
+        ``torch.optim``'s loader (which checks the groups' sizes first) and
+        :meth:`load_extra_state`.
 
         Raises:
-            ValueError: A state dict not written by this kind of optimizer.
+            ValueError: A state dict not written by this kind of optimizer, or
+                with an invalid group or extra state.
         """
+        name = type(self).__name__
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvkit", None)
         if extra is None:
-            raise ValueError(f"not a {type(self).__name__} state_dict: it has no 'curvkit' entry")
-        super().load_state_dict(state_dict)
+            raise ValueError(f"not a {name} state_dict: it has no 'curvkit' entry")
         extra = dict(extra)
-        self.skipped_steps = int(extra.pop("skipped_steps", 0))
+        kind = extra.pop("kind", None)
+        if kind is not None and kind != name:
+            raise ValueError(f"this state_dict was written by {kind}, not by {name}: not loaded")
+        skipped = check_integer("skipped_steps", extra.pop("skipped_steps", 0), minimum=0)
+        state_dict["param_groups"] = self._checked_groups(state_dict.get("param_groups"))
+        self.check_extra_state(extra)
+        super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
         self.load_extra_state(extra)
+
+    def _checked_groups(self, groups: Any) -> list[dict[str, Any]]:
+        """Copies of a state dict's parameter groups, checked as :meth:`add_param_group` checks a group.
+
+        Raises:
+            ValueError: Not a list of groups, or a group that sets a :attr:`GLOBAL`
+                setting, lacks a per-group hyper-parameter or fails its check.
+        """
+        name = type(self).__name__
+        if not isinstance(groups, list) or not all(isinstance(group, Mapping) for group in groups):
+            raise ValueError(f"not a {name} state_dict: its 'param_groups' is not a list of groups")
+        checks = {key: check for key, check in self.GROUP_CHECKS.items() if key != "params"}
+        checked = []
+        try:
+            for index, saved in enumerate(groups):
+                group = dict(saved)
+                self._refuse_global(group, index)
+                missing = [key for key in self.defaults if key not in group]
+                if missing:
+                    raise ValueError(f"parameter group {index} lacks {', '.join(missing)}")
+                self._check_group(group, index, checks)
+                checked.append(group)
+        except ValueError as exc:
+            raise ValueError(f"{name}.load_state_dict: the state dict's {exc}") from None
+        return checked

@@ -101,6 +101,7 @@ from curvkit.optim import fused
 from curvkit.optim.base import (
     CurvatureOptimizer,
     check_betas,
+    check_entries,
     check_flag,
     check_fraction,
     check_integer,
@@ -444,8 +445,36 @@ class HutchinsonOptimizer(CurvatureOptimizer):
             "generator_device": str(self.generator.device),
         }
 
+    def check_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuses extra state without the schedule, the seed or a generator state this generator takes.
+
+        Raises:
+            ValueError: Naming what is missing or invalid.
+        """
+        name = type(self).__name__
+        check_entries(name, state, ("steps", "refreshes", "seed", "generator_state", "generator_device"))
+        check_integer("steps", state["steps"], minimum=0)
+        check_integer("refreshes", state["refreshes"], minimum=0)
+        check_integer("seed", state["seed"], minimum=0)
+        try:
+            saved = torch.device(state["generator_device"])
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"not a {name} state_dict: generator_device {state['generator_device']!r} is not a device"
+            ) from None
+        generator_state, mine = state["generator_state"], self.generator.get_state()
+        restorable = (
+            isinstance(generator_state, Tensor)
+            and generator_state.dtype == mine.dtype
+            and generator_state.shape == mine.shape
+        )
+        if saved.type == self.generator.device.type and not restorable:
+            raise ValueError(
+                f"not a {name} state_dict: its generator_state is not a {saved.type} generator's"
+            )
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restores the schedule and the probes' generator.
+        """Restores the schedule and the probes' generator (checked by :meth:`check_extra_state`).
 
         A generator saved on another kind of device cannot be restored: the
         generator is then seeded with ``seed + steps`` and a

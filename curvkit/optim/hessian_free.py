@@ -72,6 +72,7 @@ from curvkit.operator import CurvatureOperator, DiagonalOperator
 from curvkit.optim.base import (
     CurvatureOptimizer,
     check_choice,
+    check_entries,
     check_flag,
     check_fraction,
     check_integer,
@@ -369,7 +370,16 @@ class HessianFree(CurvatureOptimizer):
         """The damping ``lambda`` and the number of steps (the warm start is per parameter)."""
         return {"damping": self.damping, "steps": self.steps}
 
+    def check_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuses extra state without a valid damping ``lambda``.
+
+        Raises:
+            ValueError: Naming what is missing or invalid.
+        """
+        check_entries(type(self).__name__, state, ("damping",))
+        check_positive("damping", state["damping"], zero=not self.adapt_damping)
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`extra_state`."""
+        """Restores :meth:`extra_state` (checked by :meth:`check_extra_state`)."""
         self.damping = float(state["damping"])
         self.steps = int(state.get("steps", 0))

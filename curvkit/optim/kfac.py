@@ -117,6 +117,7 @@ from curvkit.layout import ParameterLayout
 from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import (
     CurvatureOptimizer,
+    check_entries,
     check_fraction,
     check_integer,
     check_positive,
@@ -488,6 +489,18 @@ class KFAC(CurvatureOptimizer):
             "frozen": {key: dict(part) for key, part in self._frozen.items()},
             "scalings": dict(self._scalings),
         }
+
+    def check_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuses extra state that lacks an entry of :meth:`extra_state` or has an invalid damping.
+
+        Raises:
+            ValueError: Naming what is missing or invalid.
+        """
+        check_entries(
+            type(self).__name__, state, ("steps", "damping", "seed", "running", "frozen", "scalings")
+        )
+        check_positive("damping", state["damping"])
+        check_integer("steps", state["steps"], minimum=0)
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restores :meth:`extra_state` (the frozen eigendecompositions are recomputed when needed)."""

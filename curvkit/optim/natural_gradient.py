@@ -434,11 +434,11 @@ class NaturalGradient(CurvatureOptimizer):
             "max_rank": self.max_rank,
         }
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`extra_state`.
+    def check_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuses the state of the other curvature, or invalid damping or ``max_rank``.
 
         Raises:
-            ValueError: The state is of the other curvature.
+            ValueError: Naming the setting.
         """
         curvature = state.get("curvature", self.curvature)
         if curvature != self.curvature:
@@ -446,9 +446,15 @@ class NaturalGradient(CurvatureOptimizer):
                 f"this state_dict is of a NaturalGradient with curvature={curvature!r}, "
                 f"not {self.curvature!r}"
             )
+        check_positive("damping", state.get("damping", self.damping))
+        check_positive("min_damping", state.get("min_damping", self.min_damping))
+        check_integer("max_rank", state.get("max_rank", self.max_rank))
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`extra_state` (checked by :meth:`check_extra_state`)."""
         self.steps = int(state.get("steps", 0))
         self.rejected_trials = int(state.get("rejected_trials", 0))
-        self.damping = check_positive("damping", state.get("damping", self.damping))
-        self.min_damping = check_positive("min_damping", state.get("min_damping", self.min_damping))
+        self.damping = float(state.get("damping", self.damping))
+        self.min_damping = float(state.get("min_damping", self.min_damping))
         self.adaptive_damping = bool(state.get("adaptive_damping", self.adaptive_damping))
-        self.max_rank = check_integer("max_rank", state.get("max_rank", self.max_rank))
+        self.max_rank = int(state.get("max_rank", self.max_rank))
