@@ -426,6 +426,8 @@ BAD = [
     ("lr", -0.1, "lr must be a finite number > 0"),
     ("damping", 0.0, "damping must be a finite number > 0"),
     ("damping", float("nan"), "damping must be a finite number > 0"),
+    ("damping", 1e-12, r"damping must be in \[1e-08, 1e\+08\] with adapt_damping=True .*, got 1e-12"),
+    ("damping", 1e9, r"damping must be in \[1e-08, 1e\+08\] with adapt_damping=True .*, got 1000000000.0"),
     ("factor_decay", 1.0, r"factor_decay must be a number in \[0, 1\)"),
     ("factor_decay", -0.1, r"factor_decay must be a number in \[0, 1\)"),
     ("inv_update_freq", 0, "inv_update_freq must be an integer >= 1"),
@@ -499,3 +501,16 @@ def test_the_step_returns_the_closures_loss_or_the_batch_loss():
     optimizer.zero_grad(set_to_none=True)
     expected = F.cross_entropy(model(X), y).item()
     assert optimizer.step(batch=(X, y)).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_a_damping_outside_the_adapted_range_is_taken_without_adaptation_and_refused_on_loading(cls):
+    model = mlp()
+    fixed = cls(model.parameters(), model=model, loss_fn="cross_entropy", damping=1e-12, adapt_damping=False)
+    assert fixed.damping == 1e-12  # never adapted, so never clamped
+    adapted = cls(model.parameters(), model=model, loss_fn="cross_entropy")
+    state = adapted.state_dict()
+    state["curvkit"]["damping"] = 1e-12
+    with pytest.raises(ValueError, match=r"damping must be in \[1e-08, 1e\+08\] with adapt_damping=True"):
+        adapted.load_state_dict(state)
+    assert adapted.damping == 1e-3

@@ -136,6 +136,26 @@ DAMPING_RANGE = (1e-8, 1e8)
 """The range :class:`KFAC`'s Levenberg-Marquardt rule keeps the damping in."""
 
 
+def _check_damping(value: Any, *, adapted: bool) -> float:
+    """``value`` as a float if it is a damping ``> 0``, within :data:`DAMPING_RANGE` if ``adapted``.
+
+    The Levenberg-Marquardt rule keeps the damping in the range, so an adapted
+    damping outside it would be moved into it at the first adaptation, whatever
+    the step's quality.
+
+    Raises:
+        ValueError: Naming the range.
+    """
+    damping = check_positive("damping", value)
+    low, high = DAMPING_RANGE
+    if adapted and not low <= damping <= high:
+        raise ValueError(
+            f"damping must be in [{low:g}, {high:g}] with adapt_damping=True (the range the adaptation keeps "
+            f"it in), got {value!r}"
+        )
+    return damping
+
+
 def _check_kl_clip(value: Any) -> float | None:
     """``None`` (no clipping) or a finite number ``> 0``."""
     return None if value is None else check_positive("kl_clip", value)
@@ -156,7 +176,8 @@ class KFAC(CurvatureOptimizer):
         loss_fn: Its loss, as :class:`curvkit.Problem` takes it (``"cross_entropy"``,
             ``"mse"``, a loss module, ...).
         lr: Learning rate ``eta``.
-        damping: Initial Tikhonov damping ``lambda > 0``.
+        damping: Initial Tikhonov damping ``lambda > 0``; with ``adapt_damping``, in
+            :data:`DAMPING_RANGE`.
         factor_decay: ``epsilon`` in ``[0, 1)``, the running averages' decay (0: the
             current batch's factors alone).
         inv_update_freq: ``T``: the eigendecompositions are refreshed every ``T`` steps.
@@ -172,8 +193,9 @@ class KFAC(CurvatureOptimizer):
             (default here ``"skip"``), ``max_factor_bytes``).
 
     Raises:
-        ValueError: A hyper-parameter out of range, no model or loss, or an option
-            the estimator does not take.
+        ValueError: A hyper-parameter out of range (an adapted ``damping`` outside
+            :data:`DAMPING_RANGE`), no model or loss, or an option the estimator
+            does not take.
 
     Attributes:
         damping: The current ``lambda``.
@@ -237,12 +259,12 @@ class KFAC(CurvatureOptimizer):
     ) -> None:
         if model is None or loss_fn is None:
             raise ValueError(f"{type(self).__name__} needs model= and loss_fn=")
-        self.damping = check_positive("damping", damping)
-        self.factor_decay = check_fraction("factor_decay", factor_decay, below_one=True)
-        self.inv_update_freq = check_integer("inv_update_freq", inv_update_freq)
         if not isinstance(adapt_damping, bool):
             raise ValueError(f"adapt_damping must be True or False, got {adapt_damping!r}")
         self.adapt_damping = adapt_damping
+        self.damping = _check_damping(damping, adapted=adapt_damping)
+        self.factor_decay = check_fraction("factor_decay", factor_decay, below_one=True)
+        self.inv_update_freq = check_integer("inv_update_freq", inv_update_freq)
         self.adapt_every = check_integer("adapt_every", adapt_every)
         self.kl_clip = _check_kl_clip(kl_clip)
         options = dict(estimator_options)
@@ -499,7 +521,7 @@ class KFAC(CurvatureOptimizer):
         check_entries(
             type(self).__name__, state, ("steps", "damping", "seed", "running", "frozen", "scalings")
         )
-        check_positive("damping", state["damping"])
+        _check_damping(state["damping"], adapted=self.adapt_damping)
         check_integer("steps", state["steps"], minimum=0)
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
