@@ -242,6 +242,17 @@ def test_sophia_with_a_ratio_lr_over_rho_too_large_for_float16_steps_in_the_pape
     assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
 
 
+def test_sophia_with_an_lr_too_large_for_float16_checks_its_update_whatever_lr_over_rho():
+    """``lr / rho = 1e4`` is a float16 number but ``lr = 1e5`` is not, and an update's entries reach
+    ``lr``: the update is checked, so the step is skipped instead of sending a parameter to -inf."""
+    x = nn.Parameter(torch.ones(3, dtype=torch.float16))
+    optimizer = SophiaH([x], lr=1e5, rho=10.0, update_period=1)
+    (x.float() ** 2).sum().backward(create_graph=True)
+    with pytest.warns(curvkit.CurvkitWarning, match="SophiaH: step skipped: the update is not finite"):
+        optimizer.step()
+    assert torch.equal(x.detach(), torch.ones(3, dtype=torch.float16)) and optimizer.skipped_steps == 1
+
+
 def test_sophia_steps_each_group_by_its_own_lr():
     d, b, x0 = quadratic()
     x, y = nn.Parameter(x0.clone()), nn.Parameter(x0.clone())

@@ -790,7 +790,7 @@ class SophiaH(HutchinsonOptimizer):
         # |delta| <= rho (plus rho wd |theta|): scaled by lr / rho, it is finite whenever delta is
         if self._scaled_in_addition(group):
             return new, steps, -group["lr"] / rho
-        # lr / rho may be no float16 number (it would overflow): the paper's order, lr clip(x / rho, 1),
+        # lr / rho or lr may be no float16 number (it would overflow): the paper's order, lr clip(x / rho, 1),
         # and the update is checked (_implied)
         torch._foreach_div_(steps, rho)
         fused.scale_(steps, -group["lr"])
@@ -806,8 +806,9 @@ class SophiaH(HutchinsonOptimizer):
         and ``h`` (new, checked when made, or checked when loaded) are checked. Weight decay adds
         ``lr wd theta``, which is checked with the update, since a parameter set
         to an infinite value by hand would make it infinite; so is a step whose
-        ``lr / rho`` exceeds the largest float16 (formed in another order by
-        :meth:`_updates`, as ``lr`` itself may overflow a half dtype).
+        ``lr / rho`` or ``lr`` exceeds the largest float16 (formed in another
+        order by :meth:`_updates`): an entry of the update reaches ``lr``, which
+        a half dtype may not hold.
         """
         if any(group["weight_decay"] or not self._scaled_in_addition(group) for group in groups):
             return self.CARRIED_BY_STATE
@@ -815,6 +816,7 @@ class SophiaH(HutchinsonOptimizer):
 
     @staticmethod
     def _scaled_in_addition(group: dict[str, Any]) -> bool:
-        """Whether the group's ``lr / rho`` is a number of every floating dtype (at most the largest
-        float16), so that :meth:`_updates` leaves it to the fused addition's ``alpha``."""
-        return abs(group["lr"] / group["rho"]) <= _HALF_MAX
+        """Whether the group's ``lr / rho`` and ``lr`` are numbers of every floating dtype (at most the
+        largest float16), so that :meth:`_updates` leaves ``lr / rho`` to the fused addition's ``alpha``
+        and the update, whose entries reach ``lr``, is finite whenever the moments are."""
+        return abs(group["lr"] / group["rho"]) <= _HALF_MAX and abs(group["lr"]) <= _HALF_MAX
