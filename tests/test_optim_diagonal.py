@@ -444,6 +444,8 @@ INVALID = [
     (SophiaH, {"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
     (SophiaH, {"update_period": 0}, "update_period must be an integer >= 1"),
     (SophiaH, {"seed": 1.0}, "seed must be an integer >= 0"),
+    (AdaHessian, {"seed": 2**64}, r"seed must be an integer >= 0 and < 2\*\*63, got 18446744073709551616"),
+    (SophiaH, {"seed": 2**63}, r"seed must be an integer >= 0 and < 2\*\*63, got 9223372036854775808"),
 ]
 
 
@@ -592,3 +594,19 @@ def test_on_cuda_the_probes_are_drawn_there_and_resume_bit_identically(cls):
     resumed.load_state_dict(saved["optimizer"])
     for delta in expected:
         assert torch.equal(quadratic_step(resumed, y, d, b), delta)
+
+
+def test_a_skipped_step_that_estimates_the_diagonal_has_drawn_its_probes_whatever_was_not_finite():
+    """As the module docstring says: a NaN gradient too (the probes are drawn before the check)."""
+    x = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = AdaHessian([x], seed=2**63 - 1)  # the largest seed
+    drawn = optimizer.generator.get_state()
+    ((x**2).sum() * float("nan")).backward(create_graph=True)
+    with pytest.warns(curvkit.CurvkitWarning, match="AdaHessian: step skipped: the gradient is not finite"):
+        optimizer.step()
+    assert optimizer.steps == 0 and not optimizer.state[x]
+    assert not torch.equal(optimizer.generator.get_state(), drawn)
+    state = optimizer.state_dict()
+    state["curvkit"]["seed"] = 2**63
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0 and < 2\*\*63"):
+        optimizer.load_state_dict(state)

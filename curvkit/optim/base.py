@@ -50,6 +50,7 @@ __all__ = [
     "check_fraction",
     "check_integer",
     "check_positive",
+    "check_seed",
     "first_non_finite",
     "floating_tensors",
     "optional",
@@ -141,6 +142,17 @@ def check_integer(name: str, value: Any, *, minimum: int = 1) -> int:
     """``value`` if it is an integer ``>= minimum``, else a ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+SEED_LIMIT = 2**63
+"""Seeds are integers in ``[0, SEED_LIMIT)``: torch's generators take them (and a seed plus a step count)."""
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` if it is an integer in ``[0, 2**63)`` (:data:`SEED_LIMIT`), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer >= 0 and < 2**63, got {value!r}")
     return value
 
 

@@ -53,8 +53,10 @@ bit-identically.
 
 **Never NaN parameters.** A step whose gradient or Hutchinson estimate is not
 finite is skipped with a :class:`curvkit.CurvkitWarning`: parameters, moments,
-estimates and step count unchanged (after a non-finite estimate the generator
-has drawn its probes, so a retried step draws new ones). Every update goes
+estimates and step count unchanged. The generator is not: on a step that
+estimates the diagonal, the probes are drawn before anything is checked, so
+after any skipped step of that kind (a non-finite gradient included) a retried
+step draws new ones. Every update goes
 through :meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`, which
 checks the gradients, estimates, new moments and updates at once and skips the
 step (with the warning) if any is not finite; the new moments are kept only
@@ -106,6 +108,7 @@ from curvkit.optim.base import (
     check_fraction,
     check_integer,
     check_positive,
+    check_seed,
     optional,
     warn_if_data_parallel,
 )
@@ -195,7 +198,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         defaults: Per-group hyper-parameters (checked by the subclass's :attr:`GROUP_CHECKS`).
         period: Steps between two estimates of the diagonal (``>= 1``).
         probes: Probes per estimate (``>= 1``), averaged.
-        seed: Seed of the probes' generator (an integer ``>= 0``).
+        seed: Seed of the probes' generator (an integer in ``[0, 2**63)``).
 
     Attributes:
         steps: Steps taken (skipped ones excluded).
@@ -222,7 +225,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
     ) -> None:
         self.period = check_integer("update period", period)
         self.probes = check_integer("probes", probes)
-        self.seed = check_integer("seed", seed, minimum=0)
+        self.seed = check_seed("seed", seed)
         self.steps = 0
         self.refreshes = 0
         super().__init__(params, defaults)
@@ -455,7 +458,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         check_entries(name, state, ("steps", "refreshes", "seed", "generator_state", "generator_device"))
         check_integer("steps", state["steps"], minimum=0)
         check_integer("refreshes", state["refreshes"], minimum=0)
-        check_integer("seed", state["seed"], minimum=0)
+        check_seed("seed", state["seed"])
         try:
             saved = torch.device(state["generator_device"])
         except (RuntimeError, TypeError):

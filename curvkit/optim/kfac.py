@@ -121,6 +121,7 @@ from curvkit.optim.base import (
     check_fraction,
     check_integer,
     check_positive,
+    check_seed,
     unpack_batch,
 )
 from curvkit.problem import Problem
@@ -270,7 +271,7 @@ class KFAC(CurvatureOptimizer):
         options = dict(estimator_options)
         seed = options.pop("seed", None)
         if seed is not None:
-            seed = check_integer("seed", seed, minimum=0)
+            seed = check_seed("seed", seed)
         spec = get_estimator("kfac")  # EKFAC's estimator takes the same options
         try:
             check_options(spec, {**options, "seed": 0})
@@ -522,6 +523,7 @@ class KFAC(CurvatureOptimizer):
             type(self).__name__, state, ("steps", "damping", "seed", "running", "frozen", "scalings")
         )
         _check_damping(state["damping"], adapted=self.adapt_damping)
+        check_seed("seed", state["seed"])
         check_integer("steps", state["steps"], minimum=0)
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
