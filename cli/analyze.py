@@ -138,6 +138,35 @@ def _solver_options(assignments: list[str] | None) -> dict[str, dict[str, Any]]:
     return options
 
 
+def _given(**options: Any) -> dict[str, Any]:
+    """The options given on the command line (not ``None``): the others keep their defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _refuse_ignored(*analyses: tuple[str, bool, dict[str, Any]]) -> None:
+    """Refuse options given without the analysis that reads them (which would ignore them).
+
+    Args:
+        analyses: Each ``(needs, runs, options)``: the analysis (``"--ihvp SOLVERS"``),
+            whether this command runs it, and the options only it reads, by flag,
+            with their values (``None`` when not given).
+
+    Raises:
+        CurvkitError: One line naming every such option given and what it needs.
+    """
+    refused = []
+    for needs, runs, options in analyses:
+        flags = [flag for flag, value in options.items() if value is not None]
+        if flags and not runs:
+            one = len(flags) == 1
+            refused.append(
+                f"{', '.join(flags)} {'applies' if one else 'apply'} only with {needs}: "
+                f"give {needs} or leave {'it' if one else 'them'} out"
+            )
+    if refused:
+        raise CurvkitError("; ".join(refused))
+
+
 def _estimator_options(assignments: list[str] | None, text: str | None) -> dict[str, Any]:
     """``--estimator-options JSON`` and every ``--option NAME=VALUE``, as one mapping by address.
 
@@ -276,7 +305,9 @@ def analyze_command(
     trace: str | None = typer.Option(
         None, "--trace", help="Trace method: hutchinson, hutch++, xtrace, exact."
     ),
-    trace_matvecs: int = typer.Option(99, "--trace-matvecs", help="Products for a stochastic trace."),
+    trace_matvecs: int | None = typer.Option(
+        None, "--trace-matvecs", help="Products for a stochastic trace (default 99)."
+    ),
     density: bool = typer.Option(
         False, "--density", help="Spectral density (stochastic Lanczos quadrature)."
     ),
@@ -289,8 +320,10 @@ def analyze_command(
         "--summary",
         help="Newton summary (Wolinski 2023) over a partition: canonical, wb or trivial: g_bar, H_bar, D3.",
     ),
-    summary_damping_int: float = typer.Option(
-        10.0, "--summary-damping-int", help="lambda_int of the cubic-regularised rates of --summary."
+    summary_damping_int: float | None = typer.Option(
+        None,
+        "--summary-damping-int",
+        help="lambda_int of the cubic-regularised rates of --summary (default 10).",
     ),
     ihvp: list[str] | None = typer.Option(
         None,
@@ -298,12 +331,20 @@ def analyze_command(
         help="Inverse-HVP accuracy of these solvers (comma-separated, e.g. cg,minres,neumann,lissa,kfac) "
         "against a float64 reference, per iteration.",
     ),
-    damping: float = typer.Option(1e-3, "--damping", help="Damping of --ihvp: (A + damping I)^-1 v."),
-    ihvp_vector: str = typer.Option(
-        "gradient", "--ihvp-vector", help="v of --ihvp: gradient, random, or a .pt file with a [P] tensor."
+    damping: float | None = typer.Option(
+        None, "--damping", help="Damping of --ihvp: (A + damping I)^-1 v (default 1e-3)."
     ),
-    ihvp_tol: float = typer.Option(1e-6, "--ihvp-tol", help="Relative residual each --ihvp solver stops at."),
-    ihvp_maxiter: int = typer.Option(100, "--ihvp-maxiter", help="Iteration cap of each --ihvp solver."),
+    ihvp_vector: str | None = typer.Option(
+        None,
+        "--ihvp-vector",
+        help="v of --ihvp: gradient (default), random, or a .pt file with a [P] tensor.",
+    ),
+    ihvp_tol: float | None = typer.Option(
+        None, "--ihvp-tol", help="Relative residual each --ihvp solver stops at (default 1e-6)."
+    ),
+    ihvp_maxiter: int | None = typer.Option(
+        None, "--ihvp-maxiter", help="Iteration cap of each --ihvp solver (default 100)."
+    ),
     ihvp_option: list[str] | None = typer.Option(
         None,
         "--ihvp-option",
@@ -370,23 +411,36 @@ def analyze_command(
         or bool(solvers)
         or summary is not None
     )
-    kinds: dict[str, dict[str, Any]] = (
-        {} if summary is None else {"summary": {"partition": summary, "damping_int": summary_damping_int}}
+    trace = trace if trace is not None else (None if explicit else "hutch++")
+    _refuse_ignored(
+        ("--trace METHOD", trace is not None, {"--trace-matvecs": trace_matvecs}),
+        (
+            "--ihvp SOLVERS",
+            bool(solvers),
+            {
+                "--damping": damping,
+                "--ihvp-vector": ihvp_vector,
+                "--ihvp-tol": ihvp_tol,
+                "--ihvp-maxiter": ihvp_maxiter,
+                "--ihvp-option": ihvp_option or None,
+            },
+        ),
+        ("--summary PARTITION", summary is not None, {"--summary-damping-int": summary_damping_int}),
     )
+    kinds: dict[str, dict[str, Any]] = {}
+    if summary is not None:
+        kinds["summary"] = {"partition": summary, **_given(damping_int=summary_damping_int)}
     if solvers:
         kinds["ihvp"] = {
             "solvers": solvers,
-            "damping": damping,
-            "vector": ihvp_vector,
-            "tol": ihvp_tol,
-            "maxiter": ihvp_maxiter,
+            **_given(damping=damping, vector=ihvp_vector, tol=ihvp_tol, maxiter=ihvp_maxiter),
             "solver_options": _solver_options(ihvp_option),
         }
     plan = AnalysisPlan(
         top_k=top_k if top_k is not None else (0 if explicit and compare_to is None else 5),
         bottom_k=bottom_k or 0,
-        trace=trace if trace is not None else (None if explicit else "hutch++"),
-        trace_matvecs=trace_matvecs,
+        trace=trace,
+        **_given(trace_matvecs=trace_matvecs),
         density=density or not explicit,
         check=check,
         per_layer=per_layer,

@@ -116,6 +116,20 @@ BAD = {
         "estimator 'hessian' takes no option 'mc_samples'; its options: strategy",
     ),
     "unknown baseline": ([MLP, "--compare-to", "hesian"], "--compare-to: unknown estimator 'hesian'"),
+    "options of analyses not asked for": (  # invalid values too: refused, not silently ignored
+        [MLP, "--top-k", "1", "--damping", "-5", "--ihvp-vector", "/nonexistent.pt", "--ihvp-maxiter", "0"]
+        + ["--summary-damping-int", "-3"],
+        "--damping, --ihvp-vector, --ihvp-maxiter apply only with --ihvp SOLVERS: give --ihvp SOLVERS or "
+        "leave them out; --summary-damping-int applies only with --summary PARTITION",
+    ),
+    "ihvp option without --ihvp": (
+        [MLP, "--top-k", "1", "--ihvp-tol", "1e-3", "--ihvp-option", "cg.bogus=1"],
+        "--ihvp-tol, --ihvp-option apply only with --ihvp SOLVERS",
+    ),
+    "trace-matvecs without a trace": (
+        [MLP, "--top-k", "1", "--trace-matvecs", "5"],
+        "--trace-matvecs applies only with --trace METHOD: give --trace METHOD or leave it out",
+    ),
 }
 
 
