@@ -15,7 +15,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -442,16 +442,52 @@ def curvature(name: str, problem: Any, **options: Any) -> CurvatureOperator:
     return op
 
 
-def estimator_options(spec: EstimatorSpec) -> list[str] | None:
-    """The keyword options an estimator's factory takes (``None``: any, it takes ``**kwargs``)."""
+def keyword_options(
+    function: Callable[..., Any], *, positional: int = 0, passed: Collection[str] = ()
+) -> list[str] | None:
+    """The keyword options ``function`` takes besides the arguments its caller passes itself.
+
+    Args:
+        function: A factory or a solver.
+        positional: How many leading parameters its caller passes by position
+            (an estimator's problem; a solver's operator and right-hand sides).
+        passed: The names of the parameters its caller passes by keyword (a
+            solver's ``damping``, ``tol``...).
+
+    Returns:
+        The names of its other parameters that a keyword can give, or ``None``:
+        any (it takes ``**kwargs``, or has no signature to read).
+    """
     try:
-        parameters = list(inspect.signature(spec.factory).parameters.values())
+        parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: let it decide
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in parameters[1:] if p.kind in named]
+    return [p.name for p in parameters[positional:] if p.kind in named and p.name not in passed]
+
+
+def refuse_unknown_options(what: str, known: list[str] | None, options: Mapping[str, Any]) -> None:
+    """Refuse the ``options`` that are not ``known`` (``None``: any is), listing those that are.
+
+    Args:
+        what: Who takes them, for the message (``"estimator 'hessian'"``, ``"solver 'cg'"``).
+        known: The options it takes (:func:`keyword_options`).
+        options: The options given.
+
+    Raises:
+        UnknownOptionError: One line naming the unknown options and ``what``'s.
+    """
+    unknown = [key for key in options if known is not None and key not in known]
+    if unknown:
+        takes = f"its options: {', '.join(known)}" if known else "it takes no options"
+        raise UnknownOptionError(f"{what} takes no option {', '.join(map(repr, unknown))}; {takes}")
+
+
+def estimator_options(spec: EstimatorSpec) -> list[str] | None:
+    """The keyword options an estimator's factory takes (``None``: any, it takes ``**kwargs``)."""
+    return keyword_options(spec.factory, positional=1)
 
 
 def check_options(spec: EstimatorSpec, options: Mapping[str, Any]) -> None:
@@ -460,10 +496,4 @@ def check_options(spec: EstimatorSpec, options: Mapping[str, Any]) -> None:
     Raises:
         UnknownOptionError: An option the factory's signature does not name.
     """
-    known = estimator_options(spec)
-    unknown = [key for key in options if known is not None and key not in known]
-    if unknown:
-        takes = f"its options: {', '.join(known)}" if known else "it takes no options"
-        raise UnknownOptionError(
-            f"estimator {spec.name!r} takes no option {', '.join(map(repr, unknown))}; {takes}"
-        )
+    refuse_unknown_options(f"estimator {spec.name!r}", estimator_options(spec), options)

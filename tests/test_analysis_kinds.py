@@ -311,6 +311,7 @@ def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
         ),
         (["--ihvp", "cg", "--ihvp-option", "repeats=2"], "names no solver: write SOLVER.NAME=VALUE"),
         (["--ihvp", "cg", "--ihvp-maxiter", "0"], "maxiter must be a positive integer"),
+        (["--ihvp", "cg", "--ihvp-option", "cg.bogus=1"], "solver 'cg' takes no option 'bogus'"),
     ):
         proc = run_curvkit("analyze", MLP, *bad, "-o", str(out), cwd=tmp_path)
         assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, (

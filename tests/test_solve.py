@@ -10,7 +10,13 @@ from torch import nn
 
 import curvkit
 from curvkit.linalg.krylov import conjugate_gradient
-from curvkit.linalg.solve import SOLVE_STATUSES, SolveHistory, SolveResult
+from curvkit.linalg.solve import (
+    SOLVE_STATUSES,
+    SolveHistory,
+    SolveResult,
+    check_solver_options,
+    solver_options,
+)
 
 DT = torch.float64
 
@@ -223,6 +229,43 @@ def mlp_problem(reduction: str = "mean", N: int = 64, **kwargs) -> curvkit.Probl
 def test_the_new_solvers_are_registered():
     names = [s.name for s in curvkit.solvers()]
     assert {"lissa", "kfac", "ekfac", "lowrank"} <= set(names) and names == sorted(names)
+
+
+BUILTIN_SOLVERS = ["cg", "ekfac", "exact", "kfac", "lissa", "lowrank", "minres", "neumann"]
+EKFAC_TAKES_ANY = pytest.mark.xfail(
+    raises=TypeError,
+    strict=True,
+    reason="the ekfac estimator takes **options for KFAC's __init__, so an unknown one is a TypeError there; "
+    "naming them would also give ekfac the command's seed (runs._seeded), which changes its run keys",
+)
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=EKFAC_TAKES_ANY) if m == "ekfac" else m for m in BUILTIN_SOLVERS]
+)
+def test_every_builtin_solver_refuses_an_unknown_option_before_working(method):
+    """One mechanism: :func:`curvkit.solve` checks a solver's options against its signature (kfac and
+    ekfac pass theirs to the estimator, which refuses them); none is swallowed by a ``**kwargs``."""
+    assert {s.name for s in curvkit.solvers() if s.plugin == "curvkit.plugins.solvers"} == set(
+        BUILTIN_SOLVERS
+    )
+    G = curvkit.curvature("ggn", mlp_problem(N=20))
+    counted = {"products": 0}
+    matvec = G.matmat
+    G.matmat = lambda X: (counted.__setitem__("products", counted["products"] + 1), matvec(X))[1]
+    who = f"estimator {method!r}" if method in ("kfac", "ekfac") else f"solver {method!r}"
+    with pytest.raises(curvkit.UnknownOptionError, match=f"^{who} takes no option 'bogus'; ") as raised:
+        curvkit.solve(G, torch.ones(G.shape[0], dtype=DT), method, damping=0.1, bogus=1)
+    assert "\n" not in str(raised.value) and counted["products"] == 0
+
+
+def test_a_solvers_options_are_the_keywords_of_its_solve_besides_those_solve_passes():
+    assert solver_options("lissa") == ["scale", "batch_size", "repeats", "seed", "check_every"]
+    assert solver_options("cg") == solver_options("exact") == [] and solver_options("kfac") is None
+    with pytest.raises(
+        curvkit.UnknownOptionError, match="^solver 'cg' takes no option 'tol'; it takes no opt"
+    ):
+        check_solver_options("cg", {"tol": 1e-3})  # solve's own argument, not an option
 
 
 def test_a_subset_problem_holds_the_samples_asked_for_in_any_form_of_data():

@@ -53,8 +53,8 @@ def _vector_name(vector: str) -> str:
 
 
 def _check(options: Mapping[str, Any]) -> None:
-    """Every option known and in range; a vector file that exists."""
-    from curvkit.linalg.solve import solvers
+    """Every option known and in range (each solver's its own); a vector file that exists."""
+    from curvkit.linalg.solve import check_solver_options, solvers
 
     unknown = sorted(set(options) - {"solvers", *DEFAULTS})
     if unknown:
@@ -87,6 +87,8 @@ def _check(options: Mapping[str, Any]) -> None:
     idle = sorted(set(extra) - set(names))
     if idle:
         raise CurvkitError(f"--ihvp-option for {', '.join(idle)}, which --ihvp does not run")
+    for name, given in extra.items():
+        check_solver_options(name, given)
 
 
 def _keys(plan: Any, psd: bool, estimator: str | None) -> list[str]:

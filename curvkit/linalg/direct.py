@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitError
-from curvkit.linalg.solve import SolveHistory, SolveResult, refuse_options
+from curvkit.linalg.solve import SolveHistory, SolveResult
 from curvkit.operator import CurvatureOperator
 from curvkit.problem_operator import data_backed
 from curvkit.snapshot import fixed_model_state
@@ -43,13 +43,15 @@ def exact_solve(
     damping: float,
     tol: float,
     x0: Tensor | None = None,
+    preconditioner: CurvatureOperator | None = None,
     callback: Callable[[Tensor], Mapping[str, float]] | None = None,
-    **_: Any,
+    maxiter: int | None = None,
 ) -> SolveResult:
     """``A.solve(B, damping)``: structured where ``A`` has structure, else the dense matrix.
 
     The residual is computed with one more product and reported; ``converged``
-    compares it with ``tol`` like every solver.
+    compares it with ``tol`` like every solver. A direct method: ``maxiter``,
+    ``x0`` and ``preconditioner`` are not used.
     """
     history = SolveHistory(A, damping, B, callback)
     return history.measured(B, A.solve(B, damping), 1, tol, "above-tol", "residual above tol")
@@ -142,7 +144,6 @@ def lowrank(
     eigen_tol: float = 1e-6,
     max_matvecs: int | None = None,
     seed: int = 0,
-    **unknown: Any,
 ) -> SolveResult:
     """The top ``rank`` eigenpairs inverted in their subspace, ``1 / damping`` in the complement.
 
@@ -168,11 +169,10 @@ def lowrank(
 
     Raises:
         CurvkitError: ``damping <= 0`` (the complement would be singular), a
-            ``rank`` out of range, a preconditioner or an unknown option.
+            ``rank`` out of range or a preconditioner.
     """
     from curvkit.linalg.eigen import eigenvalues
 
-    refuse_options("lowrank", unknown)
     if preconditioner is not None:
         raise CurvkitError("lowrank takes no preconditioner")
     if not damping > 0:

@@ -18,7 +18,6 @@ Both solve ``K`` columns at once, one product per iteration.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,7 +41,6 @@ def conjugate_gradient(
     x0: Tensor | None = None,
     preconditioner: CurvatureOperator | None = None,
     callback: Callable[[Tensor], Mapping[str, float]] | None = None,
-    **_: Any,
 ) -> SolveResult:
     """Preconditioned conjugate gradients on ``K`` columns at once (one product per iteration).
 
@@ -109,7 +107,6 @@ def minres(
     x0: Tensor | None = None,
     preconditioner: CurvatureOperator | None = None,
     callback: Callable[[Tensor], Mapping[str, float]] | None = None,
-    **_: Any,
 ) -> SolveResult:
     """MINRES on ``K`` columns at once, for symmetric (indefinite) ``A + damping I``.
 

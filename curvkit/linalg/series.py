@@ -12,13 +12,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitError
-from curvkit.linalg.solve import SolveHistory, SolveResult, refuse_options
+from curvkit.linalg.solve import SolveHistory, SolveResult
 from curvkit.operator import CurvatureOperator
 from curvkit.problem_operator import data_backed
 from curvkit.snapshot import fixed_model_state
@@ -60,7 +59,6 @@ def neumann(
     preconditioner: CurvatureOperator | None = None,
     callback: Callable[[Tensor], Mapping[str, float]] | None = None,
     scale: float | None = None,
-    **_: Any,
 ) -> SolveResult:
     """The truncated Neumann series ``eta sum_j (I - eta (A + damping I))^j B`` (Richardson iteration).
 
@@ -128,7 +126,6 @@ def lissa(
     repeats: int = 1,
     seed: int = 0,
     check_every: int | None = None,
-    **unknown: Any,
 ) -> SolveResult:
     """LiSSA: the Neumann series with a fresh mini-batch per step, repeats averaged.
 
@@ -194,10 +191,9 @@ def lissa(
             ``None``: never.
 
     Raises:
-        CurvkitError: A preconditioner, an unknown option, or a ``scale``,
+        CurvkitError: A preconditioner, or a ``scale``,
             ``batch_size``, ``repeats`` or ``check_every`` out of range.
     """
-    refuse_options("lissa", unknown)
     if preconditioner is not None:
         raise CurvkitError("lissa takes no preconditioner; use cg")
     for name, value in (("repeats", repeats), ("check_every", check_every)):

@@ -50,6 +50,7 @@ from curvkit.snapshot import fixed_model_state
 from curvkit.solver_spec import SolverSpec
 
 __all__ = [
+    "SOLVE_ARGUMENTS",
     "SOLVE_STATUSES",
     "Cycle",
     "InverseOperator",
@@ -57,7 +58,8 @@ __all__ = [
     "SolveResult",
     "SolverSpec",
     "inverse",
-    "refuse_options",
+    "check_solver_options",
+    "solver_options",
     "solve",
     "solvers",
 ]
@@ -162,15 +164,17 @@ def solve(
             iteration's :attr:`SolveResult.history` row (e.g. the error to a known
             solution), and the seconds it takes are not counted. Passed to the
             solver only when given.
-        **options: The solver's own options.
+        **options: The solver's own options (:func:`solver_options`).
 
     Raises:
+        UnknownOptionError: An option the solver does not take (:func:`check_solver_options`).
         CurvkitError: An unknown solver, a negative damping, a ``tol`` or
             ``maxiter`` that is not positive; a solver whose result has no known
             :attr:`~SolveResult.status`, or a ``converged`` that disagrees with it.
         ShapeMismatchError: ``v`` or ``x0`` of the wrong size.
     """
     spec = _solver(method)
+    check_solver_options(method, options)
     if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
         raise CurvkitError(f"damping must be a non-negative number, got {damping!r}")
     if not tol > 0:
@@ -413,7 +417,31 @@ class SolveHistory:
         )
 
 
-def refuse_options(method: str, unknown: dict[str, Any]) -> None:
-    """Refuse options a solver does not know (one line naming them)."""
-    if unknown:
-        raise CurvkitError(f"solver {method!r} takes no option {', '.join(map(repr, sorted(unknown)))}")
+SOLVE_ARGUMENTS: tuple[str, ...] = ("damping", "tol", "maxiter", "x0", "preconditioner", "callback")
+"""What :func:`solve` passes every solver by keyword itself (after ``A`` and ``B``): not its options."""
+
+
+def solver_options(method: str) -> list[str] | None:
+    """The options of a registered solver: the keywords its ``solve`` takes besides :func:`solve`'s own.
+
+    ``None``: any (its ``solve`` takes ``**kwargs``, as ``kfac`` and ``ekfac`` do,
+    passing them to the estimator, which refuses those it does not take).
+
+    Raises:
+        CurvkitError: An unknown solver.
+    """
+    from curvkit.registry import keyword_options
+
+    return keyword_options(_solver(method).solve, positional=2, passed=SOLVE_ARGUMENTS)
+
+
+def check_solver_options(method: str, options: Mapping[str, Any]) -> None:
+    """Refuse options a registered solver does not take, in one line listing those it does.
+
+    Raises:
+        CurvkitError: An unknown solver.
+        UnknownOptionError: An option its ``solve`` does not name.
+    """
+    from curvkit.registry import refuse_unknown_options
+
+    refuse_unknown_options(f"solver {method!r}", solver_options(method), options)
