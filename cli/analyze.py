@@ -362,7 +362,7 @@ def analyze_command(
     ),
     batch_size: int = typer.Option(1024, "--batch-size", help="Batch size of the passes over the data."),
     max_samples: int | None = typer.Option(None, "--max-samples", help="Use only the first N samples."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:i."),
     dtype: str = typer.Option(
         "float32", "--dtype", help="float32, float64, or bfloat16 (bfloat16 products, float32 analyses)."
     ),

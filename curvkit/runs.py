@@ -191,19 +191,32 @@ def place_tensor_pair(data: Any, device: torch.device, dtype: torch.dtype, max_s
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` as a device.
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:i"`` as a device.
+
+    Any other name torch knows (``"mps"``, ``"xpu"``, ``"meta"``...) is refused here,
+    naming it, rather than failing later with a traceback where the first tensor
+    is moved there.
 
     Raises:
-        CurvkitError: CUDA is asked for but not available, or the name is unknown.
+        CurvkitError: CUDA is asked for but not available, a ``cuda:i`` this
+            machine does not have, or another name.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CurvkitError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise CurvkitError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+    if device == "cpu":
+        return torch.device("cpu")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if cuda is None:
+        raise CurvkitError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:i")
+    if not torch.cuda.is_available():
+        raise CurvkitError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    count = torch.cuda.device_count()
+    if cuda.group(1) is not None and int(cuda.group(1)) >= count:
+        raise CurvkitError(
+            f"--device {device} asked for, but this machine has {count} CUDA device(s): "
+            f"cuda:0 to cuda:{count - 1}"
+        )
+    return torch.device(device)
 
 
 @dataclass

@@ -156,6 +156,11 @@ def test_trajectory_of_checkpoints(tmp_path):
         (["analyze", MLP, "--model-kwargs", "{bad"], "--model-kwargs"),
         (["analyze", MLP, "--curvature", "hesian"], "did you mean 'hessian'"),
         (["analyze", MLP, "--device", "cuda"] if not torch.cuda.is_available() else ["show", "x.h5"], "cuda"),
+        (
+            ["analyze", MLP, "--device", "mps"],
+            "--device 'mps' is not supported; use auto, cpu, cuda or cuda:i",
+        ),
+        (["analyze", MLP, "--device", "meta"], "--device 'meta' is not supported"),
         (["analyze", MLP, "-o", "/nonexistent-dir/r.h5"], "nonexistent-dir"),
         (["show", "missing.h5"], "missing.h5"),
         (["analyze", "corrupt.pt"], "corrupt.pt"),
@@ -177,6 +182,22 @@ def test_bad_input_is_one_line(tmp_path, args, fragment, run_curvkit):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("curvkit: error:") and fragment in lines[0], proc.stderr
+
+
+def test_a_device_is_auto_cpu_or_a_cuda_device_of_this_machine(monkeypatch):
+    from curvkit.runs import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("mps", "xpu", "cuda:x", "cpu:0", "CUDA"):  # torch knows most: refused in one line anyway
+        with pytest.raises(curvkit.CurvkitError, match=f"^--device '{name}' is not supported; use auto, cpu"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cuda:1") == torch.device(
+        "cuda:1"
+    )
+    with pytest.raises(curvkit.CurvkitError, match="^--device cuda:2 asked for, but this machine has 2 CUDA"):
+        resolve_device("cuda:2")
 
 
 def test_unreachable_float32_tolerance_warns_in_one_line(tmp_path, run_curvkit):
