@@ -172,13 +172,18 @@ def _is_empty_hdf5(path: Path) -> bool:
 
 
 def _canonical_json(value: Mapping[str, Any]) -> str:
-    """``value`` as canonical JSON text (sorted keys, plain values)."""
+    """``value`` as canonical JSON text (sorted keys, plain values): how keys and requests are stored."""
     return json.dumps(_plain(dict(value)), sort_keys=True)
+
+
+def _canonical(value: Mapping[str, Any]) -> dict[str, Any]:
+    """``value`` as it reads back once stored (:func:`_canonical_json`), to compare with a stored one."""
+    return json.loads(_canonical_json(value))
 
 
 def _check_same_key(stored: Any, key: Mapping[str, Any], run_id: str, path: Path) -> None:
     """Refuse to reopen a run for other settings (a hash collision, or a hand-made id)."""
-    new = json.loads(_canonical_json(key))
+    new = _canonical(key)
     if stored == new:
         return
     old = stored if isinstance(stored, dict) else {}
@@ -774,7 +779,7 @@ class Run:
         found = kind in _kinds() and bool(name) and kind in self._group and name in self._group[kind]
         if not found or request is None:
             return found
-        return self.request(key) == json.loads(json.dumps(dict(request), sort_keys=True))
+        return self.request(key) == _canonical(request)
 
     def request(self, key: str) -> dict[str, Any] | None:
         """The options the analysis ``key`` was computed with (``None`` if not recorded)."""

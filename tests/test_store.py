@@ -381,6 +381,25 @@ def test_a_stored_result_answers_only_the_request_it_was_made_for(path):
         assert json.loads(f["runs/r/eigen/largest"].attrs["request_json"])["k"] == 3
 
 
+def test_a_request_of_numpy_scalars_paths_and_tuples_is_matched_as_it_was_written(path):
+    """``has`` normalises the request as ``write`` stores it (numpy and torch scalars, paths, tuples)."""
+    import numpy as np
+
+    request = {"k": np.int64(2), "tol": np.float32(0.5), "vector": Path("v.pt"), "solvers": ("cg",)}
+    request["scale"] = torch.tensor(0.25)
+    with ResultsStore(path) as store, store.begin_run("r", {}) as run:
+        run.write("eigen/largest", small_eigen(), request=request)
+        assert run.request("eigen/largest") == {
+            "k": 2,
+            "tol": 0.5,
+            "vector": "v.pt",
+            "solvers": ["cg"],
+            "scale": 0.25,
+        }
+        assert run.has("eigen/largest", request) and run.has("eigen/largest", run.request("eigen/largest"))
+        assert not run.has("eigen/largest", {**request, "k": np.int64(3)})
+
+
 def test_resume_refuses_a_run_of_other_settings_unless_restarted(path):
     key = {"checkpoint_sha256": "a" * 64, "seed": 0, "data_fingerprint": "f"}
     with ResultsStore(path) as store, store.begin_run("r", {"data": "one"}, key=key) as run:
