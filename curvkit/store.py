@@ -374,7 +374,7 @@ class ResultsStore:
             how = "r+" if self.path.exists() else "x"
             return h5py.File(self.path, how, locking="best-effort", libver="earliest", track_order=True)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(exc):
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):  # HDF5 sets it on a lock held elsewhere
                 raise StoreError(
                     f"{self.path} is in use by another process (HDF5 file lock): "
                     "wait for the other curvkit command to finish, or use another output file"

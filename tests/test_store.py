@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import gc
 import io
 import json
@@ -558,6 +559,7 @@ def test_a_second_writer_in_another_process_is_refused(path):
             with pytest.raises(StoreError, match="in use by another process") as err:
                 ResultsStore(path, mode)
             one_line(err)
+            assert err.value.__cause__.errno == errno.EAGAIN  # what tells a lock held elsewhere, not its text
         with h5py.File(path, "r", locking=False) as f:  # the documented way to peek meanwhile
             assert "eigen" in f["runs/epoch_1.pt-hessian"]
     finally:
