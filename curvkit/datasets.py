@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from curvkit.errors import DataError
+from curvkit.errors import DataError, describe_error, first_line
 
 __all__ = [
     "BUNDLED_PACKAGE",
@@ -181,15 +181,6 @@ def load_dataset(name: str) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------- data specs
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(exc: BaseException) -> str:
-    """A one-line description of an exception: its type and the first line of its message."""
-    text = _ANSI.sub("", str(exc)).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _as_tensor(value: Any, what: str, source: str) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach()
@@ -269,7 +260,9 @@ def _load_pt(path: Path, source: str) -> tuple[Any, Tensor]:
             ) from exc
         raise DatasetError(f"cannot read {source}: not a torch.save file, or corrupt") from exc
     except Exception as exc:  # truncated or corrupt
-        raise DatasetError(f"cannot read {source} (truncated or corrupt?): {_first_line(exc)}") from exc
+        raise DatasetError(
+            f"cannot read {source} (truncated or corrupt?): {describe_error(exc, first_line(exc))}"
+        ) from exc
     return _pair_from_object(obj, source)
 
 
@@ -278,7 +271,7 @@ def _load_npz(path: Path, source: str) -> tuple[Any, Tensor]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except Exception as exc:  # not a zip archive, truncated, object arrays
-        raise DatasetError(f"cannot read {source}: {_first_line(exc)}") from exc
+        raise DatasetError(f"cannot read {source}: {describe_error(exc, first_line(exc))}") from exc
     return _pair_from_mapping(arrays, source)
 
 
@@ -305,7 +298,7 @@ def _load_h5(path: Path, source: str) -> tuple[Any, Tensor]:
     except DatasetError:
         raise
     except Exception as exc:  # not an HDF5 file, truncated
-        raise DatasetError(f"cannot read {source}: {_first_line(exc)}") from exc
+        raise DatasetError(f"cannot read {source}: {describe_error(exc, first_line(exc))}") from exc
     return _pair_from_mapping(entries, source)
 
 
@@ -315,7 +308,9 @@ def _load_callable(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise DatasetError(f"{source}: cannot import module {module_name!r}: {_first_line(exc)}") from exc
+        raise DatasetError(
+            f"{source}: cannot import module {module_name!r}: {describe_error(exc, first_line(exc))}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -325,7 +320,7 @@ def _load_callable(spec: str) -> Any:
         try:
             obj = obj()
         except Exception as exc:
-            raise DatasetError(f"{source}: {attr}() raised {_first_line(exc)}") from exc
+            raise DatasetError(f"{source}: {attr}() raised {describe_error(exc, first_line(exc))}") from exc
     if isinstance(obj, DataLoader):
         return obj
     if isinstance(obj, Dataset):

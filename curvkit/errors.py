@@ -7,7 +7,12 @@ line can print it as it is, without a traceback.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
+    "describe_error",
+    "first_line",
+    "one_line",
     "CurvkitWarning",
     "CurvkitError",
     "DataError",
@@ -27,6 +32,45 @@ __all__ = [
     "UnknownLossError",
     "UnknownOptionError",
 ]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+"""A terminal colour code (some libraries colour their messages)."""
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` on one line: every run of whitespace (newlines too) as one space.
+
+    Args:
+        text: Anything; its ``str``.
+        limit: Cut to this many characters, the last three ``...``; ``None``: never cut.
+    """
+    line = " ".join(str(text).split())
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without colour codes (``""`` when it has none)."""
+    lines = _ANSI.sub("", str(exc)).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def describe_error(exc: BaseException, message: str | None = None) -> str:
+    """An exception in one line, as a failed run or plugin records it.
+
+    Args:
+        exc: The exception.
+        message: What to say of it (e.g. :func:`first_line`); default its whole
+            message on one line (:func:`one_line`).
+
+    Returns:
+        ``"Type: message"``, ``"Type"`` when the message is empty, and
+        ``"interrupted"`` for Ctrl-C (:class:`KeyboardInterrupt`).
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    message = one_line(exc) if message is None else message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class CurvkitError(Exception):

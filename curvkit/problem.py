@@ -28,7 +28,7 @@ from torch.func import functional_call
 from curvkit import distributed
 from curvkit.backends import without_cudnn
 from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_device
-from curvkit.errors import DataError, NonDeterministicError, UnknownLossError
+from curvkit.errors import DataError, NonDeterministicError, UnknownLossError, first_line
 from curvkit.layout import ParameterLayout, select_parameters
 from curvkit.losses import BatchLoss, resolve_loss
 from curvkit.precision import rounding_tolerance
@@ -445,7 +445,8 @@ class Problem:
             outputs = self.forward(params, inputs)
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise DataError(
-                f"the model cannot be applied to a batch of inputs {_describe(inputs)}: {_first_line(exc)}"
+                f"the model cannot be applied to a batch of inputs {_describe(inputs)}: "
+                f"{first_line(exc) or type(exc).__name__}"
             ) from exc
         try:
             return self.loss.sum_and_count(outputs, targets)
@@ -454,7 +455,7 @@ class Problem:
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise DataError(
                 f"loss {self.loss.name!r} cannot compare outputs {_describe(outputs)} with "
-                f"targets {_describe(targets)}: {_first_line(exc)}"
+                f"targets {_describe(targets)}: {first_line(exc) or type(exc).__name__}"
             ) from exc
 
     def normalizer(self, total_count: float) -> float:
@@ -616,11 +617,6 @@ def _scale(value: Any, factor: float) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(_scale(v, factor) for v in value)
     return value * factor
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _describe(x: Any) -> str:

@@ -30,6 +30,8 @@ from curvkit.errors import (
     PluginError,
     UnknownEstimatorError,
     UnknownOptionError,
+    describe_error,
+    one_line,
 )
 from curvkit.estimator_spec import EstimatorSpec
 from curvkit.kind_spec import BUILTIN_KINDS, AnalysisKind
@@ -176,7 +178,7 @@ class _Registry:
                     self.pm.register(plugin, name=entry.name)
                 except Exception as exc:  # noqa: BLE001 - any error of third-party code
                     broken = BrokenPlugin(
-                        entry.name, package, f"{entry.name} = {entry.value}", _one_line(exc)
+                        entry.name, package, f"{entry.name} = {entry.value}", describe_error(exc)
                     )
                     self.broken.append(broken)
                     warnings.warn(str(broken), CurvkitWarning, stacklevel=4)
@@ -297,10 +299,6 @@ class BrokenPlugin:
         )
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
 _REGISTRY: _Registry | None = None
 
 
@@ -331,7 +329,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     try:
         plugin_name = reg.pm.register(plugin, name=name)
     except (ValueError, pluggy.PluginValidationError) as exc:  # already registered / bad signature
-        raise PluginError(" ".join(str(exc).split())) from exc
+        raise PluginError(one_line(exc)) from exc
     try:
         reg._check()
         reg.refresh()

@@ -72,7 +72,7 @@ from curvkit.data import (
     summarize_data,
     to_device,
 )
-from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError
+from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError, describe_error, one_line
 from curvkit.memory import fits
 from curvkit.operator import CurvatureOperator
 
@@ -890,7 +890,7 @@ def _record_bad(
 
 def _fail(record: Any, run: RunOutcome, error: str, progress: Callable[[AnalyzeEvent], None] | None) -> None:
     record.finish("failed", error=error)
-    run.status, run.error = "failed", " ".join(error.split())
+    run.status, run.error = "failed", one_line(error)
     if progress is not None:
         progress(AnalyzeEvent("run-finished", run))
 
@@ -945,14 +945,11 @@ def _analyze_one(
             on_result=on_result,
             progress=on_counters,
         )
-    except KeyboardInterrupt:
-        _fail(record, run, "interrupted", None)
-        raise
     except CurvkitError as exc:
         _fail(record, run, str(exc), progress)
         raise
-    except BaseException as exc:
-        _fail(record, run, f"{type(exc).__name__}: {exc}", None)
+    except BaseException as exc:  # Ctrl-C included ("interrupted")
+        _fail(record, run, describe_error(exc), None)
         raise
     record.finish("complete")
     run.status = "complete"

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from curvkit._version import __version__
-from curvkit.errors import CurvkitError
+from curvkit.errors import CurvkitError, describe_error, one_line
 from curvkit.kinds.hdf5 import attr as _attr
 from curvkit.linalg.eigen import EigenResult
 
@@ -117,10 +117,6 @@ def _h5py() -> Any:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def make_run_id(
@@ -335,7 +331,7 @@ class ResultsStore:
         try:
             is_hdf5 = _h5py().is_hdf5(str(p))
         except OSError as exc:
-            raise StoreError(f"cannot read {p}: {_one_line(exc.strerror or exc)}") from exc
+            raise StoreError(f"cannot read {p}: {one_line(exc.strerror or exc)}") from exc
         if not is_hdf5:
             raise StoreError(
                 f"{p} is not an HDF5 file (not a curvkit results file); choose another output path"
@@ -381,7 +377,7 @@ class ResultsStore:
                 ) from exc
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise StoreError(f"cannot write {self.path}: permission denied") from exc
-            raise StoreError(f"cannot open {self.path}: {_one_line(exc)}") from exc
+            raise StoreError(f"cannot open {self.path}: {one_line(exc)}") from exc
 
     def _check_schema(self) -> None:
         attrs = self._file.attrs
@@ -449,7 +445,7 @@ class ResultsStore:
             if exc is not None and self.mode == "a":
                 for run in self._runs.values():
                     if run._begun and run._group.attrs.get("status") == RUNNING:
-                        run.finish(FAILED, _describe(exc))
+                        run.finish(FAILED, describe_error(exc))
         finally:
             self._file.close()
             self._file = None
@@ -653,13 +649,6 @@ class ResultsStore:
         return len(rows)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    message = _one_line(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
 # --------------------------------------------------------------------------- one run
 
 
@@ -691,7 +680,7 @@ class Run:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if self._begun and self._group.attrs.get("status") == RUNNING:
-            self.finish(COMPLETE if exc is None else FAILED, None if exc is None else _describe(exc))
+            self.finish(COMPLETE if exc is None else FAILED, None if exc is None else describe_error(exc))
 
     # -- what is stored
 
@@ -887,7 +876,7 @@ class Run:
         attrs["status"] = status
         attrs["finished_at"] = _now()
         if status == FAILED:
-            attrs["error"] = _one_line(error) if error else "failed"
+            attrs["error"] = one_line(error) if error else "failed"
         elif "error" in attrs:
             del attrs["error"]
         self._store._flush()
@@ -977,5 +966,5 @@ class _Malformed:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is not None and isinstance(exc, (KeyError, ValueError, TypeError, OSError)):
-            raise StoreError(f"{self.where} is malformed: {_one_line(exc)}") from exc
+            raise StoreError(f"{self.where} is malformed: {one_line(exc)}") from exc
         return False

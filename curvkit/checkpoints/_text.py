@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from curvkit.errors import describe_error, first_line, one_line
+
 LIST_LIMIT = 5
 """Names listed in one-line messages before ``(+N more)``."""
 
 
-def one_line(text: object, limit: int = 300) -> str:
-    """``text`` on one line, cut to about ``limit`` characters."""
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 def exc_line(exc: BaseException) -> str:
-    """``Type: message`` of an exception, on one line (its first sentence if long)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """``Type: message`` of an exception, on one line: the first line (its first sentence if long)."""
+    first = first_line(exc)
     if len(first) > 120 and ". " in first:
         first = first[: first.index(". ") + 1]
-    return one_line(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, 200)
+    return one_line(describe_error(exc, first), 200)
 
 
 def counted(n: int, noun: str) -> str:

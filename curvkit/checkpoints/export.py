@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.checkpoints._text import exc_line, one_line
+from curvkit.checkpoints._text import exc_line
 from curvkit.checkpoints._types import CheckpointError, CheckpointLoader, corrupt_file_error
 from curvkit.checkpoints.detect import detector
 from curvkit.checkpoints.torch_format import is_weights_only_refusal, pickle_refusal
-from curvkit.errors import CurvkitError, DataError
+from curvkit.errors import CurvkitError, DataError, one_line
 
 __all__ = ["LOADER"]
 

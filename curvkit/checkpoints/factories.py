@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from curvkit.checkpoints._text import exc_line, listing, one_line
+from curvkit.checkpoints._text import exc_line, listing
 from curvkit.checkpoints._types import CheckpointError
 from curvkit.checkpoints.unpack import CheckpointContent
+from curvkit.errors import one_line
 
 __all__ = ["resolve_factory", "trusted_factory"]
 

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import DataError, UnsupportedModelError
+from curvkit.errors import DataError, UnsupportedModelError, describe_error
 from curvkit.operator import CurvatureOperator
 from curvkit.problem import Problem
 from curvkit.registry import EstimatorSpec, get_estimator
@@ -140,10 +140,6 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
 class _Recorder:
     """Collects one case's results; a check that raises is recorded as an error."""
 
@@ -158,7 +154,7 @@ class _Recorder:
         self.results.append(CheckResult(check, self.case, SKIPPED, detail=why))
 
     def error(self, check: str, exc: BaseException) -> None:
-        self.results.append(CheckResult(check, self.case, ERROR, detail=_one_line(exc)))
+        self.results.append(CheckResult(check, self.case, ERROR, detail=describe_error(exc)))
 
     def run(self, check: str, body: Callable[[], None]) -> None:
         try:
