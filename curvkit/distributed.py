@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from curvkit.errors import CurvkitError, ProcessFailedError
+from curvkit.errors import CurvkitError, ProcessFailedError, describe_error, first_line
 
 __all__ = [
     "broadcast_object",
@@ -223,10 +223,8 @@ def _end_together(failure: Exception | None) -> None:
     size = process()[1]
     own = None
     if failure is not None:
-        lines = str(failure).strip().splitlines()
-        own = lines[0] if lines and isinstance(failure, CurvkitError) else type(failure).__name__
-        if lines and not isinstance(failure, CurvkitError):
-            own += f": {lines[0]}"
+        own = first_line(failure) if isinstance(failure, CurvkitError) else None
+        own = own or describe_error(failure, first_line(failure))
     messages: list[str | None] = [None] * size
     dist.all_gather_object(messages, own)
     if failure is not None:
