@@ -413,7 +413,11 @@ def analyze_command(
     )
     trace = trace if trace is not None else (None if explicit else "hutch++")
     _refuse_ignored(
-        ("--trace METHOD", trace is not None, {"--trace-matvecs": trace_matvecs}),
+        (  # a comparison estimates both traces too (hutch++ unless --trace says otherwise)
+            "--trace METHOD or --compare-to ESTIMATOR",
+            trace is not None or compare_to is not None,
+            {"--trace-matvecs": trace_matvecs},
+        ),
         (
             "--ihvp SOLVERS",
             bool(solvers),

@@ -166,6 +166,15 @@ def test_the_built_in_estimators_are_checked_against_their_references(tmp_path):
     assert compare["matvecs"] + compare["baseline_matvecs"] < 3466
 
 
+def test_a_comparison_takes_the_trace_budget_without_a_trace_of_its_own(tmp_path):
+    """--trace-matvecs sets the comparison's traces (Hutch++ by default), so it is no stray option
+    with --compare-to alone."""
+    options = ["--curvature", "ggn", "--compare-to", "hessian", "--trace-matvecs", "40"]
+    runs = analyze(tmp_path / "r.h5", *options)
+    compare = {run["estimator"]: run["analyses"] for run in runs}["ggn"]["compare/hessian"]
+    assert compare["trace_method"] == "hutch++" and compare["matvecs"] == 40
+
+
 def test_a_monte_carlo_estimator_is_seeded_by_the_command(tmp_path):
     first = analyze(tmp_path / "a.h5", "--curvature", "fisher")[0]
     again = analyze(tmp_path / "b.h5", "--curvature", "fisher")[0]

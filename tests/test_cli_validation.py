@@ -128,7 +128,8 @@ BAD = {
     ),
     "trace-matvecs without a trace": (
         [MLP, "--top-k", "1", "--trace-matvecs", "5"],
-        "--trace-matvecs applies only with --trace METHOD: give --trace METHOD or leave it out",
+        "--trace-matvecs applies only with --trace METHOD or --compare-to ESTIMATOR: give --trace METHOD "
+        "or --compare-to ESTIMATOR or leave it out",
     ),
 }
 
