@@ -49,6 +49,7 @@ __all__ = [
     "check_flag",
     "check_fraction",
     "check_integer",
+    "check_model_and_loss",
     "check_positive",
     "check_seed",
     "first_non_finite",
@@ -201,6 +202,14 @@ def check_entries(owner: str, state: Mapping[str, Any], keys: Iterable[str]) -> 
         raise ValueError(f"not a {owner} state_dict: its 'curvkit' entry lacks {', '.join(missing)}")
 
 
+def check_model_and_loss(owner: str, model: Any, loss_fn: Any) -> None:
+    """A ValueError naming ``owner`` if ``model`` or ``loss_fn`` is ``None``: a batch's problem needs both."""
+    if model is None or loss_fn is None:
+        raise ValueError(
+            f"{owner} needs model= and loss_fn= (the network and its loss, as curvkit.Problem takes it)"
+        )
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a ValueError listing them."""
     if value not in choices:
@@ -310,15 +319,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"parameter group {index}: {exc}") from None
 
     # ------------------------------------------------------------------ the batch's problem
-    def batch_problem(self, inputs: Any, targets: Any) -> Problem:
-        """The :class:`curvkit.Problem` of one mini-batch over this optimizer's parameters.
+    def parameter_names(self) -> list[str]:
+        """The model's names of the optimized tensors, in the order of the parameter groups.
+
+        The one check that every optimized tensor is a parameter of the model:
+        optimizers that need the model call it at construction, and
+        :meth:`batch_problem` at every step.
 
         Raises:
-            ValueError: The optimizer was built without ``model=`` or ``loss_fn=``,
-                or optimizes a tensor that is not a parameter of the model.
+            ValueError: The optimizer was built without ``model=`` or ``loss_fn=``
+                (:func:`check_model_and_loss`), or optimizes a tensor that is not a
+                parameter of the model (counted, with the first shapes).
         """
-        if self.model is None or self.loss_fn is None:
-            raise ValueError(f"{type(self).__name__} needs model= and loss_fn= to build a batch's problem")
+        check_model_and_loss(type(self).__name__, self.model, self.loss_fn)
+        assert self.model is not None
         names = {id(p): name for name, p in self.model.named_parameters()}
         mine = [p for group in self.param_groups for p in group["params"]]
         missing = [p for p in mine if id(p) not in names]
@@ -327,7 +341,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{len(missing)} optimized tensor(s) (shapes {shapes}) are not parameters of the model"
             )
-        params = [names[id(p)] for p in mine]
+        return [names[id(p)] for p in mine]
+
+    def batch_problem(self, inputs: Any, targets: Any) -> Problem:
+        """The :class:`curvkit.Problem` of one mini-batch over this optimizer's parameters.
+
+        Raises:
+            ValueError: As :meth:`parameter_names`.
+        """
+        params = self.parameter_names()
+        assert self.model is not None
         warn_if_data_parallel(self)
         return Problem.for_batch(
             self.model, self.loss_fn, inputs, targets, params=params, eval_mode=self.eval_mode

@@ -82,7 +82,6 @@ from curvkit.optim.base import (
 from curvkit.optim.newton import (
     all_finite,
     check_curvature_options,
-    check_model_owns,
     learning_rates,
     loss_at,
     updates_of,
@@ -226,7 +225,7 @@ class HessianFree(CurvatureOptimizer):
         self.last_solve: SolveResult | None = None
         self.last_info: dict[str, Any] = {}
         super().__init__(params, {"lr": lr}, model=model, loss_fn=loss_fn, eval_mode=eval_mode)
-        check_model_owns(self)
+        self.parameter_names()  # refuses a missing model or loss, or a tensor not the model's
 
     # ------------------------------------------------------------------ the step
     def step(  # type: ignore[override]

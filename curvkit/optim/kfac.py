@@ -120,6 +120,7 @@ from curvkit.optim.base import (
     check_entries,
     check_fraction,
     check_integer,
+    check_model_and_loss,
     check_positive,
     check_seed,
     unpack_batch,
@@ -258,8 +259,7 @@ class KFAC(CurvatureOptimizer):
         eval_mode: bool = True,
         **estimator_options: Any,
     ) -> None:
-        if model is None or loss_fn is None:
-            raise ValueError(f"{type(self).__name__} needs model= and loss_fn=")
+        check_model_and_loss(type(self).__name__, model, loss_fn)
         if not isinstance(adapt_damping, bool):
             raise ValueError(f"adapt_damping must be True or False, got {adapt_damping!r}")
         self.adapt_damping = adapt_damping
@@ -407,10 +407,9 @@ class KFAC(CurvatureOptimizer):
 
     def _members(self, layout: ParameterLayout) -> list[tuple[dict[str, Any], Tensor, int]]:
         """``(group, parameter, index in the layout)`` of every optimized parameter."""
-        assert self.model is not None
-        names = {id(p): name for name, p in self.model.named_parameters()}
         index = {name: i for i, name in enumerate(layout.names)}
-        return [(group, p, index[names[id(p)]]) for group in self.param_groups for p in group["params"]]
+        mine = [(group, p) for group in self.param_groups for p in group["params"]]
+        return [(group, p, index[name]) for (group, p), name in zip(mine, self.parameter_names())]
 
     # ------------------------------------------------------------------ factors
     def _batch_kronecker(self, problem: Problem) -> KroneckerOperator:

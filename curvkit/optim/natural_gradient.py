@@ -71,6 +71,7 @@ from curvkit.optim.base import (
     check_choice,
     check_fraction,
     check_integer,
+    check_model_and_loss,
     check_positive,
     unpack_batch,
 )
@@ -282,8 +283,7 @@ class NaturalGradient(CurvatureOptimizer):
             raise ValueError(f"adaptive_damping must be True or False, got {adaptive_damping!r}")
         self.adaptive_damping = adaptive_damping
         self.max_rank = check_integer("max_rank", max_rank)
-        if model is None or loss_fn is None:
-            raise ValueError("NaturalGradient needs model= and loss_fn=")
+        check_model_and_loss(type(self).__name__, model, loss_fn)
         defaults = {"lr": lr, "momentum": momentum}
         super().__init__(params, defaults, model=model, loss_fn=loss_fn, eval_mode=eval_mode)
         if curvature == "fisher":
@@ -298,10 +298,7 @@ class NaturalGradient(CurvatureOptimizer):
                     f"curvature='fisher' needs a closed-form Fisher, and loss {loss.name!r} has only a "
                     "sampler: use curvature='ggn'"
                 )
-        known = {id(p) for p in model.parameters()}
-        strangers = [p for group in self.param_groups for p in group["params"] if id(p) not in known]
-        if strangers:
-            raise ValueError(f"{len(strangers)} optimized tensor(s) are not parameters of the model")
+        self.parameter_names()  # refuses a tensor not the model's
         self.steps = self.rejected_trials = 0
         self.last_loss: Tensor | None = None
         self.last_reduction_ratio = float("nan")

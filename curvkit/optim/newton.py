@@ -110,26 +110,6 @@ def check_curvature_options(
     return dict(options)
 
 
-def check_model_owns(optimizer: CurvatureOptimizer) -> None:
-    """Refuse, at construction, a missing ``model=``/``loss_fn=`` or a tensor that is not the model's.
-
-    Raises:
-        ValueError: Naming what is missing.
-    """
-    name = type(optimizer).__name__
-    if optimizer.model is None or optimizer.loss_fn is None:
-        raise ValueError(
-            f"{name} needs model= and loss_fn= (the network and its loss, as curvkit.Problem takes it)"
-        )
-    owned = {id(p) for p in optimizer.model.parameters()}
-    missing = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
-    if missing:
-        shapes = [tuple(p.shape) for p in missing[:3]]
-        raise ValueError(
-            f"{len(missing)} optimized tensor(s) (shapes {shapes}) are not parameters of the model"
-        )
-
-
 def learning_rates(optimizer: CurvatureOptimizer, problem: Problem) -> Tensor:
     """The flat ``[P]`` vector of each entry's group learning rate, in ``problem.layout`` order."""
     rates = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
@@ -262,7 +242,7 @@ class Newton(CurvatureOptimizer):
         self.steps = 0
         self.last_info: dict[str, Any] = {}
         super().__init__(params, {"lr": lr}, model=model, loss_fn=loss_fn, eval_mode=eval_mode)
-        check_model_owns(self)
+        self.parameter_names()  # refuses a missing model or loss, or a tensor not the model's
         P = sum(p.numel() for g in self.param_groups for p in g["params"])
         if P > self.max_dim:
             raise ValueError(
