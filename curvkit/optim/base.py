@@ -54,6 +54,7 @@ __all__ = [
     "check_seed",
     "first_non_finite",
     "floating_tensors",
+    "loss_at",
     "optional",
     "unpack_batch",
 ]
@@ -97,6 +98,19 @@ def by_group(
         group = group_of(item)
         groups.setdefault(id(group), (group, []))[1].append(item)
     return list(groups.values())
+
+
+def loss_at(problem: Problem, delta: Tensor | None = None) -> Tensor:
+    """The batch's loss at ``theta + delta``, ``theta`` without ``delta`` (one forward pass, no graph).
+
+    ``problem`` is a batch's (:meth:`CurvatureOptimizer.batch_problem`), ``theta``
+    its parameters, ``delta`` flat in its layout; the model is not modified.
+    """
+    params = [p.detach() for p in problem.params]
+    with torch.no_grad():
+        if delta is not None:
+            params = [p + d for p, d in zip(params, problem.layout.unflatten(delta))]
+        return problem.data_mean(lambda inputs, targets: problem.loss_terms(params, inputs, targets))
 
 
 def warn_if_data_parallel(owner: object) -> None:

@@ -77,15 +77,10 @@ from curvkit.optim.base import (
     check_fraction,
     check_integer,
     check_positive,
+    loss_at,
     unpack_batch,
 )
-from curvkit.optim.newton import (
-    all_finite,
-    check_curvature_options,
-    learning_rates,
-    loss_at,
-    updates_of,
-)
+from curvkit.optim.newton import all_finite, check_curvature_options, learning_rates, updates_of
 from curvkit.problem import Problem
 from curvkit.registry import curvature as curvature_of
 

@@ -123,6 +123,7 @@ from curvkit.optim.base import (
     check_model_and_loss,
     check_positive,
     check_seed,
+    loss_at,
     unpack_batch,
 )
 from curvkit.problem import Problem
@@ -375,7 +376,7 @@ class KFAC(CurvatureOptimizer):
         adapt = self.adapt_damping and (self.steps + 1) % self.adapt_every == 0
         before = None
         if adapt:
-            before = batch_loss if batch_loss is not None else self._batch_loss(problem)
+            before = batch_loss if batch_loss is not None else loss_at(problem)
 
         updates, buffers = [], {}
         with torch.no_grad():
@@ -444,17 +445,11 @@ class KFAC(CurvatureOptimizer):
         return self._frozen_op
 
     # ------------------------------------------------------------------ damping
-    def _batch_loss(self, problem: Problem) -> Tensor:
-        """The batch's loss at the current parameters (one forward pass, no graph)."""
-        with torch.no_grad():
-            params = [p.detach() for p in problem.params]
-            return problem.data_mean(lambda inputs, targets: problem.loss_terms(params, inputs, targets))
-
     def _adapt(
         self, problem: Problem, before: Tensor, gradient: Tensor, delta: Tensor, used: KroneckerOperator
     ) -> None:
         """Martens and Grosse's (2015, section 6.5) Levenberg-Marquardt rule for ``lambda``."""
-        after = float(self._batch_loss(problem))
+        after = float(loss_at(problem))
         predicted = float(
             torch.dot(gradient, delta)
             + 0.5 * torch.dot(delta, used @ delta)

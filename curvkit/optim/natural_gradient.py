@@ -73,6 +73,7 @@ from curvkit.optim.base import (
     check_integer,
     check_model_and_loss,
     check_positive,
+    loss_at,
     unpack_batch,
 )
 from curvkit.problem import Problem
@@ -326,12 +327,6 @@ class NaturalGradient(CurvatureOptimizer):
         _, _, _, gradient, Ut = self.low_rank_system(inputs, targets)
         return woodbury_solve(Ut.T, gradient, self.damping)
 
-    @staticmethod
-    def _batch_loss(problem: Problem, batch: Any) -> Tensor:
-        with torch.no_grad(), problem.evaluation():
-            total, count = problem.loss_terms([p.detach() for p in problem.params], *batch)
-        return total * problem.normalizer(count)
-
     @torch.no_grad()
     def step(  # type: ignore[override]
         self, closure: Callable[[], Tensor] | None = None, *, batch: Sequence[Any] | None = None
@@ -357,7 +352,7 @@ class NaturalGradient(CurvatureOptimizer):
         """
         inputs, targets = unpack_batch(type(self).__name__, batch)
         closure_loss = self.evaluate(closure)
-        problem, data, loss, gradient, Ut = self.low_rank_system(inputs, targets)
+        problem, _, loss, gradient, Ut = self.low_rank_system(inputs, targets)
         self.steps += 1
         self.last_loss = loss.detach()
         result = closure_loss if closure is not None else loss
@@ -380,7 +375,7 @@ class NaturalGradient(CurvatureOptimizer):
             if not self.apply_updates(updates, what="natural-gradient step", stacklevel=5):
                 return result
             if self.adaptive_damping:
-                accepted, damping = self._adapt(problem, data, loss, gradient, Ut, updates, damping)
+                accepted, damping = self._adapt(problem, loss, gradient, Ut, updates, damping)
                 if not accepted:
                     for p, value in zip(params, saved):
                         p.copy_(value)
@@ -396,7 +391,6 @@ class NaturalGradient(CurvatureOptimizer):
     def _adapt(
         self,
         problem: Problem,
-        batch: Any,
         loss: Tensor,
         gradient: Tensor,
         Ut: Tensor,
@@ -406,7 +400,7 @@ class NaturalGradient(CurvatureOptimizer):
         """Whether the step taken is kept, and the damping of the next (Levenberg-Marquardt)."""
         step = problem.layout.flatten([delta for _, delta in updates])
         predicted = float(gradient @ step + 0.5 * (Ut @ step).square().sum())
-        actual = float(self._batch_loss(problem, batch) - loss)
+        actual = float(loss_at(problem) - loss)
         noise = 16 * torch.finfo(gradient.dtype).eps * max(abs(float(loss)), 1e-30)
         self.last_reduction_ratio = actual / predicted if predicted < -noise else float("nan")
         if not math.isfinite(actual) or (actual > noise and predicted < -noise):

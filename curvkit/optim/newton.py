@@ -126,13 +126,6 @@ def updates_of(problem: Problem, delta: Tensor) -> list[tuple[Tensor, Tensor]]:
     return list(zip(problem.params, problem.layout.unflatten(delta)))
 
 
-def loss_at(problem: Problem, delta: Tensor) -> Tensor:
-    """The batch's loss at ``theta + delta`` (the model is not modified; no gradient)."""
-    trial = [p.detach() + d for p, d in zip(problem.params, problem.layout.unflatten(delta))]
-    with torch.no_grad():
-        return problem.data_mean(lambda inputs, targets: problem.loss_terms(trial, inputs, targets))
-
-
 def all_finite(*tensors: Tensor) -> bool:
     """Whether every entry of every tensor is finite (:func:`curvkit.optim.base.all_finite`)."""
     return finite(tensors)
