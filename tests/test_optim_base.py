@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 import pkgutil
 import threading
 
@@ -23,6 +24,8 @@ from curvkit.optim.base import (
     check_integer,
     check_positive,
     first_non_finite,
+    levenberg_marquardt,
+    loss_at,
 )
 
 DT = torch.float64
@@ -381,3 +384,53 @@ def test_natural_gradient_refuses_the_state_of_the_other_curvature_before_loadin
     with pytest.raises(ValueError, match="curvature='ggn', not 'fisher'"):
         fisher.load_state_dict(ggn.state_dict())
     assert same(fisher.state_dict(), before) and not fisher.state
+
+
+def test_the_levenberg_marquardt_rule_keeps_each_optimizers_arithmetic_and_bounds():
+    """The rule as KFAC, HessianFree and NaturalGradient wrote it before it was shared, to the last bit."""
+
+    def kfac(damping, rho, omega):  # Martens and Grosse's omega < 1, kept in [1e-8, 1e8]
+        if rho > 0.75:
+            damping *= omega
+        elif rho < 0.25:
+            damping /= omega
+        return min(max(damping, 1e-8), 1e8)
+
+    def hessian_free(damping, rho):  # Martens 2010: 3/2 and 2/3
+        return damping * 1.5 if rho < 0.25 else damping * (2.0 / 3.0) if rho > 0.75 else damping
+
+    def natural_gradient(damping, rho, smallest):  # 3/2 up, divided by 3/2 down to the smallest
+        return damping * 1.5 if rho < 0.25 else max(damping / 1.5, smallest) if rho > 0.75 else damping
+
+    rule = {"lower": 0.25, "upper": 0.75}
+    generator = torch.Generator().manual_seed(0)
+    dampings = (10.0 ** (torch.rand(400, generator=generator, dtype=DT) * 16 - 8)).tolist() + [1e-8, 1e8]
+    ratios = [-math.inf, -1.0, 0.0, 0.25, 0.5, 0.75, 0.9, 2.0, math.nan]
+    for damping in dampings:
+        for rho in ratios:
+            for every in (1, 5):
+                omega = (19 / 20) ** every
+                got = levenberg_marquardt(damping, rho, **rule, factor=omega, bounds=(1e-8, 1e8))
+                assert got == kfac(damping, rho, omega)
+            assert levenberg_marquardt(damping, rho, **rule, factor=(1.5, 2.0 / 3.0)) == hessian_free(
+                damping, rho
+            )
+            for smallest in (1e-8, 1e-3, damping):
+                got = levenberg_marquardt(damping, rho, **rule, factor=1.5, bounds=(smallest, None))
+                assert got == natural_gradient(damping, rho, smallest)
+
+
+def test_the_batch_loss_at_a_step_leaves_the_model_as_it_was():
+    model, X, y = model_and_batch()
+    optimizer = CurvatureOptimizer(model.parameters(), {"lr": 0.1}, model=model, loss_fn="cross_entropy")
+    problem = optimizer.batch_problem(X, y)
+    delta = torch.randn(problem.dim, dtype=DT)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.testing.assert_close(loss_at(problem), nn.functional.cross_entropy(model(X), y))
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, d in zip(moved.parameters(), problem.layout.unflatten(delta)):
+            p.add_(d)
+    torch.testing.assert_close(loss_at(problem, delta), nn.functional.cross_entropy(moved(X), y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert loss_at(problem, delta).grad_fn is None

@@ -54,6 +54,7 @@ __all__ = [
     "check_seed",
     "first_non_finite",
     "floating_tensors",
+    "levenberg_marquardt",
     "loss_at",
     "optional",
     "unpack_batch",
@@ -111,6 +112,61 @@ def loss_at(problem: Problem, delta: Tensor | None = None) -> Tensor:
         if delta is not None:
             params = [p + d for p, d in zip(params, problem.layout.unflatten(delta))]
         return problem.data_mean(lambda inputs, targets: problem.loss_terms(params, inputs, targets))
+
+
+def levenberg_marquardt(
+    damping: float,
+    ratio: float,
+    *,
+    lower: float,
+    upper: float,
+    factor: float | tuple[float, float],
+    bounds: tuple[float | None, float | None] | None = None,
+) -> float:
+    """The damping after a step of reduction ratio ``ratio``, by the Levenberg-Marquardt rule.
+
+    ``ratio`` is the actual decrease of the loss over the decrease its quadratic
+    model predicted. Below ``lower`` the model overpromised and the damping
+    grows (pass ``-inf`` for a step counted as bad whatever its ratio); above
+    ``upper`` it shrinks; otherwise, a NaN ratio included, it is kept. J.
+    Martens, "Deep learning via Hessian-free optimization", ICML 2010, sec. 4.1
+    (thresholds 1/4 and 3/4, factors 3/2 and 2/3); J. Martens and R. Grosse,
+    "Optimizing neural networks with Kronecker-factored approximate curvature",
+    ICML 2015, sec. 6.5 (a factor ``omega < 1``).
+
+    Args:
+        damping: The damping the step was taken with.
+        ratio: The step's reduction ratio.
+        lower: The ratio below which the damping grows.
+        upper: The ratio above which it shrinks.
+        factor: A number ``> 1``, which multiplies the damping to grow it and
+            divides it to shrink it; a number ``< 1`` (Martens and Grosse's
+            ``omega``), which divides it to grow it and multiplies it to shrink it;
+            or a pair ``(grow, shrink)`` of the numbers that multiply it. The
+            number given is used as it is, never its (rounded) reciprocal.
+        bounds: ``(low, high)``, either ``None``: a shrinking damping stops at
+            ``low``, a growing one at ``high``.
+
+    Example:
+        >>> levenberg_marquardt(1.0, 0.1, lower=0.25, upper=0.75, factor=1.5)
+        1.5
+        >>> levenberg_marquardt(1.0, 0.9, lower=0.25, upper=0.75, factor=1.5, bounds=(0.8, None))
+        0.8
+    """
+    low, high = (None, None) if bounds is None else bounds
+    if ratio < lower:
+        if isinstance(factor, tuple):
+            damping = damping * factor[0]
+        else:
+            damping = damping * factor if factor > 1 else damping / factor
+        return damping if high is None else min(damping, high)
+    if ratio > upper:
+        if isinstance(factor, tuple):
+            damping = damping * factor[1]
+        else:
+            damping = damping / factor if factor > 1 else damping * factor
+        return damping if low is None else max(damping, low)
+    return damping
 
 
 def warn_if_data_parallel(owner: object) -> None:

@@ -77,6 +77,7 @@ from curvkit.optim.base import (
     check_fraction,
     check_integer,
     check_positive,
+    levenberg_marquardt,
     loss_at,
     unpack_batch,
 )
@@ -271,11 +272,9 @@ class HessianFree(CurvatureOptimizer):
             cg_reason=solved.reason, cg_status=status, rho=rho, alpha=1.0,
         )  # fmt: skip
         indefinite = status == "non-positive-curvature"
-        if self.adapt_damping and (bool(delta.any()) or indefinite):
-            if rho < 0.25 or indefinite:
-                self.damping = lam * 1.5
-            elif rho > 0.75:
-                self.damping = lam * (2.0 / 3.0)
+        if self.adapt_damping and (bool(delta.any()) or indefinite):  # an indefinite curvature: a bad step
+            ratio = -math.inf if indefinite else rho
+            self.damping = levenberg_marquardt(lam, ratio, lower=0.25, upper=0.75, factor=(1.5, 2.0 / 3.0))
         if not math.isfinite(float(loss_after)):
             self.skip("the batch's loss after the step would not be finite")
             return result

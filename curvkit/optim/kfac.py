@@ -123,6 +123,7 @@ from curvkit.optim.base import (
     check_model_and_loss,
     check_positive,
     check_seed,
+    levenberg_marquardt,
     loss_at,
     unpack_batch,
 )
@@ -461,11 +462,9 @@ class KFAC(CurvatureOptimizer):
         rho = (after - float(before)) / predicted if math.isfinite(after) else -math.inf
         self.last_reduction_ratio = rho
         omega = (19 / 20) ** self.adapt_every
-        if rho > 0.75:
-            self.damping *= omega
-        elif rho < 0.25:
-            self.damping /= omega
-        self.damping = min(max(self.damping, DAMPING_RANGE[0]), DAMPING_RANGE[1])
+        self.damping = levenberg_marquardt(
+            self.damping, rho, lower=0.25, upper=0.75, factor=omega, bounds=DAMPING_RANGE
+        )
 
     # ------------------------------------------------------------------ inspection
     def averaged_factors(self) -> KroneckerOperator | None:

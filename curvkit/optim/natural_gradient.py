@@ -73,6 +73,7 @@ from curvkit.optim.base import (
     check_integer,
     check_model_and_loss,
     check_positive,
+    levenberg_marquardt,
     loss_at,
     unpack_batch,
 )
@@ -406,10 +407,9 @@ class NaturalGradient(CurvatureOptimizer):
         if not math.isfinite(actual) or (actual > noise and predicted < -noise):
             return False, damping * _REJECT
         ratio = self.last_reduction_ratio
-        if ratio < 0.25:
-            damping *= _INCREASE
-        elif ratio > 0.75:
-            damping = max(damping / _INCREASE, self.min_damping)
+        damping = levenberg_marquardt(
+            damping, ratio, lower=0.25, upper=0.75, factor=_INCREASE, bounds=(self.min_damping, None)
+        )
         return True, damping
 
     # ------------------------------------------------------------------ state
