@@ -376,7 +376,9 @@ class NaturalGradient(CurvatureOptimizer):
             if not self.apply_updates(updates, what="natural-gradient step", stacklevel=5):
                 return result
             if self.adaptive_damping:
-                accepted, damping = self._adapt(problem, loss, gradient, Ut, updates, damping)
+                accepted, damping, self.last_reduction_ratio = self._adapt(
+                    problem, loss, gradient, Ut, updates, damping
+                )
                 if not accepted:
                     for p, value in zip(params, saved):
                         p.copy_(value)
@@ -397,20 +399,23 @@ class NaturalGradient(CurvatureOptimizer):
         Ut: Tensor,
         updates: Sequence[tuple[Tensor, Tensor]],
         damping: float,
-    ) -> tuple[bool, float]:
-        """Whether the step taken is kept, and the damping of the next (Levenberg-Marquardt)."""
+    ) -> tuple[bool, float, float]:
+        """Whether the step taken is kept, the damping of the next (Levenberg-Marquardt), the step's ``rho``.
+
+        ``rho`` is NaN where the quadratic model predicts no decrease beyond
+        rounding (a kept step then keeps the damping).
+        """
         step = problem.layout.flatten([delta for _, delta in updates])
         predicted = float(gradient @ step + 0.5 * (Ut @ step).square().sum())
         actual = float(loss_at(problem) - loss)
         noise = 16 * torch.finfo(gradient.dtype).eps * max(abs(float(loss)), 1e-30)
-        self.last_reduction_ratio = actual / predicted if predicted < -noise else float("nan")
+        ratio = actual / predicted if predicted < -noise else math.nan
         if not math.isfinite(actual) or (actual > noise and predicted < -noise):
-            return False, damping * _REJECT
-        ratio = self.last_reduction_ratio
+            return False, damping * _REJECT, ratio
         damping = levenberg_marquardt(
             damping, ratio, lower=0.25, upper=0.75, factor=_INCREASE, bounds=(self.min_damping, None)
         )
-        return True, damping
+        return True, damping, ratio
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
