@@ -245,7 +245,8 @@ class NaturalGradient(CurvatureOptimizer):
         skipped_steps: Steps not applied: not finite, or no decrease of the batch loss.
         rejected_trials: Solves undone by the adaptive damping (the loss increased).
         last_loss: The batch loss before the latest step (a detached tensor).
-        last_reduction_ratio: ``rho`` of the latest step kept (NaN when not measured).
+        last_reduction_ratio: ``rho`` of the latest trial: the kept step's, or after a skipped step its last
+            rejected trial's (NaN when not measured).
 
     Raises:
         ValueError: An invalid hyper-parameter, or ``curvature="fisher"`` for a
