@@ -9,6 +9,7 @@ checked against dense truth in ``test_newton_summary.py``) and the rates by
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import re
 from pathlib import Path
@@ -391,3 +392,17 @@ def test_a_parameter_without_gradient_is_left_alone_as_in_sgd():
     summary = optimizer.last_summary
     assert summary.summary.g_bar[3] == 0 and summary.summary.D3[3] == 0 and summary.cubic.eta[3] == 0
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_group_setting_a_hyper_parameter_of_the_whole_optimizer_is_refused():
+    model = tiny()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    signature = inspect.signature(curvkit.NewtonSummary.__init__).parameters.values()
+    settings = {p.name for p in signature if p.kind in named} - {"self", "params"}
+    optimizer = make(model, batches(1))
+    assert settings - set(optimizer.defaults) == set(optimizer.GLOBAL)  # none accepted and ignored
+    for setting in optimizer.GLOBAL:
+        groups, _ = partition.canonical(tiny())
+        groups[0][setting] = 3
+        with pytest.raises(ValueError, match=f"{setting} applies to the whole optimizer"):
+            curvkit.NewtonSummary(groups, lambda x, t: loss_fn(model(x), t), batches(1))

@@ -197,6 +197,7 @@ class NewtonSummary(CurvatureOptimizer):
         "momentum_damp": check_fraction,
         "mom_lrs": functools.partial(check_fraction, below_one=True),
     }
+    GLOBAL = ("full_loss", "hg_loader", "dct_nesterov", "period_hg", "remove_negative")
 
     def __init__(
         self,
