@@ -67,6 +67,7 @@ Hutchinson), ``damped(gamma, kind="identity" | "factored" | "pi")``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Sequence
@@ -430,37 +431,22 @@ class KFACOperator(curvkit.ProblemOperator):
 class EKFACOperator(KFACOperator):
     """EKFAC: KFAC's eigenbasis with the Frobenius-optimal eigenvalues (a second pass over the data).
 
-    Takes the options of :class:`KFACOperator`, named here too, so that an unknown
-    one is refused by name and ``curvkit analyze --seed`` reaches ``seed``
+    Takes the options of :class:`KFACOperator`, whose signature it shows, so that an
+    unknown one is refused by name and ``curvkit analyze --seed`` reaches ``seed``
     (``fisher_type="forward-only"`` has no gradients to correct with and is refused).
     """
 
-    def __init__(
-        self,
-        problem: curvkit.Problem,
-        fisher_type: str = "type-2",
-        mc_samples: int = 1,
-        seed: int | None = None,
-        approx: str = "expand",
-        fold_bias: bool = True,
-        unsupported: str = "error",
-        max_factor_bytes: int | None = None,
-    ):
-        if fisher_type == "forward-only":
+    def __init__(self, problem: curvkit.Problem, **options: Any):
+        if options.get("fisher_type") == "forward-only":
             raise curvkit.CurvkitError(
                 "EKFAC corrects KFAC's eigenvalues with gradients, and fisher_type='forward-only' has none: "
                 "use 'type-2', 'mc' or 'empirical'"
             )
-        super().__init__(
-            problem,
-            fisher_type=fisher_type,
-            mc_samples=mc_samples,
-            seed=seed,
-            approx=approx,
-            fold_bias=fold_bias,
-            unsupported=unsupported,
-            max_factor_bytes=max_factor_bytes,
-        )
+        super().__init__(problem, **options)
+
+    # KFAC's options by name (one list, KFACOperator's): what the registry's option check and
+    # curvkit analyze's --seed read, so an unknown option is refused before construction
+    __init__.__signature__ = inspect.signature(KFACOperator.__init__)  # type: ignore[attr-defined]
 
     def _blocks_built(self, blocks: list[curvkit.KroneckerBlock], params: list[Tensor]) -> None:
         generator = self.product_generator()
