@@ -59,7 +59,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from curvkit.errors import CurvkitError, ProcessFailedError, describe_error, first_line
+from curvkit.errors import (
+    CurvkitError,
+    ProcessCrashedError,
+    ProcessFailedError,
+    describe_error,
+    first_line,
+)
 
 __all__ = [
     "broadcast_object",
@@ -114,7 +120,7 @@ def collective_device(data: torch.device | None = None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
+def reduce_sums(local_sum: Any, local_count: float, device: torch.device | None = None) -> tuple[Any, float]:
     """The sums and counts of every process, added: the data-parallel reduction point.
 
     ``local_sum`` is what :meth:`curvkit.Problem.batch_sums` returns: a tensor, a
@@ -124,16 +130,27 @@ def reduce_sums(local_sum: Any, local_count: float) -> tuple[Any, float]:
     its square, to check that the processes agree on it), one per dtype of the
     tensors' concatenation (numbers as float64 tensors).
 
+    Args:
+        local_sum: This process's sums.
+        local_count: This process's count.
+        device: The data's device (the problem's), which decides the collectives'
+            (:func:`collective_device`); ``None``: the first tensor's. Every
+            process, and a failed one joining (:func:`shared_failures`), must
+            reduce on the same, so the problem's is passed where there is one.
+
     Raises:
         CurvkitError: The processes' sums differ in shape (their number of
             entries), which a bug in an estimator would cause; every process raises.
+        ProcessFailedError: Another process's share of the pass failed.
     """
     rank, size = process()
     if size == 1:
         return local_sum, local_count
     leaves: list[Any] = []
     rebuild = _flatten(local_sum, leaves)
-    device = collective_device(next((leaf.device for leaf in leaves if isinstance(leaf, Tensor)), None))
+    if device is None:
+        device = next((leaf.device for leaf in leaves if isinstance(leaf, Tensor)), None)
+    device = collective_device(device)
     tensors = [
         torch.tensor(float(leaf), dtype=torch.float64, device=device) if _is_number(leaf) else leaf
         for leaf in leaves
@@ -188,7 +205,7 @@ def _reduce_header(
 
 
 @contextlib.contextmanager
-def shared_failures() -> Iterator[None]:
+def shared_failures(device: torch.device | None = None) -> Iterator[None]:
     """Around a process's own share of a data pass: a failure there ends every process, with its message.
 
     In a data-parallel run the processes meet next at the reduction of the pass
@@ -200,6 +217,9 @@ def shared_failures() -> Iterator[None]:
     the others with a :class:`~curvkit.errors.ProcessFailedError` carrying the
     first failed process's message (which process 0, the one that reports,
     prints). In one process, or outside a data-parallel run, it does nothing.
+    ``device`` is the one the pass's reduction is given (:func:`reduce_sums`).
+    Every process must meet a reduction after the block: a pass over the data
+    has one; code without one (a check) ends with ``reduce_sums(None, 0, device)``.
     A failure already shared (by a pass inside this one, or another process's, learnt
     there) is not shared again.
     """
@@ -210,27 +230,32 @@ def shared_failures() -> Iterator[None]:
         shared = isinstance(exc, ProcessFailedError) or getattr(exc, "_curvkit_shared", False)
         if is_data_parallel() and not shared:
             exc._curvkit_shared = True  # type: ignore[attr-defined]
-            _reduce_header(0.0, 0, process()[1], collective_device(), failure=exc)  # joins the others
+            _reduce_header(0.0, 0, process()[1], collective_device(device), failure=exc)  # joins the others
         raise
 
 
 def _end_together(failure: Exception | None) -> None:
-    """Every process's failure, in one line (``None`` where there is none), gathered; a process without
-    one raises :class:`ProcessFailedError` with the first, one with a ``failure`` returns (to re-raise it).
+    """Every process's failure (``None`` where there is none), gathered; a process with a ``failure``
+    returns (to re-raise it), one without raises the first process's.
 
-    The line is curvkit's message for a :class:`CurvkitError` (said on purpose), else the exception's
-    type and message."""
+    A curvkit error (said on purpose: bad data, an empty shard) becomes a
+    :class:`ProcessFailedError` with its message; anything else (a bug, memory
+    exhausted) a :class:`ProcessCrashedError`, which is no curvkit error, so that
+    no process takes it for one it may go on after.
+    """
     size = process()[1]
     own = None
     if failure is not None:
-        own = first_line(failure) if isinstance(failure, CurvkitError) else None
-        own = own or describe_error(failure, first_line(failure))
-    messages: list[str | None] = [None] * size
-    dist.all_gather_object(messages, own)
+        said = isinstance(failure, CurvkitError)
+        own = (said, first_line(failure) if said else describe_error(failure, first_line(failure)))
+    failures: list[tuple[bool, str] | None] = [None] * size
+    dist.all_gather_object(failures, own)
     if failure is not None:
         return
-    first = next(rank for rank, message in enumerate(messages) if message is not None)
-    raise ProcessFailedError(f"process {first} of {size}: {messages[first]}", first)
+    first = next(rank for rank, failed in enumerate(failures) if failed is not None)
+    said, message = failures[first]  # type: ignore[misc]
+    kind = ProcessFailedError if said else ProcessCrashedError
+    raise kind(f"process {first} of {size}: {message}", first)
 
 
 def _is_number(value: Any) -> bool:

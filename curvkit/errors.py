@@ -26,6 +26,7 @@ __all__ = [
     "NotNegativeLogLikelihoodError",
     "ParameterSelectionError",
     "PluginError",
+    "ProcessCrashedError",
     "ProcessFailedError",
     "ShapeMismatchError",
     "UnknownEstimatorError",
@@ -83,6 +84,23 @@ class ProcessFailedError(CurvkitError):
     Raised in every process but the failed one(s), at the reduction those were
     to join (:func:`curvkit.distributed.shared_failures`), so that all end
     together with the failure's message instead of waiting in a collective.
+
+    Attributes:
+        failed: The rank of the (first) process that failed.
+    """
+
+    def __init__(self, message: str, failed: int) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+class ProcessCrashedError(RuntimeError):
+    """Another process of a data-parallel run raised an exception that is no curvkit error (a bug,
+    memory exhausted) on its shard of the data; its type and message are this one's.
+
+    The counterpart of :class:`ProcessFailedError` for what curvkit did not raise on
+    purpose: not a :class:`CurvkitError`, so that no process goes on after it as
+    after a curvkit error (the failed process does not).
 
     Attributes:
         failed: The rank of the (first) process that failed.

@@ -502,7 +502,7 @@ class Problem:
         """
         total, count = local_sum, local_count
         if self.data_parallel:
-            total, count = distributed.reduce_sums(total, count)
+            total, count = distributed.reduce_sums(total, count, self.device)
         return _scale(total, self.normalizer(count))
 
     def data_mean(self, per_batch: Callable[[Any, Tensor], tuple[Any, float]]) -> Any:
@@ -579,6 +579,8 @@ class Problem:
             DataError: The data yield no batch, the model cannot be applied to
                 the inputs, its outputs do not fit the targets and the loss, or
                 the loss is not finite.
+            ProcessFailedError: In a data-parallel run, another process's check
+                failed (every process checks its own shard's first batch).
         """
         with torch.no_grad(), self.evaluation(), self._shared_failures():
             inputs, targets = next(iter(self.batches()))
@@ -587,11 +589,13 @@ class Problem:
                 raise DataError(
                     "the loss or its gradient is not finite on the first batch (NaN/Inf in weights or data?)"
                 )
+        if self.data_parallel:  # where a process whose check failed joins the others (and they learn it)
+            distributed.reduce_sums(None, 0.0, self.device)
 
     def _shared_failures(self) -> contextlib.AbstractContextManager:
         """Around this process's share of a pass: in a data-parallel run, a failure there ends every
         process at the reduction they meet next (:func:`curvkit.distributed.shared_failures`)."""
-        return distributed.shared_failures() if self.data_parallel else contextlib.nullcontext()
+        return distributed.shared_failures(self.device) if self.data_parallel else contextlib.nullcontext()
 
 
 def _listing(names: Sequence[str], limit: int = 4) -> str:

@@ -45,6 +45,7 @@ import hashlib
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,15 +351,21 @@ def _seeded(estimator: str, options: Mapping[str, Any] | None, seed: int) -> dic
     return options
 
 
-def _drawn_seed(operator: CurvatureOperator, options: Mapping[str, Any]) -> dict[str, int]:
-    """``{"estimator_seed": seed}`` for a Monte-Carlo operator that drew its own seed, else ``{}``.
+def _drawn_seed(operator: CurvatureOperator, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"estimator_seed": ...}`` for a Monte-Carlo operator whose samples no setting of the command fixes.
 
-    Its numbers come from that seed, which no setting of the command fixes: in
-    the run's key, a second command starts another run instead of resuming
-    this one with other samples.
+    That is, one that is ``STOCHASTIC`` and whose seed (:attr:`ProblemOperator.seed`) is not the
+    ``seed`` it was given: it drew its own (its factory took none, or dropped it). Its numbers come
+    from that seed, so it goes in the run's key, and a second command starts another run instead of
+    resuming this one with other samples. An operator that does not say its seed (a wrapper
+    made by the factory) counts as one that drew its own: its key gets a seed of its own.
     """
-    drawn = getattr(operator, "seed", None) if operator.STOCHASTIC and "seed" not in options else None
-    return {} if drawn is None else {"estimator_seed": int(drawn)}
+    if not operator.STOCHASTIC:
+        return {}
+    seed = getattr(operator, "seed", None)
+    if seed is not None and seed == options.get("seed"):
+        return {}
+    return {"estimator_seed": int(seed) if seed is not None else f"unknown {uuid.uuid4().hex}"}
 
 
 def resolve_estimator_options(

@@ -89,13 +89,33 @@ def _bad_shards() -> list[str]:
 
     The case's 13 samples are split 6 and 7; a class index out of range at sample
     6 fails process 1's first batch (``check_batch``), at sample 12 its last batch
-    of the pass. Each step checks the batch and then takes a pass, as
-    ``curvkit analyze`` does; the last step, on good data, shows that the
-    processes are still in step after the failures.
+    of the pass. A step checks the batch and then takes a pass, as ``curvkit
+    analyze`` does, or checks it and then broadcasts (a fresh seed: no pass to
+    meet in); one pass crashes in process 1 with an error that is no curvkit
+    error; the last step, on good data, shows that the processes are still in
+    step after the failures.
     """
     case = get_case("tanh-mlp-ce")
+    rank = curvkit.distributed.process()[0]
+
+    def crash_in_process_1(inputs, targets):  # a bug, not a curvkit error, in one process
+        if rank == 1:
+            raise RuntimeError("process 1 crashes on purpose")
+        return problem.loss_terms(problem.params, inputs, targets)
+
+    steps = {
+        "check and pass": lambda: problem.check_batch() or problem.loss_and_gradient()[0].item(),
+        "check, then a broadcast": lambda: problem.check_batch() or curvkit.distributed.shared_seed(),
+        "a crash": lambda: problem.data_mean(crash_in_process_1),
+    }
     lines = []
-    for bad in (6, 12, None):
+    for bad, step in (
+        (6, "check and pass"),
+        (12, "check and pass"),
+        (6, "check, then a broadcast"),
+        (None, "a crash"),
+        (None, "check and pass"),
+    ):
         torch.manual_seed(0)
         model, inputs, targets = case.build(torch.float64)
         if bad is not None:
@@ -103,10 +123,8 @@ def _bad_shards() -> list[str]:
             targets[bad] = 99
         problem = curvkit.Problem(model, case.loss, (inputs, targets), batch_size=3)
         try:
-            problem.check_batch()
-            loss, _ = problem.loss_and_gradient()
-            lines.append(f"loss {loss.item():.12g}")
-        except curvkit.CurvkitError as exc:
+            lines.append(f"done {steps[step]()}")
+        except Exception as exc:  # what each process ends with
             lines.append(f"{type(exc).__name__}: {exc}")
     return lines
 

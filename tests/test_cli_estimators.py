@@ -230,6 +230,15 @@ def keyword_estimators():
             curvkit.EstimatorSpec(
                 "hidden-seed", lambda problem, **options: _KeywordFisher(problem), "Fisher, own seed"
             ),
+            curvkit.EstimatorSpec(  # says it is stochastic, takes the seed, and drops it
+                "dropped-seed",
+                lambda problem, **options: _KeywordFisher(problem),
+                "Fisher, seed dropped",
+                flags={"stochastic": True, "symmetric": True, "psd": True},
+            ),
+            curvkit.EstimatorSpec(  # a wrapper, which does not say its seed
+                "wrapped-seed", lambda problem, **options: 2.0 * _KeywordFisher(problem), "2 x Fisher"
+            ),
         ]
 
     plugin.curvkit_register_estimators = curvkit_register_estimators
@@ -245,12 +254,15 @@ def test_a_monte_carlo_estimator_taking_kwargs_is_seeded_by_the_command(tmp_path
     assert first["analyses"]["eigen/largest"]["values"] == again["analyses"]["eigen/largest"]["values"]
 
 
-def test_an_estimator_that_draws_its_own_seed_never_resumes_another_draw(tmp_path, keyword_estimators):
-    """Its seed is in the run's key: a second command starts a run of its own instead of adding
-    analyses of other samples to the first's."""
-    first = analyze(tmp_path / "a.h5", "--curvature", "hidden-seed")[0]
-    second = analyze(tmp_path / "a.h5", "--curvature", "hidden-seed")[0]
-    assert first["key"]["estimator_options"] == {} and "estimator_seed" in first["key"]
+@pytest.mark.parametrize("estimator", ["hidden-seed", "dropped-seed", "wrapped-seed"])
+def test_an_estimator_that_draws_its_own_seed_never_resumes_another_draw(
+    tmp_path, keyword_estimators, estimator
+):
+    """Its seed (or, where it does not say it, a mark of its own) is in the run's key: a second
+    command starts a run of its own instead of adding analyses of other samples to the first's."""
+    first = analyze(tmp_path / "a.h5", "--curvature", estimator)[0]
+    second = analyze(tmp_path / "a.h5", "--curvature", estimator)[0]
+    assert "estimator_seed" in first["key"]
     assert first["key"]["estimator_seed"] != second["key"]["estimator_seed"]
     assert first["run_id"] != second["run_id"] and not second["resumed"]
     assert "estimator_seed" not in analyze(tmp_path / "c.h5", "--curvature", "fisher")[0]["key"]

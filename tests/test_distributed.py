@@ -182,15 +182,38 @@ def test_sums_of_different_sizes_are_refused_by_every_process(tmp_path):
 
 def test_a_bad_shard_ends_every_process_with_its_message(tmp_path):
     """A failure of one process's data (its first batch, or a later one of a pass) reaches the others
-    at the reduction they meet next: all end, the others with that message, and stay in step."""
+    at the reduction they meet next, a check's own included: all end, the others with that message
+    (a curvkit error, or for a crash an error that is none), and stay in step."""
     done = _run(tmp_path / "bad", 2, "bad-shard", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = ((tmp_path / "bad" / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
-    out_of_range = "class index"
-    for step in (0, 1):  # process 1 fails at check_batch, then during the pass
-        assert second[step].startswith("DataError: ") and out_of_range in second[step], second[step]
+    for step in (0, 1, 2):  # process 1 fails at check_batch, during the pass, at check_batch again
+        assert second[step].startswith("DataError: ") and "class index" in second[step], second[step]
         assert first[step] == f"ProcessFailedError: process 1 of 2: {second[step].split(': ', 1)[1]}"
-    assert first[2] == second[2] and first[2].startswith("loss ")  # good data afterwards: in step
+    assert second[3] == "RuntimeError: process 1 crashes on purpose"
+    assert first[3] == "ProcessCrashedError: process 1 of 2: RuntimeError: process 1 crashes on purpose"
+    assert not issubclass(curvkit.ProcessCrashedError, curvkit.CurvkitError)
+    assert first[4] == second[4] and first[4].startswith("done ")  # good data afterwards: in step
+
+
+def test_a_shared_failure_meets_the_reduction_on_the_problems_device(monkeypatch):
+    """The failed process's header goes where the others' reduction goes: the problem's device, not
+    the first tensor's (a group of gloo and NCCL would otherwise mix the two backends)."""
+    used = []
+
+    def header(count, entries, size, device, failure=None):
+        used.append(device)
+        return count, True
+
+    monkeypatch.setattr(curvkit.distributed, "process", lambda: (1, 2))
+    monkeypatch.setattr(curvkit.distributed, "is_data_parallel", lambda: True)
+    monkeypatch.setattr(curvkit.distributed, "collective_device", lambda device=None: device)
+    monkeypatch.setattr(curvkit.distributed, "_reduce_header", header)
+    problems = torch.device("meta")  # stands for a GPU of a group of gloo and NCCL
+    with pytest.raises(curvkit.DataError), curvkit.distributed.shared_failures(problems):
+        raise curvkit.DataError("a bad batch")
+    assert curvkit.distributed.reduce_sums(None, 2.0, problems) == (None, 2.0)  # no tensor to ask
+    assert used == [problems, problems]
 
 
 @pytest.mark.parametrize(
