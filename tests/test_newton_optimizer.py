@@ -240,6 +240,21 @@ def test_a_learning_rate_that_overflows_skips_the_step_and_keeps_everything(curv
     assert optimizer.summaries == 2 and optimizer.skipped_steps == 2
 
 
+def test_a_step_whose_parameters_would_overflow_is_skipped():
+    """The rate ``1 / h`` (16,529) and ``lr u`` (65,116) fit float16, but ``p - lr u`` (-66,116)
+    does not: what is checked is what the parameters become, not the update alone."""
+    h = 6.05e-5
+    x = nn.Parameter(torch.tensor([-1000.0, 0.0], dtype=torch.float16))
+    loss = lambda inputs, target: 0.5 * h * x[0].float() ** 2 + 4.0 * x[0].float()
+    optimizer = curvkit.NewtonSummary([x], loss, [(torch.zeros(1), torch.zeros(1))])
+    loss(None, None).backward()
+    largest = torch.finfo(torch.float16).max
+    assert (1 / h) * x.grad[0].item() < largest < 1000 + (1 / h) * x.grad[0].item()
+    with pytest.warns(curvkit.CurvkitWarning, match="step skipped: the update is not finite"):
+        optimizer.step()
+    assert torch.equal(x.detach(), torch.tensor([-1000.0, 0.0], dtype=torch.float16))
+
+
 def test_a_non_finite_summary_keeps_the_rates_with_a_warning():
     model, data = tiny(), batches()
     hx, ht = batches(1, size=16, seed=3)[0]

@@ -483,13 +483,52 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if scales is not None and len(scales) != len(updates):
             raise ValueError(f"apply_updates: {len(scales)} scales for {len(updates)} updates")
         deltas = [d for _, d in updates]
-        why = first_non_finite([*checks, (what, deltas)], implied)
-        if why is not None:
-            self.skip(f"the {why} is not finite", unchanged=unchanged, stacklevel=stacklevel + 1)
+        if not self._finite_or_skip([*checks, (what, deltas)], implied, unchanged, stacklevel + 1):
             return False
         with outside_autograd():  # the parameters are leaves that require grad
             _add_scaled([p for p, _ in updates], deltas, scales)
         return True
+
+    def apply_values(
+        self,
+        values: Sequence[tuple[Tensor, Tensor]],
+        what: str = "update",
+        *,
+        checks: Sequence[tuple[str, Sequence[Tensor | None]]] = (),
+        unchanged: str = "parameters unchanged",
+        stacklevel: int = 4,
+    ) -> bool:
+        """``p <- value`` for every pair, if every value and every tensor of ``checks`` is finite.
+
+        :meth:`apply_updates` for a step formed as the new values themselves
+        (``p - lr u`` in one rounding, as ``p.add_(u, alpha=-lr)``): what is
+        checked is what the parameters become, so an addition that overflows the
+        dtype (``p + delta`` beyond its range, both finite) skips the step too.
+        Otherwise the same: one check, a :class:`curvkit.CurvkitWarning` naming
+        the first non-finite thing, :attr:`skipped_steps` counted.
+
+        Returns:
+            Whether the values were applied.
+        """
+        new = [v for _, v in values]
+        if not self._finite_or_skip([*checks, (what, new)], (), unchanged, stacklevel + 1):
+            return False
+        with outside_autograd():
+            torch._foreach_copy_([p for p, _ in values], new)
+        return True
+
+    def _finite_or_skip(
+        self,
+        checks: Sequence[tuple[str, Sequence[Tensor | None]]],
+        implied: Collection[str],
+        unchanged: str,
+        stacklevel: int,
+    ) -> bool:
+        """Whether everything in ``checks`` is finite; if not, :meth:`skip` names the first culprit."""
+        why = first_non_finite(checks, implied)
+        if why is not None:
+            self.skip(f"the {why} is not finite", unchanged=unchanged, stacklevel=stacklevel + 1)
+        return why is None
 
     def skip(self, why: str, *, unchanged: str = "parameters unchanged", stacklevel: int = 4) -> None:
         """Counts a skipped step in :attr:`skipped_steps` and warns ``"<class>: step skipped: <why>"``.

@@ -150,6 +150,20 @@ def _loss_leaves(loss: Tensor) -> list[Tensor]:
     return found
 
 
+def _stepped(params: list[Tensor], directions: list[Tensor], rate: float) -> list[Tensor]:
+    """``p - rate u`` per pair, rounded once as ``p.add_(u, alpha=-rate)`` rounds it.
+
+    Where ``rate`` is beyond a parameter's dtype (float16's 65504), which ``alpha``
+    cannot be, the difference is formed in float64 and rounded to the dtype (to
+    infinity where it overflows, which the step's check then refuses).
+    """
+    if not params:
+        return []
+    if all(abs(rate) <= torch.finfo(p.dtype).max for p in params):
+        return list(torch._foreach_add(params, directions, alpha=-rate))
+    return [(p.double() - rate * u.double()).to(p.dtype) for p, u in zip(params, directions)]
+
+
 class NewtonSummary(CurvatureOptimizer):
     """SGD with momentum and per-subset learning rates from the Newton summary (see the module docstring).
 
@@ -268,11 +282,12 @@ class NewtonSummary(CurvatureOptimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One training step (see the module docstring); the closure's loss if one is given.
 
-        The new momentum buffers, learning rates and updates are computed aside and
-        kept only if the updates are finite: a step whose gradient, or whose update
-        ``lr_s u_s`` (a learning rate so large that it overflows, or NaN), is not
-        finite is skipped with a :class:`curvkit.CurvkitWarning`, leaving the
-        parameters, the momentum buffers and the learning rates as they were.
+        The new momentum buffers, learning rates and parameters are computed aside
+        and kept only if all are finite: a step whose gradient, or whose new
+        parameters ``theta_s - lr_s u_s`` (a learning rate so large that it
+        overflows, or NaN), are not finite is skipped with a
+        :class:`curvkit.CurvkitWarning`, leaving the parameters, the momentum
+        buffers and the learning rates as they were.
 
         Raises:
             DataError: ``hg_loader`` yields nothing, or not ``(x, target)`` pairs.
@@ -291,13 +306,12 @@ class NewtonSummary(CurvatureOptimizer):
         if self._steps % self.period_hg == 0:
             refresh = self._new_learning_rates(buffers, rates)
         new_rates = rates if refresh is None else list(refresh.learning_rates)
-        updates: list[tuple[Tensor, Tensor]] = []
+        values: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
             for params, rate in zip(members, new_rates):
-                if params:  # -lr_s u_s, checked: a learning rate may overflow the parameters' dtype
-                    updates += zip(params, torch._foreach_mul([buffers[p] for p in params], -rate))
-            applied = self.apply_updates(
-                updates,
+                values += zip(params, _stepped(params, [buffers[p] for p in params], rate))
+            applied = self.apply_values(  # checked as they are: a rate may overflow the parameters' dtype
+                values,
                 checks=[("momentum", list(buffers.values()))],
                 unchanged="parameters, momentum and learning rates unchanged",
             )
