@@ -354,6 +354,20 @@ def test_a_state_dict_of_another_kind_is_refused_before_anything_is_loaded(loade
     assert same(optimizer.state_dict(), before)
 
 
+def test_a_subclass_made_elsewhere_has_its_curvkit_optimizers_kind():
+    """``class MyKFAC(KFAC)`` and KFAC load each other's state; EKFAC (curvkit's own) stays apart."""
+    model, X, y = model_and_batch()
+    subclass = type("MyKFAC", (curvkit.optim.KFAC,), {"__module__": "my_training"})
+    assert subclass.state_kind() == "KFAC" and curvkit.optim.EKFAC.state_kind() == "EKFAC"
+    kfac = stepped("KFAC", model, X, y)
+    mine = subclass(model.parameters(), model=model, loss_fn="cross_entropy")
+    mine.load_state_dict(kfac.state_dict())
+    assert same(mine.state_dict(), kfac.state_dict())
+    kfac.load_state_dict(mine.state_dict())
+    own = type("Mine", (curvkit.optim.base.CurvatureOptimizer,), {"__module__": "my_training"})
+    assert own.state_kind() == "Mine"
+
+
 @pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
 def test_a_state_dict_with_an_invalid_group_is_refused_before_anything_is_loaded(name):
     model, X, y = model_and_batch()

@@ -516,6 +516,10 @@ def test_update_freq_reuses_the_operator_and_the_state_dict_round_trip_resumes_e
         ({"estimator": "no-such-estimator"}, r"unknown estimator 'no-such-estimator'"),
         ({"loss_fn": None}, r"needs loss_fn="),
         ({"solver_options": 3}, r"solver_options must be a dict"),
+        ({"solver": "cg", "solver_options": {"bogus": 1}}, r"^solver 'cg' takes no option 'bogus'"),
+        ({"solver_options": {"bogus": 1}}, r"^solver 'cg' takes no option 'bogus'"),  # auto: cg's
+        ({"solver": "lissa", "solver_options": {"depth": 3}}, r"^solver 'lissa' takes no option 'depth'"),
+        ({"solver_options": {"damping": 1.0}}, r"solver_options may not set damping: pass damping="),
     ],
 )
 def test_invalid_preconditioner_options_raise_value_errors(options, message):
@@ -525,6 +529,13 @@ def test_invalid_preconditioner_options_raise_value_errors(options, message):
         CurvaturePreconditioner(model, **kwargs)
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
         CurvaturePreconditioner("net", loss_fn="mse")
+
+
+def test_solve_s_own_settings_are_solver_options_of_the_preconditioner():
+    precond = CurvaturePreconditioner(
+        mlp(), "ggn", loss_fn="cross_entropy", solver="lissa", solver_options={"tol": 1e-3, "seed": 1}
+    )
+    assert precond.solver_options == {"tol": 1e-3, "seed": 1}
 
 
 def test_decay_preconditions_with_the_running_average_of_the_update_batches():

@@ -634,3 +634,11 @@ def test_a_plugin_solver_gives_its_status_through_the_history():
         assert (res.status, res.converged) == ("approximate", False) and res.reason.startswith("Jacobi: ")
     finally:
         curvkit.unregister_plugin(plugin)
+
+
+def test_refuse_options_is_kept_for_plugins_that_sort_their_own_options():
+    from curvkit.linalg.solve import refuse_options
+
+    refuse_options("mine", {})
+    with pytest.raises(curvkit.CurvkitError, match=r"^solver 'mine' takes no option 'a', 'b'$"):
+        refuse_options("mine", {"b": 1, "a": 2})

@@ -59,6 +59,7 @@ __all__ = [
     "SolverSpec",
     "inverse",
     "check_solver_options",
+    "refuse_options",
     "solver_options",
     "solve",
     "solvers",
@@ -433,6 +434,21 @@ def solver_options(method: str) -> list[str] | None:
     from curvkit.registry import keyword_options
 
     return keyword_options(_solver(method).solve, positional=2, passed=SOLVE_ARGUMENTS)
+
+
+def refuse_options(method: str, unknown: Mapping[str, Any]) -> None:
+    """Refuse options a solver does not know (one line naming them); nothing when there are none.
+
+    For a solver whose ``solve`` takes ``**options`` and sorts them itself. Kept
+    for plugins written against it: :func:`solve` now checks a solver's named
+    options before calling it (:func:`check_solver_options`), so a ``solve``
+    that names its options needs neither.
+
+    Raises:
+        CurvkitError: ``unknown`` is not empty.
+    """
+    if unknown:
+        raise CurvkitError(f"solver {method!r} takes no option {', '.join(map(repr, sorted(unknown)))}")
 
 
 def check_solver_options(method: str, options: Mapping[str, Any]) -> None:

@@ -562,14 +562,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restores :meth:`extra_state` (checked by :meth:`check_extra_state`)."""
 
+    @classmethod
+    def state_kind(cls) -> str:
+        """The kind of state this optimizer writes and reads: the name of its class in ``curvkit.optim``.
+
+        A subclass made elsewhere (``class MyKFAC(KFAC)``) has the kind of the
+        nearest ``curvkit.optim`` optimizer it derives from, so that it and that
+        optimizer load each other's state; one deriving from
+        :class:`CurvatureOptimizer` itself has its own class's name.
+        """
+        return next(
+            (
+                k.__name__
+                for k in cls.__mro__
+                if k.__module__.startswith("curvkit.optim.") and k is not CurvatureOptimizer
+            ),
+            cls.__name__,
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state, with the optimizer's kind, :meth:`extra_state` and the skipped steps.
 
-        Those are under ``"curvkit"``; the kind is the class's name (``"KFAC"``).
+        Those are under ``"curvkit"``; the kind is :meth:`state_kind` (``"KFAC"``).
         """
         state = super().state_dict()
         state["curvkit"] = {
-            "kind": type(self).__name__,
+            "kind": self.state_kind(),
             "skipped_steps": self.skipped_steps,
             **self.extra_state(),
         }
@@ -597,8 +615,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"not a {name} state_dict: it has no 'curvkit' entry")
         extra = dict(extra)
         kind = extra.pop("kind", None)
-        if kind is not None and kind != name:
-            raise ValueError(f"this state_dict was written by {kind}, not by {name}: not loaded")
+        if kind is not None and kind != self.state_kind():
+            raise ValueError(f"this state_dict was written by {kind}, not by {self.state_kind()}: not loaded")
         skipped = check_integer("skipped_steps", extra.pop("skipped_steps", 0), minimum=0)
         state_dict["param_groups"] = self._checked_groups(state_dict.get("param_groups"))
         self.check_extra_state(extra)

@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import CurvkitWarning, NonFiniteError, UnknownEstimatorError
+from curvkit.errors import CurvkitWarning, NonFiniteError, UnknownEstimatorError, UnknownOptionError
 from curvkit.finite import all_finite
 from curvkit.layout import select_parameters
-from curvkit.linalg.solve import SolveResult, solve, solvers
+from curvkit.linalg.solve import SOLVE_ARGUMENTS, SolveResult, check_solver_options, solve, solvers
 from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import check_integer, check_positive, unpack_batch, warn_if_data_parallel
 from curvkit.problem import Problem
@@ -164,6 +164,16 @@ class CurvaturePreconditioner:
             raise ValueError(f"solver must be 'auto' or one of {names}, got {solver!r}")
         if solver_options is not None and not isinstance(solver_options, Mapping):
             raise ValueError(f"solver_options must be a dict, got {type(solver_options).__name__}")
+        given = dict(solver_options or {})
+        if "damping" in given:
+            raise ValueError(
+                "solver_options may not set damping: pass damping= (the preconditioner passes it)"
+            )
+        try:  # the solver's own options (solve's own: tol, maxiter, ...), now rather than at a step
+            own = {name: value for name, value in given.items() if name not in SOLVE_ARGUMENTS}
+            check_solver_options("cg" if solver == "auto" else solver, own)  # "auto" falls back to cg
+        except UnknownOptionError as exc:
+            raise ValueError(exc.args[0]) from None
         self.estimator = estimator
         self.damping = check_positive("damping", damping, zero=True)
         self.solver = solver
