@@ -78,7 +78,15 @@ class CurvkitError(Exception):
     """Base class of every error curvkit raises on purpose."""
 
 
-class ProcessFailedError(CurvkitError):
+class _AnotherProcessError(Exception):
+    """What the processes of a data-parallel run learn of one that failed: its rank, and its message."""
+
+    def __init__(self, message: str, failed: int) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+class ProcessFailedError(_AnotherProcessError, CurvkitError):
     """Another process of a data-parallel run failed on its shard of the data; its message is this one's.
 
     Raised in every process but the failed one(s), at the reduction those were
@@ -89,12 +97,8 @@ class ProcessFailedError(CurvkitError):
         failed: The rank of the (first) process that failed.
     """
 
-    def __init__(self, message: str, failed: int) -> None:
-        super().__init__(message)
-        self.failed = failed
 
-
-class ProcessCrashedError(RuntimeError):
+class ProcessCrashedError(_AnotherProcessError, RuntimeError):
     """Another process of a data-parallel run raised an exception that is no curvkit error (a bug,
     memory exhausted) on its shard of the data; its type and message are this one's.
 
@@ -105,10 +109,6 @@ class ProcessCrashedError(RuntimeError):
     Attributes:
         failed: The rank of the (first) process that failed.
     """
-
-    def __init__(self, message: str, failed: int) -> None:
-        super().__init__(message)
-        self.failed = failed
 
 
 class CurvkitWarning(UserWarning):
