@@ -216,7 +216,8 @@ def shared_failures(device: torch.device | None = None) -> Iterator[None]:
     it there, and all end together: the failed ones with their own exception,
     the others with a :class:`~curvkit.errors.ProcessFailedError` carrying the
     first failed process's message (which process 0, the one that reports,
-    prints). In one process, or outside a data-parallel run, it does nothing.
+    prints), or a :class:`~curvkit.errors.ProcessCrashedError` where that was no
+    curvkit error. In one process, or outside a data-parallel run, it does nothing.
     ``device`` is the one the pass's reduction is given (:func:`reduce_sums`).
     Every process must meet a reduction after the block: a pass over the data
     has one; code without one (a check) ends with ``reduce_sums(None, 0, device)``.
@@ -227,7 +228,8 @@ def shared_failures(device: torch.device | None = None) -> Iterator[None]:
         yield
     except Exception as exc:
         # shared already: another process's failure learnt here, or this one's by an inner pass
-        shared = isinstance(exc, ProcessFailedError) or getattr(exc, "_curvkit_shared", False)
+        learnt = isinstance(exc, ProcessFailedError | ProcessCrashedError)
+        shared = learnt or getattr(exc, "_curvkit_shared", False)
         if is_data_parallel() and not shared:
             exc._curvkit_shared = True  # type: ignore[attr-defined]
             _reduce_header(0.0, 0, process()[1], collective_device(device), failure=exc)  # joins the others

@@ -196,6 +196,24 @@ def test_a_bad_shard_ends_every_process_with_its_message(tmp_path):
     assert first[4] == second[4] and first[4].startswith("done ")  # good data afterwards: in step
 
 
+@pytest.mark.parametrize("learnt", [curvkit.ProcessFailedError, curvkit.ProcessCrashedError])
+def test_a_failure_learnt_from_another_process_is_not_shared_again(monkeypatch, learnt):
+    """Raised by an inner pass's reduction, it passes through an outer pass's block without joining a
+    reduction the others are not in; a process's own failure joins once, however deep."""
+    joined = []
+    monkeypatch.setattr(curvkit.distributed, "process", lambda: (0, 2))
+    monkeypatch.setattr(curvkit.distributed, "is_data_parallel", lambda: True)
+    monkeypatch.setattr(curvkit.distributed, "collective_device", lambda device=None: device)
+    monkeypatch.setattr(curvkit.distributed, "_reduce_header", lambda *args, **kwargs: joined.append(args))
+    with pytest.raises(learnt), curvkit.distributed.shared_failures():
+        raise learnt("process 1 of 2: a bad batch", 1)
+    assert joined == []
+    with pytest.raises(curvkit.DataError), curvkit.distributed.shared_failures():
+        with curvkit.distributed.shared_failures():
+            raise curvkit.DataError("its own")
+    assert len(joined) == 1
+
+
 def test_a_shared_failure_meets_the_reduction_on_the_problems_device(monkeypatch):
     """The failed process's header goes where the others' reduction goes: the problem's device, not
     the first tensor's (a group of gloo and NCCL would otherwise mix the two backends)."""
