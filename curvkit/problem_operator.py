@@ -70,6 +70,7 @@ from torch import Tensor
 from curvkit.distributed import process_seed, shared_seed
 from curvkit.operator import ConvertedOperator, CurvatureOperator, _resolve_names
 from curvkit.problem import ModelSnapshot, Problem
+from curvkit.registry import keyword_options
 
 __all__ = ["ProblemOperator", "data_backed"]
 
@@ -223,17 +224,12 @@ class ProblemOperator(CurvatureOperator):
         kept too.
         """
         options = dict(self.options)
-        if self.STOCHASTIC and _takes_keyword(type(self).__init__, "seed"):
+        takes = keyword_options(type(self).__init__, positional=2)  # self, problem; None: **kwargs
+        if self.STOCHASTIC and (takes is None or "seed" in takes):
             options["seed"] = self.seed
         other = type(self)(problem, **options)
         other.name = self.name
         return other
-
-
-def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
-    """Whether ``function`` takes the keyword argument ``name``: by name, or through ``**kwargs``."""
-    parameters = inspect.signature(function).parameters
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _constructor_options(cls: type, self: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
