@@ -5,12 +5,16 @@ machine). Each measurement is a fresh run of this module's worker
 (``python -m benchmarks.distributed worker OUT``), of three kinds taking turns, so
 that a drift of the machine's speed hits all: one process on all the cores
 (``OMP_NUM_THREADS`` = cores: torch's intra-op threads), one process on one
-thread, and two processes started by :func:`curvkit.distributed.launch_local`,
-cores / 2 threads each.
+thread, two processes started by :func:`curvkit.distributed.launch_local`,
+cores / 2 threads each, and the ceiling of those: two processes at once, each
+alone on its half of the data (no process group, nothing reduced), whose
+slower one sets the pace a data-parallel run could at best keep on this
+machine (the cores it shares, its memory bandwidth), communication aside.
 The worker builds the ``cnn`` problem of :mod:`benchmarks.problems` (256
 CIFAR-shaped samples, in batches of 64: four in one process, two in each of
 two), times :data:`PRODUCTS` Hessian-vector products (after warm-up ones) and one
-top-5 Lanczos run, and process 0 writes the times as JSON.
+top-5 Lanczos run (not in the ceiling's runs: each process would find its
+half's eigenvalues), and process 0 writes the times as JSON.
 """
 
 from __future__ import annotations
@@ -40,13 +44,19 @@ BATCH = 64
 """Batch size of the problem's passes over the data."""
 
 
-def worker(out: Path) -> None:
-    """One run: the products and the eigen-solve, timed; process 0 writes ``out``."""
+def worker(out: Path, half: int | None = None) -> None:
+    """One run: the products and the eigen-solve, timed; process 0 writes ``out``.
+
+    With ``half`` (0 or 1), a process alone on that half of the samples, timing
+    the products only: one of the ceiling's pair (:func:`_measure_alone`).
+    """
     with curvkit.distributed.joined() as (rank, size):
         bench = make_cnn(0)
-        problem = curvkit.Problem(
-            bench.model, "cross_entropy", (bench.inputs, bench.targets), batch_size=BATCH
-        )
+        data = (bench.inputs, bench.targets)
+        if half is not None:
+            share = bench.num_samples // 2
+            data = tuple(x[half * share : (half + 1) * share] for x in data)
+        problem = curvkit.Problem(bench.model, "cross_entropy", data, batch_size=BATCH)
         H = curvkit.curvature("hessian", problem, strategy="reverse")
         v = torch.randn(problem.dim, generator=torch.Generator().manual_seed(0))
         for _ in range(3):  # the determinism probe, the kept graphs
@@ -56,22 +66,29 @@ def worker(out: Path) -> None:
             start = time.perf_counter()
             H @ v
             products.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        top = curvkit.eigenvalues(H, k=5, seed=0)
-        eigen = time.perf_counter() - start
+        record = {
+            "processes": size,
+            "threads": torch.get_num_threads(),
+            "product_s": statistics.median(products),
+            "eigen_s": None,
+            "eigen_matvecs": None,
+            "values": [],
+        }
+        if half is None:
+            start = time.perf_counter()
+            top = curvkit.eigenvalues(H, k=5, seed=0)
+            record["eigen_s"] = time.perf_counter() - start
+            record["eigen_matvecs"] = int(top.matvecs)
+            record["values"] = [float(x) for x in top.values]
         if rank == 0:
-            record = {
-                "processes": size,
-                "threads": torch.get_num_threads(),
-                "product_s": statistics.median(products),
-                "eigen_s": eigen,
-                "eigen_matvecs": int(top.matvecs),
-                "values": [float(x) for x in top.values],
-            }
             out.write_text(json.dumps(record))
 
 
-KINDS = (("one process, all cores", 1, None), ("one process, one thread", 1, 1), ("two processes", 2, None))
+ALL_CORES = "one process, all cores"
+ONE_THREAD = "one process, one thread"
+TWO = "two processes"
+CEILING = "two processes alone on their halves"
+KINDS = ((ALL_CORES, 1, None), (ONE_THREAD, 1, 1), (TWO, 2, None), (CEILING, 2, None))
 """(name, processes, threads per process: ``None`` for the cores over the processes)."""
 
 
@@ -83,8 +100,8 @@ class DistributedRun:
     processes: int
     threads: int
     product_s: float
-    eigen_s: float
-    eigen_matvecs: int
+    eigen_s: float | None
+    eigen_matvecs: int | None
     values: list[float] = field(default_factory=list)
 
 
@@ -100,28 +117,61 @@ class DistributedResult(ProblemRecord):
         """A JSON-ready dictionary."""
         return asdict(self)
 
-    def median(self, kind: str, what: str) -> float:
-        """The median of ``what`` (``"product_s"``, ``"eigen_s"``) over the runs of ``kind``."""
-        return statistics.median(getattr(r, what) for r in self.runs if r.kind == kind)
+    def median(self, kind: str, what: str) -> float | None:
+        """The median of ``what`` (``"product_s"``, ``"eigen_s"``) over the runs of ``kind``, if measured."""
+        values = [getattr(r, what) for r in self.runs if r.kind == kind]
+        return statistics.median(values) if values and None not in values else None
 
-    def speedup(self, baseline: str, what: str) -> float:
-        """How much faster two processes are than ``baseline`` (medians)."""
-        return self.median(baseline, what) / self.median("two processes", what)
+    def speedup(self, baseline: str, what: str, faster: str = TWO) -> float | None:
+        """How much faster ``faster`` is than ``baseline`` (medians), if both were measured."""
+        slow, fast = self.median(baseline, what), self.median(faster, what)
+        return None if slow is None or fast is None else slow / fast
 
 
 def _measure(kind: str, processes: int, threads: int) -> DistributedRun:
     """One worker run on ``processes`` processes of ``threads`` threads each."""
+    if kind == CEILING:
+        return _measure_alone(threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         command = [sys.executable, "-m", "benchmarks.distributed", "worker", str(out)]
         if processes > 1:
             command = [sys.executable, "-c", _LAUNCH, str(processes), *command]
-        done = subprocess.run(command, env=env, check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{kind}: the worker failed ({done.returncode}): {done.stderr[-500:]}")
-        record = json.loads(out.read_text())
-        return DistributedRun(kind=kind, **record)
+        _wait(kind, _start(command, threads))
+        return DistributedRun(kind=kind, **json.loads(out.read_text()))
+
+
+def _measure_alone(threads: int) -> DistributedRun:
+    """The ceiling: two workers at once, each alone on its half; the slower one's median product.
+
+    A data-parallel run goes at its slower process's pace, and this pair does
+    what its processes compute without the reduction: their times bound what
+    the reduction could win back.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"record{half}.json" for half in (0, 1)]
+        workers = [
+            _start([sys.executable, "-m", "benchmarks.distributed", "worker", str(out), str(half)], threads)
+            for half, out in enumerate(outs)
+        ]
+        for w in workers:
+            _wait(CEILING, w)
+        records = [json.loads(out.read_text()) for out in outs]
+    slower = max(records, key=lambda r: r["product_s"])
+    return DistributedRun(kind=CEILING, **{**slower, "processes": 2})
+
+
+def _start(command: list[str], threads: int) -> subprocess.Popen:
+    """Starts ``command``, ``OMP_NUM_THREADS`` = ``threads`` (torch's intra-op threads per process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(kind: str, process: subprocess.Popen) -> None:
+    """Waits for a worker (or the launcher); its error output's end if it failed."""
+    _, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{kind}: the worker failed ({process.returncode}): {err[-500:]}")
 
 
 _LAUNCH = "import sys, curvkit; sys.exit(curvkit.distributed.launch_local(int(sys.argv[1]), sys.argv[2:]))"
@@ -152,22 +202,24 @@ def evaluate_distributed_goals(results: Sequence[DistributedResult]) -> list[Goa
     """Two processes at least 1.6x faster than one process on all the cores; the eigenvalues the same."""
     goals = []
     for res in results:
-        product = res.speedup("one process, all cores", "product_s")
-        eigen = res.speedup("one process, all cores", "eigen_s")
-        per_thread = res.speedup("one process, one thread", "product_s")
+        product = res.speedup(ALL_CORES, "product_s")
+        eigen = res.speedup(ALL_CORES, "eigen_s")
+        per_thread = res.speedup(ONE_THREAD, "product_s")
+        ceiling = res.speedup(ALL_CORES, "product_s", faster=CEILING)
+        bound = "" if ceiling is None else f"; two processes without the reduction: {ceiling:.2f}x"
         goals.append(
             Goal(
                 "2 gloo processes at least 1.6x faster than 1 process (all cores)",
                 res.name,
                 product >= 1.6,
                 f"Hessian-vector product {product:.2f}x, top-5 eigenvalues {eigen:.2f}x (against one "
-                f"process on one thread: {per_thread:.2f}x), medians of {len(res.runs) // len(KINDS)} runs "
-                f"each on {res.cores} cores",
+                f"process on one thread: {per_thread:.2f}x){bound}, medians of "
+                f"{sum(r.kind == TWO for r in res.runs)} runs each on {res.cores} cores",
             )
         )
         reference = [r for r in res.runs if r.processes == 1][0].values
         worst = max(
-            abs(a - b) / abs(a) for r in res.runs if r.processes > 1 for a, b in zip(reference, r.values)
+            abs(a - b) / abs(a) for r in res.runs if r.kind == TWO for a, b in zip(reference, r.values)
         )
         goals.append(
             Goal(
@@ -186,7 +238,10 @@ DISTRIBUTED_READING = [
     "`python -m benchmarks --only distributed` (see `benchmarks/distributed.py`): the `cnn` problem "
     f"(float32, batches of {BATCH}: four in one process, two in each of two), {PRODUCTS} Hessian-vector "
     "products (`strategy='reverse'`, after warm-up ones) and one top-5 Lanczos run per worker run; each "
-    "run a fresh process (or two, started as `torchrun --standalone` does), the three kinds taking turns.",
+    "run a fresh process (or two, started as `torchrun --standalone` does), the kinds taking turns. "
+    f"*{CEILING}*: two processes at once, each with its half of the samples and no process group (the "
+    "slower one's median product): what two processes compute on this machine without the reduction, "
+    "the most a data-parallel run could reach; its speed-up column is its own over the other runs.",
     "",
 ]
 
@@ -208,24 +263,33 @@ def render_distributed(results: Sequence[DistributedResult]) -> list[str]:
         ]
         for kind, _, _ in KINDS:
             runs = [r for r in res.runs if r.kind == kind]
+            if not runs:  # recorded before the kind was measured
+                continue
             ms = [1e3 * r.product_s for r in runs]
-            speedup = (
-                ""
-                if kind == "two processes"
-                else f"{res.speedup(kind, 'product_s'):.2f}x, {res.speedup(kind, 'eigen_s'):.2f}x"
-            )
-            eigen = statistics.median(r.eigen_s for r in runs)
+            eigen = res.median(kind, "eigen_s")
             out.append(
                 f"| {kind} | {runs[0].processes} x {runs[0].threads} | {statistics.median(ms):.1f} "
-                f"[{min(ms):.1f}, {max(ms):.1f}] | {eigen:.2f} | {speedup} |"
+                f"[{min(ms):.1f}, {max(ms):.1f}] | {'-' if eigen is None else f'{eigen:.2f}'} | "
+                f"{_speedup_cell(res, kind)} |"
             )
         out.append("")
     return out
 
 
+def _speedup_cell(res: DistributedResult, kind: str) -> str:
+    """Two processes against ``kind``; for the ceiling, its own speed-up over the one-process runs."""
+    if kind == TWO:
+        return ""
+    if kind == CEILING:
+        over = [(name, res.speedup(name, "product_s", faster=CEILING)) for name in (ALL_CORES, ONE_THREAD)]
+        return "its own: " + ", ".join(f"{x:.2f}x over {name}" for name, x in over if x is not None)
+    eigen = res.speedup(kind, "eigen_s")
+    return f"{res.speedup(kind, 'product_s'):.2f}x, " + ("-" if eigen is None else f"{eigen:.2f}x")
+
+
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "worker":
-        worker(Path(sys.argv[2]))
+    if len(sys.argv) > 2 and sys.argv[1] == "worker":  # worker OUT [HALF]
+        worker(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)
         return
     for line in render_distributed(run_distributed(None, quick="--quick" in sys.argv)):
         print(line)
