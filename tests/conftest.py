@@ -4,13 +4,20 @@ Tiny models run faster on one thread than on two (thread start-up dominates), an
 the suite must stay quick on CI's 2 cores.
 """
 
+from __future__ import annotations
+
 import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -119,3 +126,80 @@ def test_estimators():
     name = curvkit.register_plugin(_TestEstimators.make(), name="test-estimators")
     yield name
     curvkit.unregister_plugin(name=name)
+
+
+# --------------------------------------------------------------------------- the docs' code blocks
+
+_MARKER = re.compile(r"<!--\s*(?:not run:(?P<not_run>.*?)|tested in (?P<tested_in>\S+?))\s*-->")
+
+
+@dataclass(frozen=True)
+class DocBlock:
+    """One ```` ```python ```` block of a Markdown file.
+
+    An HTML comment on the last non-blank line before the opening fence says how the
+    block is tested when not by ``tests/test_docs_examples.py``:
+    ``<!-- not run: REASON -->`` (it cannot run in a CPU-only single process: a GPU,
+    ``torchrun``, a user's own files) or ``<!-- tested in tests/FILE.py -->`` (that
+    module runs it).
+
+    Attributes:
+        path: The Markdown file.
+        line: The line of the block's first line of code (1-based).
+        source: The code, ending with a newline.
+        not_run: The REASON of a ``not run`` marker (``""`` when empty), or ``None``.
+        tested_in: The test module a ``tested in`` marker names, relative to the
+            repository root, or ``None``.
+    """
+
+    path: Path
+    line: int
+    source: str
+    not_run: str | None = None
+    tested_in: str | None = None
+
+    @property
+    def location(self) -> str:
+        """``FILE.md:LINE``, the file relative to the repository root."""
+        return f"{self.path.resolve().relative_to(REPO)}:{self.line}"
+
+    def compile(self):
+        """The block's code object, whose tracebacks give the Markdown file and its lines."""
+        padded = "\n" * (self.line - 1) + self.source
+        return compile(padded, str(self.path.resolve().relative_to(REPO)), "exec")
+
+
+def _python_blocks(path: Path) -> list[DocBlock]:
+    """The ```` ```python ```` blocks of a Markdown file, in order, with their markers.
+
+    Raises:
+        ValueError: A block without its closing fence.
+    """
+    lines = Path(path).read_text().splitlines()
+    blocks = []
+    for start, line in enumerate(lines):
+        if line.strip() != "```python":
+            continue
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "```"), None)
+        if end is None:
+            raise ValueError(f"{path}:{start + 1}: a ```python block without its closing fence")
+        before = next((text.strip() for text in reversed(lines[:start]) if text.strip()), "")
+        marker = _MARKER.fullmatch(before)
+        not_run = marker["not_run"] if marker else None
+        blocks.append(
+            DocBlock(
+                path=Path(path),
+                line=start + 2,
+                source="\n".join(lines[start + 1 : end]) + "\n",
+                not_run=None if not_run is None else not_run.strip(),
+                tested_in=marker["tested_in"] if marker else None,
+            )
+        )
+    return blocks
+
+
+@pytest.fixture(scope="session")
+def python_blocks():
+    """``python_blocks(path)``: the ```` ```python ```` blocks of a Markdown file, as
+    :class:`DocBlock` objects, in order."""
+    return _python_blocks

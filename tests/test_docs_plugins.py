@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import types
 from pathlib import Path
 
@@ -16,17 +15,13 @@ from curvkit.testing.reference import REFERENCES
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
 
-def _python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
 @pytest.fixture(scope="module")
-def example():
+def example(python_blocks):
     """The guide's plugin module, registered for these tests."""
-    source = _python_blocks(GUIDE.read_text())[0]
-    assert source.startswith("# my_package/curvkit_plugin.py")
+    block = python_blocks(GUIDE)[0]
+    assert block.source.startswith("# my_package/curvkit_plugin.py")
     module = types.ModuleType("docs_subsampled_ggn")
-    exec(compile(source, str(GUIDE), "exec"), module.__dict__)  # noqa: S102 - our own docs
+    exec(block.compile(), module.__dict__)  # noqa: S102 - our own docs
     curvkit.register_plugin(module, name="docs-example")
     yield module
     curvkit.unregister_plugin(name="docs-example")
@@ -65,19 +60,19 @@ def test_the_battery_catches_a_biased_variant_of_the_guides_estimator(example):
     assert {r.check for r in report.failures} == {"reference"}
 
 
-def test_the_guides_check_snippet_runs(example):
-    snippet = _python_blocks(GUIDE.read_text())[1]
+def test_the_guides_check_snippet_runs(example, python_blocks):
+    snippet = python_blocks(GUIDE)[1].source
     assert 'check_estimator("subsampled-ggn")' in snippet
     namespace: dict = {}
     exec(compile(snippet.replace("print(report)", ""), str(GUIDE), "exec"), namespace)  # noqa: S102
     assert namespace["report"].passed
 
 
-def test_the_readme_plugin_example_runs():
-    readme = (GUIDE.parents[1] / "README.md").read_text()
-    source = next(block for block in _python_blocks(readme) if "my_package/curvkit_plugin.py" in block)
+def test_the_readme_plugin_example_runs(python_blocks):
+    blocks = python_blocks(GUIDE.parents[1] / "README.md")
+    plugin = next(block for block in blocks if "my_package/curvkit_plugin.py" in block.source)
     module = types.ModuleType("readme_half_hessian")
-    exec(compile(source, "README.md", "exec"), module.__dict__)  # noqa: S102 - our own docs
+    exec(plugin.compile(), module.__dict__)  # noqa: S102 - our own docs
     curvkit.register_plugin(module, name="readme-example")
     try:
         problem = get_case("mlp-mse").problem()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import inspect
 import io
-import re
 from pathlib import Path
 
 import pytest
@@ -59,13 +58,13 @@ def make(model, hg, **options):
     return curvkit.NewtonSummary(groups, lambda x, t: loss_fn(model(x), t), hg, **options)
 
 
-def test_the_docs_example_runs_as_written_and_trains():
+def test_the_docs_example_runs_as_written_and_trains(python_blocks):
     """The seed README's minimal example, with grnewt replaced by curvkit (docs/newton.md)."""
-    source = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)[-1]
-    assert "curvkit.NewtonSummary(" in source and "grnewt" not in source
+    block = python_blocks(DOCS)[-1]
+    assert "curvkit.NewtonSummary(" in block.source and "grnewt" not in block.source
     torch.manual_seed(0)
     scope: dict = {}
-    exec(compile(source, str(DOCS), "exec"), scope)  # noqa: S102 - our own docs
+    exec(block.compile(), scope)  # noqa: S102 - our own docs
     model, X, y, optimizer = scope["model"], scope["X"], scope["y"], scope["optimizer"]
     with torch.no_grad():
         final = nn.functional.cross_entropy(model(X), y).item()
