@@ -68,9 +68,10 @@ def test_the_guides_check_snippet_runs(example, python_blocks):
     assert namespace["report"].passed
 
 
-def test_the_readme_plugin_example_runs(python_blocks):
+def test_the_readme_plugin_example_runs_and_passes_the_readmes_check(python_blocks):
     blocks = python_blocks(GUIDE.parents[1] / "README.md")
     plugin = next(block for block in blocks if "my_package/curvkit_plugin.py" in block.source)
+    check = next(block for block in blocks if 'check_estimator("half-hessian")' in block.source)
     module = types.ModuleType("readme_half_hessian")
     exec(plugin.compile(), module.__dict__)  # noqa: S102 - our own docs
     curvkit.register_plugin(module, name="readme-example")
@@ -78,5 +79,6 @@ def test_the_readme_plugin_example_runs(python_blocks):
         problem = get_case("mlp-mse").problem()
         half = curvkit.curvature("half-hessian", problem).to_dense()
         torch.testing.assert_close(half, 0.5 * dense_hessian_reference(problem), rtol=1e-10, atol=1e-12)
+        exec(check.compile(), {})  # noqa: S102 - raises on a failed check
     finally:
         curvkit.unregister_plugin(name="readme-example")
