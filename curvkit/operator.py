@@ -62,6 +62,7 @@ Counters ``matvecs`` (columns multiplied) and ``data_passes`` record the work do
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -414,7 +415,7 @@ class CurvatureOperator:
             CurvkitError: ``A + damping I`` is singular to working precision (the
                 message gives its smallest and largest eigenvalue magnitudes).
         """
-        damping = _check_damping(damping)
+        damping = check_damping(damping)
         if "inverse" in self.STRUCTURE:
             return self._inverse(damping)
         return _dense_inverse(self, damping)
@@ -434,7 +435,7 @@ class CurvatureOperator:
             CurvkitError: ``A + damping I`` is not positive definite (its
                 determinant is not positive).
         """
-        damping = _check_damping(damping)
+        damping = check_damping(damping)
         if "logdet" in self.STRUCTURE:
             return float(self._logdet(damping))
         dense = self.to_dense().to(torch.float64)
@@ -566,9 +567,21 @@ class CurvatureOperator:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, flags={on})"
 
 
-def _check_damping(damping: Any) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-        raise CurvkitError(f"damping must be a non-negative number, got {damping!r}")
+def check_damping(damping: Any, name: str = "damping") -> float:
+    """``damping`` as a float if it is a finite number ``>= 0``, else a one-line error naming ``name``.
+
+    A Python or NumPy number, or a real tensor of one element (a damping
+    computed with torch, e.g. ``2 * abs(lambda_min)``); not a bool. An infinite
+    damping is refused: ``A + inf I`` has no inverse to approximate (its
+    eigendecomposition fails, a solver returns zeros).
+
+    Raises:
+        CurvkitError: Anything else.
+    """
+    if isinstance(damping, Tensor) and damping.numel() == 1 and not damping.is_complex():
+        damping = damping.item()
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < math.inf:
+        raise CurvkitError(f"{name} must be a finite non-negative number, got {damping!r}")
     return float(damping)
 
 

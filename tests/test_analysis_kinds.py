@@ -231,7 +231,7 @@ def test_ihvp_float32_operator_is_compared_with_a_float64_reference_by_minres():
 
 def test_ihvp_bad_input_and_solvers_that_cannot_run():
     G = curvkit.curvature("ggn", seed_problem())
-    with pytest.raises(curvkit.CurvkitError, match="damping must be a non-negative number"):
+    with pytest.raises(curvkit.CurvkitError, match="damping must be a finite non-negative number"):
         curvkit.ihvp_accuracy(G, ["cg"], damping=-1.0)
     with pytest.raises(curvkit.CurvkitError, match="unknown solver nosuch"):
         curvkit.ihvp_accuracy(G, ["nosuch"])
@@ -246,7 +246,7 @@ def test_ihvp_bad_input_and_solvers_that_cannot_run():
     assert (
         result.curves["lowrank"].reason.startswith("could not run") and not result.curves["lowrank"].columns
     )
-    with pytest.raises(curvkit.CurvkitError, match="--damping must be a non-negative number"):
+    with pytest.raises(curvkit.CurvkitError, match="--damping must be a finite non-negative number"):
         AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "damping": -1}})
     with pytest.raises(curvkit.CurvkitError, match="unknown ihvp option"):
         AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "dampnig": 1}})
@@ -295,7 +295,7 @@ def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
     assert json.loads(again.stdout)["runs"][0]["resumed"] == ["ihvp/gradient"]
     torch.save(torch.ones(5), tmp_path / "short.pt")
     for bad, fragment in (
-        (["--damping", "-1"], "--damping must be a non-negative number"),
+        (["--damping", "-1"], "--damping must be a finite non-negative number"),
         (["--ihvp-vector", "nosuch.pt"], "--ihvp-vector must be gradient, random or an existing .pt file"),
         (["--ihvp-vector", "short.pt"], "must be a floating-point [P] tensor with P = 3,466"),
     ):

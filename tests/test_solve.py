@@ -125,10 +125,36 @@ def test_a_non_finite_product_stops_the_solve_with_the_last_finite_iterate(metho
     assert torch.isfinite(res.x).all() and res.x.norm() > 0
 
 
+DAMPED = {
+    "solve": lambda A, b, damping: curvkit.solve(A, b, "cg", damping=damping, tol=1e-12).x,
+    "inverse": lambda A, b, damping: A.inverse(damping) @ b,
+    "logdet": lambda A, b, damping: torch.tensor(A.logdet(damping)),
+    "ihvp_accuracy": lambda A, b, damping: (
+        curvkit.ihvp_accuracy(A, ["cg"], vector=b, damping=damping).curves["cg"].columns["error"]
+    ),
+}
+"""Every entry point that takes a damping, as ``(A, b, damping) -> a tensor it determines``."""
+
+
+@pytest.mark.filterwarnings("ignore:solver 'cg' needs A")
+@pytest.mark.parametrize("entry", DAMPED)
+def test_a_damping_is_a_finite_non_negative_number_of_any_kind(entry):
+    """A float, a NumPy number and a one-element tensor give the same result; an infinite, NaN,
+    negative or boolean damping is one error, where ``inf`` failed inside ``eigh`` or gave zeros."""
+    np = pytest.importorskip("numpy")
+    A, b = spd(), torch.linspace(-1.0, 1.0, 30, dtype=DT)
+    expected = DAMPED[entry](A, b, 0.5)
+    for same in (np.float64(0.5), torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float32)):
+        assert torch.equal(DAMPED[entry](A, b, same), expected), same
+    for bad in (math.inf, math.nan, -1.0, True, torch.tensor(math.inf), torch.ones(2), "0.5"):
+        with pytest.raises(curvkit.CurvkitError, match="damping must be a finite non-negative number"):
+            DAMPED[entry](A, b, bad)
+
+
 def test_bad_input():
     A = spd()
     b = torch.torch.ones(30, dtype=DT)
-    with pytest.raises(curvkit.CurvkitError, match="damping must be a non-negative number"):
+    with pytest.raises(curvkit.CurvkitError, match="damping must be a finite non-negative number"):
         curvkit.solve(A, b, damping=-1.0)
     with pytest.raises(curvkit.ShapeMismatchError, match=r"must be \[P\] or \[P, K\] with P = 30"):
         curvkit.solve(A, torch.ones(29, dtype=DT))

@@ -27,6 +27,7 @@ from curvkit.errors import CurvkitError
 from curvkit.kinds import AnalysisContext, AnalysisKind, ResultTable, Row
 from curvkit.kinds.hdf5 import attr, tensor
 from curvkit.linalg.ihvp import CURVE_COLUMNS, REFERENCES, IhvpResult, SolverCurve, ihvp_accuracy
+from curvkit.operator import check_damping
 
 __all__ = ["DEFAULTS", "KIND"]
 
@@ -69,9 +70,9 @@ def _check(options: Mapping[str, Any]) -> None:
         raise CurvkitError(
             f"--ihvp: unknown solver {', '.join(missing)}; available: {', '.join(sorted(known))}"
         )
-    damping = given["damping"]
-    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-        raise CurvkitError(f"--damping must be a non-negative number, got {damping!r}")
+    if not isinstance(given["damping"], int | float):  # a number the results file can store
+        raise CurvkitError(f"--damping must be a number, got {given['damping']!r}")
+    check_damping(given["damping"], "--damping")
     if not (isinstance(given["tol"], int | float) and math.isfinite(given["tol"]) and given["tol"] > 0):
         raise CurvkitError(f"the ihvp tol must be a positive number, got {given['tol']!r}")
     if isinstance(given["maxiter"], bool) or not isinstance(given["maxiter"], int) or given["maxiter"] < 1:

@@ -29,6 +29,7 @@ from curvkit.errors import CurvkitError
 from curvkit.kinds import AnalysisContext, AnalysisKind, ResultTable, Row
 from curvkit.kinds.hdf5 import attr, tensor
 from curvkit.newton import SummaryResult, newton_summary
+from curvkit.operator import check_damping
 from curvkit.partition import PARTITIONS
 
 __all__ = ["DEFAULTS", "KIND", "newton_rates"]
@@ -55,9 +56,9 @@ def _check(options: Mapping[str, Any]) -> None:
         raise CurvkitError(f"--summary must be one of {', '.join(PARTITIONS)}, got {given['partition']!r}")
     if given["direction"] not in DIRECTIONS:
         raise CurvkitError(f"the summary direction must be gradient or random, got {given['direction']!r}")
-    damping = given["damping_int"]
-    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-        raise CurvkitError(f"--summary-damping-int must be a non-negative number, got {damping!r}")
+    if not isinstance(given["damping_int"], int | float):  # a number the results file can store
+        raise CurvkitError(f"--summary-damping-int must be a number, got {given['damping_int']!r}")
+    check_damping(given["damping_int"], "--summary-damping-int")
     if not isinstance(given["float64"], bool):
         raise CurvkitError(f"the summary option float64 must be true or false, got {given['float64']!r}")
 

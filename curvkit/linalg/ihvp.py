@@ -38,6 +38,7 @@ from torch import Tensor
 from curvkit.directions import resolve_direction
 from curvkit.errors import CurvkitError
 from curvkit.linalg._common import Progress
+from curvkit.operator import check_damping
 from curvkit.snapshot import fixed_model_state
 
 __all__ = [
@@ -231,8 +232,7 @@ def ihvp_accuracy(
     from curvkit.linalg.solve import solve
     from curvkit.linalg.solve import solvers as registered
 
-    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-        raise CurvkitError(f"damping must be a non-negative number, got {damping!r}")
+    damping = check_damping(damping)
     if reference not in REFERENCES:
         raise CurvkitError(f"unknown reference {reference!r}; use one of {list(REFERENCES)}")
     names = list(dict.fromkeys(solvers))

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import CurvkitError, CurvkitWarning, ShapeMismatchError
-from curvkit.operator import CurvatureOperator
+from curvkit.operator import CurvatureOperator, check_damping
 from curvkit.snapshot import fixed_model_state
 from curvkit.solver_spec import SolverSpec
 
@@ -176,8 +176,7 @@ def solve(
     """
     spec = _solver(method)
     check_solver_options(method, options)
-    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-        raise CurvkitError(f"damping must be a non-negative number, got {damping!r}")
+    damping = check_damping(damping)
     if not tol > 0:
         raise CurvkitError(f"tol must be positive, got {tol!r}")
     P = A.shape[0]
