@@ -20,10 +20,14 @@ The public API::
     curvkit.newton_summary(problem, "canonical")   # Wolinski's g_bar, H_bar, D3
     opt = curvkit.NewtonSummary(param_groups, full_loss, hg_loader)  # also curvkit.optim
 
+Estimator plugins check their numeric options with :mod:`curvkit.arguments`
+(``curvkit.arguments.integer(mc_samples, "mc_samples")``): the core's rules and
+messages.
+
 ``import curvkit`` does not import typer, h5py or matplotlib.
 """
 
-from curvkit import distributed, partition
+from curvkit import arguments, distributed, partition
 from curvkit._version import __version__
 from curvkit.analysis import AnalysisPlan
 from curvkit.checkpoints import (
@@ -175,6 +179,7 @@ __all__ = [
     "newton_summary",
     "partition",
     "distributed",
+    "arguments",
     "estimators",
     "get_estimator",
     "hookimpl",

@@ -1,0 +1,139 @@
+"""Checks of numeric arguments: one set of rules, one message format.
+
+The rules:
+
+* A **number** is a Python or NumPy real (``int``, ``float``,
+  ``numpy.float32``, ...) or a real tensor of one element (a value computed
+  with torch, e.g. ``2 * abs(lambda_min)``), taken as its value; never a bool.
+* A **positive** or **non-negative** number must also be finite: ``inf`` and
+  ``nan`` are refused (an infinite tolerance stops a solver before its first
+  step, an infinite damping has no inverse).
+* An **integer** is a Python or NumPy integer, never a bool (nor a float with
+  an integral value, nor a tensor).
+* The error raised is the caller's (``error=``), :class:`~curvkit.CurvkitError`
+  by default; :mod:`curvkit.optim` raises :class:`ValueError`, as
+  :mod:`torch.optim` does. Its message is one line naming the argument as the
+  caller spells it (``tol``, ``--tol``), the range and the value given:
+  ``tol must be a finite number > 0, got inf``, ``maxiter must be an integer
+  >= 1, got 0``.
+
+Each check returns the value as a plain Python ``float`` or ``int``, which is
+what a caller keeps (results files store plain numbers). Estimator plugins use
+them for their own options::
+
+    from curvkit.arguments import integer
+
+    mc_samples = integer(mc_samples, "mc_samples")
+
+Example:
+    >>> import torch
+    >>> from curvkit.arguments import integer, positive_number
+    >>> positive_number(torch.tensor([0.5]), "tol")
+    0.5
+    >>> positive_number(float("inf"), "tol")
+    Traceback (most recent call last):
+    ...
+    curvkit.errors.CurvkitError: tol must be a finite number > 0, got inf
+    >>> integer(0, "maxiter", error=ValueError)
+    Traceback (most recent call last):
+    ...
+    ValueError: maxiter must be an integer >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Literal, overload
+
+from torch import Tensor
+
+from curvkit.errors import CurvkitError
+
+__all__ = ["fraction", "integer", "non_negative_number", "positive_number"]
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a number (see the module's rules), else ``None``."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def positive_number(value: Any, name: str, *, error: type[Exception] = CurvkitError) -> float:
+    """``value`` as a float if it is a finite number ``> 0``.
+
+    Raises:
+        error: Anything else, ``"{name} must be a finite number > 0, got {value!r}"``.
+    """
+    number = _real(value)
+    if number is None or not 0 < number < math.inf:
+        raise error(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def non_negative_number(value: Any, name: str, *, error: type[Exception] = CurvkitError) -> float:
+    """``value`` as a float if it is a finite number ``>= 0``.
+
+    Raises:
+        error: Anything else, ``"{name} must be a finite number >= 0, got {value!r}"``.
+    """
+    number = _real(value)
+    if number is None or not 0 <= number < math.inf:
+        raise error(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def fraction(
+    value: Any, name: str, *, below_one: bool = False, error: type[Exception] = CurvkitError
+) -> float:
+    """``value`` as a float if it is a number in ``[0, 1]`` (``[0, 1)`` with ``below_one``).
+
+    Raises:
+        error: Anything else, ``"{name} must be a number in [0, 1], got {value!r}"``.
+    """
+    number = _real(value)
+    if number is None or not (0 <= number < 1 if below_one else 0 <= number <= 1):
+        raise error(f"{name} must be a number in {'[0, 1)' if below_one else '[0, 1]'}, got {value!r}")
+    return number
+
+
+@overload
+def integer(
+    value: Any,
+    name: str,
+    *,
+    minimum: int = ...,
+    allow_none: Literal[False] = ...,
+    error: type[Exception] = ...,
+) -> int: ...
+
+
+@overload
+def integer(
+    value: Any, name: str, *, minimum: int = ..., allow_none: bool, error: type[Exception] = ...
+) -> int | None: ...
+
+
+def integer(
+    value: Any,
+    name: str,
+    *,
+    minimum: int = 1,
+    allow_none: bool = False,
+    error: type[Exception] = CurvkitError,
+) -> int | None:
+    """``value`` as an int if it is an integer ``>= minimum``; ``None`` as it is with ``allow_none``.
+
+    Raises:
+        error: Anything else, ``"{name} must be an integer >= {minimum}, got {value!r}"``
+            (``"... or None, ..."`` with ``allow_none``).
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        none = " or None" if allow_none else ""
+        raise error(f"{name} must be an integer >= {minimum}{none}, got {value!r}")
+    return int(value)

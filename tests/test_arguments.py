@@ -1,0 +1,147 @@
+"""curvkit.arguments: the rules of numeric arguments, each check's range and error class."""
+
+from __future__ import annotations
+
+import fractions
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import curvkit
+from curvkit.arguments import fraction, integer, non_negative_number, positive_number
+
+# --------------------------------------------------------------------------- what a number is
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        2,
+        2.0,
+        np.float32(2.0),
+        np.float64(2.0),
+        np.int64(2),
+        fractions.Fraction(2),
+        torch.tensor(2.0),
+        torch.tensor([2.0]),
+        torch.tensor([[2.0]], dtype=torch.float64),
+        torch.tensor(2),  # an integer tensor is a real number
+        torch.tensor(2.0, requires_grad=True),
+    ],
+    ids=repr,
+)
+def test_a_number_is_a_real_or_a_one_element_real_tensor_taken_as_a_plain_float(value):
+    for check in (positive_number, non_negative_number):
+        got = check(value, "x")
+        assert got == 2.0 and type(got) is float
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        False,
+        np.bool_(True),
+        torch.tensor(True),
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([]),
+        torch.tensor(1 + 0j),
+        1 + 0j,
+        "1",
+        None,
+        [1.0],
+        np.array([1.0]),
+    ],
+    ids=repr,
+)
+def test_anything_else_is_not_a_number(value):
+    for check in (positive_number, non_negative_number, fraction):
+        with pytest.raises(curvkit.CurvkitError, match=r"^x must be a"):
+            check(value, "x")
+
+
+@pytest.mark.parametrize(
+    "value", [math.inf, -math.inf, math.nan, np.float64(math.inf), torch.tensor(math.nan)], ids=repr
+)
+def test_positive_and_non_negative_numbers_are_finite(value):
+    with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a finite number > 0, got "):
+        positive_number(value, "tol")
+    with pytest.raises(curvkit.CurvkitError, match=r"^damping must be a finite number >= 0, got "):
+        non_negative_number(value, "damping")
+
+
+# --------------------------------------------------------------------------- each range
+
+
+def test_positive_number():
+    assert positive_number(1e-300, "tol") == 1e-300
+    for value, shown in ((0, "0"), (0.0, "0.0"), (-1e-3, "-0.001"), (math.inf, "inf")):
+        with pytest.raises(curvkit.CurvkitError) as info:
+            positive_number(value, "tol")
+        assert str(info.value) == f"tol must be a finite number > 0, got {shown}"
+
+
+def test_non_negative_number():
+    assert non_negative_number(0, "damping") == 0.0
+    assert non_negative_number(-0.0, "damping") == 0.0
+    with pytest.raises(curvkit.CurvkitError) as info:
+        non_negative_number(-1, "--damping")
+    assert str(info.value) == "--damping must be a finite number >= 0, got -1"
+
+
+def test_fraction():
+    for value in (0, 0.5, 1, np.float32(0.25), torch.tensor([1.0])):
+        assert type(fraction(value, "momentum")) is float
+    assert fraction(0.0, "decay", below_one=True) == 0.0
+    for value in (-0.1, 1.5, math.nan, math.inf):
+        with pytest.raises(curvkit.CurvkitError, match=r"^momentum must be a number in \[0, 1\], got "):
+            fraction(value, "momentum")
+    with pytest.raises(curvkit.CurvkitError) as info:
+        fraction(1.0, "decay", below_one=True)
+    assert str(info.value) == "decay must be a number in [0, 1), got 1.0"
+
+
+def test_integer():
+    for value in (1, 7, np.int64(7), np.uint8(7), 2**70):
+        got = integer(value, "maxiter")
+        assert got == value and type(got) is int
+    assert integer(0, "seed", minimum=0) == 0
+    assert integer(None, "max_matvecs", allow_none=True) is None
+    assert integer(3, "max_matvecs", allow_none=True) == 3
+    for value in (0, -1, 2.0, 2.5, True, np.bool_(True), torch.tensor(2), "2", None, math.inf):
+        with pytest.raises(curvkit.CurvkitError) as info:
+            integer(value, "maxiter")
+        assert str(info.value) == f"maxiter must be an integer >= 1, got {value!r}"
+    with pytest.raises(curvkit.CurvkitError, match=r"^grid_size must be an integer >= 2, got 1$"):
+        integer(1, "grid_size", minimum=2)
+    with pytest.raises(curvkit.CurvkitError, match=r"^batch_size must be an integer >= 1 or None, got 0$"):
+        integer(0, "batch_size", allow_none=True)
+
+
+# --------------------------------------------------------------------------- the caller's error class
+
+
+@pytest.mark.parametrize(
+    "check, bad",
+    [(positive_number, 0), (non_negative_number, -1), (fraction, 2), (integer, 0)],
+    ids=lambda x: getattr(x, "__name__", repr(x)),
+)
+@pytest.mark.parametrize("error", [curvkit.CurvkitError, curvkit.DataError, ValueError])
+def test_the_error_class_is_the_callers(check, bad, error):
+    with pytest.raises(error) as info:
+        check(bad, "x", error=error)
+    assert type(info.value) is error
+    assert "\n" not in str(info.value)
+
+
+def test_the_default_error_is_curvkit_error_and_not_value_error():
+    with pytest.raises(curvkit.CurvkitError) as info:
+        integer(0, "x")
+    assert not isinstance(info.value, ValueError)
+
+
+def test_the_module_is_public_for_plugins():
+    assert curvkit.arguments.integer is integer
+    assert set(curvkit.arguments.__all__) == {"fraction", "integer", "non_negative_number", "positive_number"}
