@@ -292,6 +292,19 @@ def test_bad_arguments_raise_one_line_errors(kwargs):
     assert A.calls == []  # refused before any work
 
 
+def test_sigma_is_a_finite_positive_number_of_any_kind():
+    """A one-element tensor (a width computed with torch) was refused, a bool taken as 1."""
+    np = pytest.importorskip("numpy")
+    A = curvkit.DenseOperator(_sym(5))
+    expected = density(A, steps=3, runs=2, sigma=0.5, grid_size=11)
+    for sigma in (torch.tensor(0.5), torch.tensor([0.5], dtype=DT), np.float32(0.5)):
+        got = density(A, steps=3, runs=2, sigma=sigma, grid_size=np.int64(11))
+        assert torch.equal(got.density, expected.density) and type(got.sigma) is float
+    for bad in (True, math.inf, torch.ones(2)):
+        with pytest.raises(CurvkitError, match=r"^sigma must be a finite number > 0, got "):
+            density(A, steps=3, runs=2, sigma=bad)
+
+
 def test_rejects_non_symmetric_operators():
     M = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=DT)
     with pytest.raises(CurvkitError, match="symmetric"):

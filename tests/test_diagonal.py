@@ -173,9 +173,9 @@ def test_anything_with_matmat_and_float32():
     "kwargs, fragment",
     [
         ({"method": "xtrace"}, "unknown diagonal method 'xtrace'; choose one of hutchinson, exact"),
-        ({"matvecs": 0}, "diagonal method 'hutchinson' needs matvecs >= 1, got 0"),
-        ({"matvecs": 2.0}, "matvecs must be an integer"),
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"matvecs": 0}, "diagonal method 'hutchinson': matvecs must be an integer >= 1, got 0"),
+        ({"matvecs": 2.0}, "matvecs must be an integer >= 1, got 2.0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1 or None, got 0"),
     ],
 )
 def test_bad_arguments(kwargs, fragment):

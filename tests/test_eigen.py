@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -161,6 +162,21 @@ def test_bad_input():
     assert to_dict["values"] == pytest.approx([4.0, 3.0]) and to_dict["converged"]
 
 
+@pytest.mark.parametrize("method, which", [("lanczos", "largest"), ("power", "largest_magnitude")])
+def test_tol_is_a_finite_positive_number_and_max_matvecs_an_integer(method, which):
+    """``tol=inf`` was accepted: the start vector's Ritz pair came back as ``converged``.
+    A NumPy integer ``max_matvecs`` was refused."""
+    np = pytest.importorskip("numpy")
+    A = operator_with_spectrum(torch.arange(1, 11, dtype=DT))
+    expected = eigenvalues(A, k=2, method=method, which=which, tol=1e-8, max_matvecs=500)
+    for tol in (np.float64(1e-8), torch.tensor([1e-8], dtype=DT)):
+        got = eigenvalues(A, k=2, method=method, which=which, tol=tol, max_matvecs=np.int64(500))
+        assert torch.equal(got.values, expected.values) and type(got.tol) is float
+    for bad in (math.inf, math.nan, 0.0, -1.0, True):
+        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a finite number > 0, got "):
+            eigenvalues(A, k=2, method=method, which=which, tol=bad)
+
+
 def test_tolerance_below_float32_precision_warns_and_stops_at_the_floor():
     gen = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=gen, dtype=DT))
@@ -232,7 +248,7 @@ def test_options_are_validated_and_the_stop_is_recorded():
     with pytest.raises(curvkit.CurvkitError, match="reorthogonalisation must be one of"):
         eigenvalues(A, k=1, reorthogonalisation="sometimes")
     for bad in (0, -5, 2.5, True):
-        with pytest.raises(curvkit.CurvkitError, match="max_matvecs must be a positive integer"):
+        with pytest.raises(curvkit.CurvkitError, match="max_matvecs must be an integer >= 1 or None"):
             eigenvalues(A, k=1, max_matvecs=bad)
     record = eigenvalues(A, k=2).to_dict()
     assert record["stop_reason"] == "converged" and record["precision_floor"] is None

@@ -151,6 +151,24 @@ def test_a_damping_is_a_finite_non_negative_number_of_any_kind(entry):
             DAMPED[entry](A, b, bad)
 
 
+@pytest.mark.parametrize("method", ["cg", "minres", "exact"])
+def test_tol_is_a_finite_positive_number_and_maxiter_an_integer(method):
+    """``tol=inf`` was accepted: every solver stopped before its first step and returned
+    ``x = 0`` marked converged. A NumPy integer ``maxiter`` was refused."""
+    np = pytest.importorskip("numpy")
+    A, b = spd(), torch.linspace(-1.0, 1.0, 30, dtype=DT)
+    expected = curvkit.solve(A, b, method, tol=1e-8, maxiter=200)
+    for tol in (np.float64(1e-8), torch.tensor(1e-8), torch.tensor([1e-8], dtype=torch.float64)):
+        for maxiter in (200, np.int64(200)):
+            assert torch.equal(curvkit.solve(A, b, method, tol=tol, maxiter=maxiter).x, expected.x)
+    for bad in (math.inf, math.nan, 0.0, -1e-6, True, torch.ones(2), "1e-6"):
+        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a finite number > 0, got "):
+            curvkit.solve(A, b, method, tol=bad)
+    for bad in (0, 2.5, True, torch.tensor(5)):
+        with pytest.raises(curvkit.CurvkitError, match=r"^maxiter must be an integer >= 1, got "):
+            curvkit.solve(A, b, method, maxiter=bad)
+
+
 def test_bad_input():
     A = spd()
     b = torch.torch.ones(30, dtype=DT)
@@ -165,7 +183,7 @@ def test_bad_input():
         match="unknown solver .gmres.; available: cg, ekfac, exact, kfac, lissa, lowrank, minres, neumann",
     ):
         curvkit.solve(A, b, "gmres")
-    with pytest.raises(curvkit.CurvkitError, match="maxiter must be a positive integer"):
+    with pytest.raises(curvkit.CurvkitError, match="maxiter must be an integer >= 1, got 0"):
         curvkit.solve(A, b, maxiter=0)
     with pytest.raises(curvkit.CurvkitError, match="minres takes no preconditioner"):
         curvkit.solve(A, b, "minres", preconditioner=A)
@@ -242,6 +260,19 @@ def test_neumann_converges_with_its_estimated_scale_and_stops_when_it_diverges()
     with pytest.warns(curvkit.CurvkitWarning, match="not known to be positive semi-definite"):
         res = curvkit.solve(indefinite, b, "neumann", maxiter=2000)
     assert not res.converged and "diverging" in res.reason and torch.isfinite(res.x).all()
+
+
+def test_a_series_scale_is_a_finite_positive_number_of_any_kind():
+    """``scale=inf`` was accepted (a NaN iterate at the first step); a tensor is taken as its value."""
+    A = spd(20, seed=4)
+    b = torch.randn(20, dtype=DT, generator=torch.Generator().manual_seed(5))
+    expected = curvkit.solve(A, b, "neumann", damping=0.5, scale=0.05, maxiter=50)
+    same = curvkit.solve(A, b, "neumann", damping=0.5, scale=torch.tensor([0.05], dtype=DT), maxiter=50)
+    assert torch.equal(same.x, expected.x)
+    for method in ("neumann", "lissa"):
+        for bad in (math.inf, math.nan, 0.0, True):
+            with pytest.raises(curvkit.CurvkitError, match=r"^scale must be a finite number > 0, got "):
+                curvkit.solve(A, b, method, scale=bad)
 
 
 # ---------------------------------------------------------------- lissa, kfac, ekfac, lowrank
@@ -375,9 +406,11 @@ def test_lissa_stops_when_it_diverges_or_meets_a_non_finite_value_and_refuses_ba
     assert torch.isfinite(res.x).all() and res.x.norm() > 0
     for options, message in [
         ({"batch_size": 65}, r"batch_size must be an integer in 1..64"),
-        ({"repeats": 0}, "repeats must be a positive integer"),
-        ({"check_every": 0}, "check_every must be a positive integer"),
-        ({"scale": -1.0}, "scale must be positive"),
+        ({"repeats": 0}, "repeats must be an integer >= 1, got 0"),
+        ({"repeats": None}, "repeats must be an integer >= 1, got None"),
+        ({"check_every": 0}, "check_every must be an integer >= 1 or None, got 0"),
+        ({"scale": -1.0}, "scale must be a finite number > 0, got -1.0"),
+        ({"scale": math.inf}, "scale must be a finite number > 0, got inf"),
         ({"depth": 3}, "solver 'lissa' takes no option 'depth'"),
         ({"preconditioner": G}, "lissa takes no preconditioner"),
     ]:

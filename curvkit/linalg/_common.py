@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Integral
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.arguments import integer
 from curvkit.distributed import shared_seed
 from curvkit.errors import CurvkitError, NonFiniteError, ShapeMismatchError
 from curvkit.operator import CurvatureOperator, basis_diagonal
@@ -68,19 +68,13 @@ def check_square(A: Any) -> int:
 
 
 def check_batch_size(batch_size: Any) -> None:
-    """Refuse a ``batch_size`` (columns per product) that is not a positive integer or ``None``."""
-    if isinstance(batch_size, bool) or not (batch_size is None or isinstance(batch_size, Integral)):
-        raise CurvkitError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if batch_size is not None and batch_size < 1:
-        raise CurvkitError(f"batch_size must be a positive integer or None, got {batch_size}")
+    """Refuse a ``batch_size`` (columns per product) that is not an integer ``>= 1`` or ``None``."""
+    integer(batch_size, "batch_size", allow_none=True)
 
 
 def check_matvecs(matvecs: Any, minimum: int, what: str) -> None:
     """Refuse a budget of products that is not an integer of at least ``minimum`` (``what`` needs it)."""
-    if isinstance(matvecs, bool) or not isinstance(matvecs, Integral):
-        raise CurvkitError(f"matvecs must be an integer, got {matvecs!r}")
-    if matvecs < minimum:
-        raise CurvkitError(f"{what} needs matvecs >= {minimum}, got {matvecs}")
+    integer(matvecs, f"{what}: matvecs", minimum=minimum)
 
 
 def require_fixed_map(A: Any, analysis: str) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.arguments import integer, positive_number
 from curvkit.errors import CurvkitError, CurvkitWarning
 from curvkit.linalg._common import (
     Progress,
@@ -194,7 +195,8 @@ def eigenvalues(
 
     Raises:
         CurvkitError: ``k`` is not in ``1..P``, an unknown ``which``, ``method`` or
-            ``reorthogonalisation``, or a budget that is not a positive integer.
+            ``reorthogonalisation``, a ``tol`` that is not a finite number ``> 0``,
+            or a ``max_matvecs`` that is not an integer ``>= 1`` or ``None``.
         NonFiniteError: A product (or a value computed from it) is NaN or Inf; the
             message names the product.
         ShapeMismatchError: ``A`` is not a square operator.
@@ -220,12 +222,8 @@ def eigenvalues(
         )
     if not 1 <= k <= P:
         raise CurvkitError(f"k must be between 1 and the operator's dimension {P}, got {k}")
-    if tol <= 0:
-        raise CurvkitError(f"tol must be positive, got {tol}")
-    if max_matvecs is not None and (
-        isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1
-    ):
-        raise CurvkitError(f"max_matvecs must be a positive integer or None, got {max_matvecs!r}")
+    tol = positive_number(tol, "tol")
+    max_matvecs = integer(max_matvecs, "max_matvecs", allow_none=True)
     if "eigenvalues" in getattr(A, "STRUCTURE", ()) and method == "lanczos":
         return _from_structure(A, k, which, tol, return_vectors)
     passes_before = getattr(A, "data_passes", None)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from curvkit.arguments import integer, positive_number
 from curvkit.errors import CurvkitError
 from curvkit.linalg.solve import SolveHistory, SolveResult
 from curvkit.operator import CurvatureOperator
@@ -76,13 +77,13 @@ def neumann(
     """
     if preconditioner is not None:
         raise CurvkitError("neumann takes no preconditioner; use cg")
+    if scale is not None:
+        scale = positive_number(scale, "scale")
     history = SolveHistory(A, damping, B, callback)
     if scale is None:
         scale, why = _series_scale(A, damping, history)
         if scale is None:
             return history.result(torch.zeros_like(B), "non-positive-curvature", why, 0, float("nan"))
-    if not scale > 0:
-        raise CurvkitError(f"scale must be positive, got {scale!r}")
     X, R = history.initial(B, x0)
     history.record(0, R.norm(dim=0), X)
 
@@ -196,17 +197,16 @@ def lissa(
     """
     if preconditioner is not None:
         raise CurvkitError("lissa takes no preconditioner; use cg")
-    for name, value in (("repeats", repeats), ("check_every", check_every)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise CurvkitError(f"{name} must be a positive integer, got {value!r}")
+    repeats = integer(repeats, "repeats")
+    check_every = integer(check_every, "check_every", allow_none=True)
+    if scale is not None:
+        scale = positive_number(scale, "scale")
     sample = _MiniBatches(A, batch_size, seed)
     history = SolveHistory(A, damping, B, callback, extra=sample.counts)
     if scale is None:
         scale, why = _series_scale(A, damping, history)
         if scale is None:
             return history.result(torch.zeros_like(B), "non-positive-curvature", why, 0, float("nan"))
-    if not scale > 0:
-        raise CurvkitError(f"scale must be positive, got {scale!r}")
     depth, K = maxiter, B.shape[1]
     start = B.clone() if x0 is None else x0 / scale
     bounds = start.norm(dim=0), B.norm(dim=0)  # ||x_j|| <= ||x_0|| + j ||v|| while every step contracts

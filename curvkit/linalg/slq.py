@@ -49,7 +49,6 @@ and ``O(R * steps^2 * P)`` work, which dominates for cheap operators with large
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.arguments import integer, positive_number
 from curvkit.errors import CurvkitError, ShapeMismatchError
 from curvkit.linalg._common import (
     Progress,
@@ -145,12 +145,6 @@ def _project_out(W: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return W - (c @ B).squeeze(1), c.squeeze(1)
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise CurvkitError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _start_vectors(P: int, runs: int, seed: int | None, dtype: torch.dtype, device: Any) -> Tensor:
     """The ``[P, runs]`` unit Rademacher probes :func:`density` uses for ``seed``."""
     return rademacher(P, runs, probe_generator(seed), dtype, device) / math.sqrt(P)
@@ -194,7 +188,7 @@ def lanczos_quadrature(
 
     Raises:
         ShapeMismatchError: ``A`` is not a square operator or ``start`` does not fit.
-        CurvkitError: ``steps < 1``, a zero starting vector or a non-symmetric
+        CurvkitError: ``steps`` not an integer ``>= 1``, a zero starting vector or a non-symmetric
             operator.
         NonFiniteError: A product (or a value computed from it) is NaN or Inf; the
             message names the product, its run and step. Checked on the norms each
@@ -202,7 +196,7 @@ def lanczos_quadrature(
     """
     P = check_square(A)
     require_fixed_map(A, "Lanczos quadrature")
-    steps = _positive_int(steps, "steps")
+    steps = integer(steps, "steps")
     if not getattr(A, "SYMMETRIC", True):
         raise CurvkitError("Lanczos quadrature needs a symmetric operator; this one is flagged non-symmetric")
     if not isinstance(start, Tensor) or start.dim() != 2 or start.shape[0] != P or start.shape[1] < 1:
@@ -416,8 +410,9 @@ def density(
 
     Raises:
         ShapeMismatchError: ``A`` is not a square operator.
-        CurvkitError: ``steps < 1``, ``runs < 1``, ``sigma <= 0``,
-            ``grid_size < 2``, an empty grid or a non-symmetric operator.
+        CurvkitError: ``steps`` or ``runs`` not an integer ``>= 1``, a ``sigma``
+            not a finite number ``> 0``, a ``grid_size`` not an integer ``>= 2``,
+            an empty grid or a non-symmetric operator.
         NonFiniteError: A product is NaN or Inf (the message names it).
 
     Example:
@@ -436,13 +431,12 @@ def density(
         (8, 1.0)
     """
     P = check_square(A)
-    steps = _positive_int(steps, "steps")
-    runs = _positive_int(runs, "runs")
-    if sigma is not None and not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
-        raise CurvkitError(f"sigma must be a positive number, got {sigma!r}")
+    steps = integer(steps, "steps")
+    runs = integer(runs, "runs")
+    if sigma is not None:
+        sigma = positive_number(sigma, "sigma")
     if grid is None:
-        if isinstance(grid_size, bool) or not isinstance(grid_size, numbers.Integral) or grid_size < 2:
-            raise CurvkitError(f"grid_size must be an integer of at least 2, got {grid_size!r}")
+        grid_size = integer(grid_size, "grid_size", minimum=2)
     else:
         grid = torch.as_tensor(grid).detach().to("cpu", torch.float64).reshape(-1)
         if grid.numel() == 0 or not bool(torch.isfinite(grid).all()):
@@ -456,7 +450,7 @@ def density(
         < torch.tensor(run_steps, device=nodes.device)[:, None]
     )
     lo, hi = float(nodes[valid].min()), float(nodes[valid].max())
-    sigma = float(sigma) if sigma is not None else _default_sigma(lo, hi)
+    sigma = sigma if sigma is not None else _default_sigma(lo, hi)
     if grid is None:
         margin = GRID_MARGIN * sigma
         grid = torch.linspace(lo - margin, hi + margin, int(grid_size), dtype=torch.float64)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.arguments import integer, positive_number
 from curvkit.errors import CurvkitError, CurvkitWarning, ShapeMismatchError
 from curvkit.operator import CurvatureOperator, check_damping
 from curvkit.snapshot import fixed_model_state
@@ -169,21 +170,18 @@ def solve(
 
     Raises:
         UnknownOptionError: An option the solver does not take (:func:`check_solver_options`).
-        CurvkitError: An unknown solver, a negative damping, a ``tol`` or
-            ``maxiter`` that is not positive; a solver whose result has no known
+        CurvkitError: An unknown solver, a damping that is not a finite number
+            ``>= 0``, a ``tol`` that is not a finite number ``> 0``, a ``maxiter``
+            that is not an integer ``>= 1``; a solver whose result has no known
             :attr:`~SolveResult.status`, or a ``converged`` that disagrees with it.
         ShapeMismatchError: ``v`` or ``x0`` of the wrong size.
     """
     spec = _solver(method)
     check_solver_options(method, options)
     damping = check_damping(damping)
-    if not tol > 0:
-        raise CurvkitError(f"tol must be positive, got {tol!r}")
+    tol = positive_number(tol, "tol")
     P = A.shape[0]
-    if maxiter is None:
-        maxiter = max(100, int(10 * math.sqrt(P)))
-    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1:
-        raise CurvkitError(f"maxiter must be a positive integer, got {maxiter!r}")
+    maxiter = max(100, int(10 * math.sqrt(P))) if maxiter is None else integer(maxiter, "maxiter")
     B = _as_columns(v, P, "the right-hand side").to(device=A.device, dtype=A.dtype)
     X0 = None if x0 is None else _as_columns(x0, P, "x0").to(device=A.device, dtype=A.dtype)
     if spec.psd_only and not getattr(A, "PSD", False):
@@ -199,8 +197,8 @@ def solve(
     result = spec.solve(
         A,
         B,
-        damping=float(damping),
-        tol=float(tol),
+        damping=damping,
+        tol=tol,
         maxiter=maxiter,
         x0=X0,
         preconditioner=preconditioner,
