@@ -24,7 +24,6 @@ Two analyses look beyond the operator:
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from curvkit.arguments import integer, positive_number
 from curvkit.errors import CurvkitError
 from curvkit.kinds.checks import REFERENCE_TOL
 from curvkit.linalg.ihvp import DENSE_REFERENCE_MAX_DIM
@@ -196,23 +196,20 @@ class AnalysisPlan:
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.top_k < 0 or self.bottom_k < 0:
-            raise CurvkitError(
-                f"--top-k and --bottom-k must be 0 or more, got {self.top_k} and {self.bottom_k}"
-            )
+        # kept as plain Python numbers: the plan's settings are part of its results' requests
+        checked = {
+            "top_k": integer(self.top_k, "--top-k", minimum=0),
+            "bottom_k": integer(self.bottom_k, "--bottom-k", minimum=0),
+            "tol": positive_number(self.tol, "--tol"),
+            "trace_matvecs": integer(self.trace_matvecs, "--trace-matvecs"),
+            "density_steps": integer(self.density_steps, "density steps"),
+            "density_runs": integer(self.density_runs, "density runs"),
+            "max_matvecs": None if self.max_matvecs is None else integer(self.max_matvecs, "--max-matvecs"),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen
         if self.trace is not None and self.trace not in TRACE_METHODS:
             raise CurvkitError(f"unknown trace method {self.trace!r}; use one of {list(TRACE_METHODS)}")
-        if not (math.isfinite(self.tol) and self.tol > 0):
-            raise CurvkitError(f"--tol must be a positive number, got {self.tol:g}")
-        for name, value in (
-            ("--trace-matvecs", self.trace_matvecs),
-            ("density steps", self.density_steps),
-            ("density runs", self.density_runs),
-        ):
-            if value < 1:
-                raise CurvkitError(f"{name} must be at least 1, got {value}")
-        if self.max_matvecs is not None and self.max_matvecs < 1:
-            raise CurvkitError(f"--max-matvecs must be at least 1, got {self.max_matvecs}")
         if self.reorthogonalisation not in REORTHOGONALISATION:
             raise CurvkitError(
                 f"unknown reorthogonalisation {self.reorthogonalisation!r}; use one of "

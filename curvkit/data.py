@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from curvkit.arguments import integer
 from curvkit.errors import DataError
 
 __all__ = [
@@ -173,10 +174,9 @@ class BatchSource:
     """
 
     def __init__(self, data: Any, batch_size: int = 1024, max_samples: int | None = None):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
-        if max_samples is not None and max_samples < 1:
-            raise DataError(f"max_samples must be positive, got {max_samples}")
+        batch_size = integer(batch_size, "batch_size", error=DataError)
+        if max_samples is not None:
+            max_samples = integer(max_samples, "max_samples", error=DataError)
         self.max_samples = max_samples
         self.local_shard = isinstance(data, LocalShard)
         """Whether the data are this process's shard already (:class:`LocalShard`)."""

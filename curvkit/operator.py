@@ -62,7 +62,6 @@ Counters ``matvecs`` (columns multiplied) and ``data_passes`` record the work do
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -70,6 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.arguments import non_negative_number
 from curvkit.data import same_device
 from curvkit.errors import CurvkitError, DenseTooLargeError, PluginError, ShapeMismatchError
 from curvkit.layout import ParameterLayout
@@ -571,18 +571,15 @@ def check_damping(damping: Any, name: str = "damping") -> float:
     """``damping`` as a float if it is a finite number ``>= 0``, else a one-line error naming ``name``.
 
     A Python or NumPy number, or a real tensor of one element (a damping
-    computed with torch, e.g. ``2 * abs(lambda_min)``); not a bool. An infinite
-    damping is refused: ``A + inf I`` has no inverse to approximate (its
+    computed with torch, e.g. ``2 * abs(lambda_min)``); not a bool
+    (:func:`curvkit.arguments.non_negative_number`). An infinite damping is
+    refused: ``A + inf I`` has no inverse to approximate (its
     eigendecomposition fails, a solver returns zeros).
 
     Raises:
-        CurvkitError: Anything else.
+        CurvkitError: Anything else, ``"damping must be a finite number >= 0, got inf"``.
     """
-    if isinstance(damping, Tensor) and damping.numel() == 1 and not damping.is_complex():
-        damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < math.inf:
-        raise CurvkitError(f"{name} must be a finite non-negative number, got {damping!r}")
-    return float(damping)
+    return non_negative_number(damping, name)
 
 
 def _dense_inverse(A: CurvatureOperator, damping: float) -> DenseOperator:

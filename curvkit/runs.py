@@ -64,6 +64,7 @@ from curvkit.analysis import (
     estimator_reference,
     run_plan,
 )
+from curvkit.arguments import integer
 from curvkit.data import (
     BatchSource,
     DataSummary,
@@ -159,10 +160,10 @@ class ProblemSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise CurvkitError(f"unknown dtype {self.dtype!r}; use one of {list(DTYPES)}")
-        if self.batch_size < 1:
-            raise CurvkitError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise CurvkitError(f"--max-samples must be at least 1, got {self.max_samples}")
+        # kept as plain Python integers (max_samples is part of the run's key)
+        object.__setattr__(self, "batch_size", integer(self.batch_size, "--batch-size"))  # frozen
+        if self.max_samples is not None:
+            object.__setattr__(self, "max_samples", integer(self.max_samples, "--max-samples"))
         resolve_device(self.device)
 
 

@@ -34,12 +34,16 @@ def test_keys_follow_the_plan():
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        ({"tol": 0.0}, "--tol must be a positive number"),
-        ({"tol": float("nan")}, "--tol must be a positive number"),
-        ({"trace_matvecs": 0}, "--trace-matvecs must be at least 1"),
-        ({"density_steps": 0}, "density steps"),
-        ({"top_k": -1}, "--top-k and --bottom-k must be 0 or more"),
-        ({"max_matvecs": 0}, "--max-matvecs must be at least 1"),
+        ({"tol": 0.0}, "--tol must be a finite number > 0, got 0.0"),
+        ({"tol": float("nan")}, "--tol must be a finite number > 0, got nan"),
+        ({"tol": float("inf")}, "--tol must be a finite number > 0, got inf"),
+        ({"trace_matvecs": 0}, "--trace-matvecs must be an integer >= 1, got 0"),
+        ({"density_steps": 0}, "density steps must be an integer >= 1, got 0"),
+        ({"density_runs": 2.5}, "density runs must be an integer >= 1, got 2.5"),
+        ({"top_k": -1}, "--top-k must be an integer >= 0, got -1"),
+        ({"top_k": 2.0}, "--top-k must be an integer >= 0, got 2.0"),
+        ({"bottom_k": -1}, "--bottom-k must be an integer >= 0, got -1"),
+        ({"max_matvecs": 0}, "--max-matvecs must be an integer >= 1, got 0"),
         ({"reorthogonalisation": "sometimes"}, "unknown reorthogonalisation"),
         ({"top_k": 0, "trace": None, "density": False}, "no analysis asked for"),
     ],
@@ -47,6 +51,39 @@ def test_keys_follow_the_plan():
 def test_a_plan_refuses_bad_options(options, fragment):
     with pytest.raises(curvkit.CurvkitError, match=fragment):
         AnalysisPlan(**options)
+
+
+def test_a_plan_keeps_its_numbers_as_plain_python_numbers():
+    """A tensor ``tol`` was kept as the tensor (and NumPy numbers as NumPy's) in the plan, whose
+    settings are its results' requests; a float ``top_k`` was accepted and failed inside Lanczos."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    plan = AnalysisPlan(
+        top_k=np.int64(3),
+        bottom_k=np.int8(1),
+        tol=torch.tensor(1e-5, dtype=torch.float64),
+        trace_matvecs=np.int64(30),
+        density_steps=np.int32(10),
+        density_runs=np.int64(2),
+        max_matvecs=np.int64(500),
+    )
+    numbers = {name: getattr(plan, name) for name in ("top_k", "bottom_k", "tol", "trace_matvecs")}
+    numbers |= {name: getattr(plan, name) for name in ("density_steps", "density_runs", "max_matvecs")}
+    assert numbers == {
+        "top_k": 3,
+        "bottom_k": 1,
+        "tol": 1e-5,
+        "trace_matvecs": 30,
+        "density_steps": 10,
+        "density_runs": 2,
+        "max_matvecs": 500,
+    }
+    assert [type(value) for value in numbers.values()] == [int, int, float, int, int, int, int]
+    plain = AnalysisPlan(top_k=3, bottom_k=1, tol=1e-5, max_matvecs=500)
+    assert plan.request("eigen/largest") == plain.request("eigen/largest")
+    for bad in (2.0, True):
+        with pytest.raises(curvkit.CurvkitError, match=r"^--top-k must be an integer >= 0, got "):
+            AnalysisPlan(top_k=bad)
 
 
 def test_a_plan_refuses_more_eigenpairs_than_parameters():

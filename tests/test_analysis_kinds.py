@@ -231,7 +231,7 @@ def test_ihvp_float32_operator_is_compared_with_a_float64_reference_by_minres():
 
 def test_ihvp_bad_input_and_solvers_that_cannot_run():
     G = curvkit.curvature("ggn", seed_problem())
-    with pytest.raises(curvkit.CurvkitError, match="damping must be a finite non-negative number"):
+    with pytest.raises(curvkit.CurvkitError, match="damping must be a finite number >= 0"):
         curvkit.ihvp_accuracy(G, ["cg"], damping=-1.0)
     with pytest.raises(curvkit.CurvkitError, match="unknown solver nosuch"):
         curvkit.ihvp_accuracy(G, ["nosuch"])
@@ -246,10 +246,31 @@ def test_ihvp_bad_input_and_solvers_that_cannot_run():
     assert (
         result.curves["lowrank"].reason.startswith("could not run") and not result.curves["lowrank"].columns
     )
-    with pytest.raises(curvkit.CurvkitError, match="--damping must be a finite non-negative number"):
+    with pytest.raises(curvkit.CurvkitError, match="--damping must be a finite number >= 0"):
         AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "damping": -1}})
     with pytest.raises(curvkit.CurvkitError, match="unknown ihvp option"):
         AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "dampnig": 1}})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tol": math.inf}, "the ihvp tol must be a finite number > 0, got inf"),
+        ({"tol": 0}, "the ihvp tol must be a finite number > 0, got 0"),
+        ({"maxiter": 0}, "the ihvp maxiter must be an integer >= 1, got 0"),
+        ({"maxiter": True}, "the ihvp maxiter must be an integer >= 1, got True"),
+        ({"damping": math.inf}, "--damping must be a finite number >= 0, got inf"),
+        # kept as given in the run's request: Python numbers only
+        ({"tol": torch.tensor(1e-6)}, "the ihvp tol must be a Python number, got tensor("),
+        ({"maxiter": torch.tensor(5)}, "the ihvp maxiter must be a Python integer, got tensor(5)"),
+        ({"damping": torch.tensor([0.1])}, "--damping must be a Python number, got tensor("),
+    ],
+    ids=repr,
+)
+def test_ihvp_numeric_options(options, message):
+    with pytest.raises(curvkit.CurvkitError) as info:
+        AnalysisPlan(options={"ihvp": {"solvers": ["cg"], **options}})
+    assert str(info.value).startswith(message)
 
 
 def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
@@ -295,7 +316,7 @@ def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
     assert json.loads(again.stdout)["runs"][0]["resumed"] == ["ihvp/gradient"]
     torch.save(torch.ones(5), tmp_path / "short.pt")
     for bad, fragment in (
-        (["--damping", "-1"], "--damping must be a finite non-negative number"),
+        (["--damping", "-1"], "--damping must be a finite number >= 0"),
         (["--ihvp-vector", "nosuch.pt"], "--ihvp-vector must be gradient, random or an existing .pt file"),
         (["--ihvp-vector", "short.pt"], "must be a floating-point [P] tensor with P = 3,466"),
     ):
@@ -310,7 +331,7 @@ def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
             "--ihvp-option for lissa, which --ihvp does not",
         ),
         (["--ihvp", "cg", "--ihvp-option", "repeats=2"], "names no solver: write SOLVER.NAME=VALUE"),
-        (["--ihvp", "cg", "--ihvp-maxiter", "0"], "maxiter must be a positive integer"),
+        (["--ihvp", "cg", "--ihvp-maxiter", "0"], "the ihvp maxiter must be an integer >= 1, got 0"),
         (["--ihvp", "cg", "--ihvp-option", "cg.bogus=1"], "solver 'cg' takes no option 'bogus'"),
     ):
         proc = run_curvkit("analyze", MLP, *bad, "-o", str(out), cwd=tmp_path)

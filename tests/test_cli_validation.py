@@ -93,11 +93,11 @@ ENCODER = ["--model", "usermodels:SpeakerEncoder", "--data", "frames.pt", "--los
 STREAMING = ["streaming.pt", "--model", "usermodels:Streaming", "--data", "small.pt", "--top-k", "1"]
 
 BAD = {
-    "tol 0": ([MLP, "--tol", "0"], "--tol must be a positive number"),
+    "tol 0": ([MLP, "--tol", "0"], "--tol must be a finite number > 0, got 0.0"),
     "trace-matvecs 0": ([MLP, "--trace", "hutchinson", "--trace-matvecs", "0"], "--trace-matvecs must be"),
     "top-k 0": ([MLP, "--top-k", "0"], "no analysis asked for"),
     "top-k above P": ([MLP, "--top-k", "5000"], "--top-k 5000 is larger than the number of parameters"),
-    "max-matvecs 0": ([MLP, "--max-matvecs", "0"], "--max-matvecs must be at least 1"),
+    "max-matvecs 0": ([MLP, "--max-matvecs", "0"], "--max-matvecs must be an integer >= 1, got 0"),
     "reorthogonalisation": ([MLP, "--reorthogonalisation", "never"], "unknown reorthogonalisation"),
     "data does not fit": ([MLP, "--data", "wrong.npz"], "cannot be applied"),
     "non-finite loss": (["overflow.pt"], "loss or its gradient is not finite"),
@@ -106,7 +106,7 @@ BAD = {
     "missing forward kwarg": (STREAMING, "cannot be applied"),
     "stateful model": ([*STREAMING, "--forward-kwargs", '{"sr": 16000}'], "changed its buffers state"),
     "trajectory with a bad file": (["a.pt", "corrupt.pt", "b.pt"], "corrupt.pt"),
-    "batch size": ([MLP, "--batch-size", "0"], "--batch-size must be at least 1"),
+    "batch size": ([MLP, "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     "extra entries, strict": ([*ENCODER, "pretrained.pt"], "pass --no-strict"),
     "several weights": ([*ENCODER, "with_ema.pt"], "choose one with --weights-key"),
     "missing weights key": ([*ENCODER, "with_ema.pt", "--weights-key", "emaa"], "'emaa' not found"),

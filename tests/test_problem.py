@@ -284,15 +284,30 @@ def test_generator_is_refused():
         curvkit.Problem(_mlp(), "cross_entropy", batches)
 
 
+def test_batch_size_and_max_samples_are_integers():
+    """A float batch size or sample count was accepted and failed at the first pass over the data
+    (a TypeError from ``range``); a NumPy integer still works."""
+    np = pytest.importorskip("numpy")
+    X, y = _data()
+    for name in ("batch_size", "max_samples"):
+        for bad in (2.5, 10.0, True):
+            with pytest.raises(curvkit.DataError, match=rf"^{name} must be an integer >= 1, got "):
+                curvkit.Problem(_mlp(), "cross_entropy", (X, y), **{name: bad})
+    problem = curvkit.Problem(
+        _mlp(), "cross_entropy", (X, y), batch_size=np.int64(7), max_samples=np.int64(20)
+    )
+    assert problem.num_samples() == 20
+
+
 def test_unusable_data_is_refused():
     X, y = _data()
     with pytest.raises(curvkit.DataError):
         curvkit.Problem(_mlp(), "cross_entropy", 42)
     with pytest.raises(curvkit.DataError, match="number of samples"):
         curvkit.Problem(_mlp(), "cross_entropy", (X[:10], y[:11]))
-    with pytest.raises(curvkit.DataError):
+    with pytest.raises(curvkit.DataError, match=r"^batch_size must be an integer >= 1, got 0$"):
         curvkit.Problem(_mlp(), "cross_entropy", (X, y), batch_size=0)
-    with pytest.raises(curvkit.DataError):
+    with pytest.raises(curvkit.DataError, match=r"^max_samples must be an integer >= 1, got 0$"):
         curvkit.Problem(_mlp(), "cross_entropy", (X, y), max_samples=0)
     with pytest.raises(curvkit.DataError):
         curvkit.Problem(object(), "cross_entropy", (X, y))

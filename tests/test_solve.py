@@ -147,7 +147,7 @@ def test_a_damping_is_a_finite_non_negative_number_of_any_kind(entry):
     for same in (np.float64(0.5), torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float32)):
         assert torch.equal(DAMPED[entry](A, b, same), expected), same
     for bad in (math.inf, math.nan, -1.0, True, torch.tensor(math.inf), torch.ones(2), "0.5"):
-        with pytest.raises(curvkit.CurvkitError, match="damping must be a finite non-negative number"):
+        with pytest.raises(curvkit.CurvkitError, match="damping must be a finite number >= 0"):
             DAMPED[entry](A, b, bad)
 
 
@@ -172,7 +172,7 @@ def test_tol_is_a_finite_positive_number_and_maxiter_an_integer(method):
 def test_bad_input():
     A = spd()
     b = torch.torch.ones(30, dtype=DT)
-    with pytest.raises(curvkit.CurvkitError, match="damping must be a finite non-negative number"):
+    with pytest.raises(curvkit.CurvkitError, match="damping must be a finite number >= 0"):
         curvkit.solve(A, b, damping=-1.0)
     with pytest.raises(curvkit.ShapeMismatchError, match=r"must be \[P\] or \[P, K\] with P = 30"):
         curvkit.solve(A, torch.ones(29, dtype=DT))

@@ -140,7 +140,7 @@ def test_generic_fallbacks_from_the_dense_matrix():
     with pytest.raises(curvkit.CurvkitError, match="positive definite"):
         singular.logdet()
     for bad in (-1.0, "1", True, float("nan")):
-        with pytest.raises(curvkit.CurvkitError, match="damping must be a finite non-negative number"):
+        with pytest.raises(curvkit.CurvkitError, match="damping must be a finite number >= 0"):
             A.inverse(bad)
 
 

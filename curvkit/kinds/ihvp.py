@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from curvkit.arguments import integer, positive_number
 from curvkit.directions import DIRECTIONS
 from curvkit.errors import CurvkitError
 from curvkit.kinds import AnalysisContext, AnalysisKind, ResultTable, Row
@@ -70,13 +71,19 @@ def _check(options: Mapping[str, Any]) -> None:
         raise CurvkitError(
             f"--ihvp: unknown solver {', '.join(missing)}; available: {', '.join(sorted(known))}"
         )
-    if not isinstance(given["damping"], int | float):  # a number the results file can store
-        raise CurvkitError(f"--damping must be a number, got {given['damping']!r}")
+    # the options are kept as given, in the run's request: Python numbers, not tensors or NumPy's
+    for name, value, kind in (
+        ("--damping", given["damping"], int | float),
+        ("the ihvp tol", given["tol"], int | float),
+        ("the ihvp maxiter", given["maxiter"], int),
+    ):
+        if not isinstance(value, kind):
+            raise CurvkitError(
+                f"{name} must be a Python {'integer' if kind is int else 'number'}, got {value!r}"
+            )
     check_damping(given["damping"], "--damping")
-    if not (isinstance(given["tol"], int | float) and math.isfinite(given["tol"]) and given["tol"] > 0):
-        raise CurvkitError(f"the ihvp tol must be a positive number, got {given['tol']!r}")
-    if isinstance(given["maxiter"], bool) or not isinstance(given["maxiter"], int) or given["maxiter"] < 1:
-        raise CurvkitError(f"the ihvp maxiter must be a positive integer, got {given['maxiter']!r}")
+    positive_number(given["tol"], "the ihvp tol")
+    integer(given["maxiter"], "the ihvp maxiter")
     if given["reference"] not in REFERENCES:
         raise CurvkitError(f"unknown ihvp reference {given['reference']!r}; use one of {list(REFERENCES)}")
     vector = given["vector"]
