@@ -154,6 +154,9 @@ def test_bad_input():
     A = operator_with_spectrum(torch.arange(5, dtype=DT))
     with pytest.raises(curvkit.CurvkitError, match="between 1 and"):
         eigenvalues(A, k=6)
+    for bad in (2.0, True, None):  # 2.0 failed inside Lanczos (an IndexError), None with a TypeError
+        with pytest.raises(curvkit.CurvkitError, match=rf"^k must be an integer >= 1, got {bad}$"):
+            eigenvalues(A, k=bad)
     with pytest.raises(curvkit.CurvkitError, match="which"):
         eigenvalues(A, k=1, which="top")
     with pytest.raises(curvkit.ShapeMismatchError):

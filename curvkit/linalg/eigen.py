@@ -194,7 +194,7 @@ def eigenvalues(
         decreasing magnitude for ``"largest_magnitude"``).
 
     Raises:
-        CurvkitError: ``k`` is not in ``1..P``, an unknown ``which``, ``method`` or
+        CurvkitError: ``k`` is not an integer in ``1..P``, an unknown ``which``, ``method`` or
             ``reorthogonalisation``, a ``tol`` that is not a finite number ``> 0``,
             or a ``max_matvecs`` that is not an integer ``>= 1`` or ``None``.
         NonFiniteError: A product (or a value computed from it) is NaN or Inf; the
@@ -220,7 +220,8 @@ def eigenvalues(
         raise CurvkitError(
             f"reorthogonalisation must be one of {list(REORTHOGONALISATION)}, got {reorthogonalisation!r}"
         )
-    if not 1 <= k <= P:
+    k = integer(k, "k")
+    if k > P:
         raise CurvkitError(f"k must be between 1 and the operator's dimension {P}, got {k}")
     tol = positive_number(tol, "tol")
     max_matvecs = integer(max_matvecs, "max_matvecs", allow_none=True)
