@@ -95,7 +95,7 @@ class FisherOperator(curvkit.ProblemOperator):
         NotNegativeLogLikelihoodError: The loss is not a negative log-likelihood.
         NoExactFisherError: ``mode="exact"`` for a loss known only by its sampler.
         CurvkitError: An unknown ``mode`` or ``strategy``, or a ``mc_samples``
-            that is not a positive integer.
+            that is not an integer ``>= 1``.
 
     Example:
         >>> import torch
@@ -121,8 +121,7 @@ class FisherOperator(curvkit.ProblemOperator):
     ):
         if mode not in MODES:
             raise curvkit.CurvkitError(f"unknown Fisher mode {mode!r}; use one of {', '.join(MODES)}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise curvkit.CurvkitError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        mc_samples = curvkit.arguments.integer(mc_samples, "mc_samples")
         loss = problem.loss
         if not loss.is_negative_log_likelihood:
             raise curvkit.NotNegativeLogLikelihoodError(

@@ -215,8 +215,7 @@ class KFACOperator(curvkit.ProblemOperator):
         _choose("fisher_type", fisher_type, FISHER_TYPES)
         _choose("approx", approx, APPROXIMATIONS)
         _choose("unsupported", unsupported, UNSUPPORTED)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise curvkit.CurvkitError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        mc_samples = curvkit.arguments.integer(mc_samples, "mc_samples")
         loss = problem.loss
         if fisher_type in ("type-2", "mc") and not loss.BLOCK_DIAGONAL:
             raise curvkit.CurvkitError(

@@ -8,6 +8,7 @@ the references are checked here against each other and against closed forms.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from curvkit.plugins.fisher import FisherOperator
@@ -567,6 +568,13 @@ def test_options_are_checked():
         curvkit.curvature("empirical-fisher", problem, seed=0)
     with pytest.raises(curvkit.CurvkitError, match="unknown Fisher mode 'true'; use one of mc, exact"):
         curvkit.curvature("fisher", problem, mode="true")
-    for bad in (0, 2.5, True):
-        with pytest.raises(curvkit.CurvkitError, match="mc_samples must be a positive integer"):
-            curvkit.curvature("fisher", problem, mc_samples=bad)
+    for estimator in ("fisher", "kfac"):
+        options = {"fisher_type": "mc"} if estimator == "kfac" else {}
+        for bad in (0, 2.5, True):
+            with pytest.raises(
+                curvkit.CurvkitError, match=rf"^mc_samples must be an integer >= 1, got {bad}$"
+            ):
+                curvkit.curvature(estimator, problem, mc_samples=bad, **options)
+        # a NumPy integer (refused before) is taken, kept as a Python int
+        op = curvkit.curvature(estimator, problem, mc_samples=np.int64(2), seed=0, **options)
+        assert op.mc_samples == 2 and type(op.mc_samples) is int
