@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from curvkit.arguments import fraction
 from curvkit.errors import CurvkitError, NonFiniteError
 from curvkit.finite import all_finite
 from curvkit.kronecker import KroneckerBlock, KroneckerOperator
@@ -205,10 +206,8 @@ class RunningCurvature:
     """
 
     def __init__(self, estimator: str, decay: float = 0.95, **options: Any) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        self.decay = fraction(decay, "decay", below_one=True, error=ValueError)
         self.estimator = estimator
-        self.decay = float(decay)
         self.options = dict(options)
         self.updates = 0
         self._structure: Structure | None = None

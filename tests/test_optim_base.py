@@ -100,6 +100,26 @@ def test_the_checks_name_the_hyper_parameter_and_its_range():
         check_choice("mode", "c", ("a", "b"))
 
 
+def test_the_checks_take_numpy_numbers_and_one_element_tensors_as_plain_numbers():
+    """curvkit.arguments' rules: a NumPy number or a one-element tensor (refused before) is a
+    number, kept as a float; a NumPy integer an integer, kept as an int; a ValueError still."""
+    np = pytest.importorskip("numpy")
+    for value in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor([0.5])):
+        for got in (check_positive("lr", value), check_fraction("momentum", value)):
+            assert got == 0.5 and type(got) is float
+    assert type(check_integer("every", np.int64(3))) is int and check_integer("every", np.int64(3)) == 3
+    for bad in (math.inf, torch.tensor(math.nan), torch.ones(2)):
+        with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got "):
+            check_positive("lr", bad)
+    model = nn.Linear(2, 1)
+    optimizer = curvkit.optim.AdaHessian(
+        model.parameters(), lr=np.float64(0.01), betas=(torch.tensor(0.5), 0.25), update_each=np.int64(2)
+    )
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], optimizer.period) == (0.01, (0.5, 0.25), 2)
+    assert [type(x) for x in (group["lr"], *group["betas"], optimizer.period)] == [float, float, float, int]
+
+
 BATCH_OPTIMIZERS = ("Newton", "HessianFree", "KFAC", "EKFAC", "NaturalGradient")
 GRADIENT_OPTIMIZERS = ("DiagonalNewton", "AdaHessian", "SophiaH", "Shampoo")
 

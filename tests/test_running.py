@@ -96,9 +96,12 @@ def test_operators_without_an_averaged_structure_are_refused_in_one_line():
     ekfac = curvkit.curvature("ekfac", problem.on_batch(*batches[0])).structured()
     with pytest.raises(CurvkitError, match="eigenvalue corrections"):
         RunningCurvature("ekfac").fold(ekfac)
-    for decay in (1.0, -0.1, True, "0.5"):
+    for decay in (1.0, -0.1, True, "0.5", float("nan"), torch.ones(2)):
         with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\)"):
             RunningCurvature("kfac", decay=decay)
+    # a one-element tensor (refused before) is taken as its value, kept as a float
+    running = RunningCurvature("kfac", decay=torch.tensor([0.5]))
+    assert running.decay == 0.5 and type(running.decay) is float and running.state_dict()["decay"] == 0.5
 
 
 def test_a_non_finite_batch_is_refused_and_leaves_the_average():

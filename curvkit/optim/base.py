@@ -4,7 +4,9 @@
 
 * **checked hyper-parameters**: :func:`check_positive`, :func:`check_fraction`,
   :func:`check_integer` and :func:`check_choice` raise one-line
-  :class:`ValueError` s naming the hyper-parameter and the accepted range;
+  :class:`ValueError` s naming the hyper-parameter and the accepted range
+  (the rules and messages of :mod:`curvkit.arguments`: a NumPy number or a
+  one-element tensor is a number, kept as a float);
 * **never NaN parameters**: :meth:`CurvatureOptimizer.apply_updates` adds the
   step's updates only when every one is finite (one host-device
   synchronisation for all of them); otherwise the parameters are left as they
@@ -24,7 +26,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from curvkit.arguments import fraction, integer, non_negative_number, positive_number
 from curvkit.distributed import is_data_parallel
 from curvkit.errors import CurvkitWarning
 from curvkit.finite import all_finite, first_non_finite, outside_autograd
@@ -191,29 +193,28 @@ def warn_if_data_parallel(owner: object) -> None:
 
 
 def check_positive(name: str, value: Any, *, zero: bool = False) -> float:
-    """``value`` as a float if it is finite and ``> 0`` (``>= 0`` with ``zero``), else a ValueError."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>= 0' if zero else '> 0'}, got {value!r}")
-    return float(value)
+    """``value`` as a float if it is a finite number ``> 0`` (``>= 0`` with ``zero``), else a ValueError.
+
+    :func:`curvkit.arguments.positive_number` (:func:`~curvkit.arguments.non_negative_number`).
+    """
+    check = non_negative_number if zero else positive_number
+    return check(value, name, error=ValueError)
 
 
 def check_fraction(name: str, value: Any, *, below_one: bool = False) -> float:
-    """``value`` as a float if it is in ``[0, 1]`` (``[0, 1)`` with ``below_one``), else a ValueError."""
-    top = "[0, 1)" if below_one else "[0, 1]"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value
-    ok = ok and (value < 1.0 if below_one else value <= 1.0)
-    if not ok:
-        raise ValueError(f"{name} must be a number in {top}, got {value!r}")
-    return float(value)
+    """``value`` as a float if it is in ``[0, 1]`` (``[0, 1)`` with ``below_one``), else a ValueError.
+
+    :func:`curvkit.arguments.fraction`.
+    """
+    return fraction(value, name, below_one=below_one, error=ValueError)
 
 
 def check_integer(name: str, value: Any, *, minimum: int = 1) -> int:
-    """``value`` if it is an integer ``>= minimum``, else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    """``value`` as an int if it is an integer ``>= minimum``, else a ValueError.
+
+    :func:`curvkit.arguments.integer`.
+    """
+    return integer(value, name, minimum=minimum, error=ValueError)
 
 
 SEED_LIMIT = 2**63
