@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from curvkit import distributed
 from curvkit.analysis import AnalysisPlan
+from curvkit.arguments import integer
 from curvkit.errors import CurvkitError
 from curvkit.linalg.lanczos import REORTHOGONALISATION
 from curvkit.runs import AnalyzeEvent, AnalyzeReport, ProblemSettings, RunOutcome, analyze, resolve_device
@@ -395,8 +396,7 @@ def analyze_command(
     With no analysis flag: the top-5 eigenvalues with certificates, the trace and the
     spectral density. Running the same command again resumes and skips finished work.
     """
-    if nproc < 1:
-        raise CurvkitError(f"--nproc must be at least 1, got {nproc}")
+    integer(nproc, "--nproc")
     if nproc > 1 and distributed.launched_processes() == 1:
         status = distributed.launch_local(nproc, [sys.executable, "-m", "curvkit.cli.main", *sys.argv[1:]])
         raise typer.Exit(status)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from curvkit.arguments import integer
 from curvkit.errors import DataError, describe_error, first_line
 
 __all__ = [
@@ -140,8 +141,7 @@ def stratified_holdout(targets: Tensor, every: int = 5) -> Tensor:
         >>> stratified_holdout(torch.tensor([0, 1, 0, 0, 1, 1, 1]), every=2)
         tensor([ True,  True, False,  True, False,  True, False])
     """
-    if every < 2:
-        raise ValueError(f"every must be at least 2, got {every}")
+    every = integer(every, "every", minimum=2, error=ValueError)
     labels = targets.detach().cpu().to(torch.int64)
     mask = torch.zeros(labels.shape[0], dtype=torch.bool)
     for label in labels.unique():

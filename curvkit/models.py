@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from curvkit.arguments import integer
+
 __all__ = ["DIGITS_CLASSES", "DIGITS_FEATURES", "digits_cnn", "digits_mlp"]
 
 DIGITS_FEATURES = 64
@@ -47,8 +49,8 @@ def digits_mlp(hidden: int = 32, depth: int = 2, activation: str = "tanh") -> nn
     Raises:
         ValueError: ``hidden`` or ``depth`` is below 1, or the activation is unknown.
     """
-    if hidden < 1 or depth < 1:
-        raise ValueError(f"hidden and depth must be at least 1, got hidden={hidden}, depth={depth}")
+    hidden = integer(hidden, "hidden", error=ValueError)
+    depth = integer(depth, "depth", error=ValueError)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}")
     layers: list[nn.Module] = []

@@ -135,7 +135,7 @@ def test_a_failure_of_one_process_s_data_is_one_line(tmp_path, run_curvkit, bad)
 
 def test_nproc_must_be_positive(tmp_path, run_curvkit):
     done = run_curvkit("analyze", MLP, "--nproc", "0", cwd=tmp_path)
-    assert done.returncode == 2 and "--nproc must be at least 1" in done.stderr
+    assert done.returncode == 2 and "--nproc must be an integer >= 1, got 0" in done.stderr
 
 
 @pytest.mark.slow

@@ -179,6 +179,16 @@ def test_model_factories_take_flat_digits_and_check_their_arguments():
     ):
         with pytest.raises(ValueError):
             bad()
+    with pytest.raises(ValueError, match=r"^depth must be an integer >= 1, got 2.0$"):
+        digits_mlp(depth=2.0)  # failed inside range() with a TypeError
+
+
+def test_the_holdout_takes_an_integer_of_at_least_two():
+    y = torch.tensor([0, 1, 0, 0, 1, 1, 1])
+    assert torch.equal(stratified_holdout(y, every=np.int64(2)), stratified_holdout(y, every=2))
+    for bad in (1, 2.0, True):  # 2.0 failed in the slicing with a TypeError
+        with pytest.raises(ValueError, match=rf"^every must be an integer >= 2, got {bad}$"):
+            stratified_holdout(y, every=bad)
 
 
 # ------------------------------------------------------------ data specifications

@@ -23,6 +23,7 @@ from curvkit.optim.base import (
     check_fraction,
     check_integer,
     check_positive,
+    check_seed,
     first_non_finite,
     levenberg_marquardt,
     loss_at,
@@ -108,6 +109,7 @@ def test_the_checks_take_numpy_numbers_and_one_element_tensors_as_plain_numbers(
         for got in (check_positive("lr", value), check_fraction("momentum", value)):
             assert got == 0.5 and type(got) is float
     assert type(check_integer("every", np.int64(3))) is int and check_integer("every", np.int64(3)) == 3
+    assert type(check_seed("seed", np.uint64(7))) is int and check_seed("seed", np.uint64(7)) == 7
     for bad in (math.inf, torch.tensor(math.nan), torch.ones(2)):
         with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got "):
             check_positive("lr", bad)

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -222,10 +223,13 @@ SEED_LIMIT = 2**63
 
 
 def check_seed(name: str, value: Any) -> int:
-    """``value`` if it is an integer in ``[0, 2**63)`` (:data:`SEED_LIMIT`), else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+    """``value`` as an int if it is an integer in ``[0, 2**63)`` (:data:`SEED_LIMIT`), else a ValueError.
+
+    An integer as :mod:`curvkit.arguments` takes it: a Python or NumPy integer, not a bool.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < SEED_LIMIT:
         raise ValueError(f"{name} must be an integer >= 0 and < 2**63, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_flag(name: str, value: Any) -> bool:
