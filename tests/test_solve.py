@@ -157,13 +157,13 @@ def test_tol_is_a_finite_positive_number_and_maxiter_an_integer(method):
     ``x = 0`` marked converged. A NumPy integer ``maxiter`` was refused."""
     np = pytest.importorskip("numpy")
     A, b = spd(), torch.linspace(-1.0, 1.0, 30, dtype=DT)
+    for bad in (math.inf, math.nan, 0.0, -1e-6, True, torch.ones(2), "1e-6"):
+        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a finite number > 0, got "):
+            curvkit.solve(A, b, method, tol=bad)
     expected = curvkit.solve(A, b, method, tol=1e-8, maxiter=200)
     for tol in (np.float64(1e-8), torch.tensor(1e-8), torch.tensor([1e-8], dtype=torch.float64)):
         for maxiter in (200, np.int64(200)):
             assert torch.equal(curvkit.solve(A, b, method, tol=tol, maxiter=maxiter).x, expected.x)
-    for bad in (math.inf, math.nan, 0.0, -1e-6, True, torch.ones(2), "1e-6"):
-        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a finite number > 0, got "):
-            curvkit.solve(A, b, method, tol=bad)
     for bad in (0, 2.5, True, torch.tensor(5)):
         with pytest.raises(curvkit.CurvkitError, match=r"^maxiter must be an integer >= 1, got "):
             curvkit.solve(A, b, method, maxiter=bad)
