@@ -268,6 +268,7 @@ def test_save_and_load_roundtrip(tmp_path, models):
     loaded = load_checkpoint(path)  # no model given: it comes from the metadata
     assert isinstance(loaded, LoadedCheckpoint)
     assert loaded.format == "curvkit" and loaded.metadata == raw["curvkit"]
+    assert loaded.info == {"epoch": 3, "tags": ["a", "b"]}  # the extras, as a top-level epoch would be
     assert isinstance(loaded.model, models.MLP) and not loaded.model.training
     _assert_same_weights(loaded.model, net)
     assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -499,11 +500,11 @@ def test_safetensors_checkpoint(tmp_path, models):
     assert loaded.format == "safetensors"
     _assert_same_weights(loaded.model, net)
     # the curvkit metadata convention, as a JSON string in __metadata__; any file name
-    meta = {"version": 1, "model_factory": f"{MODELS}:MLP", "model_kwargs": {"hidden": 4}}
+    meta = {"version": 1, "model_factory": f"{MODELS}:MLP", "model_kwargs": {"hidden": 4}, "step": 40}
     other = tmp_path / "weights.bin2"
     safetensors_torch.save_file(net.state_dict(), other, metadata={"curvkit": json.dumps(meta)})
     loaded = load_checkpoint(other)
-    assert loaded.format == "safetensors" and loaded.metadata == meta
+    assert loaded.format == "safetensors" and loaded.metadata == meta and loaded.info == {"step": 40}
 
 
 def test_safetensors_without_the_package(tmp_path, models, monkeypatch):

@@ -121,6 +121,36 @@ def test_trajectories_group_runs_that_differ_in_the_checkpoint_alone(trajectory_
         assert {t.runs[0].provenance["seed"] for t in found} == {0, 1}
 
 
+@pytest.mark.parametrize("place", ["epoch", "step"])
+def test_save_checkpoint_files_are_placed_by_their_epoch_or_step(tmp_path, place):
+    """``save_checkpoint(..., epoch=e)`` writes ``epoch`` inside the curvkit metadata, not at the top."""
+    from curvkit.checkpoints import save_checkpoint
+    from curvkit.models import digits_mlp
+
+    paths = []
+    for position in (12, 3):  # saved out of order: the trajectory sorts them
+        torch.manual_seed(position)
+        paths.append(
+            save_checkpoint(
+                tmp_path / f"cv_{position}.pt",
+                digits_mlp(),
+                model_factory="curvkit.models:digits_mlp",
+                data="digits",
+                loss="cross_entropy",
+                **{place: position},
+            )
+        )
+    out = tmp_path / "cv.h5"
+    args = ["analyze", *map(str, paths), "--top-k", "1", "--max-samples", "100", "-o", str(out), "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with ResultsStore(out, mode="r") as store:
+        (trajectory,) = trajectories(store.runs())
+        assert [run.provenance["checkpoint_info"] for run in trajectory.runs] == [{place: 3}, {place: 12}]
+    assert trajectory.xlabel == place and trajectory.positions == [3.0, 12.0]
+    assert trajectory.labels == ["cv_3.pt", "cv_12.pt"]
+
+
 def test_plot_draws_trajectories_against_the_training_step(trajectory_file, tmp_path):
     result = runner.invoke(app, ["plot", str(trajectory_file), "-o", str(tmp_path / "f"), "--formats", "png"])
     assert result.exit_code == 0, result.output

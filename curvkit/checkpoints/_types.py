@@ -87,7 +87,8 @@ class LoadedCheckpoint:
         missing: Model keys the checkpoint lacked (only with ``strict=False``).
         unexpected: Checkpoint keys the model lacked (only with ``strict=False``).
         info: Plain values the checkpoint carries besides weights (``epoch``,
-            ``global_step``, Lightning ``hyper_parameters``, ...).
+            ``global_step``, Lightning ``hyper_parameters``, ...), with the
+            extras of its curvkit metadata (``save_checkpoint(..., epoch=3)``).
         notes: One-line remarks on how it was loaded (the entry the weights came
             from, stripped prefixes, ignored LightningModule entries,
             restrictions of exported programs). What ``strict=False`` let

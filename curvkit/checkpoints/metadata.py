@@ -8,7 +8,7 @@ from typing import Any
 
 from curvkit.checkpoints._types import CheckpointError
 
-__all__ = ["METADATA_KEY", "METADATA_VERSION", "STATE_DICT_KEY"]
+__all__ = ["METADATA_FIELDS", "METADATA_KEY", "METADATA_VERSION", "STATE_DICT_KEY"]
 
 METADATA_KEY = "curvkit"
 """The entry of a checkpoint dict that holds curvkit's metadata."""
@@ -18,6 +18,9 @@ METADATA_VERSION = 1
 
 STATE_DICT_KEY = "model_state_dict"
 """The entry of a curvkit (and tutorial) checkpoint dict that holds the weights."""
+
+METADATA_FIELDS = ("version", "model_factory", "model_kwargs", "data", "loss")
+"""The entries of the convention itself; any other metadata entry is an extra (``epoch``, ``step``)."""
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
@@ -77,3 +80,14 @@ def read_metadata(raw: Any, path: Path) -> dict[str, Any]:
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise CheckpointError(f"{path}: metadata model_kwargs is a {type(kwargs).__name__}, not a dict")
     return meta
+
+
+def metadata_extras(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain extras of curvkit metadata (``epoch=3``, ``step=1200``, ...): what goes to ``info``.
+
+    :func:`curvkit.checkpoints.save_checkpoint` writes its ``**extra`` inside the
+    metadata rather than at the top level of the checkpoint dict, so they are
+    taken from there into :attr:`LoadedCheckpoint.info`, as a tutorial dict's
+    top-level ``epoch`` is.
+    """
+    return {k: v for k, v in meta.items() if isinstance(k, str) and k not in METADATA_FIELDS and is_plain(v)}

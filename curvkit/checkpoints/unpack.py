@@ -19,7 +19,13 @@ from torch import Tensor, nn
 
 from curvkit.checkpoints._text import listing
 from curvkit.checkpoints._types import CheckpointError
-from curvkit.checkpoints.metadata import METADATA_KEY, STATE_DICT_KEY, is_plain, read_metadata
+from curvkit.checkpoints.metadata import (
+    METADATA_KEY,
+    STATE_DICT_KEY,
+    is_plain,
+    metadata_extras,
+    read_metadata,
+)
 
 __all__ = ["WEIGHTS_KEYS"]
 
@@ -205,6 +211,7 @@ def unpack(obj: Any, path: Path, weights_key: str | None = None) -> CheckpointCo
         if isinstance(k, str) and k != METADATA_KEY and k not in _BULKY_KEYS and is_plain(v)
     }
     metadata = read_metadata(obj[METADATA_KEY], path) if METADATA_KEY in obj else {}
+    info.update(metadata_extras(metadata))  # save_checkpoint's epoch=, step=: the metadata's word wins
     lightning = "state_dict" in obj and any(k in obj for k in _LIGHTNING_MARKERS)
     hparams: dict[str, Any] = {}
     if lightning:
