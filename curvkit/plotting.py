@@ -251,6 +251,10 @@ IHVP_AXES = {"matvecs": "products with the operator", "seconds": "seconds"}
 def plot_ihvp(result: Any, x: str = "matvecs", axes: Any = None, title: str | None = None) -> Any:
     """Convergence curves of inverse-HVP solvers: relative error and cosine to the reference, one line each.
 
+    A solver without a curve (one that could not run, e.g. ``lowrank`` without
+    damping) is named under the title with its reason; when no solver has a
+    curve, the axes say so and there is no legend.
+
     Args:
         result: An :class:`~curvkit.IhvpResult`.
         x: ``"matvecs"`` or ``"seconds"`` on the horizontal axes.
@@ -260,14 +264,18 @@ def plot_ihvp(result: Any, x: str = "matvecs", axes: Any = None, title: str | No
     Returns:
         The first axes (the error's); the figure holds both.
     """
+    import textwrap
+
     if x not in IHVP_AXES:
         raise CurvkitError(f"x must be one of {list(IHVP_AXES)}, got {x!r}")
     if axes is None:
         axes = _pyplot().subplots(1, 2, figsize=(10, 4))[1]
     error_ax, cosine_ax = axes
     tiny = 1e-300
+    undrawn = []
     for name, curve in result.curves.items():
         if not curve.columns or not len(curve.columns["error"]):
+            undrawn.append(f"{name}: {curve.reason or curve.status}")
             continue
         label = name if curve.converged else f"{name} ({curve.status})"
         xs = curve.columns[x].tolist()
@@ -279,8 +287,15 @@ def plot_ihvp(result: Any, x: str = "matvecs", axes: Any = None, title: str | No
     cosine_ax.axhline(1.0, color="grey", lw=0.5)
     for ax in axes:
         ax.set_xlabel(IHVP_AXES[x])
-    error_ax.legend(fontsize=8)
+    if error_ax.lines:
+        error_ax.legend(fontsize=8)
+    else:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no solver produced a curve", transform=ax.transAxes, ha="center", color="grey")
     detail = f"(A + {result.damping:g} I)^-1 {result.vector}; reference: {result.reference}"
+    if undrawn:
+        width = max(40, int(error_ax.figure.get_figwidth() * 11))  # characters of a 10-point line
+        detail += "\n" + textwrap.fill(f"no curve: {'; '.join(undrawn)}", width, break_on_hyphens=False)
     error_ax.figure.suptitle(f"{title}\n{detail}" if title else detail, fontsize=10)
     return error_ax
 

@@ -53,3 +53,26 @@ def test_trajectory_plot():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
     with pytest.raises(ValueError):
         plotting.plot_per_layer([], "median")
+
+
+@pytest.mark.parametrize("solvers", [["lowrank"], ["cg", "lowrank"]], ids=["none-ran", "one-ran"])
+def test_ihvp_figure_says_which_solvers_have_no_curve_and_warns_nothing(solvers, tmp_path):
+    """``lowrank`` cannot run without damping: no curve, named with its reason; a legend only of curves."""
+    import warnings
+
+    import torch
+
+    A = curvkit.DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), psd=True)
+    result = curvkit.ihvp_accuracy(A, solvers, vector="random", damping=0.0, maxiter=5)
+    assert result.curves["lowrank"].status == "not-run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned "No artists with labels found to put in legend"
+        for _, ax in plotting.figures(result, "run"):
+            suptitle = ax.figure.get_suptitle().replace("\n", " ")
+            assert "no curve: lowrank: could not run: lowrank needs damping > 0" in suptitle
+            texts = [t.get_text() for a in ax.figure.axes for t in a.texts]
+            if solvers == ["lowrank"]:
+                assert ax.get_legend() is None and texts == ["no solver produced a curve"] * 2
+            else:
+                assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cg"] and texts == []
+            plotting.save_figure(ax, tmp_path / "ihvp", formats=("png",))
