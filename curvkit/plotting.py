@@ -313,6 +313,10 @@ def plot_comparisons(
 ) -> Any:
     """Bars of the three figures of several comparisons (estimators against one baseline), log scale.
 
+    The figures' names are on two lines (name, unit) and the legend is beside the
+    axes, so neither the names nor the bars are covered; a figure made here (no
+    ``ax``) is laid out with ``tight_layout``.
+
     Args:
         results: :class:`~curvkit.comparison.ComparisonResult` objects.
         labels: One label per result (the estimator, or the run).
@@ -321,7 +325,8 @@ def plot_comparisons(
     """
     import numpy as np
 
-    ax = _axes(ax)
+    made = ax is None
+    ax = ax if ax is not None else _pyplot().subplots(figsize=(7.5, 4))[1]
     width = 0.8 / max(len(results), 1)
     positions = np.arange(len(COMPARISON_FIGURES))
     tiny = np.finfo(np.float64).tiny
@@ -330,11 +335,15 @@ def plot_comparisons(
         ax.bar(positions + (i - (len(results) - 1) / 2) * width, heights, width, label=label)
     ax.set_yscale("log")
     ax.set_xticks(positions)
-    ax.set_xticklabels([label for _, label in COMPARISON_FIGURES], fontsize=8)
+    # the unit on a line of its own: on one line, neighbouring labels ran into each other
+    ax.set_xticklabels([label.replace(" (", "\n(") for _, label in COMPARISON_FIGURES], fontsize=8)
     ax.set_ylabel("difference from the baseline")
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    if results:  # beside the bars, which it would hide with many estimators
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if made:
+        ax.figure.tight_layout()
     return ax
 
 

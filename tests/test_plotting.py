@@ -76,3 +76,41 @@ def test_ihvp_figure_says_which_solvers_have_no_curve_and_warns_nothing(solvers,
             else:
                 assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cg"] and texts == []
             plotting.save_figure(ax, tmp_path / "ihvp", formats=("png",))
+
+
+@pytest.mark.parametrize("tight", [False, True], ids=["as-drawn", "as-saved"])
+def test_comparison_bars_have_labels_that_do_not_overlap(tight):
+    """The bars of ``curvkit analyze --curvature ... --compare-to hessian``: the other built-in estimators."""
+    from itertools import combinations
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from curvkit.comparison import ComparisonResult
+
+    names = ["ggn", "fisher", "empirical-fisher", "kfac", "ekfac", "exact-hessian", "d3"]
+    figures = [(0.07 * i, 0.3 * i, -0.04 * i) for i in range(1, len(names) + 1)]  # like the real run's
+    results = [
+        ComparisonResult(
+            name, "hessian", torch.ones(5), torch.ones(5), error, angle, 2.0, 0.1, 2.1, 0.1, trace, ""
+        )
+        for name, (error, angle, trace) in zip(names, figures)
+    ]
+    ax = plotting.plot_comparisons(results, names, title="digits_mlp.pt: against hessian")
+    fig = ax.figure
+    if tight:  # what save_figure does
+        fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = [label.get_window_extent(renderer) for label in ax.get_xticklabels() if label.get_text()]
+    legend = ax.get_legend()
+    assert len(ticks) == len(plotting.COMPARISON_FIGURES)
+    assert [text.get_text() for text in legend.get_texts()] == names
+    for a, b in combinations(ticks, 2):
+        assert not a.overlaps(b), (a, b)
+    legend_box = legend.get_window_extent(renderer)
+    assert not legend_box.overlaps(ax.get_window_extent(renderer))  # beside the bars, not over them
+    assert not any(legend_box.overlaps(t) for t in ticks)
+    for box in [*ticks, legend_box]:  # nothing cut off
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0, box
+    plt.close(fig)
