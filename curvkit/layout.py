@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from curvkit.errors import ParameterSelectionError, ShapeMismatchError
+from curvkit.remedies import setting
 
 __all__ = ["ParameterLayout", "select_parameters"]
 
@@ -150,6 +151,8 @@ def select_parameters(
         chosen = [(n, p) for n, p in named if n in chosen_names]
     if not chosen:
         raise ParameterSelectionError(
-            "no parameter selected (none requires grad?); pass params=[names or globs]"
+            "no parameter selected (none requires grad?); name them (names or globs) with "
+            f"{setting('params', 'NAMES', python='NAMES')}, or take every one, frozen ones included, with "
+            f"{setting('params', 'all')}"
         )
     return chosen

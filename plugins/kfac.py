@@ -87,6 +87,10 @@ from curvkit.layers import (
     contract_rows,
     squared_gradient_sums,
 )
+from curvkit.remedies import option, setting
+
+_PARAMS = setting("params", "NAMES", python="NAMES")
+"""How the messages name the parameter selection, on the command line and in Python."""
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 APPROXIMATIONS = ("expand", "reduce")
@@ -200,6 +204,8 @@ class KFACOperator(curvkit.ProblemOperator):
     SYMMETRIC, PSD, EXACT, STOCHASTIC = True, True, False, False
     CHEAP_DIAGONAL = True
     STRUCTURE = frozenset(curvkit.operator.STRUCTURE_METHODS)
+    ESTIMATOR = "kfac"
+    """The name it is registered under, for the remedies its messages name (``--option kfac.NAME=...``)."""
 
     def __init__(
         self,
@@ -270,10 +276,12 @@ class KFACOperator(curvkit.ProblemOperator):
             else "their layers ran more than once per forward pass, or their weights are also used "
             "outside them, in"
         )
+        skip, warn = (option(self.ESTIMATOR, "unsupported", policy) for policy in ("skip", "warn"))
         message = (
-            f"{why} {listing}: parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}. Pass "
-            "unsupported='skip' (the operator is zero there) or 'warn', restrict the problem's params, or "
-            "add a block with the curvkit_kfac_layer_rules hook"
+            f"{why} {listing}: parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}. Skip them "
+            f"(the operator is zero there) with {skip}, or with a warning with {warn}; restrict the "
+            f"parameters with {_PARAMS}; or add a block with the "
+            "curvkit_kfac_layer_rules hook"
         )
         if self.unsupported == "error":
             raise curvkit.UnsupportedModelError(message)
@@ -298,8 +306,8 @@ class KFACOperator(curvkit.ProblemOperator):
             listing = ", ".join(f"{k}: {_gib(v)}" for k, v in largest)
             raise curvkit.CurvkitError(
                 f"the KFAC factors would take {_gib(total)}, above the budget of {_gib(self.budget)} "
-                f"(largest: {listing}); restrict the problem's params, pass a larger max_factor_bytes, or "
-                "set CURVKIT_KFAC_MAX_BYTES"
+                f"(largest: {listing}); restrict the parameters with {_PARAMS}, raise the budget with "
+                f"{option(self.ESTIMATOR, 'max_factor_bytes', total)}, or set CURVKIT_KFAC_MAX_BYTES"
             )
 
     # ---------------------------------------------------------------- factors
@@ -434,6 +442,8 @@ class EKFACOperator(KFACOperator):
     unknown one is refused by name and ``curvkit analyze --seed`` reaches ``seed``
     (``fisher_type="forward-only"`` has no gradients to correct with and is refused).
     """
+
+    ESTIMATOR = "ekfac"
 
     def __init__(self, problem: curvkit.Problem, **options: Any):
         if options.get("fisher_type") == "forward-only":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import matplotlib
 import pytest
@@ -92,6 +93,9 @@ def test_the_summary_goes_to_stdout_unwrapped_and_diagnostics_to_stderr(tmp_path
     assert lines[0] == f"{checkpoint} [hessian] P=3,466 -> r.h5"  # one line, however long
     assert lines[1].startswith("  eigen/largest: [") and len(lines) == 2
     assert proc.stderr.startswith("curvkit: warning: ")  # a diagnostic, on stderr
+    # the remedies as the command line spells them (docs/cli.md, --tol), then as Python does
+    assert "Use a float64 operator, --dtype float64 (problem.to(torch.float64))," in proc.stderr
+    assert re.search(r"or a tolerance of at least (\S+), --tol \1 \(tol=\1\)$", proc.stderr.strip())
 
 
 @pytest.fixture

@@ -37,3 +37,32 @@ def test_no_module_keeps_its_own_copy_of_the_helpers():
         if path.name != "errors.py" and own.search(path.read_text())
     ]
     assert copies == []
+
+
+def test_every_flag_a_remedy_names_is_a_flag_of_curvkit_analyze():
+    """``curvkit.remedies`` spells the command line's flags without importing it: keep them in step."""
+    import typer
+    from curvkit.cli.main import app
+
+    from curvkit.remedies import SETTINGS, option, setting
+
+    analyze = typer.main.get_command(app).commands["analyze"]
+    flags = {name for param in analyze.params for name in param.opts}
+    named = {cli.split()[0] for cli, _ in SETTINGS.values()} | {option("kfac", "seed", 0).split()[0]}
+    assert named <= flags, named - flags
+    assert setting("tol", 8e-07) == "--tol 8e-07 (tol=8e-07)"
+
+
+def test_selecting_no_parameter_names_both_spellings_of_the_remedy():
+    import pytest
+    import torch
+
+    from curvkit.errors import ParameterSelectionError
+    from curvkit.layout import select_parameters
+
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    with pytest.raises(ParameterSelectionError) as exc:
+        select_parameters(frozen, None)
+    assert "with --params NAMES (params=NAMES)" in str(exc.value)
+    assert "with --params all (params='all')" in str(exc.value)
+    assert [name for name, _ in select_parameters(frozen, "all")] == ["weight", "bias"]

@@ -231,7 +231,9 @@ def test_unsupported_modules_policy_and_a_plugin_block():
     make = lambda: nn.Sequential(Scale(3, 4), nn.Tanh(), nn.Linear(4, 3))  # noqa: E731
     problem = problem_of(make, 1)
     with pytest.raises(
-        curvkit.UnsupportedModelError, match=r"no KFAC block for 0 \(Scale\).*unsupported='skip'"
+        curvkit.UnsupportedModelError,
+        match=r"no KFAC block for 0 \(Scale\).* with --option kfac.unsupported=skip \(unsupported='skip'\), "
+        r".* with --params NAMES \(params=NAMES\);",
     ):
         curvkit.curvature("kfac", problem)
     with pytest.warns(curvkit.CurvkitWarning, match="no KFAC block for 0"):
@@ -255,7 +257,8 @@ def test_the_factor_memory_budget_is_checked_before_any_data_pass():
     problem = problem_of(mlp, 4)
     with pytest.raises(
         curvkit.CurvkitError,
-        match=r"would take 528 bytes, above the budget of 100 bytes \(largest: 2: 272 bytes, 0: 256 bytes\)",
+        match=r"would take 528 bytes, above the budget of 100 bytes \(largest: 2: 272 bytes, 0: 256 bytes\).*"
+        r"--option kfac.max_factor_bytes=528 \(max_factor_bytes=528\)",
     ):
         curvkit.curvature("kfac", problem, max_factor_bytes=100)
 

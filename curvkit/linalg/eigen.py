@@ -52,6 +52,7 @@ from curvkit.linalg._common import (
     require_fixed_map,
 )
 from curvkit.linalg.lanczos import REORTHOGONALISATION, WHICH, thick_restart_lanczos
+from curvkit.remedies import setting
 from curvkit.snapshot import fixed_model_state
 
 __all__ = ["EigenResult", "eigenvalues"]
@@ -355,14 +356,15 @@ def _from_structure(A: Any, k: int, which: str, tol: float, return_vectors: bool
 
 
 def _warn_precision_floor(tol: float, floor: float, matvecs: int, dtype: torch.dtype) -> None:
-    """One line naming the floor measured and the remedies."""
+    """One line naming the floor measured and the remedies (both spellings: :mod:`curvkit.remedies`)."""
     unit = 10.0 ** math.floor(math.log10(2 * floor))
     reachable = float(f"{math.ceil(2 * floor / unit) * unit:.1g}")  # twice the floor, rounded up
     warnings.warn(
         f"tol={tol:g} is below what {dtype} products can certify here: the residuals stopped at "
         f"{floor:.2g} relative to ||A||, the precision floor measured from the products' own "
-        f"rounding, after {matvecs} products; converged=False. Use a float64 operator "
-        f"(e.g. problem.to(torch.float64)) or tol >= {reachable:g}",
+        f"rounding, after {matvecs} products; converged=False. Use a float64 operator, "
+        f"{setting('dtype', 'float64')}, or a tolerance of at least {reachable:g}, "
+        f"{setting('tol', reachable)}",
         CurvkitWarning,
         stacklevel=4,  # here, eigenvalues, its fixed_model_state wrapper, the caller
     )
