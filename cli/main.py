@@ -1,9 +1,12 @@
 """The ``curvkit`` command: a thin Typer app over the library.
 
 Each command parses its options, calls a library function that returns a
-result, and prints a summary. Library errors (:class:`curvkit.CurvkitError`)
-become one line on stderr and exit status 2 (130 for an interrupted analysis),
-without a traceback; curvkit's warnings become one ``curvkit: warning:`` line.
+result, and prints a summary. Library errors (:class:`curvkit.CurvkitError`) and
+command lines that do not parse (click's usage errors: an unknown command or
+option, a bad value, a missing argument) become one ``curvkit: error:`` line on
+stderr and exit status 2 (130 for an interrupted analysis), without a traceback;
+curvkit's warnings become one ``curvkit: warning:`` line. ``curvkit`` alone prints
+the help, as ``curvkit --help`` does, and exits 0.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import typer
 from curvkit.cli import analyze as analyze_module
 from curvkit.cli import results as results_module
+from curvkit.cli.usage import ClickException, CurvkitCommand, CurvkitGroup, UsageError, usage_error_line
 from rich.console import Console
 from rich.table import Table
 
@@ -26,7 +30,8 @@ app = typer.Typer(
     name="curvkit",
     help="Curvature of PyTorch models: eigenvalues, traces and spectral densities of the estimators "
     "that `curvkit plugins` lists.",
-    no_args_is_help=True,
+    cls=CurvkitGroup,
+    invoke_without_command=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
@@ -42,15 +47,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """Curvature of PyTorch models: eigenvalues, traces and spectral densities of the estimators
     that `curvkit plugins` lists."""
+    if ctx.invoked_subcommand is None:  # `curvkit` alone: the help, as `curvkit --help` prints it
+        typer.echo(ctx.get_help(), color=ctx.color)
+        raise typer.Exit()
 
 
-@app.command("plugins")
+@app.command("plugins", cls=CurvkitCommand)
 def plugins_command() -> None:
     """List every registered estimator with its plugin, version, description and flags,
     every installed plugin that failed to import, with its error, and the solvers
@@ -80,10 +89,10 @@ def plugins_command() -> None:
     console.print(f"analysis kinds: {kinds}", markup=False)
 
 
-app.command("analyze")(analyze_module.analyze_command)
-app.command("show")(results_module.show)
-app.command("plot")(results_module.plot)
-app.command("export")(results_module.export)
+app.command("analyze", cls=CurvkitCommand)(analyze_module.analyze_command)
+app.command("show", cls=CurvkitCommand)(results_module.show)
+app.command("plot", cls=CurvkitCommand)(results_module.plot)
+app.command("export", cls=CurvkitCommand)(results_module.export)
 
 
 def _show_warning(
@@ -111,7 +120,7 @@ def _first_process() -> bool:
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turning curvkit errors into one line.
+    """Console-script entry point: run the app, turning curvkit's and click's errors into one line.
 
     The current directory goes first on the module path, as with ``python -m``, so
     that ``--model mymodels:Net`` and ``--data mydata:load`` find ``mymodels.py``
@@ -120,16 +129,33 @@ def main() -> None:
     so they meet the same ones, and what one process's shard of the data alone
     causes reaches process 0 as a :class:`curvkit.ProcessFailedError` with its
     message (:func:`curvkit.distributed.shared_failures`).
+
+    Click runs the app outside its standalone mode, so that its usage errors
+    reach this function (:func:`curvkit.cli.usage.usage_error_line`) instead of
+    being drawn as a box after the usage line; ``--help``, ``--version`` and
+    ``Ctrl-C`` outside an analysis (130) come back as the exit status.
     """
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     warnings.showwarning = _show_warning
     try:
-        app()
+        status = app(standalone_mode=False)
+    except UsageError as exc:
+        _error(usage_error_line(exc), exc.exit_code)
+    except ClickException as exc:  # click's other errors (a file it could not open)
+        _error(" ".join(exc.format_message().split()), exc.exit_code)
+    except typer.Abort:  # end of input where a command read one
+        _error("aborted", 1)
     except curvkit.CurvkitError as exc:
-        if _first_process():
-            typer.echo(f"curvkit: error: {exc}", err=True)
-        sys.exit(getattr(exc, "exit_code", 2))
+        _error(str(exc), getattr(exc, "exit_code", 2))
+    sys.exit(status)
+
+
+def _error(message: str, status: int) -> NoReturn:
+    """Exit with ``status`` after one ``curvkit: error:`` line (from process 0 only)."""
+    if _first_process():
+        typer.echo(f"curvkit: error: {message}", err=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

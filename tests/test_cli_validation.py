@@ -2,6 +2,7 @@
 
 Every bad input goes through the installed console script: one line on stderr,
 exit status 2, and the results file byte for byte as it was (or not created).
+Command lines that do not parse go through the same entry point in this process.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from curvkit.cli import main as cli_main
 
 from curvkit.datasets import bundled_file
 from curvkit.store import ResultsStore
@@ -272,3 +275,62 @@ def test_a_folder_of_torchscript_files_is_a_trajectory(workdir, run_curvkit, tmp
     runs = analyze_json(run_curvkit, *args, out="r.h5", cwd=tmp_path)
     assert [r["checkpoint"].rsplit("/", 1)[-1] for r in runs] == ["net-1.jit", "net-2.jit"]
     assert all(r["provenance"]["checkpoint_format"] == "torchscript" for r in runs)
+
+
+# --------------------------------------------------------------------------- command lines that do not parse
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``curvkit ARGS`` through the console script's entry point in this process: (status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["curvkit", *args])
+    with pytest.raises(SystemExit) as info:
+        cli_main.main()
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+USAGE = {  # click's usage errors: (arguments, the message, the command whose help the line names)
+    "unknown option": (
+        [MLP, "--topk", "3"],
+        "No such option: --topk (Possible options: --bottom-k, --tol, --top-k).",
+        "analyze",
+    ),
+    "unknown command": (["analyse", "x.pt"], "No such command 'analyse'. Did you mean 'analyze'?", ""),
+    "bad value": ([MLP, "--top-k", "abc"], "Invalid value for '--top-k'", "analyze"),
+    "missing argument": ([], "Missing argument", "analyze"),
+    "option without its value": (
+        [MLP, "--curvature"],
+        "Option '--curvature' requires an argument.",
+        "analyze",
+    ),
+    "unknown option of plugins": (["plugins", "--json"], "No such option: --json.", "plugins"),
+    "extra argument": (["show", "a.h5", "b.h5"], "Got unexpected extra argument(s) (b.h5).", "show"),
+    "unknown option of curvkit": (["--bogus"], "No such option: --bogus.", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE), ids=list(USAGE))
+def test_a_command_line_that_does_not_parse_is_one_line(case, monkeypatch, capsys):
+    args, message, command = USAGE[case]
+    if command == "analyze":
+        args = ["analyze", *args]
+    status, out, err = run_main(monkeypatch, capsys, *args)
+    assert status == 2 and out == "", (out, err)
+    assert "Traceback" not in err and "\u256d" not in err and "Usage:" not in err, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"curvkit: error: {message}"), line
+    assert line.endswith(f"{command} --help' for help." if command else " --help' for help."), line
+
+
+def test_the_installed_script_names_the_help_of_the_command(run_curvkit, tmp_path):
+    proc = run_curvkit("analyze", MLP, "--topk", "3", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        "curvkit: error: No such option: --topk (Possible options: --bottom-k, --tol, --top-k). "
+        "Try 'curvkit analyze --help' for help.\n"
+    )
+
+
+def test_curvkit_alone_prints_the_help_and_exits_0(monkeypatch, capsys):
+    status, out, err = run_main(monkeypatch, capsys)
+    assert (status, err) == (0, "")
+    assert "Usage: " in out and " [OPTIONS] COMMAND [ARGS]..." in out and "analyze" in out
+    assert run_main(monkeypatch, capsys, "--help") == (0, out, "")
