@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -90,6 +91,28 @@ def test_every_command_has_help_text():
         for param in command.params:
             if param.param_type_name == "option" and not getattr(param, "hidden", False):
                 assert (param.help or "").strip(), f"option {param.name} of {' '.join(path)} has no help"
+
+
+TYPE_LABEL = re.compile(r"<(bool|int|float|str|path|list\[\w+\])>|\{[a-z_]+\}")
+"""How Typer labelled values by their type hints, and a required argument in the usage line."""
+
+
+def test_the_help_names_values_as_click_does():
+    """Not ``--top-k <int>``, ``<bool>`` after every flag, ``{checkpoints}...`` in the usage line."""
+    root = typer.main.get_command(app)
+    for path in [(), *(path for path, _ in _commands(root))]:
+        result = runner.invoke(app, [*path, "--help"], env=WIDE)
+        assert result.exit_code == 0 and not TYPE_LABEL.search(result.output), (path, result.output)
+    output = runner.invoke(app, ["analyze", "--help"], env=WIDE).output
+    assert "analyze [OPTIONS] CHECKPOINTS..." in output
+    assert "* CHECKPOINTS... Checkpoint files" in " ".join(output.split())
+    rows = {line.split()[1]: line.split()[2:] for line in output.splitlines() if line.startswith("\u2502 --")}
+    values = {option: rows[option][0] for option in ("--top-k", "--tol", "--curvature", "--params")}
+    assert values == {"--top-k": "INTEGER", "--tol": "FLOAT", "--curvature": "TEXT", "--params": "TEXT"}
+    assert rows["--output"][:2] == ["-o", "PATH"]
+    assert rows["--density"][0] == "Spectral" and rows["--strict"][:2] == ["--no-strict", "Refuse"]
+    assert rows["--help"][0] == "Show"
+    assert "show [OPTIONS] RESULTS" in runner.invoke(app, ["show", "--help"], env=WIDE).output
 
 
 def test_library_errors_become_one_line_and_exit_status_2(monkeypatch, capsys):
