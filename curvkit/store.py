@@ -158,6 +158,15 @@ def make_run_id(
     return f"{readable}-{digest}"
 
 
+def _not_a_results_file(path: Path, what: str, for_writing: bool) -> StoreError:
+    """The error for a file that is not a curvkit results file: ``"{path} {what}"``.
+
+    A writer is told to choose another output path; a reader (``curvkit show``,
+    ``plot``, ``export``), who chose the file to read, is not.
+    """
+    return StoreError(f"{path} {what}" + ("; choose another output path" if for_writing else ""))
+
+
 def _is_empty_hdf5(path: Path) -> bool:
     """Whether ``path`` is an HDF5 file with no attribute and no member (which a store adopts)."""
     try:
@@ -271,6 +280,10 @@ class ResultsStore:
     Args:
         path: The results file. ``"a"`` creates it (its directory must exist).
         mode: ``"a"`` (create or append; never truncates) or ``"r"`` (read only).
+        for_writing: Whether the file is opened on behalf of a writer (default:
+            ``mode == "a"``; :meth:`check_path` opens an existing output file
+            read-only to check it). A file that is not a curvkit results file is
+            refused with the advice to choose another output path only then.
 
     Raises:
         StoreError: The file does not exist (``"r"``), cannot be created or
@@ -278,11 +291,12 @@ class ResultsStore:
             schema version, or is open for writing elsewhere.
     """
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "a"):
+    def __init__(self, path: str | os.PathLike[str], mode: str = "a", *, for_writing: bool | None = None):
         if mode not in ("a", "r"):
             raise StoreError(f"mode must be 'a' (append) or 'r' (read), got {mode!r}")
         self.path = Path(path)
         self.mode = mode
+        self._for_writing = mode == "a" if for_writing is None else for_writing
         self._runs: dict[str, Run] = {}
         self._key = os.path.realpath(self.path)
         self._check_path()
@@ -309,10 +323,17 @@ class ResultsStore:
         For a command that computes for a long time before it writes, so that a
         bad output path is refused before any work is done.
 
+        Args:
+            path: The results file.
+            mode: ``"a"`` for a file to write (a file that is not curvkit's is
+                refused with the advice to choose another output path) or ``"r"``
+                for one to read.
+
         Raises:
             StoreError: The path is a directory, its directory is missing or not
                 writable, or the file exists and is not an HDF5 file (or, for
-                ``"a"``, is read-only).
+                ``"a"``, is read-only, written by another tool or a newer schema
+                version, or in use).
         """
         p = Path(path)
         if p.is_dir():
@@ -333,13 +354,11 @@ class ResultsStore:
         except OSError as exc:
             raise StoreError(f"cannot read {p}: {one_line(exc.strerror or exc)}") from exc
         if not is_hdf5:
-            raise StoreError(
-                f"{p} is not an HDF5 file (not a curvkit results file); choose another output path"
-            )
+            raise _not_a_results_file(p, "is not an HDF5 file (not a curvkit results file)", mode == "a")
         if mode == "a" and not os.access(p, os.W_OK):
             raise StoreError(f"cannot write {p}: permission denied")
         if mode == "a" and not _is_empty_hdf5(p):  # another tool's file, a newer schema, in use
-            ResultsStore(p, "r").close()
+            ResultsStore(p, "r", for_writing=True).close()
 
     def _register(self) -> None:
         with _OPEN_LOCK:
@@ -371,9 +390,10 @@ class ResultsStore:
             return h5py.File(self.path, how, locking="best-effort", libver="earliest", track_order=True)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):  # HDF5 sets it on a lock held elsewhere
+                other = ", or use another output file" if self._for_writing else ""
                 raise StoreError(
                     f"{self.path} is in use by another process (HDF5 file lock): "
-                    "wait for the other curvkit command to finish, or use another output file"
+                    f"wait for the other curvkit command to finish{other}"
                 ) from exc
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise StoreError(f"cannot write {self.path}: permission denied") from exc
@@ -390,14 +410,17 @@ class ResultsStore:
                 self._file.create_group("runs", track_order=True)
                 self._flush()
                 return
-            raise StoreError(
-                f"{self.path} is an HDF5 file written by another tool (no curvkit_schema attribute); "
-                "choose another output path"
+            raise _not_a_results_file(
+                self.path,
+                "is an HDF5 file written by another tool (no curvkit_schema attribute)",
+                self._for_writing,
             )
         if _attr(attrs["curvkit_schema"]) != SCHEMA_NAME:
-            raise StoreError(
-                f"{self.path} is an HDF5 file written by another tool "
-                f"(curvkit_schema = {_attr(attrs['curvkit_schema'])!r}); choose another output path"
+            raise _not_a_results_file(
+                self.path,
+                "is an HDF5 file written by another tool "
+                f"(curvkit_schema = {_attr(attrs['curvkit_schema'])!r})",
+                self._for_writing,
             )
         version = _attr(attrs.get("schema_version"))
         if version != SCHEMA_VERSION:

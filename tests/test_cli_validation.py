@@ -334,3 +334,23 @@ def test_curvkit_alone_prints_the_help_and_exits_0(monkeypatch, capsys):
     assert (status, err) == (0, "")
     assert "Usage: " in out and " [OPTIONS] COMMAND [ARGS]..." in out and "analyze" in out
     assert run_main(monkeypatch, capsys, "--help") == (0, out, "")
+
+
+# ------------------------------------------------------------------------ a file that is not a results file
+@pytest.mark.parametrize("name", ["notes.txt", "foreign.h5"])
+def test_only_a_writer_is_advised_to_choose_another_output_path(name, monkeypatch, capsys, tmp_path):
+    """``show``, ``plot`` and ``export`` read the file given: no advice meant for ``analyze -o``."""
+    import h5py
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a results file\n")
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = [1, 2, 3]
+    what = "is not an HDF5 file" if name == "notes.txt" else "is an HDF5 file written by another tool"
+    for command in (["show"], ["plot", "-o", "figs"], ["export"], ["analyze", MLP, *QUICK, "-o"]):
+        status, out, err = run_main(monkeypatch, capsys, *command[:1], *command[1:], name)
+        assert (status, out) == (2, ""), (command, err)
+        (line,) = err.splitlines()
+        assert line.startswith(f"curvkit: error: {name} {what}"), line
+        assert line.endswith("; choose another output path") == (command[0] == "analyze"), line
+    assert not (tmp_path / "figs").exists()

@@ -556,7 +556,7 @@ def test_a_second_writer_in_another_process_is_refused(path):
         for mode in ("a", "r"):
             with pytest.raises(StoreError, match="in use by another process") as err:
                 ResultsStore(path, mode)
-            one_line(err)
+            assert one_line(err).endswith(", or use another output file") == (mode == "a")
             assert err.value.__cause__.errno == errno.EAGAIN  # what tells a lock held elsewhere, not its text
         with h5py.File(path, "r", locking=False) as f:  # the documented way to peek meanwhile
             assert "eigen" in f["runs/epoch_1.pt-hessian"]
@@ -604,7 +604,9 @@ def test_an_hdf5_file_of_another_tool_is_refused_and_untouched(path):
     for mode in ("a", "r"):
         with pytest.raises(StoreError, match="written by another tool") as err:
             ResultsStore(path, mode)
-        one_line(err)
+        assert one_line(err).endswith("; choose another output path") == (mode == "a")  # a reader is not told
+    with pytest.raises(StoreError, match="written by another tool.*; choose another output path$"):
+        ResultsStore.check_path(path)  # opens the file read-only, for a writer
     assert path.read_bytes() == before
     with h5py.File(path, "a") as f:
         f.attrs["curvkit_schema"] = "something-else"
@@ -636,7 +638,7 @@ def test_a_non_hdf5_file_is_refused_and_untouched(path, content):
     for mode in ("a", "r"):
         with pytest.raises(StoreError, match="is not an HDF5 file") as err:
             ResultsStore(path, mode)
-        one_line(err)
+        assert one_line(err).endswith("; choose another output path") == (mode == "a")  # a reader is not told
     assert path.read_bytes() == content
 
 
