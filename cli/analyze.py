@@ -301,7 +301,11 @@ def analyze_command(
         "--compare-to",
         help="Compare every other estimator with this one: top-k eigenvalues, subspace angle, trace.",
     ),
-    top_k: int | None = typer.Option(None, "--top-k", help="Largest eigenpairs (default 5)."),
+    top_k: int | None = typer.Option(
+        None,
+        "--top-k",
+        help="Largest eigenpairs (default 5 with no other analysis flag, or with --compare-to; else none).",
+    ),
     bottom_k: int | None = typer.Option(None, "--bottom-k", help="Smallest eigenpairs."),
     trace: str | None = typer.Option(
         None, "--trace", help="Trace method: hutchinson, hutch++, xtrace, exact."
@@ -393,7 +397,8 @@ def analyze_command(
 ) -> None:
     """Analyse the curvature of checkpoints and store every result in one HDF5 file.
 
-    With no analysis flag: the top-5 eigenvalues with certificates, the trace and the
+    With no analysis flag (--top-k, --bottom-k, --trace, --density, --check, --per-layer,
+    --summary, --ihvp): the top-5 eigenvalues with certificates, the trace and the
     spectral density. Running the same command again resumes and skips finished work.
     """
     integer(nproc, "--nproc")

@@ -227,7 +227,7 @@ class AnalysisPlan:
         if not self.keys():
             raise CurvkitError(
                 "no analysis asked for (--top-k 0 and nothing else): ask for --top-k, --bottom-k, "
-                "--trace, --density, --check, --per-layer or --ihvp"
+                "--trace, --density, --check, --per-layer, --summary or --ihvp"
             )
 
     def check_dimension(self, dim: int) -> None:

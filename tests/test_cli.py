@@ -115,6 +115,22 @@ def test_the_help_names_values_as_click_does():
     assert "show [OPTIONS] RESULTS" in runner.invoke(app, ["show", "--help"], env=WIDE).output
 
 
+def test_the_help_and_the_error_name_every_analysis_flag_and_when_top_k_defaults_to_5():
+    """The analysis flags (those that replace the default analyses) as the help lists them are those
+    that the error for a command asking for none lists, ``--summary`` included."""
+    from curvkit.analysis import AnalysisPlan
+
+    command = typer.main.get_command(app).commands["analyze"]
+    listed = re.search(r"With no analysis flag \(([^)]*)\)", " ".join(command.help.split())).group(1)
+    flags = listed.split(", ")
+    assert "--summary" in flags and all(flag in {o for p in command.params for o in p.opts} for flag in flags)
+    with pytest.raises(curvkit.CurvkitError) as err:
+        AnalysisPlan(top_k=0, trace=None, density=False)
+    assert str(err.value).endswith(f"ask for {', '.join(flags[:-1])} or {flags[-1]}")
+    (top_k,) = [param for param in command.params if "--top-k" in param.opts]
+    assert "(default 5 with no other analysis flag, or with --compare-to; else none)" in top_k.help
+
+
 def test_library_errors_become_one_line_and_exit_status_2(monkeypatch, capsys):
     def broken():
         raise curvkit.DataError("the data yielded no batch")

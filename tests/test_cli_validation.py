@@ -98,7 +98,11 @@ STREAMING = ["streaming.pt", "--model", "usermodels:Streaming", "--data", "small
 BAD = {
     "tol 0": ([MLP, "--tol", "0"], "--tol must be a finite number > 0, got 0.0"),
     "trace-matvecs 0": ([MLP, "--trace", "hutchinson", "--trace-matvecs", "0"], "--trace-matvecs must be"),
-    "top-k 0": ([MLP, "--top-k", "0"], "no analysis asked for"),
+    "top-k 0": (
+        [MLP, "--top-k", "0"],
+        "no analysis asked for (--top-k 0 and nothing else): ask for --top-k, --bottom-k, --trace, "
+        "--density, --check, --per-layer, --summary or --ihvp",
+    ),
     "top-k above P": ([MLP, "--top-k", "5000"], "--top-k 5000 is larger than the number of parameters"),
     "max-matvecs 0": ([MLP, "--max-matvecs", "0"], "--max-matvecs must be an integer >= 1, got 0"),
     "reorthogonalisation": ([MLP, "--reorthogonalisation", "never"], "unknown reorthogonalisation"),
