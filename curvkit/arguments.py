@@ -9,7 +9,7 @@ The rules:
   ``nan`` are refused (an infinite tolerance stops a solver before its first
   step, an infinite damping has no inverse).
 * An **integer** is a Python or NumPy integer, never a bool (nor a float with
-  an integral value, nor a tensor).
+  an integral value, nor a tensor). A **seed** is an integer in ``[0, 2**63)``.
 * The error raised is the caller's (``error=``), :class:`~curvkit.CurvkitError`
   by default; :mod:`curvkit.optim` raises :class:`ValueError`, as
   :mod:`torch.optim` does. Its message is one line naming the argument as the
@@ -19,7 +19,8 @@ The rules:
 
 Each check returns the value as a plain Python ``float`` or ``int``, which is
 what a caller keeps (results files store plain numbers). Estimator plugins use
-them for their own options::
+them for their own options, and solver plugins declare them for theirs
+(:attr:`curvkit.SolverSpec.option_checks`)::
 
     from curvkit.arguments import integer
 
@@ -50,7 +51,11 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError
 
-__all__ = ["fraction", "integer", "non_negative_number", "positive_number"]
+__all__ = ["SEED_LIMIT", "fraction", "integer", "non_negative_number", "positive_number", "seed"]
+
+SEED_LIMIT = 2**63
+"""Seeds are integers in ``[0, SEED_LIMIT)``: torch's generators take them (and a seed plus a
+count), and results files store them as 64-bit integers."""
 
 
 def _real(value: Any) -> float | None:
@@ -136,4 +141,32 @@ def integer(
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         none = " or None" if allow_none else ""
         raise error(f"{name} must be an integer >= {minimum}{none}, got {value!r}")
+    return int(value)
+
+
+@overload
+def seed(value: Any, name: str, *, allow_none: Literal[False] = ..., error: type[Exception] = ...) -> int: ...
+
+
+@overload
+def seed(value: Any, name: str, *, allow_none: bool, error: type[Exception] = ...) -> int | None: ...
+
+
+def seed(
+    value: Any, name: str, *, allow_none: bool = False, error: type[Exception] = CurvkitError
+) -> int | None:
+    """``value`` as an int if it is an integer in ``[0, 2**63)`` (:data:`SEED_LIMIT`): a seed.
+
+    An integer as :func:`integer` takes it (not a bool, nor a float). ``None`` is
+    returned as it is with ``allow_none`` (an estimator's "draw a fresh seed").
+
+    Raises:
+        error: Anything else, ``"{name} must be an integer >= 0 and < 2**63, got {value!r}"``
+            (``"... or None, ..."`` with ``allow_none``).
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < SEED_LIMIT:
+        none = " or None" if allow_none else ""
+        raise error(f"{name} must be an integer >= 0 and < 2**63{none}, got {value!r}")
     return int(value)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import curvkit
-from curvkit.arguments import fraction, integer, non_negative_number, positive_number
+from curvkit.arguments import fraction, integer, non_negative_number, positive_number, seed
 
 # --------------------------------------------------------------------------- what a number is
 
@@ -144,4 +144,37 @@ def test_the_default_error_is_curvkit_error_and_not_value_error():
 
 def test_the_module_is_public_for_plugins():
     assert curvkit.arguments.integer is integer
-    assert set(curvkit.arguments.__all__) == {"fraction", "integer", "non_negative_number", "positive_number"}
+    assert set(curvkit.arguments.__all__) == {
+        "SEED_LIMIT",
+        "fraction",
+        "integer",
+        "non_negative_number",
+        "positive_number",
+        "seed",
+    }
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+@pytest.mark.parametrize("value", [0, 7, np.int64(7), 2**63 - 1], ids=repr)
+def test_a_seed_is_an_integer_in_0_to_2_63(value):
+    got = seed(value, "seed")
+    assert got == value and type(got) is int
+
+
+@pytest.mark.parametrize("value", [-1, 2**63, 1.5, 1.0, "abc", True, None, torch.tensor(1)], ids=repr)
+def test_anything_else_is_not_a_seed(value):
+    with pytest.raises(curvkit.CurvkitError) as info:
+        seed(value, "fisher.seed")
+    assert str(info.value) == f"fisher.seed must be an integer >= 0 and < 2**63, got {value!r}"
+    with pytest.raises(ValueError, match=r"^seed must be an integer >= 0 and < 2\*\*63, got "):
+        seed(value, "seed", error=ValueError)
+
+
+def test_a_seed_may_be_none_when_allowed():
+    assert seed(None, "seed", allow_none=True) is None
+    with pytest.raises(
+        curvkit.CurvkitError, match=r"^seed must be an integer >= 0 and < 2\*\*63 or None, got -1$"
+    ):
+        seed(-1, "seed", allow_none=True)

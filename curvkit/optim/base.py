@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -34,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from curvkit.arguments import fraction, integer, non_negative_number, positive_number
+from curvkit.arguments import fraction, integer, non_negative_number, positive_number, seed
 from curvkit.distributed import is_data_parallel
 from curvkit.errors import CurvkitWarning
 from curvkit.finite import all_finite, first_non_finite, outside_autograd
@@ -218,18 +217,12 @@ def check_integer(name: str, value: Any, *, minimum: int = 1) -> int:
     return integer(value, name, minimum=minimum, error=ValueError)
 
 
-SEED_LIMIT = 2**63
-"""Seeds are integers in ``[0, SEED_LIMIT)``: torch's generators take them (and a seed plus a step count)."""
-
-
 def check_seed(name: str, value: Any) -> int:
-    """``value`` as an int if it is an integer in ``[0, 2**63)`` (:data:`SEED_LIMIT`), else a ValueError.
+    """``value`` as an int if it is an integer in ``[0, 2**63)``, else a ValueError.
 
-    An integer as :mod:`curvkit.arguments` takes it: a Python or NumPy integer, not a bool.
+    :func:`curvkit.arguments.seed`.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < SEED_LIMIT:
-        raise ValueError(f"{name} must be an integer >= 0 and < 2**63, got {value!r}")
-    return int(value)
+    return seed(value, name, error=ValueError)
 
 
 def check_flag(name: str, value: Any) -> bool:
