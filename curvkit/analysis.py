@@ -231,14 +231,25 @@ class AnalysisPlan:
             )
 
     def check_dimension(self, dim: int) -> None:
-        """Refuse a plan that asks for more eigenpairs than the operator's dimension ``dim``.
+        """Refuse a plan that does not fit an operator of dimension ``dim``: called before any work on it.
+
+        More eigenpairs than ``dim``, or options of an analysis kind that its
+        :attr:`~curvkit.kinds.AnalysisKind.check_dimension` refuses (``ihvp``: a vector
+        file of another size, a solver option above ``P``).
 
         Raises:
-            CurvkitError: ``top_k`` or ``bottom_k`` exceeds ``dim``.
+            CurvkitError: ``top_k`` or ``bottom_k`` exceeds ``dim``, or a kind's options do not fit it.
         """
+        from curvkit.kinds import plan_kinds
+
         for name, k in (("--top-k", self.top_k), ("--bottom-k", self.bottom_k)):
             if k > dim:
                 raise CurvkitError(f"{name} {k} is larger than the number of parameters analysed, P={dim:,}")
+        kinds = plan_kinds(self.options)
+        for name, options in self.options.items():
+            check = kinds[name].check_dimension
+            if check is not None:
+                check(options, dim)
 
     def keys(self, psd: bool = False, estimator: str | None = None) -> list[str]:
         """The analyses of this plan, in the order they run (kind by kind, :mod:`curvkit.kinds`).
@@ -314,11 +325,14 @@ def run_plan(
         The results computed in this call, by key.
 
     Raises:
-        CurvkitError: The plan compares, ``op`` is not the baseline, and no
-            ``baseline`` is given; or an analysis failed.
+        CurvkitError: The plan does not fit ``op``'s dimension
+            (:meth:`AnalysisPlan.check_dimension`, before any analysis starts); the
+            plan compares, ``op`` is not the baseline, and no ``baseline`` is given;
+            or an analysis failed.
     """
     from curvkit.kinds import AnalysisContext, plan_kinds
 
+    plan.check_dimension(op.shape[0])  # before any analysis starts
     keys = plan.keys(psd=bool(getattr(op, "PSD", False)), estimator=getattr(op, "name", None))
     if any(key.startswith("compare/") for key in keys) and baseline is None:
         raise CurvkitError(f"the plan compares with {plan.compare_to!r}, but run_plan was given no baseline")

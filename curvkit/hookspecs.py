@@ -140,15 +140,26 @@ def curvkit_register_solvers() -> list[SolverSpec]:
         inverse-HVP accuracy analysis measures each iterate's error this way; a
         solver that never calls it leaves those columns empty, as NaN).
 
+        The spec declares how its options' values are checked: ``option_checks``
+        (by option, ``check(value, name)`` returning the value to use, e.g. the
+        checks of :mod:`curvkit.arguments`) and ``dimension_checks`` (bounds on the
+        number of parameters ``P``: ``check(value, name, P)``). They are applied
+        before ``solve`` is called (:func:`curvkit.linalg.solve.check_solver_options`),
+        and by ``curvkit analyze --ihvp-option`` before anything runs; an option
+        without one is passed as given.
+
     Example::
 
         import curvkit
+        from curvkit.arguments import fraction
         from curvkit.linalg.krylov import conjugate_gradient
 
         @curvkit.hookimpl
         def curvkit_register_solvers():
             return [curvkit.SolverSpec("cg-twice", lambda A, B, **kw: conjugate_gradient(A, B, **kw),
-                                       "CG under another name", psd_only=True)]
+                                       "CG under another name", psd_only=True),
+                    curvkit.SolverSpec("relaxed", relaxed, "omega B, omega in [0, 1]",
+                                       option_checks={"omega": fraction})]
     """
 
 
@@ -165,9 +176,11 @@ def curvkit_register_analysis_kinds() -> list[AnalysisKind]:
     :class:`~curvkit.kinds.AnalysisContext` (``compute``), written to and read
     from an h5py group (``write``, ``read``; :mod:`curvkit.kinds.hdf5` has the
     helpers), exported (``rows``), summarised (``summarize``), tabulated
-    (``tables``) and drawn (``figures``). Its options come from
-    ``AnalysisPlan(options={name: {...}})``, validated by its ``check``; a kind
-    whose ``keys`` return nothing without options runs only when asked.
+        (``tables``) and drawn (``figures``). Its options come from
+    ``AnalysisPlan(options={name: {...}})``, validated by its ``check`` when the
+    plan is made and, for what depends on the number of parameters ``P``, by its
+    ``check_dimension(options, P)`` once ``P`` is known and before anything is
+    written; a kind whose ``keys`` return nothing without options runs only when asked.
 
     Returns:
         A list of :class:`curvkit.kinds.AnalysisKind`.

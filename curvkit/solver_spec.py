@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["SolverSpec"]
@@ -22,6 +22,21 @@ class SolverSpec:
         psd_only: The solver needs ``A + damping I`` positive definite: :func:`curvkit.solve`
             warns (a :class:`~curvkit.CurvkitWarning`) when the operator is not flagged
             ``PSD``.
+        option_checks: How the values of its options are checked, by option name:
+            ``check(value, name)`` returns the value to use or raises a one-line
+            :class:`~curvkit.CurvkitError` naming ``name`` (the checks of
+            :mod:`curvkit.arguments`, e.g. ``curvkit.arguments.integer`` or
+            ``functools.partial(curvkit.arguments.positive_number, allow_none=True)``).
+            :func:`curvkit.linalg.solve.check_solver_options` applies them, so that
+            :func:`curvkit.solve` refuses a value out of range before any product and
+            ``curvkit analyze --ihvp-option`` before anything runs. An option not
+            listed is passed as given (the solver checks it itself, when it runs).
+        dimension_checks: The bounds of its options that depend on the number of
+            parameters ``P`` (``lowrank``'s ``rank`` at most ``P``), by option name:
+            ``check(value, name, P)`` raises a one-line :class:`~curvkit.CurvkitError`.
+            Applied, after ``option_checks``, where ``P`` is known before the solver
+            runs: by :func:`curvkit.solve` (the operator's size), and by
+            ``curvkit analyze`` once the model is loaded, before anything is written.
         plugin: Set by the registry.
     """
 
@@ -29,4 +44,6 @@ class SolverSpec:
     solve: Callable[..., Any]
     description: str = ""
     psd_only: bool = False
+    option_checks: dict[str, Callable[[Any, str], Any]] = field(default_factory=dict)
+    dimension_checks: dict[str, Callable[[Any, str, int], Any]] = field(default_factory=dict)
     plugin: str = ""

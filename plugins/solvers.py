@@ -5,17 +5,35 @@
 
 The algorithms are in :mod:`curvkit.linalg.krylov`, :mod:`curvkit.linalg.series`
 and :mod:`curvkit.linalg.direct`; this plugin registers them exactly as a
-third-party package registers its own.
+third-party package registers its own. Each declares how its options' values are
+checked (``SolverSpec.option_checks``, with the checks of :mod:`curvkit.arguments`;
+``dimension_checks`` for ``lowrank``'s ``rank``, at most ``P``), so that a value out
+of range is refused before the solver runs. The solvers check again themselves,
+for direct calls, and what only a run knows (``lissa``'s ``batch_size`` at most the
+samples of the operator's problem).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import curvkit
+from curvkit.arguments import integer, positive_number, seed
 from curvkit.linalg.direct import approximate_inverse, exact_solve, lowrank
 from curvkit.linalg.krylov import conjugate_gradient, minres
 from curvkit.linalg.series import lissa, neumann
+
+
+def _scale(value: Any, name: str) -> float | None:
+    """The scale ``eta`` of a Neumann series: a finite number ``> 0``, or ``None`` (estimated)."""
+    return None if value is None else positive_number(value, name)
+
+
+def _at_most_p(value: int, name: str, P: int) -> None:
+    """An integer ``>= 1`` (checked first) that must also be at most ``P``: ``lowrank``'s ``rank``."""
+    if value > P:
+        raise curvkit.CurvkitError(f"{name} must be an integer in 1..{P}, got {value!r}")
 
 
 @curvkit.hookimpl
@@ -38,6 +56,7 @@ def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
             neumann,
             "Truncated Neumann series, scale 1/lambda_max unless given; stops when it diverges.",
             psd_only=True,
+            option_checks={"scale": _scale},
         ),
         curvkit.SolverSpec(
             "lissa",
@@ -45,6 +64,13 @@ def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
             "LiSSA: the Neumann series on a fresh seeded mini-batch per step, repeats averaged; the "
             "residual is measured only with check_every.",
             psd_only=True,
+            option_checks={
+                "scale": _scale,
+                "batch_size": partial(integer, allow_none=True),  # at most N: checked by lissa
+                "repeats": integer,
+                "seed": seed,
+                "check_every": partial(integer, allow_none=True),
+            },
         ),
         curvkit.SolverSpec(
             "kfac",
@@ -62,5 +88,12 @@ def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
             lowrank,
             "Top-k eigenpairs (Lanczos) inverted in their subspace, 1/damping in the complement.",
             psd_only=True,
+            option_checks={
+                "rank": integer,
+                "eigen_tol": positive_number,
+                "max_matvecs": partial(integer, allow_none=True),
+                "seed": seed,
+            },
+            dimension_checks={"rank": _at_most_p},
         ),
     ]

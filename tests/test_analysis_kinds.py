@@ -273,6 +273,46 @@ def test_ihvp_numeric_options(options, message):
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    "solver, options, message",
+    [
+        ("lissa", {"batch_size": 0}, "--ihvp-option lissa.batch_size must be an integer >= 1 or None, got 0"),
+        ("lissa", {"repeats": 0}, "--ihvp-option lissa.repeats must be an integer >= 1, got 0"),
+        ("lissa", {"scale": -1}, "--ihvp-option lissa.scale must be a finite number > 0, got -1"),
+        ("lissa", {"check_every": "abc"}, "--ihvp-option lissa.check_every must be an integer >= 1 or "),
+        ("lissa", {"seed": 1.5}, "--ihvp-option lissa.seed must be an integer >= 0 and < 2**63, got 1.5"),
+        ("lowrank", {"rank": 0}, "--ihvp-option lowrank.rank must be an integer >= 1, got 0"),
+    ],
+    ids=repr,
+)
+def test_ihvp_solver_option_values_are_checked_when_the_plan_is_made(solver, options, message):
+    """They were checked by the solver only, after the reference solve: the analysis recorded
+    ``could not run: repeats must be ...`` and the command exited 0."""
+    with pytest.raises(curvkit.CurvkitError) as info:
+        AnalysisPlan(options={"ihvp": {"solvers": [solver], "solver_options": {solver: options}}})
+    assert str(info.value).startswith(message)
+
+
+def test_ihvp_solver_options_above_p_are_refused_before_any_analysis():
+    """``lowrank.rank`` above ``P``: refused once ``P`` is known (``check_dimension``), before any work."""
+    plan = AnalysisPlan(
+        top_k=1,
+        trace=None,
+        density=False,
+        options={"ihvp": {"solvers": ["cg", "lowrank"], "solver_options": {"lowrank": {"rank": 27}}}},
+    )
+    plan.check_dimension(27)
+    message = r"^--ihvp-option lowrank.rank must be an integer in 1..26, got 27$"
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        plan.check_dimension(26)
+    G = curvkit.curvature("ggn", seed_problem())
+    assert G.shape[0] == 26
+    computed = []
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        curvkit.analysis.run_plan(G, plan, on_result=lambda key, *_: computed.append(key))
+    assert computed == [] and G.data_passes == 0
+
+
 def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
     out = tmp_path / "r.h5"
     args = [

@@ -133,6 +133,31 @@ BAD = {
         [MLP, "--top-k", "1", "--ihvp-tol", "1e-3", "--ihvp-option", "cg.bogus=1"],
         "--ihvp-tol, --ihvp-option apply only with --ihvp SOLVERS",
     ),
+    # solver option values: checked by the solver alone, after the reference solve, and exit 0
+    "lissa batch_size 0": (
+        [MLP, "--ihvp", "lissa", "--ihvp-option", "lissa.batch_size=0"],
+        "--ihvp-option lissa.batch_size must be an integer >= 1 or None, got 0",
+    ),
+    "lissa repeats 0": (
+        [MLP, "--ihvp", "lissa", "--ihvp-option", "lissa.repeats=0"],
+        "--ihvp-option lissa.repeats must be an integer >= 1, got 0",
+    ),
+    "lissa scale -1": (
+        [MLP, "--ihvp", "lissa", "--ihvp-option", "lissa.scale=-1"],
+        "--ihvp-option lissa.scale must be a finite number > 0, got -1",
+    ),
+    "lissa check_every abc": (
+        [MLP, "--ihvp", "cg,lissa", "--ihvp-option", "lissa.check_every=abc"],
+        "--ihvp-option lissa.check_every must be an integer >= 1 or None, got 'abc'",
+    ),
+    "lowrank rank 0": (
+        [MLP, "--ihvp", "lowrank", "--ihvp-option", "lowrank.rank=0"],
+        "--ihvp-option lowrank.rank must be an integer >= 1, got 0",
+    ),
+    "lowrank rank above P": (
+        [MLP, "--ihvp", "lowrank", "--ihvp-option", "lowrank.rank=99999"],
+        "--ihvp-option lowrank.rank must be an integer in 1..3466, got 99999",
+    ),
     "trace-matvecs without a trace": (
         [MLP, "--top-k", "1", "--trace-matvecs", "5"],
         "--trace-matvecs applies only with --trace METHOD or --compare-to ESTIMATOR: give --trace METHOD "
@@ -141,7 +166,7 @@ BAD = {
 }
 
 
-NEW_FILE_TOO = {"top-k above P", "stateful model", "trajectory with a bad file"}
+NEW_FILE_TOO = {"top-k above P", "stateful model", "trajectory with a bad file", "lowrank rank above P"}
 """Cases also run with a new output path, which must not be created."""
 
 

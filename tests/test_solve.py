@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import curvkit
+from curvkit.analysis import AnalysisPlan
+from curvkit.arguments import fraction
 from curvkit.linalg.krylov import conjugate_gradient
 from curvkit.linalg.solve import (
     SOLVE_STATUSES,
@@ -315,6 +319,113 @@ def test_a_solvers_options_are_the_keywords_of_its_solve_besides_those_solve_pas
         curvkit.UnknownOptionError, match="^solver 'cg' takes no option 'tol'; it takes no opt"
     ):
         check_solver_options("cg", {"tol": 1e-3})  # solve's own argument, not an option
+
+
+OUT_OF_RANGE = [
+    ("neumann", {"scale": 0}, "scale must be a finite number > 0, got 0"),
+    ("lissa", {"batch_size": 0}, "batch_size must be an integer >= 1 or None, got 0"),
+    ("lissa", {"repeats": 0}, "repeats must be an integer >= 1, got 0"),
+    ("lissa", {"scale": -1}, "scale must be a finite number > 0, got -1"),
+    ("lissa", {"check_every": "abc"}, "check_every must be an integer >= 1 or None, got 'abc'"),
+    ("lissa", {"seed": 1.5}, "seed must be an integer >= 0 and < 2**63, got 1.5"),
+    ("lissa", {"seed": -1}, "seed must be an integer >= 0 and < 2**63, got -1"),
+    ("lowrank", {"rank": 0}, "rank must be an integer >= 1, got 0"),
+    ("lowrank", {"rank": 2.0}, "rank must be an integer >= 1, got 2.0"),
+    ("lowrank", {"eigen_tol": 0}, "eigen_tol must be a finite number > 0, got 0"),
+    ("lowrank", {"max_matvecs": 0}, "max_matvecs must be an integer >= 1 or None, got 0"),
+    ("lowrank", {"seed": 2**63}, "seed must be an integer >= 0 and < 2**63, got 9223372036854775808"),
+]
+
+
+@pytest.mark.parametrize("method, options, message", OUT_OF_RANGE, ids=lambda x: repr(x)[:40])
+def test_a_builtin_solver_refuses_an_option_value_out_of_range_before_any_product(method, options, message):
+    """Each built-in solver declares how its options' values are checked (``SolverSpec.option_checks``):
+    ``check_solver_options`` applies the checks, so ``solve`` and ``inverse`` refuse a value out of range
+    before any product (``lissa`` took ``seed=1.5``, ``lowrank`` ``eigen_tol=0`` as far as Lanczos)."""
+    exact = "^" + re.escape(message) + "$"
+    with pytest.raises(curvkit.CurvkitError, match=exact):
+        check_solver_options(method, options)
+    with pytest.raises(curvkit.CurvkitError, match="^" + re.escape(f"--ihvp-option {method}.{message}")):
+        check_solver_options(method, options, prefix=f"--ihvp-option {method}.")
+    G = curvkit.curvature("ggn", mlp_problem(N=20))
+    counted = {"products": 0}
+    matvec = G.matmat
+    G.matmat = lambda X: (counted.__setitem__("products", counted["products"] + 1), matvec(X))[1]
+    with pytest.raises(curvkit.CurvkitError, match=exact):
+        curvkit.solve(G, torch.ones(G.shape[0], dtype=DT), method, damping=0.1, **options)
+    with pytest.raises(curvkit.CurvkitError, match=exact):
+        curvkit.inverse(G, method, 0.1, **options)
+    assert counted["products"] == 0
+
+
+def test_a_bound_that_depends_on_p_is_checked_where_p_is_known_before_any_product():
+    """``lowrank``'s ``rank`` is an integer >= 1 up front (``option_checks``) and at most ``P`` once ``P``
+    is known (``dimension_checks``): by ``solve`` and ``inverse`` before Lanczos' first product."""
+    assert check_solver_options("lowrank", {"rank": 21}) == {"rank": 21}  # P not known yet
+    with pytest.raises(curvkit.CurvkitError, match=r"^rank must be an integer in 1..20, got 21$"):
+        check_solver_options("lowrank", {"rank": 21}, dim=20)
+    with pytest.raises(curvkit.CurvkitError, match=r"^lowrank.rank must be an integer in 1..20, got 21$"):
+        check_solver_options("lowrank", {"rank": 21}, prefix="lowrank.", dim=20)
+    assert check_solver_options("lowrank", {"rank": 20}, dim=20) == {"rank": 20}
+    G = curvkit.curvature("ggn", mlp_problem(N=20))
+    counted = {"products": 0}
+    matvec = G.matmat
+    G.matmat = lambda X: (counted.__setitem__("products", counted["products"] + 1), matvec(X))[1]
+    P = G.shape[0]
+    with pytest.raises(curvkit.CurvkitError, match=f"^rank must be an integer in 1..{P}, got {P + 1}$"):
+        curvkit.inverse(G, "lowrank", 0.1, rank=P + 1)
+    assert counted["products"] == 0
+
+
+def test_checked_options_are_passed_as_the_checks_return_them():
+    checked = check_solver_options("lissa", {"scale": torch.tensor([0.5]), "seed": np.int64(3), "repeats": 2})
+    assert checked == {"scale": 0.5, "seed": 3, "repeats": 2}
+    assert [type(v) for v in checked.values()] == [float, int, int]
+    assert check_solver_options("lissa", {"scale": None, "batch_size": None}) == {
+        "scale": None,
+        "batch_size": None,
+    }
+
+
+class Relaxed:
+    """A plugin's solvers: ``relaxed`` declares a check of its ``omega``, ``plain`` declares none."""
+
+    seen: dict = {}
+
+    @curvkit.hookimpl
+    def curvkit_register_solvers(self):
+        def solve(A, B, *, damping, tol, maxiter, callback=None, omega=0.5, **_):
+            Relaxed.seen = {"omega": omega}
+            history = SolveHistory(A, damping, B, callback)
+            return history.measured(B, omega * B, 1, tol, "approximate", "relaxed: {residual}")
+
+        return [
+            curvkit.SolverSpec("relaxed", solve, "omega B", option_checks={"omega": fraction}),
+            curvkit.SolverSpec("plain", solve, "omega B, its options unchecked"),
+        ]
+
+
+def test_a_plugin_solver_declares_how_its_options_values_are_checked():
+    from curvkit.arguments import fraction as fraction_check
+
+    assert Relaxed.curvkit_register_solvers(Relaxed())[0].option_checks == {"omega": fraction_check}
+    plugin = Relaxed()
+    curvkit.register_plugin(plugin, name="relaxed")
+    try:
+        b = torch.ones(30, dtype=DT)
+        with pytest.raises(curvkit.CurvkitError, match=r"^omega must be a number in \[0, 1\], got 2$"):
+            curvkit.solve(spd(), b, "relaxed", omega=2)
+        curvkit.solve(spd(), b, "relaxed", omega=torch.tensor(0.25, dtype=DT))
+        assert Relaxed.seen == {"omega": 0.25} and type(Relaxed.seen["omega"]) is float  # as checked
+        with pytest.raises(curvkit.CurvkitError, match="--ihvp-option relaxed.omega must be a number in"):
+            AnalysisPlan(
+                options={"ihvp": {"solvers": ["relaxed"], "solver_options": {"relaxed": {"omega": 2}}}}
+            )
+        # one that declares nothing gets its options as given, checked only by its solve
+        curvkit.solve(spd(), b, "plain", omega=2)
+        assert Relaxed.seen == {"omega": 2}
+    finally:
+        curvkit.unregister_plugin(plugin)
 
 
 def test_a_subset_problem_holds_the_samples_asked_for_in_any_form_of_data():

@@ -95,8 +95,16 @@ def _check(options: Mapping[str, Any]) -> None:
     idle = sorted(set(extra) - set(names))
     if idle:
         raise CurvkitError(f"--ihvp-option for {', '.join(idle)}, which --ihvp does not run")
-    for name, given in extra.items():
-        check_solver_options(name, given)
+    for name, given in extra.items():  # names and values (SolverSpec.option_checks)
+        check_solver_options(name, given, prefix=f"--ihvp-option {name}.")
+
+
+def _check_dimension(options: Mapping[str, Any], dim: int) -> None:
+    """The solvers' options that depend on ``P`` (``SolverSpec.dimension_checks``)."""
+    from curvkit.linalg.solve import check_solver_options
+
+    for name, given in {**DEFAULTS, **options}["solver_options"].items():
+        check_solver_options(name, given, prefix=f"--ihvp-option {name}.", dim=dim)
 
 
 def _keys(plan: Any, psd: bool, estimator: str | None) -> list[str]:
@@ -252,6 +260,7 @@ KIND = AnalysisKind(
     rows=_rows,
     summarize=_summarize,
     check=_check,
+    check_dimension=_check_dimension,
     tables=_tables,
     figures=_figures,
 )

@@ -170,17 +170,19 @@ def solve(
 
     Raises:
         UnknownOptionError: An option the solver does not take (:func:`check_solver_options`).
-        CurvkitError: An unknown solver, a damping that is not a finite number
-            ``>= 0``, a ``tol`` that is not a finite number ``> 0``, a ``maxiter``
-            that is not an integer ``>= 1``; a solver whose result has no known
-            :attr:`~SolveResult.status`, or a ``converged`` that disagrees with it.
+        CurvkitError: An unknown solver, an option's value that its
+            :attr:`SolverSpec.option_checks` refuse (before any product), a damping
+            that is not a finite number ``>= 0``, a ``tol`` that is not a finite number
+            ``> 0``, a ``maxiter`` that is not an integer ``>= 1``; a solver whose
+            result has no known :attr:`~SolveResult.status`, or a ``converged`` that
+            disagrees with it.
         ShapeMismatchError: ``v`` or ``x0`` of the wrong size.
     """
     spec = _solver(method)
-    check_solver_options(method, options)
+    P = A.shape[0]
+    options = check_solver_options(method, options, dim=P)
     damping = check_damping(damping)
     tol = positive_number(tol, "tol")
-    P = A.shape[0]
     maxiter = max(100, int(10 * math.sqrt(P))) if maxiter is None else integer(maxiter, "maxiter")
     B = _as_columns(v, P, "the right-hand side").to(device=A.device, dtype=A.dtype)
     X0 = None if x0 is None else _as_columns(x0, P, "x0").to(device=A.device, dtype=A.dtype)
@@ -257,8 +259,13 @@ class InverseOperator(CurvatureOperator):
 def inverse(
     A: CurvatureOperator, method: str = "cg", damping: float = 0.0, **settings: Any
 ) -> InverseOperator:
-    """``(A + damping I)^-1`` as an operator, each product solved by ``method`` (see :func:`solve`)."""
-    _solver(method)
+    """``(A + damping I)^-1`` as an operator, each product solved by ``method`` (see :func:`solve`).
+
+    The solver's options among ``settings`` are checked here (:func:`check_solver_options`),
+    before any product.
+    """
+    own = {k: v for k, v in settings.items() if k not in SOLVE_ARGUMENTS}
+    check_solver_options(method, own, dim=A.shape[0])
     return InverseOperator(A, method, damping, **settings)
 
 
@@ -448,13 +455,41 @@ def refuse_options(method: str, unknown: Mapping[str, Any]) -> None:
         raise CurvkitError(f"solver {method!r} takes no option {', '.join(map(repr, sorted(unknown)))}")
 
 
-def check_solver_options(method: str, options: Mapping[str, Any]) -> None:
-    """Refuse options a registered solver does not take, in one line listing those it does.
+def check_solver_options(
+    method: str, options: Mapping[str, Any], *, prefix: str = "", dim: int | None = None
+) -> dict[str, Any]:
+    """Refuse options a registered solver does not take, or values it declares out of range, in one line.
+
+    The names first (the message lists those the solver takes), then the values of
+    the options its :attr:`SolverSpec.option_checks` declare, each by its check,
+    and, with ``dim``, the bounds its :attr:`SolverSpec.dimension_checks` declare.
+
+    Args:
+        method: A registered solver.
+        options: Its options, by name.
+        prefix: Put before an option's name in a value's message (``"--ihvp-option lissa."``).
+        dim: The number of parameters ``P`` of the system, when known.
+
+    Returns:
+        The options with the values the checks return (plain Python numbers), the
+        others as given.
 
     Raises:
-        CurvkitError: An unknown solver.
+        CurvkitError: An unknown solver, or a value its checks refuse (``"repeats must be
+            an integer >= 1, got 0"``).
         UnknownOptionError: An option its ``solve`` does not name.
     """
     from curvkit.registry import refuse_unknown_options
 
     refuse_unknown_options(f"solver {method!r}", solver_options(method), options)
+    spec = _solver(method)
+    checks = spec.option_checks
+    checked = {
+        name: checks[name](value, f"{prefix}{name}") if name in checks else value
+        for name, value in options.items()
+    }
+    if dim is not None:
+        for name, check in spec.dimension_checks.items():
+            if name in checked:
+                check(checked[name], f"{prefix}{name}", dim)
+    return checked
