@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from curvkit import arguments
 from curvkit.arguments import integer, positive_number
 from curvkit.errors import CurvkitError
 from curvkit.kinds.checks import REFERENCE_TOL
@@ -161,7 +162,8 @@ class AnalysisPlan:
             agreement of the top-k eigenpairs with the estimator's reference).
         per_layer: Tabulate top eigenvalue and trace per layer.
         tol: Relative residual tolerance of the eigenpairs.
-        seed: Seed of every random start vector and probe.
+        seed: Seed of every random start vector and probe, and of the estimators that take a
+            ``seed`` and are given none: an integer in ``[0, 2**63)``.
         max_matvecs: Budget of products of each eigenpair solve (``None``: the
             solver's default, see :func:`curvkit.eigenvalues`).
         reorthogonalisation: ``"auto"``, ``"full"`` or ``"partial"``, see
@@ -201,6 +203,7 @@ class AnalysisPlan:
             "top_k": integer(self.top_k, "--top-k", minimum=0),
             "bottom_k": integer(self.bottom_k, "--bottom-k", minimum=0),
             "tol": positive_number(self.tol, "--tol"),
+            "seed": arguments.seed(self.seed, "--seed"),  # and of estimators given none (run keys)
             "trace_matvecs": integer(self.trace_matvecs, "--trace-matvecs"),
             "density_steps": integer(self.density_steps, "density steps"),
             "density_runs": integer(self.density_runs, "density runs"),

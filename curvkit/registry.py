@@ -22,6 +22,7 @@ from typing import Any
 import pluggy
 
 from curvkit import hookspecs
+from curvkit.arguments import seed
 from curvkit.checkpoints._types import CheckpointLoader
 from curvkit.checkpoints.builtin import BUILTIN_LOADERS
 from curvkit.errors import (
@@ -418,7 +419,8 @@ def curvature(name: str, problem: Any, **options: Any) -> CurvatureOperator:
     Args:
         name: A registered estimator name (see :func:`estimators`).
         problem: The :class:`~curvkit.Problem`.
-        **options: Passed to the estimator's factory.
+        **options: Passed to the estimator's factory, checked first (:func:`check_options`:
+            their names, and a ``seed``).
 
     Example:
         >>> import torch, curvkit
@@ -429,7 +431,7 @@ def curvature(name: str, problem: Any, **options: Any) -> CurvatureOperator:
         tensor([1., 4.])
     """
     spec = get_estimator(name)
-    check_options(spec, options)
+    options = check_options(spec, options)
     op = spec.factory(problem, **options)
     if not isinstance(op, CurvatureOperator):
         raise PluginError(
@@ -488,10 +490,25 @@ def estimator_options(spec: EstimatorSpec) -> list[str] | None:
     return keyword_options(spec.factory, positional=1)
 
 
-def check_options(spec: EstimatorSpec, options: Mapping[str, Any]) -> None:
-    """Refuse options the estimator does not take, listing those it does.
+def check_options(spec: EstimatorSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse options the estimator does not take, listing those it does, and a ``seed`` that is none.
+
+    A ``seed`` is what seeds a Monte-Carlo estimator's samples (the operator
+    contract's, :class:`curvkit.ProblemOperator`) or any estimator's random draws
+    (``d3``'s random direction): for every estimator, an integer in ``[0, 2**63)``
+    (:func:`curvkit.arguments.seed`), or ``None`` (draw a fresh one), checked here
+    once for all, before the factory is called.
+
+    Returns:
+        The options, a ``seed`` as a plain ``int``.
 
     Raises:
         UnknownOptionError: An option the factory's signature does not name.
+        CurvkitError: A ``seed`` that is not ``None`` nor an integer in ``[0, 2**63)``
+            (``"fisher.seed must be an integer >= 0 and < 2**63 or None, got 1.5"``).
     """
     refuse_unknown_options(f"estimator {spec.name!r}", estimator_options(spec), options)
+    checked = dict(options)
+    if "seed" in checked:
+        checked["seed"] = seed(checked["seed"], f"{spec.name}.seed", allow_none=True)
+    return checked

@@ -391,8 +391,9 @@ def resolve_estimator_options(
         UnknownEstimatorError: An estimator is not registered.
         UnknownOptionError: An option that no estimator takes, or an addressed one
             its estimator does not take (the message lists the options each takes).
-        CurvkitError: An address that names no option, or an estimator the
-            command does not run.
+        CurvkitError: An address that names no option, an estimator the command
+            does not run, or a ``seed`` that is not an integer in ``[0, 2**63)``
+            (:func:`curvkit.registry.check_options`).
 
     Example:
         >>> resolve_estimator_options(["hessian", "exact-hessian"], {"hessian.strategy": "reverse"})
@@ -425,7 +426,8 @@ def resolve_estimator_options(
     for name, given in addressed.items():
         check_options(specs[name], given)
         resolved[name].update(given)
-    return resolved
+    # every estimator's options checked here, before any checkpoint is loaded (a seed's value too)
+    return {name: check_options(specs[name], given) for name, given in resolved.items()}
 
 
 def _takes(known: list[str] | None, option: str) -> bool:

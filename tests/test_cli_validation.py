@@ -122,6 +122,15 @@ BAD = {
         [MLP, "--option", "mc_samples=4"],
         "estimator 'hessian' takes no option 'mc_samples'; its options: strategy",
     ),
+    "fisher seed 1.5": (  # taken as 1 before
+        [MLP, "--curvature", "fisher", "--option", "fisher.seed=1.5"],
+        "fisher.seed must be an integer >= 0 and < 2**63 or None, got 1.5",
+    ),
+    "d3 seed abc": (  # unused (the direction is the gradient), but part of the run's key
+        [MLP, "--curvature", "d3", "--option", "d3.seed=abc"],
+        "d3.seed must be an integer >= 0 and < 2**63 or None, got 'abc'",
+    ),
+    "seed -1": ([MLP, "--seed", "-1"], "--seed must be an integer >= 0 and < 2**63, got -1"),
     "unknown baseline": ([MLP, "--compare-to", "hesian"], "--compare-to: unknown estimator 'hesian'"),
     "options of analyses not asked for": (  # invalid values too: refused, not silently ignored
         [MLP, "--top-k", "1", "--damping", "-5", "--ihvp-vector", "/nonexistent.pt", "--ihvp-maxiter", "0"]

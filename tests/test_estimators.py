@@ -578,3 +578,50 @@ def test_options_are_checked():
         # a NumPy integer (refused before) is taken, kept as a Python int
         op = curvkit.curvature(estimator, problem, mc_samples=np.int64(2), seed=0, **options)
         assert op.mc_samples == 2 and type(op.mc_samples) is int
+
+
+SEEDED = ["d3", "ekfac", "fisher", "kfac"]
+"""The built-in estimators that take a ``seed``."""
+
+
+def test_the_seeded_estimators_are_those_that_name_a_seed():
+    from curvkit.registry import estimator_options
+
+    named = [spec.name for spec in curvkit.estimators() if "seed" in (estimator_options(spec) or [])]
+    assert named == SEEDED
+
+
+@pytest.mark.parametrize("name", SEEDED)
+@pytest.mark.parametrize("bad", [1.5, "abc", -1, 2**63, True, 3.0], ids=repr)
+def test_a_seed_is_an_integer_in_0_to_2_63_for_every_estimator(name, bad, monkeypatch):
+    """Checked once for every estimator (``curvkit.registry.check_options``), before its factory runs:
+    ``fisher`` took ``seed=1.5`` as 1 and ``d3`` ``seed="abc"`` unused (its direction was the gradient)."""
+    from curvkit.registry import get_estimator
+
+    problem = get_case("mlp-mse").problem()
+    called = []
+    monkeypatch.setattr(get_estimator(name), "factory", lambda *a, **k: called.append(k))
+    with pytest.raises(curvkit.CurvkitError) as info:
+        curvkit.curvature(name, problem, seed=bad)
+    assert str(info.value) == f"{name}.seed must be an integer >= 0 and < 2**63 or None, got {bad!r}"
+    assert called == []
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_a_seed_may_be_none_or_a_numpy_integer(name):
+    problem = get_case("mlp-mse").problem()
+    for seed in (None, np.int64(3), 2**63 - 1):
+        curvkit.curvature(name, problem, seed=seed)
+    fisher = curvkit.curvature("fisher", problem, seed=np.int64(3))
+    assert fisher.seed == 3 and type(fisher.seed) is int
+
+
+def test_estimator_options_of_a_command_check_the_seed_before_any_checkpoint_is_loaded():
+    from curvkit.runs import resolve_estimator_options
+
+    with pytest.raises(curvkit.CurvkitError, match=r"^fisher.seed must be an integer >= 0 and < 2\*\*63"):
+        resolve_estimator_options(["fisher"], {"fisher.seed": 1.5})
+    with pytest.raises(curvkit.CurvkitError, match=r"^d3.seed must be an integer >= 0 and < 2\*\*63"):
+        resolve_estimator_options(["hessian", "d3"], {"seed": "abc"})  # to every estimator that takes it
+    resolved = resolve_estimator_options(["hessian", "fisher"], {"seed": np.int64(4)})
+    assert resolved == {"hessian": {}, "fisher": {"seed": 4}} and type(resolved["fisher"]["seed"]) is int
