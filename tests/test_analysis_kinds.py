@@ -427,3 +427,40 @@ def test_ihvp_vector_from_a_file(tmp_path):
     assert plan.keys() == ["ihvp/file-direction"] and "vector_sha256" in plan.request("ihvp/file-direction")
     results = curvkit.analysis.run_plan(curvkit.curvature("ggn", problem), plan)
     assert results["ihvp/file-direction"].curves["cg"].converged
+
+
+def test_ihvp_vector_file_is_checked_with_the_options_and_its_size_before_any_analysis(tmp_path):
+    """A file that is not one floating-point tensor of one dimension is refused when the plan is made;
+    one of another size than ``P`` once ``P`` is known, before any analysis starts. Both were found by
+    the analysis itself, after the run was begun (and marked failed)."""
+    one_dimension = "the vector must be a floating-point [P] tensor (one dimension), got"
+    for name, content, message in [
+        ("ints", torch.arange(26), f": {one_dimension} (26,) torch.int64"),
+        ("column", torch.ones(26, 1), f": {one_dimension} (26, 1) torch.float32"),
+        ("scalar", torch.tensor(1.0), f": {one_dimension} () torch.float32"),
+        ("dict", {"v": torch.ones(26)}, " holds a dict, not a tensor"),
+    ]:
+        path = tmp_path / f"{name}.pt"
+        torch.save(content, path)
+        with pytest.raises(curvkit.CurvkitError) as info:
+            AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "vector": str(path)}})
+        assert str(info.value) == f"--ihvp-vector {path}{message}"
+    (tmp_path / "junk.pt").write_text("not a tensor")
+    with pytest.raises(curvkit.CurvkitError, match=r"junk.pt: cannot read a tensor \(UnpicklingError\)$"):
+        AnalysisPlan(options={"ihvp": {"solvers": ["cg"], "vector": str(tmp_path / "junk.pt")}})
+    torch.save(torch.ones(10, dtype=DT), tmp_path / "short.pt")
+    plan = AnalysisPlan(
+        top_k=1,
+        trace=None,
+        density=False,
+        options={"ihvp": {"solvers": ["cg"], "vector": str(tmp_path / "short.pt")}},
+    )
+    plan.check_dimension(10)
+    message = r"the vector must be a floating-point \[P\] tensor with P = 26, got \(10,\) torch.float64$"
+    with pytest.raises(curvkit.ShapeMismatchError, match=message):
+        plan.check_dimension(26)
+    G = curvkit.curvature("ggn", seed_problem())
+    computed = []
+    with pytest.raises(curvkit.ShapeMismatchError, match=message):
+        curvkit.analysis.run_plan(G, plan, on_result=lambda key, *_: computed.append(key))
+    assert computed == [] and G.data_passes == 0  # eigen/largest, first in the plan, not computed

@@ -73,6 +73,10 @@ def workdir(tmp_path_factory):
     torch.save(ckpt, folder / "overflow.pt")
     for name in ("a.pt", "b.pt"):
         shutil.copy(MLP, folder / name)
+    # --ihvp-vector files that are not a floating-point [P] tensor of the digits MLP (P = 3,466)
+    torch.save(torch.randn(10, generator=generator), folder / "short.pt")
+    torch.save(torch.arange(3466), folder / "integers.pt")
+    torch.save(torch.randn(3466, 1, generator=generator), folder / "column.pt")
     return folder
 
 
@@ -142,6 +146,22 @@ BAD = {
         [MLP, "--top-k", "1", "--ihvp-tol", "1e-3", "--ihvp-option", "cg.bogus=1"],
         "--ihvp-tol, --ihvp-option apply only with --ihvp SOLVERS",
     ),
+    # an --ihvp-vector file: read only when the analysis ran, after the run was begun
+    "ihvp vector of another size": (
+        [MLP, "--ihvp", "cg", "--ihvp-vector", "short.pt"],
+        "--ihvp-vector short.pt: the vector must be a floating-point [P] tensor with P = 3,466, got (10,) "
+        "torch.float32",
+    ),
+    "ihvp vector of integers": (
+        [MLP, "--ihvp", "cg", "--ihvp-vector", "integers.pt"],
+        "--ihvp-vector integers.pt: the vector must be a floating-point [P] tensor (one dimension), got "
+        "(3466,) torch.int64",
+    ),
+    "ihvp vector of two dimensions": (
+        [MLP, "--ihvp", "cg", "--ihvp-vector", "column.pt"],
+        "--ihvp-vector column.pt: the vector must be a floating-point [P] tensor (one dimension), got "
+        "(3466, 1) torch.float32",
+    ),
     # solver option values: checked by the solver alone, after the reference solve, and exit 0
     "lissa batch_size 0": (
         [MLP, "--ihvp", "lissa", "--ihvp-option", "lissa.batch_size=0"],
@@ -175,7 +195,13 @@ BAD = {
 }
 
 
-NEW_FILE_TOO = {"top-k above P", "stateful model", "trajectory with a bad file", "lowrank rank above P"}
+NEW_FILE_TOO = {
+    "top-k above P",
+    "stateful model",
+    "trajectory with a bad file",
+    "lowrank rank above P",
+    "ihvp vector of another size",
+}
 """Cases also run with a new output path, which must not be created."""
 
 
@@ -195,6 +221,31 @@ def test_bad_input_leaves_the_results_file_as_it_was(workdir, good_results, case
         assert fragment in lines[0], lines[0]
     assert out.read_bytes() == good_results
     assert not new.exists()
+
+
+@pytest.mark.slow
+def test_a_bad_ihvp_vector_leaves_a_complete_run_complete(workdir, run_curvkit, tmp_path):
+    """The review's case: a second command with a vector file of the wrong size (or dtype) on the run
+    of a first one printed ``... [ggn] FAILED: ...`` on stdout and left the run ``failed: ... (2
+    attempts)``. It is refused before the results file is opened: one line, nothing printed or changed."""
+    out = tmp_path / "r.h5"
+    args = [MLP, "--curvature", "ggn", "--ihvp", "cg", "--max-samples", "200", "-o", str(out)]
+    first = run_curvkit("analyze", *args, cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    shown = run_curvkit("show", str(out), cwd=workdir)
+    assert shown.returncode == 0 and ": complete (1 attempt)" in shown.stdout, shown.stdout
+    written = out.read_bytes()
+    for vector in ("short.pt", "integers.pt"):
+        proc = run_curvkit("analyze", *args, "--ihvp-vector", vector, cwd=workdir)
+        assert proc.returncode == 2 and proc.stdout == "" and "FAILED" not in proc.stdout, proc.stdout
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"curvkit: error: --ihvp-vector {vector}: the vector must be a floating-point")
+    assert out.read_bytes() == written
+    again = run_curvkit("show", str(out), cwd=workdir)
+    assert again.stdout == shown.stdout and "failed" not in again.stdout
+    with ResultsStore(out, "r") as store:
+        (run,) = store.runs()
+        assert run.status == "complete" and run.attempts == 1 and run.error is None
 
 
 def analyze_json(run_curvkit, *args: str, out, cwd) -> list[dict]:

@@ -6,7 +6,9 @@ Asked for with ``AnalysisPlan(options={"ihvp": {...}})`` (``curvkit analyze
 * ``solvers`` (required): registered solvers, e.g. ``["cg", "minres", "neumann"]``;
 * ``damping`` (``1e-3``), ``tol`` (``1e-6``), ``maxiter`` (``100``);
 * ``vector``: ``"gradient"`` (default), ``"random"``, or the path of a ``.pt``
-  file holding a ``[P]`` tensor (read with ``weights_only=True``);
+  file holding a floating-point ``[P]`` tensor (read with ``weights_only=True``;
+  its contents checked with the options, its size once ``P`` is known: before
+  anything is written);
 * ``reference``: ``"auto"`` (default), ``"exact"``, ``"minres"`` or ``"cg"``;
 * ``solver_options``: by solver, its own options (``{"lissa": {"repeats": 4}}``).
 """
@@ -24,7 +26,7 @@ import torch
 
 from curvkit.arguments import integer, positive_number
 from curvkit.directions import DIRECTIONS
-from curvkit.errors import CurvkitError
+from curvkit.errors import CurvkitError, ShapeMismatchError
 from curvkit.kinds import AnalysisContext, AnalysisKind, ResultTable, Row
 from curvkit.kinds.hdf5 import attr, tensor
 from curvkit.linalg.ihvp import CURVE_COLUMNS, REFERENCES, IhvpResult, SolverCurve, ihvp_accuracy
@@ -55,7 +57,7 @@ def _vector_name(vector: str) -> str:
 
 
 def _check(options: Mapping[str, Any]) -> None:
-    """Every option known and in range (each solver's its own); a vector file that exists."""
+    """Every option known and in range (each solver's its own); a vector file that holds a vector."""
     from curvkit.linalg.solve import check_solver_options, solvers
 
     unknown = sorted(set(options) - {"solvers", *DEFAULTS})
@@ -89,6 +91,8 @@ def _check(options: Mapping[str, Any]) -> None:
     vector = given["vector"]
     if not isinstance(vector, str) or (vector not in DIRECTIONS and not Path(vector).is_file()):
         raise CurvkitError(f"--ihvp-vector must be gradient, random or an existing .pt file, got {vector!r}")
+    if vector not in DIRECTIONS:
+        _load_vector(vector)  # its contents: one floating-point tensor of one dimension (its size: P, later)
     extra = given["solver_options"]
     if not isinstance(extra, Mapping) or any(not isinstance(v, Mapping) for v in extra.values()):
         raise CurvkitError("ihvp solver_options must map solver names to option mappings")
@@ -100,11 +104,20 @@ def _check(options: Mapping[str, Any]) -> None:
 
 
 def _check_dimension(options: Mapping[str, Any], dim: int) -> None:
-    """The solvers' options that depend on ``P`` (``SolverSpec.dimension_checks``)."""
+    """What depends on ``P``: a vector file's size, the solvers' options (``SolverSpec.dimension_checks``)."""
     from curvkit.linalg.solve import check_solver_options
 
-    for name, given in {**DEFAULTS, **options}["solver_options"].items():
-        check_solver_options(name, given, prefix=f"--ihvp-option {name}.", dim=dim)
+    given = {**DEFAULTS, **options}
+    vector = given["vector"]
+    if vector not in DIRECTIONS:
+        loaded = _load_vector(vector)
+        if loaded.shape[0] != dim:
+            raise ShapeMismatchError(
+                f"--ihvp-vector {vector}: the vector must be a floating-point [P] tensor with P = {dim:,}, "
+                f"got {tuple(loaded.shape)} {loaded.dtype}"
+            )
+    for name, solver_given in given["solver_options"].items():
+        check_solver_options(name, solver_given, prefix=f"--ihvp-option {name}.", dim=dim)
 
 
 def _keys(plan: Any, psd: bool, estimator: str | None) -> list[str]:
@@ -122,12 +135,23 @@ def _request(plan: Any, key: str) -> dict[str, Any]:
 
 
 def _load_vector(path: str) -> torch.Tensor:
+    """A vector file's tensor: read with ``weights_only=True``, floating-point, of one dimension.
+
+    Raises:
+        CurvkitError: The file cannot be read so, or holds something else than a tensor.
+        ShapeMismatchError: A tensor that is not floating-point or not of one dimension.
+    """
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's, reported in one line
         raise CurvkitError(f"--ihvp-vector {path}: cannot read a tensor ({type(exc).__name__})") from None
     if not isinstance(loaded, torch.Tensor):
         raise CurvkitError(f"--ihvp-vector {path} holds a {type(loaded).__name__}, not a tensor")
+    if loaded.dim() != 1 or not loaded.is_floating_point():
+        raise ShapeMismatchError(
+            f"--ihvp-vector {path}: the vector must be a floating-point [P] tensor (one dimension), got "
+            f"{tuple(loaded.shape)} {loaded.dtype}"
+        )
     return loaded
 
 
