@@ -74,7 +74,14 @@ from curvkit.data import (
     summarize_data,
     to_device,
 )
-from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError, describe_error, one_line
+from curvkit.errors import (
+    CurvkitError,
+    UnknownEstimatorError,
+    UnknownOptionError,
+    describe_error,
+    is_bad_input,
+    one_line,
+)
 from curvkit.memory import fits
 from curvkit.operator import CurvatureOperator
 
@@ -845,6 +852,9 @@ class _OtherRecord:
     def finish(self, status: str = "complete", error: str | None = None) -> None:
         pass
 
+    def abandon(self, error: str) -> bool:
+        return True
+
 
 class _OtherProcessStore:
     """The results store of a process other than process 0 (see :class:`_OtherRecord`)."""
@@ -898,8 +908,21 @@ def _record_bad(
     _fail(record, run, error, progress)
 
 
-def _fail(record: Any, run: RunOutcome, error: str, progress: Callable[[AnalyzeEvent], None] | None) -> None:
-    record.finish("failed", error=error)
+def _fail(
+    record: Any,
+    run: RunOutcome,
+    error: str,
+    progress: Callable[[AnalyzeEvent], None] | None,
+    *,
+    bad_input: bool = False,
+) -> None:
+    """This command's run failed: its record finished ``"failed"``, or, for the caller's bad input,
+    as it was before the command (:meth:`curvkit.store.Run.abandon`: a complete run stays complete)."""
+    if bad_input:
+        if not record.abandon(error):  # a new run that held nothing, removed: none is recorded
+            run.run_id = None
+    else:
+        record.finish("failed", error=error)
     run.status, run.error = "failed", one_line(error)
     if progress is not None:
         progress(AnalyzeEvent("run-finished", run))
@@ -914,36 +937,46 @@ def _analyze_one(
     progress: Callable[[AnalyzeEvent], None] | None,
     baseline: Baseline | None = None,
 ) -> None:
-    """Begin (or resume) one run, compute what it lacks, store each result at once."""
+    """Begin (or resume) one run, compute what it lacks, store each result at once.
+
+    A failure is recorded as the run's failed attempt (:func:`_fail`), unless it is
+    the caller's bad input (:func:`curvkit.errors.is_bad_input`: a vector of the wrong
+    size, an option out of range), which says nothing of the run: the attempt is
+    taken back (:meth:`curvkit.store.Run.abandon`), so that a complete run stays
+    complete. The plan is checked against the operator's dimension before any
+    analysis starts (:func:`curvkit.analysis.run_plan`).
+    """
     operator = prepared.operator
     record = store.begin_run(prepared.run_id, provenance, key=prepared.key, index=run.index)
-    record.write_timing("prepare", prepared.seconds)
     run.run_id, run.status = prepared.run_id, "running"
-    run.parameters = prepared.problem.describe_parameters()
-    run.notes = list(provenance.get("checkpoint_notes") or [])
-    run.keys = plan.keys(psd=bool(getattr(operator, "PSD", False)), estimator=run.estimator)
-    requests = {key: plan.request(key) for key in run.keys}
-    if baseline is not None:  # the comparison depends on the baseline's options too
-        requests[f"compare/{baseline.name}"]["baseline_options"] = dict(baseline.options)
-    run.resumed = [key for key in run.keys if record.has(key, requests[key])]
-    run.results = {key: record.read(key) for key in run.resumed}
-    run.resumed, run.results = distributed.broadcast_object((run.resumed, run.results))  # process 0's file
-    if progress is not None:
-        progress(AnalyzeEvent("run-started", run))
-
-    def on_result(key: str, result: Any, seconds: float, peak_memory_bytes: int | None) -> None:
-        record.write(key, result, request=requests[key])
-        record.write_timing(key, seconds, peak_memory_bytes)
-        run.results[key] = result
-        if progress is not None:
-            event = AnalyzeEvent("result", run, key=key, seconds=seconds, peak_memory_bytes=peak_memory_bytes)
-            progress(event)
-
-    def on_counters(key: str, counters: dict[str, Any]) -> None:
-        if progress is not None:
-            progress(AnalyzeEvent("counters", run, key=key, counters=counters))
-
     try:
+        record.write_timing("prepare", prepared.seconds)
+        run.parameters = prepared.problem.describe_parameters()
+        run.notes = list(provenance.get("checkpoint_notes") or [])
+        run.keys = plan.keys(psd=bool(getattr(operator, "PSD", False)), estimator=run.estimator)
+        requests = {key: plan.request(key) for key in run.keys}
+        if baseline is not None:  # the comparison depends on the baseline's options too
+            requests[f"compare/{baseline.name}"]["baseline_options"] = dict(baseline.options)
+        run.resumed = [key for key in run.keys if record.has(key, requests[key])]
+        run.results = {key: record.read(key) for key in run.resumed}
+        run.resumed, run.results = distributed.broadcast_object((run.resumed, run.results))  # process 0's
+        if progress is not None:
+            progress(AnalyzeEvent("run-started", run))
+
+        def on_result(key: str, result: Any, seconds: float, peak_memory_bytes: int | None) -> None:
+            record.write(key, result, request=requests[key])
+            record.write_timing(key, seconds, peak_memory_bytes)
+            run.results[key] = result
+            if progress is not None:
+                event = AnalyzeEvent(
+                    "result", run, key=key, seconds=seconds, peak_memory_bytes=peak_memory_bytes
+                )
+                progress(event)
+
+        def on_counters(key: str, counters: dict[str, Any]) -> None:
+            if progress is not None:
+                progress(AnalyzeEvent("counters", run, key=key, counters=counters))
+
         run_plan(
             operator,
             plan,
@@ -956,7 +989,7 @@ def _analyze_one(
             progress=on_counters,
         )
     except CurvkitError as exc:
-        _fail(record, run, str(exc), progress)
+        _fail(record, run, str(exc), progress, bad_input=is_bad_input(exc))
         raise
     except BaseException as exc:  # Ctrl-C included ("interrupted")
         _fail(record, run, describe_error(exc), None)

@@ -63,6 +63,72 @@ def test_rerun_resumes_without_recomputing(analysed):
         assert store.runs()[0].attempts == 2
 
 
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_bad_input_met_during_a_run_leaves_its_record_as_it_was(tmp_path, monkeypatch, skip_bad):
+    """The caller's bad input (``curvkit.errors.is_bad_input``: a ``ShapeMismatchError``...) met after
+    the run was begun takes the attempt back: a complete run stays complete (it read ``failed: ...
+    (2 attempts)``), what the attempt finished is kept; a new run holding nothing is not left in the
+    file. A failure of the work itself (``NonFiniteError``) is still the run's failed attempt."""
+    from curvkit import runs
+    from curvkit.analysis import AnalysisPlan
+    from curvkit.runs import ProblemSettings, analyze
+
+    out = tmp_path / "r.h5"
+    settings = ProblemSettings(max_samples=100)
+    first = AnalysisPlan(top_k=1, trace=None, density=False)
+    analyze([MLP], output=out, plan=first, settings=settings)
+    with ResultsStore(out, "r") as store:
+        (run,) = store.runs()
+        before, run_id = run.info, run.run_id
+        assert run.status == "complete" and run.attempts == 1
+
+    def stops_with(error):
+        def run_plan(operator, plan, *, on_result, **_):
+            on_result(
+                "trace/hutchinson", curvkit.TraceResult(12.5, 0.25, "hutchinson", 3, None, 0), 0.1, None
+            )
+            raise error
+
+        return run_plan
+
+    more = AnalysisPlan(top_k=1, trace="hutchinson", trace_matvecs=3, density=False)
+    monkeypatch.setattr(runs, "run_plan", stops_with(curvkit.ShapeMismatchError("the vector must be [P]")))
+    if skip_bad:
+        report = analyze([MLP], output=out, plan=more, settings=settings, skip_bad=True)
+        (failed,) = report.failed
+        assert failed.error == "the vector must be [P]" and failed.run_id == run_id
+    else:
+        with pytest.raises(curvkit.ShapeMismatchError):
+            analyze([MLP], output=out, plan=more, settings=settings)
+    with ResultsStore(out, "r") as store:
+        (run,) = store.runs()
+        assert run.info == before and run.status == "complete" and run.attempts == 1
+        assert run.has("trace/hutchinson")  # finished by the attempt: kept
+
+    def refuses(operator, plan, **_):
+        raise curvkit.ShapeMismatchError("the vector must be [P]")
+
+    monkeypatch.setattr(runs, "run_plan", refuses)  # a new run (another seed): nothing is left of it
+    other = AnalysisPlan(top_k=1, trace=None, density=False, seed=1)
+    if skip_bad:  # recorded as a bad checkpoint is: a failed run keyed by its path alone
+        (failed,) = analyze([MLP], output=out, plan=other, settings=settings, skip_bad=True).failed
+        with ResultsStore(out, "r") as store:
+            recorded = store.run(failed.run_id)
+            assert recorded.key["validation_failed"] and recorded.analyses() == []
+    else:
+        with pytest.raises(curvkit.ShapeMismatchError):
+            analyze([MLP], output=out, plan=other, settings=settings)
+        with ResultsStore(out, "r") as store:
+            assert [r.run_id for r in store.runs()] == [run_id]
+
+    monkeypatch.setattr(runs, "run_plan", stops_with(curvkit.NonFiniteError("NaN at iteration 3")))
+    with pytest.raises(curvkit.NonFiniteError):
+        analyze([MLP], output=out, plan=more, settings=settings)
+    with ResultsStore(out, "r") as store:
+        run = store.run(run_id)
+        assert run.status == "failed" and run.error == "NaN at iteration 3" and run.attempts == 2
+
+
 def test_changed_options_recompute_instead_of_resuming(tmp_path):
     out = str(tmp_path / "r.h5")
 
