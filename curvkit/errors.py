@@ -3,15 +3,6 @@
 Every error curvkit raises on purpose is a :class:`CurvkitError`. Its message is
 one line that says what went wrong and what to do about it, so that the command
 line can print it as it is, without a traceback.
-
-Those that are also a :class:`ValueError`, :class:`TypeError` or
-:class:`LookupError` say, as Python's own do, that the caller's input cannot be
-used: a value or shape (:class:`ShapeMismatchError`, :class:`DataError`), an
-option (:class:`UnknownOptionError`), a name (:class:`UnknownEstimatorError`).
-:func:`is_bad_input` tells them from the others, which say that the work itself
-failed (:class:`NonFiniteError`, :class:`DenseTooLargeError`, a plain
-:class:`CurvkitError`): a results file records those as a failed run, and not a
-bad input (:meth:`curvkit.store.Run.abandon`).
 """
 
 from __future__ import annotations
@@ -20,7 +11,6 @@ import re
 
 __all__ = [
     "describe_error",
-    "is_bad_input",
     "first_line",
     "one_line",
     "CurvkitWarning",
@@ -86,18 +76,6 @@ def describe_error(exc: BaseException, message: str | None = None) -> str:
 
 class CurvkitError(Exception):
     """Base class of every error curvkit raises on purpose."""
-
-
-def is_bad_input(exc: BaseException) -> bool:
-    """Whether ``exc`` says that the caller's input cannot be used, not that the work on it failed.
-
-    A :class:`CurvkitError` that is also a :class:`ValueError`, :class:`TypeError`
-    or :class:`LookupError` (module documentation): a vector of the wrong size, an
-    unknown option. :func:`curvkit.analyze` does not record such an error as a
-    failed attempt of a run (:meth:`curvkit.store.Run.abandon`): the run's record
-    stays as it was (a complete run stays complete).
-    """
-    return isinstance(exc, CurvkitError) and isinstance(exc, ValueError | TypeError | LookupError)
 
 
 class _AnotherProcessError(Exception):

@@ -74,14 +74,7 @@ from curvkit.data import (
     summarize_data,
     to_device,
 )
-from curvkit.errors import (
-    CurvkitError,
-    UnknownEstimatorError,
-    UnknownOptionError,
-    describe_error,
-    is_bad_input,
-    one_line,
-)
+from curvkit.errors import CurvkitError, UnknownEstimatorError, UnknownOptionError, describe_error, one_line
 from curvkit.memory import fits
 from curvkit.operator import CurvatureOperator
 
@@ -852,9 +845,6 @@ class _OtherRecord:
     def finish(self, status: str = "complete", error: str | None = None) -> None:
         pass
 
-    def abandon(self, error: str) -> bool:
-        return True
-
 
 class _OtherProcessStore:
     """The results store of a process other than process 0 (see :class:`_OtherRecord`)."""
@@ -908,21 +898,8 @@ def _record_bad(
     _fail(record, run, error, progress)
 
 
-def _fail(
-    record: Any,
-    run: RunOutcome,
-    error: str,
-    progress: Callable[[AnalyzeEvent], None] | None,
-    *,
-    bad_input: bool = False,
-) -> None:
-    """This command's run failed: its record finished ``"failed"``, or, for the caller's bad input,
-    as it was before the command (:meth:`curvkit.store.Run.abandon`: a complete run stays complete)."""
-    if bad_input:
-        if not record.abandon(error):  # a new run that held nothing, removed: none is recorded
-            run.run_id = None
-    else:
-        record.finish("failed", error=error)
+def _fail(record: Any, run: RunOutcome, error: str, progress: Callable[[AnalyzeEvent], None] | None) -> None:
+    record.finish("failed", error=error)
     run.status, run.error = "failed", one_line(error)
     if progress is not None:
         progress(AnalyzeEvent("run-finished", run))
@@ -939,12 +916,11 @@ def _analyze_one(
 ) -> None:
     """Begin (or resume) one run, compute what it lacks, store each result at once.
 
-    A failure is recorded as the run's failed attempt (:func:`_fail`), unless it is
-    the caller's bad input (:func:`curvkit.errors.is_bad_input`: a vector of the wrong
-    size, an option out of range), which says nothing of the run: the attempt is
-    taken back (:meth:`curvkit.store.Run.abandon`), so that a complete run stays
-    complete. The plan is checked against the operator's dimension before any
-    analysis starts (:func:`curvkit.analysis.run_plan`).
+    Anything that stops the run once it is begun, its resumption included, is the
+    run's failed attempt (``"interrupted"`` for Ctrl-C), recorded with its error.
+    The caller's bad input is refused before: :func:`analyze` prepares every run
+    and checks the plan against its dimension (:meth:`AnalysisPlan.check_dimension`)
+    before it opens the results file.
     """
     operator = prepared.operator
     record = store.begin_run(prepared.run_id, provenance, key=prepared.key, index=run.index)
@@ -989,7 +965,7 @@ def _analyze_one(
             progress=on_counters,
         )
     except CurvkitError as exc:
-        _fail(record, run, str(exc), progress, bad_input=is_bad_input(exc))
+        _fail(record, run, str(exc), progress)
         raise
     except BaseException as exc:  # Ctrl-C included ("interrupted")
         _fail(record, run, describe_error(exc), None)

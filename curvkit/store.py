@@ -78,9 +78,6 @@ SCHEMA_VERSION = 1
 
 RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
 
-_RECORD = ("status", "started_at", "finished_at", "attempts", "error", "index")
-"""A run's own attributes that :meth:`ResultsStore.begin_run` changes (:meth:`Run.abandon` restores)."""
-
 CSV_COLUMNS = (
     "run_id",
     "run_index",
@@ -557,7 +554,6 @@ class ResultsStore:
         runs = f["runs"]
         if run_id in runs and restart:
             del runs[run_id]
-        before: dict[str, Any] | None = None  # the run's record as it was: a new run has none
         if run_id in runs:
             group = runs[run_id]
             if key is not None:
@@ -565,7 +561,6 @@ class ResultsStore:
                 _check_same_key(json.loads(stored), key, run_id, self.path)
             for name in [n for n in group if n.startswith(_PARTIAL)]:
                 del group[name]
-            before = {name: group.attrs[name] for name in _RECORD if name in group.attrs}
             attempts = int(_attr(group.attrs.get("attempts", 0))) + 1
         else:
             group = runs.create_group(run_id, track_order=True)
@@ -587,7 +582,6 @@ class ResultsStore:
             group.attrs["index"] = int(index)
         self._flush()
         run = Run(self, group, begun=True)
-        run._before = before
         self._runs[run_id] = run
         return run
 
@@ -697,7 +691,6 @@ class Run:
         self._store = store
         self._group = group
         self._begun = begun
-        self._before: dict[str, Any] | None = None  # the record before begin_run (None: a new run)
         self.run_id: str = group.name.rsplit("/", 1)[-1]
 
     def __repr__(self) -> str:
@@ -910,43 +903,6 @@ class Run:
         elif "error" in attrs:
             del attrs["error"]
         self._store._flush()
-
-    def abandon(self, error: str) -> bool:
-        """Take back this store's :meth:`ResultsStore.begin_run` of the run: the attempt does not count.
-
-        For an attempt stopped by the caller's bad input (:func:`curvkit.errors.is_bad_input`),
-        which says nothing of the run: a run that was ``"complete"`` (or failed, or
-        interrupted) before stays so, with its status, times, attempts, index and
-        error as they were. Analyses the attempt finished are kept (each is whole).
-        A run the attempt created is removed when it holds no analysis, and
-        otherwise finished as ``"failed"`` with ``error`` (there is no earlier
-        record to go back to). The run is then no longer writable here.
-
-        Returns:
-            Whether the run is still in the file (``False``: removed).
-
-        Raises:
-            StoreError: The run was not begun in this store.
-        """
-        self._writable()
-        store, attrs = self._store, self._group.attrs
-        if self._before is None:
-            if not self.analyses():
-                del store._require_open()["runs"][self.run_id]
-                store._runs.pop(self.run_id, None)
-                self._begun = False
-                store._flush()
-                return False
-            self.finish(FAILED, error)
-        else:
-            for name in _RECORD:
-                if name in self._before:
-                    attrs[name] = self._before[name]
-                elif name in attrs:
-                    del attrs[name]
-            store._flush()
-        self._begun = False  # as read from the file: a run left running by another process is "interrupted"
-        return True
 
     # -- reading
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import curvkit
-from curvkit.errors import describe_error, first_line, is_bad_input, one_line
+from curvkit.errors import describe_error, first_line, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,26 +26,6 @@ def test_describe_error_gives_type_and_message_or_interrupted():
         describe_error(ValueError("bad\n value"), first_line(ValueError("bad\n value"))) == "ValueError: bad"
     )
     assert describe_error(OSError()) == "OSError" and describe_error(KeyboardInterrupt()) == "interrupted"
-
-
-def test_a_bad_input_is_a_curvkit_error_that_is_a_value_type_or_lookup_error():
-    """What ``curvkit.analyze`` does not record as a failed attempt of a run (``Run.abandon``)."""
-    for bad in (
-        curvkit.ShapeMismatchError("the vector must be [P]"),
-        curvkit.DataError("empty"),
-        curvkit.UnknownOptionError("takes no option 'x'"),
-        curvkit.UnknownEstimatorError("unknown estimator 'hesian'"),
-    ):
-        assert is_bad_input(bad), bad
-    for failure in (
-        curvkit.CurvkitError("lissa could not run"),
-        curvkit.NonFiniteError("NaN at iteration 3"),
-        curvkit.DenseTooLargeError("P = 10^6"),
-        curvkit.NonDeterministicError("two passes differ"),
-        ValueError("not curvkit's"),
-        KeyboardInterrupt(),
-    ):
-        assert not is_bad_input(failure), failure
 
 
 def test_no_module_keeps_its_own_copy_of_the_helpers():

@@ -477,60 +477,6 @@ def test_failures_mark_the_run_failed_and_keep_what_was_written(path):
         assert run.status == "running" and run.error is None and run.has("eigen/largest")
 
 
-def test_an_abandoned_attempt_leaves_the_runs_record_as_it_was(path):
-    """``Run.abandon``: an attempt stopped by the caller's bad input does not count. A complete run
-    stays complete (status, times, attempts, index, no error), even when the exception leaves the
-    store's block; what the attempt finished is kept."""
-    with ResultsStore(path) as store:
-        run = store.begin_run("done", index=0)
-        run.write("trace/hutch++", small_trace())
-        run.finish()
-    with ResultsStore(path, "r") as store:
-        before = store.run("done").info
-    with pytest.raises(curvkit.ShapeMismatchError):
-        with ResultsStore(path) as store:
-            run = store.begin_run("done", index=3)
-            assert run.attempts == 2 and run.status == "running"
-            run.write_eigen("largest", small_eigen())  # finished in this attempt: kept
-            assert run.abandon("the vector must be [P]") is True
-            with pytest.raises(StoreError, match="was not begun in this store"):
-                run.write("trace/hutch++", small_trace())
-            raise curvkit.ShapeMismatchError("the vector must be [P]")
-    with ResultsStore(path, "r") as store:
-        run = store.run("done")
-        assert run.info == before and run.status == "complete" and run.attempts == 1
-        assert run.error is None and run.index == 0
-        assert run.analyses() == ["eigen/largest", "trace/hutch++"]
-
-
-def test_an_abandoned_attempt_keeps_a_failed_or_interrupted_run_so(path):
-    with ResultsStore(path) as store:
-        store.begin_run("failed").finish("failed", "NonFiniteError: NaN at iteration 3")
-        store.begin_run("left")  # left running: read back as interrupted
-    with ResultsStore(path) as store:
-        for run_id in ("failed", "left"):
-            store.begin_run(run_id).abandon("bad input")
-    with ResultsStore(path, "r") as store:
-        failed, left = store.run("failed"), store.run("left")
-        assert failed.status == "failed" and failed.error == "NonFiniteError: NaN at iteration 3"
-        assert left.status == "interrupted" and failed.attempts == left.attempts == 1
-
-
-def test_an_abandoned_new_run_is_removed_unless_it_holds_an_analysis(path):
-    with ResultsStore(path) as store:
-        store.begin_run("kept").finish()
-        assert store.begin_run("empty").abandon("bad input") is False
-        assert "empty" not in store and [r.run_id for r in store.runs()] == ["kept"]
-        partial = store.begin_run("partial")
-        partial.write("trace/hutch++", small_trace())
-        assert partial.abandon("the vector must be [P]") is True
-    with ResultsStore(path, "r") as store:
-        assert [r.run_id for r in store.runs()] == ["kept", "partial"]
-        partial = store.run("partial")
-        assert partial.status == "failed" and partial.error == "the vector must be [P]"
-        assert partial.has("trace/hutch++")
-
-
 def test_writes_replace_and_validate(path):
     with ResultsStore(path) as store, store.begin_run("r") as run:
         run.write("trace/t", small_trace(1.0))
