@@ -25,8 +25,9 @@ class SolverSpec:
         option_checks: How the values of its options are checked, by option name:
             ``check(value, name)`` returns the value to use or raises a one-line
             :class:`~curvkit.CurvkitError` naming ``name`` (the checks of
-            :mod:`curvkit.arguments`, e.g. ``curvkit.arguments.integer`` or
-            ``functools.partial(curvkit.arguments.positive_number, allow_none=True)``).
+            :mod:`curvkit.arguments`, e.g. ``curvkit.arguments.integer``, or
+            ``lambda value, name: None if value is None else positive_number(value, name)``
+            for an option whose ``None`` means a default).
             :func:`curvkit.linalg.solve.check_solver_options` applies them, so that
             :func:`curvkit.solve` refuses a value out of range before any product and
             ``curvkit analyze --ihvp-option`` before anything runs. An option not

@@ -529,6 +529,22 @@ def test_lissa_stops_when_it_diverges_or_meets_a_non_finite_value_and_refuses_ba
             curvkit.solve(G, b, "lissa", damping=0.1, **options)
 
 
+def test_lissa_called_directly_takes_a_numpy_batch_size_as_solve_does():
+    """``lissa`` checks ``batch_size`` with :mod:`curvkit.arguments` as ``repeats`` (a NumPy integer
+    from a config was refused by a check of its own) and the bound by the samples after."""
+    np = pytest.importorskip("numpy")
+    from curvkit.linalg.series import lissa
+
+    G = curvkit.curvature("ggn", mlp_problem())
+    B = torch.ones(G.shape[0], 1, dtype=DT)
+    options = dict(damping=0.5, tol=1e-6, maxiter=3, x0=None, preconditioner=None, scale=0.5)
+    expected = lissa(G, B, batch_size=8, **options).x
+    assert torch.equal(lissa(G, B, batch_size=np.int64(8), **options).x, expected)
+    for bad, message in [(65, r"in 1\.\.64"), (0, ">= 1, got 0"), (8.0, ">= 1, got 8.0")]:
+        with pytest.raises(curvkit.CurvkitError, match=f"batch_size must be an integer {message}"):
+            lissa(G, B, batch_size=bad, **options)
+
+
 @pytest.mark.parametrize("estimator", ["kfac", "ekfac"])
 def test_kfac_solvers_apply_the_inverse_of_the_dense_approximation(estimator):
     problem = mlp_problem(N=20)

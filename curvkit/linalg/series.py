@@ -275,12 +275,11 @@ class _MiniBatches:
             return
         problem = A.problem
         self.N = N = problem.num_samples()
-        self.batch_size = min(N, problem.batch_size) if batch_size is None else batch_size
-        if (
-            isinstance(self.batch_size, bool)
-            or not isinstance(self.batch_size, int)
-            or not 1 <= self.batch_size <= N
-        ):
+        if batch_size is None:
+            self.batch_size = min(N, problem.batch_size)
+        else:
+            self.batch_size = integer(batch_size, "batch_size")
+        if self.batch_size > N:
             raise CurvkitError(f"batch_size must be an integer in 1..{N} (the samples), got {batch_size!r}")
         # an unbiased estimate of A: a mean over the samples is one already, a sum is scaled up
         self.weight = N / self.batch_size if problem.loss.reduction == "sum" else 1.0
