@@ -470,3 +470,46 @@ def test_the_batch_loss_at_a_step_leaves_the_model_as_it_was():
     torch.testing.assert_close(loss_at(problem, delta), nn.functional.cross_entropy(moved(X), y))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert loss_at(problem, delta).grad_fn is None
+
+
+def train(name: str, optimizer, model: nn.Module, batches, scheduler=None) -> None:
+    """Steps ``optimizer`` on ``batches`` as a training script does, ``scheduler.step()`` after each."""
+    for X, y in batches:
+        optimizer.zero_grad()
+        if name in BATCH_OPTIMIZERS:
+            optimizer.step(batch=(X, y))
+        else:
+            nn.functional.cross_entropy(model(X), y).backward(create_graph=name != "Shampoo")
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
+def test_a_learning_rate_of_zero_that_a_scheduler_reaches_steps_nowhere_and_resumes(name):
+    """``CosineAnnealingLR`` ends at ``eta_min=0`` (``LambdaLR`` warm-ups start there): as in
+    torch.optim, ``lr=0`` is taken, moves nothing, and a checkpoint saved then loads and resumes
+    bit-identically (it was refused as ``lr must be a finite number > 0``)."""
+    model, X, y = model_and_batch()
+    batches = [(X[i : i + 3], y[i : i + 3]) for i in (0, 3, 0, 3, 0)]
+    settings = {"mode": "damped", "damping": 1.0} if name == "Newton" else {}
+    optimizer = make_optimizer(name, model.parameters(), model, lr=0.01, **settings)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
+    train(name, optimizer, model, batches[:2], scheduler)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    before = [p.detach().clone() for p in model.parameters()]
+    train(name, optimizer, model, batches[2:3])  # a step at lr = 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and optimizer.skipped_steps == 0
+    make_optimizer(name, model.parameters(), model, lr=0.0)  # as torch.optim.SGD(lr=0)
+    resumed_model = copy.deepcopy(model)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = make_optimizer(name, resumed_model.parameters(), resumed_model, lr=0.01, **settings)
+    resumed.load_state_dict(saved["optimizer"])
+    assert resumed.param_groups[0]["lr"] == 0.0
+    train(name, resumed, resumed_model, batches[2:3])
+    for group in (*optimizer.param_groups, *resumed.param_groups):
+        group["lr"] = 0.01
+    train(name, optimizer, model, batches[3:])
+    train(name, resumed, resumed_model, batches[3:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))

@@ -422,14 +422,14 @@ def test_the_probes_depend_on_the_seed_and_only_on_it():
 
 # ---------------------------------------------------------------------------- errors and safety
 INVALID = [
-    (DiagonalNewton, {"lr": 0.0}, "lr must be a finite number > 0"),
+    (DiagonalNewton, {"lr": -1e-3}, "lr must be a finite number >= 0"),
     (DiagonalNewton, {"damping": 0.0}, "damping must be a finite number > 0"),
     (DiagonalNewton, {"clip": -1.0}, "clip must be a finite number > 0"),
     (DiagonalNewton, {"hessian_power": 1.5}, r"hessian_power must be a number in \[0, 1\]"),
     (DiagonalNewton, {"probes": 0}, "probes must be an integer >= 1"),
     (DiagonalNewton, {"update_each": 0}, "update_each must be an integer >= 1"),
     (DiagonalNewton, {"seed": -1}, "seed must be an integer >= 0"),
-    (AdaHessian, {"lr": float("nan")}, "lr must be a finite number > 0"),
+    (AdaHessian, {"lr": float("nan")}, "lr must be a finite number >= 0"),
     (AdaHessian, {"betas": (0.9, 1.0)}, r"betas\[1\] must be a number in \[0, 1\)"),
     (AdaHessian, {"betas": 0.9}, r"betas must be a pair \(beta1, beta2\)"),
     (AdaHessian, {"eps": 0.0}, "eps must be a finite number > 0"),
@@ -437,7 +437,7 @@ INVALID = [
     (AdaHessian, {"hessian_power": -0.5}, r"hessian_power must be a number in \[0, 1\]"),
     (AdaHessian, {"update_each": 1.5}, "update_each must be an integer >= 1"),
     (AdaHessian, {"spatial_averaging": "yes"}, "spatial_averaging must be True or False"),
-    (SophiaH, {"lr": -1.0}, "lr must be a finite number > 0"),
+    (SophiaH, {"lr": -1.0}, "lr must be a finite number >= 0"),
     (SophiaH, {"betas": (-0.1, 0.99)}, r"betas\[0\] must be a number in \[0, 1\)"),
     (SophiaH, {"rho": 0.0}, "rho must be a finite number > 0"),
     (SophiaH, {"eps": -1e-12}, "eps must be a finite number > 0"),
@@ -458,7 +458,7 @@ def test_invalid_hyper_parameters_raise(cls, kwargs, match):
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 def test_invalid_group_hyper_parameters_raise(cls):
     good, bad = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -0.1"):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -0.1"):
         cls([{"params": [good]}, {"params": [bad], "lr": -0.1}])
     with pytest.raises(ValueError, match="parameter group 0 is empty"):
         cls([{"params": []}])

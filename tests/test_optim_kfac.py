@@ -422,8 +422,8 @@ def test_the_state_dict_round_trip_resumes_bit_identically(cls, options, from_gr
 
 # ---------------------------------------------------------------------------- checks
 BAD = [
-    ("lr", 0.0, "lr must be a finite number > 0"),
-    ("lr", -0.1, "lr must be a finite number > 0"),
+    ("lr", -0.1, "lr must be a finite number >= 0"),
+    ("lr", float("inf"), "lr must be a finite number >= 0"),
     ("damping", 0.0, "damping must be a finite number > 0"),
     ("damping", float("nan"), "damping must be a finite number > 0"),
     ("damping", 1e-12, r"damping must be in \[1e-08, 1e\+08\] with adapt_damping=True .*, got 1e-12"),
@@ -455,8 +455,8 @@ def test_invalid_hyper_parameters_raise_value_errors(cls, name, value, message):
 
 def test_invalid_groups_models_and_batches():
     model = mlp()
-    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
-        KFAC([{"params": model[0].parameters(), "lr": 0.0}], model=model, loss_fn="cross_entropy")
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        KFAC([{"params": model[0].parameters(), "lr": -1.0}], model=model, loss_fn="cross_entropy")
     with pytest.raises(ValueError, match="KFAC needs model= and loss_fn="):
         KFAC(model.parameters(), model=None, loss_fn="cross_entropy")
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):

@@ -250,8 +250,8 @@ def test_momentum_and_a_state_dict_round_trip_resume_bit_identically():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"lr": 0}, r"lr must be a finite number > 0, got 0"),
-        ({"lr": float("nan")}, r"lr must be a finite number > 0"),
+        ({"lr": -1}, r"lr must be a finite number >= 0, got -1"),
+        ({"lr": float("nan")}, r"lr must be a finite number >= 0"),
         ({"damping": 0}, r"damping must be a finite number > 0, got 0"),
         ({"damping": -1e-3}, r"damping must be a finite number > 0"),
         ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\), got 1.0"),
@@ -275,7 +275,7 @@ def test_invalid_hyper_parameters_raise_value_errors(options, message):
 
 def test_invalid_groups_and_strangers_raise_value_errors():
     model = mlp()
-    with pytest.raises(ValueError, match=r"parameter group 1: lr must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"parameter group 1: lr must be a finite number >= 0"):
         NaturalGradient(
             [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": -1.0}],
             model=model,

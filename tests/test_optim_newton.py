@@ -506,8 +506,8 @@ def _hf(**kw):
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: _newton(lr=0.0), "lr must be a finite number > 0"),
-        (lambda: _newton(lr=float("nan")), "lr must be a finite number > 0"),
+        (lambda: _newton(lr=-0.5), "lr must be a finite number >= 0"),
+        (lambda: _newton(lr=float("nan")), "lr must be a finite number >= 0"),
         (lambda: _newton(damping=-1.0, mode="damped"), "damping must be a finite number >= 0"),
         (lambda: _newton(damping=0.1), "damping must be 0 with mode='exact'"),
         (lambda: _newton(mode="newton"), "mode must be one of"),
@@ -529,7 +529,7 @@ def _hf(**kw):
         (lambda: _hf(preconditioner_exponent=2.0), "preconditioner_exponent must be a number in"),
         (lambda: _hf(adapt_damping="yes"), "adapt_damping must be True or False"),
         (lambda: _hf(backtracking=1), "backtracking must be True or False"),
-        (lambda: _hf(lr=-1.0), "lr must be a finite number > 0"),
+        (lambda: _hf(lr=-1.0), "lr must be a finite number >= 0"),
         (lambda: _hf(curvature="kfac"), "curvature must be one of"),
     ],
 )
@@ -549,8 +549,8 @@ def test_construction_needs_the_model_and_loss_and_refuses_global_settings_per_g
         ValueError, match="takes only lr per parameter group: damping applies to the whole optimizer"
     ):
         cls([{"params": model.parameters(), "damping": 1.0}], model=model, loss_fn="mse")
-    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
-        cls([{"params": model.parameters(), "lr": 0.0}], model=model, loss_fn="mse")
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        cls([{"params": model.parameters(), "lr": -1.0}], model=model, loss_fn="mse")
 
 
 def test_hessian_free_on_an_indefinite_hessian_stops_cg_and_raises_the_damping():

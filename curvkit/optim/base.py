@@ -51,6 +51,7 @@ __all__ = [
     "check_flag",
     "check_fraction",
     "check_integer",
+    "check_learning_rate",
     "check_model_and_loss",
     "check_positive",
     "check_seed",
@@ -199,6 +200,17 @@ def check_positive(name: str, value: Any, *, zero: bool = False) -> float:
     """
     check = non_negative_number if zero else positive_number
     return check(value, name, error=ValueError)
+
+
+def check_learning_rate(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number ``>= 0``, else a ValueError: every optimizer's ``lr``.
+
+    Zero is a learning rate, as in :mod:`torch.optim`: the schedulers reach it
+    (``CosineAnnealingLR``'s default ``eta_min=0``, a ``LambdaLR`` or
+    ``LinearLR`` warm-up from 0), a step with it moves nothing, and a checkpoint
+    saved then loads.
+    """
+    return check_positive(name, value, zero=True)
 
 
 def check_fraction(name: str, value: Any, *, below_one: bool = False) -> float:

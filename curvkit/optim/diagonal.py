@@ -107,6 +107,7 @@ from curvkit.optim.base import (
     check_flag,
     check_fraction,
     check_integer,
+    check_learning_rate,
     check_positive,
     check_seed,
     optional,
@@ -542,7 +543,7 @@ class DiagonalNewton(HutchinsonOptimizer):
 
     GLOBAL = ("probes", "update_each", "seed")
     GROUP_CHECKS = {
-        "lr": check_positive,
+        "lr": check_learning_rate,
         "damping": check_positive,
         "clip": optional(check_positive),
         "hessian_power": check_fraction,
@@ -629,7 +630,7 @@ class AdaHessian(HutchinsonOptimizer):
 
     GLOBAL = ("update_each", "seed")
     GROUP_CHECKS = {
-        "lr": check_positive,
+        "lr": check_learning_rate,
         "betas": check_betas,
         "eps": check_positive,
         "weight_decay": functools.partial(check_positive, zero=True),
@@ -744,7 +745,7 @@ class SophiaH(HutchinsonOptimizer):
 
     GLOBAL = ("update_period", "seed")
     GROUP_CHECKS = {
-        "lr": check_positive,
+        "lr": check_learning_rate,
         "betas": check_betas,
         "weight_decay": functools.partial(check_positive, zero=True),
         "eps": check_positive,

@@ -76,6 +76,7 @@ from curvkit.optim.base import (
     check_flag,
     check_fraction,
     check_integer,
+    check_learning_rate,
     check_positive,
     levenberg_marquardt,
     loss_at,
@@ -173,7 +174,7 @@ class HessianFree(CurvatureOptimizer):
         "curvature_options",
         "eval_mode",
     )
-    GROUP_CHECKS = {"lr": check_positive}
+    GROUP_CHECKS = {"lr": check_learning_rate}
 
     def __init__(
         self,
@@ -215,7 +216,7 @@ class HessianFree(CurvatureOptimizer):
         self.curvature_options = check_curvature_options(
             curvature, curvature_options, {"strategy": "reverse"}
         )
-        check_positive("lr", lr)
+        check_learning_rate("lr", lr)
         self.schedule = set(backtracking_schedule(self.cg_maxiter))
         self.steps = 0
         self.last_solve: SolveResult | None = None

@@ -120,6 +120,7 @@ from curvkit.optim.base import (
     check_entries,
     check_fraction,
     check_integer,
+    check_learning_rate,
     check_model_and_loss,
     check_positive,
     check_seed,
@@ -235,7 +236,7 @@ class KFAC(CurvatureOptimizer):
     )
     """The constructor's settings of the whole optimizer; the estimator's options are added per instance."""
     GROUP_CHECKS = {
-        "lr": check_positive,
+        "lr": check_learning_rate,
         "momentum": functools.partial(check_fraction, below_one=True),
         "weight_decay": functools.partial(check_positive, zero=True),
     }

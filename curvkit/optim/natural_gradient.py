@@ -71,6 +71,7 @@ from curvkit.optim.base import (
     check_choice,
     check_fraction,
     check_integer,
+    check_learning_rate,
     check_model_and_loss,
     check_positive,
     levenberg_marquardt,
@@ -264,7 +265,7 @@ class NaturalGradient(CurvatureOptimizer):
     """
 
     GLOBAL = ("curvature", "damping", "adaptive_damping", "max_rank", "eval_mode")
-    GROUP_CHECKS = {"lr": check_positive, "momentum": functools.partial(check_fraction, below_one=True)}
+    GROUP_CHECKS = {"lr": check_learning_rate, "momentum": functools.partial(check_fraction, below_one=True)}
 
     def __init__(
         self,

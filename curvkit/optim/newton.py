@@ -67,7 +67,14 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import CurvkitError
-from curvkit.optim.base import CurvatureOptimizer, check_choice, check_integer, check_positive, unpack_batch
+from curvkit.optim.base import (
+    CurvatureOptimizer,
+    check_choice,
+    check_integer,
+    check_learning_rate,
+    check_positive,
+    unpack_batch,
+)
 from curvkit.optim.base import all_finite as finite
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
@@ -202,7 +209,7 @@ class Newton(CurvatureOptimizer):
     """
 
     GLOBAL = ("damping", "mode", "max_dim", "trust_radius", "curvature", "curvature_options", "eval_mode")
-    GROUP_CHECKS = {"lr": check_positive}
+    GROUP_CHECKS = {"lr": check_learning_rate}
 
     def __init__(
         self,
@@ -231,7 +238,7 @@ class Newton(CurvatureOptimizer):
         self.curvature_options = check_curvature_options(
             curvature, curvature_options, DENSE_CURVATURE_OPTIONS[curvature]
         )
-        check_positive("lr", lr)
+        check_learning_rate("lr", lr)
         self.steps = 0
         self.last_info: dict[str, Any] = {}
         super().__init__(params, {"lr": lr}, model=model, loss_fn=loss_fn, eval_mode=eval_mode)

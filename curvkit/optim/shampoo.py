@@ -122,6 +122,7 @@ from curvkit.optim.base import (
     check_choice,
     check_flag,
     check_integer,
+    check_learning_rate,
     check_positive,
     first_non_finite,
     floating_tensors,
@@ -310,7 +311,7 @@ class Shampoo(CurvatureOptimizer):
 
     GROUP_CHECKS = {
         "params": floating_tensors,
-        "lr": functools.partial(check_positive, zero=True),
+        "lr": check_learning_rate,
         "betas": functools.partial(check_betas, second_below_one=False),
         "epsilon": check_positive,
         "weight_decay": functools.partial(check_positive, zero=True),
