@@ -513,3 +513,38 @@ def test_a_learning_rate_of_zero_that_a_scheduler_reaches_steps_nowhere_and_resu
     train(name, optimizer, model, batches[3:])
     train(name, resumed, resumed_model, batches[3:])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
+
+
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS + ("KFAC without backward",))
+def test_a_frozen_parameter_is_not_moved_until_it_is_unfrozen(name):
+    """``model.parameters()`` with a layer frozen (``requires_grad=False``), as fine-tuning scripts
+    pass it: torch.optim leaves it (its ``.grad`` stays ``None``), and so do the optimizers that take
+    the batch's gradient themselves (Newton, HessianFree, NaturalGradient, KFAC without a backward
+    pass moved it); unfrozen, it trains."""
+    name, backward = name.split()[0], "without backward" not in name
+    model, X, y = model_and_batch()
+    model[0].weight.requires_grad_(False)
+    settings = {"mode": "damped", "damping": 1.0} if name == "Newton" else {}
+    optimizer = make_optimizer(name, model.parameters(), model, **settings)
+    frozen, trained = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        if name in BATCH_OPTIMIZERS:
+            if backward:
+                nn.functional.cross_entropy(model(X), y).backward()
+            optimizer.step(batch=(X, y))
+        else:
+            nn.functional.cross_entropy(model(X), y).backward(create_graph=name != "Shampoo")
+            optimizer.step()
+    assert torch.equal(model[0].weight, frozen) and not torch.equal(model[2].weight, trained)
+    assert optimizer.skipped_steps == 0
+    model[0].weight.requires_grad_(True)
+    train(name, optimizer, model, [(X, y)] if backward else [])
+    if not backward:
+        optimizer.step(batch=(X, y))
+    assert not torch.equal(model[0].weight, frozen) and optimizer.skipped_steps == 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if name in BATCH_OPTIMIZERS:
+        with pytest.raises(ValueError, match=rf"^{name}: none of the optimized parameters requires grad"):
+            optimizer.step(batch=(X, y))

@@ -424,12 +424,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return [names[id(p)] for p in mine]
 
     def batch_problem(self, inputs: Any, targets: Any) -> Problem:
-        """The :class:`curvkit.Problem` of one mini-batch over this optimizer's parameters.
+        """The :class:`curvkit.Problem` of one mini-batch over this optimizer's trainable parameters.
+
+        The optimized tensors that require grad now: a frozen one
+        (``requires_grad=False``) is left out, so that the step leaves it as
+        :mod:`torch.optim` does (its ``.grad`` stays ``None``), and is back once
+        unfrozen.
 
         Raises:
-            ValueError: As :meth:`parameter_names`.
+            ValueError: As :meth:`parameter_names`, or no optimized tensor requires grad.
         """
-        params = self.parameter_names()
+        names = self.parameter_names()
+        mine = [p for group in self.param_groups for p in group["params"]]
+        params = [name for name, p in zip(names, mine) if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"{type(self).__name__}: none of the optimized parameters requires grad (all are frozen): "
+                "there is nothing to step"
+            )
         assert self.model is not None
         warn_if_data_parallel(self)
         return Problem.for_batch(

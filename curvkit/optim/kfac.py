@@ -409,10 +409,15 @@ class KFAC(CurvatureOptimizer):
         return loss if closure is not None else batch_loss
 
     def _members(self, layout: ParameterLayout) -> list[tuple[dict[str, Any], Tensor, int]]:
-        """``(group, parameter, index in the layout)`` of every optimized parameter."""
+        """``(group, parameter, index in the layout)`` of every optimized parameter in ``layout``.
+
+        ``layout`` is a batch problem's: the optimized parameters that are not frozen.
+        """
         index = {name: i for i, name in enumerate(layout.names)}
         mine = [(group, p) for group in self.param_groups for p in group["params"]]
-        return [(group, p, index[name]) for (group, p), name in zip(mine, self.parameter_names())]
+        return [
+            (group, p, index[name]) for (group, p), name in zip(mine, self.parameter_names()) if name in index
+        ]
 
     # ------------------------------------------------------------------ factors
     def _batch_kronecker(self, problem: Problem) -> KroneckerOperator:
