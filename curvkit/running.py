@@ -189,6 +189,13 @@ def structure_of(op: CurvatureOperator, estimator: str = "") -> Structure:
     )
 
 
+def _moved(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``value`` on ``device``, cast to ``dtype`` if it is a floating tensor (``None``: kept)."""
+    if not isinstance(value, Tensor):
+        return value
+    return value.to(device, dtype if dtype is not None and value.is_floating_point() else None)
+
+
 class RunningCurvature:
     """An estimator's curvature as a running average over mini-batches (module docstring).
 
@@ -328,15 +335,21 @@ class RunningCurvature:
             "average": {key: dict(part) for key, part in self._average.items()},
         }
 
-    def to(self, device: torch.device | str) -> RunningCurvature:
-        """Moves the average to ``device`` (after loading a state saved on another device); returns self."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> RunningCurvature:
+        """Moves the average to ``device`` and casts it to ``dtype``; returns self.
+
+        After loading a state saved on another device, or for a model cast to
+        another dtype since (as :meth:`torch.optim.Optimizer.load_state_dict`
+        casts its state to the parameters'). ``dtype=None`` keeps the dtype.
+        """
         device = torch.device(device)
         self._average = {
-            key: {n: v.to(device) if isinstance(v, Tensor) else v for n, v in part.items()}
-            for key, part in self._average.items()
+            key: {n: _moved(v, device, dtype) for n, v in part.items()} for key, part in self._average.items()
         }
         if self._device is not None:
             self._device = device
+        if self._dtype is not None and dtype is not None:
+            self._dtype = dtype
         return self
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

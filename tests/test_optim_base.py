@@ -548,3 +548,41 @@ def test_a_frozen_parameter_is_not_moved_until_it_is_unfrozen(name):
     if name in BATCH_OPTIMIZERS:
         with pytest.raises(ValueError, match=rf"^{name}: none of the optimized parameters requires grad"):
             optimizer.step(batch=(X, y))
+
+
+def floating_state(optimizer) -> list[torch.Tensor]:
+    """Every floating tensor of ``optimizer``'s state dict, KFAC's factors included."""
+    found: list[torch.Tensor] = []
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            found.extend([value] if value.is_floating_point() else [])
+        elif isinstance(value, dict):
+            [walk(v) for k, v in value.items() if k != "rng_state"]
+        elif isinstance(value, list | tuple):
+            [walk(v) for v in value]
+
+    state = optimizer.state_dict()
+    walk(state["state"]), walk(state["curvkit"])
+    return found
+
+
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
+def test_a_state_saved_in_float32_resumes_on_the_model_moved_to_float64(name):
+    """``model.double()`` then ``load_state_dict``: torch.optim casts the state to the parameters'
+    dtype; KFAC's factors and Shampoo's buffers kept float32 and the next step raised a dtype
+    mismatch (``dot : expected both vectors to have same dtype``)."""
+    model, X, y = model_and_batch()
+    model, X = model.float(), X.float()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    settings = {"mode": "damped", "damping": 1.0} if name == "Newton" else {}
+    optimizer = make_optimizer(name, model.parameters(), model, lr=0.01, **settings)
+    train(name, optimizer, model, batches)
+    saved = optimizer.state_dict()
+    model.double()
+    resumed = make_optimizer(name, model.parameters(), model, lr=0.01, **settings)
+    resumed.load_state_dict(saved)
+    assert not any(t.dtype == torch.float32 for t in floating_state(resumed))
+    train(name, resumed, model, [(x.double(), t) for x, t in batches])
+    assert resumed.skipped_steps == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(t.dtype == torch.float32 for t in floating_state(resumed))

@@ -532,14 +532,22 @@ class KFAC(CurvatureOptimizer):
         self._seed = int(state["seed"])
         ratio = state.get("last_reduction_ratio")
         self.last_reduction_ratio = None if ratio is None else float(ratio)
-        device = self.param_groups[0]["params"][0].device  # a state saved on another device comes here
+        # a state saved on another device, or for the model before a cast (model.double()), comes here:
+        # the factors follow the parameters, as torch.optim casts its per-parameter state
+        first = self.param_groups[0]["params"][0]
+        device, dtype = first.device, first.dtype
         self.running.load_state_dict(state["running"])
-        self.running.to(device)
+        self.running.to(device, dtype)
+
+        def cast(value: Any) -> Any:
+            if not isinstance(value, Tensor):
+                return value
+            return value.to(device, dtype if value.is_floating_point() else None, copy=True)
+
         self._frozen = {
-            key: {name: v.to(device, copy=True) if isinstance(v, Tensor) else v for name, v in part.items()}
-            for key, part in state["frozen"].items()
+            key: {name: cast(v) for name, v in part.items()} for key, part in state["frozen"].items()
         }
-        self._scalings = {key: s.to(device, copy=True) for key, s in state["scalings"].items()}
+        self._scalings = {key: cast(s) for key, s in state["scalings"].items()}
         self._frozen_op = None
 
 

@@ -79,7 +79,8 @@ What curvkit adds:
   larger ``epsilon`` (the peers' 1e-6 to 1e-4), since float32's rounding of the
   eigenvalues, about ``1e-7`` of the largest, swamps a smaller one;
   ``state_dict()`` / ``load_state_dict`` keep every tensor's dtype, so training
-  resumes bit-identically.
+  resumes bit-identically (on a model cast since, the grafting sums and momentum
+  follow the parameters' dtype).
 * **Checked hyper-parameters**, per parameter group: one :class:`ValueError`
   naming each invalid one.
 
@@ -586,15 +587,32 @@ class Shampoo(CurvatureOptimizer):
         self.refreshes = int(state.get("refreshes", 0))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`, each tensor in its saved dtype (torch.optim would cast it).
+        """Restores :meth:`state_dict`, each tensor in the dtype the step keeps it in.
+
+        ``torch.optim`` casts every floating tensor to its parameter's dtype; here
+        the statistics and inverse roots are in the group's
+        ``preconditioner_dtype`` and the grafting sums and momentum in the working
+        dtype (the parameter's, at least float32), as :meth:`step` makes them. A
+        state saved for the same dtypes is loaded bit for bit; one saved before
+        the model was cast (``model.double()``) follows the parameters, as in
+        ``torch.optim``.
 
         Raises:
             ValueError: A state dict not written by this kind of optimizer.
         """
         super().load_state_dict(state_dict)
         saved = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
-        mine = chain.from_iterable(group["params"] for group in self.param_groups)
-        for index, p in zip(saved, mine):
+        mine = [(p, group) for group in self.param_groups for p in group["params"]]
+        for index, (p, group) in zip(saved, mine):
             for key, value in state_dict["state"].get(index, {}).items():
-                if isinstance(value, Tensor) and value.dtype != self.state[p][key].dtype:
-                    self.state[p][key] = value.to(device=p.device)
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    dtype = _state_dtype(key, p, group)
+                    if dtype != self.state[p][key].dtype:
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
+
+def _state_dtype(key: str, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype :meth:`Shampoo.step` keeps ``p``'s state ``key`` in (a floating one)."""
+    if key.startswith(("statistic_", "preconditioner_")):
+        return group["preconditioner_dtype"]
+    return torch.promote_types(p.dtype, torch.float32)  # the grafting sums and the momentum
