@@ -586,3 +586,25 @@ def test_a_state_saved_in_float32_resumes_on_the_model_moved_to_float64(name):
     train(name, resumed, model, [(x.double(), t) for x, t in batches])
     assert resumed.skipped_steps == 0 and all(torch.isfinite(p).all() for p in model.parameters())
     assert not any(t.dtype == torch.float32 for t in floating_state(resumed))
+
+
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
+def test_a_state_dict_of_other_parameters_is_refused_naming_the_shapes(name):
+    """torch.optim matches a state dict's parameters to the optimizer's by position; built over the
+    parameters in another order, KFAC, AdaHessian, SophiaH, Shampoo and HessianFree failed inside
+    the next step (``The size of tensor a (6) must match ...``), DiagonalNewton and NaturalGradient
+    went on with another tensor's state. The shapes saved with the state are compared first."""
+    model, X, y = model_and_batch()
+    optimizer = stepped(name, model, X, y)
+    saved = copy.deepcopy(optimizer.state_dict())
+    other = make_optimizer(name, list(model.parameters())[::-1], model)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}.load_state_dict: parameter 0 of group 0 has shape \(2,\) here but \(4, 3\) in the "
+        r"state dict: build the optimizer over the parameters it was saved for, in the same order$",
+    ):
+        other.load_state_dict(saved)
+    assert same(other.state_dict(), before)
+    del saved["curvkit"]["shapes"]  # as written before the shapes were kept: loaded as before
+    make_optimizer(name, model.parameters(), model).load_state_dict(saved)

@@ -611,6 +611,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         state["curvkit"] = {
             "kind": self.state_kind(),
             "skipped_steps": self.skipped_steps,
+            "shapes": [[list(p.shape) for p in group["params"]] for group in self.param_groups],
             **self.extra_state(),
         }
         return state
@@ -641,10 +642,42 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this state_dict was written by {kind}, not by {self.state_kind()}: not loaded")
         skipped = check_integer("skipped_steps", extra.pop("skipped_steps", 0), minimum=0)
         state_dict["param_groups"] = self._checked_groups(state_dict.get("param_groups"))
+        self._check_shapes(extra.pop("shapes", None))
         self.check_extra_state(extra)
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
         self.load_extra_state(extra)
+
+    def _check_shapes(self, shapes: Any) -> None:
+        """A ValueError if the state dict's parameters (``shapes``, by group) are not this optimizer's.
+
+        :mod:`torch.optim` matches the saved state to the parameters by position,
+        so an optimizer built over other parameters, or the same in another order,
+        would get another tensor's state: a step then fails on a shape or, where
+        shapes broadcast, goes on wrong. ``None`` (a state dict written before the
+        shapes were kept) passes; groups of other sizes are left to torch.optim's
+        check, which names them.
+        """
+        if shapes is None:
+            return
+        name = type(self).__name__
+        try:
+            saved = [[tuple(int(n) for n in shape) for shape in group] for group in shapes]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"not a {name} state_dict: its 'shapes' entry is not a list of shapes per group"
+            ) from None
+        mine = [[tuple(p.shape) for p in group["params"]] for group in self.param_groups]
+        if [len(group) for group in saved] != [len(group) for group in mine]:
+            return
+        for g, (theirs, ours) in enumerate(zip(saved, mine)):
+            for i, (before, now) in enumerate(zip(theirs, ours)):
+                if before != now:
+                    raise ValueError(
+                        f"{name}.load_state_dict: parameter {i} of group {g} has shape {now} here but "
+                        f"{before} in the state dict: build the optimizer over the parameters it was saved "
+                        "for, in the same order"
+                    )
 
     def _checked_groups(self, groups: Any) -> list[dict[str, Any]]:
         """Copies of a state dict's parameter groups, checked as :meth:`add_param_group` checks a group.
