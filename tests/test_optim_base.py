@@ -608,3 +608,23 @@ def test_a_state_dict_of_other_parameters_is_refused_naming_the_shapes(name):
     assert same(other.state_dict(), before)
     del saved["curvkit"]["shapes"]  # as written before the shapes were kept: loaded as before
     make_optimizer(name, model.parameters(), model).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("name", [*BATCH_OPTIMIZERS, "CurvaturePreconditioner"])
+@pytest.mark.parametrize(
+    "loss_fn, message",
+    [
+        ("crossentropy", r"^unknown loss 'crossentropy'; use one of \['bce_with_logits', 'cross_entropy'"),
+        (nn.CrossEntropyLoss(reduction="none"), r"^loss module CrossEntropyLoss has reduction='none'"),
+        (42, r"^loss must be a name in .* or a callable, got int$"),
+    ],
+)
+def test_a_loss_that_cannot_be_used_is_refused_at_construction(name, loss_fn, message):
+    """As the other invalid arguments: the optimizer was built and the loss refused at the first
+    step (with the same one-line ValueError), after the training script had started."""
+    model, _, _ = model_and_batch()
+    with pytest.raises(ValueError, match=message):
+        if name == "CurvaturePreconditioner":
+            curvkit.optim.CurvaturePreconditioner(model, "kfac", loss_fn=loss_fn)
+        else:
+            getattr(curvkit.optim, name)(model.parameters(), model=model, loss_fn=loss_fn)

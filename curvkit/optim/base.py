@@ -37,6 +37,7 @@ from curvkit.arguments import fraction, integer, non_negative_number, positive_n
 from curvkit.distributed import is_data_parallel
 from curvkit.errors import CurvkitWarning
 from curvkit.finite import all_finite, first_non_finite, outside_autograd
+from curvkit.losses import resolve_loss
 from curvkit.problem import Problem
 
 T = TypeVar("T")
@@ -345,6 +346,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is not None:
+            resolve_loss(loss_fn)  # a loss every batch's Problem would refuse: refused now, in one line
         self.model = model
         self.loss_fn = loss_fn
         self.eval_mode = eval_mode

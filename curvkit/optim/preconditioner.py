@@ -48,6 +48,7 @@ from curvkit.errors import CurvkitWarning, NonFiniteError, UnknownEstimatorError
 from curvkit.finite import all_finite
 from curvkit.layout import select_parameters
 from curvkit.linalg.solve import SOLVE_ARGUMENTS, SolveResult, check_solver_options, solve, solvers
+from curvkit.losses import resolve_loss
 from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import check_integer, check_positive, unpack_batch, warn_if_data_parallel
 from curvkit.problem import Problem
@@ -134,6 +135,7 @@ class CurvaturePreconditioner:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is None:
             raise ValueError("CurvaturePreconditioner needs loss_fn=")
+        resolve_loss(loss_fn)  # a loss every batch's Problem would refuse: refused now, in one line
         self.model, self.loss_fn, self.eval_mode = model, loss_fn, eval_mode
         self.params = params
         self.param_names = tuple(name for name, _ in select_parameters(model, params))
