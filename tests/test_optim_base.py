@@ -628,3 +628,35 @@ def test_a_loss_that_cannot_be_used_is_refused_at_construction(name, loss_fn, me
             curvkit.optim.CurvaturePreconditioner(model, "kfac", loss_fn=loss_fn)
         else:
             getattr(curvkit.optim, name)(model.parameters(), model=model, loss_fn=loss_fn)
+
+
+@pytest.mark.parametrize("name", [*BATCH_OPTIMIZERS, "CurvaturePreconditioner"])
+def test_a_step_inside_autocast_works_in_the_parameters_dtype(name):
+    """Scripts that wrap the whole iteration in ``torch.autocast("cpu", dtype=torch.bfloat16)``:
+    KFAC's factors came out in bfloat16, every step was skipped as "singular to working precision:
+    add damping"; the curvature and the step are now those of the parameters' dtype, as without
+    autocast (the user's own forward and backward keep their autocast)."""
+    model, X, y = model_and_batch()
+    model, X = model.float(), X.float()
+    reference = copy.deepcopy(model)
+
+    def run(net, autocast):
+        if name == "CurvaturePreconditioner":
+            optimizer = curvkit.optim.CurvaturePreconditioner(net, "kfac", loss_fn="cross_entropy")
+        else:
+            settings = {"mode": "damped", "damping": 1.0} if name == "Newton" else {}
+            optimizer = make_optimizer(name, net.parameters(), net, **settings)
+        for _ in range(2):
+            net.zero_grad()
+            if name in ("KFAC", "EKFAC", "CurvaturePreconditioner"):
+                nn.functional.cross_entropy(net(X), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                optimizer.step(batch=(X, y))
+        return optimizer
+
+    optimizer = run(model, True)
+    run(reference, False)
+    assert optimizer.skipped_steps == 0
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

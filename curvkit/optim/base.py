@@ -58,6 +58,7 @@ __all__ = [
     "check_seed",
     "first_non_finite",
     "floating_tensors",
+    "full_precision",
     "levenberg_marquardt",
     "loss_at",
     "optional",
@@ -192,6 +193,20 @@ def warn_if_data_parallel(owner: object) -> None:
             CurvkitWarning,
             stacklevel=3,
         )
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """A context without the caller's ``torch.autocast`` on ``device``'s type, for a step's curvature.
+
+    A training script may run its whole iteration inside
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``, the optimizer's step
+    included; a second-order step is then the parameters' dtype's all the
+    same: its forward passes, curvature (Kronecker factors, products),
+    solves and updates (in bfloat16, K-FAC's factors were singular to working
+    precision at any usual damping). The user's own forward and backward
+    passes, and a closure, keep their autocast.
+    """
+    return torch.autocast(device.type, enabled=False)
 
 
 def check_positive(name: str, value: Any, *, zero: bool = False) -> float:

@@ -78,6 +78,7 @@ from curvkit.optim.base import (
     check_integer,
     check_learning_rate,
     check_positive,
+    full_precision,
     levenberg_marquardt,
     loss_at,
     unpack_batch,
@@ -243,55 +244,58 @@ class HessianFree(CurvatureOptimizer):
             ValueError: No ``batch``, or not an ``(inputs, targets)`` pair.
         """
         closure_loss = self.evaluate(closure)
-        inputs, targets = unpack_batch(type(self).__name__, batch)
-        problem = self.batch_problem(inputs, targets)
-        self.steps += 1
-        loss, g = problem.loss_and_gradient()
-        result = closure_loss if closure is not None else loss
-        lam = self.damping
-        self.last_info = {"loss": float(loss), "damping": lam, "skipped": True}
-        if not all_finite(loss, g):
-            self.skip("the batch's loss or gradient is not finite")
+        with full_precision(self.param_groups[0]["params"][0].device):
+            inputs, targets = unpack_batch(type(self).__name__, batch)
+            problem = self.batch_problem(inputs, targets)
+            self.steps += 1
+            loss, g = problem.loss_and_gradient()
+            result = closure_loss if closure is not None else loss
+            lam = self.damping
+            self.last_info = {"loss": float(loss), "damping": lam, "skipped": True}
+            if not all_finite(loss, g):
+                self.skip("the batch's loss or gradient is not finite")
+                return result
+            with torch.enable_grad():
+                G = curvature_of(self.curvature, problem, **self.curvature_options)
+                solved, kept = self._conjugate_gradient(problem, G, g, lam)
+                self.last_solve = solved
+                final = solved.iterations
+                rate = learning_rates(self, problem)
+                chosen, loss_after = self._backtrack(problem, final, kept, rate)
+                delta = rate * kept[chosen]
+                slope = float(g @ delta)
+                model_change = slope + 0.5 * float(delta @ (G @ delta)) if self.adapt_damping else math.nan
+            rho = math.nan
+            if self.adapt_damping:  # a model predicting no decrease, or a non-finite loss: a bad step
+                good = model_change < 0 and math.isfinite(float(loss_after))
+                rho = (float(loss_after) - float(loss)) / model_change if good else -math.inf
+            status = solved.status
+            self.last_info.update(
+                loss_after=float(loss_after), cg_iteration=chosen, cg_iterations=final,
+                cg_reason=solved.reason, cg_status=status, rho=rho, alpha=1.0,
+            )  # fmt: skip
+            indefinite = status == "non-positive-curvature"
+            if self.adapt_damping and (bool(delta.any()) or indefinite):  # indefinite: a bad step
+                ratio = -math.inf if indefinite else rho
+                self.damping = levenberg_marquardt(
+                    lam, ratio, lower=0.25, upper=0.75, factor=(1.5, 2.0 / 3.0)
+                )
+            if not math.isfinite(float(loss_after)):
+                self.skip("the batch's loss after the step would not be finite")
+                return result
+            alpha = self._line_search(problem, loss, slope, delta, loss_after) if self.line_search else 1.0
+            self.last_info["alpha"] = alpha
+            if alpha == 0.0:
+                self.skip("the line search found no sufficient decrease of the batch's loss")
+                return result
+            applied = self.apply_updates(
+                updates_of(problem, alpha * delta if alpha != 1.0 else delta), what="step"
+            )
+            self.last_info["skipped"] = not applied
+            if applied and all_finite(solved.x):  # the warm start is kept only with the step taken
+                for p, part in zip(problem.params, problem.layout.unflatten(solved.x)):
+                    self.state[p]["warm_start"] = part.detach().clone()
             return result
-        with torch.enable_grad():
-            G = curvature_of(self.curvature, problem, **self.curvature_options)
-            solved, kept = self._conjugate_gradient(problem, G, g, lam)
-            self.last_solve = solved
-            final = solved.iterations
-            rate = learning_rates(self, problem)
-            chosen, loss_after = self._backtrack(problem, final, kept, rate)
-            delta = rate * kept[chosen]
-            slope = float(g @ delta)
-            model_change = slope + 0.5 * float(delta @ (G @ delta)) if self.adapt_damping else math.nan
-        rho = math.nan
-        if self.adapt_damping:  # a model predicting no decrease, or a non-finite loss: a bad step
-            good = model_change < 0 and math.isfinite(float(loss_after))
-            rho = (float(loss_after) - float(loss)) / model_change if good else -math.inf
-        status = solved.status
-        self.last_info.update(
-            loss_after=float(loss_after), cg_iteration=chosen, cg_iterations=final,
-            cg_reason=solved.reason, cg_status=status, rho=rho, alpha=1.0,
-        )  # fmt: skip
-        indefinite = status == "non-positive-curvature"
-        if self.adapt_damping and (bool(delta.any()) or indefinite):  # an indefinite curvature: a bad step
-            ratio = -math.inf if indefinite else rho
-            self.damping = levenberg_marquardt(lam, ratio, lower=0.25, upper=0.75, factor=(1.5, 2.0 / 3.0))
-        if not math.isfinite(float(loss_after)):
-            self.skip("the batch's loss after the step would not be finite")
-            return result
-        alpha = self._line_search(problem, loss, slope, delta, loss_after) if self.line_search else 1.0
-        self.last_info["alpha"] = alpha
-        if alpha == 0.0:
-            self.skip("the line search found no sufficient decrease of the batch's loss")
-            return result
-        applied = self.apply_updates(
-            updates_of(problem, alpha * delta if alpha != 1.0 else delta), what="step"
-        )
-        self.last_info["skipped"] = not applied
-        if applied and all_finite(solved.x):  # the warm start is kept only with the step taken
-            for p, part in zip(problem.params, problem.layout.unflatten(solved.x)):
-                self.state[p]["warm_start"] = part.detach().clone()
-        return result
 
     def _conjugate_gradient(
         self, problem: Problem, G: CurvatureOperator, g: Tensor, lam: float

@@ -124,6 +124,7 @@ from curvkit.optim.base import (
     check_model_and_loss,
     check_positive,
     check_seed,
+    full_precision,
     levenberg_marquardt,
     loss_at,
     unpack_batch,
@@ -312,101 +313,103 @@ class KFAC(CurvatureOptimizer):
             ValueError: No batch.
         """
         loss = self.evaluate(closure)
-        inputs, targets = unpack_batch(type(self).__name__, batch)
-        problem = self.batch_problem(inputs, targets)
-        layout = problem.layout
-        members = self._members(layout)
+        with full_precision(self.param_groups[0]["params"][0].device):
+            inputs, targets = unpack_batch(type(self).__name__, batch)
+            problem = self.batch_problem(inputs, targets)
+            layout = problem.layout
+            members = self._members(layout)
 
-        batch_loss: Tensor | None = None
-        if any(p.grad is not None for _, p, _ in members):
-            parts: list[Tensor] = [
-                torch.zeros(s, dtype=problem.dtype, device=problem.device) for s in layout.shapes
-            ]
-            for _, p, i in members:
-                if p.grad is not None:
-                    parts[i] = p.grad.detach()
-            gradient = layout.flatten(parts)
-            members = [m for m in members if m[1].grad is not None]
-        else:
-            batch_loss, gradient = problem.loss_and_gradient()
-        if not bool(torch.isfinite(gradient).all()):
-            self.skip("the gradient is not finite", unchanged=_UNCHANGED)
-            return loss if closure is not None else batch_loss
+            batch_loss: Tensor | None = None
+            if any(p.grad is not None for _, p, _ in members):
+                parts: list[Tensor] = [
+                    torch.zeros(s, dtype=problem.dtype, device=problem.device) for s in layout.shapes
+                ]
+                for _, p, i in members:
+                    if p.grad is not None:
+                        parts[i] = p.grad.detach()
+                gradient = layout.flatten(parts)
+                members = [m for m in members if m[1].grad is not None]
+            else:
+                batch_loss, gradient = problem.loss_and_gradient()
+            if not bool(torch.isfinite(gradient).all()):
+                self.skip("the gradient is not finite", unchanged=_UNCHANGED)
+                return loss if closure is not None else batch_loss
 
-        kron = self._batch_kronecker(problem)
-        factors = _factors_only(kron)
-        average = self.running.fold(factors)
-        if not parts_finite(average):
-            self.skip("the Kronecker factors are not finite", unchanged=_UNCHANGED)
-            return loss if closure is not None else batch_loss
-        refresh = (
-            self.steps % self.inv_update_freq == 0
-            or not self._frozen
-            or set(average) != set(self._frozen)
-            or self.running.layout != layout
-        )
-        # the previous eigenbases: used between refreshes, and to carry EKFAC's scalings over one
-        old_frozen_op = self._frozen_operator() if not refresh or self._scalings else None
-        if refresh:
-            frozen = dict(average)
-            frozen_op = self.running.operator(frozen, like=factors)
-            assert isinstance(frozen_op, KroneckerOperator)
-            for block in frozen_op.blocks:
-                block.eig()
-        else:
-            assert old_frozen_op is not None
-            frozen, frozen_op = self._frozen, old_frozen_op
-        scalings = self._fold_scalings(kron, frozen_op, old_frozen_op if refresh else None)
-        used = self._with_scalings(frozen_op, scalings)
-        try:
-            inverse = used.inverse(self.damping)
-        except CurvkitError as exc:
-            self.skip(f"the damped curvature cannot be inverted ({exc})", unchanged=_UNCHANGED)
-            return loss if closure is not None else batch_loss
-        v = layout.unflatten(inverse @ gradient)
-        g = layout.unflatten(gradient)
-
-        nu = 1.0
-        if self.kl_clip is not None:
-            vg = sum(
-                group["lr"] ** 2 * torch.dot(v[i].reshape(-1), g[i].reshape(-1)) for group, _, i in members
+            kron = self._batch_kronecker(problem)
+            factors = _factors_only(kron)
+            average = self.running.fold(factors)
+            if not parts_finite(average):
+                self.skip("the Kronecker factors are not finite", unchanged=_UNCHANGED)
+                return loss if closure is not None else batch_loss
+            refresh = (
+                self.steps % self.inv_update_freq == 0
+                or not self._frozen
+                or set(average) != set(self._frozen)
+                or self.running.layout != layout
             )
-            vg = abs(float(vg)) if members else 0.0
-            if vg > 0:
-                nu = min(1.0, math.sqrt(self.kl_clip / vg))
+            # the previous eigenbases: used between refreshes, and to carry EKFAC's scalings over one
+            old_frozen_op = self._frozen_operator() if not refresh or self._scalings else None
+            if refresh:
+                frozen = dict(average)
+                frozen_op = self.running.operator(frozen, like=factors)
+                assert isinstance(frozen_op, KroneckerOperator)
+                for block in frozen_op.blocks:
+                    block.eig()
+            else:
+                assert old_frozen_op is not None
+                frozen, frozen_op = self._frozen, old_frozen_op
+            scalings = self._fold_scalings(kron, frozen_op, old_frozen_op if refresh else None)
+            used = self._with_scalings(frozen_op, scalings)
+            try:
+                inverse = used.inverse(self.damping)
+            except CurvkitError as exc:
+                self.skip(f"the damped curvature cannot be inverted ({exc})", unchanged=_UNCHANGED)
+                return loss if closure is not None else batch_loss
+            v = layout.unflatten(inverse @ gradient)
+            g = layout.unflatten(gradient)
 
-        adapt = self.adapt_damping and (self.steps + 1) % self.adapt_every == 0
-        before = None
-        if adapt:
-            before = batch_loss if batch_loss is not None else loss_at(problem)
+            nu = 1.0
+            if self.kl_clip is not None:
+                vg = sum(
+                    group["lr"] ** 2 * torch.dot(v[i].reshape(-1), g[i].reshape(-1))
+                    for group, _, i in members
+                )
+                vg = abs(float(vg)) if members else 0.0
+                if vg > 0:
+                    nu = min(1.0, math.sqrt(self.kl_clip / vg))
 
-        updates, buffers = [], {}
-        with torch.no_grad():
-            for group, p, i in members:
-                d = v[i] * nu if nu != 1.0 else v[i]
-                if group["weight_decay"]:
-                    d = d + group["weight_decay"] * p.detach()
-                mu = group["momentum"]
-                if mu:
-                    old = self.state[p].get("momentum_buffer")
-                    d = d.clone() if old is None else mu * old + d
-                    buffers[p] = d
-                updates.append((p, -group["lr"] * d))
-        if not self.apply_updates(updates, what=f"{type(self).__name__} update"):
+            adapt = self.adapt_damping and (self.steps + 1) % self.adapt_every == 0
+            before = None
+            if adapt:
+                before = batch_loss if batch_loss is not None else loss_at(problem)
+
+            updates, buffers = [], {}
+            with torch.no_grad():
+                for group, p, i in members:
+                    d = v[i] * nu if nu != 1.0 else v[i]
+                    if group["weight_decay"]:
+                        d = d + group["weight_decay"] * p.detach()
+                    mu = group["momentum"]
+                    if mu:
+                        old = self.state[p].get("momentum_buffer")
+                        d = d.clone() if old is None else mu * old + d
+                        buffers[p] = d
+                    updates.append((p, -group["lr"] * d))
+            if not self.apply_updates(updates, what=f"{type(self).__name__} update"):
+                return loss if closure is not None else batch_loss
+
+            # the step is taken: commit its state
+            for p, buffer in buffers.items():
+                self.state[p]["momentum_buffer"] = buffer
+            self.running.commit(average, factors)
+            self._frozen, self._scalings, self._frozen_op = frozen, scalings, frozen_op
+            self.steps += 1
+            if before is not None:  # the Levenberg-Marquardt rule is due
+                deltas = [torch.zeros(s, dtype=problem.dtype, device=problem.device) for s in layout.shapes]
+                for (_, _, i), (_, delta) in zip(members, updates):
+                    deltas[i] = delta
+                self._adapt(problem, before, gradient, layout.flatten(deltas), used)
             return loss if closure is not None else batch_loss
-
-        # the step is taken: commit its state
-        for p, buffer in buffers.items():
-            self.state[p]["momentum_buffer"] = buffer
-        self.running.commit(average, factors)
-        self._frozen, self._scalings, self._frozen_op = frozen, scalings, frozen_op
-        self.steps += 1
-        if before is not None:  # the Levenberg-Marquardt rule is due
-            deltas = [torch.zeros(s, dtype=problem.dtype, device=problem.device) for s in layout.shapes]
-            for (_, _, i), (_, delta) in zip(members, updates):
-                deltas[i] = delta
-            self._adapt(problem, before, gradient, layout.flatten(deltas), used)
-        return loss if closure is not None else batch_loss
 
     def _members(self, layout: ParameterLayout) -> list[tuple[dict[str, Any], Tensor, int]]:
         """``(group, parameter, index in the layout)`` of every optimized parameter in ``layout``.

@@ -74,6 +74,7 @@ from curvkit.optim.base import (
     check_learning_rate,
     check_model_and_loss,
     check_positive,
+    full_precision,
     levenberg_marquardt,
     loss_at,
     unpack_batch,
@@ -355,43 +356,44 @@ class NaturalGradient(CurvatureOptimizer):
         """
         inputs, targets = unpack_batch(type(self).__name__, batch)
         closure_loss = self.evaluate(closure)
-        problem, _, loss, gradient, Ut = self.low_rank_system(inputs, targets)
-        self.steps += 1
-        self.last_loss = loss.detach()
-        result = closure_loss if closure is not None else loss
-        params = problem.params
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        saved = [p.detach().clone() for p in params] if self.adaptive_damping else []
-        damping = self.damping
-        for _ in range(_TRIES):
-            direction = woodbury_solve(Ut.T, gradient, damping)
-            updates, buffers = [], []
-            for p, d in zip(params, problem.layout.unflatten(direction)):
-                group = group_of[id(p)]
-                if group["momentum"] == 0:
-                    buffer = d
-                else:
-                    previous = self.state[p].get("momentum_buffer")
-                    buffer = d.clone() if previous is None else group["momentum"] * previous + d
-                    buffers.append((p, buffer))
-                updates.append((p, -group["lr"] * buffer))
-            if not self.apply_updates(updates, what="natural-gradient step", stacklevel=5):
+        with full_precision(self.param_groups[0]["params"][0].device):
+            problem, _, loss, gradient, Ut = self.low_rank_system(inputs, targets)
+            self.steps += 1
+            self.last_loss = loss.detach()
+            result = closure_loss if closure is not None else loss
+            params = problem.params
+            group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+            saved = [p.detach().clone() for p in params] if self.adaptive_damping else []
+            damping = self.damping
+            for _ in range(_TRIES):
+                direction = woodbury_solve(Ut.T, gradient, damping)
+                updates, buffers = [], []
+                for p, d in zip(params, problem.layout.unflatten(direction)):
+                    group = group_of[id(p)]
+                    if group["momentum"] == 0:
+                        buffer = d
+                    else:
+                        previous = self.state[p].get("momentum_buffer")
+                        buffer = d.clone() if previous is None else group["momentum"] * previous + d
+                        buffers.append((p, buffer))
+                    updates.append((p, -group["lr"] * buffer))
+                if not self.apply_updates(updates, what="natural-gradient step", stacklevel=5):
+                    return result
+                if self.adaptive_damping:
+                    accepted, damping, self.last_reduction_ratio = self._adapt(
+                        problem, loss, gradient, Ut, updates, damping
+                    )
+                    if not accepted:
+                        for p, value in zip(params, saved):
+                            p.copy_(value)
+                        self.rejected_trials += 1
+                        continue
+                for p, buffer in buffers:
+                    self.state[p]["momentum_buffer"] = buffer
+                self.damping = damping
                 return result
-            if self.adaptive_damping:
-                accepted, damping, self.last_reduction_ratio = self._adapt(
-                    problem, loss, gradient, Ut, updates, damping
-                )
-                if not accepted:
-                    for p, value in zip(params, saved):
-                        p.copy_(value)
-                    self.rejected_trials += 1
-                    continue
-            for p, buffer in buffers:
-                self.state[p]["momentum_buffer"] = buffer
-            self.damping = damping
+            self.skip(f"the batch loss did not decrease with a damping up to {damping:.3g}", stacklevel=5)
             return result
-        self.skip(f"the batch loss did not decrease with a damping up to {damping:.3g}", stacklevel=5)
-        return result
 
     def _adapt(
         self,

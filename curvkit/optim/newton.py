@@ -73,6 +73,7 @@ from curvkit.optim.base import (
     check_integer,
     check_learning_rate,
     check_positive,
+    full_precision,
     unpack_batch,
 )
 from curvkit.optim.base import all_finite as finite
@@ -268,38 +269,39 @@ class Newton(CurvatureOptimizer):
             ValueError: No ``batch``, or not an ``(inputs, targets)`` pair.
         """
         closure_loss = self.evaluate(closure)
-        inputs, targets = unpack_batch(type(self).__name__, batch)
-        problem = self.batch_problem(inputs, targets)
-        self.steps += 1
-        loss, g = problem.loss_and_gradient()
-        self.last_info = {"loss": float(loss), "skipped": True}
-        result = closure_loss if closure is not None else loss
-        if not all_finite(loss, g):
-            self.skip("the batch's loss or gradient is not finite")
+        with full_precision(self.param_groups[0]["params"][0].device):
+            inputs, targets = unpack_batch(type(self).__name__, batch)
+            problem = self.batch_problem(inputs, targets)
+            self.steps += 1
+            loss, g = problem.loss_and_gradient()
+            self.last_info = {"loss": float(loss), "skipped": True}
+            result = closure_loss if closure is not None else loss
+            if not all_finite(loss, g):
+                self.skip("the batch's loss or gradient is not finite")
+                return result
+            with torch.enable_grad():
+                op = curvature(self.curvature, problem, **self.curvature_options)
+                H = op.to_dense(max_dim=self.max_dim)
+            if not all_finite(H):
+                self.skip(f"the {self.curvature} matrix is not finite")
+                return result
+            lam, Q = torch.linalg.eigh((H + H.T) / 2)
+            self.last_info["eigenvalues"] = (float(lam[0]), float(lam[-1]))
+            mu, why = self._inverted_eigenvalues(lam)
+            if why:
+                self.skip(why)
+                return result
+            c = Q.T @ g
+            sigma = 0.0
+            if self.trust_radius is not None:
+                sigma = trust_region_multiplier(c, mu, self.trust_radius)
+            d = -(Q @ (c / (mu + sigma)))
+            self.last_info.update(step_norm=float(d.norm()), multiplier=sigma)
+            applied = self.apply_updates(
+                updates_of(problem, learning_rates(self, problem) * d), what="Newton step"
+            )
+            self.last_info["skipped"] = not applied
             return result
-        with torch.enable_grad():
-            op = curvature(self.curvature, problem, **self.curvature_options)
-            H = op.to_dense(max_dim=self.max_dim)
-        if not all_finite(H):
-            self.skip(f"the {self.curvature} matrix is not finite")
-            return result
-        lam, Q = torch.linalg.eigh((H + H.T) / 2)
-        self.last_info["eigenvalues"] = (float(lam[0]), float(lam[-1]))
-        mu, why = self._inverted_eigenvalues(lam)
-        if why:
-            self.skip(why)
-            return result
-        c = Q.T @ g
-        sigma = 0.0
-        if self.trust_radius is not None:
-            sigma = trust_region_multiplier(c, mu, self.trust_radius)
-        d = -(Q @ (c / (mu + sigma)))
-        self.last_info.update(step_norm=float(d.norm()), multiplier=sigma)
-        applied = self.apply_updates(
-            updates_of(problem, learning_rates(self, problem) * d), what="Newton step"
-        )
-        self.last_info["skipped"] = not applied
-        return result
 
     def _inverted_eigenvalues(self, lam: Tensor) -> tuple[Tensor, str]:
         """``mu`` of the mode (the eigenvalues of ``M``), or a reason to skip the step."""

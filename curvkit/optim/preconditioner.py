@@ -50,7 +50,13 @@ from curvkit.layout import select_parameters
 from curvkit.linalg.solve import SOLVE_ARGUMENTS, SolveResult, check_solver_options, solve, solvers
 from curvkit.losses import resolve_loss
 from curvkit.operator import CurvatureOperator
-from curvkit.optim.base import check_integer, check_positive, unpack_batch, warn_if_data_parallel
+from curvkit.optim.base import (
+    check_integer,
+    check_positive,
+    full_precision,
+    unpack_batch,
+    warn_if_data_parallel,
+)
 from curvkit.problem import Problem
 from curvkit.registry import check_options, curvature, get_estimator
 from curvkit.running import RunningCurvature
@@ -248,37 +254,38 @@ class CurvaturePreconditioner:
             raise ValueError(
                 "CurvaturePreconditioner.step: no parameter has a .grad; call loss.backward() first"
             )
-        due = self.operator is None or self.steps % self.update_freq == 0
-        if due:
-            inputs, targets = unpack_batch(type(self).__name__, batch, " at an update step")
-            try:
-                with torch.enable_grad():
-                    self.update(inputs, targets)
-            except NonFiniteError as exc:  # the batch's curvature was refused
-                self.steps += 1
-                if self.running is not None:
-                    kept = "the running average unchanged"
-                elif self.operator is not None:
-                    kept = "the previous curvature kept"
-                else:
-                    kept = "no curvature yet: built at the next step"
-                return self._skip(f"{exc} ({kept})")
-        self.steps += 1
-        assert self.operator is not None
-        gradient = torch.cat(
-            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
-        ).to(self.operator.dtype)
-        finite_in = torch.isfinite(gradient).all()
-        with torch.enable_grad():
-            preconditioned, self.last_solve = self._precondition(gradient)
-        stopped_non_finite = self.last_solve is not None and self.last_solve.status == "non-finite"
-        if stopped_non_finite or not bool(finite_in & torch.isfinite(preconditioned).all()):
-            what = "gradient" if not bool(finite_in) else "preconditioned gradient"
-            return self._skip(f"the {what} is not finite")
-        for p, part in zip(params, torch.split(preconditioned, [p.numel() for p in params])):
-            if p.grad is not None:
-                p.grad.copy_(part.reshape(p.shape))
-        return True
+        with full_precision(params[0].device):  # the curvature in the parameters' dtype
+            due = self.operator is None or self.steps % self.update_freq == 0
+            if due:
+                inputs, targets = unpack_batch(type(self).__name__, batch, " at an update step")
+                try:
+                    with torch.enable_grad():
+                        self.update(inputs, targets)
+                except NonFiniteError as exc:  # the batch's curvature was refused
+                    self.steps += 1
+                    if self.running is not None:
+                        kept = "the running average unchanged"
+                    elif self.operator is not None:
+                        kept = "the previous curvature kept"
+                    else:
+                        kept = "no curvature yet: built at the next step"
+                    return self._skip(f"{exc} ({kept})")
+            self.steps += 1
+            assert self.operator is not None
+            gradient = torch.cat(
+                [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+            ).to(self.operator.dtype)
+            finite_in = torch.isfinite(gradient).all()
+            with torch.enable_grad():
+                preconditioned, self.last_solve = self._precondition(gradient)
+            stopped_non_finite = self.last_solve is not None and self.last_solve.status == "non-finite"
+            if stopped_non_finite or not bool(finite_in & torch.isfinite(preconditioned).all()):
+                what = "gradient" if not bool(finite_in) else "preconditioned gradient"
+                return self._skip(f"the {what} is not finite")
+            for p, part in zip(params, torch.split(preconditioned, [p.numel() for p in params])):
+                if p.grad is not None:
+                    p.grad.copy_(part.reshape(p.shape))
+            return True
 
     def _skip(self, why: str) -> bool:
         """Counts a step whose gradients are left unchanged and warns (at the caller of :meth:`step`)."""
