@@ -12,6 +12,10 @@ rounding.
 The model is run with :func:`torch.func.functional_call`, with the selected
 parameters substituted by the tensors being differentiated, and in evaluation
 mode by default (BatchNorm uses its running statistics, dropout is off).
+
+A model wrapped by ``torch.compile`` is computed on as its original module
+(:mod:`curvkit.compiled`): the same function, hence the same curvature, with
+the original parameter names; compiled submodules run eagerly.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.func import functional_call
 
 from curvkit import distributed
 from curvkit.backends import without_cudnn
+from curvkit.compiled import EAGER_AVAILABLE, compiled_submodules, eager_compiled, original_module
 from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_device
 from curvkit.errors import DataError, NonDeterministicError, UnknownLossError, first_line
 from curvkit.layout import ParameterLayout, select_parameters
@@ -69,6 +74,11 @@ class Problem:
 
     Args:
         model: The network. Its parameters' device and dtype are the problem's.
+            A ``torch.compile``'d model is taken as its original module
+            (:attr:`model` is ``model._orig_mod``; the parameter names have no
+            ``_orig_mod.`` prefix), whose function, hence curvature, it is; the
+            generated code cannot be differentiated twice. Compiled submodules
+            run eagerly while the problem evaluates the model.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``, ``"nll"``, a
             ``torch.nn`` loss module, or a callable ``(outputs, targets) -> scalar``
             that returns the mean over the batch's samples.
@@ -136,6 +146,15 @@ class Problem:
     ):
         if not isinstance(model, nn.Module):
             raise DataError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = original_module(model)
+        compiled = compiled_submodules(model)
+        if compiled and not EAGER_AVAILABLE:
+            raise DataError(
+                f"the model holds torch.compile'd submodules ({_listing(compiled)}), which cannot be "
+                f"differentiated twice and which torch {torch.__version__} cannot run eagerly (torch 2.6 "
+                "and later can); build the model without compiling them"
+            )
+        self._eager_compiled = bool(compiled)
         self.model = model
         self.loss: BatchLoss = resolve_loss(loss, reduction)
         self._loss_arg, self._data_arg = loss, data
@@ -427,7 +446,10 @@ class Problem:
         if not self.eval_mode:  # train-mode BatchNorm must not update the model's statistics
             for name, b in self.model.named_buffers():
                 values[name] = b.clone()
-        with without_cudnn() if self._without_cudnn else contextlib.nullcontext():
+        with (
+            without_cudnn() if self._without_cudnn else contextlib.nullcontext(),
+            eager_compiled() if self._eager_compiled else contextlib.nullcontext(),
+        ):
             if isinstance(inputs, Mapping):
                 out = functional_call(self.model, values, args=(), kwargs={**inputs, **self.forward_kwargs})
             else:

@@ -284,6 +284,21 @@ def test_save_unwraps_data_parallel_and_compile(tmp_path, models):
         assert keys == list(net.state_dict())
 
 
+@pytest.mark.parametrize("saved", ["uncompiled", "compiled"])
+def test_a_compiled_model_gets_the_weights_of_its_original_module(tmp_path, models, saved):
+    """A factory returning ``torch.compile(net)`` (``curvkit analyze --model mod:compiled``): its keys
+    are ``_orig_mod.*``, so a checkpoint of the uncompiled model fitted none of them ("6 missing
+    keys ... 6 unexpected keys"); the weights now go to the original module, whatever the keys."""
+    net = _mlp(models, seed=1)
+    state = net.state_dict() if saved == "uncompiled" else _prefixed(net, "_orig_mod.")
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    fresh = _mlp(models, seed=2)
+    loaded = load_checkpoint(path, model_factory=lambda: torch.compile(fresh))
+    assert loaded.model._orig_mod is fresh and loaded.missing == [] and loaded.unexpected == []
+    _assert_same_weights(fresh, net)
+
+
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [

@@ -660,3 +660,32 @@ def test_a_step_inside_autocast_works_in_the_parameters_dtype(name):
     for p, q in zip(model.parameters(), reference.parameters()):
         assert p.dtype == torch.float32
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [*BATCH_OPTIMIZERS, "CurvaturePreconditioner"])
+def test_a_compiled_model_steps_as_its_original_module(name):
+    """``model=torch.compile(net)``: the step's problem is the original module's (Newton and HessianFree
+    raised torch's "compiled with non-empty donated buffers" at the Hessian's products, and the names
+    were ``_orig_mod.*``); the steps equal those of the uncompiled model. Nothing is compiled: KFAC's
+    and the preconditioner's ``.grad`` come from the original module."""
+    model, X, y = model_and_batch()
+    reference = copy.deepcopy(model)
+
+    def run(net, given):
+        if name == "CurvaturePreconditioner":
+            optimizer = curvkit.optim.CurvaturePreconditioner(given, "kfac", loss_fn="cross_entropy")
+        else:
+            settings = {"mode": "damped", "damping": 1.0} if name == "Newton" else {}
+            optimizer = make_optimizer(name, given.parameters(), given, **settings)
+        for _ in range(2):
+            net.zero_grad()
+            if name in ("KFAC", "CurvaturePreconditioner"):
+                nn.functional.cross_entropy(net(X), y).backward()
+            optimizer.step(batch=(X, y))  # EKFAC: the batch's gradient
+        return optimizer
+
+    optimizer = run(model, torch.compile(model))
+    run(reference, reference)
+    assert optimizer.skipped_steps == 0
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)

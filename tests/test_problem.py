@@ -611,3 +611,55 @@ def test_to_float64_runs_a_double_precision_copy():
     got32 = curvkit.curvature("hessian", p32) @ v.float()
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32.double(), want[2], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- torch.compile
+_SEEDED = {"d3": {"seed": 0}, "ekfac": {"seed": 0}, "fisher": {"seed": 0}, "kfac": {"seed": 0}}
+
+
+@pytest.mark.parametrize(
+    "estimator", ["hessian", "ggn", "fisher", "empirical-fisher", "exact-hessian", "kfac", "ekfac", "d3"]
+)
+def test_a_compiled_model_has_the_curvature_of_its_original_module(estimator):
+    """torch.compile's wrapper (OptimizedModule) computes its original module's function; its generated
+    code cannot be differentiated twice (the Hessian raised torch's "non-empty donated buffers" error).
+    Nothing is compiled here: the problem computes on the original module."""
+    model, (X, y) = _mlp(), _data(n=12)
+    compiled = torch.compile(model)
+    problem = curvkit.Problem(compiled, "cross_entropy", (X, y), batch_size=5)
+    reference = curvkit.Problem(model, "cross_entropy", (X, y), batch_size=5)
+    V = torch.randn(43, 2, generator=torch.Generator().manual_seed(3), dtype=DT)
+    options = _SEEDED.get(estimator, {})
+    got = curvkit.curvature(estimator, problem, **options) @ V
+    want = curvkit.curvature(estimator, reference, **options) @ V
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert problem.model is model
+    assert problem.param_names == ("0.weight", "0.bias", "2.weight", "2.bias")  # no "_orig_mod." prefix
+
+
+class _CompiledBody(nn.Module):
+    """A model holding a compiled submodule (its parameters are named ``body._orig_mod.*``)."""
+
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body, self.head = torch.compile(body), head
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_compiled_submodule_runs_eagerly_in_the_problem():
+    """Its generated code has no double backward ("torch.compile with aot_autograd does not currently
+    support double backward"); the problem runs it eagerly: the curvature of the uncompiled model."""
+    model, (X, y) = _mlp(), _data(n=12)
+    holder = _CompiledBody(model[:2], model[2])
+    problem = curvkit.Problem(holder, "cross_entropy", (X, y), batch_size=5)
+    assert problem.param_names == (
+        "body._orig_mod.0.weight",
+        "body._orig_mod.0.bias",
+        "head.weight",
+        "head.bias",
+    )
+    v = _vec(43)
+    want = _truth(model, F.cross_entropy, X, y, v)
+    _assert_same(_curvkit(problem, v), want)

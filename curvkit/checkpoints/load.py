@@ -18,6 +18,7 @@ from curvkit.checkpoints.fit import check_finite_weights, fit_weights, select_su
 from curvkit.checkpoints.formats import find_loader, run_loader
 from curvkit.checkpoints.metadata import is_plain
 from curvkit.checkpoints.unpack import CheckpointContent, unpack
+from curvkit.compiled import original_module
 from curvkit.errors import PluginError
 
 __all__ = ["load_checkpoint"]
@@ -70,6 +71,10 @@ def load_checkpoint(
     factory's signature accepts. TorchScript and ``torch.export`` archives and
     pickled modules carry their own model; ``model``, ``model_factory`` and
     ``weights_key`` are then not used.
+    A ``torch.compile``'d ``model`` (or factory's model) gets the weights of
+    its original module (:func:`curvkit.compiled.original_module`), so that a
+    checkpoint of the uncompiled model fits it, and one saved with the
+    ``_orig_mod.`` keys of a compiled model too.
 
     In a checkpoint dict, the weights are the entry ``weights_key`` names, or
     else the one entry holding weights under a usual key (``model_state_dict``,
@@ -144,14 +149,15 @@ def load_checkpoint(
             content, path, model, model_factory, model_kwargs, trust_pickle
         )
         notes += built_notes
-        expected = set(net.state_dict())
+        target = original_module(net)  # a torch.compile'd model's weights are its original module's
+        expected = set(target.state_dict())
         state, stripped = strip_wrappers(content.state, expected)
         if content.kind == "lightning" and not set(state) <= expected:
             state, chosen = select_submodule(state, expected)
             more, stripped2 = strip_wrappers(state, expected)
             state, stripped = more, stripped + chosen + stripped2
         notes += stripped
-        missing, unexpected = fit_weights(net, state, path, source, strict)
+        missing, unexpected = fit_weights(target, state, path, source, strict)
     try:
         net = net.to(device)
     except RuntimeError as exc:

@@ -13,6 +13,7 @@ from curvkit.checkpoints._text import exc_line
 from curvkit.checkpoints._types import CheckpointError
 from curvkit.checkpoints.factories import check_factory_spec
 from curvkit.checkpoints.metadata import METADATA_KEY, METADATA_VERSION, STATE_DICT_KEY, check_plain
+from curvkit.compiled import original_module
 
 __all__ = ["save_checkpoint"]
 
@@ -20,14 +21,10 @@ __all__ = ["save_checkpoint"]
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(
-            getattr(model, "_orig_mod", None), nn.Module
-        ):
-            model = model._orig_mod
-        else:
+        model = original_module(model)
+        if not isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             return model
+        model = model.module
 
 
 def save_checkpoint(

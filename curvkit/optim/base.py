@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.arguments import fraction, integer, non_negative_number, positive_number, seed
+from curvkit.compiled import original_module
 from curvkit.distributed import is_data_parallel
 from curvkit.errors import CurvkitWarning
 from curvkit.finite import all_finite, first_non_finite, outside_autograd
@@ -422,7 +423,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         The one check that every optimized tensor is a parameter of the model:
         optimizers that need the model call it at construction, and
-        :meth:`batch_problem` at every step.
+        :meth:`batch_problem` at every step. The names are those of the
+        :class:`curvkit.Problem` of a batch: a ``torch.compile``'d model's
+        are its original module's (:func:`curvkit.compiled.original_module`).
 
         Raises:
             ValueError: The optimizer was built without ``model=`` or ``loss_fn=``
@@ -431,7 +434,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         check_model_and_loss(type(self).__name__, self.model, self.loss_fn)
         assert self.model is not None
-        names = {id(p): name for name, p in self.model.named_parameters()}
+        names = {id(p): name for name, p in original_module(self.model).named_parameters()}
         mine = [p for group in self.param_groups for p in group["params"]]
         missing = [p for p in mine if id(p) not in names]
         if missing:

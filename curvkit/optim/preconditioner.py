@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvkit.compiled import original_module
 from curvkit.errors import CurvkitWarning, NonFiniteError, UnknownEstimatorError, UnknownOptionError
 from curvkit.finite import all_finite
 from curvkit.layout import select_parameters
@@ -144,7 +145,7 @@ class CurvaturePreconditioner:
         resolve_loss(loss_fn)  # a loss every batch's Problem would refuse: refused now, in one line
         self.model, self.loss_fn, self.eval_mode = model, loss_fn, eval_mode
         self.params = params
-        self.param_names = tuple(name for name, _ in select_parameters(model, params))
+        self.param_names = tuple(name for name, _ in select_parameters(original_module(model), params))
         self._configure(estimator, damping, solver, update_freq, decay, solver_options, estimator_options)
         self.steps = self.updates = self.skipped_steps = 0
         self.operator: CurvatureOperator | None = None
@@ -248,7 +249,7 @@ class CurvaturePreconditioner:
         Raises:
             ValueError: No parameter has a gradient, or no batch at an update step.
         """
-        named = dict(self.model.named_parameters())
+        named = dict(original_module(self.model).named_parameters())
         params = [named[n] for n in self.param_names]
         if all(p.grad is None for p in params):
             raise ValueError(
