@@ -199,6 +199,26 @@ def test_newton_refuses_a_model_above_max_dim_at_construction():
         Newton(model.parameters(), model=model, loss_fn="cross_entropy", max_dim=50)
 
 
+def test_newtons_max_dim_counts_the_trained_parameters_at_construction_and_at_each_step():
+    """Frozen parameters (``requires_grad=False``) are not stepped, so they do not count: a fine-tuned
+    head of 27 parameters was refused as ``P=83``. One unfrozen later counts at the next step."""
+    model = mlp()  # P = 56 + 27
+    model[0].requires_grad_(False)
+    X, y = teacher_data(32)
+    optimizer = Newton(
+        model.parameters(), model=model, loss_fn="cross_entropy", mode="damped", damping=1.0, max_dim=50
+    )
+    optimizer.step(batch=(X, y))
+    assert optimizer.steps == 1 and optimizer.skipped_steps == 0
+    model[0].requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=r"^Newton needs the dense P x P Hessian: P=83 parameters exceeds max_dim=50 "
+    ):
+        optimizer.step(batch=(X, y))
+    assert optimizer.steps == 1 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 # ---------------------------------------------------------------------- HessianFree
 def hf_exact(model: nn.Module, **options) -> HessianFree:
     """HF with a converged CG and a fixed damping: a damped Newton step."""

@@ -185,7 +185,9 @@ class Newton(CurvatureOptimizer):
         damping: ``>= 0``; must be 0 with ``mode="exact"``; ``H + damping I`` with
             ``"damped"``; the floor of ``|lambda|`` with ``"saddle-free"``.
         mode: ``"exact"``, ``"damped"`` or ``"saddle-free"``.
-        max_dim: The largest ``P`` accepted (the dense Hessian has ``P^2`` entries).
+        max_dim: The largest ``P`` accepted (the dense Hessian has ``P^2`` entries):
+            ``P`` counts the optimized parameters that require grad, at
+            construction and again at each step (a frozen one is not stepped).
         trust_radius: ``None`` (no trust region) or ``r > 0``: ``d`` solves the
             trust-region subproblem ``||d|| <= r``.
         curvature: The estimator of ``H``: ``"hessian"`` (Newton's method) or
@@ -244,11 +246,14 @@ class Newton(CurvatureOptimizer):
         self.last_info: dict[str, Any] = {}
         super().__init__(params, {"lr": lr}, model=model, loss_fn=loss_fn, eval_mode=eval_mode)
         self.parameter_names()  # refuses a missing model or loss, or a tensor not the model's
-        P = sum(p.numel() for g in self.param_groups for p in g["params"])
+        self._check_dim(sum(p.numel() for g in self.param_groups for p in g["params"] if p.requires_grad))
+
+    def _check_dim(self, P: int) -> None:
+        """A ValueError if ``P`` trained parameters exceed :attr:`max_dim` (frozen ones are not stepped)."""
         if P > self.max_dim:
             raise ValueError(
-                f"Newton needs the dense P x P Hessian: P={P:,} parameters exceeds max_dim={self.max_dim:,} "
-                "(raise max_dim, optimize fewer parameters, or use HessianFree)"
+                f"Newton needs the dense P x P Hessian: P={P:,} parameters exceeds "
+                f"max_dim={self.max_dim:,} (raise max_dim, optimize fewer parameters, or use HessianFree)"
             )
 
     def step(  # type: ignore[override]
@@ -266,12 +271,14 @@ class Newton(CurvatureOptimizer):
             The closure's loss if one is given, otherwise the batch's loss before the step.
 
         Raises:
-            ValueError: No ``batch``, or not an ``(inputs, targets)`` pair.
+            ValueError: No ``batch``, or not an ``(inputs, targets)`` pair; more trained
+                parameters than ``max_dim`` (some unfrozen since construction).
         """
         closure_loss = self.evaluate(closure)
         with full_precision(self.param_groups[0]["params"][0].device):
             inputs, targets = unpack_batch(type(self).__name__, batch)
             problem = self.batch_problem(inputs, targets)
+            self._check_dim(problem.dim)  # parameters unfrozen since construction count now
             self.steps += 1
             loss, g = problem.loss_and_gradient()
             self.last_info = {"loss": float(loss), "skipped": True}
