@@ -689,3 +689,31 @@ def test_a_compiled_model_steps_as_its_original_module(name):
     assert optimizer.skipped_steps == 0
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["KFAC", "EKFAC", "CurvaturePreconditioner"])
+def test_a_misspelt_argument_is_refused_listing_the_arguments_and_the_estimators_options(name):
+    """Constructors that pass their other keywords to the estimator (``**estimator_options``) said only
+    "estimator 'kfac' takes no option 'weight_decy'; its options: fisher_type, ...", as if the
+    optimizer had no hyper-parameters: the message lists both, with the closest name."""
+    model, _, _ = model_and_batch()
+    if name == "CurvaturePreconditioner":
+        build, error = (lambda **kw: curvkit.optim.CurvaturePreconditioner(model, "kfac", **kw)), TypeError
+        first, typo, meant = "model, estimator, loss_fn, damping", "dampin", "damping"
+    else:
+        build, error = (
+            (lambda **kw: getattr(curvkit.optim, name)(model.parameters(), model=model, **kw)),
+            ValueError,
+        )
+        first, typo, meant = "params, model, loss_fn, lr, damping", "weight_decy", "weight_decay"
+    with pytest.raises(error) as exc:
+        build(loss_fn="cross_entropy", **{typo: 1e-4})
+    (line,) = str(exc.value).splitlines()
+    assert line.startswith(
+        f"{name} takes no argument {typo!r} (did you mean {meant!r}?): its arguments are {first}, "
+    )
+    estimator = "ekfac" if name == "EKFAC" else "kfac"
+    assert line.endswith(
+        f"; the options of estimator {estimator!r} are fisher_type, mc_samples, seed, approx, fold_bias, "
+        "unsupported, max_factor_bytes"
+    )

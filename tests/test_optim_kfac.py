@@ -441,7 +441,11 @@ BAD = [
     ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0"),
     ("seed", -1, "seed must be an integer >= 0"),
     ("seed", 2**70, r"seed must be an integer >= 0 and < 2\*\*63, got 1180591620717411303424"),
-    ("fisher", "mc", "estimator 'kfac' takes no option 'fisher'; its options: fisher_type"),
+    (
+        "fisher",
+        "mc",
+        r"takes no argument 'fisher' \(did you mean 'fisher_type'\?\): its arguments are params",
+    ),
 ]
 
 

@@ -25,6 +25,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -36,10 +38,12 @@ from torch import Tensor, nn
 from curvkit.arguments import fraction, integer, non_negative_number, positive_number, seed
 from curvkit.compiled import original_module
 from curvkit.distributed import is_data_parallel
-from curvkit.errors import CurvkitWarning
+from curvkit.errors import CurvkitWarning, UnknownOptionError
+from curvkit.estimator_spec import EstimatorSpec
 from curvkit.finite import all_finite, first_non_finite, outside_autograd
 from curvkit.losses import resolve_loss
 from curvkit.problem import Problem
+from curvkit.registry import check_options, estimator_options
 
 T = TypeVar("T")
 
@@ -50,6 +54,7 @@ __all__ = [
     "check_betas",
     "check_choice",
     "check_entries",
+    "check_estimator_options",
     "check_flag",
     "check_fraction",
     "check_integer",
@@ -305,6 +310,47 @@ def check_model_and_loss(owner: str, model: Any, loss_fn: Any) -> None:
         raise ValueError(
             f"{owner} needs model= and loss_fn= (the network and its loss, as curvkit.Problem takes it)"
         )
+
+
+def check_estimator_options(owner: type, spec: EstimatorSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``owner``'s constructor passes to estimator ``spec`` (``**estimator_options``), checked.
+
+    Such a constructor takes any keyword, so a misspelt hyper-parameter of its
+    own (``weight_decy=1e-4``) lands among the estimator's options: the error
+    says so, listing what is accepted: ``owner``'s own arguments and the
+    estimator's options, with the closest name. Otherwise
+    :func:`curvkit.registry.check_options` (a ``seed`` included).
+
+    Args:
+        owner: The class whose constructor was called (``KFAC``, ``CurvaturePreconditioner``).
+        spec: The estimator.
+        options: The keywords the constructor did not take itself.
+
+    Returns:
+        The options, as :func:`~curvkit.registry.check_options` returns them.
+
+    Raises:
+        UnknownOptionError: An option neither ``owner`` nor the estimator takes (one
+            line: ``"KFAC takes no argument 'weight_decy' (did you mean 'weight_decay'?):
+            its arguments are ...; the options of estimator 'kfac' are ..."``).
+        CurvkitError: An invalid ``seed``.
+    """
+    known = estimator_options(spec)
+    unknown = [key for key in options if known is not None and key not in known]
+    if unknown:
+        assert known is not None
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        parameters = list(inspect.signature(owner.__init__).parameters.values())[1:]  # after self
+        own = [p.name for p in parameters if p.kind in named]
+        close = difflib.get_close_matches(unknown[0], [*own, *known], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        names, plural = ", ".join(map(repr, unknown)), "s" if len(unknown) > 1 else ""
+        theirs = ", ".join(known) if known else "none"
+        raise UnknownOptionError(
+            f"{owner.__name__} takes no argument{plural} {names}{hint}: its arguments are "
+            f"{', '.join(own)}; the options of estimator {spec.name!r} are {theirs}"
+        )
+    return check_options(spec, options)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:

@@ -118,6 +118,7 @@ from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import (
     CurvatureOptimizer,
     check_entries,
+    check_estimator_options,
     check_fraction,
     check_integer,
     check_learning_rate,
@@ -130,7 +131,7 @@ from curvkit.optim.base import (
     unpack_batch,
 )
 from curvkit.problem import Problem
-from curvkit.registry import check_options, curvature, get_estimator
+from curvkit.registry import curvature, get_estimator
 from curvkit.registry import estimator_options as estimator_options_of
 from curvkit.running import Parts, RunningCurvature, kronecker_key, parts_finite
 
@@ -200,8 +201,9 @@ class KFAC(CurvatureOptimizer):
 
     Raises:
         ValueError: A hyper-parameter out of range (an adapted ``damping`` outside
-            :data:`DAMPING_RANGE`), no model or loss, or an option the estimator
-            does not take.
+            :data:`DAMPING_RANGE`), no model or loss, or a keyword neither KFAC nor
+            the estimator takes (a misspelt hyper-parameter: the message lists what each takes,
+            :func:`curvkit.optim.base.check_estimator_options`).
 
     Attributes:
         damping: The current ``lambda``.
@@ -276,9 +278,9 @@ class KFAC(CurvatureOptimizer):
         seed = options.pop("seed", None)
         if seed is not None:
             seed = check_seed("seed", seed)
-        spec = get_estimator("kfac")  # EKFAC's estimator takes the same options
+        spec = get_estimator(self.ESTIMATOR)
         try:
-            check_options(spec, {**options, "seed": 0})
+            check_estimator_options(type(self), spec, {**options, "seed": 0})
         except CurvkitError as exc:
             raise ValueError(str(exc)) from exc
         options.setdefault("unsupported", "skip")

@@ -52,6 +52,7 @@ from curvkit.linalg.solve import SOLVE_ARGUMENTS, SolveResult, check_solver_opti
 from curvkit.losses import resolve_loss
 from curvkit.operator import CurvatureOperator
 from curvkit.optim.base import (
+    check_estimator_options,
     check_integer,
     check_positive,
     full_precision,
@@ -59,7 +60,7 @@ from curvkit.optim.base import (
     warn_if_data_parallel,
 )
 from curvkit.problem import Problem
-from curvkit.registry import check_options, curvature, get_estimator
+from curvkit.registry import curvature, get_estimator
 from curvkit.running import RunningCurvature
 
 __all__ = ["CurvaturePreconditioner"]
@@ -120,7 +121,8 @@ class CurvaturePreconditioner:
     Raises:
         ValueError: An invalid hyper-parameter, an unknown estimator or solver, or
             a parameter selection that matches nothing.
-        UnknownOptionError: An option the estimator does not take.
+        UnknownOptionError: A keyword neither the constructor nor the estimator
+            takes (listing what each takes: :func:`curvkit.optim.base.check_estimator_options`).
     """
 
     def __init__(
@@ -167,7 +169,7 @@ class CurvaturePreconditioner:
             spec = get_estimator(estimator)
         except UnknownEstimatorError as exc:
             raise ValueError(exc.args[0]) from None
-        check_options(spec, estimator_options)
+        check_estimator_options(type(self), spec, estimator_options)
         names = [s.name for s in solvers()]
         if solver != "auto" and solver not in names:
             raise ValueError(f"solver must be 'auto' or one of {names}, got {solver!r}")
