@@ -8,6 +8,7 @@ import inspect
 import math
 import pkgutil
 import threading
+import warnings
 
 import pytest
 import torch
@@ -717,3 +718,43 @@ def test_a_misspelt_argument_is_refused_listing_the_arguments_and_the_estimators
         f"; the options of estimator {estimator!r} are fisher_type, mc_samples, seed, approx, fold_bias, "
         "unsupported, max_factor_bytes"
     )
+
+
+@pytest.mark.parametrize("name", [*BATCH_OPTIMIZERS, "KFAC with backward"])
+def test_a_model_in_training_mode_stepped_in_evaluation_mode_is_warned_about_once(name):
+    """With ``eval_mode=True`` (the default) the step's loss, gradient and curvature are the model's
+    in evaluation mode: BatchNorm with running statistics that no step updates, no dropout. A model
+    left in training mode was trained so silently. Optimizers that compute the gradient themselves
+    warn once, at the caller's line; ``model.eval()`` silences it, and KFAC given ``.grad`` (the
+    user's train-mode gradient, documented eval-mode curvature) does not warn."""
+    name, backward = name.split()[0], name.endswith("with backward")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 2))
+    model = model.to(DT)
+    X, y = torch.randn(6, 3, dtype=DT), torch.randint(0, 2, (6,))
+    settings = {"mode": "damped", "damping": 1.0} if name == "Newton" else {}
+
+    def steps(count: int) -> list[warnings.WarningMessage]:
+        optimizer = make_optimizer(name, model.parameters(), model, **settings)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for _ in range(count):
+                optimizer.zero_grad()
+                if backward:
+                    nn.functional.cross_entropy(model(X), y).backward()
+                optimizer.step(batch=(X, y))  # the line the warning must name
+        return [w for w in record if issubclass(w.category, curvkit.CurvkitWarning)]
+
+    found = steps(2)
+    if backward:
+        assert found == []
+        return
+    (warning,) = found
+    assert str(warning.message).startswith(
+        f"{name}: the model is in training mode, but with eval_mode=True the step's loss, gradient and "
+        "curvature are those of the model in evaluation mode, where its BatchNorm1d '1', Dropout '3' behave "
+        "differently: "
+    )
+    assert warning.filename == __file__, (warning.filename, warning.lineno)
+    model.eval()
+    assert steps(1) == []

@@ -67,6 +67,7 @@ __all__ = [
     "full_precision",
     "levenberg_marquardt",
     "loss_at",
+    "mode_dependent_modules",
     "optional",
     "unpack_batch",
 ]
@@ -199,6 +200,28 @@ def warn_if_data_parallel(owner: object) -> None:
             CurvkitWarning,
             stacklevel=3,
         )
+
+
+def mode_dependent_modules(model: nn.Module) -> list[str]:
+    """``"BatchNorm1d '1'"``, ...: the modules of ``model`` in training mode whose output depends on the mode.
+
+    Normalisation layers that keep running statistics (BatchNorm, InstanceNorm
+    with ``track_running_stats``: batch statistics in training mode, the running
+    ones in evaluation mode), dropout with ``p > 0`` and attention with
+    ``dropout > 0``. In evaluation mode (or where none is in training mode)
+    the model is the same function in both modes.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if (
+            (isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats)
+            or (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
+            or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
+        ):
+            found.append(f"{type(module).__name__} {name!r}")
+    return found
 
 
 def full_precision(device: torch.device) -> torch.autocast:
@@ -381,8 +404,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         model: The network, for optimizers that use a curvature estimator.
         loss_fn: Its loss, as :class:`curvkit.Problem` takes it (``"cross_entropy"``,
             ``"mse"``, a loss module, or ``(outputs, targets) -> mean loss``).
-        eval_mode: Whether the curvature is that of the model in evaluation mode
-            (dropout off, BatchNorm's running statistics), as the analyses use.
+        eval_mode: Whether the curvature (and a loss and gradient the step
+            computes) is that of the model in evaluation mode (dropout off,
+            BatchNorm's running statistics, which no step updates), as the
+            analyses use; :meth:`warn_if_trained_in_eval_mode` warns about a
+            model left in training mode.
 
     Attributes:
         skipped_steps: Steps whose update was not finite, hence not applied.
@@ -414,6 +440,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.loss_fn = loss_fn
         self.eval_mode = eval_mode
         self.skipped_steps = 0
+        self._warned_eval_mode = False  # warn_if_trained_in_eval_mode warns once per optimizer
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -513,6 +540,40 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         warn_if_data_parallel(self)
         return Problem.for_batch(
             self.model, self.loss_fn, inputs, targets, params=params, eval_mode=self.eval_mode
+        )
+
+    def warn_if_trained_in_eval_mode(self, *, stacklevel: int = 4) -> None:
+        """Warns once if this step's loss and gradient come from a mode the model is not in.
+
+        Called by an optimizer that computes the batch's loss and gradient itself
+        (Newton, HessianFree, NaturalGradient; KFAC and EKFAC without ``.grad``),
+        before it does. With ``eval_mode=True`` they are the model's in evaluation
+        mode: a model in training mode whose BatchNorm or dropout layers
+        (:func:`mode_dependent_modules`) behave differently there would
+        otherwise be trained, silently, as another function (BatchNorm with its
+        running statistics, which the step does not update; no dropout). The
+        :class:`curvkit.CurvkitWarning` names those layers and says how to
+        proceed; ``model.eval()``, or a model without such layers, gives none.
+
+        Args:
+            stacklevel: The warning's, counted from here (4: the caller of a
+                ``step`` that calls this method, through torch.optim's wrapper).
+        """
+        if not self.eval_mode or self._warned_eval_mode or self.model is None:
+            return
+        found = mode_dependent_modules(original_module(self.model))
+        if not found:
+            return
+        self._warned_eval_mode = True
+        shown = ", ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+        warnings.warn(
+            f"{type(self).__name__}: the model is in training mode, but with eval_mode=True the step's loss, "
+            f"gradient and curvature are those of the model in evaluation mode, where its {shown} behave "
+            "differently: BatchNorm normalises with its running statistics, which the step does not update, "
+            "and dropout is off. Call model.eval() if that is the model to train (no warning then); see "
+            "'Evaluation mode' in docs/optimizers.md for the alternatives",
+            CurvkitWarning,
+            stacklevel=stacklevel,
         )
 
     # ------------------------------------------------------------------ closure and updates

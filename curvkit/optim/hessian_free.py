@@ -143,7 +143,12 @@ class HessianFree(CurvatureOptimizer):
         curvature_options: Options of the estimator (default ``{"strategy": "reverse"}``:
             plain autograd, pinned, so that products, hence runs and resumed runs,
             are bit-for-bit repeatable; ``"auto"`` times its ways and may keep either).
-        eval_mode: The curvature of the model in evaluation mode (dropout off).
+        eval_mode: The step's loss, gradient and curvature are the model's in
+            evaluation mode (default: dropout off, BatchNorm with its running
+            statistics, which the step does not update); ``False``: in the model's
+            own mode. A model in training mode with BatchNorm or dropout layers is
+            warned about once (:class:`curvkit.CurvkitWarning`; ``model.eval()``
+            silences it). See docs/optimizers.md, "BatchNorm and dropout".
 
     Attributes:
         damping: The current ``lambda``.
@@ -247,6 +252,7 @@ class HessianFree(CurvatureOptimizer):
         with full_precision(self.param_groups[0]["params"][0].device):
             inputs, targets = unpack_batch(type(self).__name__, batch)
             problem = self.batch_problem(inputs, targets)
+            self.warn_if_trained_in_eval_mode()
             self.steps += 1
             loss, g = problem.loss_and_gradient()
             result = closure_loss if closure is not None else loss

@@ -193,8 +193,14 @@ class KFAC(CurvatureOptimizer):
         kl_clip: ``kappa > 0``, or ``None`` for no KL clipping.
         momentum: ``mu`` in ``[0, 1)``.
         weight_decay: ``w >= 0``, added to the preconditioned gradient.
-        eval_mode: Whether the curvature (and a gradient this optimizer computes) is
-            that of the model in evaluation mode.
+        eval_mode: Whether the curvature (and a gradient this optimizer computes,
+            when no ``.grad`` is set) is that of the model in evaluation mode
+            (default: dropout off, BatchNorm with its running statistics, which the
+            step does not update). A model in training mode with BatchNorm or
+            dropout layers whose gradient the step computes is warned about once
+            (:class:`curvkit.CurvkitWarning`; ``model.eval()`` silences it); a
+            ``.grad`` from your own backward pass is your model's mode's. See
+            docs/optimizers.md, "BatchNorm and dropout".
         **estimator_options: Options of the ``kfac`` estimator (``fisher_type``,
             ``mc_samples``, ``seed``, ``approx``, ``fold_bias``, ``unsupported``
             (default here ``"skip"``), ``max_factor_bytes``).
@@ -332,6 +338,7 @@ class KFAC(CurvatureOptimizer):
                 gradient = layout.flatten(parts)
                 members = [m for m in members if m[1].grad is not None]
             else:
+                self.warn_if_trained_in_eval_mode()
                 batch_loss, gradient = problem.loss_and_gradient()
             if not bool(torch.isfinite(gradient).all()):
                 self.skip("the gradient is not finite", unchanged=_UNCHANGED)

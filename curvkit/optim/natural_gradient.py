@@ -238,8 +238,13 @@ class NaturalGradient(CurvatureOptimizer):
         adaptive_damping: Adapt the damping by the Levenberg-Marquardt rule (above).
         max_rank: The largest ``K`` (samples x output directions) accepted; a batch
             above it is refused with a :class:`curvkit.CurvkitError`.
-        eval_mode: The curvature and gradient of the model in evaluation mode
-            (dropout off, BatchNorm's running statistics), as the analyses use.
+        eval_mode: The step's loss, gradient and curvature are the model's in
+            evaluation mode (default: dropout off, BatchNorm with its running
+            statistics, which the step does not update), as the analyses use;
+            ``False``: in the model's own mode. A model in training mode with
+            BatchNorm or dropout layers is warned about once
+            (:class:`curvkit.CurvkitWarning`; ``model.eval()`` silences it). See
+            docs/optimizers.md, "BatchNorm and dropout".
 
     Attributes:
         damping: The damping of the next step.
@@ -357,6 +362,7 @@ class NaturalGradient(CurvatureOptimizer):
         inputs, targets = unpack_batch(type(self).__name__, batch)
         closure_loss = self.evaluate(closure)
         with full_precision(self.param_groups[0]["params"][0].device):
+            self.warn_if_trained_in_eval_mode(stacklevel=5)  # step's torch.no_grad wrapper: one frame more
             problem, _, loss, gradient, Ut = self.low_rank_system(inputs, targets)
             self.steps += 1
             self.last_loss = loss.detach()

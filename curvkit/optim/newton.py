@@ -196,7 +196,12 @@ class Newton(CurvatureOptimizer):
             a pinned ``strategy`` for bit-for-bit repeatable products; pass
             ``{"strategy": "reverse"}`` for a model :mod:`torch.func` cannot
             vectorise).
-        eval_mode: The curvature of the model in evaluation mode (dropout off).
+        eval_mode: The step's loss, gradient and Hessian are the model's in
+            evaluation mode (default: dropout off, BatchNorm with its running
+            statistics, which the step does not update); ``False``: in the model's
+            own mode. A model in training mode with BatchNorm or dropout layers is
+            warned about once (:class:`curvkit.CurvkitWarning`; ``model.eval()``
+            silences it). See docs/optimizers.md, "BatchNorm and dropout".
 
     Attributes:
         last_info: Of the latest step: ``loss`` (the batch's, before the step),
@@ -279,6 +284,7 @@ class Newton(CurvatureOptimizer):
             inputs, targets = unpack_batch(type(self).__name__, batch)
             problem = self.batch_problem(inputs, targets)
             self._check_dim(problem.dim)  # parameters unfrozen since construction count now
+            self.warn_if_trained_in_eval_mode()
             self.steps += 1
             loss, g = problem.loss_and_gradient()
             self.last_info = {"loss": float(loss), "skipped": True}
