@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["without_cudnn", "without_tf32"]
+__all__ = ["math_attention", "without_cudnn", "without_tf32"]
 
 
 @contextlib.contextmanager
@@ -36,6 +36,24 @@ def _set(settings: list[tuple[Any, str]], value: Any) -> Iterator[None]:
 def without_cudnn() -> contextlib.AbstractContextManager[None]:
     """cuDNN off while the scope runs (PyTorch's own kernels instead), the other settings untouched."""
     return _set([(torch.backends.cudnn, "enabled")], False)
+
+
+def math_attention() -> contextlib.AbstractContextManager[Any]:
+    """``scaled_dot_product_attention`` computed by its math kernel while the scope runs.
+
+    The fused kernels that PyTorch prefers (flash attention on the CPU and on
+    GPUs, memory-efficient and cuDNN attention on GPUs) have a first backward
+    pass only: a Hessian-vector product through them fails ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"), and so does a forward-mode product. The math kernel is made
+    of ordinary differentiable operations, so every derivative of
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` or a model's own
+    call of ``F.scaled_dot_product_attention`` exists through it. It restores
+    the kernels that were enabled before.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def without_tf32() -> contextlib.AbstractContextManager[None]:

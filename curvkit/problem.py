@@ -16,6 +16,10 @@ mode by default (BatchNorm uses its running statistics, dropout is off).
 A model wrapped by ``torch.compile`` is computed on as its original module
 (:mod:`curvkit.compiled`): the same function, hence the same curvature, with
 the original parameter names; compiled submodules run eagerly.
+
+Attention (``F.scaled_dot_product_attention``, which ``nn.MultiheadAttention``
+calls) is computed by its math kernel, the one whose second and forward-mode
+derivatives exist (:func:`curvkit.backends.math_attention`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvkit import distributed
-from curvkit.backends import without_cudnn
+from curvkit.backends import math_attention, without_cudnn
 from curvkit.compiled import EAGER_AVAILABLE, compiled_submodules, eager_compiled, original_module
 from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_device
 from curvkit.errors import DataError, NonDeterministicError, UnknownLossError, first_line
@@ -446,7 +450,9 @@ class Problem:
         if not self.eval_mode:  # train-mode BatchNorm must not update the model's statistics
             for name, b in self.model.named_buffers():
                 values[name] = b.clone()
+        # Attention by its math kernel: the fused ones have no second derivative and no forward mode.
         with (
+            math_attention(),
             without_cudnn() if self._without_cudnn else contextlib.nullcontext(),
             eager_compiled() if self._eager_compiled else contextlib.nullcontext(),
         ):
