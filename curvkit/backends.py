@@ -38,22 +38,39 @@ def without_cudnn() -> contextlib.AbstractContextManager[None]:
     return _set([(torch.backends.cudnn, "enabled")], False)
 
 
-def math_attention() -> contextlib.AbstractContextManager[Any]:
-    """``scaled_dot_product_attention`` computed by its math kernel while the scope runs.
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention by PyTorch's differentiable composite code while the scope runs.
 
-    The fused kernels that PyTorch prefers (flash attention on the CPU and on
-    GPUs, memory-efficient and cuDNN attention on GPUs) have a first backward
-    pass only: a Hessian-vector product through them fails ("derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-    implemented"), and so does a forward-mode product. The math kernel is made
-    of ordinary differentiable operations, so every derivative of
-    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` or a model's own
-    call of ``F.scaled_dot_product_attention`` exists through it. It restores
-    the kernels that were enabled before.
+    Two choices of PyTorch's are undone, and restored afterwards:
+
+    * ``scaled_dot_product_attention`` (which ``nn.MultiheadAttention`` calls) by
+      its math kernel: the fused kernels that PyTorch prefers (flash attention on
+      the CPU and on GPUs, memory-efficient and cuDNN attention on GPUs) have a
+      first backward pass only, so a Hessian-vector product through them fails
+      ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+      is not implemented"), and so does a forward-mode product. The math kernel
+      is made of ordinary differentiable operations;
+    * the inference fast path of ``nn.MultiheadAttention`` and
+      ``nn.TransformerEncoderLayer`` off (``torch.backends.mha``): in evaluation
+      mode under :mod:`torch.func` transforms the modules cannot see that their
+      weights are being differentiated and take the fused
+      ``_native_multi_head_attention``, which has no batching rule: :func:`torch.vmap`
+      over per-sample gradients (``empirical-fisher``, EKFAC, the diagonals) falls
+      back to a loop over the samples, and torch prints a multi-line
+      ``UserWarning`` ("There is a performance drop because we have not yet
+      implemented the batching rule ...") amid curvkit's output. Off, every
+      estimator evaluates attention by the same code.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH])
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def without_tf32() -> contextlib.AbstractContextManager[None]:

@@ -95,3 +95,21 @@ def test_curvature_products_through_attention_match_finite_differences(estimator
         torch.testing.assert_close(product, expected, rtol=1e-6, atol=1e-7)
     else:  # PSD and finite; its value is checked against the Hessian elsewhere
         assert torch.isfinite(product).all() and v @ product >= 0
+
+
+def test_per_sample_gradients_through_attention_take_no_fused_inference_path(monkeypatch):
+    """In eval mode under ``torch.func`` the encoder took its fast path, which vmap ran sample by sample."""
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused inference path of attention was taken")
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", fused)
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", fused)
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    X, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6,))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    E = curvkit.curvature("empirical-fisher", curvkit.Problem(model, "cross_entropy", (X, y)))
+    product, diagonal = E @ torch.ones(E.shape[0]), E.diagonal()
+    assert torch.isfinite(product).all() and torch.isfinite(diagonal).all()
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
