@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from curvkit import arguments
-from curvkit.arguments import integer, positive_number
+from curvkit.arguments import integer, relative_tolerance
 from curvkit.errors import CurvkitError
 from curvkit.kinds.checks import REFERENCE_TOL
 from curvkit.linalg.ihvp import DENSE_REFERENCE_MAX_DIM
@@ -202,7 +202,7 @@ class AnalysisPlan:
         checked = {
             "top_k": integer(self.top_k, "--top-k", minimum=0),
             "bottom_k": integer(self.bottom_k, "--bottom-k", minimum=0),
-            "tol": positive_number(self.tol, "--tol"),
+            "tol": relative_tolerance(self.tol, "--tol"),
             "seed": arguments.seed(self.seed, "--seed"),  # and of estimators given none (run keys)
             "trace_matvecs": integer(self.trace_matvecs, "--trace-matvecs"),
             "density_steps": integer(self.density_steps, "density steps"),

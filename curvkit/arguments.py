@@ -8,6 +8,10 @@ The rules:
 * A **positive** or **non-negative** number must also be finite: ``inf`` and
   ``nan`` are refused (an infinite tolerance stops a solver before its first
   step, an infinite damping has no inverse).
+* A **relative tolerance** is a number in ``(0, 1)``: a residual is measured
+  relative to ``||A||`` or ``||b||``, which every unit vector's Rayleigh residual
+  and the zero solution's residual already reach, so a tolerance of 1 or more
+  would mark anything converged.
 * An **integer** is a Python or NumPy integer, never a bool (nor a float with
   an integral value, nor a tensor). A **seed** is an integer in ``[0, 2**63)``.
 * The error raised is the caller's (``error=``), :class:`~curvkit.CurvkitError`
@@ -51,7 +55,15 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError
 
-__all__ = ["SEED_LIMIT", "fraction", "integer", "non_negative_number", "positive_number", "seed"]
+__all__ = [
+    "SEED_LIMIT",
+    "fraction",
+    "integer",
+    "non_negative_number",
+    "positive_number",
+    "relative_tolerance",
+    "seed",
+]
 
 SEED_LIMIT = 2**63
 """Seeds are integers in ``[0, SEED_LIMIT)``: torch's generators take them (and a seed plus a
@@ -88,6 +100,32 @@ def non_negative_number(value: Any, name: str, *, error: type[Exception] = Curvk
     number = _real(value)
     if number is None or not 0 <= number < math.inf:
         raise error(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def relative_tolerance(value: Any, name: str, *, error: type[Exception] = CurvkitError) -> float:
+    """``value`` as a float if it is a number in ``(0, 1)``: a tolerance on a relative residual.
+
+    An eigenpair's residual ``||A v - lambda v||`` is held to ``tol * ||A||`` and a
+    solve's ``||b - A x||`` to ``tol * ||b||``; any unit vector with its Rayleigh
+    quotient, and ``x = 0``, reach a relative residual of at most 1, so a
+    tolerance of 1 or more certifies nothing.
+
+    Raises:
+        error: Anything else, ``"{name} must be a number in (0, 1) (1 is met by any vector), got
+            {value!r}"``.
+
+    Example:
+        >>> relative_tolerance(1e-4, "--tol")
+        0.0001
+        >>> relative_tolerance(2, "--tol")
+        Traceback (most recent call last):
+        ...
+        curvkit.errors.CurvkitError: --tol must be a number in (0, 1) (1 is met by any vector), got 2
+    """
+    number = _real(value)
+    if number is None or not 0 < number < 1:
+        raise error(f"{name} must be a number in (0, 1) (1 is met by any vector), got {value!r}")
     return number
 
 

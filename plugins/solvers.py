@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 import curvkit
-from curvkit.arguments import integer, positive_number, seed
+from curvkit.arguments import integer, positive_number, relative_tolerance, seed
 from curvkit.linalg.direct import approximate_inverse, exact_solve, lowrank
 from curvkit.linalg.krylov import conjugate_gradient, minres
 from curvkit.linalg.series import lissa, neumann
@@ -90,7 +90,7 @@ def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
             psd_only=True,
             option_checks={
                 "rank": integer,
-                "eigen_tol": positive_number,
+                "eigen_tol": relative_tolerance,
                 "max_matvecs": partial(integer, allow_none=True),
                 "seed": seed,
             },

@@ -255,8 +255,9 @@ def test_ihvp_bad_input_and_solvers_that_cannot_run():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"tol": math.inf}, "the ihvp tol must be a finite number > 0, got inf"),
-        ({"tol": 0}, "the ihvp tol must be a finite number > 0, got 0"),
+        ({"tol": math.inf}, "the ihvp tol must be a number in (0, 1) (1 is met by any vector), got inf"),
+        ({"tol": 0}, "the ihvp tol must be a number in (0, 1) (1 is met by any vector), got 0"),
+        ({"tol": 1}, "the ihvp tol must be a number in (0, 1) (1 is met by any vector), got 1"),
         ({"maxiter": 0}, "the ihvp maxiter must be an integer >= 1, got 0"),
         ({"maxiter": True}, "the ihvp maxiter must be an integer >= 1, got True"),
         ({"damping": math.inf}, "--damping must be a finite number >= 0, got inf"),

@@ -100,7 +100,12 @@ ENCODER = ["--model", "usermodels:SpeakerEncoder", "--data", "frames.pt", "--los
 STREAMING = ["streaming.pt", "--model", "usermodels:Streaming", "--data", "small.pt", "--top-k", "1"]
 
 BAD = {
-    "tol 0": ([MLP, "--tol", "0"], "--tol must be a finite number > 0, got 0.0"),
+    "tol 0": ([MLP, "--tol", "0"], "--tol must be a number in (0, 1) (1 is met by any vector), got 0.0"),
+    "tol 1": ([MLP, "--tol", "1"], "--tol must be a number in (0, 1) (1 is met by any vector), got 1.0"),
+    "ihvp-tol 2": (
+        [MLP, "--ihvp", "cg", "--ihvp-tol", "2"],
+        "the ihvp tol must be a number in (0, 1) (1 is met by any vector), got 2.0",
+    ),
     "trace-matvecs 0": ([MLP, "--trace", "hutchinson", "--trace-matvecs", "0"], "--trace-matvecs must be"),
     "top-k 0": (
         [MLP, "--top-k", "0"],

@@ -166,13 +166,14 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("method, which", [("lanczos", "largest"), ("power", "largest_magnitude")])
-def test_tol_is_a_finite_positive_number_and_max_matvecs_an_integer(method, which):
-    """``tol=inf`` was accepted: the first Ritz values came back marked converged.
-    A NumPy integer ``max_matvecs`` was refused."""
+def test_tol_is_a_relative_tolerance_below_one_and_max_matvecs_an_integer(method, which):
+    """``tol=inf``, and any ``tol >= 1`` (``||A v - lambda v|| <= ||A||`` holds for every unit
+    vector), was accepted: the first Ritz values came back marked converged. A NumPy integer
+    ``max_matvecs`` was refused."""
     np = pytest.importorskip("numpy")
     A = operator_with_spectrum(torch.arange(1, 11, dtype=DT))
-    for bad in (math.inf, math.nan, 0.0, -1.0, True):
-        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a finite number > 0, got "):
+    for bad in (math.inf, math.nan, 0.0, -1.0, 1, 2.0, True):
+        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a number in \(0, 1\) .*, got "):
             eigenvalues(A, k=2, method=method, which=which, tol=bad)
     expected = eigenvalues(A, k=2, method=method, which=which, tol=1e-8, max_matvecs=500)
     for tol in (np.float64(1e-8), torch.tensor([1e-8], dtype=DT)):

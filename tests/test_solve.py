@@ -156,13 +156,13 @@ def test_a_damping_is_a_finite_non_negative_number_of_any_kind(entry):
 
 
 @pytest.mark.parametrize("method", ["cg", "minres", "exact"])
-def test_tol_is_a_finite_positive_number_and_maxiter_an_integer(method):
-    """``tol=inf`` was accepted: every solver stopped before its first step and returned
-    ``x = 0`` marked converged. A NumPy integer ``maxiter`` was refused."""
+def test_tol_is_a_relative_tolerance_below_one_and_maxiter_an_integer(method):
+    """``tol=inf``, and any ``tol >= 1``, was accepted: every solver stopped before its first step
+    and returned ``x = 0`` marked converged. A NumPy integer ``maxiter`` was refused."""
     np = pytest.importorskip("numpy")
     A, b = spd(), torch.linspace(-1.0, 1.0, 30, dtype=DT)
-    for bad in (math.inf, math.nan, 0.0, -1e-6, True, torch.ones(2), "1e-6"):
-        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a finite number > 0, got "):
+    for bad in (math.inf, math.nan, 0.0, -1e-6, 1, 2.0, True, torch.ones(2), "1e-6"):
+        with pytest.raises(curvkit.CurvkitError, match=r"^tol must be a number in \(0, 1\) .*, got "):
             curvkit.solve(A, b, method, tol=bad)
     expected = curvkit.solve(A, b, method, tol=1e-8, maxiter=200)
     for tol in (np.float64(1e-8), torch.tensor(1e-8), torch.tensor([1e-8], dtype=torch.float64)):
@@ -331,7 +331,8 @@ OUT_OF_RANGE = [
     ("lissa", {"seed": -1}, "seed must be an integer >= 0 and < 2**63, got -1"),
     ("lowrank", {"rank": 0}, "rank must be an integer >= 1, got 0"),
     ("lowrank", {"rank": 2.0}, "rank must be an integer >= 1, got 2.0"),
-    ("lowrank", {"eigen_tol": 0}, "eigen_tol must be a finite number > 0, got 0"),
+    ("lowrank", {"eigen_tol": 0}, "eigen_tol must be a number in (0, 1) (1 is met by any vector), got 0"),
+    ("lowrank", {"eigen_tol": 1}, "eigen_tol must be a number in (0, 1) (1 is met by any vector), got 1"),
     ("lowrank", {"max_matvecs": 0}, "max_matvecs must be an integer >= 1 or None, got 0"),
     ("lowrank", {"seed": 2**63}, "seed must be an integer >= 0 and < 2**63, got 9223372036854775808"),
 ]

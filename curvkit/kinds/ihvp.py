@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from curvkit.arguments import integer, positive_number
+from curvkit.arguments import integer, relative_tolerance
 from curvkit.directions import DIRECTIONS
 from curvkit.errors import CurvkitError, ShapeMismatchError
 from curvkit.kinds import AnalysisContext, AnalysisKind, ResultTable, Row
@@ -84,7 +84,7 @@ def _check(options: Mapping[str, Any]) -> None:
                 f"{name} must be a Python {'integer' if kind is int else 'number'}, got {value!r}"
             )
     check_damping(given["damping"], "--damping")
-    positive_number(given["tol"], "the ihvp tol")
+    relative_tolerance(given["tol"], "the ihvp tol")
     integer(given["maxiter"], "the ihvp maxiter")
     if given["reference"] not in REFERENCES:
         raise CurvkitError(f"unknown ihvp reference {given['reference']!r}; use one of {list(REFERENCES)}")

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.arguments import integer, positive_number
+from curvkit.arguments import integer, relative_tolerance
 from curvkit.errors import CurvkitError, CurvkitWarning
 from curvkit.linalg._common import (
     Progress,
@@ -196,7 +196,7 @@ def eigenvalues(
 
     Raises:
         CurvkitError: ``k`` is not an integer in ``1..P``, an unknown ``which``, ``method`` or
-            ``reorthogonalisation``, a ``tol`` that is not a finite number ``> 0``,
+            ``reorthogonalisation``, a ``tol`` that is not a number in ``(0, 1)``,
             or a ``max_matvecs`` that is not an integer ``>= 1`` or ``None``.
         NonFiniteError: A product (or a value computed from it) is NaN or Inf; the
             message names the product.
@@ -224,7 +224,7 @@ def eigenvalues(
     k = integer(k, "k")
     if k > P:
         raise CurvkitError(f"k must be between 1 and the operator's dimension {P}, got {k}")
-    tol = positive_number(tol, "tol")
+    tol = relative_tolerance(tol, "tol")
     max_matvecs = integer(max_matvecs, "max_matvecs", allow_none=True)
     if "eigenvalues" in getattr(A, "STRUCTURE", ()) and method == "lanczos":
         return _from_structure(A, k, which, tol, return_vectors)

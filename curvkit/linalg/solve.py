@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.arguments import integer, positive_number
+from curvkit.arguments import integer, relative_tolerance
 from curvkit.errors import CurvkitError, CurvkitWarning, ShapeMismatchError
 from curvkit.operator import CurvatureOperator, check_damping
 from curvkit.snapshot import fixed_model_state
@@ -172,8 +172,8 @@ def solve(
         UnknownOptionError: An option the solver does not take (:func:`check_solver_options`).
         CurvkitError: An unknown solver, an option's value that its
             :attr:`SolverSpec.option_checks` refuse (before any product), a damping
-            that is not a finite number ``>= 0``, a ``tol`` that is not a finite number
-            ``> 0``, a ``maxiter`` that is not an integer ``>= 1``; a solver whose
+            that is not a finite number ``>= 0``, a ``tol`` that is not a number in
+            ``(0, 1)``, a ``maxiter`` that is not an integer ``>= 1``; a solver whose
             result has no known :attr:`~SolveResult.status`, or a ``converged`` that
             disagrees with it.
         ShapeMismatchError: ``v`` or ``x0`` of the wrong size.
@@ -182,7 +182,7 @@ def solve(
     P = A.shape[0]
     options = check_solver_options(method, options, dim=P)
     damping = check_damping(damping)
-    tol = positive_number(tol, "tol")
+    tol = relative_tolerance(tol, "tol")
     maxiter = max(100, int(10 * math.sqrt(P))) if maxiter is None else integer(maxiter, "maxiter")
     B = _as_columns(v, P, "the right-hand side").to(device=A.device, dtype=A.dtype)
     X0 = None if x0 is None else _as_columns(x0, P, "x0").to(device=A.device, dtype=A.dtype)
