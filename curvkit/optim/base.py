@@ -632,11 +632,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         if scales is not None and len(scales) != len(updates):
             raise ValueError(f"apply_updates: {len(scales)} scales for {len(updates)} updates")
-        deltas = [d for _, d in updates]
+        return self._apply_checked(
+            [p for p, _ in updates],
+            [d for _, d in updates],
+            what,
+            checks,
+            implied=implied,
+            scales=scales,
+            unchanged=unchanged,
+            stacklevel=stacklevel + 1,
+        )
+
+    def _apply_checked(
+        self,
+        params: list[Tensor],
+        deltas: list[Tensor],
+        what: str,
+        checks: Sequence[tuple[str, Sequence[Tensor | None]]],
+        *,
+        implied: Collection[str],
+        scales: Sequence[float] | None,
+        unchanged: str,
+        stacklevel: int,
+    ) -> bool:
+        """:meth:`apply_updates` with the parameters and their deltas in two lists (one scale per pair).
+
+        For a step that has them so, without pairing them up and apart again.
+        """
         if not self._finite_or_skip([*checks, (what, deltas)], implied, unchanged, stacklevel + 1):
             return False
         with outside_autograd():  # the parameters are leaves that require grad
-            _add_scaled([p for p, _ in updates], deltas, scales)
+            _add_scaled(params, deltas, scales)
         return True
 
     def apply_values(

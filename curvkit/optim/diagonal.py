@@ -260,18 +260,21 @@ class HutchinsonOptimizer(CurvatureOptimizer):
                 was differentiated without ``create_graph=True``).
         """
         loss = self.evaluate(closure)
-        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
-        groups = [(group, params) for group, params in groups if params]
-        params = [p for _, members in groups for p in members]
+        groups: list[tuple[dict[str, Any], list[Tensor]]] = []
+        params: list[Tensor] = []
+        for group in self.param_groups:
+            members = [p for p in group["params"] if p.grad is not None]
+            if members:
+                groups.append((group, members))
+                params += members
         grads = [p.grad for p in params]
-        detached = [g.detach() if g.requires_grad else g for g in grads]
         try:
             if params:
-                self._step(groups, params, grads, detached)
+                self._step(groups, params, grads)
         finally:
-            for p, g, d in zip(params, grads, detached):  # frees the graph of the gradients
-                if d is not g and p.grad is g:
-                    p.grad = d
+            for p, g in zip(params, grads):  # frees the graph of the gradients
+                if g.requires_grad and p.grad is g:
+                    p.grad = g.detach()
         return loss
 
     def _step(
@@ -279,7 +282,6 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         groups: list[tuple[dict[str, Any], list[Tensor]]],
         params: list[Tensor],
         grads: list[Tensor],
-        detached: list[Tensor],
     ) -> None:
         """The step on the parameters with a gradient: new state and updates computed aside, then kept.
 
@@ -290,54 +292,59 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         Args:
             groups: Each parameter group with its parameters that have a gradient (none empty).
             params: Those parameters, group after group.
-            grads: Their gradients, with their graph where there is one.
-            detached: The same gradients without a graph (those that have none as they are).
+            grads: Their gradients, with their graph where there is one (the update is computed
+                under :func:`torch.no_grad`, so it records none).
         """
         states = [self.state[p] for p in params]
         # on schedule, or a parameter has no estimate yet
         due = self.steps % self.period == 0 or any(not state.get("hessian_step", 0) for state in states)
         estimates = self._hutchinson(params, grads) if due else None
         with torch.no_grad():  # once for the whole update (entering it costs as much as a small fused op)
-            new_states: list[dict[str, Any]] = []
+            kept: list[tuple[list[dict[str, Any]], dict[str, list[Any]]]] = []
             deltas: list[Tensor] = []
             scales: list[float] = []
             start = 0
             for group, members in groups:
                 stop = start + len(members)
+                group_states = states[start:stop]
                 new, group_deltas, scale = self._updates(
                     group,
                     members,
-                    states[start:stop],
-                    detached[start:stop],
+                    group_states,
+                    grads[start:stop],
                     None if estimates is None else estimates[start:stop],
                 )
-                new_states += new
+                kept.append((group_states, new))
                 deltas += group_deltas
                 scales += [scale] * len(members)
                 start = stop
-            checks = [(GRADIENT, detached)]
+            checks = [(GRADIENT, grads)]
             if estimates is not None:
                 checks.append((ESTIMATE, estimates))
-            fresh = [  # state a step leaves as it was (a diagonal between refreshes) was checked when made
-                t
-                for state, new in zip(states, new_states)
-                for key, t in new.items()
-                if t is not state.get(key) and isinstance(t, Tensor)
+            # state a step leaves as it was (a diagonal between refreshes) is not in new: checked when made
+            checks += [
+                ("new state", values)
+                for _, new in kept
+                for values in new.values()
+                if isinstance(values[0], Tensor)
             ]
-            checks.append(("new state", fresh))
-            if not self.apply_updates(
-                list(zip(params, deltas)),
+            if not self._apply_checked(
+                params,
+                deltas,
                 UPDATE,
-                checks=checks,
+                checks,
                 implied=self._implied([group for group, _ in groups]),
                 scales=scales,
                 unchanged="parameters and moments unchanged",
-                stacklevel=5,  # apply_updates, _step, step, torch.optim's step wrapper, the caller
+                stacklevel=5,  # _apply_checked, _step, step, torch.optim's step wrapper, the caller
             ):
                 return
-        for state, new in zip(states, new_states):
-            state.update(new)
-            if due:
+        for group_states, new in kept:
+            for key, values in new.items():
+                for state, value in zip(group_states, values):
+                    state[key] = value
+        if due:
+            for state in states:
                 state["hessian_step"] = state.get("hessian_step", 0) + 1
         self.refreshes += int(due)
         self.steps += 1
@@ -393,7 +400,7 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
+    ) -> tuple[dict[str, list[Any]], list[Tensor], float]:
         """One group's new state and steps, computed aside (``self.state`` is not changed).
 
         Args:
@@ -404,8 +411,10 @@ class HutchinsonOptimizer(CurvatureOptimizer):
             estimates: Their Hutchinson estimates on a refresh step, else ``None``.
 
         Returns:
-            Per parameter, the state entries to keep if the step is applied, and
-            its step ``delta``; fused (``torch._foreach_*``) over the group. Then
+            The state entries the step changes, to keep if it is applied: per
+            key, one value per parameter (an entry the step leaves as it is, such
+            as the diagonal between refreshes, is left out); per parameter, its
+            step ``delta``; both fused (``torch._foreach_*``) over the group. Then
             the group's ``scale``: ``p += scale * delta``, applied by the fused
             addition (:meth:`~curvkit.optim.base.CurvatureOptimizer.apply_updates`'s
             ``scales``), which checks ``delta`` before scaling; so a scale other
@@ -572,7 +581,7 @@ class DiagonalNewton(HutchinsonOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
+    ) -> tuple[dict[str, list[Any]], list[Tensor], float]:
         diagonals = estimates if estimates is not None else [state["diagonal"] for state in states]
         denominators = torch._foreach_abs(diagonals)
         if group["hessian_power"] != 1.0:
@@ -583,7 +592,8 @@ class DiagonalNewton(HutchinsonOptimizer):
         if group["clip"] is not None:
             torch._foreach_clamp_min_(steps, -group["clip"])
             torch._foreach_clamp_max_(steps, group["clip"])
-        return [{"diagonal": d} for d in diagonals], steps, 1.0  # clipped after scaling: scaled here
+        new = {} if estimates is None else {"diagonal": estimates}
+        return new, steps, 1.0  # clipped after scaling: scaled here
 
 
 class AdaHessian(HutchinsonOptimizer):
@@ -670,7 +680,7 @@ class AdaHessian(HutchinsonOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
+    ) -> tuple[dict[str, list[Any]], list[Tensor], float]:
         beta1, beta2 = group["betas"]
         t = [state.get("step", 0) + 1 for state in states]
         n = [state.get("hessian_step", 0) + (estimates is not None) for state in states]
@@ -695,10 +705,9 @@ class AdaHessian(HutchinsonOptimizer):
         torch._foreach_div_(steps, denominators)
         if group["weight_decay"]:
             torch._foreach_add_(steps, params, alpha=-group["lr"] * group["weight_decay"])
-        new = [
-            {"step": k, "exp_avg": m, "exp_hessian_diag_sq": v}
-            for k, m, v in zip(t, exp_avg, exp_hessian_diag_sq)
-        ]
+        new = {"step": t, "exp_avg": exp_avg}
+        if estimates is not None:
+            new["exp_hessian_diag_sq"] = exp_hessian_diag_sq
         return new, steps, 1.0  # m / (sqrt(v) + eps) is not bounded: checked after scaling
 
 
@@ -776,7 +785,7 @@ class SophiaH(HutchinsonOptimizer):
         states: list[dict[str, Any]],
         grads: list[Tensor],
         estimates: list[Tensor] | None,
-    ) -> tuple[list[dict[str, Any]], list[Tensor], float]:
+    ) -> tuple[dict[str, list[Any]], list[Tensor], float]:
         beta1, beta2 = group["betas"]
         exp_avg = fused.lerp(_entries(states, params, "exp_avg"), grads, 1.0 - beta1)
         hessian = _entries(states, params, "hessian")
@@ -790,7 +799,7 @@ class SophiaH(HutchinsonOptimizer):
         torch._foreach_clamp_max_(steps, rho)
         if group["weight_decay"]:  # lr wd theta = (lr / rho) rho wd theta
             torch._foreach_add_(steps, params, alpha=rho * group["weight_decay"])
-        new = [{"exp_avg": m, "hessian": h} for m, h in zip(exp_avg, hessian)]
+        new = {"exp_avg": exp_avg} if estimates is None else {"exp_avg": exp_avg, "hessian": hessian}
         # |delta| <= rho (plus rho wd |theta|): scaled by lr / rho, it is finite whenever delta is
         if self._scaled_in_addition(group):
             return new, steps, -group["lr"] / rho
