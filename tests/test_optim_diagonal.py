@@ -610,3 +610,21 @@ def test_a_skipped_step_that_estimates_the_diagonal_has_drawn_its_probes_whateve
     state["curvkit"]["seed"] = 2**63
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0 and < 2\*\*63"):
         optimizer.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ gradient graphs, kept denominators
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_the_step_detaches_the_gradients_in_place(cls):
+    """The gradient tensors backward made stay the parameters' gradients, without their graph (torch's
+    own zero_grad(set_to_none=False) detaches in place too); one that is a view is replaced instead."""
+    d, b, x0 = quadratic()
+    x, y = nn.Parameter(x0.clone()), nn.Parameter(x0[:3].clone())
+    optimizer = cls([x, y])
+    (0.5 * (d * x**2).sum() - (b * x).sum()).backward(create_graph=True)
+    y.grad = (3 * y)[:]  # a view with a graph: its own loss 3/2 |y|^2
+    made, view = x.grad, y.grad
+    assert made.requires_grad and view._is_view()
+    optimizer.step()
+    assert x.grad is made and not made.requires_grad
+    assert y.grad is not view and not y.grad.requires_grad and torch.equal(y.grad, view.detach())
+    assert optimizer.skipped_steps == 0

@@ -20,9 +20,10 @@ As in the peers (torch-optimizer's ``Adahessian``, pytorch-optimizer's
 graph, ``loss.backward(create_graph=True)``; :meth:`step` then takes
 ``H z = d/dtheta <grad, z>`` through that graph with curvkit's core primitive
 :func:`curvkit.autodiff.backward_product` (one backward pass per probe), and
-afterwards replaces every ``p.grad`` by its detached value, which frees the
-graph (and breaks the parameter/gradient reference cycle torch warns about);
-the gradients keep their values, so gradient clipping or logging may follow.
+afterwards detaches every ``p.grad`` in place (a gradient that is a view:
+replaces it by its detached value), which frees the graph (and breaks the
+parameter/gradient reference cycle torch warns about); the gradients keep
+their values, so gradient clipping or logging may follow.
 ``step(closure)`` accepts a closure that does it all::
 
     def closure():
@@ -283,7 +284,10 @@ class HutchinsonOptimizer(CurvatureOptimizer):
         finally:
             for p, g in zip(params, grads):  # frees the graph of the gradients
                 if g.requires_grad and p.grad is g:
-                    p.grad = g.detach()
+                    if g._is_view():  # which cannot be detached in place
+                        p.grad = g.detach()
+                    else:  # as torch.optim's zero_grad(set_to_none=False) does, without a new tensor
+                        g.detach_()
         return loss
 
     def _step(
