@@ -628,3 +628,60 @@ def test_the_step_detaches_the_gradients_in_place(cls):
     assert x.grad is made and not made.requires_grad
     assert y.grad is not view and not y.grad.requires_grad and torch.equal(y.grad, view.detach())
     assert optimizer.skipped_steps == 0
+
+
+def sophia_run(optimizer, model, X, y, steps, change=None):
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward(create_graph=True)
+        return loss
+
+    for step in range(steps):
+        if change is not None:
+            change(step)
+        optimizer.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda optimizer, step: step == 3 and optimizer.param_groups[0].update(eps=1e-2),
+        lambda optimizer, step: (
+            step == 3 and [state["hessian"].mul_(3.0) for state in optimizer.state.values()]
+        ),
+        lambda optimizer, step: (
+            step == 3 and [state.update(hessian=state["hessian"] * 3.0) for state in optimizer.state.values()]
+        ),
+    ],
+    ids=["eps", "hessian-in-place", "hessian-replaced"],
+)
+def test_sophia_denominators_kept_between_refreshes_follow_a_change_of_eps_or_of_the_hessian(change):
+    """Between refreshes SophiaH uses its last denominators max(h, eps / rho) again; a new eps, or h
+    changed (in place or replaced) between two steps, makes them anew: the same steps as an optimizer
+    that never kept them (one that forgets them before every step)."""
+    model, X, y = small_mlp()
+    twin, _, _ = small_mlp()
+    twin.load_state_dict(model.state_dict())
+    optimizer = SophiaH(model.parameters(), update_period=5)
+    fresh = SophiaH(twin.parameters(), update_period=5)
+
+    def forget(step):
+        change(fresh, step)
+        fresh._floored.clear()
+
+    kept = sophia_run(optimizer, model, X, y, 8, lambda step: change(optimizer, step))
+    assert all(torch.equal(p, q) for p, q in zip(kept, sophia_run(fresh, twin, X, y, 8, forget)))
+    assert optimizer._floored and optimizer.skipped_steps == fresh.skipped_steps == 0
+
+
+def test_sophia_denominators_are_dropped_with_the_state_a_state_dict_replaces():
+    model, X, y = small_mlp()
+    optimizer = SophiaH(model.parameters(), update_period=5)
+    sophia_run(optimizer, model, X, y, 2)
+    assert optimizer._floored
+    resumed = SophiaH(small_mlp()[0].parameters(), update_period=5)
+    sophia_run(resumed, model, X, y, 1)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert not resumed._floored

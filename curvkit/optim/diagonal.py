@@ -92,7 +92,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -740,6 +740,15 @@ class AdaHessian(HutchinsonOptimizer):
         return new, steps, 1.0  # m / (sqrt(v) + eps) is not bounded: checked after scaling
 
 
+class _Floored(NamedTuple):
+    """A parameter group's denominators ``max(h, floor)`` in :class:`SophiaH`, and what made them."""
+
+    hessian: list[Tensor]
+    versions: list[int]
+    floor: float
+    denominators: list[Tensor]
+
+
 class SophiaH(HutchinsonOptimizer):
     r"""Sophia with the Hutchinson estimator (H. Liu, Z. Li, D. Hall, P. Liang and T. Ma, 2023).
 
@@ -806,6 +815,8 @@ class SophiaH(HutchinsonOptimizer):
         check_integer("update_period", update_period)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps, "rho": rho}
         super().__init__(params, defaults, period=update_period, probes=1, seed=seed)
+        self._floored: dict[int, _Floored] = {}
+        """Per parameter group (by ``id``), its last denominators (:meth:`_denominators`)."""
 
     def _updates(
         self,
@@ -822,8 +833,7 @@ class SophiaH(HutchinsonOptimizer):
             hessian = torch._foreach_lerp(hessian, estimates, 1.0 - beta2)
         # lr clip(m / max(rho h, eps), 1) = (lr / rho) clip(m / max(h, eps / rho), rho): one product fewer
         rho = group["rho"]
-        floors = torch._foreach_clamp_min(hessian, _positive_floor(group["eps"] / rho, params))
-        steps = torch._foreach_div(exp_avg, floors)
+        steps = torch._foreach_div(exp_avg, self._denominators(group, params, hessian, group["eps"] / rho))
         torch._foreach_clamp_min_(steps, -rho)
         torch._foreach_clamp_max_(steps, rho)
         if group["weight_decay"]:  # lr wd theta = (lr / rho) rho wd theta
@@ -837,6 +847,36 @@ class SophiaH(HutchinsonOptimizer):
         torch._foreach_div_(steps, rho)
         fused.scale_(steps, -group["lr"])
         return new, steps, 1.0
+
+    def _denominators(
+        self, group: dict[str, Any], params: list[Tensor], hessian: list[Tensor], floor: float
+    ) -> list[Tensor]:
+        """``max(h, floor)`` per parameter (the floor raised as :func:`_positive_floor` says), kept between
+        refreshes.
+
+        ``h`` changes only when the diagonal is refreshed, so the denominators
+        of the group's last step are used again, as long as they were computed
+        from the same tensors ``h`` (the same objects, not changed in place
+        since: their ``_version``) and the same ``floor``; else they are computed
+        and kept (:attr:`_floored`). One operation fewer per step between
+        refreshes, for one tensor the size of the group's parameters.
+        """
+        key = id(group)
+        kept = self._floored.get(key)
+        if kept is not None and kept.floor == floor and len(kept.hessian) == len(hessian):
+            for h, then, version in zip(hessian, kept.hessian, kept.versions):
+                if h is not then or h._version != version:
+                    break
+            else:
+                return kept.denominators
+        denominators = torch._foreach_clamp_min(hessian, _positive_floor(floor, params))
+        self._floored[key] = _Floored(hessian, [h._version for h in hessian], floor, denominators)
+        return denominators
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`HutchinsonOptimizer.load_state_dict`; the denominators kept for the old state dropped."""
+        super().load_state_dict(state_dict)
+        self._floored.clear()
 
     def _implied(self, groups: list[dict[str, Any]]) -> frozenset[str]:
         """Without weight decay, also the update: every entry moves by at most ``lr``, finite with ``m, h``.
