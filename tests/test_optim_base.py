@@ -413,6 +413,19 @@ def test_a_state_dict_with_an_invalid_group_is_refused_before_anything_is_loaded
     assert same(fresh.state_dict(), before)
 
 
+@pytest.mark.parametrize("name", BATCH_OPTIMIZERS + GRADIENT_OPTIMIZERS)
+def test_a_state_dict_loads_again_into_the_same_optimizer(name):
+    """torch's load_state_dict adds ``differentiable`` to the optimizer's defaults, which no saved group
+    has: a second load (a checkpoint restored twice) was refused ("parameter group 0 lacks
+    differentiable")."""
+    model, X, y = model_and_batch()
+    optimizer = stepped(name, model, X, y)
+    saved = copy.deepcopy(optimizer.state_dict())
+    for _ in range(2):
+        optimizer.load_state_dict(copy.deepcopy(saved))
+        assert same(optimizer.state_dict(), saved)
+
+
 def test_natural_gradient_refuses_the_state_of_the_other_curvature_before_loading_it():
     model, X, y = model_and_batch()
     ggn = stepped("NaturalGradient", model, X, y, momentum=0.9, lr=0.5)

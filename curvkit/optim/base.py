@@ -429,6 +429,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.eval_mode = eval_mode
         self.skipped_steps = 0
         self._warned_eval_mode = False  # warn_if_trained_in_eval_mode warns once per optimizer
+        self._group_keys = tuple(defaults)
+        """The hyper-parameters every group has: the constructor's defaults (torch adds keys of its own
+        to :attr:`defaults`, ``"differentiable"`` when a state dict is loaded, that no saved group has)."""
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -459,7 +462,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """A ValueError if parameter group ``index`` sets a :attr:`GLOBAL` hyper-parameter."""
         shared = [name for name in self.GLOBAL if name in group]
         if shared:
-            per_group = ", ".join(sorted(self.defaults)) or "no hyper-parameter"
+            per_group = ", ".join(sorted(self._group_keys)) or "no hyper-parameter"
             names, verb = ", ".join(shared), "applies" if len(shared) == 1 else "apply"
             raise ValueError(
                 f"parameter group {index}: {type(self).__name__} takes only {per_group} per parameter group: "
@@ -853,7 +856,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for index, saved in enumerate(groups):
                 group = dict(saved)
                 self._refuse_global(group, index)
-                missing = [key for key in self.defaults if key not in group]
+                missing = [key for key in self._group_keys if key not in group]
                 if missing:
                     raise ValueError(f"parameter group {index} lacks {', '.join(missing)}")
                 self._check_group(group, index, checks)
