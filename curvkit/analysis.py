@@ -233,12 +233,19 @@ class AnalysisPlan:
                 "--trace, --density, --check, --per-layer, --summary or --ihvp"
             )
 
-    def check_dimension(self, dim: int) -> None:
+    def check_dimension(self, dim: int, samples: int | None = None) -> None:
         """Refuse a plan that does not fit an operator of dimension ``dim``: called before any work on it.
 
         More eigenpairs than ``dim``, or options of an analysis kind that its
         :attr:`~curvkit.kinds.AnalysisKind.check_dimension` refuses (``ihvp``: a vector
-        file of another size, a solver option above ``P``).
+        file of another size, a solver option above ``P``, or above ``N``:
+        ``lissa``'s ``batch_size``).
+
+        Args:
+            dim: The number of parameters ``P`` analysed.
+            samples: The number of samples ``N`` of the operator's data
+                (:func:`curvkit.problem_operator.sample_count`); ``None`` for an
+                operator without data, whose bounds on ``N`` are left to the solver.
 
         Raises:
             CurvkitError: ``top_k`` or ``bottom_k`` exceeds ``dim``, or a kind's options do not fit it.
@@ -252,7 +259,7 @@ class AnalysisPlan:
         for name, options in self.options.items():
             check = kinds[name].check_dimension
             if check is not None:
-                check(options, dim)
+                check(options, dim, samples)
 
     def keys(self, psd: bool = False, estimator: str | None = None) -> list[str]:
         """The analyses of this plan, in the order they run (kind by kind, :mod:`curvkit.kinds`).
@@ -328,14 +335,15 @@ def run_plan(
         The results computed in this call, by key.
 
     Raises:
-        CurvkitError: The plan does not fit ``op``'s dimension
-            (:meth:`AnalysisPlan.check_dimension`, before any analysis starts); the
-            plan compares, ``op`` is not the baseline, and no ``baseline`` is given;
-            or an analysis failed.
+        CurvkitError: The plan does not fit ``op``'s dimension or the number of
+            samples of its data (:meth:`AnalysisPlan.check_dimension`, before any
+            analysis starts); the plan compares, ``op`` is not the baseline, and no
+            ``baseline`` is given; or an analysis failed.
     """
     from curvkit.kinds import AnalysisContext, plan_kinds
+    from curvkit.problem_operator import sample_count
 
-    plan.check_dimension(op.shape[0])  # before any analysis starts
+    plan.check_dimension(op.shape[0], sample_count(op))  # before any analysis starts
     keys = plan.keys(psd=bool(getattr(op, "PSD", False)), estimator=getattr(op, "name", None))
     if any(key.startswith("compare/") for key in keys) and baseline is None:
         raise CurvkitError(f"the plan compares with {plan.compare_to!r}, but run_plan was given no baseline")

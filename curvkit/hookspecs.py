@@ -142,8 +142,10 @@ def curvkit_register_solvers() -> list[SolverSpec]:
 
         The spec declares how its options' values are checked: ``option_checks``
         (by option, ``check(value, name)`` returning the value to use, e.g. the
-        checks of :mod:`curvkit.arguments`) and ``dimension_checks`` (bounds on the
-        number of parameters ``P``: ``check(value, name, P)``). They are applied
+        checks of :mod:`curvkit.arguments`), ``dimension_checks`` (bounds on the
+        number of parameters ``P``: ``check(value, name, P)``) and ``sample_checks``
+        (bounds on the number of samples ``N`` of the operator's data: ``check(value,
+        name, N)``). They are applied
         before ``solve`` is called (:func:`curvkit.linalg.solve.check_solver_options`),
         and by ``curvkit analyze --ihvp-option`` before anything runs; an option
         without one is passed as given.
@@ -178,9 +180,9 @@ def curvkit_register_analysis_kinds() -> list[AnalysisKind]:
     helpers), exported (``rows``), summarised (``summarize``), tabulated
         (``tables``) and drawn (``figures``). Its options come from
     ``AnalysisPlan(options={name: {...}})``, validated by its ``check`` when the
-    plan is made and, for what depends on the number of parameters ``P``, by its
-    ``check_dimension(options, P)`` once ``P`` is known and before anything is
-    written; a kind whose ``keys`` return nothing without options runs only when asked.
+    plan is made and, for what depends on the number of parameters ``P`` or of
+    samples ``N``, by its ``check_dimension(options, P, N)`` once they are known and
+    before anything is written; a kind whose ``keys`` return nothing without options runs only when asked.
 
     Returns:
         A list of :class:`curvkit.kinds.AnalysisKind`.

@@ -107,11 +107,13 @@ class AnalysisKind:
             one figure per ``stem`` (``trajectory-<n>-<estimator>-<stem>``), one line per
             label (``""``: the figure's only line). A line is drawn when every
             checkpoint has it.
-        check_dimension: ``check_dimension(options, P)``: validates the options against
-            the number of parameters analysed, once it is known and before anything is
-            written or computed (:meth:`curvkit.AnalysisPlan.check_dimension`: a vector of
-            the wrong size, a rank above ``P``); raises a one-line
-            :class:`~curvkit.CurvkitError`. ``None``: nothing depends on ``P``.
+        check_dimension: ``check_dimension(options, P, N)``: validates the options against
+            the number of parameters analysed ``P`` and the number of samples of the
+            operator's data ``N`` (``None`` for an operator without data), once they are
+            known and before anything is written or computed
+            (:meth:`curvkit.AnalysisPlan.check_dimension`: a vector of the wrong size, a
+            rank above ``P``, a mini-batch above ``N``); raises a one-line
+            :class:`~curvkit.CurvkitError`. ``None``: nothing depends on ``P`` or ``N``.
         plugin: Set by the registry for a plugin's kind.
     """
 
@@ -128,7 +130,7 @@ class AnalysisKind:
     tables: Callable[[Sequence[tuple[str, Any]]], list[ResultTable] | None] = _no_tables
     figures: Callable[[Any, str, bool], list[tuple[str, Any]]] = _no_figures
     trajectory: Callable[[str, Any], dict[str, tuple[str, Series]]] = _no_trajectory
-    check_dimension: Callable[[Mapping[str, Any], int], None] | None = None
+    check_dimension: Callable[[Mapping[str, Any], int, int | None], None] | None = None
     plugin: str = ""
 
 

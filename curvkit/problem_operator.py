@@ -72,7 +72,7 @@ from curvkit.operator import ConvertedOperator, CurvatureOperator, _resolve_name
 from curvkit.problem import ModelSnapshot, Problem
 from curvkit.registry import keyword_options
 
-__all__ = ["ProblemOperator", "data_backed"]
+__all__ = ["ProblemOperator", "data_backed", "sample_count"]
 
 
 class ProblemOperator(CurvatureOperator):
@@ -259,3 +259,13 @@ def data_backed(A: Any) -> bool:
     if isinstance(A, ConvertedOperator):
         return data_backed(A.op)
     return isinstance(A, ProblemOperator)
+
+
+def sample_count(A: Any) -> int | None:
+    """The number of samples ``N`` of a data-backed operator's problem (:func:`data_backed`), else ``None``.
+
+    :meth:`curvkit.Problem.num_samples`: one pass over the data, nothing
+    computed; what the bounds of :attr:`curvkit.SolverSpec.sample_checks` and
+    :attr:`curvkit.kinds.AnalysisKind.check_dimension` are checked against.
+    """
+    return A.problem.num_samples() if data_backed(A) else None

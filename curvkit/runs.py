@@ -776,7 +776,7 @@ def analyze(
             baseline_options=options.get(baseline) if baseline is not None else None,
             _data=cache,
         )
-        plan.check_dimension(prepared.problem.dim)
+        plan.check_dimension(prepared.problem.dim, prepared.problem.num_samples())
         return prepared
 
     kept: PreparedAnalysis | None = None  # the first one is analysed next: not loaded twice

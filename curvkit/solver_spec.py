@@ -38,6 +38,15 @@ class SolverSpec:
             Applied, after ``option_checks``, where ``P`` is known before the solver
             runs: by :func:`curvkit.solve` (the operator's size), and by
             ``curvkit analyze`` once the model is loaded, before anything is written.
+        sample_checks: The bounds of its options that depend on the number of samples
+            ``N`` of the operator's data (``lissa``'s ``batch_size`` at most ``N``), by
+            option name: ``check(value, name, N)`` raises a one-line
+            :class:`~curvkit.CurvkitError`. Applied, after ``option_checks``, where ``N``
+            is known before the solver runs: by :func:`curvkit.solve` and
+            :func:`curvkit.inverse` for an operator with data (one pass over them to
+            count the samples, only when such an option is given), and by
+            ``curvkit analyze`` once the data are loaded, before anything is written.
+            An operator without data (a dense matrix) has no ``N``: the solver decides.
         plugin: Set by the registry.
     """
 
@@ -47,4 +56,5 @@ class SolverSpec:
     psd_only: bool = False
     option_checks: dict[str, Callable[[Any, str], Any]] = field(default_factory=dict)
     dimension_checks: dict[str, Callable[[Any, str, int], Any]] = field(default_factory=dict)
+    sample_checks: dict[str, Callable[[Any, str, int], Any]] = field(default_factory=dict)
     plugin: str = ""

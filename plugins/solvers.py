@@ -7,10 +7,10 @@ The algorithms are in :mod:`curvkit.linalg.krylov`, :mod:`curvkit.linalg.series`
 and :mod:`curvkit.linalg.direct`; this plugin registers them exactly as a
 third-party package registers its own. Each declares how its options' values are
 checked (``SolverSpec.option_checks``, with the checks of :mod:`curvkit.arguments`;
-``dimension_checks`` for ``lowrank``'s ``rank``, at most ``P``), so that a value out
-of range is refused before the solver runs. The solvers check again themselves,
-for direct calls, and what only a run knows (``lissa``'s ``batch_size`` at most the
-samples of the operator's problem).
+``dimension_checks`` for ``lowrank``'s ``rank``, at most ``P``; ``sample_checks`` for
+``lissa``'s ``batch_size``, at most the samples ``N`` of the operator's data), so
+that a value out of range is refused before the solver runs. The solvers check
+again themselves, for direct calls.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ def _at_most_p(value: int, name: str, P: int) -> None:
     """An integer ``>= 1`` (checked first) that must also be at most ``P``: ``lowrank``'s ``rank``."""
     if value > P:
         raise curvkit.CurvkitError(f"{name} must be an integer in 1..{P}, got {value!r}")
+
+
+def _at_most_n(value: int | None, name: str, N: int) -> None:
+    """An integer ``>= 1`` or ``None`` (checked first) that must also be at most ``N``: ``lissa``'s
+    ``batch_size``, samples per mini-batch."""
+    if value is not None and value > N:
+        raise curvkit.CurvkitError(f"{name} must be an integer in 1..{N} (the samples), got {value!r}")
 
 
 @curvkit.hookimpl
@@ -66,11 +73,12 @@ def curvkit_register_solvers() -> list[curvkit.SolverSpec]:
             psd_only=True,
             option_checks={
                 "scale": _scale,
-                "batch_size": partial(integer, allow_none=True),  # at most N: checked by lissa
+                "batch_size": partial(integer, allow_none=True),
                 "repeats": integer,
                 "seed": seed,
                 "check_every": partial(integer, allow_none=True),
             },
+            sample_checks={"batch_size": _at_most_n},
         ),
         curvkit.SolverSpec(
             "kfac",

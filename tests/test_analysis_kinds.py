@@ -314,6 +314,37 @@ def test_ihvp_solver_options_above_p_are_refused_before_any_analysis():
     assert computed == [] and G.data_passes == 0
 
 
+def test_ihvp_solver_options_above_the_samples_are_refused_before_any_analysis():
+    """``lissa.batch_size`` above ``N``: refused once ``N`` is known (``check_dimension``), before anything
+    is written. ``curvkit analyze ... --ihvp lissa --ihvp-option lissa.batch_size=100000`` recorded
+    ``lissa could not run: batch_size must be an integer in 1..1797`` after the reference solve and
+    exited 0: only ``P`` was known to the checks made before the results file was opened."""
+    ihvp = {"solvers": ["cg", "lissa"], "solver_options": {"lissa": {"batch_size": 11}}}
+    plan = AnalysisPlan(top_k=1, trace=None, density=False, options={"ihvp": ihvp})
+    plan.check_dimension(26)  # N not known: left to lissa
+    plan.check_dimension(26, 11)
+    message = r"^--ihvp-option lissa.batch_size must be an integer in 1..10 \(the samples\), got 11$"
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        plan.check_dimension(26, 10)
+    G = curvkit.curvature("ggn", seed_problem())
+    computed = []
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        curvkit.analysis.run_plan(G, plan, on_result=lambda key, *_: computed.append(key))
+    assert computed == [] and G.data_passes == 0
+
+
+def test_analyze_refuses_a_solver_option_above_the_samples_before_opening_the_file(tmp_path):
+    from curvkit.runs import ProblemSettings, analyze
+
+    out = tmp_path / "r.h5"
+    ihvp = {"solvers": ["lissa"], "solver_options": {"lissa": {"batch_size": 101}}}
+    plan = AnalysisPlan(top_k=0, trace=None, density=False, options={"ihvp": ihvp})
+    message = r"^--ihvp-option lissa.batch_size must be an integer in 1..100 \(the samples\), got 101$"
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        analyze([MLP], output=out, plan=plan, settings=ProblemSettings(max_samples=100), estimators=["ggn"])
+    assert not out.exists()
+
+
 def test_ihvp_on_the_command_line_show_plot_export(tmp_path, run_curvkit):
     out = tmp_path / "r.h5"
     args = [

@@ -378,6 +378,81 @@ def test_a_bound_that_depends_on_p_is_checked_where_p_is_known_before_any_produc
     assert counted["products"] == 0
 
 
+def test_a_bound_that_depends_on_the_samples_is_checked_where_n_is_known_before_any_product():
+    """``lissa``'s ``batch_size`` is at most the samples ``N`` (``sample_checks``): ``check_solver_options``
+    checks it given ``samples``, ``solve`` and ``inverse`` for an operator with data before any product
+    (``inverse`` refused it only at its first product, inside lissa)."""
+    assert check_solver_options("lissa", {"batch_size": 21}) == {"batch_size": 21}  # N not known yet
+    message = r"^batch_size must be an integer in 1..20 \(the samples\), got 21$"
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        check_solver_options("lissa", {"batch_size": 21}, samples=20)
+    with pytest.raises(curvkit.CurvkitError, match=message.replace("^", "^lissa.")):
+        check_solver_options("lissa", {"batch_size": 21}, prefix="lissa.", samples=20)
+    assert check_solver_options("lissa", {"batch_size": 20, "scale": None}, samples=20)["batch_size"] == 20
+    assert check_solver_options("lissa", {"batch_size": None}, samples=20) == {"batch_size": None}
+    G = curvkit.curvature("ggn", mlp_problem(N=20))
+    counted = {"products": 0}
+    matvec = G.matmat
+    G.matmat = lambda X: (counted.__setitem__("products", counted["products"] + 1), matvec(X))[1]
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        curvkit.inverse(G, "lissa", 0.1, batch_size=21)
+    with pytest.raises(curvkit.CurvkitError, match=message):
+        curvkit.solve(G, torch.ones(G.shape[0], dtype=DT), "lissa", damping=0.1, batch_size=21)
+    assert counted["products"] == 0 and G.data_passes == 0
+    # an operator without data has no N: lissa is the Neumann series there, batch_size unused
+    dense = curvkit.DenseOperator(G.to_dense(), psd=True)
+    assert (
+        curvkit.solve(dense, torch.ones(G.shape[0], dtype=DT), "lissa", damping=0.1, batch_size=21)
+        .x.isfinite()
+        .all()
+    )
+
+
+class Sampled:
+    """A plugin's solver whose option ``draws`` is bounded by the samples ``N`` (``sample_checks``)."""
+
+    calls = 0
+
+    @curvkit.hookimpl
+    def curvkit_register_solvers(self):
+        def solve(A, B, *, damping, tol, maxiter, callback=None, draws=1, **_):
+            Sampled.calls += 1
+            history = SolveHistory(A, damping, B, callback)
+            return history.measured(B, B, 1, tol, "approximate", "sampled: {residual}")
+
+        def at_most_n(value, name, N):
+            if value > N:
+                raise curvkit.CurvkitError(f"{name} must be at most the {N} samples, got {value}")
+
+        return [curvkit.SolverSpec("sampled", solve, "B", sample_checks={"draws": at_most_n})]
+
+
+def test_a_plugin_solver_declares_a_bound_on_the_samples_checked_before_it_runs():
+    plugin = Sampled()
+    curvkit.register_plugin(plugin, name="sampled")
+    try:
+        G = curvkit.curvature("ggn", mlp_problem(N=20))
+        b = torch.ones(G.shape[0], dtype=DT)
+        with pytest.raises(curvkit.CurvkitError, match=r"^draws must be at most the 20 samples, got 21$"):
+            curvkit.solve(G, b, "sampled", draws=21)
+        assert Sampled.calls == 0 and G.data_passes == 0
+        curvkit.solve(G, b, "sampled", draws=20)
+        assert Sampled.calls == 1
+        plan = AnalysisPlan(
+            top_k=1,
+            trace=None,
+            density=False,
+            options={"ihvp": {"solvers": ["sampled"], "solver_options": {"sampled": {"draws": 21}}}},
+        )
+        plan.check_dimension(G.shape[0])  # N unknown: left to the solver
+        with pytest.raises(
+            curvkit.CurvkitError, match="^--ihvp-option sampled.draws must be at most the 20 "
+        ):
+            plan.check_dimension(G.shape[0], 20)
+    finally:
+        curvkit.unregister_plugin(plugin)
+
+
 def test_checked_options_are_passed_as_the_checks_return_them():
     checked = check_solver_options("lissa", {"scale": torch.tensor([0.5]), "seed": np.int64(3), "repeats": 2})
     assert checked == {"scale": 0.5, "seed": 3, "repeats": 2}

@@ -103,8 +103,9 @@ def _check(options: Mapping[str, Any]) -> None:
         check_solver_options(name, given, prefix=f"--ihvp-option {name}.")
 
 
-def _check_dimension(options: Mapping[str, Any], dim: int) -> None:
-    """What depends on ``P``: a vector file's size, the solvers' options (``SolverSpec.dimension_checks``)."""
+def _check_dimension(options: Mapping[str, Any], dim: int, samples: int | None) -> None:
+    """What depends on ``P`` or ``N``: a vector file's size, the solvers' options (``SolverSpec``'s
+    ``dimension_checks`` and ``sample_checks``)."""
     from curvkit.linalg.solve import check_solver_options
 
     given = {**DEFAULTS, **options}
@@ -117,7 +118,7 @@ def _check_dimension(options: Mapping[str, Any], dim: int) -> None:
                 f"got {tuple(loaded.shape)} {loaded.dtype}"
             )
     for name, solver_given in given["solver_options"].items():
-        check_solver_options(name, solver_given, prefix=f"--ihvp-option {name}.", dim=dim)
+        check_solver_options(name, solver_given, prefix=f"--ihvp-option {name}.", dim=dim, samples=samples)
 
 
 def _keys(plan: Any, psd: bool, estimator: str | None) -> list[str]:

@@ -61,6 +61,7 @@ __all__ = [
     "inverse",
     "check_solver_options",
     "refuse_options",
+    "samples_bounding",
     "solver_options",
     "solve",
     "solvers",
@@ -171,16 +172,17 @@ def solve(
     Raises:
         UnknownOptionError: An option the solver does not take (:func:`check_solver_options`).
         CurvkitError: An unknown solver, an option's value that its
-            :attr:`SolverSpec.option_checks` refuse (before any product), a damping
-            that is not a finite number ``>= 0``, a ``tol`` that is not a number in
-            ``(0, 1)``, a ``maxiter`` that is not an integer ``>= 1``; a solver whose
+            :attr:`SolverSpec.option_checks`, ``dimension_checks`` or ``sample_checks``
+            refuse (before any product), a damping
+            that is not a finite number ``>= 0``, a ``tol`` that is not a number
+            in ``(0, 1)``, a ``maxiter`` that is not an integer ``>= 1``; a solver whose
             result has no known :attr:`~SolveResult.status`, or a ``converged`` that
             disagrees with it.
         ShapeMismatchError: ``v`` or ``x0`` of the wrong size.
     """
     spec = _solver(method)
     P = A.shape[0]
-    options = check_solver_options(method, options, dim=P)
+    options = check_solver_options(method, options, dim=P, samples=samples_bounding(A, method, options))
     damping = check_damping(damping)
     tol = relative_tolerance(tol, "tol")
     maxiter = max(100, int(10 * math.sqrt(P))) if maxiter is None else integer(maxiter, "maxiter")
@@ -265,7 +267,7 @@ def inverse(
     before any product.
     """
     own = {k: v for k, v in settings.items() if k not in SOLVE_ARGUMENTS}
-    check_solver_options(method, own, dim=A.shape[0])
+    check_solver_options(method, own, dim=A.shape[0], samples=samples_bounding(A, method, own))
     return InverseOperator(A, method, damping, **settings)
 
 
@@ -456,19 +458,27 @@ def refuse_options(method: str, unknown: Mapping[str, Any]) -> None:
 
 
 def check_solver_options(
-    method: str, options: Mapping[str, Any], *, prefix: str = "", dim: int | None = None
+    method: str,
+    options: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    dim: int | None = None,
+    samples: int | None = None,
 ) -> dict[str, Any]:
     """Refuse options a registered solver does not take, or values it declares out of range, in one line.
 
     The names first (the message lists those the solver takes), then the values of
     the options its :attr:`SolverSpec.option_checks` declare, each by its check,
-    and, with ``dim``, the bounds its :attr:`SolverSpec.dimension_checks` declare.
+    with ``dim`` the bounds its :attr:`SolverSpec.dimension_checks` declare, and
+    with ``samples`` those its :attr:`SolverSpec.sample_checks` declare.
 
     Args:
         method: A registered solver.
         options: Its options, by name.
         prefix: Put before an option's name in a value's message (``"--ihvp-option lissa."``).
         dim: The number of parameters ``P`` of the system, when known.
+        samples: The number of samples ``N`` of the operator's data, when known
+            (:func:`curvkit.problem_operator.sample_count`).
 
     Returns:
         The options with the values the checks return (plain Python numbers), the
@@ -488,8 +498,20 @@ def check_solver_options(
         name: checks[name](value, f"{prefix}{name}") if name in checks else value
         for name, value in options.items()
     }
-    if dim is not None:
-        for name, check in spec.dimension_checks.items():
-            if name in checked:
-                check(checked[name], f"{prefix}{name}", dim)
+    for size, size_checks in ((dim, spec.dimension_checks), (samples, spec.sample_checks)):
+        if size is not None:
+            for name, check in size_checks.items():
+                if name in checked:
+                    check(checked[name], f"{prefix}{name}", size)
     return checked
+
+
+def samples_bounding(A: Any, method: str, options: Mapping[str, Any]) -> int | None:
+    """``N`` of ``A``'s data when one of ``options`` is bounded by it (:attr:`SolverSpec.sample_checks`).
+
+    ``None`` when none of them is, or ``A`` has no data: counting the samples is
+    one pass over the data (nothing computed), made only where a check needs it.
+    """
+    from curvkit.problem_operator import sample_count
+
+    return sample_count(A) if options.keys() & _solver(method).sample_checks.keys() else None
