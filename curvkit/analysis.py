@@ -292,7 +292,6 @@ class AnalysisPlan:
         return plan_kinds(self.options)[key.partition("/")[0]].request(self, key)
 
 
-@fixed_model_state()
 def run_plan(
     op: Any,
     plan: AnalysisPlan,
@@ -340,10 +339,44 @@ def run_plan(
             analysis starts); the plan compares, ``op`` is not the baseline, and no
             ``baseline`` is given; or an analysis failed.
     """
-    from curvkit.kinds import AnalysisContext, plan_kinds
     from curvkit.problem_operator import sample_count
 
     plan.check_dimension(op.shape[0], sample_count(op))  # before any analysis starts
+    return run_checked_plan(
+        op,
+        plan,
+        done=done,
+        known=known,
+        reference=reference,
+        baseline=baseline,
+        precise=precise,
+        on_result=on_result,
+        progress=progress,
+    )
+
+
+@fixed_model_state()
+def run_checked_plan(
+    op: Any,
+    plan: AnalysisPlan,
+    *,
+    done: Collection[str] = (),
+    known: Mapping[str, Any] | None = None,
+    reference: Reference | None = None,
+    baseline: Baseline | None = None,
+    precise: Callable[[], Any] | None = None,
+    on_result: Callable[[str, Any, float], None] | None = None,
+    progress: Callable[[str, dict], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_plan` for a plan already checked against ``op`` (:meth:`AnalysisPlan.check_dimension`).
+
+    What :func:`curvkit.runs.analyze` calls: it checks the plan once per run,
+    before it opens the results file, so the check (which reads an ``--ihvp-vector``
+    file and counts the samples) is not repeated here. The arguments, the result
+    and the other errors are :func:`run_plan`'s.
+    """
+    from curvkit.kinds import AnalysisContext, plan_kinds
+
     keys = plan.keys(psd=bool(getattr(op, "PSD", False)), estimator=getattr(op, "name", None))
     if any(key.startswith("compare/") for key in keys) and baseline is None:
         raise CurvkitError(f"the plan compares with {plan.compare_to!r}, but run_plan was given no baseline")

@@ -6,7 +6,8 @@ result file. It works in two phases:
 1. **Validation, before anything is written.** Every checkpoint (a trajectory
    is validated whole) is loaded with its model, data, loss and estimator; the
    model and loss are applied to one batch, the determinism probe runs, and the
-   plan is checked against the number of parameters. A bad checkpoint stops
+   plan is checked against the numbers of parameters and of samples (once per
+   run: :meth:`AnalysisPlan.check_dimension`). A bad checkpoint stops
    the command naming every bad file, unless ``skip_bad`` asks to analyse the
    others (each bad one is then recorded as a failed run with its reason).
 2. **Analysis.** Each run is begun in the results file, its analyses computed
@@ -62,7 +63,7 @@ from curvkit.analysis import (
     Baseline,
     Reference,
     estimator_reference,
-    run_plan,
+    run_checked_plan,
 )
 from curvkit.arguments import integer
 from curvkit.data import (
@@ -766,7 +767,7 @@ def analyze(
     targets = [RunOutcome(path, estimator, index) for index, path in enumerate(paths) for estimator in order]
 
     def prepare(run: RunOutcome) -> PreparedAnalysis:
-        prepared = prepare_analysis(
+        return prepare_analysis(
             run.checkpoint,
             estimator=run.estimator,
             estimator_options=options[run.estimator],
@@ -776,8 +777,6 @@ def analyze(
             baseline_options=options.get(baseline) if baseline is not None else None,
             _data=cache,
         )
-        plan.check_dimension(prepared.problem.dim, prepared.problem.num_samples())
-        return prepared
 
     kept: PreparedAnalysis | None = None  # the first one is analysed next: not loaded twice
     keys: dict[int, dict[str, Any]] = {}
@@ -785,6 +784,9 @@ def analyze(
     for i, run in enumerate(targets):
         try:
             prepared = prepare(run)
+            # once per run: one prepared again below has the same key (checkpoint, parameters, data and
+            # settings), hence the same P and N, and run_checked_plan does not check it again
+            plan.check_dimension(prepared.problem.dim, prepared.problem.num_samples())
         except CurvkitError as exc:
             failures[i] = exc
             continue
@@ -919,7 +921,7 @@ def _analyze_one(
     Anything that stops the run once it is begun, its resumption included, is the
     run's failed attempt (``"interrupted"`` for Ctrl-C), recorded with its error.
     The caller's bad input is refused before: :func:`analyze` prepares every run
-    and checks the plan against its dimension (:meth:`AnalysisPlan.check_dimension`)
+    and checks the plan against its parameters and samples (:meth:`AnalysisPlan.check_dimension`)
     before it opens the results file.
     """
     operator = prepared.operator
@@ -953,7 +955,7 @@ def _analyze_one(
             if progress is not None:
                 progress(AnalyzeEvent("counters", run, key=key, counters=counters))
 
-        run_plan(
+        run_checked_plan(  # the plan was checked against the run before the file was opened
             operator,
             plan,
             done=set(run.resumed),

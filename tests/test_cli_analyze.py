@@ -83,7 +83,7 @@ def test_a_failure_during_a_run_is_recorded_as_its_failed_attempt(tmp_path, monk
         on_result("trace/hutchinson", curvkit.TraceResult(12.5, 0.25, "hutchinson", 3, None, 0), 0.1, None)
         raise curvkit.DataError("the model cannot be applied to a batch: CUDA out of memory")
 
-    monkeypatch.setattr(runs, "run_plan", out_of_memory)
+    monkeypatch.setattr(runs, "run_checked_plan", out_of_memory)
     if skip_bad:
         (failed,) = analyze([MLP], output=out, plan=more, settings=settings, skip_bad=True).failed
         assert "out of memory" in failed.error
@@ -182,6 +182,46 @@ def test_trajectory_of_checkpoints(tmp_path):
     assert names == ["step-2.pt", "step-10.pt"]  # natural order
     assert invoke("plot", str(out), "-o", str(tmp_path / "f"), "--formats", "png").exit_code == 0
     assert (tmp_path / "f" / "trajectory-1-hessian-top-eigenvalue.png").exists()
+
+
+def test_analyze_checks_the_plan_once_per_run(tmp_path, monkeypatch):
+    """``AnalysisPlan.check_dimension`` (which reads an ``--ihvp-vector`` file) ran in ``prepare`` and
+    again at the top of ``run_plan``; a checkpoint of a trajectory after the first, prepared again
+    for its analysis, a third time. Once per run now; ``run_plan`` called from Python still checks."""
+    from curvkit.analysis import AnalysisPlan, run_plan
+    from curvkit.kinds import ihvp
+    from curvkit.runs import ProblemSettings, analyze
+
+    for step in (1, 2):
+        shutil.copy(MLP, tmp_path / f"step-{step}.pt")
+    vector = tmp_path / "v.pt"
+    torch.save(torch.ones(3466), vector)
+    ihvp_options = {"solvers": ["cg"], "vector": str(vector), "maxiter": 2, "reference": "cg"}
+    plan = AnalysisPlan(top_k=0, trace=None, density=False, options={"ihvp": ihvp_options})
+    checked, loaded = [], []
+    check_dimension, load_vector = AnalysisPlan.check_dimension, ihvp._load_vector
+    monkeypatch.setattr(
+        AnalysisPlan,
+        "check_dimension",
+        lambda self, *args: (checked.append(args), check_dimension(self, *args))[1],
+    )
+    monkeypatch.setattr(ihvp, "_load_vector", lambda path: (loaded.append(path), load_vector(path))[1])
+    settings = ProblemSettings(max_samples=20)
+    report = analyze(
+        [tmp_path / "step-1.pt", tmp_path / "step-2.pt"],
+        output=tmp_path / "r.h5",
+        plan=plan,
+        settings=settings,
+        estimators=["ggn"],
+    )
+    assert [run.status for run in report.runs] == ["complete", "complete"]
+    assert checked == [(3466, 20), (3466, 20)]
+    assert len(loaded) == 4  # per run: its check, its analysis
+    # run_plan from Python still checks (tests/test_analysis_kinds.py: a vector of another size)
+    problem = curvkit.Problem(torch.nn.Linear(2, 1), "mse", (torch.randn(20, 2), torch.randn(20, 1)))
+    with pytest.raises(curvkit.ShapeMismatchError, match="with P = 3, got"):
+        run_plan(curvkit.curvature("ggn", problem), plan)
+    assert len(checked) == 3
 
 
 @pytest.mark.parametrize(

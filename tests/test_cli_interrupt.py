@@ -142,7 +142,7 @@ class _Collectable:
 def test_signal_swallowed_by_a_weakref_callback_still_stops_the_run(tmp_path, monkeypatch):
     """A signal handled inside a weakref callback (autograd frees objects all the time)
     has its ``KeyboardInterrupt`` printed and swallowed by Python; analyze must stop anyway."""
-    real_run_plan = curvkit.runs.run_plan
+    real_run_plan = curvkit.runs.run_checked_plan
 
     def run_plan(*args, progress, **kwargs):
         def signal_during_trace(key, counters):
@@ -155,7 +155,7 @@ def test_signal_swallowed_by_a_weakref_callback_still_stops_the_run(tmp_path, mo
 
         return real_run_plan(*args, progress=signal_during_trace, **kwargs)
 
-    monkeypatch.setattr(curvkit.runs, "run_plan", run_plan)
+    monkeypatch.setattr(curvkit.runs, "run_checked_plan", run_plan)
     out = tmp_path / "results.h5"
     result = CliRunner().invoke(app, ["analyze", MLP, *ANALYSES, "-o", str(out), "--quiet"])
     assert isinstance(result.exception, AnalysisInterruptedError), result.output
