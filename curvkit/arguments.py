@@ -14,6 +14,13 @@ The rules:
   would mark anything converged.
 * An **integer** is a Python or NumPy integer, never a bool (nor a float with
   an integral value, nor a tensor). A **seed** is an integer in ``[0, 2**63)``.
+* With ``plain=True`` (:func:`positive_number`, :func:`non_negative_number`,
+  :func:`relative_tolerance`, :func:`fraction`, :func:`integer`) only a Python ``int`` or ``float`` (a
+  subclass included: ``numpy.float64`` is one; an ``int`` for :func:`integer`)
+  is taken, never a tensor nor another NumPy number: for
+  a value kept as given, where it must stay a plain number (an analysis's options,
+  stored as they are in its run's request). The message then says ``a finite
+  Python number``, ``a Python integer`` for a value of another type.
 * The error raised is the caller's (``error=``), :class:`~curvkit.CurvkitError`
   by default; :mod:`curvkit.optim` raises :class:`ValueError`, as
   :mod:`torch.optim` does. Its message is one line naming the argument as the
@@ -70,8 +77,10 @@ SEED_LIMIT = 2**63
 count), and results files store them as 64-bit integers."""
 
 
-def _real(value: Any) -> float | None:
+def _real(value: Any, plain: bool = False) -> float | None:
     """``value`` as a float if it is a number (see the module's rules), else ``None``."""
+    if plain:
+        return None if isinstance(value, bool) or not isinstance(value, int | float) else float(value)
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -79,32 +88,50 @@ def _real(value: Any) -> float | None:
     return float(value)
 
 
-def positive_number(value: Any, name: str, *, error: type[Exception] = CurvkitError) -> float:
-    """``value`` as a float if it is a finite number ``> 0``.
+def _is_integer(value: Any, plain: bool) -> bool:
+    """Whether ``value`` is an integer (see the module's rules): never a bool."""
+    return not isinstance(value, bool) and isinstance(value, int if plain else numbers.Integral)
+
+
+def _python(value: Any, plain: bool) -> str:
+    """What the messages put before ``number`` or ``integer``: ``"Python "`` where ``plain`` refuses
+    the value for its type (a tensor, a NumPy number), ``""`` where it is the range that refuses it."""
+    return "Python " if plain and not isinstance(value, int | float) else ""
+
+
+def positive_number(
+    value: Any, name: str, *, plain: bool = False, error: type[Exception] = CurvkitError
+) -> float:
+    """``value`` as a float if it is a finite number ``> 0`` (with ``plain``, a Python one).
 
     Raises:
         error: Anything else, ``"{name} must be a finite number > 0, got {value!r}"``.
     """
-    number = _real(value)
+    number = _real(value, plain)
     if number is None or not 0 < number < math.inf:
-        raise error(f"{name} must be a finite number > 0, got {value!r}")
+        raise error(f"{name} must be a finite {_python(value, plain)}number > 0, got {value!r}")
     return number
 
 
-def non_negative_number(value: Any, name: str, *, error: type[Exception] = CurvkitError) -> float:
-    """``value`` as a float if it is a finite number ``>= 0``.
+def non_negative_number(
+    value: Any, name: str, *, plain: bool = False, error: type[Exception] = CurvkitError
+) -> float:
+    """``value`` as a float if it is a finite number ``>= 0`` (with ``plain``, a Python one).
 
     Raises:
         error: Anything else, ``"{name} must be a finite number >= 0, got {value!r}"``.
     """
-    number = _real(value)
+    number = _real(value, plain)
     if number is None or not 0 <= number < math.inf:
-        raise error(f"{name} must be a finite number >= 0, got {value!r}")
+        raise error(f"{name} must be a finite {_python(value, plain)}number >= 0, got {value!r}")
     return number
 
 
-def relative_tolerance(value: Any, name: str, *, error: type[Exception] = CurvkitError) -> float:
-    """``value`` as a float if it is a number in ``(0, 1)``: a tolerance on a relative residual.
+def relative_tolerance(
+    value: Any, name: str, *, plain: bool = False, error: type[Exception] = CurvkitError
+) -> float:
+    """``value`` as a float if it is a number in ``(0, 1)`` (with ``plain``, a Python one): a tolerance on a
+    relative residual.
 
     An eigenpair's residual ``||A v - lambda v||`` is held to ``tol * ||A||`` and a
     solve's ``||b - A x||`` to ``tol * ||b||``; any unit vector with its Rayleigh
@@ -123,23 +150,32 @@ def relative_tolerance(value: Any, name: str, *, error: type[Exception] = Curvki
         ...
         curvkit.errors.CurvkitError: --tol must be a number in (0, 1) (1 is met by any vector), got 2
     """
-    number = _real(value)
+    number = _real(value, plain)
     if number is None or not 0 < number < 1:
-        raise error(f"{name} must be a number in (0, 1) (1 is met by any vector), got {value!r}")
+        raise error(
+            f"{name} must be a {_python(value, plain)}number in (0, 1) (1 is met by any vector), got {value!r}"
+        )
     return number
 
 
 def fraction(
-    value: Any, name: str, *, below_one: bool = False, error: type[Exception] = CurvkitError
+    value: Any,
+    name: str,
+    *,
+    below_one: bool = False,
+    plain: bool = False,
+    error: type[Exception] = CurvkitError,
 ) -> float:
-    """``value`` as a float if it is a number in ``[0, 1]`` (``[0, 1)`` with ``below_one``).
+    """``value`` as a float if it is a number in ``[0, 1]`` (``[0, 1)`` with ``below_one``; with
+    ``plain``, a Python one).
 
     Raises:
         error: Anything else, ``"{name} must be a number in [0, 1], got {value!r}"``.
     """
-    number = _real(value)
+    number = _real(value, plain)
     if number is None or not (0 <= number < 1 if below_one else 0 <= number <= 1):
-        raise error(f"{name} must be a number in {'[0, 1)' if below_one else '[0, 1]'}, got {value!r}")
+        interval = "[0, 1)" if below_one else "[0, 1]"
+        raise error(f"{name} must be a {_python(value, plain)}number in {interval}, got {value!r}")
     return number
 
 
@@ -150,13 +186,20 @@ def integer(
     *,
     minimum: int = ...,
     allow_none: Literal[False] = ...,
+    plain: bool = ...,
     error: type[Exception] = ...,
 ) -> int: ...
 
 
 @overload
 def integer(
-    value: Any, name: str, *, minimum: int = ..., allow_none: bool, error: type[Exception] = ...
+    value: Any,
+    name: str,
+    *,
+    minimum: int = ...,
+    allow_none: bool,
+    plain: bool = ...,
+    error: type[Exception] = ...,
 ) -> int | None: ...
 
 
@@ -166,9 +209,11 @@ def integer(
     *,
     minimum: int = 1,
     allow_none: bool = False,
+    plain: bool = False,
     error: type[Exception] = CurvkitError,
 ) -> int | None:
-    """``value`` as an int if it is an integer ``>= minimum``; ``None`` as it is with ``allow_none``.
+    """``value`` as an int if it is an integer ``>= minimum`` (with ``plain``, a Python one);
+    ``None`` as it is with ``allow_none``.
 
     Raises:
         error: Anything else, ``"{name} must be an integer >= {minimum}, got {value!r}"``
@@ -176,9 +221,10 @@ def integer(
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not _is_integer(value, plain) or value < minimum:
+        what = "a Python integer" if _python(value, plain) else "an integer"
         none = " or None" if allow_none else ""
-        raise error(f"{name} must be an integer >= {minimum}{none}, got {value!r}")
+        raise error(f"{name} must be {what} >= {minimum}{none}, got {value!r}")
     return int(value)
 
 
@@ -204,7 +250,7 @@ def seed(
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < SEED_LIMIT:
+    if not _is_integer(value, False) or not 0 <= value < SEED_LIMIT:
         none = " or None" if allow_none else ""
         raise error(f"{name} must be an integer >= 0 and < 2**63{none}, got {value!r}")
     return int(value)

@@ -567,19 +567,20 @@ class CurvatureOperator:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, flags={on})"
 
 
-def check_damping(damping: Any, name: str = "damping") -> float:
+def check_damping(damping: Any, name: str = "damping", *, plain: bool = False) -> float:
     """``damping`` as a float if it is a finite number ``>= 0``, else a one-line error naming ``name``.
 
     A Python or NumPy number, or a real tensor of one element (a damping
     computed with torch, e.g. ``2 * abs(lambda_min)``); not a bool
-    (:func:`curvkit.arguments.non_negative_number`). An infinite damping is
+    (:func:`curvkit.arguments.non_negative_number`); with ``plain``, a Python
+    number only (an analysis's option, kept as given). An infinite damping is
     refused: ``A + inf I`` has no inverse to approximate (its
     eigendecomposition fails, a solver returns zeros).
 
     Raises:
         CurvkitError: Anything else, ``"damping must be a finite number >= 0, got inf"``.
     """
-    return non_negative_number(damping, name)
+    return non_negative_number(damping, name, plain=plain)
 
 
 def _dense_inverse(A: CurvatureOperator, damping: float) -> DenseOperator:

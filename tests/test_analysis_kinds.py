@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from curvkit.cli.main import app
@@ -261,10 +262,12 @@ def test_ihvp_bad_input_and_solvers_that_cannot_run():
         ({"maxiter": 0}, "the ihvp maxiter must be an integer >= 1, got 0"),
         ({"maxiter": True}, "the ihvp maxiter must be an integer >= 1, got True"),
         ({"damping": math.inf}, "--damping must be a finite number >= 0, got inf"),
-        # kept as given in the run's request: Python numbers only
-        ({"tol": torch.tensor(1e-6)}, "the ihvp tol must be a Python number, got tensor("),
-        ({"maxiter": torch.tensor(5)}, "the ihvp maxiter must be a Python integer, got tensor(5)"),
-        ({"damping": torch.tensor([0.1])}, "--damping must be a Python number, got tensor("),
+        # kept as given in the run's request: Python numbers only (curvkit.arguments' plain=True)
+        ({"tol": torch.tensor(1e-6)}, "the ihvp tol must be a finite Python number > 0, got tensor("),
+        ({"maxiter": torch.tensor(5)}, "the ihvp maxiter must be a Python integer >= 1, got tensor(5)"),
+        ({"maxiter": np.int64(5)}, "the ihvp maxiter must be a Python integer >= 1, got np.int64(5)"),
+        ({"damping": torch.tensor([0.1])}, "--damping must be a finite Python number >= 0, got tensor("),
+        ({"damping": np.float32(0.1)}, "--damping must be a finite Python number >= 0, got np.float32("),
     ],
     ids=repr,
 )
@@ -272,6 +275,25 @@ def test_ihvp_numeric_options(options, message):
     with pytest.raises(curvkit.CurvkitError) as info:
         AnalysisPlan(options={"ihvp": {"solvers": ["cg"], **options}})
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "damping_int, message",
+    [
+        (torch.tensor(1.0), "--summary-damping-int must be a finite Python number >= 0, got tensor(1.)"),
+        (np.float32(1.0), "--summary-damping-int must be a finite Python number >= 0, got np.float32(1.0)"),
+        (-1, "--summary-damping-int must be a finite number >= 0, got -1"),
+        (math.inf, "--summary-damping-int must be a finite number >= 0, got inf"),
+    ],
+    ids=repr,
+)
+def test_summary_damping_int_is_a_plain_number_in_range(damping_int, message):
+    """Kept as given in the run's request, so a Python number: one check (``plain=True``), one message."""
+    with pytest.raises(curvkit.CurvkitError) as info:
+        AnalysisPlan(top_k=0, trace=None, density=False, options={"summary": {"damping_int": damping_int}})
+    assert str(info.value) == message
+    for fine in (0, 2.5, np.float64(2.5)):  # a float subclass is a Python number
+        AnalysisPlan(top_k=0, trace=None, density=False, options={"summary": {"damping_int": fine}})
 
 
 @pytest.mark.parametrize(

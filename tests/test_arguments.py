@@ -139,6 +139,38 @@ def test_integer():
         integer(0, "batch_size", allow_none=True)
 
 
+@pytest.mark.parametrize(
+    "check, good, message",
+    [
+        (positive_number, 0.5, "x must be a finite Python number > 0, got "),
+        (non_negative_number, 0.5, "x must be a finite Python number >= 0, got "),
+        (fraction, 0.5, "x must be a Python number in [0, 1], got "),
+        (integer, 5, "x must be a Python integer >= 1, got "),
+    ],
+    ids=lambda x: getattr(x, "__name__", repr(x)),
+)
+def test_plain_takes_python_numbers_only(check, good, message):
+    """For a value kept as given (an analysis's options, stored in its run's request): the ``ihvp`` and
+    ``summary`` kinds each checked "a Python number" before the range, one rule in two places."""
+    assert check(good, "x", plain=True) == good and check(good, "x") == good
+    others = [torch.tensor(good), torch.tensor([good]), np.int64(5), np.float32(0.5), "1", None]
+    for value in others:
+        with pytest.raises(curvkit.CurvkitError) as info:
+            check(value, "x", plain=True)
+        assert str(info.value) == f"{message}{value!r}"
+    numpy = np.int64(good) if check is integer else np.float32(good)
+    assert check(numpy, "x") == good  # a number, not a plain one
+    if check is not integer:
+        assert check(np.float64(good), "x", plain=True) == good  # a subclass of float
+    for value in (-1, True):  # a Python value out of range: the range's message, as without plain
+        messages = []
+        for plain in (True, False):
+            with pytest.raises(curvkit.CurvkitError) as info:
+                check(value, "x", plain=plain)
+            messages.append(str(info.value))
+        assert messages[0] == messages[1] and "Python" not in messages[0]
+
+
 # --------------------------------------------------------------------------- the caller's error class
 
 

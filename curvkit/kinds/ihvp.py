@@ -73,19 +73,10 @@ def _check(options: Mapping[str, Any]) -> None:
         raise CurvkitError(
             f"--ihvp: unknown solver {', '.join(missing)}; available: {', '.join(sorted(known))}"
         )
-    # the options are kept as given, in the run's request: Python numbers, not tensors or NumPy's
-    for name, value, kind in (
-        ("--damping", given["damping"], int | float),
-        ("the ihvp tol", given["tol"], int | float),
-        ("the ihvp maxiter", given["maxiter"], int),
-    ):
-        if not isinstance(value, kind):
-            raise CurvkitError(
-                f"{name} must be a Python {'integer' if kind is int else 'number'}, got {value!r}"
-            )
-    check_damping(given["damping"], "--damping")
-    relative_tolerance(given["tol"], "the ihvp tol")
-    integer(given["maxiter"], "the ihvp maxiter")
+    # kept as given, in the run's request: plain Python numbers, not tensors or NumPy's
+    check_damping(given["damping"], "--damping", plain=True)
+    relative_tolerance(given["tol"], "the ihvp tol", plain=True)
+    integer(given["maxiter"], "the ihvp maxiter", plain=True)
     if given["reference"] not in REFERENCES:
         raise CurvkitError(f"unknown ihvp reference {given['reference']!r}; use one of {list(REFERENCES)}")
     vector = given["vector"]

@@ -56,9 +56,7 @@ def _check(options: Mapping[str, Any]) -> None:
         raise CurvkitError(f"--summary must be one of {', '.join(PARTITIONS)}, got {given['partition']!r}")
     if given["direction"] not in DIRECTIONS:
         raise CurvkitError(f"the summary direction must be gradient or random, got {given['direction']!r}")
-    if not isinstance(given["damping_int"], int | float):  # kept as given, in the run's request
-        raise CurvkitError(f"--summary-damping-int must be a Python number, got {given['damping_int']!r}")
-    check_damping(given["damping_int"], "--summary-damping-int")
+    check_damping(given["damping_int"], "--summary-damping-int", plain=True)  # kept as given, in the request
     if not isinstance(given["float64"], bool):
         raise CurvkitError(f"the summary option float64 must be true or false, got {given['float64']!r}")
 
