@@ -63,6 +63,7 @@ from curvkit.errors import (
     CurvkitError,
     ProcessCrashedError,
     ProcessFailedError,
+    ShardError,
     describe_error,
     first_line,
 )
@@ -243,21 +244,26 @@ def _end_together(failure: Exception | None) -> None:
     A curvkit error (said on purpose: bad data, an empty shard) becomes a
     :class:`ProcessFailedError` with its message; anything else (a bug, memory
     exhausted) a :class:`ProcessCrashedError`, which is no curvkit error, so that
-    no process takes it for one it may go on after.
+    no process takes it for one it may go on after. The message names the failed
+    process once: ``"process r of W: "`` is put before it, unless it names the
+    process already (a :class:`~curvkit.errors.ShardError`).
     """
-    size = process()[1]
+    rank, size = process()
     own = None
     if failure is not None:
         said = isinstance(failure, CurvkitError)
-        own = (said, first_line(failure) if said else describe_error(failure, first_line(failure)))
+        message = first_line(failure) if said else describe_error(failure, first_line(failure))
+        if not isinstance(failure, ShardError):
+            message = f"process {rank} of {size}: {message}"
+        own = (said, message)
     failures: list[tuple[bool, str] | None] = [None] * size
     dist.all_gather_object(failures, own)
     if failure is not None:
         return
-    first = next(rank for rank, failed in enumerate(failures) if failed is not None)
+    first = next(r for r, failed in enumerate(failures) if failed is not None)
     said, message = failures[first]  # type: ignore[misc]
     kind = ProcessFailedError if said else ProcessCrashedError
-    raise kind(f"process {first} of {size}: {message}", first)
+    raise kind(message, first)
 
 
 def _is_number(value: Any) -> bool:

@@ -146,6 +146,26 @@ class DataError(CurvkitError, ValueError):
     """The data cannot be used: wrong type, empty, or not fitting the model."""
 
 
+class ShardError(DataError):
+    """A process of a data-parallel run has no batch of the data in its shard; the message names it.
+
+    ``"process 1 of 2 has no batch of the data: ..."``, raised by that process
+    (:meth:`curvkit.Problem.batches`). Its message already says which process, so
+    the other processes, which learn of it at the next reduction
+    (:func:`curvkit.distributed.shared_failures`), raise their
+    :class:`ProcessFailedError` with it as it is, where any other failure's
+    message gets ``"process r of W: "`` before it: whichever process reports it,
+    the message names the process once.
+
+    Attributes:
+        process: The rank of the process whose shard it is.
+    """
+
+    def __init__(self, message: str, process: int) -> None:
+        super().__init__(message)
+        self.process = process
+
+
 class ShapeMismatchError(CurvkitError, ValueError):
     """Operands of an operator product or sum have incompatible shapes."""
 

@@ -37,7 +37,7 @@ from curvkit import distributed
 from curvkit.backends import math_attention, without_cudnn
 from curvkit.compiled import EAGER_AVAILABLE, compiled_submodules, eager_compiled, original_module
 from curvkit.data import BatchSource, batch_size_of, rebatchable_types, to_device
-from curvkit.errors import DataError, NonDeterministicError, UnknownLossError, first_line
+from curvkit.errors import DataError, NonDeterministicError, ShardError, UnknownLossError, first_line
 from curvkit.layout import ParameterLayout, select_parameters
 from curvkit.losses import BatchLoss, resolve_loss
 from curvkit.precision import rounding_tolerance
@@ -422,7 +422,8 @@ class Problem:
         a GPU, no synchronisation for it.
 
         Raises:
-            DataError: No batch (in a data-parallel run: for this process; each
+            DataError: No batch.
+            ShardError: In a data-parallel run, no batch for this process (each
                 process needs one).
         """
         rank, size = distributed.process() if self.data_parallel else (0, 1)
@@ -434,9 +435,10 @@ class Problem:
             record_host_copy(moved, targets)  # the loss's checks of a copied batch wait for no device
             yield inputs, moved
         if empty and size > 1:
-            raise DataError(
+            raise ShardError(
                 f"process {rank} of {size} has no batch of the data: give every process at least one "
-                "(fewer processes, or smaller batches)"
+                "(fewer processes, or smaller batches)",
+                rank,
             )
         if empty:
             raise DataError("the data yielded no batch")

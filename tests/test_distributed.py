@@ -137,8 +137,9 @@ def test_a_process_without_a_batch_says_so(monkeypatch):
     X, y = torch.randn(1, 2), torch.randn(1, 1)
     problem = curvkit.Problem(torch.nn.Linear(2, 1), "mse", (X, y))
     _as_process(monkeypatch, 0, 2)  # the one sample is process 1's
-    with pytest.raises(curvkit.DataError, match="process 0 of 2 has no batch of the data"):
+    with pytest.raises(curvkit.ShardError, match="^process 0 of 2 has no batch of the data") as raised:
         next(problem.batches())
+    assert raised.value.process == 0 and isinstance(raised.value, curvkit.DataError)
 
 
 def test_a_training_step_problem_keeps_its_batch(monkeypatch):
@@ -194,6 +195,12 @@ def test_a_bad_shard_ends_every_process_with_its_message(tmp_path):
     assert first[3] == "ProcessCrashedError: process 1 of 2: RuntimeError: process 1 crashes on purpose"
     assert not issubclass(curvkit.ProcessCrashedError, curvkit.CurvkitError)
     assert first[4] == second[4] and first[4].startswith("done ")  # good data afterwards: in step
+    # no batch for process 1: its message names it, so the others say it once (it said it twice:
+    # "process 1 of 2: process 1 of 2 has no batch of the data: ...")
+    message = "process 1 of 2 has no batch of the data: give every process at least one"
+    assert first[5].startswith(f"ProcessFailedError: {message}"), first[5]
+    assert second[5].startswith(f"ShardError: {message}"), second[5]
+    assert first[5] == f"ProcessFailedError: {second[5].split(': ', 1)[1]}"
 
 
 @pytest.mark.parametrize("learnt", [curvkit.ProcessFailedError, curvkit.ProcessCrashedError])
