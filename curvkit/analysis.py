@@ -81,7 +81,10 @@ def estimator_reference(
     * ``spec.reference`` names an estimator: that estimator with
       ``spec.reference_options`` on a float64 copy of ``problem``
       (:meth:`curvkit.Problem.to`), solved by Lanczos: ``O(k)`` products.
-    * A callable: its dense matrix of the float64 copy, when
+    * A :class:`~curvkit.CurvatureOperator` class (``d3``'s
+      :class:`~curvkit.plugins.d3.D3Reference`): the operator it makes of the
+      float64 copy, solved by Lanczos the same way, for any ``P``.
+    * Another callable: its dense matrix of the float64 copy, when
       ``problem.dim <= max_dense_dim``.
     * Otherwise, or when the named reference is not registered or refuses the
       options (a plugin's mistake, not the user's), none, with the reason, which
@@ -91,10 +94,11 @@ def estimator_reference(
         spec: The estimator's :class:`~curvkit.EstimatorSpec`.
         problem: The problem it is analysed on.
         max_dense_dim: Largest ``P`` for a dense reference.
-        options: The estimator's own options; a callable reference gets those its
-            signature names (``direction`` for ``d3``), so that it is the
-            reference of the estimator as configured.
+        options: The estimator's own options; a callable reference (or operator
+            class) gets those its signature names (``direction`` for ``d3``), so
+            that it is the reference of the estimator as configured.
     """
+    from curvkit.operator import CurvatureOperator
     from curvkit.registry import check_options, curvature, get_estimator
 
     target = spec.reference
@@ -110,18 +114,19 @@ def estimator_reference(
         label = f"{target}({described}) in float64" if described else f"{target} in float64"
         return Reference(label, lambda: curvature(target, problem.to(torch.float64), **options))
     name = getattr(target, "__qualname__", type(target).__name__)
+    accepted = inspect.signature(target).parameters
+    given = {k: v for k, v in (options or {}).items() if k in accepted}
+    build = lambda: target(problem.to(torch.float64), **given)  # noqa: E731
+    if isinstance(target, type) and issubclass(target, CurvatureOperator):
+        described = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        return Reference(f"{name}({described}) in float64", build)
     if problem.dim > max_dense_dim:
         return Reference(
             reason=f"the reference of {spec.name!r} ({name}) is a dense matrix, built only up to "
             f"P={max_dense_dim:,} parameters (this problem has P={problem.dim:,})"
         )
-    accepted = inspect.signature(target).parameters
-    given = {k: v for k, v in (options or {}).items() if k in accepted}
     described = "".join(f", {k}={v!r}" for k, v in given.items())
-    return Reference(
-        f"the dense matrix of {name}{described} in float64",
-        lambda: target(problem.to(torch.float64), **given),
-    )
+    return Reference(f"the dense matrix of {name}{described} in float64", build)
 
 
 @dataclass

@@ -29,12 +29,17 @@ class EstimatorSpec:
             left empty.
         reference: What the estimator computes exactly, or approximates: the
             name of a registered estimator (``"hessian"``, ``"ggn"``), with
-            ``reference_options`` (``{"mode": "exact"}``), or a callable
+            ``reference_options`` (``{"mode": "exact"}``); a
+            :class:`~curvkit.CurvatureOperator` class, ``cls(problem, **options)``,
+            computed independently of the estimator (``d3``'s
+            :class:`~curvkit.plugins.d3.D3Reference`); or a callable
             ``problem -> dense [P, P] tensor``. ``curvkit analyze --check``
             compares the estimator's top eigenpairs with a tightly converged
-            float64 solve of the reference estimator; the conformance battery
-            compares it with the reference's dense matrix built independently by
-            :mod:`curvkit.testing` (a name it knows) or by the callable.
+            float64 Lanczos solve of the reference estimator or operator
+            (``O(k)`` products), or with the callable's dense matrix (``P`` up to
+            2,000); the conformance battery compares it with the reference's dense
+            matrix built independently by :mod:`curvkit.testing` (a name it
+            knows), by the operator (``to_dense()``) or by the callable.
         reference_options: Options of the reference estimator.
         reference_on: Case tags (:attr:`curvkit.testing.Case.tags`) on which an
             approximation equals its reference exactly (KFAC and the GGN:

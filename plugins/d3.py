@@ -27,8 +27,11 @@ full-dataset loss and does not depend on the batch size.
 normalisation kernels are wrong, so every product runs under
 :class:`curvkit.CompositeNorms` (see :mod:`curvkit.composite_norms`).
 
-The spec's reference, :func:`dense_d3_reference`, is exact (plain autograd, row by
-row); ``tests/test_d3.py`` checks it against central differences of dense Hessians.
+The spec's reference, :class:`D3Reference`, is exact and computed without the
+estimator's code (plain autograd on each batch, summed by the problem).
+``curvkit analyze --check`` solves it by Lanczos in float64 (``O(k)`` products, any
+``P``); :func:`dense_d3_reference` is its dense matrix, which ``tests/test_d3.py`` checks
+against central differences of dense Hessians.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "D3_WAYS",
     "DIRECTIONS",
     "D3Operator",
+    "D3Reference",
     "d3_batch_product",
     "dense_d3_reference",
     "resolve_direction",
@@ -266,51 +270,87 @@ def curvkit_register_estimators() -> list[curvkit.EstimatorSpec]:
             name="d3",
             factory=D3Operator,
             description="Third derivative of the loss along a direction (the gradient): d/dt H(theta + t u).",
-            reference=dense_d3_reference,
+            reference=D3Reference,
         ),
     ]
 
 
 # ----------------------------------------------------------------------------- the reference
-def dense_d3_reference(
-    problem: curvkit.Problem, direction: str | Tensor = "gradient", seed: int = 0
-) -> Tensor:
-    """The dense ``[P, P]`` ``T(u)``, row by row, by plain autograd (for small problems).
+class D3Reference(curvkit.CurvatureOperator):
+    """``T(u)`` by plain autograd on each batch's loss, summed by the problem: the spec's reference.
 
     ``T(u)`` is the Hessian of ``phi(theta) = <grad L(theta), u>`` (the
-    third-derivative tensor is symmetric), so its rows are the gradients of the
-    entries of ``grad phi = H u``: one graph of the *whole* dataset loss (summed
-    by the problem's one loop), differentiated three times by
-    :func:`torch.autograd.grad`, then ``P`` backward passes; under
-    :class:`CompositeNorms`, and sharing no code with the estimator's products.
-    ``curvkit analyze --check`` compares the estimator with it up to ``P = 2000``;
-    ``tests/test_d3.py`` checks it against central differences of dense Hessians
-    and against ``torch.func.jacfwd`` of a Hessian.
+    third-derivative tensor is symmetric), so ``T(u) v`` is the gradient of
+    ``<H u, v>``. For each batch, :func:`torch.autograd.grad` differentiates the sum
+    of its loss terms three times (``g``, then ``H u = grad <g, u>`` with their
+    graphs, then one backward pass per column ``v``), under :class:`CompositeNorms`;
+    :meth:`curvkit.Problem.data_mean` sums the batches and normalises. The same
+    mathematics as the estimator's ``"reverse"`` way, computed without its code
+    (neither :func:`d3_batch_product` nor the template of
+    :class:`curvkit.ProblemOperator`), and without the ``"forward"`` way's
+    :func:`torch.func` transforms. One product is one pass over the data, holding
+    one batch's graph at a time.
+
+    ``curvkit analyze --check`` solves it by Lanczos in float64 to a relative
+    residual of ``1e-10`` (``O(k)`` products, any ``P``), as it solves another
+    estimator's named reference; :func:`dense_d3_reference` is its dense matrix
+    (``P`` columns), which ``tests/test_d3.py`` checks against central differences
+    of dense Hessians.
 
     Args:
         problem: The problem.
         direction: As for :class:`D3Operator` (default: the gradient).
         seed: As for :class:`D3Operator`.
     """
-    U = problem.layout.unflatten(resolve_direction(problem, direction, seed))
-    leaves = [p.detach().requires_grad_(True) for p in problem.params]
-    P = problem.dim
-    T = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
 
-    def flat(parts: Sequence[Tensor | None]) -> Tensor:
-        return torch.cat(
-            [(torch.zeros_like(p) if d is None else d).reshape(-1) for d, p in zip(parts, leaves)]
-        )
+    SYMMETRIC, PSD, EXACT, STOCHASTIC = True, False, True, False
 
-    with torch.enable_grad(), CompositeNorms():
-        loss = problem.data_mean(lambda inputs, targets: problem.loss_terms(leaves, inputs, targets))
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        phi = sum((g * u).sum() for g, u in zip(grads, U) if g is not None and g.requires_grad)
-        if not isinstance(phi, Tensor) or not phi.requires_grad:
-            return T
-        hu = flat(torch.autograd.grad(phi, leaves, create_graph=True, allow_unused=True))
-        if not hu.requires_grad:
-            return T
-        for i in range(P):
-            T[i] = flat(torch.autograd.grad(hu[i], leaves, retain_graph=True, allow_unused=True))
-    return T
+    def __init__(self, problem: curvkit.Problem, direction: str | Tensor = "gradient", seed: int = 0):
+        super().__init__(problem.layout, dtype=problem.dtype, device=problem.device)
+        self._problem = problem
+        self._direction = problem.layout.unflatten(resolve_direction(problem, direction, seed))
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        problem, U = self._problem, self._direction
+        leaves = [p.detach().requires_grad_(True) for p in problem.params]
+
+        def flat(parts: Sequence[Tensor | None]) -> Tensor:
+            return torch.cat(
+                [(torch.zeros_like(p) if d is None else d).reshape(-1) for d, p in zip(parts, leaves)]
+            )
+
+        def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor, float]:
+            total, count = problem.loss_terms(leaves, inputs, targets)
+            grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+            phi = sum((g * u).sum() for g, u in zip(grads, U) if g is not None and g.requires_grad)
+            if not isinstance(phi, Tensor) or not phi.requires_grad:
+                return torch.zeros_like(M), count
+            hu = flat(torch.autograd.grad(phi, leaves, create_graph=True, allow_unused=True))
+            if not hu.requires_grad:
+                return torch.zeros_like(M), count
+            columns = [
+                flat(torch.autograd.grad(hu, leaves, M[:, j], retain_graph=True, allow_unused=True))
+                for j in range(M.shape[1])
+            ]
+            return torch.stack(columns, dim=1), count
+
+        with torch.enable_grad(), CompositeNorms():
+            return problem.data_mean(per_batch)
+
+
+def dense_d3_reference(
+    problem: curvkit.Problem, direction: str | Tensor = "gradient", seed: int = 0
+) -> Tensor:
+    """The dense ``[P, P]`` ``T(u)`` of :class:`D3Reference`, 256 columns per pass over the data (small
+    problems).
+
+    ``tests/test_d3.py`` checks it against central differences of dense Hessians
+    and against ``torch.func.jacfwd`` of a Hessian; the conformance battery
+    compares the estimator with it.
+
+    Args:
+        problem: The problem.
+        direction: As for :class:`D3Operator` (default: the gradient).
+        seed: As for :class:`D3Operator`.
+    """
+    return D3Reference(problem, direction, seed).to_dense(max_dim=problem.dim)

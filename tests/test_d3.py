@@ -21,7 +21,7 @@ import json
 import pytest
 import torch
 from curvkit.cli.main import app
-from curvkit.plugins.d3 import D3_WAYS, D3Operator, d3_batch_product, dense_d3_reference
+from curvkit.plugins.d3 import D3_WAYS, D3Operator, D3Reference, d3_batch_product, dense_d3_reference
 from torch import nn
 from torch.func import grad as func_grad
 from torch.func import jacfwd, jvp
@@ -341,7 +341,7 @@ def test_registered_as_a_builtin_plugin():
     assert "curvkit.plugins.d3" in BUILTIN_PLUGINS
     spec = curvkit.get_estimator("d3")
     assert spec.plugin == "curvkit.plugins.d3" and spec.factory is D3Operator
-    assert spec.reference is dense_d3_reference and spec.description and "\n" not in spec.description
+    assert spec.reference is D3Reference and spec.description and "\n" not in spec.description
     assert "d3" in [s.name for s in curvkit.estimators()]  # so tests/test_conformance.py runs it
     info = {p.name: p for p in curvkit.loaded_plugins()}["curvkit.plugins.d3"]
     assert info.builtin and info.estimators == ("d3",)
@@ -408,7 +408,55 @@ def test_the_agreement_reference_follows_the_estimators_options():
     options = {"direction": "random", "seed": 5}
     T = curvkit.curvature("d3", problem, **options)
     reference = estimator_reference(curvkit.get_estimator("d3"), problem, options=options)
-    assert "direction='random', seed=5" in reference.label
-    assert rel(reference.build(), T.to_dense()) < 1e-10
+    assert reference.label == "D3Reference(direction='random', seed=5) in float64"
+    assert rel(reference.build().to_dense(), T.to_dense()) < 1e-10
     default = estimator_reference(curvkit.get_estimator("d3"), problem).build()
-    assert rel(default, T.to_dense()) > 0.1  # the gradient's direction: another matrix
+    assert rel(default.to_dense(), T.to_dense()) > 0.1  # the gradient's direction: another matrix
+
+
+def test_the_check_solves_the_reference_by_lanczos_in_o_k_products():
+    """``curvkit analyze --curvature d3 --check`` built the reference's dense ``T(u)`` (``P`` backward
+    passes through a graph of the whole dataset: 234 s on the bundled CNN, ``P = 1,898``) and did not
+    check above ``P = 2,000``. The reference is an operator now (``EstimatorSpec.reference`` a
+    ``CurvatureOperator`` class), solved by Lanczos in float64 as another estimator's: ``O(k)``
+    products, whatever ``P``."""
+    from curvkit.analysis import estimator_reference
+    from curvkit.checks import check_agreement
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 3))
+    problem = curvkit.Problem(model, "cross_entropy", (torch.randn(40, 6), torch.randint(0, 3, (40,))))
+    P = problem.dim
+    assert P == 643
+    reference = estimator_reference(curvkit.get_estimator("d3"), problem, max_dense_dim=10)
+    assert reference.build is not None, reference.reason  # no dense matrix: no bound on P
+    R = reference.build()
+    assert (
+        isinstance(R, D3Reference)
+        and R.dtype == torch.float64
+        and reference.label == "D3Reference() in float64"
+    )
+    T = curvkit.curvature("d3", problem)
+    result = check_agreement(T, R, k=2, reference_tol=1e-10, label=reference.label)
+    assert result.passed, result.detail
+    assert result.figures["reference_matvecs"] <= P / 4 and R.matvecs == result.figures["reference_matvecs"]
+
+
+def test_curvkit_analyze_check_of_d3_above_2000_parameters(tmp_path):
+    """The bundled MLP (``P = 3,466``): its agreement check was stored as not done ("a dense matrix,
+    built only up to P=2,000")."""
+    from curvkit.analysis import AnalysisPlan
+    from curvkit.runs import ProblemSettings, analyze
+
+    out = tmp_path / "r.h5"
+    plan = AnalysisPlan(top_k=1, trace=None, density=False, check=True)
+    (run,) = analyze(
+        [bundled_file("digits_mlp.pt")],
+        output=out,
+        plan=plan,
+        settings=ProblemSettings(max_samples=50),
+        estimators=["d3"],
+    ).runs
+    agreement = run.results["checks/agreement"]
+    assert agreement.passed is True, agreement.detail
+    assert "D3Reference(seed=0) in float64" in agreement.detail  # analyze seeds the estimator

@@ -375,7 +375,7 @@ def check_estimator(
     problems: Iterable[Problem | Case] | None = None,
     *,
     options: dict[str, Any] | None = None,
-    reference: str | Callable[[Problem], Tensor] | None = None,
+    reference: str | type[CurvatureOperator] | Callable[[Problem], Tensor] | None = None,
     reference_on: Collection[str] | None = None,
     losses: Collection[str] | None = None,
     rtol: float | None = None,
@@ -390,8 +390,9 @@ def check_estimator(
             (default: every case in :data:`~curvkit.testing.cases.CASES`, float64).
         options: Keyword arguments for the factory.
         reference: Dense ground truth, a name in
-            :data:`~curvkit.testing.reference.REFERENCES` or a callable
-            ``problem -> [P, P]``; by default the spec's ``reference``.
+            :data:`~curvkit.testing.reference.REFERENCES`, an operator class
+            (its ``to_dense()``) or a callable ``problem -> [P, P]``; by default
+            the spec's ``reference``.
         reference_on: Case tags on which the reference holds exactly (e.g.
             ``{"single-datum", "deep-linear"}`` for KFAC against the GGN); on other
             cases the check is skipped, saying so. By default the spec's

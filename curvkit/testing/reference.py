@@ -41,6 +41,7 @@ from torch import Tensor
 
 from curvkit.errors import CurvkitError
 from curvkit.losses import BinaryCrossEntropyWithLogits, CrossEntropy, MeanSquaredError, NegativeLogLikelihood
+from curvkit.operator import CurvatureOperator
 from curvkit.problem import Problem
 
 __all__ = [
@@ -236,9 +237,13 @@ REFERENCES: dict[str, Callable[[Problem], Tensor]] = {
 
 
 def resolve_reference(
-    reference: str | Callable[[Problem], Tensor] | None,
+    reference: str | type[CurvatureOperator] | Callable[[Problem], Tensor] | None,
 ) -> Callable[[Problem], Tensor] | None:
-    """A reference name (see :data:`REFERENCES`) or callable, as a callable."""
+    """A reference name (see :data:`REFERENCES`), operator class (its dense matrix) or callable, as a
+    callable ``problem -> [P, P]``."""
+    if isinstance(reference, type) and issubclass(reference, CurvatureOperator):
+        operator = reference
+        return lambda problem: operator(problem).to_dense(max_dim=problem.dim)
     if reference is None or callable(reference):
         return reference
     if reference not in REFERENCES:
