@@ -152,9 +152,8 @@ def relative_tolerance(
     """
     number = _real(value, plain)
     if number is None or not 0 < number < 1:
-        raise error(
-            f"{name} must be a {_python(value, plain)}number in (0, 1) (1 is met by any vector), got {value!r}"
-        )
+        what = f"a {_python(value, plain)}number in (0, 1)"
+        raise error(f"{name} must be {what} (1 is met by any vector), got {value!r}")
     return number
 
 

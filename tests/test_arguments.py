@@ -145,6 +145,7 @@ def test_integer():
         (positive_number, 0.5, "x must be a finite Python number > 0, got "),
         (non_negative_number, 0.5, "x must be a finite Python number >= 0, got "),
         (fraction, 0.5, "x must be a Python number in [0, 1], got "),
+        (relative_tolerance, 0.5, "x must be a Python number in (0, 1) (1 is met by any vector), got "),
         (integer, 5, "x must be a Python integer >= 1, got "),
     ],
     ids=lambda x: getattr(x, "__name__", repr(x)),
