@@ -24,8 +24,8 @@ The rules:
 * The error raised is the caller's (``error=``), :class:`~curvkit.CurvkitError`
   by default; :mod:`curvkit.optim` raises :class:`ValueError`, as
   :mod:`torch.optim` does. Its message is one line naming the argument as the
-  caller spells it (``tol``, ``--tol``), the range and the value given:
-  ``tol must be a finite number > 0, got inf``, ``maxiter must be an integer
+  caller spells it (``damping``, ``--damping``), the range and the value given:
+  ``damping must be a finite number >= 0, got inf``, ``maxiter must be an integer
   >= 1, got 0``.
 
 Each check returns the value as a plain Python ``float`` or ``int``, which is
@@ -40,12 +40,12 @@ them for their own options, and solver plugins declare them for theirs
 Example:
     >>> import torch
     >>> from curvkit.arguments import integer, positive_number
-    >>> positive_number(torch.tensor([0.5]), "tol")
+    >>> positive_number(torch.tensor([0.5]), "scale")
     0.5
-    >>> positive_number(float("inf"), "tol")
+    >>> positive_number(float("inf"), "scale")
     Traceback (most recent call last):
     ...
-    curvkit.errors.CurvkitError: tol must be a finite number > 0, got inf
+    curvkit.errors.CurvkitError: scale must be a finite number > 0, got inf
     >>> integer(0, "maxiter", error=ValueError)
     Traceback (most recent call last):
     ...
