@@ -34,9 +34,9 @@ def test_keys_follow_the_plan():
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        ({"tol": 0.0}, "--tol must be a number in \(0, 1\) \(1 is met by any vector\), got 0.0"),
-        ({"tol": float("nan")}, "--tol must be a number in \(0, 1\) \(1 is met by any vector\), got nan"),
-        ({"tol": float("inf")}, "--tol must be a number in \(0, 1\) \(1 is met by any vector\), got inf"),
+        ({"tol": 0.0}, r"--tol must be a number in \(0, 1\) \(1 is met by any vector\), got 0.0"),
+        ({"tol": float("nan")}, r"--tol must be a number in \(0, 1\) \(1 is met by any vector\), got nan"),
+        ({"tol": float("inf")}, r"--tol must be a number in \(0, 1\) \(1 is met by any vector\), got inf"),
         ({"trace_matvecs": 0}, "--trace-matvecs must be an integer >= 1, got 0"),
         ({"density_steps": 0}, "density steps must be an integer >= 1, got 0"),
         ({"density_runs": 2.5}, "density runs must be an integer >= 1, got 2.5"),

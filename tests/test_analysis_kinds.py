@@ -263,7 +263,10 @@ def test_ihvp_bad_input_and_solvers_that_cannot_run():
         ({"maxiter": True}, "the ihvp maxiter must be an integer >= 1, got True"),
         ({"damping": math.inf}, "--damping must be a finite number >= 0, got inf"),
         # kept as given in the run's request: Python numbers only (curvkit.arguments' plain=True)
-        ({"tol": torch.tensor(1e-6)}, "the ihvp tol must be a finite Python number > 0, got tensor("),
+        (
+            {"tol": torch.tensor(1e-6)},
+            "the ihvp tol must be a Python number in (0, 1) (1 is met by any vector), got tensor(",
+        ),
         ({"maxiter": torch.tensor(5)}, "the ihvp maxiter must be a Python integer >= 1, got tensor(5)"),
         ({"maxiter": np.int64(5)}, "the ihvp maxiter must be a Python integer >= 1, got np.int64(5)"),
         ({"damping": torch.tensor([0.1])}, "--damping must be a finite Python number >= 0, got tensor("),
