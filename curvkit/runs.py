@@ -785,8 +785,9 @@ def analyze(
         try:
             prepared = prepare(run)
             # once per run: one prepared again below has the same key (checkpoint, parameters, data and
-            # settings), hence the same P and N, and run_checked_plan does not check it again
-            plan.check_dimension(prepared.problem.dim, prepared.problem.num_samples())
+            # settings), hence the same P and N, and run_checked_plan does not check it again; N is the
+            # count of the data's summary (made with its fingerprint), not another pass over the data
+            plan.check_dimension(prepared.problem.dim, prepared.provenance["sample_count"])
         except CurvkitError as exc:
             failures[i] = exc
             continue
