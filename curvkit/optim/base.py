@@ -533,6 +533,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.model, self.loss_fn, inputs, targets, params=params, eval_mode=self.eval_mode
         )
 
+    def full_precision(self) -> torch.autocast:
+        """:func:`full_precision` on the optimizer's device (its first parameter's): a step's curvature
+        in the parameters' dtype whatever ``torch.autocast`` the step is called in."""
+        return full_precision(self.param_groups[0]["params"][0].device)
+
     def warn_if_trained_in_eval_mode(self, *, stacklevel: int = 4) -> None:
         """Warns once if this step's loss and gradient come from a mode the model is not in.
 

@@ -78,7 +78,6 @@ from curvkit.optim.base import (
     check_integer,
     check_learning_rate,
     check_positive,
-    full_precision,
     levenberg_marquardt,
     loss_at,
     unpack_batch,
@@ -249,7 +248,7 @@ class HessianFree(CurvatureOptimizer):
             ValueError: No ``batch``, or not an ``(inputs, targets)`` pair.
         """
         closure_loss = self.evaluate(closure)
-        with full_precision(self.param_groups[0]["params"][0].device):
+        with self.full_precision():
             inputs, targets = unpack_batch(type(self).__name__, batch)
             problem = self.batch_problem(inputs, targets)
             self.warn_if_trained_in_eval_mode()

@@ -125,7 +125,6 @@ from curvkit.optim.base import (
     check_model_and_loss,
     check_positive,
     check_seed,
-    full_precision,
     levenberg_marquardt,
     loss_at,
     unpack_batch,
@@ -321,7 +320,7 @@ class KFAC(CurvatureOptimizer):
             ValueError: No batch.
         """
         loss = self.evaluate(closure)
-        with full_precision(self.param_groups[0]["params"][0].device):
+        with self.full_precision():
             inputs, targets = unpack_batch(type(self).__name__, batch)
             problem = self.batch_problem(inputs, targets)
             layout = problem.layout

@@ -74,7 +74,6 @@ from curvkit.optim.base import (
     check_learning_rate,
     check_model_and_loss,
     check_positive,
-    full_precision,
     levenberg_marquardt,
     loss_at,
     unpack_batch,
@@ -361,7 +360,7 @@ class NaturalGradient(CurvatureOptimizer):
         """
         inputs, targets = unpack_batch(type(self).__name__, batch)
         closure_loss = self.evaluate(closure)
-        with full_precision(self.param_groups[0]["params"][0].device):
+        with self.full_precision():
             self.warn_if_trained_in_eval_mode(stacklevel=5)  # step's torch.no_grad wrapper: one frame more
             problem, _, loss, gradient, Ut = self.low_rank_system(inputs, targets)
             self.steps += 1

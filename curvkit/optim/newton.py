@@ -73,7 +73,6 @@ from curvkit.optim.base import (
     check_integer,
     check_learning_rate,
     check_positive,
-    full_precision,
     unpack_batch,
 )
 from curvkit.optim.base import all_finite as finite
@@ -280,7 +279,7 @@ class Newton(CurvatureOptimizer):
                 parameters than ``max_dim`` (some unfrozen since construction).
         """
         closure_loss = self.evaluate(closure)
-        with full_precision(self.param_groups[0]["params"][0].device):
+        with self.full_precision():
             inputs, targets = unpack_batch(type(self).__name__, batch)
             problem = self.batch_problem(inputs, targets)
             self._check_dim(problem.dim)  # parameters unfrozen since construction count now
